@@ -1,0 +1,71 @@
+"""SigLIP ViT image encoder in big_vision's param layout (as openpi's `PaliGemma/img`).
+
+Patch embedding (`embedding`, a conv with stride = patch), learned `pos_embedding`, an `nn.scan`-stacked
+`Transformer/encoderblock` of pre-LN blocks using flax's `MultiHeadDotProductAttention` (query/key/value
+kernels (L, D, N, H), out kernel (L, N, H, D)) and a GELU `MlpBlock`, `encoder_norm`, and a linear `head`
+projecting to the LLM width. No pooling: every patch is a token.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from duquant_jax.models.config import SiglipConfig
+
+
+class MlpBlock(nn.Module):
+  mlp_dim: int
+
+  @nn.compact
+  def __call__(self, x):
+    d = x.shape[-1]
+    x = nn.gelu(nn.Dense(self.mlp_dim, kernel_init=nn.initializers.xavier_uniform())(x))
+    return nn.Dense(d, kernel_init=nn.initializers.xavier_uniform())(x)
+
+
+class Encoder1DBlock(nn.Module):
+  mlp_dim: int
+  num_heads: int
+
+  @nn.compact
+  def __call__(self, x, _):
+    y = nn.LayerNorm()(x)
+    y = nn.MultiHeadDotProductAttention(num_heads=self.num_heads,
+                                        kernel_init=nn.initializers.xavier_uniform())(y, y)
+    x = x + y
+    y = nn.LayerNorm()(x)
+    return x + MlpBlock(self.mlp_dim)(y), None
+
+
+class Encoder(nn.Module):
+  depth: int
+  mlp_dim: int
+  num_heads: int
+
+  @nn.compact
+  def __call__(self, x):
+    blocks = nn.scan(Encoder1DBlock, variable_axes={"params": 0, "intermediates": 0},
+                     split_rngs={"params": True}, in_axes=nn.broadcast, length=self.depth)
+    x, _ = blocks(self.mlp_dim, self.num_heads, name="encoderblock")(x, None)
+    return nn.LayerNorm(name="encoder_norm")(x)
+
+
+class SigLIP(nn.Module):
+  """images (B, h, w, 3) in [-1, 1] -> tokens (B, (h/p) * (w/p), out_dim)."""
+
+  cfg: SiglipConfig
+  out_dim: int
+
+  @nn.compact
+  def __call__(self, images: jax.Array) -> jax.Array:
+    c = self.cfg
+    x = nn.Conv(c.width, (c.patch, c.patch), strides=(c.patch, c.patch), padding="VALID",
+                name="embedding")(images.astype(jnp.float32))
+    b, h, w, d = x.shape
+    x = x.reshape(b, h * w, d)
+    pos = self.param("pos_embedding", nn.initializers.normal(stddev=1 / d**0.5), (1, h * w, d))
+    x = x + pos
+    x = Encoder(c.depth, c.mlp_dim, c.num_heads, name="Transformer")(x)
+    return nn.Dense(self.out_dim, kernel_init=nn.initializers.zeros, name="head")(x)

@@ -53,7 +53,7 @@ def realistic_params(policy: Policy, seed: int = 0) -> Params:
   takes minutes and ~26 GB of host memory.
   """
   cfg = policy.cfg
-  params = jax.tree.map(np.asarray, policy.init(jax.random.key(seed)))
+  shapes = policy.param_shapes()  # no jax init: every leaf is drawn here, in numpy
   rng = np.random.default_rng(seed)
   llm_out = outlier_channels(cfg.llm.width, seed)
   exp_out = outlier_channels(cfg.expert.width, seed + 1)
@@ -61,8 +61,26 @@ def realistic_params(policy: Policy, seed: int = 0) -> Params:
   llm_gain = np.geomspace(400.0, 60.0, len(llm_out)).astype(np.float32)
   exp_gain = np.geomspace(300.0, 60.0, len(exp_out)).astype(np.float32)
 
-  def rewrite(path: str, x: np.ndarray) -> np.ndarray:
-    x = np.array(x, dtype=np.float32)
+  def fresh(path: str, shape: tuple[int, ...]) -> np.ndarray:
+    """openpi's init, in numpy: lecun-normal kernels, zero biases and RMSNorm scales, unit LayerNorms."""
+    name = path.rsplit("/", 1)[-1]
+    if name == "bias" or path.endswith("norm/scale") or path.endswith("norm_1/scale"):
+      return np.zeros(shape, np.float32)
+    if name == "scale":  # LayerNorm
+      return np.ones(shape, np.float32)
+    if name == "pos_embedding":
+      return (rng.standard_normal(shape) / np.sqrt(shape[-1])).astype(np.float32)
+    if path.endswith("embedding/kernel"):  # patch conv (p, p, 3, W)
+      return (rng.standard_normal(shape) / np.sqrt(np.prod(shape[:-1]))).astype(np.float32)
+    fan_in = shape[-2] if len(shape) >= 2 else 1
+    if "/out/kernel" in path:  # (L, N, H, D)
+      fan_in = shape[-3] * shape[-2]
+    elif path.endswith(("query/kernel", "key/kernel", "value/kernel")):  # (L, D, N, H)
+      fan_in = shape[-3]
+    return (rng.standard_normal(shape) / np.sqrt(fan_in)).astype(np.float32)
+
+  def rewrite(path: str, shape: tuple[int, ...]) -> np.ndarray:
+    x = fresh(path, shape)
     expert = "_1/" in path + "/" or path.endswith("_1")
     out_idx, gain, width = (exp_out, exp_gain, cfg.expert.width) if expert else (
         llm_out, llm_gain, cfg.llm.width)
@@ -119,6 +137,6 @@ def realistic_params(policy: Policy, seed: int = 0) -> Params:
       return x
     return x
 
-  flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-  leaves = [rewrite(path_str(p), x) for p, x in flat]
+  flat, treedef = jax.tree_util.tree_flatten_with_path(shapes)
+  leaves = [rewrite(path_str(p), tuple(x.shape)) for p, x in flat]
   return jax.tree_util.tree_unflatten(treedef, leaves)

@@ -1,0 +1,179 @@
+"""The pi0 / pi0.5 model: openpi's param layout, sample_actions, input validation, synthetic weights."""
+
+import ast
+import json
+import pathlib
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from duquant_jax.models import Observation, Policy, get_config, get_policy
+from duquant_jax.models.layout_table import describe
+from duquant_jax.models.rollout import ToyEnv, rollout, rollout_batches
+from duquant_jax.models.synthetic import outlier_channels, realistic_params
+
+from conftest import demo_params
+
+LAYOUT = pathlib.Path(__file__).parent / "data" / "openpi_param_layout.txt"
+
+
+def _openpi_layout():
+  sections = re.split(r"^=== .*$", LAYOUT.read_text(), flags=re.M)[1:]
+  out = {}
+  for model, sec in zip(["pi0", "pi05"], sections, strict=True):
+    rows = [line.split("  ") for line in sec.strip().splitlines()]
+    out[model] = [(p, tuple(ast.literal_eval(s)), d) for p, s, d in rows]
+  return out
+
+
+@pytest.mark.parametrize("model", ["pi0", "pi05"])
+def test_full_layout_matches_openpi(model):
+  expected = _openpi_layout()[model]
+  got = describe(get_policy(model, "full").param_shapes())
+  assert [p for p, _, _ in got] == [p for p, _, _ in expected]
+  assert got == expected
+
+
+@pytest.mark.parametrize("model", ["pi0", "pi05"])
+def test_dummy_and_demo_have_openpi_paths(model):
+  full = {p for p, _, _ in _openpi_layout()[model]}
+  for size in ("dummy", "demo"):
+    assert {p for p, _, _ in describe(get_policy(model, size).param_shapes())} == full
+  dummy = dict((p, s) for p, s, _ in describe(get_policy(model, "dummy").param_shapes()))
+  assert dummy["PaliGemma/llm/layers/attn/q_einsum/w"] == (4, 8, 64, 16)
+
+
+def test_demo_size_keeps_the_real_structure():
+  cfg = get_config("pi0", "demo")
+  assert cfg.llm.num_heads > 1 and cfg.llm.num_kv_heads == 1
+  assert cfg.llm.head_dim >= 32 and cfg.llm.depth >= 2
+
+
+def test_sample_actions_deterministic_and_jits_once(demo, demo_obs):
+  policy, params = demo
+  traces = []
+
+  def f(params, obs, rng):
+    traces.append(1)
+    return policy.sample_actions(params, obs, rng, num_steps=3)
+
+  jf = jax.jit(f)
+  a1 = jf(params, demo_obs, jax.random.key(2))
+  a2 = jf(params, demo_obs, jax.random.key(2))
+  a3 = jf(params, demo_obs, jax.random.key(3))
+  assert len(traces) == 1
+  assert a1.shape == (2, policy.cfg.action_horizon, policy.cfg.action_dim)
+  np.testing.assert_array_equal(np.asarray(a1), np.asarray(a2))
+  assert not np.allclose(np.asarray(a1), np.asarray(a3))
+  assert np.all(np.isfinite(np.asarray(a1)))
+
+
+def test_kv_cache_equals_no_cache_reference(demo, demo_obs):
+  policy, params = demo
+  rng = jax.random.key(4)
+  cached = jax.jit(policy.sample_actions, static_argnames="num_steps")(params, demo_obs, rng, num_steps=3)
+  ref = jax.jit(policy.sample_actions_no_cache, static_argnames="num_steps")(
+      params, demo_obs, rng, num_steps=3)
+  scale = float(jnp.abs(ref).max())
+  np.testing.assert_allclose(np.asarray(cached), np.asarray(ref), atol=1e-4 * scale)
+
+
+def test_missing_key_is_named():
+  policy = get_policy("pi0", "demo")
+  obs = policy.example_observation(jax.random.key(0))
+  data = obs.to_dict()
+  del data["state"]
+  with pytest.raises(ValueError, match="'state'"):
+    Observation.from_dict(data)
+  images = dict(obs.images)
+  del images["left_wrist_0_rgb"]
+  with pytest.raises(ValueError, match="left_wrist_0_rgb"):
+    policy.sample_actions(demo_params("pi0"), obs.replace(images=images), jax.random.key(0))
+
+
+@pytest.mark.parametrize("field,bad,name", [
+    ("state", jnp.zeros((1, 7)), "state"),
+    ("tokenized_prompt", jnp.zeros((1, 3), jnp.int32), "tokenized_prompt"),
+    ("tokenized_prompt_mask", jnp.zeros((1, 16), jnp.int32), "tokenized_prompt_mask"),
+])
+def test_wrong_shapes_are_named(field, bad, name):
+  policy = get_policy("pi0", "demo")
+  obs = policy.example_observation(jax.random.key(0)).replace(**{field: bad})
+  with pytest.raises(ValueError, match=name):
+    policy.sample_actions(demo_params("pi0"), obs, jax.random.key(0))
+
+
+def test_wrong_image_size_is_named():
+  policy = get_policy("pi0", "demo")
+  obs = policy.example_observation(jax.random.key(0))
+  images = dict(obs.images, base_0_rgb=jnp.zeros((1, 8, 8, 3)))
+  with pytest.raises(ValueError, match="base_0_rgb.*shape"):
+    policy.sample_actions(demo_params("pi0"), obs.replace(images=images), jax.random.key(0))
+
+
+def test_variables_dict_instead_of_params_is_refused():
+  policy = get_policy("pi0", "demo")
+  obs = policy.example_observation(jax.random.key(0))
+  with pytest.raises(ValueError, match="params"):
+    policy.sample_actions({"params": demo_params("pi0")}, obs, jax.random.key(0))
+
+
+def test_realistic_params_deterministic_and_have_outliers(model_name):
+  policy = get_policy(model_name, "demo")
+  a = demo_params(model_name)
+  b = realistic_params(policy, seed=0)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(x, y)
+  c = realistic_params(policy, seed=1)
+  assert not np.array_equal(a["action_in_proj"]["kernel"], c["action_in_proj"]["kernel"])
+  # Non-zero vision head and (pi0.5) adaptive norms, which openpi zero-initialises.
+  assert np.abs(a["PaliGemma"]["img"]["head"]["kernel"]).max() > 0
+  if model_name == "pi05":
+    assert np.abs(a["PaliGemma"]["llm"]["layers"]["pre_attention_norm_1"]["Dense_0"]["kernel"]).max() > 0
+  # Residual-stream outlier channels: tens to hundreds of times the median channel.
+  emb = np.abs(a["PaliGemma"]["llm"]["embedder"]["input_embedding"][3:])
+  ch = emb.max(axis=0)
+  ratio = ch[outlier_channels(policy.cfg.llm.width, 0)] / np.median(ch)
+  assert np.all(ratio > 20) and np.all(ratio < 1000), ratio
+  # Heavy tails: excess kurtosis well above a Gaussian's 0.
+  w = a["PaliGemma"]["llm"]["layers"]["mlp"]["linear"].ravel()
+  kurt = np.mean((w - w.mean()) ** 4) / np.var(w) ** 2 - 3
+  assert kurt > 1.0
+
+
+def test_rollout_is_deterministic_and_closed_loop():
+  policy = get_policy("pi0", "demo")
+  params = demo_params("pi0")
+  env = ToyEnv(policy.cfg)
+  tasks = jnp.arange(2)
+  obs1, states1, _ = rollout(policy, params, env, jax.random.key(0), tasks, 3, 2)
+  obs2, states2, _ = rollout(policy, params, env, jax.random.key(0), tasks, 3, 2)
+  np.testing.assert_array_equal(np.asarray(states1), np.asarray(states2))
+  assert states1.shape == (4, 2, policy.cfg.action_dim)
+  # The observation follows the state the policy's own actions produced.
+  np.testing.assert_array_equal(np.asarray(obs1.state), np.asarray(states1[:-1]))
+  assert not np.allclose(states1[0], states1[-1])
+  batches = rollout_batches(policy, params, jax.random.key(0), num_episodes=2, num_chunks=2,
+                            batch_size=2, num_steps=2)
+  assert batches.state.shape == (1, 2, 2, policy.cfg.action_dim)
+
+
+def test_cli_layout_json(capsys):
+  from duquant_jax.cli import main
+  with pytest.raises(SystemExit) as e:
+    main(["layout", "--model", "pi05", "--size", "full", "--json"])
+  assert e.value.code == 0
+  rows = json.loads(capsys.readouterr().out)
+  assert len(rows) == len(_openpi_layout()["pi05"])
+  assert {"path": "time_mlp_in/kernel", "shape": [1024, 1024], "dtype": "float32"} in rows
+
+
+def test_cli_unknown_model_is_one_clear_line(capsys):
+  from duquant_jax.cli import main
+  with pytest.raises(SystemExit) as e:
+    main(["layout", "--model", "pi9"])
+  assert e.value.code == 2
+  assert "unknown model 'pi9'" in capsys.readouterr().err

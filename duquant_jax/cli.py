@@ -48,6 +48,48 @@ def layout(model: str = typer.Option("pi0", help="pi0 or pi05"),
   typer.echo(f"# {len(rows)} arrays, {total:,} parameters ({model}, {size})")
 
 
+from duquant_jax.cli_checkpoint import register as _register_checkpoint  # noqa: E402
+_register_checkpoint(app)
+
+
+@app.command()
+def demo(model: str = typer.Option("pi0", help="pi0 or pi05"),
+         preset: str = typer.Option("recommended", help="a preset name (see `presets`)"),
+         calib_batches: Optional[int] = typer.Option(None, help="default: the preset's"),
+         json_path: Optional[str] = typer.Option(None, "--json", help="also write the numbers here"),
+         quiet: bool = typer.Option(False, help="no progress bar")):
+  """Quantize the built-in demo model and compare it with the FP policy (the main job)."""
+  from duquant_jax.config import get_preset
+  from duquant_jax.demo import format_result, run_demo
+  import dataclasses
+  try:
+    cfg = get_preset(preset)
+    if model not in ("pi0", "pi05"):
+      raise ValueError(f"unknown model {model!r}; expected pi0 or pi05")
+  except ValueError as e:
+    fail(str(e))
+  result = run_demo(model, cfg, calib_batches=calib_batches, progress=not quiet)
+  typer.echo(result.rule_report)
+  typer.echo(format_result(result))
+  if json_path:
+    with open(json_path, "w") as f:
+      json.dump({k: v for k, v in dataclasses.asdict(result).items() if k != "rule_report"}, f,
+                indent=1)
+
+
+@app.command()
+def presets():
+  """List the presets and their rules."""
+  from duquant_jax.config import PRESETS
+  for name, cfg in PRESETS.items():
+    typer.echo(f"{name}  (calibration batches {cfg.calib_batches})")
+    for r in cfg.rules:
+      typer.echo(f"    {r.pattern}  W{r.weight_bits}A{r.act_bits or 16} block {r.block_size} "
+                 f"rot {r.rotation} perm {r.permutation} smooth {r.smooth_alpha} "
+                 f"{r.weight_granularity} {'sym' if r.weight_symmetric else 'asym'} "
+                 f"clip {'search' if r.clip_search else 'off'} out-rot {r.output_rotation}")
+
+
 def main(argv: Optional[list[str]] = None) -> None:
   app(args=argv, prog_name="duquant-jax")
 

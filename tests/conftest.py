@@ -28,3 +28,25 @@ def demo(model_name):
 def demo_obs(demo):
   policy, _ = demo
   return policy.example_observation(jax.random.key(1), batch_size=2)
+
+
+@functools.cache
+def demo_stats(model: str = "pi0", num_batches: int = 4):
+  """Calibration stats of the demo model from a few rollout batches, built once per session."""
+  from duquant_jax.calib_data import calibration_batches
+  from duquant_jax.calibrate import CalibConfig, calibrate
+  policy = get_policy(model, "demo")
+  params = demo_params(model)
+  batches = calibration_batches(policy, params, jax.random.key(0), num_batches=num_batches,
+                                batch_size=2, num_chunks=4)
+  return calibrate(policy, params, batches, CalibConfig(progress=False, chunk_size=num_batches),
+                   rng=jax.random.key(1))
+
+
+@functools.cache
+def held_out(model: str = "pi0", batch: int = 4):
+  from duquant_jax.calib_data import calibration_batches
+  policy = get_policy(model, "demo")
+  obs = calibration_batches(policy, demo_params(model), jax.random.key(1000), num_batches=1,
+                            batch_size=batch, num_chunks=4)
+  return jax.tree.map(lambda x: x[0], obs)

@@ -36,6 +36,19 @@ def linear(eqn: str, x: jax.Array, w: Any) -> jax.Array:
   return jnp.einsum(eqn, x, jnp.asarray(w).astype(x.dtype))
 
 
+def weight(module: nn.Module, name: str, init_fn, shape: tuple[int, ...]):
+  """`module.param(name, ...)`, except that an existing packed weight is returned as is.
+
+  flax checks an existing param's leaves against the init shape; a packed weight (a pytree of
+  codes, scales, transform) has other leaves, so it is read with `get_variable` instead.
+  """
+  if module.has_variable("params", name):
+    value = module.get_variable("params", name)
+    if hasattr(value, "einsum"):
+      return value
+  return module.param(name, init_fn, shape)
+
+
 class Einsum(nn.Module):
   """A weight `w` of `shape` applied by an einsum equation given at call time."""
 
@@ -44,7 +57,7 @@ class Einsum(nn.Module):
 
   @nn.compact
   def __call__(self, eqn: str, x: jax.Array) -> jax.Array:
-    w = self.param("w", self.init_fn, self.shape)
+    w = weight(self, "w", self.init_fn, self.shape)
     # Calibration reads linear inputs from here (only stored when "intermediates" is mutable).
     self.sow("intermediates", "w_input", x)
     return linear(eqn, x, w)
@@ -148,11 +161,11 @@ class FeedForward(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    w_gating = self.param("gating_einsum", nn.initializers.lecun_normal(in_axis=-2, out_axis=-1),
+    w_gating = weight(self, "gating_einsum", nn.initializers.lecun_normal(in_axis=-2, out_axis=-1),
                           (2, self.features, self.hidden_dim))
     self.sow("intermediates", "gating_einsum_input", x)
     gate, up = linear("BTD,2DF->2BTF", x, w_gating)
-    w_linear = self.param("linear", nn.initializers.lecun_normal(in_axis=-2, out_axis=-1),
+    w_linear = weight(self, "linear", nn.initializers.lecun_normal(in_axis=-2, out_axis=-1),
                           (self.hidden_dim, self.features))
     hidden = nn.gelu(gate) * up
     self.sow("intermediates", "linear_input", hidden)
@@ -231,3 +244,35 @@ class Gemma(nn.Module):
     outs = [f(x, c)[0] if x is not None else None
             for f, x, c in zip(self.final_norms, xs, adarms_cond)]
     return outs, kv_cache
+
+
+def packed_dense_interceptor(next_fun, args, kwargs, context):
+  """`nn.intercept_methods` hook running flax `Dense` / `DenseGeneral` with a packed kernel.
+
+  A packed kernel (anything with `matmul(x2)` over the flattened contraction axes, such as
+  `duquant_jax.PackedLinear`) stands where the float kernel was; the module's own `__call__` would
+  reject it, so the call is computed here: flatten the contracted trailing axes of x, run the packed
+  matmul, restore the feature axes, add the bias. Other modules and float kernels pass through.
+  """
+  module = context.module
+  if context.method_name != "__call__" or not isinstance(module, (nn.Dense, nn.DenseGeneral)):
+    return next_fun(*args, **kwargs)
+  if not module.has_variable("params", "kernel"):
+    return next_fun(*args, **kwargs)
+  kernel = module.get_variable("params", "kernel")
+  if not hasattr(kernel, "matmul"):
+    return next_fun(*args, **kwargs)
+  x = args[0] if args else kwargs["inputs"]
+  if isinstance(module, nn.Dense):
+    n_contract, features = 1, (module.features,)
+  else:
+    axis = module.axis if isinstance(module.axis, tuple) else (module.axis,)
+    if sorted(a % x.ndim for a in axis) != list(range(x.ndim - len(axis), x.ndim)):
+      raise NotImplementedError("packed DenseGeneral kernels need trailing contraction axes")
+    n_contract = len(axis)
+    features = module.features if isinstance(module.features, tuple) else (module.features,)
+  batch = x.shape[:x.ndim - n_contract]
+  y = kernel.matmul(x.reshape(-1, kernel.in_features)).reshape(*batch, *features)
+  if module.use_bias and module.has_variable("params", "bias"):
+    y = y + jnp.asarray(module.get_variable("params", "bias")).reshape(features).astype(y.dtype)
+  return y

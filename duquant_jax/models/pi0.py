@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from duquant_jax.models.config import IMAGE_KEYS, Pi0Config
-from duquant_jax.models.gemma import Gemma
+from duquant_jax.models.gemma import Gemma, packed_dense_interceptor
 from duquant_jax.models.observation import Observation, make_observation, validate_observation
 from duquant_jax.models.siglip import SigLIP
 
@@ -211,6 +211,12 @@ class Policy:
       noise = jax.random.normal(rng, (b, c.action_horizon, c.action_dim))
     module = self.module
     variables = {"params": params}
+    with nn.intercept_methods(packed_dense_interceptor):
+      return self._sample(module, variables, observation, noise, num_steps, return_trajectory)
+
+  @staticmethod
+  def _sample(module, variables, observation, noise, num_steps, return_trajectory):
+    b = observation.batch_size
     kv_cache, prefix_mask = module.apply(variables, observation, method=Pi0.fill_cache)
     dt = -1.0 / num_steps
 

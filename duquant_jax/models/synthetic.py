@@ -138,5 +138,5 @@ def realistic_params(policy: Policy, seed: int = 0) -> Params:
     return x
 
   flat, treedef = jax.tree_util.tree_flatten_with_path(shapes)
-  leaves = [rewrite(path_str(p), tuple(x.shape)) for p, x in flat]
+  leaves = [rewrite(path_str(p), tuple(x.shape)).astype(np.float32) for p, x in flat]
   return jax.tree_util.tree_unflatten(treedef, leaves)

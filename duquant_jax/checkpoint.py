@@ -1,0 +1,554 @@
+"""Checkpoint I/O: packed (W4A8) checkpoints of duquant-jax, and openpi's float checkpoints.
+
+Packed checkpoint layout (a directory, written atomically):
+
+    DST/
+      duquant.json   format tag and version, the QuantConfig (`QuantConfig.to_dict`), metadata
+                     (library version, source, preset, date, per-layer bits), the *structure* of the
+                     packed tree (per `PackedLinear` path: its static fields and which optional arrays
+                     exist) and a manifest (size and sha256 of every file under params/ and stats/)
+      params/        orbax PyTree checkpoint (zarr, one directory per array: deterministic file names)
+                     of {"params": arrays}, where each PackedLinear became a dict of its arrays
+                     (`codes` stored natively as jnp.int4 / int8, scales, zero points, transform, ...)
+      stats/         optional: the calibration stats (`duquant_jax.calibrate.to_tree`)
+
+Static fields of `PackedLinear` / `InputTransform` are not arrays, so they live in the JSON structure and
+`load_packed` rebuilds the dataclasses; the restored tree runs under `jax.jit(policy.sample_actions)`
+as is, and its arrays are bit-identical to the saved ones.
+
+Determinism: the same packed tree, config, stats and metadata (including `metadata["created"]`) give
+byte-identical files. orbax's own timestamps (`_CHECKPOINT_METADATA`) are set to the `created` time and
+its `commit_success.txt` (which names the temporary directory) is dropped.
+
+openpi's float checkpoint: an orbax PyTree checkpoint at `<ckpt>/params` holding {"params": tree}
+(`save_openpi_params` / `load_openpi_params`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import json
+import os
+import pathlib
+import shutil
+from typing import Any, Callable, Mapping, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import duquant_jax
+from duquant_jax.config import QuantConfig
+from duquant_jax.models.layout_table import flat_items
+from duquant_jax.packed import PackedLinear
+from duquant_jax.transforms import InputTransform
+
+__all__ = ["CheckpointError", "FORMAT", "FORMAT_VERSION", "load_openpi_params", "load_packed",
+           "read_info", "resolve_openpi_params_dir", "save_openpi_params", "save_packed",
+           "verify_files"]
+
+FORMAT = "duquant-jax/packed"
+FORMAT_VERSION = 1
+INFO_FILE = "duquant.json"
+_PL_STATIC = ("w_shape", "w_spec", "bits", "act_bits", "act_symmetric", "act_clip", "mode")
+_PL_OPTIONAL = ("zero", "out_rot")
+_TF_ARRAYS = ("smooth", "rot1", "perm", "rot2")
+_ORBAX_DROP = ("commit_success.txt",)
+
+Params = dict[str, Any]
+ShardingLike = Union[jax.sharding.Sharding, Callable[[str, tuple, Any], jax.sharding.Sharding], None]
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that cannot be read: not a checkpoint, wrong kind, corrupt or truncated files."""
+
+
+def _orbax():
+  import orbax.checkpoint as ocp  # imported lazily: slow, and noisy at import time
+  return ocp
+
+
+@contextlib.contextmanager
+def _quiet_orbax():
+  """orbax logs every save/restore at WARNING through absl; keep the CLI quiet."""
+  import logging
+  logger = logging.getLogger("absl")
+  old = logger.level
+  logger.setLevel(logging.ERROR)
+  try:
+    yield
+  finally:
+    logger.setLevel(old)
+
+
+# ----------------------------------------------------------------------------------------------
+# Packed tree <-> (arrays, structure).
+
+
+def _split_packed(tree: Any, prefix: str = "") -> tuple[Any, dict[str, dict]]:
+  """Packed tree -> (nested dict of arrays only, structure {path: static description})."""
+  structure: dict[str, dict] = {}
+
+  def walk(node, path):
+    if isinstance(node, PackedLinear):
+      arrays = {"codes": node.codes, "scale": node.scale}
+      desc = {f: getattr(node, f) for f in _PL_STATIC}
+      desc["w_shape"] = list(node.w_shape)
+      desc["arrays"] = ["codes", "scale"]
+      for f in _PL_OPTIONAL:
+        if getattr(node, f) is not None:
+          arrays[f] = getattr(node, f)
+          desc["arrays"].append(f)
+      if node.transform is not None:
+        t = node.transform
+        tarr = {f: getattr(t, f) for f in _TF_ARRAYS if getattr(t, f) is not None}
+        arrays["transform"] = tarr
+        desc["transform"] = {"arrays": sorted(tarr), "merged_smooth": bool(t.merged_smooth)}
+      else:
+        desc["transform"] = None
+      structure[path] = desc
+      return arrays
+    if isinstance(node, Mapping):
+      for k in node:
+        if not isinstance(k, str) or "/" in k or "." in k:
+          raise ValueError(f"{path}/{k}: param tree keys must be strings without '/' or '.'")
+      return {k: walk(v, f"{path}/{k}" if path else k) for k, v in node.items()}
+    if node is None:
+      raise ValueError(f"{path}: None leaves cannot be saved")
+    if not hasattr(node, "shape") or not hasattr(node, "dtype"):
+      raise TypeError(f"{path}: cannot save a leaf of type {type(node).__name__}")
+    return node
+
+  return walk(tree, prefix), structure
+
+
+def _get_path(tree: Mapping, path: str):
+  node = tree
+  for k in path.split("/"):
+    node = node[k]
+  return node
+
+
+def _set_path(tree: dict, path: str, value) -> None:
+  *head, last = path.split("/")
+  node = tree
+  for k in head:
+    node = node[k]
+  node[last] = value
+
+
+def _join_packed(arrays: dict, structure: Mapping[str, dict]) -> dict:
+  """Inverse of `_split_packed` (arrays is modified in place and returned)."""
+  for path, desc in structure.items():
+    try:
+      a = _get_path(arrays, path)
+    except (KeyError, TypeError):
+      raise CheckpointError(f"structure names {path!r} but the checkpoint has no arrays there") from None
+    missing = [f for f in desc["arrays"] if f not in a]
+    if missing:
+      raise CheckpointError(f"{path}: arrays {missing} missing from the checkpoint")
+    transform = None
+    if desc["transform"] is not None:
+      ta = a.get("transform", {})
+      transform = InputTransform(**{f: ta.get(f) for f in _TF_ARRAYS},
+                                 merged_smooth=bool(desc["transform"]["merged_smooth"]))
+    static = {f: desc[f] for f in _PL_STATIC}
+    static["w_shape"] = tuple(int(v) for v in desc["w_shape"])
+    packed = PackedLinear(codes=a["codes"], scale=a["scale"], zero=a.get("zero"),
+                          transform=transform, out_rot=a.get("out_rot"), **static)
+    try:
+      packed.validate()
+    except ValueError as e:
+      raise CheckpointError(f"{path}: restored packed weight is inconsistent: {e}") from None
+    _set_path(arrays, path, packed)
+  return arrays
+
+
+# ----------------------------------------------------------------------------------------------
+# Files, manifest, atomic directories.
+
+
+def _sha256(path: pathlib.Path) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      h.update(block)
+  return h.hexdigest()
+
+
+def _manifest(root: pathlib.Path, subdirs: tuple[str, ...]) -> dict[str, list]:
+  out = {}
+  for sub in subdirs:
+    for p in sorted((root / sub).rglob("*")):
+      if p.is_file():
+        out[p.relative_to(root).as_posix()] = [p.stat().st_size, _sha256(p)]
+  return out
+
+
+def verify_files(path: Union[str, os.PathLike], *, hashes: bool = True) -> int:
+  """Checks every file listed in the checkpoint's manifest (size, and sha256 when `hashes`).
+
+  Returns:
+    the number of bytes checked.
+
+  Raises:
+    CheckpointError naming the first missing, truncated or modified file.
+  """
+  root = pathlib.Path(path)
+  info = read_info(root)
+  total = 0
+  for rel, (size, digest) in info["manifest"].items():
+    p = root / rel
+    if not p.is_file():
+      raise CheckpointError(f"{root}: file {rel} is missing (incomplete checkpoint)")
+    got = p.stat().st_size
+    if got != size:
+      raise CheckpointError(f"{root}: file {rel} has {got} bytes, expected {size} "
+                            "(truncated or corrupt)")
+    if hashes and _sha256(p) != digest:
+      raise CheckpointError(f"{root}: file {rel} does not match its recorded sha256 (corrupt)")
+    total += size
+  return total
+
+
+def _normalize_orbax_dir(d: pathlib.Path, created_ns: int) -> None:
+  """Makes orbax's bookkeeping files deterministic (timestamps -> created time, no tmp path)."""
+  for name in _ORBAX_DROP:
+    with contextlib.suppress(FileNotFoundError):
+      (d / name).unlink()
+  meta = d / "_CHECKPOINT_METADATA"
+  if meta.exists():
+    m = json.loads(meta.read_text())
+    for k in ("init_timestamp_nsecs", "commit_timestamp_nsecs"):
+      if k in m:
+        m[k] = created_ns
+    meta.write_text(json.dumps(m, sort_keys=True))
+
+
+def _orbax_save(d: pathlib.Path, tree: Any, *, ocdbt: bool) -> None:
+  ocp = _orbax()
+  with _quiet_orbax(), ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=ocdbt)) as ck:
+    ck.save(d.absolute(), args=ocp.args.PyTreeSave(tree))
+
+
+@contextlib.contextmanager
+def atomic_dir(dst: Union[str, os.PathLike], *, force: bool = False):
+  """Yields a temporary sibling directory; on success renames it to `dst`, else removes it.
+
+  Raises:
+    FileExistsError: `dst` exists and not `force`.
+  """
+  dst = pathlib.Path(dst).absolute()
+  if dst.exists() and not force:
+    raise FileExistsError(f"{dst} already exists (pass force / --force to overwrite)")
+  dst.parent.mkdir(parents=True, exist_ok=True)
+  tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
+  shutil.rmtree(tmp, ignore_errors=True)
+  tmp.mkdir()
+  try:
+    yield tmp
+    if dst.exists():  # force: move the old one aside, then swap
+      old = dst.parent / f".{dst.name}.old-{os.getpid()}"
+      os.rename(dst, old)
+      os.rename(tmp, dst)
+      shutil.rmtree(old, ignore_errors=True)
+    else:
+      os.rename(tmp, dst)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
+# ----------------------------------------------------------------------------------------------
+# Packed checkpoints.
+
+
+def _now_iso() -> str:
+  return datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
+
+
+def _created_ns(created: str) -> int:
+  try:
+    t = datetime.datetime.fromisoformat(created)
+  except (TypeError, ValueError):
+    return 0
+  if t.tzinfo is None:
+    t = t.replace(tzinfo=datetime.timezone.utc)
+  return int(t.timestamp()) * 10**9
+
+
+def _to_numpy(x):
+  """Host arrays in the dtype JAX would use (float64 -> float32 without x64, as at run time); jax
+  arrays are kept as they are (orbax stores int4 natively)."""
+  if isinstance(x, jax.Array):
+    return x
+  x = np.asarray(x)
+  return x.astype(jax.dtypes.canonicalize_dtype(x.dtype), copy=False)
+
+
+def save_packed(path: Union[str, os.PathLike], packed: Params, cfg: QuantConfig, stats: Any = None,
+                metadata: Optional[Mapping[str, Any]] = None, *, force: bool = False,
+                _before_rename: Optional[Callable[[pathlib.Path], None]] = None) -> pathlib.Path:
+  """Writes a packed param tree (from `quantize_params`) as an orbax checkpoint directory.
+
+  Args:
+    path: the checkpoint directory to create.
+    packed: the packed tree (PackedLinear leaves where weights were quantized, arrays elsewhere).
+    cfg: the QuantConfig that produced it (stored as JSON).
+    stats: optional CalibStats (stored under stats/).
+    metadata: extra JSON-able metadata (e.g. source, preset); `created` (ISO date, default now),
+      `library_version` and `bits` (per-layer weight bits) are filled in when absent.
+    force: replace an existing `path`.
+
+  Returns:
+    the absolute path written.
+
+  Raises:
+    FileExistsError: `path` exists and not `force`.
+    ValueError / TypeError: a tree that cannot be stored (non-array leaves, keys with '/' or '.').
+  """
+  from duquant_jax.quantize import summarize
+  arrays, structure = _split_packed(packed)
+  arrays = jax.tree.map(_to_numpy, arrays)
+  meta = dict(metadata or {})
+  meta.setdefault("created", _now_iso())
+  meta.setdefault("library_version", duquant_jax.__version__)
+  summary = summarize(packed)
+  meta.setdefault("bits", dict(sorted(summary.bits.items())))
+  meta.setdefault("bytes_fp_bf16", summary.weight_bytes_fp)
+  meta.setdefault("bytes_packed", summary.weight_bytes_packed)
+  meta.setdefault("layers_quantized", summary.layers_quantized)
+  created_ns = _created_ns(meta["created"])
+
+  with atomic_dir(path, force=force) as tmp:
+    _orbax_save(tmp / "params", {"params": arrays}, ocdbt=False)
+    _normalize_orbax_dir(tmp / "params", created_ns)
+    subdirs = ("params",)
+    if stats is not None:
+      from duquant_jax.calibrate import to_tree
+      _orbax_save(tmp / "stats", jax.tree.map(np.asarray, to_tree(stats)), ocdbt=False)
+      _normalize_orbax_dir(tmp / "stats", created_ns)
+      subdirs += ("stats",)
+    info = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": cfg.to_dict(),
+            "metadata": meta, "structure": structure, "has_stats": stats is not None,
+            "manifest": _manifest(tmp, subdirs)}
+    (tmp / INFO_FILE).write_text(json.dumps(info, indent=1, sort_keys=True, default=_json_default))
+    if _before_rename is not None:  # test hook: simulate an interruption before the rename
+      _before_rename(tmp)
+  return pathlib.Path(path).absolute()
+
+
+def _json_default(x):
+  if isinstance(x, (np.integer,)):
+    return int(x)
+  if isinstance(x, (np.floating,)):
+    return float(x)
+  if isinstance(x, tuple):
+    return list(x)
+  raise TypeError(f"metadata value of type {type(x).__name__} is not JSON-serialisable")
+
+
+def read_info(path: Union[str, os.PathLike]) -> dict:
+  """The parsed duquant.json of a packed checkpoint (no arrays read).
+
+  Raises:
+    FileNotFoundError: `path` does not exist.
+    CheckpointError: not a packed checkpoint (an openpi FP one is named as such), or a corrupt JSON.
+  """
+  root = pathlib.Path(path)
+  if not root.exists():
+    raise FileNotFoundError(f"{root}: no such checkpoint")
+  if not root.is_dir():
+    raise CheckpointError(f"{root}: not a checkpoint directory")
+  f = root / INFO_FILE
+  if not f.is_file():
+    if (root / "params" / "_METADATA").exists() or (root / "_METADATA").exists():
+      raise CheckpointError(f"{root}: an orbax checkpoint without {INFO_FILE}: a float (openpi) "
+                            "checkpoint, not a duquant-jax packed one")
+    raise CheckpointError(f"{root}: not an orbax checkpoint (no {INFO_FILE}, no params/_METADATA)")
+  try:
+    info = json.loads(f.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise CheckpointError(f"{root}/{INFO_FILE} is corrupt or truncated ({e})") from None
+  if not isinstance(info, dict) or info.get("format") != FORMAT:
+    raise CheckpointError(f"{root}/{INFO_FILE}: not a {FORMAT} checkpoint")
+  if info.get("format_version", 0) > FORMAT_VERSION:
+    raise CheckpointError(f"{root}: format version {info['format_version']} is newer than this "
+                          f"library ({FORMAT_VERSION}); upgrade duquant-jax")
+  for k in ("config", "metadata", "structure", "manifest"):
+    if k not in info:
+      raise CheckpointError(f"{root}/{INFO_FILE}: missing {k!r} (corrupt)")
+  return info
+
+
+def _restore_args(meta_tree: Any, sharding: ShardingLike, dtype: Any = None):
+  ocp = _orbax()
+  default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+  def one(kp, m):
+    from duquant_jax.models.layout_table import path_str
+    s = sharding
+    if s is None:
+      s = default
+    elif not isinstance(s, jax.sharding.Sharding):
+      s = s(path_str(kp), tuple(m.shape), m.dtype)
+    cast = dtype if dtype is not None and jnp.issubdtype(m.dtype, jnp.floating) else None
+    return ocp.ArrayRestoreArgs(sharding=s, dtype=cast, global_shape=tuple(m.shape))
+
+  return jax.tree_util.tree_map_with_path(one, meta_tree)
+
+
+def _orbax_metadata(d: pathlib.Path, ocdbt: Optional[bool] = None):
+  ocp = _orbax()
+  handler = ocp.PyTreeCheckpointHandler() if ocdbt is None else ocp.PyTreeCheckpointHandler(
+      use_ocdbt=ocdbt)
+  with _quiet_orbax(), ocp.Checkpointer(handler) as ck:
+    m = ck.metadata(d.absolute())
+  tree = getattr(m, "item_metadata", m)
+  return getattr(tree, "tree", tree)
+
+
+def _orbax_restore(d: pathlib.Path, restore_args, ocdbt: Optional[bool] = None):
+  ocp = _orbax()
+  handler = ocp.PyTreeCheckpointHandler() if ocdbt is None else ocp.PyTreeCheckpointHandler(
+      use_ocdbt=ocdbt)
+  with _quiet_orbax(), ocp.Checkpointer(handler) as ck:
+    return ck.restore(d.absolute(), args=ocp.args.PyTreeRestore(restore_args=restore_args))
+
+
+def _first_line(e: BaseException) -> str:
+  s = str(e).strip().splitlines()
+  return f"{type(e).__name__}: {s[0] if s else ''}"[:300]
+
+
+def load_packed(path: Union[str, os.PathLike], *, sharding: ShardingLike = None,
+                verify: bool = True) -> tuple[Params, QuantConfig, Any, dict]:
+  """Reads a checkpoint written by `save_packed`.
+
+  Args:
+    path: the checkpoint directory.
+    sharding: where to put the arrays: a `jax.sharding.Sharding` for every array, a function
+      (path, shape, dtype) -> Sharding, or None (the first default device).
+    verify: check every file's size and sha256 against the manifest before reading (sizes are
+      always checked).
+
+  Returns:
+    (packed tree, QuantConfig, CalibStats or None, metadata dict).
+
+  Raises:
+    FileNotFoundError: no such path.
+    CheckpointError (a ValueError): not a packed checkpoint, corrupt or truncated files.
+  """
+  root = pathlib.Path(path)
+  info = read_info(root)
+  verify_files(root, hashes=verify)
+  try:
+    cfg = QuantConfig.from_dict(info["config"])
+  except (TypeError, ValueError) as e:
+    raise CheckpointError(f"{root}/{INFO_FILE}: bad config ({e})") from None
+  try:
+    meta_tree = _orbax_metadata(root / "params", ocdbt=False)
+    restored = _orbax_restore(root / "params", _restore_args(meta_tree, sharding), ocdbt=False)
+  except CheckpointError:
+    raise
+  except Exception as e:  # orbax / tensorstore raise many types for damaged files
+    raise CheckpointError(f"{root}: corrupt or truncated checkpoint ({_first_line(e)})") from None
+  if not isinstance(restored, dict) or "params" not in restored:
+    raise CheckpointError(f"{root}/params: expected an item {{'params': tree}}")
+  packed = _join_packed(restored["params"], info["structure"])
+  stats = None
+  if info.get("has_stats"):
+    from duquant_jax.calibrate import from_tree
+    try:
+      meta_s = _orbax_metadata(root / "stats", ocdbt=False)
+      stats = from_tree(_orbax_restore(root / "stats", _restore_args(meta_s, None), ocdbt=False))
+    except Exception as e:
+      raise CheckpointError(f"{root}/stats: corrupt or truncated ({_first_line(e)})") from None
+  return packed, cfg, stats, dict(info["metadata"])
+
+
+# ----------------------------------------------------------------------------------------------
+# openpi float checkpoints.
+
+
+def save_openpi_params(path: Union[str, os.PathLike], params: Params, *,
+                       force: bool = False) -> pathlib.Path:
+  """Writes `params` the way openpi does: an orbax PyTree checkpoint at `<path>/params` holding
+  {"params": params}. Atomic (temporary sibling, renamed at the end).
+
+  Raises:
+    FileExistsError: `path` exists and not `force`.
+  """
+  with atomic_dir(path, force=force) as tmp:
+    _orbax_save(tmp / "params", {"params": jax.tree.map(np.asarray, params)}, ocdbt=True)
+  return pathlib.Path(path).absolute()
+
+
+def resolve_openpi_params_dir(path: Union[str, os.PathLike]) -> pathlib.Path:
+  """The orbax directory of an openpi checkpoint: `<ckpt>/params`, or `path` if it is that dir.
+
+  Raises:
+    FileNotFoundError: no such path. CheckpointError: neither holds an orbax checkpoint.
+  """
+  root = pathlib.Path(path)
+  if not root.exists():
+    raise FileNotFoundError(f"{root}: no such checkpoint")
+  if (root / "params" / "_METADATA").is_file():
+    return root / "params"
+  if (root / "_METADATA").is_file():
+    return root
+  if (root / INFO_FILE).is_file():
+    raise CheckpointError(f"{root}: a duquant-jax packed checkpoint, not an openpi float one")
+  raise CheckpointError(f"{root}: not an orbax checkpoint (no params/_METADATA or _METADATA)")
+
+
+def load_openpi_params(path: Union[str, os.PathLike], policy: Any = None, *,
+                       dtype: Any = jnp.float32, sharding: ShardingLike = None) -> Params:
+  """Reads openpi params (the checkpoint dir holding params/, or the params dir itself).
+
+  Args:
+    path: checkpoint directory.
+    policy: a `duquant_jax.models.Policy`; when given, every path and shape is checked against
+      `policy.param_shapes()`.
+    dtype: floating dtype to restore as (float32 by default; openpi itself uses bfloat16).
+    sharding: as in `load_packed`.
+
+  Returns:
+    the param tree (the dict holding 'PaliGemma', ...).
+
+  Raises:
+    FileNotFoundError, CheckpointError; ValueError naming the first path whose shape differs from
+    the model layout (expected vs got), or a path missing / unexpected.
+  """
+  d = resolve_openpi_params_dir(path)
+  try:
+    meta = _orbax_metadata(d)
+  except Exception as e:
+    raise CheckpointError(f"{d}: corrupt or unreadable orbax metadata ({_first_line(e)})") from None
+  if not isinstance(meta, Mapping) or "params" not in meta:
+    keys = list(meta)[:5] if isinstance(meta, Mapping) else type(meta).__name__
+    raise CheckpointError(f"{d}: expected an item {{'params': tree}}, got keys {keys}")
+  if policy is not None:
+    check_layout(meta["params"], policy.param_shapes(), where=str(d))
+  try:
+    restored = _orbax_restore(d, _restore_args(meta, sharding, dtype))
+  except Exception as e:
+    raise CheckpointError(f"{d}: corrupt or truncated checkpoint ({_first_line(e)})") from None
+  return restored["params"]
+
+
+def check_layout(got: Any, expected: Any, *, where: str = "checkpoint") -> None:
+  """Raises ValueError naming the first path (sorted) whose presence or shape differs."""
+  g = {p: tuple(x.shape) for p, x in flat_items(got)}
+  e = {p: tuple(x.shape) for p, x in flat_items(expected)}
+  for p in sorted(set(g) | set(e)):
+    if p not in g:
+      raise ValueError(f"{where}: does not match the model layout: {p} is missing "
+                       f"(expected shape {e[p]})")
+    if p not in e:
+      raise ValueError(f"{where}: does not match the model layout: unexpected {p} {g[p]}")
+    if g[p] != e[p]:
+      raise ValueError(f"{where}: does not match the model layout: {p}: expected shape {e[p]}, "
+                       f"got {g[p]}")

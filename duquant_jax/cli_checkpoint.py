@@ -1,0 +1,217 @@
+"""Checkpoint commands of the `duquant-jax` CLI: export-demo-fp, convert, inspect.
+
+Registered on the main typer app by `register(app)` (called at the bottom of cli.py). Flags map to
+library calls (`duquant_jax.checkpoint`, `calibrate`, `quantize_params`); every expected failure is
+one `error: ...` line on stderr with exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import time
+from typing import Optional
+
+import typer
+
+
+def _fail(message: str) -> None:
+  from duquant_jax.cli import fail
+  fail(message)
+
+
+def _human(n: int) -> str:
+  for unit in ("B", "KiB", "MiB", "GiB"):
+    if n < 1024 or unit == "GiB":
+      return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+    n /= 1024
+  return str(n)
+
+
+def _load_rules(path: str):
+  """A QuantConfig from a JSON file (QuantConfig.to_dict format, or {"rules": [...]} only)."""
+  from duquant_jax.config import QuantConfig
+  p = pathlib.Path(path)
+  if not p.is_file():
+    raise FileNotFoundError(f"{p}: no such rules file")
+  try:
+    d = json.loads(p.read_text())
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{p}: not valid JSON ({e})") from None
+  if isinstance(d, list):
+    d = {"rules": d}
+  d.setdefault("name", p.stem)
+  return QuantConfig.from_dict(d)
+
+
+def _summary_lines(packed, cfg, params_fp) -> list[str]:
+  from duquant_jax.config import match_rules
+  from duquant_jax.layouts import linear_layouts
+  from duquant_jax.quantize import summarize
+  s = summarize(packed)
+  report = match_rules(cfg, linear_layouts(params_fp))
+  lines = ["layers per rule:"]
+  for rule in cfg.rules:
+    paths = report.matched.get(rule.pattern, [])
+    tag = "skip (float)" if rule.skip else f"W{rule.weight_bits}A{rule.act_bits or 'fp'}"
+    lines.append(f"  {len(paths):4d} weights  {tag:10s}  {rule.pattern}")
+  if report.unused_rules:
+    lines.append(f"  rules that matched nothing: {report.unused_rules}")
+  lines.append(f"  {len(report.unmatched_layers):4d} linear weights matched no rule (kept in float)")
+  bits = sorted(set(s.bits.values()))
+  lines.append(f"quantized: {s.layers_quantized} linear layers in {len(s.bits)} weights, "
+               f"weight bits {bits}")
+  ratio = s.weight_bytes_fp / max(s.weight_bytes_packed, 1)
+  lines.append(f"bytes of quantized weights: {_human(s.weight_bytes_fp)} (bf16) -> "
+               f"{_human(s.weight_bytes_packed)} packed ({ratio:.2f}x smaller)")
+  return lines
+
+
+def register(app: typer.Typer) -> None:
+  """Adds the checkpoint commands to `app`."""
+
+  @app.command("export-demo-fp")
+  def export_demo_fp(
+      dst: str = typer.Argument(..., help="checkpoint directory to create (params/ goes inside)"),
+      model: str = typer.Option("pi0", help="pi0 or pi05"),
+      size: str = typer.Option("demo", help="demo or dummy"),
+      seed: int = typer.Option(0, help="seed of the synthetic weights"),
+      force: bool = typer.Option(False, "--force", help="overwrite DST")):
+    """Writes the demo model's realistic float params in openpi's checkpoint format."""
+    from duquant_jax import checkpoint as ck
+    from duquant_jax.models import get_policy
+    from duquant_jax.models.synthetic import realistic_params
+    if size == "full":
+      _fail("export-demo-fp writes synthetic weights for the demo or dummy sizes only")
+    try:
+      policy = get_policy(model, size)
+      params = realistic_params(policy, seed)
+      out = ck.save_openpi_params(dst, params, force=force)
+    except (ValueError, FileExistsError, FileNotFoundError) as e:
+      _fail(str(e))
+    typer.echo(f"wrote {model} {size} float params (seed {seed}) to {out}/params")
+
+  @app.command()
+  def convert(
+      src: str = typer.Argument(..., help="openpi checkpoint dir (holding params/) or its params dir"),
+      dst: str = typer.Argument(..., help="packed checkpoint directory to create"),
+      preset: Optional[str] = typer.Option(None, help="named QuantConfig preset"),
+      rules: Optional[str] = typer.Option(None, help="JSON file with a QuantConfig (overrides --preset)"),
+      model: str = typer.Option("pi0", help="pi0 or pi05"),
+      size: str = typer.Option("demo", help="full, dummy or demo"),
+      calib: Optional[str] = typer.Option(None, help=".npz of calibration observations (G, B, ...)"),
+      calib_batches: int = typer.Option(16, help="toy-env batches when no --calib (capped by the preset)"),
+      batch_size: int = typer.Option(4, help="observations per toy-env calibration batch"),
+      seed: int = typer.Option(0, help="calibration seed"),
+      force: bool = typer.Option(False, "--force", help="overwrite DST")):
+    """Quantizes an openpi float checkpoint to a packed W4A8 checkpoint (atomic write)."""
+    import jax
+    from duquant_jax import calib_data, checkpoint as ck
+    from duquant_jax.calibrate import CalibConfig, calibrate
+    from duquant_jax.config import get_preset
+    from duquant_jax.models import get_policy
+    from duquant_jax.quantize import quantize_params
+
+    times = {}
+    try:
+      if rules is not None:
+        cfg = _load_rules(rules)
+      elif preset is not None:
+        cfg = get_preset(preset)
+      else:
+        raise ValueError("give --preset NAME or --rules FILE.json")
+      if pathlib.Path(dst).exists() and not force:
+        raise FileExistsError(f"{dst} already exists (pass --force to overwrite)")
+      policy = get_policy(model, size)
+      t = time.perf_counter()
+      params = ck.load_openpi_params(src, policy)
+      times["load"] = time.perf_counter() - t
+
+      stats = None
+      needs_stats = any(not r.skip and (r.smooth_alpha is not None or r.rotation == "greedy")
+                        for r in cfg.rules)
+      if needs_stats or calib is not None:
+        t = time.perf_counter()
+        if calib is not None:
+          batches = calib_data.load_npz_batches(calib, policy.cfg)
+          source = calib
+        else:
+          g = max(1, min(calib_batches, cfg.calib_batches))
+          batches = calib_data.calibration_batches(policy, params, jax.random.key(seed),
+                                                   num_batches=g, batch_size=batch_size)
+          source = f"toy-env rollouts ({g} x {batch_size})"
+        times["calibration data"] = time.perf_counter() - t
+        t = time.perf_counter()
+        stats = calibrate(policy, params, batches, CalibConfig(progress=True),
+                          rng=jax.random.key(seed + 1))
+        times["calibrate"] = time.perf_counter() - t
+      else:
+        source = None
+
+      t = time.perf_counter()
+      packed = jax.block_until_ready(quantize_params(params, cfg, stats))
+      times["quantize"] = time.perf_counter() - t
+      t = time.perf_counter()
+      meta = {"source": str(pathlib.Path(src).absolute()), "preset": cfg.name, "model": model,
+              "size": size, "calibration": source}
+      out = ck.save_packed(dst, packed, cfg, stats, meta, force=force)
+      times["save"] = time.perf_counter() - t
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+      _fail(str(e))
+    for line in _summary_lines(packed, cfg, params):
+      typer.echo(line)
+    typer.echo("time: " + ", ".join(f"{k} {v:.1f} s" for k, v in times.items()))
+    typer.echo(f"wrote {out}")
+
+  @app.command()
+  def inspect(
+      ckpt: str = typer.Argument(..., help="packed checkpoint directory"),
+      as_json: bool = typer.Option(False, "--json", help="print JSON"),
+      quick: bool = typer.Option(False, "--quick", help="read only the JSON header, not the arrays")):
+    """What a packed checkpoint holds; reads (and so verifies) every array unless --quick."""
+    from duquant_jax import checkpoint as ck
+    try:
+      info = ck.read_info(ckpt)
+      checked = None
+      if not quick:
+        checked = ck.verify_files(ckpt, hashes=True)
+        ck.load_packed(ckpt, verify=False)
+    except (ValueError, FileNotFoundError) as e:
+      _fail(str(e))
+    meta, cfg = info["metadata"], info["config"]
+    bits = meta.get("bits", {})
+    out = {
+        "path": str(pathlib.Path(ckpt).absolute()),
+        "preset": meta.get("preset", cfg.get("name")),
+        "source": meta.get("source"),
+        "created": meta.get("created"),
+        "library_version": meta.get("library_version"),
+        "layers_quantized": meta.get("layers_quantized"),
+        "packed_weights": len(info["structure"]),
+        "bits": bits,
+        "rules": [{k: r[k] for k in ("pattern", "skip", "weight_bits", "act_bits", "block_size",
+                                     "rotation") if k in r} for r in cfg.get("rules", [])],
+        "bytes_fp_bf16": meta.get("bytes_fp_bf16"),
+        "bytes_packed": meta.get("bytes_packed"),
+        "bytes_on_disk": sum(v[0] for v in info["manifest"].values()),
+        "has_stats": info.get("has_stats", False),
+        "verified": not quick,
+    }
+    if as_json:
+      typer.echo(json.dumps(out, indent=1))
+      return
+    typer.echo(f"{out['path']}")
+    typer.echo(f"  preset {out['preset']}, created {out['created']}, duquant-jax "
+               f"{out['library_version']}")
+    typer.echo(f"  source {out['source']}")
+    typer.echo(f"  {out['layers_quantized']} linear layers in {out['packed_weights']} packed weights,"
+               f" bits {sorted(set(bits.values()))}")
+    for r in out["rules"]:
+      typer.echo(f"  rule {r.get('pattern')}: "
+                 + ("skip" if r.get("skip") else f"W{r.get('weight_bits')}A{r.get('act_bits')}"))
+    if out["bytes_fp_bf16"] is not None:
+      typer.echo(f"  quantized weights {_human(out['bytes_fp_bf16'])} (bf16) -> "
+                 f"{_human(out['bytes_packed'])}; {_human(out['bytes_on_disk'])} on disk")
+    typer.echo(f"  calibration stats: {'yes' if out['has_stats'] else 'no'}; "
+               + (f"verified {_human(checked)} of files and every array" if not quick
+                  else "not verified (--quick)"))

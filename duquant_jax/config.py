@@ -1,0 +1,236 @@
+"""Quantization config: layer rules matched by regex on param paths, and named presets.
+
+A `QuantConfig` holds an ordered tuple of `LayerRule`s. Each linear weight of the model (as declared
+in `duquant_jax.layouts`) is matched against the rules' `pattern` with `re.fullmatch` on its
+'/'-joined path (e.g. `PaliGemma/llm/layers/attn/q_einsum_1/w`); the first match wins. A weight that
+matches no rule stays in floating point; `match_rules` reports rules that matched nothing and linear
+layers that matched no rule. Rules follow qwix's style: frozen, keyword-only, validated on creation,
+hashable (a config can be a static jit argument).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Iterable, Literal
+
+ROTATIONS = ("greedy", "random", "hadamard", "weight_svd", "weight_qr", "none")
+PERMUTATIONS = ("zigzag", "head_zigzag", "none")
+GRANULARITIES = ("channel", "head", "group")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LayerRule:
+  """How to quantize the linears whose path fully matches `pattern`."""
+
+  pattern: str
+  # Leave matched layers in floating point (a rule that shields layers from later rules).
+  skip: bool = False
+  # Weight bits, 2..8: 4 is W4; 6 or 8 for mixed precision. Codes are int4 up to 4 bits, else int8.
+  weight_bits: int = 4
+  # Activation bits (8), or None for weight-only quantization (float activations).
+  act_bits: int | None = 8
+  # DuQuant block size b of the input rotations (must divide the input width; within heads where
+  # the input is head-structured, it must divide head_dim).
+  block_size: int = 64
+  # Input rotation: DuQuant's greedy activation-aware blocks, or a comparison method.
+  rotation: Literal["greedy", "random", "hadamard", "weight_svd", "weight_qr", "none"] = "greedy"
+  # Zigzag permutation between the two rotations; head_zigzag keeps channels inside their head.
+  permutation: Literal["zigzag", "head_zigzag", "none"] = "zigzag"
+  # Greedy rotation steps per block (DuQuant uses up to 256; a few already take most of the gain).
+  rotation_steps: int = 16
+  # Output-side block rotation of the weight, restored after the matmul ("restore"), or "off".
+  output_rotation: Literal["off", "restore"] = "off"
+  # SmoothQuant/DuQuant smoothing strength alpha, or None for no smoothing.
+  smooth_alpha: float | None = 0.5
+  # Weight scale granularity: per output channel, per attention head (output channels of one head
+  # share a scale), or per group of `group_size` input channels.
+  weight_granularity: Literal["channel", "head", "group"] = "channel"
+  group_size: int = 128
+  # Symmetric (no zero point) or asymmetric (zero point) weight / activation quantizers.
+  weight_symmetric: bool = False
+  act_symmetric: bool = False
+  # Per-token activation clip ratio (1.0: no clipping).
+  act_clip: float = 1.0
+  # Search the weight clip ratio per output channel on `clip_grid`, minimising output MSE on
+  # calibration activations (falls back to weight MSE without activation samples).
+  clip_search: bool = True
+  clip_grid: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65)
+
+  def __post_init__(self):
+    try:
+      re.compile(self.pattern)
+    except re.error as e:
+      raise ValueError(f"rule pattern {self.pattern!r} is not a valid regex: {e}") from None
+    if not 2 <= self.weight_bits <= 8:
+      raise ValueError(f"rule {self.pattern!r}: weight_bits must be in 2..8, got {self.weight_bits}")
+    if self.act_bits not in (None, 8):
+      raise ValueError(f"rule {self.pattern!r}: act_bits must be 8 or None, got {self.act_bits}")
+    if self.rotation not in ROTATIONS:
+      raise ValueError(f"rule {self.pattern!r}: unknown rotation {self.rotation!r}; one of {ROTATIONS}")
+    if self.permutation not in PERMUTATIONS:
+      raise ValueError(f"rule {self.pattern!r}: unknown permutation {self.permutation!r}; "
+                       f"one of {PERMUTATIONS}")
+    if self.output_rotation not in ("off", "restore"):
+      raise ValueError(f"rule {self.pattern!r}: output_rotation must be 'off' or 'restore'")
+    if self.weight_granularity not in GRANULARITIES:
+      raise ValueError(f"rule {self.pattern!r}: unknown weight_granularity "
+                       f"{self.weight_granularity!r}; one of {GRANULARITIES}")
+    if self.block_size < 1 or self.group_size < 1 or self.rotation_steps < 0:
+      raise ValueError(f"rule {self.pattern!r}: block_size, group_size must be >= 1")
+    if self.smooth_alpha is not None and not 0.0 <= self.smooth_alpha <= 1.0:
+      raise ValueError(f"rule {self.pattern!r}: smooth_alpha must be in [0, 1] or None")
+    if not 0.0 < self.act_clip <= 1.0 or not all(0.0 < c <= 1.0 for c in self.clip_grid):
+      raise ValueError(f"rule {self.pattern!r}: clip ratios must be in (0, 1]")
+
+  def matches(self, path: str) -> bool:
+    return re.fullmatch(self.pattern, path) is not None
+
+  @property
+  def transforms_input(self) -> bool:
+    return self.rotation != "none" or self.permutation != "none" or self.smooth_alpha is not None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QuantConfig:
+  """An ordered set of rules (first match wins) plus run-wide settings."""
+
+  rules: tuple[LayerRule, ...] = ()
+  name: str = "custom"
+  # Seed of every random choice (rotations): the same inputs and seed give identical packs.
+  seed: int = 0
+  # Calibration batches this config was designed for (used by the CLI when it calibrates).
+  calib_batches: int = 128
+  # "int": real int4 / int8 storage and integer matmuls; "simulate": the same numerics in float.
+  mode: Literal["int", "simulate"] = "int"
+
+  def __post_init__(self):
+    if isinstance(self.rules, list):
+      object.__setattr__(self, "rules", tuple(self.rules))
+    for r in self.rules:
+      if not isinstance(r, LayerRule):
+        raise TypeError(f"rules must be LayerRule instances, got {type(r).__name__}")
+    if self.mode not in ("int", "simulate"):
+      raise ValueError(f"mode must be 'int' or 'simulate', got {self.mode!r}")
+
+  def rule_for(self, path: str) -> LayerRule | None:
+    """The first rule matching `path` (None: no rule, or a skip rule)."""
+    for r in self.rules:
+      if r.matches(path):
+        return None if r.skip else r
+    return None
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: dict) -> "QuantConfig":
+    d = dict(d)
+    rules = []
+    for r in d.pop("rules", ()):
+      r = dict(r)
+      if "clip_grid" in r:
+        r["clip_grid"] = tuple(r["clip_grid"])
+      unknown = set(r) - {f.name for f in dataclasses.fields(LayerRule)}
+      if unknown:
+        raise ValueError(f"unknown layer rule fields {sorted(unknown)} in rule {r.get('pattern')!r}")
+      rules.append(LayerRule(**r))
+    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+      raise ValueError(f"unknown QuantConfig fields {sorted(unknown)}")
+    return cls(rules=tuple(rules), **d)
+
+
+@dataclasses.dataclass(frozen=True)
+class RuleReport:
+  """Which linear layers each rule took, which rules took nothing, which layers no rule took."""
+
+  matched: dict[str, list[str]]  # rule pattern -> layer paths (first match)
+  unused_rules: list[str]
+  unmatched_layers: list[str]
+
+  def summary(self) -> str:
+    lines = [f"{len(v):4d} layers  {k}" for k, v in self.matched.items()]
+    if self.unused_rules:
+      lines.append(f"rules that matched nothing: {self.unused_rules}")
+    lines.append(f"{len(self.unmatched_layers)} linear layers matched no rule (kept in float)")
+    return "\n".join(lines)
+
+
+def match_rules(cfg: QuantConfig, linear_paths: Iterable[str]) -> RuleReport:
+  matched: dict[str, list[str]] = {r.pattern: [] for r in cfg.rules}
+  unmatched = []
+  for path in linear_paths:
+    for r in cfg.rules:
+      if r.matches(path):
+        matched[r.pattern].append(path)
+        break
+    else:
+      unmatched.append(path)
+  unused = [p for p, v in matched.items() if not v]
+  return RuleReport(matched=matched, unused_rules=unused, unmatched_layers=unmatched)
+
+
+# ----------------------------------------------------------------------------------------------
+# Presets. Layer groups by path:
+LLM = r"PaliGemma/llm/layers/(attn/(q|kv|attn_vec)_einsum/w|mlp/(gating_einsum|linear))"
+EXPERT_MLP = r"PaliGemma/llm/layers/mlp_1/(gating_einsum|linear)"
+EXPERT_ATTN = r"PaliGemma/llm/layers/attn/(q|kv|attn_vec)_einsum_1/w"
+EXPERT_QK = r"PaliGemma/llm/layers/attn/(q|kv)_einsum_1/w"
+ATTN_PROJ = r"PaliGemma/llm/layers/attn/(q|kv)_einsum(_1)?/w"
+
+
+def _documents(block: int, calib: int, name: str, **kw) -> QuantConfig:
+  """The source documents' runs: LLM + expert MLP, symmetric quantizers, weight clip off, and the
+  output rotation restored after the matmul (their ROW_ROT=restore), with DuQuant's greedy
+  rotations (their weight-based rotations are the `rotation=` variants in the evaluation)."""
+  rule = dict(block_size=block, weight_symmetric=True, act_symmetric=True, clip_search=False,
+              output_rotation="restore", **kw)
+  return QuantConfig(name=name, calib_batches=calib, rules=(
+      LayerRule(pattern=LLM, **rule), LayerRule(pattern=EXPERT_MLP, **rule)))
+
+
+def _ours(name: str, rules: tuple[LayerRule, ...], calib: int = 128) -> QuantConfig:
+  return QuantConfig(name=name, calib_batches=calib, rules=rules)
+
+
+def _presets() -> dict[str, QuantConfig]:
+  ours = dict(block_size=64)  # asymmetric int4 weights with clip search, asymmetric int8 acts
+  rtn = dict(rotation="none", permutation="none", smooth_alpha=None, weight_symmetric=True,
+             act_symmetric=True, clip_search=False)
+  # Measured on the demo models (EVALUATION.md): block 16 with asymmetric quantizers and clip search
+  # gave the lowest action error and the fewest transform bytes.
+  best = dict(block_size=16)
+  return {
+      "fp": QuantConfig(name="fp", rules=()),
+      "w4a8-b16-c32": _documents(16, 32, "w4a8-b16-c32"),
+      "w4a8-b16-c128": _documents(16, 128, "w4a8-b16-c128"),
+      "w4a8-b64-c128": _documents(64, 128, "w4a8-b64-c128"),
+      "w4a8-b64-c128-perhead": QuantConfig(name="w4a8-b64-c128-perhead", calib_batches=128, rules=(
+          LayerRule(pattern=ATTN_PROJ, weight_granularity="head", block_size=64,
+                    weight_symmetric=True, act_symmetric=True, clip_search=False,
+                    output_rotation="restore"),
+          *_documents(64, 128, "x").rules)),
+      "w4a8-mixed": _ours("w4a8-mixed", (
+          LayerRule(pattern=EXPERT_QK, weight_bits=6, **ours),
+          LayerRule(pattern=LLM, **ours), LayerRule(pattern=EXPERT_MLP, **ours),
+          LayerRule(pattern=EXPERT_ATTN, **ours))),
+      "w4a8-llm-only": _ours("w4a8-llm-only", (LayerRule(pattern=LLM, **ours),)),
+      "w4a8-full": _ours("w4a8-full", (
+          LayerRule(pattern=LLM, **ours), LayerRule(pattern=EXPERT_MLP, **ours),
+          LayerRule(pattern=EXPERT_ATTN, **ours))),
+      "w4a8-rtn": _ours("w4a8-rtn", (LayerRule(pattern=LLM, **rtn),
+                                     LayerRule(pattern=EXPERT_MLP, **rtn))),
+      "recommended": _ours("recommended", (LayerRule(pattern=LLM, **best),
+                                           LayerRule(pattern=EXPERT_MLP, **best))),
+  }
+
+
+PRESETS: dict[str, QuantConfig] = _presets()
+
+
+def get_preset(name: str) -> QuantConfig:
+  """The named preset; ValueError listing the known names otherwise."""
+  if name not in PRESETS:
+    raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
+  return PRESETS[name]

@@ -1,0 +1,83 @@
+"""W4A8 integer matmul kernels and their dispatch.
+
+`w4a8_matmul` picks an implementation:
+  None                auto: the Pallas GPU kernel on CUDA for shapes where it was measured to win
+                      (`kernel_preferred`), the XLA integer path everywhere else (CPU, TPU, ROCm);
+  "xla"               `xla.w4a8_matmul` (int4 cast to int8 in the jitted function, TN int8 dot);
+  "pallas"            the Pallas Triton kernel (CUDA GPUs);
+  "pallas_interpret"  the same kernel in Pallas interpret mode (any backend; tests).
+
+Importing this package imports no GPU-only module: the Pallas modules are loaded when first traced.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from duquant_jax.kernels.xla import dequantize_per_token, quantize_per_token
+from duquant_jax.kernels import xla
+
+IMPLEMENTATIONS = (None, "xla", "pallas", "pallas_interpret")
+
+
+def kernel_preferred(m: int, n: int, k: int, g: int) -> bool:
+  """Whether auto-dispatch uses the Pallas kernel on a CUDA GPU for an (M, K) x (N, K) matmul.
+
+  From the H100 table in BENCHMARKS.md ("Kernels (H100)"): the kernel beat XLA's int8 path only where
+  reading wide weights dominates: M <= 16 with N >= 8192 (gemma_2b gate/up), and 16 < M <= 64 with
+  N >= K (q, o of gemma_2b, q and gate/up of gemma_300m). Elsewhere XLA's cuBLASLt path wins.
+  """
+  from duquant_jax.kernels import pallas_gpu
+  if k % g:
+    return False
+  tiles = pallas_gpu.choose_tiles(m, n, k, k // g)
+  if not pallas_gpu.supports(m, n, k, g, tiles):
+    return False
+  return (m <= 16 and n >= 8192) or (16 < m <= 64 and n >= k)
+
+
+def w4a8_matmul(xq: jax.Array, sx: jax.Array, zx: jax.Array | None, q: jax.Array, sw: jax.Array,
+                zw: jax.Array | None, *, out_dtype=jnp.float32,
+                implementation: str | None = None) -> jax.Array:
+  """W4A8 matmul `dequant(xq) @ dequant(q).T`; see `xla.w4a8_matmul` for the exact arithmetic.
+
+  Args:
+    xq: (M, K) int8 activation codes; sx (M, 1) float32 scales; zx (M, 1) float32 zero points or None.
+    q: (N, K) int4 weight codes stored (out, in); sw (N, G) float32 scales; zw (N, G) or None.
+    out_dtype: dtype of the result.
+    implementation: None (auto), "xla", "pallas" or "pallas_interpret".
+
+  Returns:
+    (M, N) array of out_dtype.
+
+  Raises:
+    ValueError: unknown implementation. TypeError / ValueError: bad shapes or dtypes (kernel paths).
+  """
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+  if implementation == "xla":
+    return xla.w4a8_matmul(xq, sx, zx, q, sw, zw, out_dtype=out_dtype)
+  if implementation in ("pallas", "pallas_interpret"):
+    from duquant_jax.kernels import pallas_gpu
+    return pallas_gpu.w4a8_matmul(xq, sx, zx, q, sw, zw, out_dtype=out_dtype,
+                                  interpret=implementation == "pallas_interpret")
+  return _auto(xq, sx, zx, q, sw, zw, out_dtype)
+
+
+def _auto(xq, sx, zx, q, sw, zw, out_dtype):
+  """Kernel on CUDA where it wins by shape, XLA elsewhere; decided per platform at lowering."""
+  m, k = xq.shape
+  n, g = sw.shape
+  xla_fn = lambda: xla.w4a8_matmul(xq, sx, zx, q, sw, zw, out_dtype=out_dtype)
+  if q.dtype != jnp.int4 or q.shape != (n, k) or not kernel_preferred(m, n, k, g):
+    return xla_fn()
+  if jax.default_backend() != "gpu":
+    return xla_fn()
+  from duquant_jax.kernels import pallas_gpu
+  kernel_fn = lambda: pallas_gpu.w4a8_matmul(xq, sx, zx, q, sw, zw, out_dtype=out_dtype)
+  return jax.lax.platform_dependent(cuda=kernel_fn, default=xla_fn)
+
+
+__all__ = ["w4a8_matmul", "quantize_per_token", "dequantize_per_token", "kernel_preferred",
+           "IMPLEMENTATIONS"]

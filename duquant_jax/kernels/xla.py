@@ -1,0 +1,104 @@
+"""W4A8 integer matmul on XLA: per-token int8 activations, int4 weights stored (N, K), int32 dot.
+
+This is the reference integer arithmetic every backend must reproduce, and the portable path used on
+CPU, TPU, and on GPU where no kernel wins. The weight is stored (out, in) = (N, K) so the int8 x int8
+-> int32 `dot_general` contracts the last axis of both operands ("TN"), the layout cuBLASLt runs at
+full int8 rate (DESIGN.md section 5); int4 codes are cast to int8 inside the jitted function because a
+mixed s8 x s4 dot has no fast path.
+
+Quantizers (DuQuant / SmoothQuant conventions):
+  activations  x[m, k] ~ sx[m] * (xq[m, k] - zx[m])      xq int8, per token (row m)
+  weights      w[n, k] ~ sw[n, g] * (q[n, k] - zw[n, g])  q int4 in [-8, 7], g = k // group_size
+Symmetric quantizers have zero points None. Then
+
+  y[m, n] = sx[m] * sum_g sw[n, g] * ( sum_{k in g} xq q  - zw[n, g] * sum_{k in g} xq
+                                       - zx[m] * sum_{k in g} q + group_size * zx[m] * zw[n, g] )
+
+computed with an int32 dot per group and a float32 epilogue (the row sums are the asymmetric
+correction of DuQuant's asymmetric W4A8).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def quantize_per_token(x: jax.Array, bits: int = 8, *, symmetric: bool = True,
+                       clip_ratio: float = 1.0):
+  """x (M, K) float -> (xq (M, K) int8, sx (M, 1) float32, zx (M, 1) float32 or None).
+
+  Symmetric: xq = round(x / sx) in [-(2^(b-1) - 1), 2^(b-1) - 1], sx = clip * max|x| / (2^(b-1) - 1).
+  Asymmetric: the row's [min, max] * clip maps to [-2^(b-1), 2^(b-1) - 1] with an integer zero point zx,
+  x ~ sx * (xq - zx).
+  """
+  x = x.astype(jnp.float32)
+  if symmetric:
+    qmax = 2 ** (bits - 1) - 1
+    amax = jnp.max(jnp.abs(x), axis=-1, keepdims=True) * clip_ratio
+    sx = jnp.maximum(amax, 1e-8) / qmax
+    xq = jnp.clip(jnp.round(x / sx), -qmax, qmax).astype(jnp.int8)
+    return xq, sx, None
+  qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+  lo = jnp.minimum(jnp.min(x, axis=-1, keepdims=True), 0.0) * clip_ratio
+  hi = jnp.maximum(jnp.max(x, axis=-1, keepdims=True), 0.0) * clip_ratio
+  sx = jnp.maximum(hi - lo, 1e-8) / (qmax - qmin)
+  zx = jnp.round(qmin - lo / sx)
+  xq = jnp.clip(jnp.round(x / sx) + zx, qmin, qmax).astype(jnp.int8)
+  return xq, sx, zx
+
+
+def dequantize_per_token(xq, sx, zx=None):
+  """Inverse of `quantize_per_token` (float32)."""
+  xq = xq.astype(jnp.float32)
+  return sx * (xq if zx is None else xq - zx)
+
+
+def w4a8_matmul(xq: jax.Array, sx: jax.Array, zx: jax.Array | None, q: jax.Array, sw: jax.Array,
+                zw: jax.Array | None, *, out_dtype=jnp.float32) -> jax.Array:
+  """Integer W4A8 matmul, XLA path.
+
+  Args:
+    xq: (M, K) int8 activation codes; sx (M, 1) float32 scales; zx (M, 1) float32 zero points or None.
+    q: (N, K) int4 (or int8) weight codes; sw (N, G) float32 scales; zw (N, G) zero points or None.
+      G groups of K // G consecutive input channels (G = 1: per output channel).
+    out_dtype: dtype of the result.
+
+  Returns:
+    (M, N) `dequant(xq) @ dequant(q).T`, computed as int32 dots and a float32 epilogue.
+  """
+  m, k = xq.shape
+  n, g = sw.shape
+  if q.shape != (n, k) or k % g:
+    raise ValueError(f"weight codes {q.shape} do not match activations (M, K)={xq.shape} "
+                     f"and scales (N, G)={sw.shape}")
+  gs = k // g
+  q8 = q.astype(jnp.int8)
+  xg = xq.reshape(m, g, gs)
+  qg = q8.reshape(n, g, gs)
+  # (G, M, N) int32: one TN dot per group, batched over G.
+  acc = jax.lax.dot_general(xg, qg, (((2,), (2,)), ((1,), (1,))), preferred_element_type=jnp.int32)
+  acc = acc.astype(jnp.float32)
+  if zw is not None:
+    rowsum = jnp.sum(xg.astype(jnp.int32), axis=-1).astype(jnp.float32)  # (M, G)
+    acc = acc - zw.T[:, None, :] * rowsum.T[:, :, None]
+  if zx is not None:
+    colsum = jnp.sum(qg.astype(jnp.int32), axis=-1).astype(jnp.float32)  # (N, G)
+    corr = colsum.T[:, None, :]
+    if zw is not None:
+      corr = corr - gs * zw.T[:, None, :]
+    acc = acc - zx[None, :, :] * corr
+  y = jnp.einsum("gmn,ng->mn", acc, sw) * sx
+  return y.astype(out_dtype)
+
+
+def w4a8_matmul_reference_f64(xq, sx, zx, q, sw, zw):
+  """The same arithmetic in float64 numpy, dequantizing first (for tests)."""
+  import numpy as np
+  xq, sx, q, sw = (np.asarray(a, np.float64) for a in (xq, sx, q, sw))
+  n, g = sw.shape
+  k = q.shape[1]
+  x = sx * (xq - (0.0 if zx is None else np.asarray(zx, np.float64)))
+  zfull = 0.0 if zw is None else np.repeat(np.asarray(zw, np.float64), k // g, axis=1)
+  w = np.repeat(sw, k // g, axis=1) * (q - zfull)
+  return x @ w.T

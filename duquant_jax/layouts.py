@@ -1,0 +1,164 @@
+"""Declared layouts of every linear weight: which axes are stacked, contracted, output, and heads.
+
+Layouts are declared from openpi's param paths and the einsum each weight is used with, never guessed
+from shapes (D may equal F). Axis letters (openpi's legend): B batch, T/S tokens, N query heads,
+K kv heads, H head dim, D width, F MLP hidden, plus '2' for the stacked (k, v) or (gate, up) pair.
+Leading axes of a weight beyond the einsum's weight spec are stack axes: L, the `nn.scan` depth axis.
+
+A linear's 2-D view: W2 (K_in, N_out) with K_in = product of the contraction axes and N_out = product
+of the weight's other axes, both in the weight's own axis order; the packed weight stores W2.T as
+(N_out, K_in) so the integer dot contracts the last axis of both operands.
+
+| weight (under PaliGemma/llm/layers/)  | einsum            | input from            | heads        |
+|---------------------------------------|-------------------|-----------------------|--------------|
+| attn/q_einsum{_1}/w   (L, N, D, H)    | BTD,NDH->BTNH     | pre_attention_norm{_1}| output (H)   |
+| attn/kv_einsum{_1}/w  (L, 2, K, D, H) | BSD,2KDH->2BSKH   | pre_attention_norm{_1}| output (H)   |
+| attn/attn_vec_einsum{_1}/w (L, N, H, D)| BTNH,NHD->BTD    | attention             | input (H)    |
+| mlp{_1}/gating_einsum (L, 2, D, F)    | BTD,2DF->2BTF     | pre_ffw_norm{_1}      |              |
+| mlp{_1}/linear        (L, F, D)       | BTF,FD->BTD       | gelu(gate) * up       |              |
+SigLIP (under PaliGemma/img/Transformer/encoderblock/): query/key/value kernels (L, D, N, H) as
+BTD,DNH->BTNH after LayerNorm_0; out kernel (L, N, H, D) as BTNH,NHD->BTD; MlpBlock_0 Dense_0 after
+LayerNorm_1 and Dense_1. Any other `.../kernel` of rank 2 (or rank 3 under a scanned prefix) is a
+flax `Dense` / NNX `Linear` kernel (in, out): `...I,IO->...O`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any, Literal
+
+from duquant_jax.models.layout_table import flat_items
+
+GEMMA_LAYERS = "PaliGemma/llm/layers"
+SIGLIP_BLOCK = "PaliGemma/img/Transformer/encoderblock"
+_SCANNED_PREFIXES = (GEMMA_LAYERS + "/", SIGLIP_BLOCK + "/")
+
+# (path regex, einsum, preceding-norm template or None, head role)
+_TABLE: tuple[tuple[str, str, str | None, str | None], ...] = (
+    (rf"(?P<pre>{GEMMA_LAYERS})/attn/q_einsum(?P<sfx>_\d+)?/w", "BTD,NDH->BTNH",
+     "{pre}/pre_attention_norm{sfx}", "out"),
+    (rf"(?P<pre>{GEMMA_LAYERS})/attn/kv_einsum(?P<sfx>_\d+)?/w", "BSD,2KDH->2BSKH",
+     "{pre}/pre_attention_norm{sfx}", "out"),
+    (rf"(?P<pre>{GEMMA_LAYERS})/attn/attn_vec_einsum(?P<sfx>_\d+)?/w", "BTNH,NHD->BTD", None, "in"),
+    (rf"(?P<pre>{GEMMA_LAYERS})/mlp(?P<sfx>_\d+)?/gating_einsum", "BTD,2DF->2BTF",
+     "{pre}/pre_ffw_norm{sfx}", None),
+    (rf"(?P<pre>{GEMMA_LAYERS})/mlp(?P<sfx>_\d+)?/linear", "BTF,FD->BTD", None, None),
+    (rf"(?P<pre>{SIGLIP_BLOCK})/MultiHeadDotProductAttention_0/(query|key|value)/kernel",
+     "BTD,DNH->BTNH", "{pre}/LayerNorm_0", "out"),
+    (rf"(?P<pre>{SIGLIP_BLOCK})/MultiHeadDotProductAttention_0/out/kernel", "BTNH,NHD->BTD", None,
+     "in"),
+    (rf"(?P<pre>{SIGLIP_BLOCK})/MlpBlock_0/Dense_0/kernel", "BTD,DF->BTF", "{pre}/LayerNorm_1", None),
+    (rf"(?P<pre>{SIGLIP_BLOCK})/MlpBlock_0/Dense_1/kernel", "BTF,FD->BTD", None, None),
+)
+DENSE_EQN = "...I,IO->...O"
+
+
+def split_eqn(eqn: str) -> tuple[str, str, str]:
+  lhs, out = eqn.replace(" ", "").split("->")
+  x, w = lhs.split(",")
+  return x, w, out
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearLayout:
+  """How a linear weight of `shape` is used: its einsum, stack axes, norm and head structure."""
+
+  path: str
+  shape: tuple[int, ...]
+  eqn: str
+  norm: str | None  # path of the module whose output is this linear's input (for smoothing folds)
+  norm_kind: Literal["rms", "adarms", "layernorm"] | None
+  head_role: Literal["in", "out"] | None  # which side of the weight is split into attention heads
+  head_dim: int | None
+
+  @property
+  def w_spec(self) -> str:
+    return split_eqn(self.eqn)[1]
+
+  @property
+  def num_stack(self) -> int:
+    return len(self.shape) - len(self.w_spec)
+
+  @property
+  def stack_shape(self) -> tuple[int, ...]:
+    return self.shape[:self.num_stack]
+
+  @property
+  def weight_shape(self) -> tuple[int, ...]:
+    """The shape of one layer's weight (without stack axes)."""
+    return self.shape[self.num_stack:]
+
+  @property
+  def contract_letters(self) -> str:
+    x, w, y = split_eqn(self.eqn)
+    return "".join(c for c in w if c in x and c not in y)
+
+  @property
+  def in_features(self) -> int:
+    """K: the product of the contraction axes."""
+    spec = self.w_spec
+    return math.prod(self.weight_shape[spec.index(c)] for c in self.contract_letters)
+
+  @property
+  def out_features(self) -> int:
+    return math.prod(self.weight_shape) // self.in_features
+
+  @property
+  def group(self) -> str:
+    """Linears with the same group read the same input (q / kv; SigLIP q / k / v)."""
+    return self.norm if self.norm is not None else self.path
+
+
+def to_2d_perm(w_spec: str, contract: str) -> tuple[int, ...]:
+  """Axis permutation putting the contraction axes first (in weight order), then the others."""
+  return tuple(w_spec.index(c) for c in contract) + tuple(
+      i for i, c in enumerate(w_spec) if c not in contract)
+
+
+def _dense_layout(path: str, shape: tuple[int, ...]) -> LinearLayout | None:
+  scanned = path.startswith(_SCANNED_PREFIXES)
+  if not path.endswith("/kernel") or len(shape) != 2 + scanned:
+    return None
+  if path.endswith("embedding/kernel"):  # the SigLIP patch conv is not a linear
+    return None
+  return LinearLayout(path=path, shape=shape, eqn="BI,IO->BO", norm=None, norm_kind=None,
+                      head_role=None, head_dim=None)
+
+
+def linear_layouts(params: Any) -> dict[str, LinearLayout]:
+  """Every linear weight of an openpi-layout param tree (arrays or ShapeDtypeStructs), by path."""
+  flat = dict((p, x) for p, x in flat_items(params))
+  paths = set(flat)
+  out = {}
+  for path, x in flat.items():
+    shape = tuple(getattr(x, "shape", ()))
+    for regex, eqn, norm_t, head_role in _TABLE:
+      m = re.fullmatch(regex, path)
+      if m is None:
+        continue
+      groups = {k: v or "" for k, v in m.groupdict().items()}
+      norm = norm_t.format(**groups) if norm_t else None
+      kind = None
+      if norm is not None:
+        if f"{norm}/scale" in paths and f"{norm}/bias" in paths:
+          kind = "layernorm"
+        elif f"{norm}/scale" in paths:
+          kind = "rms"
+        elif f"{norm}/Dense_0/kernel" in paths:
+          kind = "adarms"
+        else:
+          norm = None
+      w_spec = split_eqn(eqn)[1]
+      if len(shape) < len(w_spec):
+        raise ValueError(f"{path}: weight of shape {shape} has fewer axes than its einsum {eqn!r}")
+      head_dim = shape[len(shape) - len(w_spec) + w_spec.index("H")] if head_role else None
+      out[path] = LinearLayout(path=path, shape=shape, eqn=eqn, norm=norm, norm_kind=kind,
+                               head_role=head_role, head_dim=head_dim)
+      break
+    else:
+      lay = _dense_layout(path, shape)
+      if lay is not None:
+        out[path] = lay
+  return out

@@ -1,0 +1,153 @@
+"""`PackedLinear`: a quantized linear weight as a small pytree, and its jitted W4A8 einsum.
+
+Follows qwix's QArray style: arrays (codes, scales, zero points, transform) as pytree leaves, the
+layout and quantizer format as static fields. A `PackedLinear` stands in the param tree exactly where
+the float weight was, so openpi-style modules (through `duquant_jax.models.gemma.linear`) and flax
+`Dense` / `DenseGeneral` (through `duquant_jax.inference.packed_interceptor`) run it unchanged, and
+`nn.scan` slices its leading depth axis like any other param.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from duquant_jax.kernels import xla
+from duquant_jax.layouts import split_eqn
+from duquant_jax.transforms import InputTransform, restore_output
+
+
+def dequantize_weight(codes: jax.Array, scale: jax.Array, zero: Optional[jax.Array]) -> jax.Array:
+  """codes (..., N, K), scale / zero (..., N, G) -> W2^T (..., N, K) float32 = scale * (codes - zero)."""
+  g = scale.shape[-1]
+  q = codes.astype(jnp.float32)
+  q = q.reshape(*q.shape[:-1], g, q.shape[-1] // g)
+  if zero is not None:
+    q = q - zero[..., None]
+  return (q * scale[..., None]).reshape(codes.shape)
+
+
+@flax.struct.dataclass
+class PackedLinear:
+  """A linear weight W (stored 2-D as its transposed view W2^T (N, K)) quantized for W4A8.
+
+  Invariant (per stacked layer): for activations x (M, K) in the linear's input layout,
+    x @ W2 ~ restore( dequant8(q8(T(x))) @ (scale * (codes - zero))^T )
+  where T = `transform.apply` (DuQuant's smoothing, rotation, permutation, rotation), q8 the
+  per-token activation quantizer (skipped when `act_bits` is None), and `restore` undoes the optional
+  output rotation. Every array may carry leading stack axes (L, ...) for `nn.scan`-ed layers.
+
+  Attributes:
+    codes: (..., N, K) int4 (bits <= 4) or int8 weight codes.
+    scale: (..., N, G) float32 weight scales; G groups of K // G input channels.
+    zero: (..., N, G) float32 integer-valued zero points, or None (symmetric).
+    transform: the online input transform (InputTransform), or None.
+    out_rot: (..., N // b, b, b) output rotation to restore after the matmul, or None.
+    w_shape: static, one layer's original weight shape (the einsum's weight operand).
+    w_spec: static, the weight's axis letters as the model's einsum names them.
+    bits / act_bits / act_symmetric / act_clip: static quantizer format.
+    mode: static, "int" (integer dot) or "simulate" (the same numerics in float).
+  """
+
+  codes: jax.Array
+  scale: jax.Array
+  zero: Optional[jax.Array]
+  transform: Optional[InputTransform]
+  out_rot: Optional[jax.Array]
+  w_shape: tuple[int, ...] = flax.struct.field(pytree_node=False)
+  w_spec: str = flax.struct.field(pytree_node=False)
+  bits: int = flax.struct.field(pytree_node=False, default=4)
+  act_bits: Optional[int] = flax.struct.field(pytree_node=False, default=8)
+  act_symmetric: bool = flax.struct.field(pytree_node=False, default=False)
+  act_clip: float = flax.struct.field(pytree_node=False, default=1.0)
+  mode: str = flax.struct.field(pytree_node=False, default="int")
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    """The float weight's shape, stack axes included (so shape checks keep working)."""
+    return tuple(self.codes.shape[:-2]) + tuple(self.w_shape)
+
+  @property
+  def in_features(self) -> int:
+    return self.codes.shape[-1]
+
+  @property
+  def out_features(self) -> int:
+    return self.codes.shape[-2]
+
+  def nbytes(self) -> int:
+    """Bytes of the packed weight as stored on device: int4 counts half a byte."""
+    total = 0
+    for x in jax.tree.leaves(self):
+      bits = 4 if x.dtype == jnp.int4 else 8 * x.dtype.itemsize
+      total += math.prod(x.shape) * bits // 8
+    return total
+
+  def validate(self) -> None:
+    """Checks shapes and dtypes agree; raises ValueError naming the field."""
+    n, k = self.codes.shape[-2:]
+    if self.codes.dtype not in (jnp.int4, jnp.int8):
+      raise ValueError(f"PackedLinear.codes must be int4 or int8, got {self.codes.dtype}")
+    if self.bits <= 4 and self.codes.dtype != jnp.int4:
+      raise ValueError(f"{self.bits}-bit codes must be stored as int4, got {self.codes.dtype}")
+    if self.scale.shape[-2] != n or k % self.scale.shape[-1]:
+      raise ValueError(f"PackedLinear.scale {self.scale.shape} does not match codes {self.codes.shape}")
+    if self.zero is not None and self.zero.shape != self.scale.shape:
+      raise ValueError(f"PackedLinear.zero {self.zero.shape} != scale {self.scale.shape}")
+    if math.prod(self.w_shape) != n * k:
+      raise ValueError(f"PackedLinear: w_shape {self.w_shape} does not hold (N, K) = {(n, k)}")
+    if self.transform is not None:
+      self.transform.validate()
+
+  def dequantize(self) -> jax.Array:
+    """W2^T (..., N, K) float32, in the transformed basis (for diagnostics)."""
+    return dequantize_weight(self.codes, self.scale, self.zero)
+
+  def matmul(self, x2: jax.Array) -> jax.Array:
+    """x2 (M, K) in the linear's input layout -> (M, N) in x2's dtype (one layer: no stack axes)."""
+    dtype = x2.dtype
+    x = x2.astype(jnp.float32)
+    if self.transform is not None:
+      x = self.transform.apply(x)
+    if self.act_bits is None:
+      y = x @ self.dequantize().T
+    elif self.mode == "simulate":
+      xq, sx, zx = xla.quantize_per_token(x, self.act_bits, symmetric=self.act_symmetric,
+                                          clip_ratio=self.act_clip)
+      y = xla.dequantize_per_token(xq, sx, zx) @ self.dequantize().T
+    else:
+      xq, sx, zx = xla.quantize_per_token(x, self.act_bits, symmetric=self.act_symmetric,
+                                          clip_ratio=self.act_clip)
+      y = _int_matmul(xq, sx, zx, self.codes, self.scale, self.zero)
+    if self.out_rot is not None:
+      y = restore_output(y, self.out_rot)
+    return y.astype(dtype)
+
+  def einsum(self, eqn: str, x: jax.Array) -> jax.Array:
+    """`jnp.einsum(eqn, x, W)` with W this packed weight (the eqn the float weight was used with)."""
+    x_spec, w_spec, y_spec = split_eqn(eqn)
+    if w_spec != self.w_spec:
+      raise ValueError(f"einsum {eqn!r} names weight axes {w_spec!r} but this packed weight was "
+                       f"built for {self.w_spec!r}")
+    if self.codes.ndim != 2:
+      raise ValueError(f"packed weight still has stack axes {self.codes.shape[:-2]}; apply it "
+                       "inside the scanned module")
+    contract = "".join(c for c in w_spec if c in x_spec and c not in y_spec)
+    outs = "".join(c for c in w_spec if c not in contract)
+    batch = "".join(c for c in x_spec if c not in contract)
+    sizes = dict(zip(x_spec, x.shape))
+    sizes.update(zip(w_spec, self.w_shape))
+    x2 = jnp.einsum(f"{x_spec}->{batch}{contract}", x)
+    m = math.prod(sizes[c] for c in batch)
+    y2 = self.matmul(x2.reshape(m, self.in_features))
+    y = y2.reshape(*(sizes[c] for c in batch + outs))
+    return jnp.einsum(f"{batch}{outs}->{y_spec}", y)
+
+
+def _int_matmul(xq, sx, zx, codes, scale, zero):
+  from duquant_jax import kernels
+  return kernels.w4a8_matmul(xq, sx, zx, codes, scale, zero)

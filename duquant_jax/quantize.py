@@ -1,0 +1,479 @@
+"""`quantize_params`: DuQuant W4A8 as a pure pytree transform of an openpi-layout param tree.
+
+For each group of linears that read the same input (q / kv after one RMSNorm; gate / up are one
+weight), following DuQuant (Lin et al., "DuQuant: Distributing Outliers via Dual Transformation Makes
+Stronger Quantized LLMs", NeurIPS 2024) with the corrections of DESIGN.md section 3:
+  1. smoothing lam = max|x|^a / max|W|^(1-a) from calibration stats; 1/lam is folded into the
+     preceding RMSNorm scale (pi0.5's adaptive norm: its scale and shift modulation; SigLIP: the
+     LayerNorm), otherwise merged into the online rotation;
+  2. block rotation R1 (greedy, activation-aware, orthogonal factors from `jnp.linalg.qr`), zigzag
+     permutation, block rotation R2, all batched over layers and blocks;
+  3. the weight W' = T^T diag(lam) W is quantized per output channel / head / group to int4,
+     symmetric or asymmetric, with a per-channel clip searched to minimise output MSE on the
+     transformed calibration activations;
+  4. the result is a `PackedLinear` at the weight's path; activations are quantized per token to
+     int8 at run time.
+Everything is deterministic in (params, cfg, stats): rotation keys derive from `cfg.seed` and the
+layer path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import zlib
+from typing import Any, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from duquant_jax.config import LayerRule, QuantConfig, match_rules
+from duquant_jax.layouts import LinearLayout, linear_layouts, to_2d_perm
+from duquant_jax.models.layout_table import flat_items
+from duquant_jax.packed import PackedLinear
+from duquant_jax.transforms import (InputTransform, build_duquant_transform, check_block_alignment,
+                                    random_block_rotation, rotate_output)
+
+Params = dict[str, Any]
+# Fields of a rule that define the input transform; linears sharing an input must agree on them.
+_TRANSFORM_FIELDS = ("block_size", "rotation", "permutation", "rotation_steps", "smooth_alpha")
+# Activation rows used by the clip search (output MSE); more rows cost time linearly.
+CLIP_SEARCH_ROWS = 64
+# Bytes of float32 work per vmapped chunk of layers when packing (bounds host/device memory).
+_CHUNK_BYTES = 1 << 30
+
+
+# ----------------------------------------------------------------------------------------------
+# Weight quantization.
+
+
+def _qrange(bits: int, symmetric: bool) -> tuple[int, int]:
+  if symmetric:
+    return -(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1
+  return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
+def _tile_quantize(w: jax.Array, clip: jax.Array, *, bits: int, symmetric: bool, rows: int,
+                   cols: int):
+  """Quantizes w (N, K) with one scale per tile of `rows` output channels x `cols` inputs.
+
+  Returns codes (N, K) float (integer-valued), scale (N, G), zero (N, G) or None; G = K // cols.
+  `clip` (N // rows, G) shrinks each tile's range before rounding.
+  """
+  n, k = w.shape
+  g = k // cols
+  qmin, qmax = _qrange(bits, symmetric)
+  t = w.reshape(n // rows, rows, g, cols)
+  if symmetric:
+    amax = jnp.max(jnp.abs(t), axis=(1, 3)) * clip
+    scale = jnp.maximum(amax, 1e-10) / qmax
+    zero = None
+    s_full = jnp.repeat(scale, rows, axis=0)
+    codes = jnp.clip(jnp.round(w.reshape(n, g, cols) / s_full[..., None]), qmin, qmax)
+  else:
+    lo = jnp.minimum(jnp.min(t, axis=(1, 3)), 0.0) * clip
+    hi = jnp.maximum(jnp.max(t, axis=(1, 3)), 0.0) * clip
+    scale = jnp.maximum(hi - lo, 1e-10) / (qmax - qmin)
+    zero = jnp.round(qmin - lo / scale)
+    s_full = jnp.repeat(scale, rows, axis=0)
+    z_full = jnp.repeat(zero, rows, axis=0)
+    codes = jnp.clip(jnp.round(w.reshape(n, g, cols) / s_full[..., None]) + z_full[..., None],
+                     qmin, qmax)
+    zero = z_full
+  return codes.reshape(n, k), s_full, zero
+
+
+def _dequant(codes, scale, zero):
+  n, k = codes.shape
+  g = scale.shape[-1]
+  q = codes.reshape(n, g, k // g)
+  if zero is not None:
+    q = q - zero[..., None]
+  return (q * scale[..., None]).reshape(n, k)
+
+
+def quantize_weight(w: jax.Array, x: Optional[jax.Array], *, bits: int, symmetric: bool,
+                    rows: int, cols: int, clip_grid: tuple[float, ...]):
+  """Quantizes one weight w (N, K) (stored out x in), searching the clip ratio per tile.
+
+  Args:
+    w: (N, K) float32 weight, transposed 2-D view.
+    x: (R, K) activations in the same (transformed) basis, or None (then the search minimises the
+      weight MSE). Rows of zeros are ignored by the objective.
+    bits: weight bits; symmetric: no zero point; rows / cols: the scale tile (rows = 1 per channel,
+      head_dim per head; cols = K, or the group size).
+    clip_grid: clip ratios to try; (1.0,) is plain round-to-nearest.
+
+  Returns:
+    codes (N, K) int32, scale (N, G) float32, zero (N, G) float32 or None.
+  """
+  n, k = w.shape
+  g = k // cols
+
+  def tile_error(err_nk):
+    # Output MSE ||X e_n||^2 summed over the tile; per group the diagonal of X^T X weights it.
+    if x is None:
+      per = jnp.sum(err_nk.reshape(n, g, cols) ** 2, axis=-1)
+    elif g == 1:
+      per = jnp.sum((err_nk @ x.T) ** 2, axis=-1, keepdims=True)
+    else:
+      h = jnp.mean(x * x, axis=0).reshape(g, cols)
+      per = jnp.sum(err_nk.reshape(n, g, cols) ** 2 * h, axis=-1)
+    return per.reshape(n // rows, rows, g).sum(axis=1)  # (N // rows, G)
+
+  def candidate(c):
+    clip = jnp.full((n // rows, g), c, jnp.float32)
+    codes, scale, zero = _tile_quantize(w, clip, bits=bits, symmetric=symmetric, rows=rows,
+                                        cols=cols)
+    return codes, scale, zero, tile_error(w - _dequant(codes, scale, zero))
+
+  best = candidate(clip_grid[0])
+  for c in clip_grid[1:]:  # a handful of static candidates; each keeps the better tiles
+    cand = candidate(c)
+    better = cand[3] < best[3]  # (N // rows, G)
+    pick_nk = jnp.repeat(jnp.repeat(better, rows, axis=0), cols, axis=1)
+    pick_ng = jnp.repeat(better, rows, axis=0)
+    best = (jnp.where(pick_nk, cand[0], best[0]), jnp.where(pick_ng, cand[1], best[1]),
+            None if best[2] is None else jnp.where(pick_ng, cand[2], best[2]),
+            jnp.minimum(cand[3], best[3]))
+  codes, scale, zero, _ = best
+  return codes.astype(jnp.int32), scale.astype(jnp.float32), zero
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers over layouts.
+
+
+def to_2d(w: jax.Array, layout: LinearLayout) -> jax.Array:
+  """One layer's weight (as in the param tree, no stack axes) -> W2 (K, N) float32."""
+  perm = to_2d_perm(layout.w_spec, layout.contract_letters)
+  return jnp.transpose(w, perm).reshape(layout.in_features, layout.out_features).astype(jnp.float32)
+
+
+def _w_absmax_in(w: jax.Array, layout: LinearLayout) -> jax.Array:
+  """Per-input-channel max |W| (stack..., K)."""
+  ns = layout.num_stack
+  w2 = jax.vmap(lambda a: jnp.max(jnp.abs(to_2d(a, layout)), axis=-1)) if ns else (
+      lambda a: jnp.max(jnp.abs(to_2d(a, layout)), axis=-1))
+  return w2(jnp.asarray(w))
+
+
+def _layer_key(seed: int, path: str) -> jax.Array:
+  return jax.random.fold_in(jax.random.key(seed), zlib.crc32(path.encode()) & 0x7FFFFFFF)
+
+
+def _get(tree: Params, path: str):
+  for k in path.split("/"):
+    tree = tree[k]
+  return tree
+
+
+def _set(tree: Params, path: str, value) -> None:
+  keys = path.split("/")
+  for k in keys[:-1]:
+    tree = tree[k]
+  tree[keys[-1]] = value
+
+
+def _copy_dicts(tree):
+  if isinstance(tree, Mapping):
+    return {k: _copy_dicts(v) for k, v in tree.items()}
+  return tree
+
+
+def _stats_for(stats, path: str):
+  if stats is None:
+    return None
+  layers = getattr(stats, "layers", stats)
+  return layers.get(path) if isinstance(layers, Mapping) else None
+
+
+def _check_finite(name: str, x) -> None:
+  if not bool(jnp.all(jnp.isfinite(jnp.asarray(x)))):
+    raise ValueError(f"{name}: contains NaN or Inf")
+
+
+# ----------------------------------------------------------------------------------------------
+# Smoothing folds into the preceding norm.
+
+
+def _fold_into_norm(params: Params, layout: LinearLayout, lam: jax.Array) -> None:
+  """Divides the norm's output by lam (stack..., K) in place of an online division."""
+  norm = layout.norm
+  if layout.norm_kind == "rms":  # y = n * (1 + s)  ->  n * (1 + s) / lam
+    s = jnp.asarray(_get(params, f"{norm}/scale"), jnp.float32)
+    _set(params, f"{norm}/scale", (1.0 + s) / lam - 1.0)
+  elif layout.norm_kind == "layernorm":
+    for leaf in ("scale", "bias"):
+      v = jnp.asarray(_get(params, f"{norm}/{leaf}"), jnp.float32)
+      _set(params, f"{norm}/{leaf}", v / lam)
+  elif layout.norm_kind == "adarms":  # y = n * (1 + scale) + shift, with (scale, shift, gate) = Dense
+    d = lam.shape[-1]
+    kern = jnp.asarray(_get(params, f"{norm}/Dense_0/kernel"), jnp.float32)
+    bias = jnp.asarray(_get(params, f"{norm}/Dense_0/bias"), jnp.float32)
+    inv = 1.0 / lam
+    kern = jnp.concatenate([kern[..., :2 * d] * jnp.concatenate([inv, inv], -1)[..., None, :],
+                            kern[..., 2 * d:]], axis=-1)
+    bias = jnp.concatenate([(1.0 + bias[..., :d]) * inv - 1.0, bias[..., d:2 * d] * inv,
+                            bias[..., 2 * d:]], axis=-1)
+    _set(params, f"{norm}/Dense_0/kernel", kern)
+    _set(params, f"{norm}/Dense_0/bias", bias)
+  else:
+    raise AssertionError(layout.norm_kind)
+
+
+# ----------------------------------------------------------------------------------------------
+# Packing one weight (all its stacked layers).
+
+
+def _scale_tile(rule: LayerRule, layout: LinearLayout) -> tuple[int, int]:
+  k = layout.in_features
+  if rule.weight_granularity == "channel":
+    return 1, k
+  if rule.weight_granularity == "head":
+    if layout.head_role != "out":
+      raise ValueError(f"{layout.path}: per-head weight scales need head-structured outputs "
+                       "(q/k/v projections); use 'channel' or 'group' here")
+    return layout.head_dim, k
+  if k % rule.group_size:
+    raise ValueError(f"{layout.path}: group_size {rule.group_size} does not divide the input "
+                     f"width K={k}")
+  return 1, rule.group_size
+
+
+@functools.partial(jax.jit, static_argnames=("layout", "rule", "rows", "cols"))
+def _pack_layers(w, transform, out_rot, samples, *, layout, rule, rows, cols):
+  """Folds the transform into every stacked layer of w and quantizes it; lax.map over the stack."""
+  ns = layout.num_stack
+
+  def one(args):
+    w_l, t_l, r_l, x_l = args
+    w2 = to_2d(w_l, layout)
+    x2 = None
+    if t_l is not None:
+      w2 = t_l.fold(w2)
+      x2 = None if x_l is None else t_l.apply(x_l, precision=jax.lax.Precision.HIGHEST)
+    elif x_l is not None:
+      x2 = x_l
+    if r_l is not None:
+      w2 = rotate_output(w2, r_l)
+    clip_grid = rule.clip_grid if rule.clip_search else (1.0,)
+    if r_l is not None and x2 is not None:
+      pass  # the output MSE is invariant to an orthogonal output rotation
+    return quantize_weight(w2.T, x2, bits=rule.weight_bits, symmetric=rule.weight_symmetric,
+                           rows=rows, cols=cols, clip_grid=clip_grid)
+
+  if ns == 0:
+    return one((w, transform, out_rot, samples))
+  if ns != 1:
+    raise NotImplementedError(f"{layout.path}: {ns} stack axes")
+  per_layer = 4 * layout.in_features * layout.out_features * (8 if rule.clip_search else 4)
+  batch = max(1, min(layout.shape[0], _CHUNK_BYTES // max(per_layer, 1)))
+  return jax.lax.map(one, (w, transform, out_rot, samples), batch_size=batch)
+
+
+def _codes_dtype(bits: int):
+  return jnp.int4 if bits <= 4 else jnp.int8
+
+
+def _output_rotation(rule: LayerRule, layout: LinearLayout, key) -> Optional[jax.Array]:
+  if rule.output_rotation == "off":
+    return None
+  n = layout.out_features
+  if n % rule.block_size:
+    raise ValueError(f"{layout.path}: block size {rule.block_size} does not divide the output width "
+                     f"N={n} for the output rotation")
+  if layout.head_role == "out":
+    check_block_alignment(rule.block_size, layout.head_dim, f"{layout.path} (output rotation)")
+  rot = random_block_rotation(jax.random.fold_in(key, 7), layout.stack_shape, n, rule.block_size)
+  return rot.astype(jnp.float16)
+
+
+# ----------------------------------------------------------------------------------------------
+# The transform.
+
+
+def quantize_params(params: Params, cfg: QuantConfig, stats: Any = None) -> Params:
+  """Maps an openpi-layout param tree to a packed one (pure: `params` is not modified).
+
+  Args:
+    params: the model's param tree (the dict holding 'PaliGemma', ...), float arrays.
+    cfg: the rules; linears matching no rule (or a skip rule) stay in floating point.
+    stats: calibration statistics (`duquant_jax.calibrate.CalibStats`, or a mapping from weight path
+      to an object with `absmax` (stack..., K) and `samples` (stack..., R, K)). Needed for smoothing
+      and the greedy rotation; optional for activation-free choices (RTN, random / Hadamard rotations).
+
+  Returns:
+    A tree of the same structure where each quantized weight is a `PackedLinear` and norms carry the
+    folded smoothing. Run it with `Policy.sample_actions` (or any flax module via
+    `duquant_jax.inference`).
+
+  Raises:
+    ValueError: NaN/Inf weights or stats, missing stats where needed, block sizes that do not divide
+      the width or head_dim, rules that disagree on a shared input, per-head scales without heads.
+  """
+  layouts = linear_layouts(params)
+  report = match_rules(cfg, layouts)
+  del report  # reported by callers via `match_rules`; quantization itself needs only rule_for
+  out = _copy_dicts(params)
+  groups: dict[str, list[LinearLayout]] = {}
+  for path, lay in layouts.items():
+    groups.setdefault(lay.group, []).append(lay)
+
+  for group, members in sorted(groups.items()):
+    rules = {m.path: cfg.rule_for(m.path) for m in members}
+    active = [m for m in members if rules[m.path] is not None]
+    if not active:
+      continue
+    lead = rules[active[0].path]
+    for m in active[1:]:
+      r = rules[m.path]
+      if any(getattr(r, f) != getattr(lead, f) for f in _TRANSFORM_FIELDS):
+        raise ValueError(f"{m.path} and {active[0].path} read the same input but their rules "
+                         f"differ in the input transform ({', '.join(_TRANSFORM_FIELDS)})")
+    weights = {m.path: jnp.asarray(_get(params, m.path)) for m in members}
+    for m in active:
+      _check_finite(m.path, weights[m.path])
+      if m.in_features % lead.block_size and lead.rotation != "none":
+        raise ValueError(f"{m.path}: block size {lead.block_size} does not divide the input width "
+                         f"K={m.in_features}")
+    layout0 = active[0]
+    key = _layer_key(cfg.seed, group)
+    st = next((s for s in (_stats_for(stats, m.path) for m in members) if s is not None), None)
+    needs_stats = lead.smooth_alpha is not None or lead.rotation == "greedy"
+    if st is None and needs_stats:
+      raise ValueError(f"{layout0.path}: no calibration stats for this layer, but its rule uses "
+                       f"{'smoothing' if lead.smooth_alpha is not None else 'the greedy rotation'}; "
+                       "pass stats from duquant_jax.calibrate (or use rotation='random'/'none' and "
+                       "smooth_alpha=None)")
+    absmax = samples = None
+    if st is not None:
+      absmax = jnp.asarray(st.absmax, jnp.float32)
+      samples = jnp.asarray(st.samples, jnp.float32)
+      _check_finite(f"stats[{layout0.path}].absmax", absmax)
+      _check_finite(f"stats[{layout0.path}].samples", samples)
+      expect = layout0.stack_shape + (layout0.in_features,)
+      if absmax.shape != expect:
+        raise ValueError(f"stats[{layout0.path}].absmax has shape {absmax.shape}, expected {expect}")
+
+    head_dim = layout0.head_dim if layout0.head_role == "in" else None
+    if head_dim is not None and lead.rotation != "none":
+      check_block_alignment(lead.block_size, head_dim, f"{layout0.path} (input of the attention "
+                            "output projection: rotation blocks must stay inside a head)")
+    transform, lam = None, None
+    if lead.transforms_input:
+      w_absmax = None
+      if lead.smooth_alpha is not None:
+        w_absmax = functools.reduce(jnp.maximum, [_w_absmax_in(weights[m.path], m) for m in active])
+      if absmax is None:  # activation-free transform: only rotation / permutation by weights
+        absmax = jnp.ones(layout0.stack_shape + (layout0.in_features,), jnp.float32)
+      w_cat = None
+      if lead.rotation.startswith("weight_"):
+        ns = layout0.num_stack
+        w2s = [jax.vmap(lambda a, m=m: to_2d(a, m))(weights[m.path]) if ns else to_2d(
+            weights[m.path], m) for m in active]
+        w_cat = jnp.concatenate(w2s, axis=-1)
+      transform = build_duquant_transform(
+          samples, absmax, w_absmax, block_size=lead.block_size, key=key, alpha=lead.smooth_alpha,
+          rotation=lead.rotation, permutation=lead.permutation,
+          head_dim=head_dim, w=w_cat, max_steps=lead.rotation_steps)
+      lam = transform.smooth
+      # Rotations are stored in float16 (entries in [-1, 1]); folding uses the same rounded values.
+      transform = _half_rotations(transform)
+
+    # Smoothing: fold 1/lam into the norm where there is one; every member's weight gets diag(lam).
+    online = transform
+    if transform is not None and lam is not None:
+      if layout0.norm is not None:
+        _fold_into_norm(out, layout0, lam)
+        online = transform.replace(smooth=None)
+        for m in members:
+          if rules[m.path] is None:  # a float member of the group sees the smoothed input too
+            ns = m.num_stack
+            w = weights[m.path]
+            _set(out, m.path, _scale_input_rows(w, m, lam).astype(w.dtype))
+      else:
+        online = _half_rotations(transform.merged())
+    if online is not None and all(
+        getattr(online, f) is None for f in ("smooth", "rot1", "perm", "rot2")):
+      online = None
+
+    for m in active:
+      rule = rules[m.path]
+      rows, cols = _scale_tile(rule, m)
+      out_rot = _output_rotation(rule, m, _layer_key(cfg.seed, m.path))
+      # The packing folds the *full* transform (with smoothing) into W; the online part excludes
+      # what went into the norm.
+      x_clip = None
+      if samples is not None and rule.clip_search:
+        x_clip = samples[..., :CLIP_SEARCH_ROWS, :]
+      fold_t = transform if transform is not None else None
+      codes, scale, zero = _pack_layers(weights[m.path], fold_t, out_rot, x_clip, layout=m,
+                                        rule=rule, rows=rows, cols=cols)
+      packed = PackedLinear(
+          codes=codes.astype(_codes_dtype(rule.weight_bits)), scale=scale, zero=zero,
+          transform=online, out_rot=out_rot, w_shape=m.weight_shape, w_spec=m.w_spec,
+          bits=rule.weight_bits, act_bits=rule.act_bits, act_symmetric=rule.act_symmetric,
+          act_clip=rule.act_clip, mode=cfg.mode)
+      packed.validate()
+      _set(out, m.path, packed)
+  return out
+
+
+def _half_rotations(t: InputTransform) -> InputTransform:
+  half = lambda r: None if r is None else r.astype(jnp.float16)
+  return t.replace(rot1=half(t.rot1), rot2=half(t.rot2))
+
+
+def _scale_input_rows(w: jax.Array, layout: LinearLayout, lam: jax.Array) -> jax.Array:
+  """Multiplies the input channels of a float weight by lam (stack..., K), in its own layout."""
+  spec = layout.w_spec
+  (c,) = layout.contract_letters  # shared-input groups contract one axis (D)
+  axis = layout.num_stack + spec.index(c)
+  shape = [1] * w.ndim
+  shape[axis] = w.shape[axis]
+  lead = list(lam.shape[:-1]) + [1] * (w.ndim - layout.num_stack)
+  lead[axis] = lam.shape[-1]
+  return w.astype(jnp.float32) * lam.reshape(lead)
+
+
+# ----------------------------------------------------------------------------------------------
+# Inspection.
+
+
+@dataclasses.dataclass(frozen=True)
+class PackSummary:
+  layers_quantized: int  # logical linears (q, k, v, o, gate, up, down count one each per layer)
+  weight_bytes_fp: int  # bf16 bytes of the quantized layers
+  weight_bytes_packed: int  # their packed bytes, scales and transforms included
+  bits: dict[str, int]  # weight path -> weight bits
+
+
+def _logical_linears(path: str, shape: tuple[int, ...], num_stack: int) -> int:
+  per_layer = 2 if path.endswith(("kv_einsum/w", "gating_einsum")) or "kv_einsum_" in path else 1
+  return per_layer * int(np.prod(shape[:num_stack], dtype=np.int64))
+
+
+def summarize(packed: Params) -> PackSummary:
+  """Counts quantized layers and their bytes (bf16 vs packed) in a packed tree."""
+  layers = fp = pk = 0
+  bits = {}
+  for path, leaf in _packed_items(packed):
+    ns = leaf.codes.ndim - 2
+    layers += _logical_linears(path, leaf.shape, ns)
+    fp += 2 * math.prod(leaf.shape)
+    pk += leaf.nbytes()
+    bits[path] = leaf.bits
+  return PackSummary(layers_quantized=layers, weight_bytes_fp=fp, weight_bytes_packed=pk, bits=bits)
+
+
+def _packed_items(tree: Params):
+  def walk(prefix, node):
+    if isinstance(node, PackedLinear):
+      yield prefix, node
+    elif isinstance(node, Mapping):
+      for k in sorted(node):
+        yield from walk(f"{prefix}/{k}" if prefix else k, node[k])
+  return list(walk("", tree))

@@ -1,0 +1,117 @@
+"""Tests of the W4A8 kernels: the Pallas kernel in interpret mode vs the XLA integer path, and dispatch.
+
+Bounds: the kernel runs the same integer dot and the same float32 epilogue as `xla.w4a8_matmul`, so
+without split-K the results agree to float32 rounding of that epilogue (pinned at 1e-6 relative to the
+output's max magnitude); with split-K the partial sums are added in another order (pinned at 1e-5);
+both are checked against a float64 reference too.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from duquant_jax import kernels
+from duquant_jax.kernels import pallas_gpu, xla
+
+
+def _case(m, n, k, g, sym_x, sym_w, seed=0, layers=None):
+  """Random W4A8 inputs with an outlier channel; q (N, K) int4 or (L, N, K) when layers is set."""
+  r = np.random.default_rng(seed)
+  x = r.normal(size=(m, k)) * (1 + 8 * (np.arange(k) == 3))
+  xq, sx, zx = xla.quantize_per_token(jnp.asarray(x, jnp.float32), symmetric=sym_x)
+  lead = () if layers is None else (layers,)
+  q = jnp.asarray(r.integers(-8, 8, size=lead + (n, k)), jnp.int4)
+  sw = jnp.asarray(r.uniform(0.001, 0.01, size=lead + (n, g)), jnp.float32)
+  zw = None if sym_w else jnp.asarray(r.integers(-4, 4, size=lead + (n, g)), jnp.float32)
+  return xq, sx, zx, q, sw, zw
+
+
+def _rel(y, ref):
+  y, ref = np.asarray(y, np.float64), np.asarray(ref, np.float64)
+  return np.max(np.abs(y - ref)) / np.max(np.abs(ref))
+
+
+SMALL = pallas_gpu.TileConfig(block_m=16, block_n=32, block_k=64)
+
+
+@pytest.mark.parametrize("m,n,k,g,sym_x,sym_w", [
+    (1, 32, 128, 1, True, True), (50, 64, 256, 1, True, True), (50, 64, 256, 1, False, False),
+    (51, 32, 128, 1, False, True), (70, 64, 256, 2, False, False), (17, 32, 256, 4, True, True)])
+def test_kernel_matches_xla(m, n, k, g, sym_x, sym_w):
+  args = _case(m, n, k, g, sym_x, sym_w, seed=m + n + g)
+  y = pallas_gpu.w4a8_matmul(*args, tiles=SMALL, interpret=True)
+  ref = xla.w4a8_matmul(*args)
+  assert y.shape == (m, n) and y.dtype == jnp.float32
+  assert np.all(np.isfinite(np.asarray(y)))
+  assert _rel(y, ref) <= 1e-6
+  assert _rel(y, xla.w4a8_matmul_reference_f64(*args)) <= 1e-5
+
+
+@pytest.mark.parametrize("tiles,m,g", [
+    (pallas_gpu.TileConfig(block_m=32, block_n=32, block_k=64, unpack="split_x"), 50, 1),
+    (pallas_gpu.TileConfig(block_m=16, block_n=32, block_k=64, split_k=2), 50, 1),
+    (pallas_gpu.TileConfig(block_m=64, block_n=16, block_k=32, split_k=4, unpack="split_x"), 33, 4),
+], ids=["split_x", "split_k2", "split_k4_split_x_groups"])
+def test_kernel_variants(tiles, m, g):
+  args = _case(m, 64, 512, g, False, False, seed=g)
+  y = pallas_gpu.w4a8_matmul(*args, tiles=tiles, interpret=True)
+  assert _rel(y, xla.w4a8_matmul(*args)) <= 1e-5
+
+
+def test_kernel_bf16_output_and_default_tiles():
+  args = _case(816 // 16, 64, 256, 1, True, True)
+  y = pallas_gpu.w4a8_matmul(*args, out_dtype=jnp.bfloat16, interpret=True)
+  ref = xla.w4a8_matmul(*args, out_dtype=jnp.bfloat16)
+  assert y.dtype == jnp.bfloat16
+  assert _rel(y, ref) <= 1e-2  # bf16 rounding of the same float32 values
+
+
+def test_kernel_stacked_layer_index():
+  xq, sx, zx, q, sw, zw = _case(40, 64, 256, 2, False, False, layers=3)
+  f = jax.jit(lambda i: pallas_gpu.w4a8_matmul(xq, sx, zx, q, sw, zw, tiles=SMALL, interpret=True,
+                                               layer=i))
+  for i in range(3):
+    assert _rel(f(jnp.int32(i)), pallas_gpu.reference(xq, sx, zx, q, sw, zw, layer=i)) <= 1e-6
+
+
+def test_pack_int4_pairs_nibble_order():
+  q = jnp.asarray([[1, -2, 3, -8, 7, 0]], jnp.int4)
+  b = np.asarray(pallas_gpu.pack_int4_pairs(q)).view(np.uint8)
+  assert b.tolist() == [[0xE1, 0x83, 0x07]]
+
+
+def test_kernel_rejects_bad_inputs():
+  xq, sx, zx, q, sw, zw = _case(16, 32, 128, 1, True, True)
+  with pytest.raises(TypeError):
+    pallas_gpu.w4a8_matmul(xq, sx, zx, q.astype(jnp.int8), sw, zw, interpret=True)
+  with pytest.raises(ValueError):
+    pallas_gpu.w4a8_matmul(xq[:, :64], sx, zx, q, sw, zw, interpret=True)
+  with pytest.raises(NotImplementedError):  # N = 32 not a multiple of block_n = 64
+    pallas_gpu.w4a8_matmul(xq, sx, zx, q, sw, zw, interpret=True,
+                           tiles=pallas_gpu.TileConfig(block_m=16, block_n=64, block_k=64))
+  with pytest.raises(ValueError):
+    pallas_gpu.TileConfig(block_m=24, block_n=32, block_k=64)
+
+
+@pytest.mark.parametrize("impl", [None, "xla", "pallas_interpret"])
+def test_dispatch(impl):
+  args = _case(50, 64, 256, 1, False, False)
+  y = jax.jit(lambda *a: kernels.w4a8_matmul(*a, implementation=impl))(*args)
+  assert _rel(y, xla.w4a8_matmul(*args)) <= 1e-6
+
+
+def test_dispatch_auto_is_xla_on_cpu():
+  if jax.default_backend() != "cpu":
+    pytest.skip("CPU-only check")
+  args = _case(50, 64, 256, 1, True, True)
+  hlo = jax.jit(lambda *a: kernels.w4a8_matmul(*a)).lower(*args).as_text()
+  assert "triton" not in hlo and "pallas" not in hlo
+  with pytest.raises(ValueError):
+    kernels.w4a8_matmul(*args, implementation="cuda")
+
+
+def test_reexports():
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 32)), jnp.float32)
+  xq, sx, zx = kernels.quantize_per_token(x, symmetric=False)
+  assert np.max(np.abs(np.asarray(kernels.dequantize_per_token(xq, sx, zx) - x))) < 0.05

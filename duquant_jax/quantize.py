@@ -152,12 +152,16 @@ def to_2d(w: jax.Array, layout: LinearLayout) -> jax.Array:
   return jnp.transpose(w, perm).reshape(layout.in_features, layout.out_features).astype(jnp.float32)
 
 
+@functools.partial(jax.jit, static_argnames="layout")
 def _w_absmax_in(w: jax.Array, layout: LinearLayout) -> jax.Array:
   """Per-input-channel max |W| (stack..., K)."""
-  ns = layout.num_stack
-  w2 = jax.vmap(lambda a: jnp.max(jnp.abs(to_2d(a, layout)), axis=-1)) if ns else (
-      lambda a: jnp.max(jnp.abs(to_2d(a, layout)), axis=-1))
-  return w2(jnp.asarray(w))
+  absmax = lambda a: jnp.max(jnp.abs(to_2d(a, layout)), axis=-1)
+  return jax.vmap(absmax)(w) if layout.num_stack else absmax(w)
+
+
+def _shape_key(layout: LinearLayout) -> LinearLayout:
+  """The layout without its path, so weights of equal shape and use share compiled programs."""
+  return dataclasses.replace(layout, path="", norm=None)
 
 
 def _layer_key(seed: int, path: str) -> jax.Array:
@@ -191,7 +195,8 @@ def _stats_for(stats, path: str):
 
 
 def _check_finite(name: str, x) -> None:
-  if not bool(jnp.all(jnp.isfinite(jnp.asarray(x)))):
+  # On the host: one device program per check would cost more than the check.
+  if not np.isfinite(np.asarray(x, np.float32)).all():
     raise ValueError(f"{name}: contains NaN or Inf")
 
 
@@ -268,7 +273,7 @@ def _pack_layers(w, transform, out_rot, samples, *, layout, rule, rows, cols):
   if ns == 0:
     return one((w, transform, out_rot, samples))
   if ns != 1:
-    raise NotImplementedError(f"{layout.path}: {ns} stack axes")
+    raise NotImplementedError(f"weights with {ns} stack axes ({layout.shape}) are not supported")
   per_layer = 4 * layout.in_features * layout.out_features * (8 if rule.clip_search else 4)
   batch = max(1, min(layout.shape[0], _CHUNK_BYTES // max(per_layer, 1)))
   return jax.lax.map(one, (w, transform, out_rot, samples), batch_size=batch)
@@ -366,7 +371,7 @@ def quantize_params(params: Params, cfg: QuantConfig, stats: Any = None) -> Para
     if lead.transforms_input:
       w_absmax = None
       if lead.smooth_alpha is not None:
-        w_absmax = functools.reduce(jnp.maximum, [_w_absmax_in(weights[m.path], m) for m in active])
+        w_absmax = functools.reduce(jnp.maximum, [_w_absmax_in(weights[m.path], _shape_key(m)) for m in active])
       if absmax is None:  # activation-free transform: only rotation / permutation by weights
         absmax = jnp.ones(layout0.stack_shape + (layout0.in_features,), jnp.float32)
       w_cat = None
@@ -410,8 +415,8 @@ def quantize_params(params: Params, cfg: QuantConfig, stats: Any = None) -> Para
       if samples is not None and rule.clip_search:
         x_clip = samples[..., :CLIP_SEARCH_ROWS, :]
       fold_t = transform if transform is not None else None
-      codes, scale, zero = _pack_layers(weights[m.path], fold_t, out_rot, x_clip, layout=m,
-                                        rule=rule, rows=rows, cols=cols)
+      codes, scale, zero = _pack_layers(weights[m.path], fold_t, out_rot, x_clip,
+                                        layout=_shape_key(m), rule=rule, rows=rows, cols=cols)
       packed = PackedLinear(
           codes=codes.astype(_codes_dtype(rule.weight_bits)), scale=scale, zero=zero,
           transform=online, out_rot=out_rot, w_shape=m.weight_shape, w_spec=m.w_spec,

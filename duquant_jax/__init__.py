@@ -1,2 +1,25 @@
-"""duquant-jax: DuQuant W4A8 quantization of openpi pi0 / pi0.5 policies in JAX."""
+"""duquant-jax: DuQuant W4A8 quantization of openpi pi0 / pi0.5 policies in JAX.
+
+The public surface; internals live in modules named for one idea each (see README, "Layout").
+"""
+
 __version__ = "0.1.0"
+
+from duquant_jax.calibrate import CalibConfig, CalibStats, calibrate
+from duquant_jax.calib_data import calibration_batches, load_npz_batches
+from duquant_jax.checkpoint import load_openpi_params, load_packed, save_openpi_params, save_packed
+from duquant_jax.config import PRESETS, LayerRule, QuantConfig, get_preset, match_rules
+from duquant_jax.inference import packed_interceptor, quantized_apply
+from duquant_jax.layouts import LinearLayout, linear_layouts
+from duquant_jax.packed import PackedLinear
+from duquant_jax.quantize import quantize_params, summarize
+from duquant_jax.transforms import InputTransform, build_duquant_transform
+
+__all__ = [
+    "__version__",
+    "CalibConfig", "CalibStats", "calibrate", "calibration_batches", "load_npz_batches",
+    "load_openpi_params", "load_packed", "save_openpi_params", "save_packed",
+    "PRESETS", "LayerRule", "QuantConfig", "get_preset", "match_rules",
+    "packed_interceptor", "quantized_apply", "LinearLayout", "linear_layouts", "PackedLinear",
+    "quantize_params", "summarize", "InputTransform", "build_duquant_transform",
+]

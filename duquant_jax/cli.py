@@ -50,6 +50,8 @@ def layout(model: str = typer.Option("pi0", help="pi0 or pi05"),
 
 from duquant_jax.cli_checkpoint import register as _register_checkpoint  # noqa: E402
 _register_checkpoint(app)
+from duquant_jax.cli_eval import register as _register_eval  # noqa: E402
+_register_eval(app)
 
 
 @app.command()

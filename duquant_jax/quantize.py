@@ -107,7 +107,7 @@ def quantize_weight(w: jax.Array, x: Optional[jax.Array], *, bits: int, symmetri
     clip_grid: clip ratios to try; (1.0,) is plain round-to-nearest.
 
   Returns:
-    codes (N, K) int32, scale (N, G) float32, zero (N, G) float32 or None.
+    codes (N, K) int8 (values in the `bits` range), scale (N, G) float32, zero (N, G) float32 or None.
   """
   n, k = w.shape
   g = k // cols
@@ -139,7 +139,7 @@ def quantize_weight(w: jax.Array, x: Optional[jax.Array], *, bits: int, symmetri
             None if best[2] is None else jnp.where(pick_ng, cand[2], best[2]),
             jnp.minimum(cand[3], best[3]))
   codes, scale, zero, _ = best
-  return codes.astype(jnp.int32), scale.astype(jnp.float32), zero
+  return codes.astype(jnp.int8), scale.astype(jnp.float32), zero
 
 
 # ----------------------------------------------------------------------------------------------
@@ -195,9 +195,12 @@ def _stats_for(stats, path: str):
 
 
 def _check_finite(name: str, x) -> None:
-  # On the host: one device program per check would cost more than the check.
-  if not np.isfinite(np.asarray(x, np.float32)).all():
-    raise ValueError(f"{name}: contains NaN or Inf")
+  # On the host, one stacked layer at a time: one device program per check would cost more than the
+  # check, and a float32 copy of a whole stacked weight can be gigabytes.
+  x = np.asarray(x)
+  for part in (x if x.ndim >= 3 else (x,)):
+    if not np.isfinite(np.asarray(part, np.float32)).all():
+      raise ValueError(f"{name}: contains NaN or Inf")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -58,18 +58,28 @@ def check_block_size(num_channels: int, block_size: int, where: str = "input") -
   return num_channels // block_size
 
 
-def _fix_signs(q: jax.Array, r: jax.Array) -> jax.Array:
-  # QR is unique only up to the signs of R's diagonal; forcing them positive makes Q a deterministic
-  # function of the Gaussian, and Haar-distributed (Mezzadri 2007, "How to generate random matrices
-  # from the classical compact groups").
-  d = jnp.diagonal(r, axis1=-2, axis2=-1)
-  return q * jnp.where(d < 0, -1.0, 1.0).astype(q.dtype)[..., None, :]
+def _qr_fixed(a: jax.Array, mode: str = "reduced") -> jax.Array:
+  """Q of the QR of a (..., m, n) with the signs of R's diagonal made positive.
+
+  QR is unique only up to those signs; fixing them makes Q a deterministic function of `a`, and for a
+  Gaussian `a` Haar-distributed (Mezzadri 2007, "How to generate random matrices from the classical
+  compact groups").
+  """
+  q = jnp.linalg.qr(a, mode=mode)[0]
+  n = min(a.shape[-2], a.shape[-1])
+  # diag(R)_i = q_i . a_i (R = Q^T A). Read off Q instead of using QR's R output: with jax 0.10 on
+  # XLA:CPU, a jitted program holding two batched QRs whose R outputs were both used hung in a futex
+  # (e.g. (4, 32, 64, 64) twice); Q-only programs ran fine.
+  d = jnp.sum(q[..., :, :n] * a[..., :, :n], axis=-2)
+  sign = jnp.where(d < 0, -1.0, 1.0).astype(q.dtype)
+  if q.shape[-1] > n:  # complete mode, m > n: the extra columns are an arbitrary complement basis.
+    sign = jnp.concatenate([sign, jnp.ones((*sign.shape[:-1], q.shape[-1] - n), q.dtype)], -1)
+  return q * sign[..., None, :]
 
 
 @functools.partial(jax.jit, static_argnames=("shape",))
 def _random_orthogonal(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-  q, r = jnp.linalg.qr(jax.random.normal(key, shape, jnp.float32))
-  return _fix_signs(q, r)
+  return _qr_fixed(jax.random.normal(key, shape, jnp.float32))
 
 
 def random_orthogonal(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
@@ -202,14 +212,7 @@ def weight_qr_rotation(w: jax.Array, block_size: int) -> jax.Array:
     ValueError: bad shape or b does not divide K.
   """
   blocks = _weight_blocks(w, block_size, "weight_qr_rotation")
-  q, r = jnp.linalg.qr(blocks, mode="complete")
-  # Sign-fix on the leading min(b, N) columns only; the remaining columns of a complete Q are an
-  # arbitrary basis of the orthogonal complement anyway.
-  n = min(blocks.shape[-1], block_size)
-  d = jnp.diagonal(r[..., :n, :n], axis1=-2, axis2=-1)
-  s = jnp.concatenate([jnp.where(d < 0, -1.0, 1.0),
-                       jnp.ones((*d.shape[:-1], block_size - n), jnp.float32)], axis=-1)
-  return q * s[..., None, :]
+  return _qr_fixed(blocks, mode="complete")
 
 
 @functools.partial(jax.jit, static_argnames=("shape",))
@@ -230,9 +233,8 @@ def spreading_factors(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   b = shape[-1]
   g = jax.random.normal(key, shape, jnp.float32)
   g = g.at[..., :, 0].set(1.0)
-  q, r = jnp.linalg.qr(g)
   # With R's diagonal positive, Q's first column is exactly ones / ||ones||.
-  q = _fix_signs(q, r)
+  q = _qr_fixed(g)
   f = jnp.swapaxes(q, -1, -2)
   # Remove QR's rounding from the row that matters; the matrix stays orthogonal to float32 precision.
   return f.at[..., 0, :].set(1.0 / math.sqrt(b))

@@ -149,7 +149,7 @@ def register(app: typer.Typer) -> None:
         source = None
 
       t = time.perf_counter()
-      packed = jax.block_until_ready(quantize_params(params, cfg, stats))
+      packed = jax.block_until_ready(quantize_params(params, cfg, stats, progress=True))
       times["quantize"] = time.perf_counter() - t
       t = time.perf_counter()
       meta = {"source": str(pathlib.Path(src).absolute()), "preset": cfg.name, "model": model,

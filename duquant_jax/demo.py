@@ -72,7 +72,7 @@ def run_demo(model: str, cfg: QuantConfig, *, calib_batches: int | None = None, 
     jax.block_until_ready(stats)
   calib_s = time.perf_counter() - t0
   t0 = time.perf_counter()
-  packed = quantize_params(params, cfg, stats)
+  packed = quantize_params(params, cfg, stats, progress=progress)
   jax.block_until_ready(packed)
   pack_s = time.perf_counter() - t0
   held = calibration_batches(policy, params, jax.random.key(seed + 1000), num_batches=1,

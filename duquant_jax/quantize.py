@@ -303,7 +303,8 @@ def _output_rotation(rule: LayerRule, layout: LinearLayout, key) -> Optional[jax
 # The transform.
 
 
-def quantize_params(params: Params, cfg: QuantConfig, stats: Any = None) -> Params:
+def quantize_params(params: Params, cfg: QuantConfig, stats: Any = None, *,
+                    progress: bool = False) -> Params:
   """Maps an openpi-layout param tree to a packed one (pure: `params` is not modified).
 
   Args:
@@ -312,6 +313,7 @@ def quantize_params(params: Params, cfg: QuantConfig, stats: Any = None) -> Para
     stats: calibration statistics (`duquant_jax.calibrate.CalibStats`, or a mapping from weight path
       to an object with `absmax` (stack..., K) and `samples` (stack..., R, K)). Needed for smoothing
       and the greedy rotation; optional for activation-free choices (RTN, random / Hadamard rotations).
+    progress: show a progress bar over the groups of linears (for the CLI).
 
   Returns:
     A tree of the same structure where each quantized weight is a `PackedLinear` and norms carry the
@@ -330,7 +332,11 @@ def quantize_params(params: Params, cfg: QuantConfig, stats: Any = None) -> Para
   for path, lay in layouts.items():
     groups.setdefault(lay.group, []).append(lay)
 
-  for group, members in sorted(groups.items()):
+  items = sorted(groups.items())
+  if progress:
+    from tqdm import tqdm
+    items = tqdm(items, desc="pack", unit="group")
+  for group, members in items:
     rules = {m.path: cfg.rule_for(m.path) for m in members}
     active = [m for m in members if rules[m.path] is not None]
     if not active:

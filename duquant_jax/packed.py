@@ -81,11 +81,7 @@ class PackedLinear:
 
   def nbytes(self) -> int:
     """Bytes of the packed weight as stored on device: int4 counts half a byte."""
-    total = 0
-    for x in jax.tree.leaves(self):
-      bits = 4 if x.dtype == jnp.int4 else 8 * x.dtype.itemsize
-      total += math.prod(x.shape) * bits // 8
-    return total
+    return tree_nbytes(self)
 
   def validate(self) -> None:
     """Checks shapes and dtypes agree; raises ValueError naming the field."""
@@ -146,6 +142,15 @@ class PackedLinear:
     y2 = self.matmul(x2.reshape(m, self.in_features))
     y = y2.reshape(*(sizes[c] for c in batch + outs))
     return jnp.einsum(f"{batch}{outs}->{y_spec}", y)
+
+
+def tree_nbytes(tree) -> int:
+  """Bytes of every array leaf of a tree as stored on device (int4 packed two per byte)."""
+  total = 0
+  for x in jax.tree.leaves(tree):
+    bits = 4 if x.dtype == jnp.int4 else 8 * x.dtype.itemsize
+    total += math.prod(x.shape) * bits // 8
+  return total
 
 
 def _int_matmul(xq, sx, zx, codes, scale, zero):

@@ -42,6 +42,14 @@ def random_params(policy, seed=0, dtype=jnp.bfloat16):
   return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
+def bench_config(preset: str, all_linears: bool):
+  """The preset, or its first rule applied to every Gemma linear of both experts."""
+  cfg = get_preset(preset)
+  if all_linears:
+    cfg = dataclasses.replace(cfg, rules=(dataclasses.replace(cfg.rules[0], pattern=ALL_GEMMA),))
+  return cfg
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--model", default="pi0")
@@ -50,9 +58,7 @@ def main():
   ap.add_argument("--all-linears", action="store_true")
   args = ap.parse_args()
   policy = get_policy(args.model, args.size)
-  cfg = get_preset(args.preset)
-  if args.all_linears:
-    cfg = dataclasses.replace(cfg, rules=(dataclasses.replace(cfg.rules[0], pattern=ALL_GEMMA),))
+  cfg = bench_config(args.preset, args.all_linears)
   t = time.perf_counter()
   params = jax.block_until_ready(random_params(policy))
   t_init = time.perf_counter() - t

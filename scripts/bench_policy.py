@@ -24,15 +24,8 @@ from duquant_jax.models import get_policy, make_observation
 from duquant_jax.quantize import quantize_params, summarize
 from duquant_jax.synthetic_stats import synthetic_stats
 
-from bench_pack import ALL_GEMMA, random_params
-
-
-def tree_bytes(tree) -> int:
-  total = 0
-  for x in jax.tree.leaves(tree):
-    bits = 4 if x.dtype == jnp.int4 else 8 * x.dtype.itemsize
-    total += math.prod(x.shape) * bits // 8
-  return total
+from bench_pack import bench_config, random_params
+from duquant_jax.packed import tree_nbytes as tree_bytes
 
 
 def time_policy(policy, params, obs, repeats):
@@ -62,9 +55,7 @@ def main():
   rows = []
   for model in args.models.split(","):
     policy = get_policy(model, args.size)
-    cfg = get_preset(args.preset)
-    if args.all_linears:
-      cfg = dataclasses.replace(cfg, rules=(dataclasses.replace(cfg.rules[0], pattern=ALL_GEMMA),))
+    cfg = bench_config(args.preset, args.all_linears)
     params = jax.block_until_ready(random_params(policy))
     stats = synthetic_stats(params)
     t = time.perf_counter()

@@ -5,7 +5,8 @@ The public surface; internals live in modules named for one idea each (see READM
 
 __version__ = "0.1.0"
 
-from duquant_jax.calibrate import CalibConfig, CalibStats, calibrate
+# `calibrate` (the function) is not re-exported: it would shadow the module `duquant_jax.calibrate`.
+from duquant_jax.calibrate import CalibConfig, CalibStats
 from duquant_jax.calib_data import calibration_batches, load_npz_batches
 from duquant_jax.checkpoint import load_openpi_params, load_packed, save_openpi_params, save_packed
 from duquant_jax.config import PRESETS, LayerRule, QuantConfig, get_preset, match_rules
@@ -17,7 +18,7 @@ from duquant_jax.transforms import InputTransform, build_duquant_transform
 
 __all__ = [
     "__version__",
-    "CalibConfig", "CalibStats", "calibrate", "calibration_batches", "load_npz_batches",
+    "CalibConfig", "CalibStats", "calibration_batches", "load_npz_batches",
     "load_openpi_params", "load_packed", "save_openpi_params", "save_packed",
     "PRESETS", "LayerRule", "QuantConfig", "get_preset", "match_rules",
     "packed_interceptor", "quantized_apply", "LinearLayout", "linear_layouts", "PackedLinear",

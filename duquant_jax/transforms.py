@@ -426,6 +426,11 @@ def build_duquant_transform(samples: Optional[jax.Array], absmax: jax.Array,
   With permutation "none" there is no R2 either (a second rotation of the same blocks is just more
   greedy steps); with rotation "none" only smoothing and (optionally) the permutation remain.
 
+  Every piece is jitted on its own, so calling this function un-jitted costs one compile per shape.
+  Caution (jaxlib 0.10.2, XLA:CPU, 2 busy cores): wrapping the WHOLE builder in one `jax.jit` with the
+  random or weight_* rotations at (8..18, 2048) sometimes never returned (a futex wait with idle
+  CPUs); the same sizes called un-jitted ran. Not understood yet; prefer calling it un-jitted.
+
   Args:
     samples: (..., R, K) activation samples, or None to use absmax[..., None, :] (the common case:
       the per-channel abs-max vector as the single sample; zigzag then sorts by the rotated maxima).

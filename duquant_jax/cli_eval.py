@@ -39,7 +39,6 @@ def register(app: typer.Typer) -> None:
       seed: int = typer.Option(0),
       quiet: bool = typer.Option(False, help="no progress lines")):
     """Measure presets and variants against the FP policy: action error, drift, per-layer error."""
-    import json as _json
     from duquant_jax import evaluate as ev
     if model not in ("pi0", "pi05"):
       _fail(f"unknown model {model!r}; expected pi0 or pi05")

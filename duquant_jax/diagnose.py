@@ -26,7 +26,6 @@ q / kv acts in blocks that must divide head_dim: `check_block_alignment`).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import pathlib
 from typing import Callable

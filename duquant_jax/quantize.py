@@ -29,10 +29,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from duquant_jax.config import LayerRule, QuantConfig, match_rules
+from duquant_jax.config import LayerRule, QuantConfig
 from duquant_jax.layouts import LinearLayout, linear_layouts, to_2d_perm
-from duquant_jax.models.layout_table import flat_items
-from duquant_jax.packed import PackedLinear
+from duquant_jax.packed import PackedLinear, dequantize_weight
 from duquant_jax.transforms import (InputTransform, build_duquant_transform, check_block_alignment,
                                     random_block_rotation, rotate_output)
 
@@ -55,48 +54,47 @@ def _qrange(bits: int, symmetric: bool) -> tuple[int, int]:
   return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
 
 
-def _tile_quantize(w: jax.Array, clip: jax.Array, *, bits: int, symmetric: bool, rows: int,
-                   cols: int):
-  """Quantizes w (N, K) with one scale per tile of `rows` output channels x `cols` inputs.
+def _tile_range(w: jax.Array, *, symmetric: bool, rows: int, cols: int):
+  """Per-tile (lo, hi) of w (N, K) over tiles of `rows` outputs x `cols` inputs: (N // rows, G) each.
 
-  Returns codes (N, K) float (integer-valued), scale (N, G), zero (N, G) or None; G = K // cols.
-  `clip` (N // rows, G) shrinks each tile's range before rounding.
+  Symmetric tiles get (-max|w|, max|w|); asymmetric ones include 0 in the range.
   """
   n, k = w.shape
-  g = k // cols
-  qmin, qmax = _qrange(bits, symmetric)
-  t = w.reshape(n // rows, rows, g, cols)
+  t = w.reshape(n // rows, rows, k // cols, cols)
   if symmetric:
-    amax = jnp.max(jnp.abs(t), axis=(1, 3)) * clip
-    scale = jnp.maximum(amax, 1e-10) / qmax
+    amax = jnp.max(jnp.abs(t), axis=(1, 3))
+    return -amax, amax
+  return jnp.minimum(jnp.min(t, axis=(1, 3)), 0.0), jnp.maximum(jnp.max(t, axis=(1, 3)), 0.0)
+
+
+def _tile_quantize(w: jax.Array, lo: jax.Array, hi: jax.Array, clip: jax.Array, *, bits: int,
+                   symmetric: bool, rows: int):
+  """Quantizes w (N, K) given tile ranges lo / hi and clip ratios, all (N // rows, G).
+
+  Returns codes (N, K) float (integer-valued), scale (N, G), zero (N, G) or None.
+  """
+  n, k = w.shape
+  g = lo.shape[-1]
+  qmin, qmax = _qrange(bits, symmetric)
+  if symmetric:
+    scale = jnp.maximum(hi * clip, 1e-10) / qmax
     zero = None
-    s_full = jnp.repeat(scale, rows, axis=0)
-    codes = jnp.clip(jnp.round(w.reshape(n, g, cols) / s_full[..., None]), qmin, qmax)
   else:
-    lo = jnp.minimum(jnp.min(t, axis=(1, 3)), 0.0) * clip
-    hi = jnp.maximum(jnp.max(t, axis=(1, 3)), 0.0) * clip
-    scale = jnp.maximum(hi - lo, 1e-10) / (qmax - qmin)
-    zero = jnp.round(qmin - lo / scale)
-    s_full = jnp.repeat(scale, rows, axis=0)
-    z_full = jnp.repeat(zero, rows, axis=0)
-    codes = jnp.clip(jnp.round(w.reshape(n, g, cols) / s_full[..., None]) + z_full[..., None],
-                     qmin, qmax)
-    zero = z_full
-  return codes.reshape(n, k), s_full, zero
-
-
-def _dequant(codes, scale, zero):
-  n, k = codes.shape
-  g = scale.shape[-1]
-  q = codes.reshape(n, g, k // g)
+    scale = jnp.maximum((hi - lo) * clip, 1e-10) / (qmax - qmin)
+    zero = jnp.round(qmin - lo * clip / scale)
+  scale = jnp.repeat(scale, rows, axis=0)
+  q = jnp.round(w.reshape(n, g, k // g) / scale[..., None])
   if zero is not None:
-    q = q - zero[..., None]
-  return (q * scale[..., None]).reshape(n, k)
+    zero = jnp.repeat(zero, rows, axis=0)
+    q = q + zero[..., None]
+  return jnp.clip(q, qmin, qmax).reshape(n, k), scale, zero
 
 
 def quantize_weight(w: jax.Array, x: Optional[jax.Array], *, bits: int, symmetric: bool,
                     rows: int, cols: int, clip_grid: tuple[float, ...]):
   """Quantizes one weight w (N, K) (stored out x in), searching the clip ratio per tile.
+
+  The search keeps only the best clip ratio per tile; the weight is quantized once at the end.
 
   Args:
     w: (N, K) float32 weight, transposed 2-D view.
@@ -111,34 +109,29 @@ def quantize_weight(w: jax.Array, x: Optional[jax.Array], *, bits: int, symmetri
   """
   n, k = w.shape
   g = k // cols
+  lo, hi = _tile_range(w, symmetric=symmetric, rows=rows, cols=cols)
+  quant = functools.partial(_tile_quantize, w, lo, hi, bits=bits, symmetric=symmetric, rows=rows)
 
-  def tile_error(err_nk):
+  def tile_error(clip):
+    err = w - dequantize_weight(*quant(jnp.full(lo.shape, clip, jnp.float32)))
     # Output MSE ||X e_n||^2 summed over the tile; per group the diagonal of X^T X weights it.
     if x is None:
-      per = jnp.sum(err_nk.reshape(n, g, cols) ** 2, axis=-1)
+      per = jnp.sum(err.reshape(n, g, cols) ** 2, axis=-1)
     elif g == 1:
-      per = jnp.sum((err_nk @ x.T) ** 2, axis=-1, keepdims=True)
+      per = jnp.sum((err @ x.T) ** 2, axis=-1, keepdims=True)
     else:
       h = jnp.mean(x * x, axis=0).reshape(g, cols)
-      per = jnp.sum(err_nk.reshape(n, g, cols) ** 2 * h, axis=-1)
+      per = jnp.sum(err.reshape(n, g, cols) ** 2 * h, axis=-1)
     return per.reshape(n // rows, rows, g).sum(axis=1)  # (N // rows, G)
 
-  def candidate(c):
-    clip = jnp.full((n // rows, g), c, jnp.float32)
-    codes, scale, zero = _tile_quantize(w, clip, bits=bits, symmetric=symmetric, rows=rows,
-                                        cols=cols)
-    return codes, scale, zero, tile_error(w - _dequant(codes, scale, zero))
-
-  best = candidate(clip_grid[0])
-  for c in clip_grid[1:]:  # a handful of static candidates; each keeps the better tiles
-    cand = candidate(c)
-    better = cand[3] < best[3]  # (N // rows, G)
-    pick_nk = jnp.repeat(jnp.repeat(better, rows, axis=0), cols, axis=1)
-    pick_ng = jnp.repeat(better, rows, axis=0)
-    best = (jnp.where(pick_nk, cand[0], best[0]), jnp.where(pick_ng, cand[1], best[1]),
-            None if best[2] is None else jnp.where(pick_ng, cand[2], best[2]),
-            jnp.minimum(cand[3], best[3]))
-  codes, scale, zero, _ = best
+  best_clip = jnp.full(lo.shape, clip_grid[0], jnp.float32)
+  if len(clip_grid) > 1:
+    best_err = tile_error(clip_grid[0])
+    for c in clip_grid[1:]:  # a handful of static candidates; only (N // rows, G) state is kept
+      e = tile_error(c)
+      best_clip = jnp.where(e < best_err, c, best_clip)
+      best_err = jnp.minimum(e, best_err)
+  codes, scale, zero = quant(best_clip)
   return codes.astype(jnp.int8), scale.astype(jnp.float32), zero
 
 
@@ -156,7 +149,8 @@ def to_2d(w: jax.Array, layout: LinearLayout) -> jax.Array:
 def _w_absmax_in(w: jax.Array, layout: LinearLayout) -> jax.Array:
   """Per-input-channel max |W| (stack..., K)."""
   absmax = lambda a: jnp.max(jnp.abs(to_2d(a, layout)), axis=-1)
-  return jax.vmap(absmax)(w) if layout.num_stack else absmax(w)
+  # One layer at a time: a float32 copy of a whole stacked weight can be gigabytes.
+  return jax.lax.map(absmax, w) if layout.num_stack else absmax(w)
 
 
 def _shape_key(layout: LinearLayout) -> LinearLayout:
@@ -267,9 +261,8 @@ def _pack_layers(w, transform, out_rot, samples, *, layout, rule, rows, cols):
       x2 = x_l
     if r_l is not None:
       w2 = rotate_output(w2, r_l)
+    # The output MSE is the same in the rotated output basis (the rotation is orthogonal).
     clip_grid = rule.clip_grid if rule.clip_search else (1.0,)
-    if r_l is not None and x2 is not None:
-      pass  # the output MSE is invariant to an orthogonal output rotation
     return quantize_weight(w2.T, x2, bits=rule.weight_bits, symmetric=rule.weight_symmetric,
                            rows=rows, cols=cols, clip_grid=clip_grid)
 
@@ -325,8 +318,6 @@ def quantize_params(params: Params, cfg: QuantConfig, stats: Any = None, *,
       the width or head_dim, rules that disagree on a shared input, per-head scales without heads.
   """
   layouts = linear_layouts(params)
-  report = match_rules(cfg, layouts)
-  del report  # reported by callers via `match_rules`; quantization itself needs only rule_for
   out = _copy_dicts(params)
   groups: dict[str, list[LinearLayout]] = {}
   for path, lay in layouts.items():
@@ -405,7 +396,6 @@ def quantize_params(params: Params, cfg: QuantConfig, stats: Any = None, *,
         online = transform.replace(smooth=None)
         for m in members:
           if rules[m.path] is None:  # a float member of the group sees the smoothed input too
-            ns = m.num_stack
             w = weights[m.path]
             _set(out, m.path, _scale_input_rows(w, m, lam).astype(w.dtype))
       else:
@@ -423,8 +413,7 @@ def quantize_params(params: Params, cfg: QuantConfig, stats: Any = None, *,
       x_clip = None
       if samples is not None and rule.clip_search:
         x_clip = samples[..., :CLIP_SEARCH_ROWS, :]
-      fold_t = transform if transform is not None else None
-      codes, scale, zero = _pack_layers(weights[m.path], fold_t, out_rot, x_clip,
+      codes, scale, zero = _pack_layers(weights[m.path], transform, out_rot, x_clip,
                                         layout=_shape_key(m), rule=rule, rows=rows, cols=cols)
       packed = PackedLinear(
           codes=codes.astype(_codes_dtype(rule.weight_bits)), scale=scale, zero=zero,

@@ -15,7 +15,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from duquant_jax.config import LayerRule, QuantConfig, get_preset
+from duquant_jax.config import get_preset
 from duquant_jax.layouts import linear_layouts
 from duquant_jax.models import get_policy
 from duquant_jax.quantize import quantize_params, summarize

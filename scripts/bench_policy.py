@@ -10,16 +10,12 @@ quantized layers alone.
 """
 
 import argparse
-import dataclasses
 import json
-import math
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from duquant_jax.config import get_preset
 from duquant_jax.models import get_policy, make_observation
 from duquant_jax.quantize import quantize_params, summarize
 from duquant_jax.synthetic_stats import synthetic_stats

@@ -2,12 +2,16 @@
 
 Usage: PYTHONPATH=. python scripts/compare_presets.py {pi0,pi05}
 """
-import time, jax, jax.numpy as jnp, numpy as np, pickle, sys, dataclasses
+import sys
+import time
+
+import jax
+import numpy as np
 from duquant_jax.models import get_policy
 from duquant_jax.models.synthetic import realistic_params
 from duquant_jax.calibrate import calibrate, CalibConfig
 from duquant_jax.calib_data import calibration_batches
-from duquant_jax.config import get_preset, PRESETS, LayerRule, QuantConfig, LLM, EXPERT_MLP
+from duquant_jax.config import get_preset, LayerRule, QuantConfig, LLM, EXPERT_MLP
 from duquant_jax.quantize import quantize_params, summarize
 m = sys.argv[1] if len(sys.argv) > 1 else 'pi0'
 pol = get_policy(m, 'demo'); params = realistic_params(pol, 0)

@@ -8,8 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from duquant_jax.config import (EXPERT_MLP, LLM, PRESETS, LayerRule, QuantConfig, get_preset,
-                                match_rules)
+from duquant_jax.config import PRESETS, LayerRule, QuantConfig, get_preset, match_rules
 from duquant_jax.demo import action_rel_err
 from duquant_jax.inference import quantized_apply
 from duquant_jax.kernels.xla import (quantize_per_token, w4a8_matmul,

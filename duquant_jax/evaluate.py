@@ -396,10 +396,13 @@ def plot_drift(report: EvalReport, path: str) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   fig, ax = plt.subplots(figsize=(7, 4.5))
-  for r in report.results:
-    ax.plot(np.arange(len(r.drift_curve)), r.drift_curve, marker=".", label=r.name)
+  colors = plt.get_cmap("tab20").colors
+  for i, r in enumerate(report.results):  # distinct colour and dash per variant (> 10 lines)
+    ax.plot(np.arange(len(r.drift_curve)), r.drift_curve, marker=".", label=r.name,
+            color=colors[(2 * i) % 20 + (i // 10) % 2], ls=("-", "--", ":")[i % 3])
   ax.axhline(report.config["tolerance"], color="k", ls="--", lw=0.8, label="tolerance")
   ax.set_yscale("symlog", linthresh=1e-3)
+  ax.set_ylim(bottom=0.0)  # distances are non-negative: no mirrored negative half
   ax.set_xlabel("chunks executed")
   ax.set_ylabel("mean L2 state distance to FP")
   ax.set_title(f"closed-loop drift, {report.model} ({report.size})")

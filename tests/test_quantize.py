@@ -94,6 +94,13 @@ def test_weight_round_trip_error_is_at_most_half_a_step(symmetric, bits):
   assert np.all(np.abs(np.asarray(deq - w)) <= np.asarray(scale) / 2 + 1e-6)
 
 
+def test_int4_storage_round_trip():
+  codes = jax.random.randint(jax.random.key(0), (16, 64), -8, 8).astype(jnp.int8)
+  stored = codes.astype(jnp.int4)
+  assert stored.dtype == jnp.int4
+  np.testing.assert_array_equal(np.asarray(stored.astype(jnp.int8)), np.asarray(codes))
+
+
 def test_clip_search_lowers_output_error():
   w = jax.random.t(jax.random.key(0), 3.0, (64, 128))
   x = jax.random.normal(jax.random.key(1), (32, 128))

@@ -10,6 +10,7 @@ quantized layers alone.
 """
 
 import argparse
+import dataclasses
 import json
 import time
 
@@ -47,11 +48,21 @@ def main():
   ap.add_argument("--all-linears", action="store_true")
   ap.add_argument("--repeats", type=int, default=20)
   ap.add_argument("--json", default=None)
+  ap.add_argument("--matmul", default="auto", choices=("auto", "xla"),
+                  help="W4A8 matmul implementation inside the packed policy (auto: kernel where it won)")
+  ap.add_argument("--permutation", default=None, help="override the rules' permutation (e.g. none)")
   args = ap.parse_args()
+  if args.matmul == "xla":  # benchmark-only override of the dispatch used by PackedLinear
+    import duquant_jax.packed as packed_mod
+    from duquant_jax.kernels import xla as xla_mod
+    packed_mod._int_matmul = lambda *a: xla_mod.w4a8_matmul(*a)
   rows = []
   for model in args.models.split(","):
     policy = get_policy(model, args.size)
     cfg = bench_config(args.preset, args.all_linears)
+    if args.permutation is not None:
+      cfg = dataclasses.replace(cfg, rules=tuple(
+          dataclasses.replace(r, permutation=args.permutation) for r in cfg.rules))
     params = jax.block_until_ready(random_params(policy))
     stats = synthetic_stats(params)
     t = time.perf_counter()
@@ -64,6 +75,7 @@ def main():
       c_fp, l_fp = time_policy(policy, params, obs, args.repeats)
       c_q, l_q = time_policy(policy, packed, obs, args.repeats)
       row = dict(model=model, batch=b, preset=cfg.name, all_linears=args.all_linears,
+                 matmul=args.matmul, permutation=args.permutation,
                  latency_bf16_ms=l_fp, latency_packed_ms=l_q, speedup=l_fp / l_q,
                  compile_bf16_s=c_fp, compile_packed_s=c_q, pack_s=pack_s,
                  weights_bf16_gib=tree_bytes(params) / 2**30,

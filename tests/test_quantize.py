@@ -249,3 +249,16 @@ def test_per_head_scales_need_heads():
                                      rotation="none", permutation="none", smooth_alpha=None),))
   with pytest.raises(ValueError, match="per-head"):
     quantize_params(demo_params("pi0"), cfg)
+
+
+def test_float_member_of_a_smoothed_group_is_compensated():
+  """Only q is quantized: the smoothing folded into the shared norm must be undone in kv's weight."""
+  params, stats = demo_params("pi0"), demo_stats("pi0")
+  cfg = QuantConfig(rules=(LayerRule(pattern=r".*/attn/q_einsum/w", weight_bits=8, act_bits=None,
+                                     block_size=16, rotation_steps=2, clip_search=False),))
+  packed = quantize_params(params, cfg, stats)
+  kv = packed["PaliGemma"]["llm"]["layers"]["attn"]["kv_einsum"]["w"]
+  assert not isinstance(kv, PackedLinear)
+  assert not np.allclose(np.asarray(kv), params["PaliGemma"]["llm"]["layers"]["attn"]["kv_einsum"]["w"])
+  err = action_rel_err(_actions("pi0", packed), _actions("pi0", params))
+  assert err.max() < 0.01, err

@@ -106,19 +106,21 @@ class PackedLinear:
   def matmul(self, x2: jax.Array) -> jax.Array:
     """x2 (M, K) in the linear's input layout -> (M, N) in x2's dtype (one layer: no stack axes)."""
     dtype = x2.dtype
-    x = x2.astype(jnp.float32)
-    if self.transform is not None:
-      x = self.transform.apply(x)
-    if self.act_bits is None:
-      y = x @ self.dequantize().T
-    elif self.mode == "simulate":
-      xq, sx, zx = xla.quantize_per_token(x, self.act_bits, symmetric=self.act_symmetric,
-                                          clip_ratio=self.act_clip)
-      y = xla.dequantize_per_token(xq, sx, zx) @ self.dequantize().T
-    else:
-      xq, sx, zx = xla.quantize_per_token(x, self.act_bits, symmetric=self.act_symmetric,
-                                          clip_ratio=self.act_clip)
+    if self.act_bits is not None and self.mode == "int":
+      # Transform + per-token quantization: one fused kernel on CUDA, the XLA chain elsewhere.
+      xq, sx, zx = _transform_quantize(x2, self.transform, self.act_bits,
+                                       symmetric=self.act_symmetric, clip_ratio=self.act_clip)
       y = _int_matmul(xq, sx, zx, self.codes, self.scale, self.zero)
+    else:
+      x = x2.astype(jnp.float32)
+      if self.transform is not None:
+        x = self.transform.apply(x)
+      if self.act_bits is None:
+        y = x @ self.dequantize().T
+      else:  # simulate: the same quantizers, in float
+        xq, sx, zx = xla.quantize_per_token(x, self.act_bits, symmetric=self.act_symmetric,
+                                            clip_ratio=self.act_clip)
+        y = xla.dequantize_per_token(xq, sx, zx) @ self.dequantize().T
     if self.out_rot is not None:
       y = restore_output(y, self.out_rot)
     return y.astype(dtype)
@@ -156,3 +158,8 @@ def tree_nbytes(tree) -> int:
 def _int_matmul(xq, sx, zx, codes, scale, zero):
   from duquant_jax import kernels
   return kernels.w4a8_matmul(xq, sx, zx, codes, scale, zero)
+
+
+def _transform_quantize(x, transform, bits, **quantizer):
+  from duquant_jax import kernels
+  return kernels.transform_quantize(x, transform, bits, **quantizer)

@@ -1,7 +1,8 @@
 """Full-size pi0 / pi0.5 `sample_actions`, bf16 vs packed W4A8: latency, compile time, weight memory.
 
 Usage (GPU): python scripts/bench_policy.py [--models pi0,pi05] [--batches 1,8] [--size full]
-             [--preset recommended] [--all-linears] [--repeats 20]
+             [--preset recommended] [--all-linears] [--repeats 20] [--variants auto/auto,xla/xla]
+             [--breakdown]
 
 Random bf16 weights and synthetic stats (this measures speed and memory, not accuracy). Latency is
 the median over `repeats` calls of one jitted `sample_actions` (10 flow steps), after compilation.
@@ -11,6 +12,7 @@ quantized layers alone.
 
 import argparse
 import dataclasses
+import functools
 import json
 import time
 
@@ -25,8 +27,23 @@ from bench_pack import bench_config, random_params
 from duquant_jax.packed import tree_nbytes as tree_bytes
 
 
-def time_policy(policy, params, obs, repeats):
-  fn = jax.jit(policy.sample_actions)
+def set_dispatch(matmul: str, transform: str) -> None:
+  """Benchmark-only override of the dispatch `PackedLinear` uses ("auto" restores the library's)."""
+  import duquant_jax.packed as packed_mod
+  from duquant_jax import kernels
+  impl = lambda choice: None if choice == "auto" else choice
+  packed_mod._int_matmul = functools.partial(_matmul, implementation=impl(matmul))
+  packed_mod._transform_quantize = functools.partial(kernels.transform_quantize,
+                                                     implementation=impl(transform))
+
+
+def _matmul(xq, sx, zx, codes, scale, zero, implementation):
+  from duquant_jax import kernels
+  return kernels.w4a8_matmul(xq, sx, zx, codes, scale, zero, implementation=implementation)
+
+
+def time_policy(policy, params, obs, repeats, num_steps=10):
+  fn = jax.jit(functools.partial(policy.sample_actions, num_steps=num_steps))
   rng = jax.random.key(0)
   t = time.perf_counter()
   jax.block_until_ready(fn(params, obs, rng))
@@ -48,14 +65,17 @@ def main():
   ap.add_argument("--all-linears", action="store_true")
   ap.add_argument("--repeats", type=int, default=20)
   ap.add_argument("--json", default=None)
-  ap.add_argument("--matmul", default="auto", choices=("auto", "xla"),
-                  help="W4A8 matmul implementation inside the packed policy (auto: kernel where it won)")
+  ap.add_argument("--variants", default="auto/auto",
+                  help="comma list of MATMUL/TRANSFORM dispatch choices for the packed policy, each "
+                       "auto or xla (matmul auto: the Pallas kernel where it won; transform auto: "
+                       "the fused transform + quantization kernel on CUDA), e.g. auto/auto,xla/xla")
   ap.add_argument("--permutation", default=None, help="override the rules' permutation (e.g. none)")
+  ap.add_argument("--breakdown", action="store_true",
+                  help="also time 1-step calls: prefix ~ t(1) - step, step = (t(10) - t(1)) / 9")
   args = ap.parse_args()
-  if args.matmul == "xla":  # benchmark-only override of the dispatch used by PackedLinear
-    import duquant_jax.packed as packed_mod
-    from duquant_jax.kernels import xla as xla_mod
-    packed_mod._int_matmul = lambda *a: xla_mod.w4a8_matmul(*a)
+  variants = [tuple(v.split("/")) for v in args.variants.split(",")]
+  if any(len(v) != 2 or not set(v) <= {"auto", "xla"} for v in variants):
+    ap.error(f"--variants must be MATMUL/TRANSFORM pairs of auto|xla, got {args.variants!r}")
   rows = []
   for model in args.models.split(","):
     policy = get_policy(model, args.size)
@@ -73,24 +93,39 @@ def main():
     for b in (int(v) for v in args.batches.split(",")):
       obs = make_observation(policy.cfg, jax.random.key(1), b)
       c_fp, l_fp = time_policy(policy, params, obs, args.repeats)
-      c_q, l_q = time_policy(policy, packed, obs, args.repeats)
-      row = dict(model=model, batch=b, preset=cfg.name, all_linears=args.all_linears,
-                 matmul=args.matmul, permutation=args.permutation,
-                 latency_bf16_ms=l_fp, latency_packed_ms=l_q, speedup=l_fp / l_q,
-                 compile_bf16_s=c_fp, compile_packed_s=c_q, pack_s=pack_s,
-                 weights_bf16_gib=tree_bytes(params) / 2**30,
-                 weights_packed_gib=tree_bytes(packed) / 2**30,
-                 quantized_layers_ratio=s.weight_bytes_packed / s.weight_bytes_fp)
-      rows.append(row)
-      print(json.dumps(row), flush=True)
+      l1_fp = time_policy(policy, params, obs, args.repeats, num_steps=1)[1] if args.breakdown else None
+      for matmul, transform in variants:
+        set_dispatch(matmul, transform)
+        c_q, l_q = time_policy(policy, packed, obs, args.repeats)
+        row = dict(model=model, batch=b, preset=cfg.name, all_linears=args.all_linears,
+                   matmul=matmul, transform=transform, permutation=args.permutation,
+                   latency_bf16_ms=l_fp, latency_packed_ms=l_q, speedup=l_fp / l_q,
+                   compile_bf16_s=c_fp, compile_packed_s=c_q, pack_s=pack_s,
+                   weights_bf16_gib=tree_bytes(params) / 2**30,
+                   weights_packed_gib=tree_bytes(packed) / 2**30,
+                   quantized_layers_ratio=s.weight_bytes_packed / s.weight_bytes_fp)
+        if args.breakdown:
+          l1_q = time_policy(policy, packed, obs, args.repeats, num_steps=1)[1]
+          for name, l10, l1 in (("bf16", l_fp, l1_fp), ("packed", l_q, l1_q)):
+            step = (l10 - l1) / 9
+            row[f"step_{name}_ms"], row[f"prefix_{name}_ms"] = step, l1 - step
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+      set_dispatch("auto", "auto")
   print(f"\ndevice={jax.devices()[0].device_kind} jax={jax.__version__}")
-  print("| model | batch | bf16 ms | packed ms | speedup | compile bf16 / packed s | weights bf16 / packed GiB | all-weights ratio | quantized-layers ratio |")
-  print("|---|---|---|---|---|---|---|---|---|")
+  print("| model | batch | matmul / transform | bf16 ms | packed ms | speedup | compile bf16 / packed s | weights bf16 / packed GiB | all-weights ratio | quantized-layers ratio |")
+  print("|---|---|---|---|---|---|---|---|---|---|")
   for r in rows:
-    print(f"| {r['model']} | {r['batch']} | {r['latency_bf16_ms']:.1f} | {r['latency_packed_ms']:.1f} | "
+    print(f"| {r['model']} | {r['batch']} | {r['matmul']} / {r['transform']} | {r['latency_bf16_ms']:.1f} | {r['latency_packed_ms']:.1f} | "
           f"{r['speedup']:.2f}x | {r['compile_bf16_s']:.0f} / {r['compile_packed_s']:.0f} | "
           f"{r['weights_bf16_gib']:.2f} / {r['weights_packed_gib']:.2f} | "
           f"{r['weights_packed_gib'] / r['weights_bf16_gib']:.3f} | {r['quantized_layers_ratio']:.3f} |")
+  if args.breakdown:
+    print("\n| model | batch | matmul / transform | prefix bf16 / packed ms | one step bf16 / packed ms |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+      print(f"| {r['model']} | {r['batch']} | {r['matmul']} / {r['transform']} | {r['prefix_bf16_ms']:.1f} / {r['prefix_packed_ms']:.1f} | "
+            f"{r['step_bf16_ms']:.2f} / {r['step_packed_ms']:.2f} |")
   if args.json:
     with open(args.json, "w") as f:
       json.dump(rows, f, indent=1)

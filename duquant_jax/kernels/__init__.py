@@ -7,6 +7,10 @@
   "pallas"            the Pallas Triton kernel (CUDA GPUs);
   "pallas_interpret"  the same kernel in Pallas interpret mode (any backend; tests).
 
+`transform_quantize` (DuQuant's online input transform, then per-token activation quantization)
+dispatches the same way: the fused Pallas kernel (`pallas_transform`) on CUDA where it applies, the
+XLA chain (`InputTransform.apply` + `xla.quantize_per_token`) elsewhere.
+
 Importing this package imports no GPU-only module: the Pallas modules are loaded when first traced.
 """
 
@@ -79,5 +83,63 @@ def _auto(xq, sx, zx, q, sw, zw, out_dtype):
   return jax.lax.platform_dependent(cuda=kernel_fn, default=xla_fn)
 
 
-__all__ = ["w4a8_matmul", "quantize_per_token", "dequantize_per_token", "kernel_preferred",
-           "IMPLEMENTATIONS"]
+def transform_quantize(x: jax.Array, transform, bits: int = 8, *, symmetric: bool = False,
+                       clip_ratio: float = 1.0, implementation: str | None = None):
+  """q8(transform.apply(x)) per token: (xq (M, K) int8, sx (M, 1) float32, zx (M, 1) or None).
+
+  Args:
+    x: (M, K) activations in any float dtype (one layer: the transform has no stack axes).
+    transform: an `InputTransform` (smoothing merged into rot1 for the kernel) or None.
+    bits, symmetric, clip_ratio: the per-token quantizer, as `xla.quantize_per_token`.
+    implementation: None (auto: the fused kernel on CUDA when `fused_transform_applies`), "xla",
+      "pallas" or "pallas_interpret" (the latter two raise if the kernel cannot take this transform).
+
+  Returns:
+    The per-token codes, scales and zero points of the transformed activations.
+  """
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+
+  def xla_fn():
+    xt = x.astype(jnp.float32)
+    if transform is not None:
+      xt = transform.apply(xt)
+    return quantize_per_token(xt, bits, symmetric=symmetric, clip_ratio=clip_ratio)
+
+  if implementation == "xla":
+    return xla_fn()
+  applies = fused_transform_applies(x.shape, transform)
+  if implementation is None and not (applies and jax.default_backend() == "gpu"):
+    return xla_fn()
+  if not applies:
+    raise ValueError(f"the fused transform kernel does not take x {x.shape} with this transform "
+                     "(needs rot1 with smoothing merged, no stack axes, power-of-two K and block)")
+  from duquant_jax.kernels import pallas_transform
+
+  def kernel_fn():
+    return pallas_transform.transform_quantize(
+        x, transform.rot1, transform.perm, transform.rot2, bits=bits, symmetric=symmetric,
+        clip_ratio=clip_ratio, interpret=implementation == "pallas_interpret")
+
+  if implementation is not None:
+    return kernel_fn()
+  return jax.lax.platform_dependent(cuda=kernel_fn, default=xla_fn)
+
+
+def fused_transform_applies(x_shape, transform) -> bool:
+  """Whether `pallas_transform` can run this transform on (M, K) activations."""
+  from duquant_jax.kernels import pallas_transform
+  if transform is None or transform.rot1 is None or transform.smooth is not None:
+    return False
+  if len(x_shape) != 2 or transform.rot1.ndim != 3:
+    return False
+  if transform.perm is not None and transform.perm.ndim != 1:
+    return False
+  if transform.rot2 is not None and transform.rot2.shape != transform.rot1.shape:
+    return False
+  k, b = x_shape[1], transform.rot1.shape[-1]
+  return pallas_transform.supports(k, b)
+
+
+__all__ = ["w4a8_matmul", "transform_quantize", "fused_transform_applies", "quantize_per_token",
+           "dequantize_per_token", "kernel_preferred", "IMPLEMENTATIONS"]

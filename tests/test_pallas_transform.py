@@ -1,0 +1,127 @@
+"""Tests of the fused transform + per-token quantization kernel (Pallas interpret mode on CPU).
+
+The kernel must give the codes of the XLA chain `InputTransform.apply` (HIGHEST precision) followed
+by `quantize_per_token`: it sums the same products in another order, so a code may differ by one
+where x' / sx lands within float32 rounding of a .5 boundary; on these seeded inputs none does, and
+the tests pin exact equality of codes and zero points and 1 ulp on the scales. Its CUDA lowering
+(Pallas -> Triton IR) is checked on CPU through `jax.export`, which needs no GPU.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from duquant_jax import kernels
+from duquant_jax.kernels import pallas_transform as pt
+from duquant_jax.packed import PackedLinear
+from duquant_jax.transforms import InputTransform
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def _transform(k, b, seed=0, perm=True, rot2=True):
+  r = np.random.default_rng(seed)
+  q1 = np.linalg.qr(r.normal(size=(k // b, b, b)))[0] * r.uniform(0.5, 2.0, size=(k // b, b, 1))
+  q2 = np.linalg.qr(r.normal(size=(k // b, b, b)))[0]
+  return InputTransform(
+      rot1=jnp.asarray(q1, jnp.float16),
+      perm=jnp.asarray(r.permutation(k), jnp.int32) if perm else None,
+      rot2=jnp.asarray(q2, jnp.float16) if rot2 else None, merged_smooth=True)
+
+
+def _x(m, k, seed=1, dtype=jnp.bfloat16):
+  r = np.random.default_rng(seed)
+  x = r.normal(size=(m, k)) * np.where(np.arange(k) % 37 == 0, 25.0, 1.0)
+  return jnp.asarray(x, dtype)
+
+
+def _reference(x, tr, symmetric, clip=1.0):
+  xt = tr.apply(x.astype(jnp.float32), precision=_HIGHEST)
+  return kernels.quantize_per_token(xt, 8, symmetric=symmetric, clip_ratio=clip)
+
+
+def _assert_same(got, ref):
+  np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(ref[0]))
+  np.testing.assert_allclose(np.asarray(got[1]), np.asarray(ref[1]), rtol=2.5e-7)
+  if ref[2] is None:
+    assert got[2] is None
+  else:
+    np.testing.assert_array_equal(np.asarray(got[2]), np.asarray(ref[2]))
+
+
+@pytest.mark.parametrize("m,k,b,chunk,symmetric,perm,rot2", [
+    (1, 64, 16, 32, False, True, True),
+    (5, 128, 16, 64, True, True, True),
+    (3, 128, 8, 128, False, False, True),
+    (4, 64, 16, 64, False, True, False),
+])
+def test_fused_matches_xla_chain(m, k, b, chunk, symmetric, perm, rot2):
+  tr = _transform(k, b, perm=perm, rot2=rot2)
+  x = _x(m, k)
+  got = pt.transform_quantize(x, tr.rot1, tr.perm, tr.rot2, symmetric=symmetric,
+                              tiles=pt.TransformTiles(chunk=chunk), interpret=True)
+  _assert_same(got, _reference(x, tr, symmetric))
+
+
+def test_fused_clip_ratio_and_float32_input():
+  tr = _transform(64, 16)
+  x = _x(3, 64, dtype=jnp.float32)
+  got = pt.transform_quantize(x, tr.rot1, tr.perm, tr.rot2, symmetric=False, clip_ratio=0.9,
+                              interpret=True)
+  _assert_same(got, _reference(x, tr, False, clip=0.9))
+
+
+def test_round_half_even_matches_jnp_round():
+  v = jnp.asarray([-2.5, -1.5, -0.5, 0.5, 1.5, 2.5, 3.5, -3.49, 2.51, 0.0, 126.5, -127.5])
+  np.testing.assert_array_equal(np.asarray(pt._round_half_even(v)), np.asarray(jnp.round(v)))
+
+
+def test_dispatch_and_packed_linear_use_the_kernel_identically():
+  k, n = 64, 32
+  tr = _transform(k, 16)
+  x = _x(4, k)
+  ref = kernels.transform_quantize(x, tr, 8, implementation="xla")
+  got = kernels.transform_quantize(x, tr, 8, implementation="pallas_interpret")
+  np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(ref[0]))
+  auto = jax.jit(lambda x: kernels.transform_quantize(x, tr, 8))(x)  # CPU: the XLA chain
+  np.testing.assert_array_equal(np.asarray(auto[0]), np.asarray(ref[0]))
+  r = np.random.default_rng(2)
+  lin = PackedLinear(codes=jnp.asarray(r.integers(-8, 8, (n, k)), jnp.int4),
+                     scale=jnp.asarray(r.uniform(0.01, 0.02, (n, 1)), jnp.float32), zero=None,
+                     transform=tr, out_rot=None, w_shape=(k, n), w_spec="ij")
+  y = lin.matmul(x)
+  assert y.shape == (4, n) and y.dtype == x.dtype and bool(jnp.all(jnp.isfinite(y)))
+
+
+def test_fused_rejects_what_it_cannot_take():
+  tr = _transform(64, 16)
+  x = _x(2, 64)
+  with pytest.raises(ValueError, match="rot1"):
+    pt.transform_quantize(x, tr.rot1[:2], tr.perm, tr.rot2, interpret=True)
+  with pytest.raises(ValueError, match="perm"):
+    pt.transform_quantize(x, tr.rot1, tr.perm[:8], tr.rot2, interpret=True)
+  with pytest.raises(ValueError, match="powers of two"):
+    pt.transform_quantize(_x(2, 48), _transform(48, 16).rot1, None, None, interpret=True)
+  with pytest.raises(ValueError, match="chunk"):
+    pt.TransformTiles(chunk=96)
+  unmerged = InputTransform(smooth=jnp.ones(64), rot1=tr.rot1)
+  assert not kernels.fused_transform_applies((2, 64), unmerged)
+  with pytest.raises(ValueError, match="does not take"):
+    kernels.transform_quantize(x, unmerged, 8, implementation="pallas_interpret")
+  with pytest.raises(ValueError, match="implementation"):
+    kernels.transform_quantize(x, tr, 8, implementation="triton")
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_fused_kernel_lowers_to_triton_for_cuda(symmetric):
+  """Pallas -> Triton IR lowering of the GPU kernel, checked without a GPU via jax.export."""
+  from jax import export
+  s = jax.ShapeDtypeStruct
+  m, k, b = 51, 2048, 16
+  fn = jax.jit(lambda x, r1, p, r2: pt.transform_quantize(x, r1, p, r2, symmetric=symmetric))
+  exported = export.export(fn, platforms=["cuda"], disabled_checks=[
+      export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(
+          s((m, k), jnp.bfloat16), s((k // b, b, b), jnp.float16), s((k,), jnp.int32),
+          s((k // b, b, b), jnp.float16))
+  assert "xla.gpu.triton" in exported.mlir_module()

@@ -47,6 +47,22 @@ DEFAULT_SELECT = (r"PaliGemma/llm/layers/(attn/(q_einsum|kv_einsum|attn_vec_eins
 PREFIX, SUFFIX = "prefix", "suffix"
 
 
+def select_for(cfg: Any, params: Any) -> str:
+  """The `CalibConfig.select` regex covering every linear that `cfg` (a QuantConfig) quantizes.
+
+  `DEFAULT_SELECT` (all Gemma linears) when the rules stay inside it, so the stats of existing
+  configs do not change; otherwise DEFAULT_SELECT widened by the exact paths of the other quantized
+  linears (e.g. SigLIP's), which the rules' smoothing and greedy rotations need stats for.
+
+  Args:
+    cfg: a `duquant_jax.QuantConfig`. params: the float param tree (arrays or ShapeDtypeStructs).
+  """
+  from duquant_jax.layouts import linear_layouts
+  extra = [p for p in linear_layouts(params)
+           if cfg.rule_for(p) is not None and not re.fullmatch(DEFAULT_SELECT, p)]
+  return "|".join([DEFAULT_SELECT, *(re.escape(p) for p in sorted(extra))])
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class CalibConfig:
   """What to capture and how much to keep. Hashable: a static argument of the jitted program."""

@@ -12,6 +12,11 @@ Packed checkpoint layout (a directory, written atomically):
                      (`codes` stored natively as jnp.int4 / int8, scales, zero points, transform, ...)
       stats/         optional: the calibration stats (`duquant_jax.calibrate.to_tree`)
 
+A `PackedEmbedding` (weight-only token table) is stored the same way: its arrays under params/, its
+static fields in the structure with `"kind": "embedding"` (entries without a kind are PackedLinear).
+Checkpoints holding one are written as format version 2, so that a version-1 reader refuses them by
+name instead of failing on the unknown entry; checkpoints without one stay version 1.
+
 Static fields of `PackedLinear` / `InputTransform` are not arrays, so they live in the JSON structure and
 `load_packed` rebuilds the dataclasses; the restored tree runs under `jax.jit(policy.sample_actions)`
 as is, and its arrays are bit-identical to the saved ones.
@@ -41,6 +46,7 @@ import numpy as np
 
 import duquant_jax
 from duquant_jax.config import QuantConfig
+from duquant_jax.embedding import PackedEmbedding
 from duquant_jax.models.layout_table import flat_items
 from duquant_jax.packed import PackedLinear
 from duquant_jax.transforms import InputTransform
@@ -50,11 +56,12 @@ __all__ = ["CheckpointError", "FORMAT", "FORMAT_VERSION", "load_openpi_params", 
            "verify_files"]
 
 FORMAT = "duquant-jax/packed"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest version this library reads; 2 added PackedEmbedding entries
 INFO_FILE = "duquant.json"
 _PL_STATIC = ("w_shape", "w_spec", "bits", "act_bits", "act_symmetric", "act_clip", "mode")
 _PL_OPTIONAL = ("zero", "out_rot")
 _TF_ARRAYS = ("smooth", "rot1", "perm", "rot2")
+_EMB_STATIC = ("bits", "dtype")
 _ORBAX_DROP = ("commit_success.txt",)
 
 Params = dict[str, Any]
@@ -92,6 +99,15 @@ def _split_packed(tree: Any, prefix: str = "") -> tuple[Any, dict[str, dict]]:
   structure: dict[str, dict] = {}
 
   def walk(node, path):
+    if isinstance(node, PackedEmbedding):
+      arrays = {"codes": node.codes, "scale": node.scale}
+      desc = {"kind": "embedding", **{f: getattr(node, f) for f in _EMB_STATIC},
+              "arrays": ["codes", "scale"]}
+      if node.zero is not None:
+        arrays["zero"] = node.zero
+        desc["arrays"].append("zero")
+      structure[path] = desc
+      return arrays
     if isinstance(node, PackedLinear):
       arrays = {"codes": node.codes, "scale": node.scale}
       desc = {f: getattr(node, f) for f in _PL_STATIC}
@@ -149,6 +165,18 @@ def _join_packed(arrays: dict, structure: Mapping[str, dict]) -> dict:
     missing = [f for f in desc["arrays"] if f not in a]
     if missing:
       raise CheckpointError(f"{path}: arrays {missing} missing from the checkpoint")
+    kind = desc.get("kind", "linear")
+    if kind == "embedding":
+      emb = PackedEmbedding(codes=a["codes"], scale=a["scale"], zero=a.get("zero"),
+                            **{f: desc[f] for f in _EMB_STATIC})
+      try:
+        emb.validate()
+      except ValueError as e:
+        raise CheckpointError(f"{path}: restored packed embedding is inconsistent: {e}") from None
+      _set_path(arrays, path, emb)
+      continue
+    if kind != "linear":
+      raise CheckpointError(f"{path}: unknown packed entry kind {kind!r}")
     transform = None
     if desc["transform"] is not None:
       ta = a.get("transform", {})
@@ -331,7 +359,9 @@ def save_packed(path: Union[str, os.PathLike], packed: Params, cfg: QuantConfig,
       _orbax_save(tmp / "stats", jax.tree.map(np.asarray, to_tree(stats)), ocdbt=False)
       _normalize_orbax_dir(tmp / "stats", created_ns)
       subdirs += ("stats",)
-    info = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": cfg.to_dict(),
+    # Version 1 readers cannot rebuild embedding entries: mark only such checkpoints as version 2.
+    version = 2 if any(d.get("kind") == "embedding" for d in structure.values()) else 1
+    info = {"format": FORMAT, "format_version": version, "config": cfg.to_dict(),
             "metadata": meta, "structure": structure, "has_stats": stats is not None,
             "manifest": _manifest(tmp, subdirs)}
     (tmp / INFO_FILE).write_text(json.dumps(info, indent=1, sort_keys=True, default=_json_default))

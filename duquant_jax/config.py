@@ -6,6 +6,10 @@ in `duquant_jax.layouts`) is matched against the rules' `pattern` with `re.fullm
 matches no rule stays in floating point; `match_rules` reports rules that matched nothing and linear
 layers that matched no rule. Rules follow qwix's style: frozen, keyword-only, validated on creation,
 hashable (a config can be a static jit argument).
+
+Token embedding tables are not linears: they are read by a gather, so they take an `EmbeddingRule`
+(weight-only, row-wise int4 / int8; `duquant_jax.embedding`) in `QuantConfig.embeddings`, matched
+the same way against the declared embedding paths (`duquant_jax.layouts.embedding_paths`).
 """
 
 from __future__ import annotations
@@ -92,10 +96,51 @@ class LayerRule:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class EmbeddingRule:
+  """How to quantize the token embedding tables whose path fully matches `pattern` (weight-only)."""
+
+  pattern: str
+  # Code bits, 2..8: int4 storage up to 4 bits, else int8.
+  bits: int = 4
+  # Channels along D sharing a scale (must divide D), or None for one scale per row.
+  group_size: int | None = 128
+  # Symmetric codes (no zero point) or asymmetric (a zero point per scale).
+  symmetric: bool = False
+  # Storage of scales and zero points.
+  scale_dtype: Literal["float16", "float32"] = "float16"
+  # Clip ratios searched per (row, group) on the reconstruction error; (1.0,) is round-to-nearest.
+  clip_grid: tuple[float, ...] = (1.0,)
+
+  def __post_init__(self):
+    try:
+      re.compile(self.pattern)
+    except re.error as e:
+      raise ValueError(f"embedding rule pattern {self.pattern!r} is not a valid regex: {e}") from None
+    if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+      raise ValueError(f"embedding rule {self.pattern!r}: bits must be in 2..8, got {self.bits!r}")
+    if self.group_size is not None and (not isinstance(self.group_size, int) or self.group_size < 1):
+      raise ValueError(f"embedding rule {self.pattern!r}: group_size must be a positive int or None "
+                       f"(per row), got {self.group_size!r}")
+    if self.scale_dtype not in ("float16", "float32"):
+      raise ValueError(f"embedding rule {self.pattern!r}: scale_dtype must be 'float16' or "
+                       f"'float32', got {self.scale_dtype!r}")
+    if isinstance(self.clip_grid, list):
+      object.__setattr__(self, "clip_grid", tuple(self.clip_grid))
+    if not self.clip_grid or not all(0.0 < c <= 1.0 for c in self.clip_grid):
+      raise ValueError(f"embedding rule {self.pattern!r}: clip ratios must be in (0, 1], got "
+                       f"{self.clip_grid!r}")
+
+  def matches(self, path: str) -> bool:
+    return re.fullmatch(self.pattern, path) is not None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class QuantConfig:
   """An ordered set of rules (first match wins) plus run-wide settings."""
 
   rules: tuple[LayerRule, ...] = ()
+  # Rules for token embedding tables (first match wins; a table matching none stays float).
+  embeddings: tuple[EmbeddingRule, ...] = ()
   name: str = "custom"
   # Seed of every random choice (rotations): the same inputs and seed give identical packs.
   seed: int = 0
@@ -107,9 +152,14 @@ class QuantConfig:
   def __post_init__(self):
     if isinstance(self.rules, list):
       object.__setattr__(self, "rules", tuple(self.rules))
+    if isinstance(self.embeddings, list):
+      object.__setattr__(self, "embeddings", tuple(self.embeddings))
     for r in self.rules:
       if not isinstance(r, LayerRule):
         raise TypeError(f"rules must be LayerRule instances, got {type(r).__name__}")
+    for r in self.embeddings:
+      if not isinstance(r, EmbeddingRule):
+        raise TypeError(f"embeddings must be EmbeddingRule instances, got {type(r).__name__}")
     if self.mode not in ("int", "simulate"):
       raise ValueError(f"mode must be 'int' or 'simulate', got {self.mode!r}")
 
@@ -119,6 +169,10 @@ class QuantConfig:
       if r.matches(path):
         return None if r.skip else r
     return None
+
+  def embedding_rule_for(self, path: str) -> EmbeddingRule | None:
+    """The first embedding rule matching `path`, or None (the table stays in floating point)."""
+    return next((r for r in self.embeddings if r.matches(path)), None)
 
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)
@@ -135,10 +189,20 @@ class QuantConfig:
       if unknown:
         raise ValueError(f"unknown layer rule fields {sorted(unknown)} in rule {r.get('pattern')!r}")
       rules.append(LayerRule(**r))
+    embeddings = []
+    for r in d.pop("embeddings", ()):
+      r = dict(r)
+      unknown = set(r) - {f.name for f in dataclasses.fields(EmbeddingRule)}
+      if unknown:
+        raise ValueError(f"unknown embedding rule fields {sorted(unknown)} in rule "
+                         f"{r.get('pattern')!r}")
+      if "clip_grid" in r:
+        r["clip_grid"] = tuple(r["clip_grid"])
+      embeddings.append(EmbeddingRule(**r))
     unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
     if unknown:
       raise ValueError(f"unknown QuantConfig fields {sorted(unknown)}")
-    return cls(rules=tuple(rules), **d)
+    return cls(rules=tuple(rules), embeddings=tuple(embeddings), **d)
 
 
 @dataclasses.dataclass(frozen=True)

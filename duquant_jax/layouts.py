@@ -20,6 +20,9 @@ SigLIP (under PaliGemma/img/Transformer/encoderblock/): query/key/value kernels 
 BTD,DNH->BTNH after LayerNorm_0; out kernel (L, N, H, D) as BTNH,NHD->BTD; MlpBlock_0 Dense_0 after
 LayerNorm_1 and Dense_1. Any other `.../kernel` of rank 2 (or rank 3 under a scanned prefix) is a
 flax `Dense` / NNX `Linear` kernel (in, out): `...I,IO->...O`.
+
+Token embedding tables (V vocabulary, D width) are declared separately (`EMBEDDING_TABLES`): they are
+read by a gather, not a matmul, and take weight-only `EmbeddingRule`s.
 """
 
 from __future__ import annotations
@@ -53,6 +56,8 @@ _TABLE: tuple[tuple[str, str, str | None, str | None], ...] = (
     (rf"(?P<pre>{SIGLIP_BLOCK})/MlpBlock_0/Dense_1/kernel", "BTF,FD->BTD", None, None),
 )
 DENSE_EQN = "...I,IO->...O"
+# Token embedding tables (V, D), read only by a gather (`Embedder.encode`).
+EMBEDDING_TABLES: tuple[str, ...] = (r"PaliGemma/llm/embedder/input_embedding",)
 
 
 def split_eqn(eqn: str) -> tuple[str, str, str]:
@@ -161,4 +166,20 @@ def linear_layouts(params: Any) -> dict[str, LinearLayout]:
       lay = _dense_layout(path, shape)
       if lay is not None:
         out[path] = lay
+  return out
+
+
+def embedding_paths(params: Any) -> dict[str, tuple[int, ...]]:
+  """Every declared token embedding table (V, D) of a param tree: {path: shape}.
+
+  Raises:
+    ValueError: a declared path holding something other than a rank-2 array.
+  """
+  out = {}
+  for path, x in flat_items(params):
+    if any(re.fullmatch(r, path) for r in EMBEDDING_TABLES):
+      shape = tuple(getattr(x, "shape", ()))
+      if len(shape) != 2:
+        raise ValueError(f"{path}: an embedding table must be (V, D), got shape {shape}")
+      out[path] = shape
   return out

@@ -13,6 +13,8 @@ Stronger Quantized LLMs", NeurIPS 2024) with the corrections of DESIGN.md sectio
      transformed calibration activations;
   4. the result is a `PackedLinear` at the weight's path; activations are quantized per token to
      int8 at run time.
+Token embedding tables matching an `EmbeddingRule` become `PackedEmbedding`s (weight-only, row-wise;
+`duquant_jax.embedding`): a gather needs no input transform.
 Everything is deterministic in (params, cfg, stats): rotation keys derive from `cfg.seed` and the
 layer path.
 """
@@ -30,8 +32,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from duquant_jax.config import LayerRule, QuantConfig
-from duquant_jax.layouts import LinearLayout, linear_layouts, to_2d_perm
-from duquant_jax.packed import PackedLinear, dequantize_weight
+from duquant_jax.embedding import PackedEmbedding, quantize_embedding
+from duquant_jax.layouts import LinearLayout, embedding_paths, linear_layouts, to_2d_perm
+from duquant_jax.packed import PackedLinear, dequantize_weight, tree_nbytes
 from duquant_jax.transforms import (InputTransform, build_duquant_transform, check_block_alignment,
                                     random_block_rotation, rotate_output)
 
@@ -189,6 +192,8 @@ def _stats_for(stats, path: str):
 
 
 def _check_finite(name: str, x) -> None:
+  if isinstance(x, jax.core.Tracer):  # abstract evaluation (jax.eval_shape for byte accounting)
+    return
   # On the host, one stacked layer at a time: one device program per check would cost more than the
   # check, and a float32 copy of a whole stacked weight can be gigabytes.
   x = np.asarray(x)
@@ -313,12 +318,16 @@ def quantize_params(params: Params, cfg: QuantConfig, stats: Any = None, *,
     folded smoothing. Run it with `Policy.sample_actions` (or any flax module via
     `duquant_jax.inference`).
 
+  Token embedding tables matching one of `cfg.embeddings` become `PackedEmbedding`s.
+
   Raises:
     ValueError: NaN/Inf weights or stats, missing stats where needed, block sizes that do not divide
-      the width or head_dim, rules that disagree on a shared input, per-head scales without heads.
+      the width or head_dim, rules that disagree on a shared input, per-head scales without heads,
+      an embedding rule that matches no declared embedding table, group sizes not dividing D.
   """
   layouts = linear_layouts(params)
   out = _copy_dicts(params)
+  _quantize_embeddings(params, out, cfg)
   groups: dict[str, list[LinearLayout]] = {}
   for path, lay in layouts.items():
     groups.setdefault(lay.group, []).append(lay)
@@ -425,6 +434,24 @@ def quantize_params(params: Params, cfg: QuantConfig, stats: Any = None, *,
   return out
 
 
+def _quantize_embeddings(params: Params, out: Params, cfg: QuantConfig) -> None:
+  """Replaces every declared embedding table that an embedding rule matches by a PackedEmbedding."""
+  if not cfg.embeddings:
+    return
+  tables = embedding_paths(params)
+  for r in cfg.embeddings:
+    if not any(r.matches(p) for p in tables):
+      raise ValueError(f"embedding rule {r.pattern!r} matches no embedding table; the declared "
+                       f"tables in these params: {sorted(tables) or 'none'}")
+  for path in sorted(tables):
+    r = cfg.embedding_rule_for(path)
+    if r is None:
+      continue
+    _set(out, path, quantize_embedding(
+        jnp.asarray(_get(params, path)), bits=r.bits, group_size=r.group_size,
+        symmetric=r.symmetric, scale_dtype=r.scale_dtype, clip_grid=r.clip_grid, name=path))
+
+
 def _half_rotations(t: InputTransform) -> InputTransform:
   half = lambda r: None if r is None else r.astype(jnp.float16)
   return t.replace(rot1=half(t.rot1), rot2=half(t.rot2))
@@ -449,9 +476,18 @@ def _scale_input_rows(w: jax.Array, layout: LinearLayout, lam: jax.Array) -> jax
 @dataclasses.dataclass(frozen=True)
 class PackSummary:
   layers_quantized: int  # logical linears (q, k, v, o, gate, up, down count one each per layer)
-  weight_bytes_fp: int  # bf16 bytes of the quantized layers
+  weight_bytes_fp: int  # bf16 bytes of the quantized tensors (linears and embedding tables)
   weight_bytes_packed: int  # their packed bytes, scales and transforms included
-  bits: dict[str, int]  # weight path -> weight bits
+  bits: dict[str, int]  # weight / table path -> bits
+  # The whole param tree: every float leaf counted as bf16 (as openpi deploys it; a packed tensor at
+  # its float shape) vs the packed tree (packed tensors as stored, other float leaves as bf16).
+  tree_bytes_bf16: int = 0
+  tree_bytes_packed: int = 0
+
+  @property
+  def tree_ratio(self) -> float:
+    """Whole-tree packed / bf16 bytes (the device-memory ratio of all weights)."""
+    return self.tree_bytes_packed / self.tree_bytes_bf16 if self.tree_bytes_bf16 else float("nan")
 
 
 def _logical_linears(path: str, shape: tuple[int, ...], num_stack: int) -> int:
@@ -460,21 +496,32 @@ def _logical_linears(path: str, shape: tuple[int, ...], num_stack: int) -> int:
 
 
 def summarize(packed: Params) -> PackSummary:
-  """Counts quantized layers and their bytes (bf16 vs packed) in a packed tree."""
+  """Counts quantized layers and their bytes (bf16 vs packed) in a packed tree.
+
+  Works on concrete arrays and on `jax.eval_shape` outputs (ShapeDtypeStructs) alike.
+  """
   layers = fp = pk = 0
   bits = {}
   for path, leaf in _packed_items(packed):
-    ns = leaf.codes.ndim - 2
-    layers += _logical_linears(path, leaf.shape, ns)
+    if isinstance(leaf, PackedLinear):
+      layers += _logical_linears(path, leaf.shape, leaf.codes.ndim - 2)
     fp += 2 * math.prod(leaf.shape)
     pk += leaf.nbytes()
     bits[path] = leaf.bits
-  return PackSummary(layers_quantized=layers, weight_bytes_fp=fp, weight_bytes_packed=pk, bits=bits)
+  # Everything else: float leaves at bf16 (2 bytes), integer / bool leaves as they are.
+  packed_ids = {id(leaf) for _, leaf in _packed_items(packed)}
+  rest = [x for x in jax.tree.leaves(packed, is_leaf=lambda n: id(n) in packed_ids)
+          if id(x) not in packed_ids]
+  rest_bytes = sum(2 * math.prod(x.shape) if jnp.issubdtype(x.dtype, jnp.floating)
+                   else tree_nbytes(x) for x in rest)
+  return PackSummary(layers_quantized=layers, weight_bytes_fp=fp, weight_bytes_packed=pk, bits=bits,
+                     tree_bytes_bf16=fp + rest_bytes, tree_bytes_packed=pk + rest_bytes)
 
 
 def _packed_items(tree: Params):
+  """(path, PackedLinear | PackedEmbedding) for every packed tensor of a tree, in path order."""
   def walk(prefix, node):
-    if isinstance(node, PackedLinear):
+    if isinstance(node, (PackedLinear, PackedEmbedding)):
       yield prefix, node
     elif isinstance(node, Mapping):
       for k in sorted(node):

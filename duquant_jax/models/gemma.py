@@ -9,7 +9,9 @@ Axes: B batch, T query tokens, S key tokens, N query heads, K kv heads, G = N //
 F MLP hidden width, L layers.
 
 Every weight multiplication goes through `linear(eqn, x, w)`, which also accepts a packed (quantized)
-weight: anything with an `einsum(eqn, x)` method, such as `duquant_jax.PackedLinear`.
+weight: anything with an `einsum(eqn, x)` method, such as `duquant_jax.PackedLinear`. The token
+embedding table may likewise be packed: anything with a `lookup(tokens)` method, such as
+`duquant_jax.PackedEmbedding`.
 """
 
 from __future__ import annotations
@@ -36,6 +38,10 @@ def linear(eqn: str, x: jax.Array, w: Any) -> jax.Array:
   return jnp.einsum(eqn, x, jnp.asarray(w).astype(x.dtype))
 
 
+def _is_packed(value: Any) -> bool:
+  return hasattr(value, "einsum") or hasattr(value, "lookup")
+
+
 def weight(module: nn.Module, name: str, init_fn, shape: tuple[int, ...]):
   """`module.param(name, ...)`, except that an existing packed weight is returned as is.
 
@@ -44,7 +50,7 @@ def weight(module: nn.Module, name: str, init_fn, shape: tuple[int, ...]):
   """
   if module.has_variable("params", name):
     value = module.get_variable("params", name)
-    if hasattr(value, "einsum"):
+    if _is_packed(value):
       return value
   return module.param(name, init_fn, shape)
 
@@ -81,15 +87,22 @@ class RMSNorm(nn.Module):
 
 
 class Embedder(nn.Module):
+  """The token embedding table `input_embedding` (V, D), float or packed (`PackedEmbedding`)."""
+
   vocab_size: int
   embed_dim: int
 
   def setup(self):
-    self.input_embedding_table = self.param(
-        "input_embedding", nn.initializers.normal(), (self.vocab_size, self.embed_dim))
+    self.input_embedding_table = weight(self, "input_embedding", nn.initializers.normal(),
+                                        (self.vocab_size, self.embed_dim))
 
   def encode(self, tokens: jax.Array) -> jax.Array:
-    x = jnp.asarray(self.input_embedding_table)[(tokens,)]
+    """tokens (B, T) int -> (B, T, D) in the table's dtype, scaled by sqrt(D)."""
+    table = self.input_embedding_table
+    if hasattr(table, "lookup"):  # packed: gather int4 rows, dequantize only those
+      x = table.lookup(tokens)
+    else:
+      x = jnp.asarray(table)[(tokens,)]
     return x * jnp.sqrt(self.embed_dim).astype(x.dtype)
 
 

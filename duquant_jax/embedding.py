@@ -1,0 +1,184 @@
+"""`PackedEmbedding`: a weight-only int4 / int8 token embedding table, gathered then dequantized.
+
+The token embedding (V, D) of pi0's LLM (`PaliGemma/llm/embedder/input_embedding`, 257152 x 2048,
+about 1 GiB in bf16) is the largest single param and is only ever read by a gather
+(`Embedder.encode`). A gather needs no DuQuant transform and no activation quantizer: each row is
+quantized on its own (per row, or per group of `group_size` channels along D) and only the gathered
+rows are dequantized at run time, so the float table never exists on the device.
+
+Follows qwix's QArray style (arrays as pytree leaves, the format as static fields). Axis letters:
+V vocabulary rows, D width, G scale groups per row (D // group), B batch, T tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from duquant_jax.packed import dequantize_weight, tree_nbytes
+
+# Rows quantized per step of `quantize_embedding` (bounds float32 work to ~rows x D x 4 bytes x a
+# few copies: 8192 x 2048 is 64 MiB per copy for the full table).
+_ROW_CHUNK = 8192
+
+
+@flax.struct.dataclass
+class PackedEmbedding:
+  """A token embedding table E (V, D) quantized row-wise, weight-only.
+
+  Invariant: E[v, d] ~ scale[v, g] * (codes[v, d] - zero[v, g]) with g = d // (D // G); zero is None
+  for symmetric codes. `lookup` gathers codes, scales and zero points of the requested rows and
+  dequantizes only those.
+
+  Attributes:
+    codes: (V, D) int4 (bits <= 4) or int8 codes.
+    scale: (V, G) float16 or float32 scales.
+    zero: (V, G) zero points (integer-valued, in the scale dtype), or None (symmetric).
+    bits: static, code bits (2..8).
+    dtype: static, the float table's dtype name: `lookup` returns rows in it, as the float table
+      would (so the model's dtypes do not change when the table is packed).
+  """
+
+  codes: jax.Array
+  scale: jax.Array
+  zero: Optional[jax.Array]
+  bits: int = flax.struct.field(pytree_node=False, default=4)
+  dtype: str = flax.struct.field(pytree_node=False, default="float32")
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    """The float table's shape (V, D)."""
+    return tuple(self.codes.shape)
+
+  @property
+  def group_size(self) -> int:
+    return self.codes.shape[-1] // self.scale.shape[-1]
+
+  def nbytes(self) -> int:
+    """Bytes as stored on the device (int4 codes count half a byte)."""
+    return tree_nbytes(self)
+
+  def validate(self) -> None:
+    """Checks shapes and dtypes agree; raises ValueError naming the field."""
+    if self.codes.ndim != 2:
+      raise ValueError(f"PackedEmbedding.codes must be (V, D), got shape {self.codes.shape}")
+    if self.codes.dtype not in (jnp.int4, jnp.int8):
+      raise ValueError(f"PackedEmbedding.codes must be int4 or int8, got {self.codes.dtype}")
+    if not 2 <= self.bits <= 8:
+      raise ValueError(f"PackedEmbedding.bits must be in 2..8, got {self.bits}")
+    if self.bits <= 4 and self.codes.dtype != jnp.int4:
+      raise ValueError(f"{self.bits}-bit codes must be stored as int4, got {self.codes.dtype}")
+    v, d = self.codes.shape
+    if self.scale.ndim != 2 or self.scale.shape[0] != v or d % self.scale.shape[1]:
+      raise ValueError(f"PackedEmbedding.scale {self.scale.shape} does not match codes {(v, d)} "
+                       "(expected (V, G) with G dividing D)")
+    if self.scale.dtype not in (jnp.float16, jnp.float32):
+      raise ValueError(f"PackedEmbedding.scale must be float16 or float32, got {self.scale.dtype}")
+    if self.zero is not None and (self.zero.shape != self.scale.shape
+                                  or self.zero.dtype != self.scale.dtype):
+      raise ValueError(f"PackedEmbedding.zero {self.zero.shape} {self.zero.dtype} != scale "
+                       f"{self.scale.shape} {self.scale.dtype}")
+    if not jnp.issubdtype(jnp.dtype(self.dtype), jnp.floating):
+      raise ValueError(f"PackedEmbedding.dtype must be a float dtype, got {self.dtype!r}")
+
+  def dequantize(self) -> jax.Array:
+    """The whole table (V, D) float32 (for tests and diagnostics: this is the memory `lookup` saves)."""
+    return _dequant(self.codes, self.scale, self.zero)
+
+  def lookup(self, tokens: jax.Array) -> jax.Array:
+    """Rows of tokens (...,) int -> (..., D) in `self.dtype`, dequantizing only the gathered rows."""
+    rows = _dequant(self.codes[tokens], self.scale[tokens],
+                    None if self.zero is None else self.zero[tokens])
+    return rows.astype(self.dtype)
+
+
+def _dequant(codes, scale, zero):
+  """codes (..., D), scale / zero (..., G) -> (..., D) float32."""
+  return dequantize_weight(codes, scale.astype(jnp.float32),
+                           None if zero is None else zero.astype(jnp.float32))
+
+
+def quantize_embedding(table: jax.Array, *, bits: int = 4, group_size: Optional[int] = 128,
+                       symmetric: bool = False, scale_dtype: str = "float16",
+                       clip_grid: tuple[float, ...] = (1.0,), name: str = "embedding"
+                       ) -> PackedEmbedding:
+  """Quantizes an embedding table row-wise (weight-only round-to-nearest, optional clip search).
+
+  Args:
+    table: (V, D) float embedding table.
+    bits: code bits, 2..8 (int4 storage up to 4 bits, else int8).
+    group_size: channels along D sharing one scale (must divide D), or None for one scale per row.
+    symmetric: no zero point (codes in [-(2^(b-1) - 1), 2^(b-1) - 1]) instead of asymmetric.
+    scale_dtype: "float16" or "float32" storage of scales and zero points. The scales are rounded
+      to this dtype before the codes are computed, so the codes fit the stored scales.
+    clip_grid: clip ratios searched per (row, group) to minimise the squared reconstruction error
+      ((1.0,): plain round-to-nearest).
+    name: the table's path, for error messages.
+
+  Returns:
+    A validated PackedEmbedding with `dtype` the table's dtype.
+
+  Raises:
+    ValueError: a table that is not (V, D) float, NaN / Inf entries, a group size that does not
+      divide D, bad bits or scale dtype.
+  """
+  # quantize.py imports this module, so its quantizer is imported at call time.
+  from duquant_jax.quantize import quantize_weight
+  if getattr(table, "ndim", None) != 2 or not jnp.issubdtype(table.dtype, jnp.floating):
+    raise ValueError(f"{name}: an embedding table must be a (V, D) float array, got "
+                     f"{getattr(table, 'shape', None)} {getattr(table, 'dtype', type(table).__name__)}")
+  if not 2 <= bits <= 8:
+    raise ValueError(f"{name}: bits must be in 2..8, got {bits}")
+  if scale_dtype not in ("float16", "float32"):
+    raise ValueError(f"{name}: scale_dtype must be 'float16' or 'float32', got {scale_dtype!r}")
+  v, d = table.shape
+  cols = d if group_size is None else group_size
+  if cols < 1 or d % cols:
+    raise ValueError(f"{name}: group_size {group_size} does not divide the width D={d} "
+                     f"(table {table.shape})")
+  if not isinstance(table, jax.core.Tracer):
+    _check_finite_rows(name, table)
+  sdt = jnp.dtype(scale_dtype)
+
+  def chunk(t):
+    t = t.astype(jnp.float32)
+    _, scale, zero = quantize_weight(t, None, bits=bits, symmetric=symmetric, rows=1, cols=cols,
+                                     clip_grid=tuple(clip_grid))
+    # Round scales (and zero points) to their storage dtype first, then recompute the codes for them.
+    # The floor keeps all-zero rows (scale ~0) from rounding to a zero float16 scale.
+    scale = jnp.maximum(scale, jnp.finfo(sdt).tiny).astype(sdt).astype(jnp.float32)
+    qmin, qmax = (-(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1) if symmetric else (
+        -(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+    q = jnp.round(t.reshape(t.shape[0], -1, cols) / scale[..., None])
+    if zero is not None:
+      zero = zero.astype(sdt).astype(jnp.float32)
+      q = q + zero[..., None]
+    codes = jnp.clip(q, qmin, qmax).reshape(t.shape).astype(jnp.int8)
+    return codes, scale.astype(sdt), None if zero is None else zero.astype(sdt)
+
+  rows = min(v, _ROW_CHUNK)
+  if v % rows:  # pad to whole chunks; padded rows are dropped after
+    table = jnp.concatenate([table, jnp.zeros((rows - v % rows, d), table.dtype)])
+  codes, scale, zero = jax.lax.map(chunk, table.reshape(-1, rows, d))
+  flat = lambda a: None if a is None else a.reshape(-1, a.shape[-1])[:v]
+  packed = PackedEmbedding(codes=flat(codes).astype(jnp.int4 if bits <= 4 else jnp.int8),
+                           scale=flat(scale), zero=flat(zero), bits=bits,
+                           dtype=jnp.dtype(table.dtype).name)
+  packed.validate()
+  if not isinstance(packed.scale, jax.core.Tracer) and not bool(jnp.isfinite(packed.scale).all()):
+    raise ValueError(f"{name}: scales overflow {scale_dtype} (entries up to "
+                     f"{float(jnp.abs(table).max()):.3g}); use scale_dtype='float32'")
+  return packed
+
+
+def _check_finite_rows(name: str, table) -> None:
+  import numpy as np
+  # On the host in row blocks: a float32 copy of the full table is 2 GiB.
+  for start in range(0, table.shape[0], 1 << 16):
+    block = np.asarray(table[start:start + (1 << 16)], np.float32)
+    if not np.isfinite(block).all():
+      bad = start + int(np.argwhere(~np.isfinite(block))[0, 0])
+      raise ValueError(f"{name}: contains NaN or Inf (row {bad})")

@@ -90,6 +90,10 @@ def presets():
                  f"rot {r.rotation} perm {r.permutation} smooth {r.smooth_alpha} "
                  f"{r.weight_granularity} {'sym' if r.weight_symmetric else 'asym'} "
                  f"clip {'search' if r.clip_search else 'off'} out-rot {r.output_rotation}")
+    for e in cfg.embeddings:
+      group = "per row" if e.group_size is None else f"group {e.group_size}"
+      typer.echo(f"    {e.pattern}  embedding W{e.bits} weight-only, {group}, "
+                 f"{'sym' if e.symmetric else 'asym'}, {e.scale_dtype} scales")
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -47,7 +47,8 @@ def _load_rules(path: str):
 def _summary_lines(packed, cfg, params_fp) -> list[str]:
   from duquant_jax.config import match_rules
   from duquant_jax.layouts import linear_layouts
-  from duquant_jax.quantize import summarize
+  from duquant_jax.embedding import PackedEmbedding
+  from duquant_jax.quantize import _packed_items, summarize
   s = summarize(packed)
   report = match_rules(cfg, linear_layouts(params_fp))
   lines = ["layers per rule:"]
@@ -58,12 +59,18 @@ def _summary_lines(packed, cfg, params_fp) -> list[str]:
   if report.unused_rules:
     lines.append(f"  rules that matched nothing: {report.unused_rules}")
   lines.append(f"  {len(report.unmatched_layers):4d} linear weights matched no rule (kept in float)")
+  tables = [p for p, leaf in _packed_items(packed) if isinstance(leaf, PackedEmbedding)]
+  for e in cfg.embeddings:
+    n = sum(1 for p in tables if cfg.embedding_rule_for(p) is e)
+    lines.append(f"  {n:4d} tables   W{e.bits} emb    {e.pattern}")
   bits = sorted(set(s.bits.values()))
   lines.append(f"quantized: {s.layers_quantized} linear layers in {len(s.bits)} weights, "
                f"weight bits {bits}")
   ratio = s.weight_bytes_fp / max(s.weight_bytes_packed, 1)
   lines.append(f"bytes of quantized weights: {_human(s.weight_bytes_fp)} (bf16) -> "
                f"{_human(s.weight_bytes_packed)} packed ({ratio:.2f}x smaller)")
+  lines.append(f"bytes of all weights (float leaves as bf16): {_human(s.tree_bytes_bf16)} -> "
+               f"{_human(s.tree_bytes_packed)} ({s.tree_ratio:.3f}x)")
   return lines
 
 

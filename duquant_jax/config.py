@@ -242,6 +242,10 @@ EXPERT_MLP = r"PaliGemma/llm/layers/mlp_1/(gating_einsum|linear)"
 EXPERT_ATTN = r"PaliGemma/llm/layers/attn/(q|kv|attn_vec)_einsum_1/w"
 EXPERT_QK = r"PaliGemma/llm/layers/attn/(q|kv)_einsum_1/w"
 ATTN_PROJ = r"PaliGemma/llm/layers/attn/(q|kv)_einsum(_1)?/w"
+# SigLIP's transformer linears (q, k, v, out, MLP); the patch conv and the vision head stay float.
+SIGLIP = (r"PaliGemma/img/Transformer/encoderblock/(MultiHeadDotProductAttention_0/"
+          r"(query|key|value|out)|MlpBlock_0/Dense_(0|1))/kernel")
+EMBEDDING = r"PaliGemma/llm/embedder/input_embedding"
 
 
 def _documents(block: int, calib: int, name: str, **kw) -> QuantConfig:
@@ -287,6 +291,15 @@ def _presets() -> dict[str, QuantConfig]:
                                      LayerRule(pattern=EXPERT_MLP, **rtn))),
       "recommended": _ours("recommended", (LayerRule(pattern=LLM, **best),
                                            LayerRule(pattern=EXPERT_MLP, **best))),
+      # All weights at <= 0.30x bf16 (full size, EVALUATION.md): recommended, plus the expert
+      # attention at W8A8 (small; W4 cost more action error on the demo), SigLIP at W4A8 with
+      # block 8 (block 8 divides SigLIP's head_dim 72, width 1152 and MLP width 4304; it measured
+      # better than block 16, RTN or W8 MLP on the demo), and the token table weight-only int4.
+      "deploy": QuantConfig(name="deploy", calib_batches=128, rules=(
+          LayerRule(pattern=LLM, **best), LayerRule(pattern=EXPERT_MLP, **best),
+          LayerRule(pattern=EXPERT_ATTN, weight_bits=8, **best),
+          LayerRule(pattern=SIGLIP, block_size=8)),
+          embeddings=(EmbeddingRule(pattern=EMBEDDING, bits=4, group_size=128),)),
   }
 
 

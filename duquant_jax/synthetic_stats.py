@@ -21,15 +21,27 @@ class SyntheticStats:
     self.absmax, self.samples = absmax, samples
 
 
-def synthetic_stats(params, select: str = r"PaliGemma/llm/layers/.*", *, rows: int = 64,
+def synthetic_stats(params, select: str | None = None, *, rows: int = 64,
                     seed: int = 0) -> dict[str, SyntheticStats]:
-  """Gaussian activation rows (R = `rows`) with 3 outlier channels 50x larger, per selected linear."""
+  """Gaussian activation rows (R = `rows`) with 3 outlier channels 50x larger, per selected linear.
+
+  Args:
+    params: a param tree (arrays or ShapeDtypeStructs; under `jax.eval_shape` the stats are abstract).
+    select: regex (re.fullmatch) on the weight path, or None for every declared linear (so that any
+      preset, including ones quantizing SigLIP, finds stats for its smoothing and greedy rotations).
+    rows: R, activation rows per linear. seed: the same seed gives the same stats.
+
+  Returns:
+    {weight path: SyntheticStats with absmax (stack..., K) and samples (stack..., R, K)}.
+  """
   import re
+  import zlib
   out = {}
   for path, lay in linear_layouts(params).items():
-    if not re.fullmatch(select, path):
+    if select is not None and not re.fullmatch(select, path):
       continue
-    key = jax.random.fold_in(jax.random.key(seed), len(out))
+    # Keyed by the path, so a layer's stats do not depend on which other layers are selected.
+    key = jax.random.fold_in(jax.random.key(seed), zlib.crc32(path.encode()) & 0x7FFFFFFF)
     shape = lay.stack_shape + (rows, lay.in_features)
     x = jax.random.normal(key, shape, jnp.float32)
     x = x.at[..., :3].multiply(50.0)

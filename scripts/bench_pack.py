@@ -1,11 +1,17 @@
 """Time `quantize_params` on a full-size pi0 / pi0.5 with random bf16 weights (the packing target).
 
 Usage: PYTHONPATH=. python scripts/bench_pack.py [--model pi0] [--size full] [--preset recommended]
-       [--all-linears]
+       [--all-linears] [--abstract]
 
 Random weights and synthetic stats (duquant_jax.synthetic_stats): this measures the packer's cost,
 not accuracy. `--all-linears` quantizes every Gemma linear of both experts (126 + 126) with the
 preset's first rule.
+
+`--abstract` packs nothing: it runs `quantize_params` under `jax.eval_shape` on bf16 param shapes,
+which gives the exact shapes and dtypes of the packed tree (codes, scales, zero points, transforms,
+packed embedding) without allocating or computing them, and prints the bytes of the whole param tree,
+bf16 vs packed (seconds and little memory at full size, where a real pack of 252 linears needs
+~22 GB). It also checks every rule's block / group constraints at that size.
 """
 
 import argparse
@@ -50,15 +56,35 @@ def bench_config(preset: str, all_linears: bool):
   return cfg
 
 
+def abstract_summary(policy, cfg):
+  """summarize() of the packed tree of bf16 params, computed by jax.eval_shape (nothing allocated)."""
+  shapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.bfloat16), policy.param_shapes())
+  packed = jax.eval_shape(lambda p: quantize_params(p, cfg, synthetic_stats(p)), shapes)
+  return summarize(packed)
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--model", default="pi0")
   ap.add_argument("--size", default="full")
   ap.add_argument("--preset", default="recommended")
   ap.add_argument("--all-linears", action="store_true")
+  ap.add_argument("--abstract", action="store_true",
+                  help="bytes of the whole tree from jax.eval_shape; no packing")
   args = ap.parse_args()
   policy = get_policy(args.model, args.size)
   cfg = bench_config(args.preset, args.all_linears)
+  if args.abstract:
+    t = time.perf_counter()
+    s = abstract_summary(policy, cfg)
+    gib = lambda b: f"{b / 2**30:.3f} GiB"
+    print(f"{args.model} {args.size} preset={cfg.name} (jax.eval_shape, {time.perf_counter() - t:.0f} s)")
+    print(f"quantized tensors: {len(s.bits)} ({s.layers_quantized} linears); packed "
+          f"{gib(s.weight_bytes_packed)} vs bf16 {gib(s.weight_bytes_fp)} "
+          f"({s.weight_bytes_packed / s.weight_bytes_fp:.3f}x)")
+    print(f"all weights: packed {gib(s.tree_bytes_packed)} vs bf16 {gib(s.tree_bytes_bf16)} "
+          f"({s.tree_ratio:.3f}x)")
+    return
   t = time.perf_counter()
   params = jax.block_until_ready(random_params(policy))
   t_init = time.perf_counter() - t

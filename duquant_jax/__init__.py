@@ -9,7 +9,8 @@ __version__ = "0.1.0"
 from duquant_jax.calibrate import CalibConfig, CalibStats
 from duquant_jax.calib_data import calibration_batches, load_npz_batches
 from duquant_jax.checkpoint import load_openpi_params, load_packed, save_openpi_params, save_packed
-from duquant_jax.config import PRESETS, LayerRule, QuantConfig, get_preset, match_rules
+from duquant_jax.config import PRESETS, EmbeddingRule, LayerRule, QuantConfig, get_preset, match_rules
+from duquant_jax.embedding import PackedEmbedding, quantize_embedding
 from duquant_jax.inference import packed_interceptor, quantized_apply
 from duquant_jax.layouts import LinearLayout, linear_layouts
 from duquant_jax.packed import PackedLinear
@@ -20,7 +21,8 @@ __all__ = [
     "__version__",
     "CalibConfig", "CalibStats", "calibration_batches", "load_npz_batches",
     "load_openpi_params", "load_packed", "save_openpi_params", "save_packed",
-    "PRESETS", "LayerRule", "QuantConfig", "get_preset", "match_rules",
+    "PRESETS", "EmbeddingRule", "LayerRule", "QuantConfig", "get_preset", "match_rules",
+    "PackedEmbedding", "quantize_embedding",
     "packed_interceptor", "quantized_apply", "LinearLayout", "linear_layouts", "PackedLinear",
     "quantize_params", "summarize", "InputTransform", "build_duquant_transform",
 ]

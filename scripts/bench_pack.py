@@ -77,7 +77,7 @@ def main():
   if args.abstract:
     t = time.perf_counter()
     s = abstract_summary(policy, cfg)
-    gib = lambda b: f"{b / 2**30:.3f} GiB"
+    gib = lambda b: f"{b / 2**30:.3f} GiB ({b} B)"
     print(f"{args.model} {args.size} preset={cfg.name} (jax.eval_shape, {time.perf_counter() - t:.0f} s)")
     print(f"quantized tensors: {len(s.bits)} ({s.layers_quantized} linears); packed "
           f"{gib(s.weight_bytes_packed)} vs bf16 {gib(s.weight_bytes_fp)} "

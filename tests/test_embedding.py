@@ -141,11 +141,11 @@ def deploy_pi05():
   stats = calibrate(policy, params, batches,
                     CalibConfig(select=select_for(cfg, params), progress=False, num_samples=32),
                     rng=jax.random.key(4))
-  return policy, params, cfg, quantize_params(params, cfg, stats)
+  return policy, params, cfg, stats, quantize_params(params, cfg, stats)
 
 
 def test_deploy_runs_end_to_end(deploy_pi05):
-  policy, params, cfg, packed = deploy_pi05
+  policy, params, cfg, stats, packed = deploy_pi05
   llm, img = packed["PaliGemma"]["llm"], packed["PaliGemma"]["img"]
   assert isinstance(llm["embedder"]["input_embedding"], PackedEmbedding)
   assert isinstance(llm["layers"]["attn"]["q_einsum_1"]["w"], PackedLinear)
@@ -154,6 +154,9 @@ def test_deploy_runs_end_to_end(deploy_pi05):
   assert isinstance(block["MlpBlock_0"]["Dense_1"]["kernel"], PackedLinear)
   s = summarize(packed)
   assert s.tree_ratio < summarize(quantize_params(params, QuantConfig())).tree_ratio
+  # The full-size byte counts in EVALUATION.md come from jax.eval_shape: it must agree exactly.
+  abstract = jax.eval_shape(lambda p: quantize_params(p, cfg, stats), params)
+  assert summarize(abstract) == s
   obs = held_out("pi05")
   f = jax.jit(policy.sample_actions)
   a_q = np.asarray(f(packed, obs, jax.random.key(5)))

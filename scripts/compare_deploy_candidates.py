@@ -1,0 +1,46 @@
+"""The `deploy` candidates measured on the demo (EVALUATION.md, "deploy"): one `evaluate` run per model.
+
+Usage: PYTHONPATH=. python scripts/compare_deploy_candidates.py pi0 rec,emb,ea,sig8,sigrtn,sigw8
+(candidate keys: see `cands` below). Same harness settings as `duquant-jax eval --calib-batches 0
+--episodes 2 --chunks 25`; prints one line per candidate.
+"""
+import sys
+import time
+from duquant_jax.config import (EXPERT_ATTN, EXPERT_MLP, LLM, EmbeddingRule, LayerRule, QuantConfig,
+                                get_preset)
+from duquant_jax.evaluate import evaluate, EvalConfig, Variant
+model = sys.argv[1]
+EMB = EmbeddingRule(pattern=r"PaliGemma/llm/embedder/input_embedding")
+SIG = r"PaliGemma/img/Transformer/encoderblock/(MultiHeadDotProductAttention_0/(query|key|value|out)|MlpBlock_0/Dense_(0|1))/kernel"
+SIG_ATT = r"PaliGemma/img/Transformer/encoderblock/MultiHeadDotProductAttention_0/(query|key|value|out)/kernel"
+SIG_MLP = r"PaliGemma/img/Transformer/encoderblock/MlpBlock_0/Dense_(0|1)/kernel"
+SIG_OUT = r"PaliGemma/img/Transformer/encoderblock/MultiHeadDotProductAttention_0/out/kernel"
+HEAD = r"PaliGemma/img/head/kernel"
+best = dict(block_size=16)
+rtn = dict(rotation="none", permutation="none", smooth_alpha=None)
+base = (LayerRule(pattern=LLM, **best), LayerRule(pattern=EXPERT_MLP, **best))
+ea = (LayerRule(pattern=EXPERT_ATTN, **best),)
+def C(name, rules, emb=(EMB,)):
+  return Variant(name=name, cfg=QuantConfig(name=name, rules=tuple(rules), embeddings=emb), calib_batches=None)
+cands = {
+ "rec": Variant(name="recommended", cfg=get_preset("recommended"), calib_batches=None),
+ "emb": C("rec+emb", base),
+ "ea": C("rec+emb+eattn", base + ea),
+ "sig8": C("+sig dq b8", base + ea + (LayerRule(pattern=SIG, block_size=8),)),
+ "sigrtn": C("+sig rtn+clip", base + ea + (LayerRule(pattern=SIG, **rtn),)),
+ "sigw8": C("+sig w8a8 rtn", base + ea + (LayerRule(pattern=SIG, weight_bits=8, **rtn),)),
+ "sigb16o8": C("+sig b16 out b8", base + ea + (LayerRule(pattern=SIG_OUT, block_size=8), LayerRule(pattern=SIG, block_size=16))),
+ "sigmixA": C("+sig attn b8 w4, mlp w8 rtn", base + ea + (LayerRule(pattern=SIG_ATT, block_size=8), LayerRule(pattern=SIG_MLP, weight_bits=8, **rtn))),
+ "sigmixM": C("+sig attn w8 rtn, mlp b8 w4", base + ea + (LayerRule(pattern=SIG_ATT, weight_bits=8, **rtn), LayerRule(pattern=SIG_MLP, block_size=8))),
+ "ea8sig8": C("eattn w8 b16, sig b8", base + (LayerRule(pattern=EXPERT_ATTN, weight_bits=8, **best),) + (LayerRule(pattern=SIG, block_size=8),)),
+ "sig8g": C("+sig b8 group64", base + ea + (LayerRule(pattern=SIG, block_size=8, weight_granularity="group", group_size=64),)),
+ "sig8sm": C("+sig smooth-only", base + ea + (LayerRule(pattern=SIG, rotation="none", permutation="none", block_size=8),)),
+ "sig8h": C("+sig b8 +head", base + ea + (LayerRule(pattern=SIG, block_size=8), LayerRule(pattern=HEAD, block_size=8))),
+}
+names = sys.argv[2].split(",")
+cfg = EvalConfig(episodes=2, chunks=25, calib_batches=0)
+t=time.time()
+rep = evaluate(model, [cands[n] for n in names], cfg, log=lambda s: print(s, file=sys.stderr, flush=True))
+for r in rep.results:
+  print(model, r.name, f"err {r.action_err_mean:.4f} p99 {r.action_err_p99:.4f} drift25 {r.drift.get(25, float('nan')):.4f} bytes {r.bytes_packed/r.bytes_fp:.3f} layer {r.layer_err_mean:.4f} worst {r.layer_err_worst[:2]}", flush=True)
+print("time", time.time()-t)

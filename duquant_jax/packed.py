@@ -107,7 +107,6 @@ class PackedLinear:
     """x2 (M, K) in the linear's input layout -> (M, N) in x2's dtype (one layer: no stack axes)."""
     dtype = x2.dtype
     if self.act_bits is not None and self.mode == "int":
-      # Transform + per-token quantization: one fused kernel on CUDA, the XLA chain elsewhere.
       xq, sx, zx = _transform_quantize(x2, self.transform, self.act_bits,
                                        symmetric=self.act_symmetric, clip_ratio=self.act_clip)
       y = _int_matmul(xq, sx, zx, self.codes, self.scale, self.zero)

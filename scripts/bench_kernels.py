@@ -174,7 +174,10 @@ def regime(m):
   return "small" if m <= 16 else "mid" if m <= 64 else "m256" if m <= 256 else "large"
 
 
-def case_timers(key, m, k, n, tiles=None, paths=("bf16", "xla_int8", "kernel"), candidates=()):
+PATHS = ("bf16", "xla_int8", "xla_bf16", "kernel")
+
+
+def case_timers(key, m, k, n, tiles=None, paths=PATHS, candidates=()):
   """{path: LoopTimer} for one (M, K, N); "kernel@i" for each tile candidate i."""
   copies = n_copies(n * k // 2)
   case = make_case(key, m, k, n, copies)
@@ -188,6 +191,11 @@ def case_timers(key, m, k, n, tiles=None, paths=("bf16", "xla_int8", "kernel"), 
   if "xla_int8" in paths:
     out["xla_int8"] = LoopTimer(
         lambda c, w: xla.w4a8_matmul(c[0], c[1], None, w[0], w[1], None, out_dtype=jnp.bfloat16),
+        act, case["w_q"], y0, iters)
+  if "xla_bf16" in paths:  # the same integer dot on bf16 tensor cores (exact, see xla.w4a8_matmul)
+    out["xla_bf16"] = LoopTimer(
+        lambda c, w: xla.w4a8_matmul(c[0], c[1], None, w[0], w[1], None, out_dtype=jnp.bfloat16,
+                                     dot="bf16"),
         act, case["w_q"], y0, iters)
 
   def kernel_timer(t):
@@ -217,7 +225,7 @@ def run_timers(timers):
   return out
 
 
-def bench_case(key, m, k, n, tiles=None, paths=("bf16", "xla_int8", "kernel")):
+def bench_case(key, m, k, n, tiles=None, paths=PATHS):
   """{path: seconds per matmul} for one (M, K, N)."""
   return run_timers(case_timers(key, m, k, n, tiles, paths))
 
@@ -475,7 +483,7 @@ def main():
       res = run_timers(timers)
       del timers
       for (k, n), names in uniq.items():
-        t = {p: res[(k, n, p)] for p in ("bf16", "xla_int8", "kernel")}
+        t = {p: res[(k, n, p)] for p in PATHS}
         t["kernel_default"] = t["kernel"]
         best = None
         for i, c in enumerate(cands):
@@ -494,15 +502,16 @@ def main():
 
 def print_row(r):
   print(f"| {r['model']} | {r['linears']} | {r['m']} | {r['k']}x{r['n']} | {r['bf16'] * 1e6:.1f} | "
-        f"{r['xla_int8'] * 1e6:.1f} | {r['kernel'] * 1e6:.1f} | {r['floor_s'] * 1e6:.1f} | "
+        f"{r['xla_int8'] * 1e6:.1f} | {r.get('xla_bf16', float('nan')) * 1e6:.1f} | "
+        f"{r['kernel'] * 1e6:.1f} | {r['floor_s'] * 1e6:.1f} | "
         f"{r['bf16'] / r['kernel']:.2f} | {r['xla_int8'] / r['kernel']:.2f} | "
         f"{r['kernel'] / r['floor_s']:.2f} |", flush=True)
 
 
 def print_table(rows):
-  print("\n| model | linears | M | K x N | bf16 us | XLA int8 us | kernel us | floor us | "
-        "bf16/kernel | int8/kernel | kernel/floor |")
-  print("|---|---|---|---|---|---|---|---|---|---|---|")
+  print("\n| model | linears | M | K x N | bf16 us | XLA int8 us | XLA bf16-MMA us | kernel us | "
+        "floor us | bf16/kernel | int8/kernel | kernel/floor |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|---|")
   for r in rows:
     print_row(r)
 

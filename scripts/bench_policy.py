@@ -66,16 +66,20 @@ def main():
   ap.add_argument("--repeats", type=int, default=20)
   ap.add_argument("--json", default=None)
   ap.add_argument("--variants", default="auto/auto",
-                  help="comma list of MATMUL/TRANSFORM dispatch choices for the packed policy, each "
-                       "auto or xla (matmul auto: the Pallas kernel where it won; transform auto: "
-                       "the fused transform + quantization kernel on CUDA), e.g. auto/auto,xla/xla")
+                  help="comma list of MATMUL/TRANSFORM dispatch choices for the packed policy "
+                       "(kernels.IMPLEMENTATIONS / kernels.TRANSFORM_IMPLEMENTATIONS, or auto for "
+                       "the library's choice), e.g. auto/auto,xla_bf16/xla_reduce")
   ap.add_argument("--permutation", default=None, help="override the rules' permutation (e.g. none)")
   ap.add_argument("--breakdown", action="store_true",
                   help="also time 1-step calls: prefix ~ t(1) - step, step = (t(10) - t(1)) / 9")
   args = ap.parse_args()
   variants = [tuple(v.split("/")) for v in args.variants.split(",")]
-  if any(len(v) != 2 or not set(v) <= {"auto", "xla"} for v in variants):
-    ap.error(f"--variants must be MATMUL/TRANSFORM pairs of auto|xla, got {args.variants!r}")
+  from duquant_jax import kernels
+  mm_ok = ["auto"] + [i for i in kernels.IMPLEMENTATIONS if i]
+  tr_ok = ["auto"] + [i for i in kernels.TRANSFORM_IMPLEMENTATIONS if i]
+  if any(len(v) != 2 or v[0] not in mm_ok or v[1] not in tr_ok for v in variants):
+    ap.error(f"--variants must be MATMUL/TRANSFORM pairs ({'|'.join(mm_ok)} / {'|'.join(tr_ok)}), "
+             f"got {args.variants!r}")
   rows = []
   for model in args.models.split(","):
     policy = get_policy(model, args.size)

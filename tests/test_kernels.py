@@ -115,3 +115,23 @@ def test_reexports():
   x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 32)), jnp.float32)
   xq, sx, zx = kernels.quantize_per_token(x, symmetric=False)
   assert np.max(np.abs(np.asarray(kernels.dequantize_per_token(xq, sx, zx) - x))) < 0.05
+
+
+@pytest.mark.parametrize("m,n,k,g,sym_x,sym_w", [(50, 64, 256, 1, True, True),
+                                                 (17, 32, 256, 4, False, False)])
+def test_bf16_tensor_core_dot_is_bit_identical(m, n, k, g, sym_x, sym_w):
+  """dot="bf16" runs the same integer sums on bf16 operands; every value is exact in float32."""
+  args = _case(m, n, k, g, sym_x, sym_w, seed=3)
+  np.testing.assert_array_equal(np.asarray(xla.w4a8_matmul(*args, dot="bf16")),
+                                np.asarray(xla.w4a8_matmul(*args)))
+  y = kernels.w4a8_matmul(*args, implementation="xla_bf16")
+  assert _rel(y, xla.w4a8_matmul_reference_f64(*args)) <= 1e-6
+  with pytest.raises(ValueError, match="dot"):
+    xla.w4a8_matmul(*args, dot="fp8")
+
+
+def test_bf16_dot_refuses_inexact_group_length():
+  xq = jnp.zeros((2, 32768), jnp.int8)
+  q = jnp.zeros((4, 32768), jnp.int4)
+  with pytest.raises(ValueError, match="exact only"):
+    xla.w4a8_matmul(xq, jnp.ones((2, 1)), None, q, jnp.ones((4, 1)), None, dot="bf16")

@@ -84,7 +84,7 @@ def test_dispatch_and_packed_linear_use_the_kernel_identically():
   ref = kernels.transform_quantize(x, tr, 8, implementation="xla")
   got = kernels.transform_quantize(x, tr, 8, implementation="pallas_interpret")
   np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(ref[0]))
-  auto = jax.jit(lambda x: kernels.transform_quantize(x, tr, 8))(x)  # CPU: the XLA chain
+  auto = jax.jit(lambda x: kernels.transform_quantize(x, tr, 8))(x)  # auto: the XLA chain
   np.testing.assert_array_equal(np.asarray(auto[0]), np.asarray(ref[0]))
   r = np.random.default_rng(2)
   lin = PackedLinear(codes=jnp.asarray(r.integers(-8, 8, (n, k)), jnp.int4),
@@ -125,3 +125,15 @@ def test_fused_kernel_lowers_to_triton_for_cuda(symmetric):
           s((m, k), jnp.bfloat16), s((k // b, b, b), jnp.float16), s((k,), jnp.int32),
           s((k // b, b, b), jnp.float16))
   assert "xla.gpu.triton" in exported.mlir_module()
+
+
+@pytest.mark.parametrize("perm,rot2", [(True, True), (False, True), (True, False)])
+def test_multiply_reduce_form_equals_einsum_form(perm, rot2):
+  tr = _transform(128, 16, perm=perm, rot2=rot2)
+  x = _x(6, 128)
+  ref = tr.apply(x.astype(jnp.float32), precision=_HIGHEST)
+  got = kernels.xla.transform_reduce(x, tr)
+  assert float(jnp.max(jnp.abs(got - ref)) / jnp.max(jnp.abs(ref))) < 1e-6
+  codes = kernels.transform_quantize(x, tr, 8, implementation="xla_reduce")[0]
+  d = np.abs(np.asarray(codes, np.int32) - np.asarray(_reference(x, tr, False)[0], np.int32))
+  assert d.max() <= 1 and (d > 0).mean() < 1e-2

@@ -8,8 +8,10 @@
   "pallas_interpret"  the same kernel in Pallas interpret mode (any backend; tests).
 
 `transform_quantize` (DuQuant's online input transform, then per-token activation quantization)
-dispatches the same way: the fused Pallas kernel (`pallas_transform`) on CUDA where it applies, the
-XLA chain (`InputTransform.apply` + `xla.quantize_per_token`) elsewhere.
+runs as XLA ops: on CUDA the block rotations as multiply-reduce (`xla.transform_reduce`, which
+fused best inside the policy), elsewhere as einsums (`InputTransform.apply`), then
+`xla.quantize_per_token`. The fused Pallas kernel (`pallas_transform`) runs only when asked: on the
+H100 it measured 2-60x slower than XLA's chain at every shape (BENCHMARKS.md, "Online transform").
 
 Importing this package imports no GPU-only module: the Pallas modules are loaded when first traced.
 """
@@ -22,7 +24,8 @@ import jax.numpy as jnp
 from duquant_jax.kernels.xla import dequantize_per_token, quantize_per_token
 from duquant_jax.kernels import xla
 
-IMPLEMENTATIONS = (None, "xla", "pallas", "pallas_interpret")
+IMPLEMENTATIONS = (None, "xla", "xla_bf16", "pallas", "pallas_interpret")
+TRANSFORM_IMPLEMENTATIONS = (None, "xla", "xla_reduce", "pallas", "pallas_interpret")
 
 
 def kernel_preferred(m: int, n: int, k: int, g: int) -> bool:
@@ -50,7 +53,8 @@ def w4a8_matmul(xq: jax.Array, sx: jax.Array, zx: jax.Array | None, q: jax.Array
     xq: (M, K) int8 activation codes; sx (M, 1) float32 scales; zx (M, 1) float32 zero points or None.
     q: (N, K) int4 weight codes stored (out, in); sw (N, G) float32 scales; zw (N, G) or None.
     out_dtype: dtype of the result.
-    implementation: None (auto), "xla", "pallas" or "pallas_interpret".
+    implementation: None (auto), "xla" (int8 dot), "xla_bf16" (the same integer dot on bf16
+      tensor cores, bit-identical), "pallas" or "pallas_interpret".
 
   Returns:
     (M, N) array of out_dtype.
@@ -60,8 +64,9 @@ def w4a8_matmul(xq: jax.Array, sx: jax.Array, zx: jax.Array | None, q: jax.Array
   """
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
-  if implementation == "xla":
-    return xla.w4a8_matmul(xq, sx, zx, q, sw, zw, out_dtype=out_dtype)
+  if implementation in ("xla", "xla_bf16"):
+    return xla.w4a8_matmul(xq, sx, zx, q, sw, zw, out_dtype=out_dtype,
+                           dot="bf16" if implementation == "xla_bf16" else "int8")
   if implementation in ("pallas", "pallas_interpret"):
     from duquant_jax.kernels import pallas_gpu
     return pallas_gpu.w4a8_matmul(xq, sx, zx, q, sw, zw, out_dtype=out_dtype,
@@ -91,39 +96,43 @@ def transform_quantize(x: jax.Array, transform, bits: int = 8, *, symmetric: boo
     x: (M, K) activations in any float dtype (one layer: the transform has no stack axes).
     transform: an `InputTransform` (smoothing merged into rot1 for the kernel) or None.
     bits, symmetric, clip_ratio: the per-token quantizer, as `xla.quantize_per_token`.
-    implementation: None (auto: the fused kernel on CUDA when `fused_transform_applies`), "xla",
-      "pallas" or "pallas_interpret" (the latter two raise if the kernel cannot take this transform).
+    implementation: None (auto: XLA, multiply-reduce form on CUDA), "xla" (the einsum
+      form, `InputTransform.apply`), "xla_reduce" (`xla.transform_reduce`, no GEMMs), "pallas" or
+      "pallas_interpret" (the latter two raise if the kernel cannot take this transform).
 
   Returns:
     The per-token codes, scales and zero points of the transformed activations.
   """
-  if implementation not in IMPLEMENTATIONS:
-    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
-
-  def xla_fn():
+  if implementation not in TRANSFORM_IMPLEMENTATIONS:
+    raise ValueError(f"implementation must be one of {TRANSFORM_IMPLEMENTATIONS}, "
+                     f"got {implementation!r}")
+  def xla_fn(form):
     xt = x.astype(jnp.float32)
     if transform is not None:
-      xt = transform.apply(xt)
+      if form == "xla_reduce" and x.ndim == 2 and all(
+          r is None or r.ndim == 3 for r in (transform.rot1, transform.rot2)):
+        xt = xla.transform_reduce(xt, transform)
+      else:
+        xt = transform.apply(xt)
     return quantize_per_token(xt, bits, symmetric=symmetric, clip_ratio=clip_ratio)
 
-  if implementation == "xla":
-    return xla_fn()
-  applies = fused_transform_applies(x.shape, transform)
-  if implementation is None and not (applies and jax.default_backend() == "gpu"):
-    return xla_fn()
-  if not applies:
+  if implementation in ("xla", "xla_reduce"):
+    return xla_fn(implementation)
+  if implementation is None:
+    if transform is None:
+      return xla_fn("xla")
+    # Measured in the full policy on the H100 (BENCHMARKS.md): the multiply-reduce form fuses
+    # with its neighbours there; CPUs keep the einsum form.
+    return jax.lax.platform_dependent(cuda=lambda: xla_fn("xla_reduce"),
+                                      default=lambda: xla_fn("xla"))
+  if not fused_transform_applies(x.shape, transform):
     raise ValueError(f"the fused transform kernel does not take x {x.shape} with this transform "
                      "(needs rot1 with smoothing merged, no stack axes, power-of-two K and block)")
   from duquant_jax.kernels import pallas_transform
 
-  def kernel_fn():
-    return pallas_transform.transform_quantize(
-        x, transform.rot1, transform.perm, transform.rot2, bits=bits, symmetric=symmetric,
-        clip_ratio=clip_ratio, interpret=implementation == "pallas_interpret")
-
-  if implementation is not None:
-    return kernel_fn()
-  return jax.lax.platform_dependent(cuda=kernel_fn, default=xla_fn)
+  return pallas_transform.transform_quantize(
+      x, transform.rot1, transform.perm, transform.rot2, bits=bits, symmetric=symmetric,
+      clip_ratio=clip_ratio, interpret=implementation == "pallas_interpret")
 
 
 def fused_transform_applies(x_shape, transform) -> bool:
@@ -141,5 +150,5 @@ def fused_transform_applies(x_shape, transform) -> bool:
   return pallas_transform.supports(k, b)
 
 
-__all__ = ["w4a8_matmul", "transform_quantize", "fused_transform_applies", "quantize_per_token",
+__all__ = ["w4a8_matmul", "transform_quantize", "TRANSFORM_IMPLEMENTATIONS", "fused_transform_applies", "quantize_per_token",
            "dequantize_per_token", "kernel_preferred", "IMPLEMENTATIONS"]

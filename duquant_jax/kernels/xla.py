@@ -48,14 +48,40 @@ def quantize_per_token(x: jax.Array, bits: int = 8, *, symmetric: bool = True,
   return xq, sx, zx
 
 
+def transform_reduce(x: jax.Array, transform) -> jax.Array:
+  """`transform.apply(x)` for (M, K) x without dots: block rotations as broadcast multiply-reduce.
+
+  XLA lowers the einsum form of a block rotation to a batched (G, M, b) x (G, b, b) GEMM with
+  transposes on both sides; as an elementwise product reduced over b it fuses with its producer
+  (the cast, the gather) into one reduction kernel per rotation. Same sums, another order: equal
+  to float32 rounding.
+  """
+  x = x.astype(jnp.float32)
+  if transform.smooth is not None:
+    x = x / transform.smooth
+  m, k = x.shape
+  for i, rot in enumerate((transform.rot1, transform.rot2)):
+    if i == 1 and transform.perm is not None:
+      x = jnp.take(x, transform.perm, axis=1)
+    if rot is not None:
+      g, b = rot.shape[0], rot.shape[-1]
+      xb = x.reshape(m, g, b, 1)
+      x = jnp.sum(xb * rot.astype(jnp.float32)[None], axis=2).reshape(m, k)
+  return x
+
+
 def dequantize_per_token(xq, sx, zx=None):
   """Inverse of `quantize_per_token` (float32)."""
   xq = xq.astype(jnp.float32)
   return sx * (xq if zx is None else xq - zx)
 
 
+# Largest |sum| of int8 x int4 products that float32 holds exactly: 2^24 = 16384 * 128 * 8.
+_BF16_DOT_MAX_K = 16384
+
+
 def w4a8_matmul(xq: jax.Array, sx: jax.Array, zx: jax.Array | None, q: jax.Array, sw: jax.Array,
-                zw: jax.Array | None, *, out_dtype=jnp.float32) -> jax.Array:
+                zw: jax.Array | None, *, out_dtype=jnp.float32, dot: str = "int8") -> jax.Array:
   """Integer W4A8 matmul, XLA path.
 
   Args:
@@ -63,9 +89,17 @@ def w4a8_matmul(xq: jax.Array, sx: jax.Array, zx: jax.Array | None, q: jax.Array
     q: (N, K) int4 (or int8) weight codes; sw (N, G) float32 scales; zw (N, G) zero points or None.
       G groups of K // G consecutive input channels (G = 1: per output channel).
     out_dtype: dtype of the result.
+    dot: "int8": int8 x int8 -> int32 dot. "bf16": the same integer codes as bf16 operands with
+      float32 accumulation, on bf16 tensor cores: every code is exact in bf16, every product
+      (|xq q| <= 1024) and every partial sum (|sum| <= 2^24 for K / G <= 16384) exact in float32,
+      so the result equals the int8 dot bit for bit. Faster where XLA's int8 GEMM is not (see
+      BENCHMARKS.md).
 
   Returns:
-    (M, N) `dequant(xq) @ dequant(q).T`, computed as int32 dots and a float32 epilogue.
+    (M, N) `dequant(xq) @ dequant(q).T`, computed as exact integer dots and a float32 epilogue.
+
+  Raises:
+    ValueError: shapes that do not agree, an unknown `dot`, or dot="bf16" with K / G > 16384.
   """
   m, k = xq.shape
   n, g = sw.shape
@@ -73,18 +107,31 @@ def w4a8_matmul(xq: jax.Array, sx: jax.Array, zx: jax.Array | None, q: jax.Array
     raise ValueError(f"weight codes {q.shape} do not match activations (M, K)={xq.shape} "
                      f"and scales (N, G)={sw.shape}")
   gs = k // g
-  q8 = q.astype(jnp.int8)
+  if dot not in ("int8", "bf16"):
+    raise ValueError(f"dot must be 'int8' or 'bf16', got {dot!r}")
+  if dot == "bf16" and gs > _BF16_DOT_MAX_K:
+    raise ValueError(f"dot='bf16' is exact only for K / G <= {_BF16_DOT_MAX_K}, got {gs}")
   xg = xq.reshape(m, g, gs)
-  qg = q8.reshape(n, g, gs)
-  # (G, M, N) int32: one TN dot per group, batched over G.
-  acc = jax.lax.dot_general(xg, qg, (((2,), (2,)), ((1,), (1,))), preferred_element_type=jnp.int32)
-  acc = acc.astype(jnp.float32)
+  if zx is not None:
+    # The weight's column sums ride along as one extra row of ones: the dot reads the weight
+    # once, where a separate reduction would read all of it a second time.
+    xg = jnp.concatenate([xg, jnp.ones((1, g, gs), xg.dtype)], axis=0)
+  # (G, M[+1], N): one TN dot per group, batched over G.
+  dims = (((2,), (2,)), ((1,), (1,)))
+  if dot == "int8":
+    acc = jax.lax.dot_general(xg, q.astype(jnp.int8).reshape(n, g, gs), dims,
+                              preferred_element_type=jnp.int32).astype(jnp.float32)
+  else:
+    acc = jax.lax.dot_general(xg.astype(jnp.bfloat16), q.astype(jnp.bfloat16).reshape(n, g, gs),
+                              dims, preferred_element_type=jnp.float32)
+  if zx is not None:
+    acc, colsum = acc[:, :m], acc[:, m:]  # (G, M, N), (G, 1, N): sum_k q per group
+    xg = xg[:m]
   if zw is not None:
     rowsum = jnp.sum(xg.astype(jnp.int32), axis=-1).astype(jnp.float32)  # (M, G)
     acc = acc - zw.T[:, None, :] * rowsum.T[:, :, None]
   if zx is not None:
-    colsum = jnp.sum(qg.astype(jnp.int32), axis=-1).astype(jnp.float32)  # (N, G)
-    corr = colsum.T[:, None, :]
+    corr = colsum
     if zw is not None:
       corr = corr - gs * zw.T[:, None, :]
     acc = acc - zx[None, :, :] * corr

@@ -1,0 +1,107 @@
+"""Where does `sample_actions` spend its time? A device trace of bf16 vs packed, summed per op.
+
+Traces `--calls` calls of the jitted full-size policy (random weights, synthetic stats, as
+bench_policy.py) with `jax.profiler`, reads the trace back with `jax.profiler.ProfileData`, and prints
+per call: wall time, summed GPU kernel time, kernel count, and the ops with the most GPU time
+(grouped by the HLO op name XLA gives the kernel, with digits stripped so that `fusion.12` and
+`fusion.57` group together; pass --no-group to keep them apart).
+
+Usage (GPU): cd scripts && PYTHONPATH=.. python profile_policy.py [--model pi0] [--batch 1] [--top 25]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import json
+import re
+import tempfile
+import time
+
+import jax
+import numpy as np
+
+from duquant_jax.models import get_policy, make_observation
+from duquant_jax.quantize import quantize_params
+from duquant_jax.synthetic_stats import synthetic_stats
+
+from bench_pack import bench_config, random_params
+
+
+def device_events(path):
+  """[(line name, event name, duration ns)] of every event on the GPU planes of a trace file."""
+  from jax.profiler import ProfileData
+  out = []
+  for plane in ProfileData.from_file(path).planes:
+    if not plane.name.startswith("/device:GPU"):
+      continue
+    for line in plane.lines:
+      for ev in line.events:
+        out.append((line.name, ev.name, ev.duration_ns))
+  return out
+
+
+def profile(fn, args, calls):
+  jax.block_until_ready(fn(*args))  # compile + warm up
+  d = tempfile.mkdtemp()
+  t = time.perf_counter()
+  with jax.profiler.trace(d):
+    for _ in range(calls):
+      jax.block_until_ready(fn(*args))
+  wall = (time.perf_counter() - t) / calls
+  [path] = glob.glob(f"{d}/**/*.xplane.pb", recursive=True)
+  return wall, device_events(path)
+
+
+def summarize(wall, events, calls, top, group):
+  lines = collections.Counter(l for l, _, _ in events)
+  kernels = [(n, d) for l, n, d in events if l.startswith("Stream")]
+  ops = [(n, d) for l, n, d in events if l == "XLA Ops"] or kernels
+  per = collections.defaultdict(lambda: [0, 0.0])
+  for name, dur in ops:
+    key = re.sub(r"[.\d]+$", "", name) if group else name
+    per[key][0] += 1
+    per[key][1] += dur
+  busy = sum(d for _, d in kernels) / calls / 1e6
+  res = dict(wall_ms=1e3 * wall, gpu_kernel_ms=busy, kernels_per_call=len(kernels) / calls,
+             lines=dict(lines), top=[(k, v[0] / calls, v[1] / calls / 1e6) for k, v in
+                                      sorted(per.items(), key=lambda kv: -kv[1][1])[:top]])
+  print(f"  wall {res['wall_ms']:.1f} ms/call, GPU kernels {busy:.1f} ms/call, "
+        f"{res['kernels_per_call']:.0f} kernels/call; trace lines {dict(lines)}")
+  print("  | op | count/call | ms/call |")
+  for k, c, ms in res["top"]:
+    print(f"  | {k[:90]} | {c:.0f} | {ms:.3f} |")
+  return res
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--model", default="pi0")
+  ap.add_argument("--size", default="full")
+  ap.add_argument("--batch", type=int, default=1)
+  ap.add_argument("--preset", default="recommended")
+  ap.add_argument("--calls", type=int, default=3)
+  ap.add_argument("--top", type=int, default=25)
+  ap.add_argument("--no-group", action="store_true")
+  ap.add_argument("--json", default=None)
+  args = ap.parse_args()
+  policy = get_policy(args.model, args.size)
+  params = jax.block_until_ready(random_params(policy))
+  packed = jax.block_until_ready(quantize_params(params, bench_config(args.preset, False),
+                                                 synthetic_stats(params)))
+  obs = make_observation(policy.cfg, jax.random.key(1), args.batch)
+  fn = jax.jit(policy.sample_actions)
+  out = {}
+  for name, p in (("bf16", params), ("packed", packed)):
+    print(f"{name}:", flush=True)
+    wall, events = profile(fn, (p, obs, jax.random.key(0)), args.calls)
+    out[name] = summarize(wall, events, args.calls, args.top, not args.no_group)
+  print(f"\ndevice={jax.devices()[0].device_kind} jax={jax.__version__}")
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(out, f, indent=1, default=lambda o: np.asarray(o).tolist())
+
+
+if __name__ == "__main__":
+  main()

@@ -8,8 +8,9 @@
   "pallas_interpret"  the same kernel in Pallas interpret mode (any backend; tests).
 
 `transform_quantize` (DuQuant's online input transform, then per-token activation quantization)
-runs as XLA ops: on CUDA the block rotations as multiply-reduce (`xla.transform_reduce`, which
-fused best inside the policy), elsewhere as einsums (`InputTransform.apply`), then
+runs as XLA ops: on CUDA with at most `REDUCE_FORM_MAX_TOKENS` tokens the block rotations as
+multiply-reduce (`xla.transform_reduce`, which fused best inside the batch-1 policy), elsewhere as
+einsums (`InputTransform.apply`), then
 `xla.quantize_per_token`. The fused Pallas kernel (`pallas_transform`) runs only when asked: on the
 H100 it measured 2-60x slower than XLA's chain at every shape (BENCHMARKS.md, "Online transform").
 
@@ -26,6 +27,8 @@ from duquant_jax.kernels import xla
 
 IMPLEMENTATIONS = (None, "xla", "xla_bf16", "pallas", "pallas_interpret")
 TRANSFORM_IMPLEMENTATIONS = (None, "xla", "xla_reduce", "pallas", "pallas_interpret")
+# Auto-dispatch uses the multiply-reduce transform on CUDA up to this many tokens (M) per call.
+REDUCE_FORM_MAX_TOKENS = 1024
 
 
 def kernel_preferred(m: int, n: int, k: int, g: int) -> bool:
@@ -96,7 +99,7 @@ def transform_quantize(x: jax.Array, transform, bits: int = 8, *, symmetric: boo
     x: (M, K) activations in any float dtype (one layer: the transform has no stack axes).
     transform: an `InputTransform` (smoothing merged into rot1 for the kernel) or None.
     bits, symmetric, clip_ratio: the per-token quantizer, as `xla.quantize_per_token`.
-    implementation: None (auto: XLA, multiply-reduce form on CUDA), "xla" (the einsum
+    implementation: None (auto: XLA, multiply-reduce form on CUDA for M <= 1024), "xla" (the einsum
       form, `InputTransform.apply`), "xla_reduce" (`xla.transform_reduce`, no GEMMs), "pallas" or
       "pallas_interpret" (the latter two raise if the kernel cannot take this transform).
 
@@ -119,10 +122,11 @@ def transform_quantize(x: jax.Array, transform, bits: int = 8, *, symmetric: boo
   if implementation in ("xla", "xla_reduce"):
     return xla_fn(implementation)
   if implementation is None:
-    if transform is None:
+    if transform is None or x.shape[0] > REDUCE_FORM_MAX_TOKENS:
       return xla_fn("xla")
-    # Measured in the full policy on the H100 (BENCHMARKS.md): the multiply-reduce form fuses
-    # with its neighbours there; CPUs keep the einsum form.
+    # Measured in the full policy on the H100 (BENCHMARKS.md): at batch 1 the multiply-reduce
+    # form fuses with its neighbours (pi0 56 vs 58 ms); at thousands of tokens the einsum form is
+    # far faster. CPUs keep the einsum form.
     return jax.lax.platform_dependent(cuda=lambda: xla_fn("xla_reduce"),
                                       default=lambda: xla_fn("xla"))
   if not fused_transform_applies(x.shape, transform):

@@ -65,10 +65,8 @@ def transform_reduce(x: jax.Array, transform) -> jax.Array:
       x = jnp.take(x, transform.perm, axis=1)
     if rot is not None:
       g, b = rot.shape[0], rot.shape[-1]
-      # Reduce over the minor axis (rot transposed, a (K, b) array) so that XLA emits a row
-      # reduction over the activation as laid out, with no transpose of the (M, K, b) product.
-      rot_t = jnp.swapaxes(rot, -1, -2).astype(jnp.float32)  # (G, c, b)
-      x = jnp.sum(x.reshape(m, g, 1, b) * rot_t[None], axis=-1).reshape(m, k)
+      # (Reducing over the minor axis instead, with rot transposed, measured slower on the H100.)
+      x = jnp.sum(x.reshape(m, g, b, 1) * rot.astype(jnp.float32)[None], axis=2).reshape(m, k)
   return x
 
 

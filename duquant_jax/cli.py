@@ -96,6 +96,35 @@ def presets():
                  f"{'sym' if e.symmetric else 'asym'}, {e.scale_dtype} scales")
 
 
+BENCHMARKS = {"kernels": "bench_kernels.py", "transform": "bench_transform.py",
+              "policy": "bench_policy.py", "pack": "bench_pack.py", "profile": "profile_policy.py"}
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench(ctx: typer.Context,
+          which: str = typer.Argument(..., help=f"one of: {', '.join(BENCHMARKS)}")):
+  """Run a benchmark script of the repository's scripts/ folder; further arguments pass through.
+
+  kernels, transform, policy and profile want a GPU (BENCHMARKS.md has the H100 numbers and
+  commands); `duquant-jax bench kernels --help` shows a script's own flags.
+  """
+  import runpy
+  from pathlib import Path
+  if which not in BENCHMARKS:
+    fail(f"unknown benchmark {which!r}; choose one of {', '.join(BENCHMARKS)}")
+  scripts = Path(__file__).resolve().parents[1] / "scripts"
+  script = scripts / BENCHMARKS[which]
+  if not script.is_file():
+    fail(f"{script} not found: the benchmarks run from a source checkout (pip install -e .)")
+  argv, path = sys.argv, list(sys.path)
+  sys.argv = [str(script), *ctx.args]
+  sys.path.insert(0, str(scripts))
+  try:
+    runpy.run_path(str(script), run_name="__main__")
+  finally:
+    sys.argv, sys.path[:] = argv, path
+
+
 def main(argv: Optional[list[str]] = None) -> None:
   app(args=argv, prog_name="duquant-jax")
 

@@ -137,3 +137,17 @@ def test_multiply_reduce_form_equals_einsum_form(perm, rot2):
   codes = kernels.transform_quantize(x, tr, 8, implementation="xla_reduce")[0]
   d = np.abs(np.asarray(codes, np.int32) - np.asarray(_reference(x, tr, False)[0], np.int32))
   assert d.max() <= 1 and (d > 0).mean() < 1e-2
+
+
+def test_cli_bench_runs_a_script_and_rejects_unknown_names(capsys):
+  from duquant_jax.cli import main
+  with pytest.raises(SystemExit) as e:
+    main(["bench", "transform", "--interpret", "--ms", "2", "--ks", "64", "--copies", "1",
+          "--iters", "1"])
+  assert e.value.code == 0
+  out = capsys.readouterr().out
+  assert "| 64 | 2 |" in out and "XLA chain us" in out
+  with pytest.raises(SystemExit) as e:
+    main(["bench", "nope"])
+  assert e.value.code == 2
+  assert "unknown benchmark 'nope'" in capsys.readouterr().err

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from duquant_jax.config import get_preset
 from duquant_jax.layouts import linear_layouts
 from duquant_jax.models import get_policy
+from duquant_jax.packed import tree_nbytes
 from duquant_jax.quantize import quantize_params, summarize
 from duquant_jax.synthetic_stats import synthetic_stats
 
@@ -57,10 +58,11 @@ def bench_config(preset: str, all_linears: bool):
 
 
 def abstract_summary(policy, cfg):
-  """summarize() of the packed tree of bf16 params, computed by jax.eval_shape (nothing allocated)."""
+  """(summarize(), device bytes) of the packed tree of bf16 params, by jax.eval_shape (nothing
+  allocated). Device bytes count every leaf in its real dtype (int4 as half a byte)."""
   shapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.bfloat16), policy.param_shapes())
   packed = jax.eval_shape(lambda p: quantize_params(p, cfg, synthetic_stats(p)), shapes)
-  return summarize(packed)
+  return summarize(packed), tree_nbytes(packed), tree_nbytes(shapes)
 
 
 def main():
@@ -76,14 +78,16 @@ def main():
   cfg = bench_config(args.preset, args.all_linears)
   if args.abstract:
     t = time.perf_counter()
-    s = abstract_summary(policy, cfg)
+    s, device_bytes, bf16_bytes = abstract_summary(policy, cfg)
     gib = lambda b: f"{b / 2**30:.3f} GiB ({b} B)"
     print(f"{args.model} {args.size} preset={cfg.name} (jax.eval_shape, {time.perf_counter() - t:.0f} s)")
     print(f"quantized tensors: {len(s.bits)} ({s.layers_quantized} linears); packed "
           f"{gib(s.weight_bytes_packed)} vs bf16 {gib(s.weight_bytes_fp)} "
           f"({s.weight_bytes_packed / s.weight_bytes_fp:.3f}x)")
     print(f"all weights: packed {gib(s.tree_bytes_packed)} vs bf16 {gib(s.tree_bytes_bf16)} "
-          f"({s.tree_ratio:.3f}x)")
+          f"({s.tree_ratio:.3f}x, float leaves counted as bf16)")
+    print(f"all weights as stored on the device (real dtypes): packed {gib(device_bytes)} vs bf16 "
+          f"{gib(bf16_bytes)} ({device_bytes / bf16_bytes:.3f}x)")
     return
   t = time.perf_counter()
   params = jax.block_until_ready(random_params(policy))

@@ -262,3 +262,19 @@ def test_float_member_of_a_smoothed_group_is_compensated():
   assert not np.allclose(np.asarray(kv), params["PaliGemma"]["llm"]["layers"]["attn"]["kv_einsum"]["w"])
   err = action_rel_err(_actions("pi0", packed), _actions("pi0", params))
   assert err.max() < 0.01, err
+
+
+def test_folded_norms_keep_the_param_dtype():
+  """Smoothing folded into pi0.5's adaptive norms (and the RMS norms) must not widen bf16 leaves:
+  whole-tree bytes on the device equal the summary's count (float leaves at 2 bytes)."""
+  from duquant_jax.packed import tree_nbytes
+  from duquant_jax.synthetic_stats import synthetic_stats
+  policy = get_policy("pi05", "demo")
+  shapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.bfloat16),
+                        policy.param_shapes())
+  packed = jax.eval_shape(lambda p: quantize_params(p, get_preset("deploy"), synthetic_stats(p)),
+                          shapes)
+  norms = {k: v for k, v in jax.tree_util.tree_flatten_with_path(packed)[0]
+           if "pre_attention_norm" in jax.tree_util.keystr(k)}
+  assert norms and all(v.dtype == jnp.bfloat16 for v in norms.values())
+  assert summarize(packed).tree_bytes_packed == tree_nbytes(packed)

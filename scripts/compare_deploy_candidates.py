@@ -36,6 +36,10 @@ cands = {
  "sig8g": C("+sig b8 group64", base + ea + (LayerRule(pattern=SIG, block_size=8, weight_granularity="group", group_size=64),)),
  "sig8sm": C("+sig smooth-only", base + ea + (LayerRule(pattern=SIG, rotation="none", permutation="none", block_size=8),)),
  "sig8h": C("+sig b8 +head", base + ea + (LayerRule(pattern=SIG, block_size=8), LayerRule(pattern=HEAD, block_size=8))),
+ # Ablations of `deploy` (its pieces one at a time on top of recommended):
+ "ea8": C("rec+emb+eattn w8", base + (LayerRule(pattern=EXPERT_ATTN, weight_bits=8, **best),)),
+ "recsig8": C("rec+sig b8", base + (LayerRule(pattern=SIG, block_size=8),), emb=()),
+ "receattn8": C("rec+eattn w8", base + (LayerRule(pattern=EXPERT_ATTN, weight_bits=8, **best),), emb=()),
 }
 names = sys.argv[2].split(",")
 cfg = EvalConfig(episodes=2, chunks=25, calib_batches=0)

@@ -11,7 +11,7 @@ from duquant_jax.calib_data import calibration_batches, load_npz_batches
 from duquant_jax.checkpoint import load_openpi_params, load_packed, save_openpi_params, save_packed
 from duquant_jax.config import PRESETS, EmbeddingRule, LayerRule, QuantConfig, get_preset, match_rules
 from duquant_jax.embedding import PackedEmbedding, quantize_embedding
-from duquant_jax.inference import packed_interceptor, quantized_apply
+from duquant_jax.inference import packed_interceptor, quantized_apply, with_implementations
 from duquant_jax.layouts import LinearLayout, linear_layouts
 from duquant_jax.packed import PackedLinear
 from duquant_jax.quantize import quantize_params, summarize
@@ -23,6 +23,7 @@ __all__ = [
     "load_openpi_params", "load_packed", "save_openpi_params", "save_packed",
     "PRESETS", "EmbeddingRule", "LayerRule", "QuantConfig", "get_preset", "match_rules",
     "PackedEmbedding", "quantize_embedding",
-    "packed_interceptor", "quantized_apply", "LinearLayout", "linear_layouts", "PackedLinear",
+    "packed_interceptor", "quantized_apply", "with_implementations",
+    "LinearLayout", "linear_layouts", "PackedLinear",
     "quantize_params", "summarize", "InputTransform", "build_duquant_transform",
 ]

@@ -51,6 +51,10 @@ class PackedLinear:
     w_spec: static, the weight's axis letters as the model's einsum names them.
     bits / act_bits / act_symmetric / act_clip: static quantizer format.
     mode: static, "int" (integer dot) or "simulate" (the same numerics in float).
+    matmul_impl / transform_impl: static, which implementation of the W4A8 matmul
+      (`kernels.IMPLEMENTATIONS`) and of the online transform + activation quantizer
+      (`kernels.TRANSFORM_IMPLEMENTATIONS`) to run; None = auto-dispatch by platform and shape.
+      A run-time choice: set with `inference.with_implementations`, not stored in checkpoints.
   """
 
   codes: jax.Array
@@ -65,6 +69,8 @@ class PackedLinear:
   act_symmetric: bool = flax.struct.field(pytree_node=False, default=False)
   act_clip: float = flax.struct.field(pytree_node=False, default=1.0)
   mode: str = flax.struct.field(pytree_node=False, default="int")
+  matmul_impl: Optional[str] = flax.struct.field(pytree_node=False, default=None)
+  transform_impl: Optional[str] = flax.struct.field(pytree_node=False, default=None)
 
   @property
   def shape(self) -> tuple[int, ...]:
@@ -98,6 +104,13 @@ class PackedLinear:
       raise ValueError(f"PackedLinear: w_shape {self.w_shape} does not hold (N, K) = {(n, k)}")
     if self.transform is not None:
       self.transform.validate()
+    from duquant_jax import kernels
+    if self.matmul_impl not in kernels.IMPLEMENTATIONS:
+      raise ValueError(f"PackedLinear.matmul_impl={self.matmul_impl!r} is not one of "
+                       f"{kernels.IMPLEMENTATIONS}")
+    if self.transform_impl not in kernels.TRANSFORM_IMPLEMENTATIONS:
+      raise ValueError(f"PackedLinear.transform_impl={self.transform_impl!r} is not one of "
+                       f"{kernels.TRANSFORM_IMPLEMENTATIONS}")
 
   def dequantize(self) -> jax.Array:
     """W2^T (..., N, K) float32, in the transformed basis (for diagnostics)."""
@@ -108,8 +121,10 @@ class PackedLinear:
     dtype = x2.dtype
     if self.act_bits is not None and self.mode == "int":
       xq, sx, zx = _transform_quantize(x2, self.transform, self.act_bits,
-                                       symmetric=self.act_symmetric, clip_ratio=self.act_clip)
-      y = _int_matmul(xq, sx, zx, self.codes, self.scale, self.zero)
+                                       symmetric=self.act_symmetric, clip_ratio=self.act_clip,
+                                       implementation=self.transform_impl)
+      y = _int_matmul(xq, sx, zx, self.codes, self.scale, self.zero,
+                      implementation=self.matmul_impl)
     else:
       x = x2.astype(jnp.float32)
       if self.transform is not None:
@@ -154,11 +169,11 @@ def tree_nbytes(tree) -> int:
   return total
 
 
-def _int_matmul(xq, sx, zx, codes, scale, zero):
+def _int_matmul(xq, sx, zx, codes, scale, zero, implementation=None):
   from duquant_jax import kernels
-  return kernels.w4a8_matmul(xq, sx, zx, codes, scale, zero)
+  return kernels.w4a8_matmul(xq, sx, zx, codes, scale, zero, implementation=implementation)
 
 
-def _transform_quantize(x, transform, bits, **quantizer):
+def _transform_quantize(x, transform, bits, implementation=None, **quantizer):
   from duquant_jax import kernels
-  return kernels.transform_quantize(x, transform, bits, **quantizer)
+  return kernels.transform_quantize(x, transform, bits, implementation=implementation, **quantizer)

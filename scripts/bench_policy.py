@@ -19,27 +19,13 @@ import time
 import jax
 import numpy as np
 
+from duquant_jax.inference import with_implementations
 from duquant_jax.models import get_policy, make_observation
 from duquant_jax.quantize import quantize_params, summarize
 from duquant_jax.synthetic_stats import synthetic_stats
 
 from bench_pack import bench_config, random_params
 from duquant_jax.packed import tree_nbytes as tree_bytes
-
-
-def set_dispatch(matmul: str, transform: str) -> None:
-  """Benchmark-only override of the dispatch `PackedLinear` uses ("auto" restores the library's)."""
-  import duquant_jax.packed as packed_mod
-  from duquant_jax import kernels
-  impl = lambda choice: None if choice == "auto" else choice
-  packed_mod._int_matmul = functools.partial(_matmul, implementation=impl(matmul))
-  packed_mod._transform_quantize = functools.partial(kernels.transform_quantize,
-                                                     implementation=impl(transform))
-
-
-def _matmul(xq, sx, zx, codes, scale, zero, implementation):
-  from duquant_jax import kernels
-  return kernels.w4a8_matmul(xq, sx, zx, codes, scale, zero, implementation=implementation)
 
 
 def time_policy(policy, params, obs, repeats, num_steps=10):
@@ -99,8 +85,9 @@ def main():
       c_fp, l_fp = time_policy(policy, params, obs, args.repeats)
       l1_fp = time_policy(policy, params, obs, args.repeats, num_steps=1)[1] if args.breakdown else None
       for matmul, transform in variants:
-        set_dispatch(matmul, transform)
-        c_q, l_q = time_policy(policy, packed, obs, args.repeats)
+        impl = lambda choice: None if choice == "auto" else choice
+        packed_v = with_implementations(packed, matmul=impl(matmul), transform=impl(transform))
+        c_q, l_q = time_policy(policy, packed_v, obs, args.repeats)
         row = dict(model=model, batch=b, preset=cfg.name, all_linears=args.all_linears,
                    matmul=matmul, transform=transform, permutation=args.permutation,
                    latency_bf16_ms=l_fp, latency_packed_ms=l_q, speedup=l_fp / l_q,
@@ -109,13 +96,12 @@ def main():
                    weights_packed_gib=tree_bytes(packed) / 2**30,
                    quantized_layers_ratio=s.weight_bytes_packed / s.weight_bytes_fp)
         if args.breakdown:
-          l1_q = time_policy(policy, packed, obs, args.repeats, num_steps=1)[1]
+          l1_q = time_policy(policy, packed_v, obs, args.repeats, num_steps=1)[1]
           for name, l10, l1 in (("bf16", l_fp, l1_fp), ("packed", l_q, l1_q)):
             step = (l10 - l1) / 9
             row[f"step_{name}_ms"], row[f"prefix_{name}_ms"] = step, l1 - step
         rows.append(row)
         print(json.dumps(row), flush=True)
-      set_dispatch("auto", "auto")
   print(f"\ndevice={jax.devices()[0].device_kind} jax={jax.__version__}")
   print("| model | batch | matmul / transform | bf16 ms | packed ms | speedup | compile bf16 / packed s | weights bf16 / packed GiB | all-weights ratio | quantized-layers ratio |")
   print("|---|---|---|---|---|---|---|---|---|---|")

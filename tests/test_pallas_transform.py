@@ -151,3 +151,29 @@ def test_cli_bench_runs_a_script_and_rejects_unknown_names(capsys):
     main(["bench", "nope"])
   assert e.value.code == 2
   assert "unknown benchmark 'nope'" in capsys.readouterr().err
+
+
+def test_with_implementations_overrides_the_dispatch_of_a_tree():
+  from duquant_jax.inference import with_implementations
+  k, n = 64, 32
+  r = np.random.default_rng(4)
+  lin = PackedLinear(codes=jnp.asarray(r.integers(-8, 8, (n, k)), jnp.int4),
+                     scale=jnp.asarray(r.uniform(0.01, 0.02, (n, 1)), jnp.float32),
+                     zero=jnp.asarray(r.integers(-3, 3, (n, 1)), jnp.float32),
+                     transform=_transform(k, 16), out_rot=None, w_shape=(k, n), w_spec="ij",
+                     act_symmetric=False)
+  tree = {"a": {"w": lin}, "b": jnp.ones(3)}
+  x = _x(5, k)
+  forced = with_implementations(tree, matmul="pallas_interpret", transform="pallas_interpret")
+  assert forced["a"]["w"].matmul_impl == "pallas_interpret" and forced["b"] is tree["b"]
+  assert forced["a"]["w"].codes is lin.codes  # arrays shared, not copied
+  forced["a"]["w"].validate()
+  y_auto = lin.matmul(x)
+  y_forced = forced["a"]["w"].matmul(x)
+  # Same codes, same integer sums, same float32 epilogue order: identical outputs.
+  np.testing.assert_array_equal(np.asarray(y_forced, np.float32), np.asarray(y_auto, np.float32))
+  assert with_implementations(forced)["a"]["w"].matmul_impl is None
+  with pytest.raises(ValueError, match="matmul implementation"):
+    with_implementations(tree, matmul="cuda")
+  with pytest.raises(ValueError, match="transform_impl"):
+    lin.replace(transform_impl="fast").validate()

@@ -28,6 +28,11 @@ from bench_pack import bench_config, random_params
 from duquant_jax.packed import tree_nbytes as tree_bytes
 
 
+def _auto_none(choice: str):
+  """A --variants choice as an implementation name ("auto" -> None: the library's choice)."""
+  return None if choice == "auto" else choice
+
+
 def time_policy(policy, params, obs, repeats, num_steps=10):
   fn = jax.jit(functools.partial(policy.sample_actions, num_steps=num_steps))
   rng = jax.random.key(0)
@@ -85,8 +90,8 @@ def main():
       c_fp, l_fp = time_policy(policy, params, obs, args.repeats)
       l1_fp = time_policy(policy, params, obs, args.repeats, num_steps=1)[1] if args.breakdown else None
       for matmul, transform in variants:
-        impl = lambda choice: None if choice == "auto" else choice
-        packed_v = with_implementations(packed, matmul=impl(matmul), transform=impl(transform))
+        packed_v = with_implementations(packed, matmul=_auto_none(matmul),
+                                        transform=_auto_none(transform))
         c_q, l_q = time_policy(policy, packed_v, obs, args.repeats)
         row = dict(model=model, batch=b, preset=cfg.name, all_linears=args.all_linears,
                    matmul=matmul, transform=transform, permutation=args.permutation,

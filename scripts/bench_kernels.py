@@ -248,6 +248,74 @@ def copy_bandwidth(nbytes=2 * 2**30):
   return 2 * nbytes * iters / statistics.median(ts)
 
 
+# ------------------------------------------------------------------------------------------ anatomy
+ANATOMY_PATHS = ("bf16", "xla_int8", "int4_materialized", "w8a8", "int8_dot_only", "int8_dot_f32",
+                 "w4a16")
+
+
+def anatomy_timers(key, m, k, n):
+  """Where the XLA W4A8 path's time goes at one (M, K, N), one timer per formulation:
+
+    bf16               jnp.dot, weight (K, N)
+    xla_int8           the library's path: int4 -> int8 cast fused by XLA into its GEMM, epilogue
+    int4_materialized  the same with the cast forced into its own kernel (optimization barrier)
+    w8a8               int8 weights stored (no cast), same epilogue
+    int8_dot_only      the bare int8 x int8 -> int32 TN dot of stored int8 weights (no epilogue)
+    int8_dot_f32       the same dot asking XLA for float32 output
+    w4a16              int4 -> bf16 dequantization, then a bf16 TN dot
+  """
+  copies = n_copies(n * k // 2)
+  case = make_case(key, m, k, n, copies)
+  est = copies * max(2 * n * k / 2.4e12, 2 * m * n * k / 600e12, 5e-6)
+  iters = n_iters(est)
+  y0 = jnp.zeros((m, n), jnp.bfloat16)
+  act = (case["xq"], case["sx"])
+  w8 = [(q.astype(jnp.int8), sw) for q, sw in case["w_q"]]
+  tn = (((1,), (1,)), ((), ()))
+
+  def epi(c, q, sw):
+    return xla.w4a8_matmul(c[0], c[1], None, q, sw, None, out_dtype=jnp.bfloat16)
+
+  return {
+      "bf16": LoopTimer(lambda c, w: jnp.dot(c[0], w), (case["xb"],), case["w_bf16"], y0, iters),
+      "xla_int8": LoopTimer(lambda c, w: epi(c, w[0], w[1]), act, case["w_q"], y0, iters),
+      "int4_materialized": LoopTimer(
+          lambda c, w: epi(c, jax.lax.optimization_barrier(w[0].astype(jnp.int8)), w[1]),
+          act, case["w_q"], y0, iters),
+      "w8a8": LoopTimer(lambda c, w: epi(c, w[0], w[1]), act, w8, y0, iters),
+      "int8_dot_only": LoopTimer(
+          lambda c, w: jax.lax.dot_general(c[0], w[0], tn, preferred_element_type=jnp.int32),
+          act, w8, jnp.zeros((m, n), jnp.int32), iters),
+      "int8_dot_f32": LoopTimer(
+          lambda c, w: jax.lax.dot_general(c[0], w[0], tn, preferred_element_type=jnp.float32),
+          act, w8, jnp.zeros((m, n), jnp.float32), iters),
+      "w4a16": LoopTimer(
+          lambda c, w: jax.lax.dot_general(
+              c[0], (w[0].astype(jnp.bfloat16) * w[1].astype(jnp.bfloat16)), tn),
+          (case["xb"],), case["w_q"], y0, iters),
+  }
+
+
+def anatomy(key, models, ms, deadline):
+  """Rows {model, m, k, n, <path>: seconds} of `anatomy_timers` over each model's distinct shapes."""
+  rows = []
+  for model in models:
+    uniq = {}
+    for name, k, n in linear_shapes(**MODELS[model]):
+      uniq.setdefault((k, n), []).append(name)
+    for m in ms:
+      if time.time() > deadline:
+        print("anatomy: deadline reached", flush=True)
+        return rows
+      for (k, n), names in uniq.items():
+        res = run_timers(anatomy_timers(key, m, k, n))
+        row = dict(model=model, linears="/".join(names), m=m, k=k, n=n, **res)
+        rows.append(row)
+        print("| " + " | ".join([model, row["linears"], str(m), f"{k}x{n}"]
+                                + [f"{res[p] * 1e6:.1f}" for p in ANATOMY_PATHS]) + " |", flush=True)
+  return rows
+
+
 # ------------------------------------------------------------------------------------------ check
 def check(key):
   """Kernel vs XLA integer path on GPU, several shapes / quantizer kinds; returns rows."""
@@ -426,6 +494,8 @@ def main():
   ap.add_argument("--autotune", action="store_true",
                   help="kernel column = best of choose_tiles and the AUTOTUNE candidates")
   ap.add_argument("--interpret", action="store_true", help="kernel in interpret mode (CPU smoke)")
+  ap.add_argument("--anatomy", action="store_true",
+                  help="instead of the tables: where the XLA path's time goes (see anatomy_timers)")
   ap.add_argument("--probe-shape", default="18,64,2048,16384", help="layers,M,K,N of the probe")
   args = ap.parse_args()
   global INTERPRET
@@ -454,6 +524,13 @@ def main():
   result["loop_overhead_s"] = ovh
   print("timing-loop overhead per matmul (1-element dependency update): "
         + ", ".join(f"M={m}: {v * 1e6:.2f} us" for m, v in ovh.items()), flush=True)
+  if args.anatomy:
+    print("| model | linears | M | K x N | " + " | ".join(f"{p} us" for p in ANATOMY_PATHS) + " |",
+          flush=True)
+    result["anatomy"] = anatomy(key, args.models.split(","), [int(v) for v in args.ms.split(",")],
+                                deadline)
+    dump()
+    return
   if args.sweep:
     result["sweep"] = sweep(key, deadline)
     dump()

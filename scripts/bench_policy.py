@@ -47,6 +47,36 @@ def time_policy(policy, params, obs, repeats, num_steps=10):
   return compile_s, 1e3 * float(np.median(times))
 
 
+def _time_variants(args, variants, policy, unroll, params, packed, obs, cfg, s, pack_s):
+  """Rows for one model x batch x unroll setting: bf16 once, then each packed dispatch variant."""
+  if unroll not in ("off", "on"):
+    raise SystemExit(f"--unroll takes off,on; got {unroll!r}")
+  policy = dataclasses.replace(policy, cfg=dataclasses.replace(policy.cfg, unroll_layers=unroll == "on"))
+  rows = []
+  model, b = policy.cfg.name, obs.state.shape[0]
+  c_fp, l_fp = time_policy(policy, params, obs, args.repeats)
+  l1_fp = time_policy(policy, params, obs, args.repeats, num_steps=1)[1] if args.breakdown else None
+  for matmul, transform in variants:
+    packed_v = with_implementations(packed, matmul=_auto_none(matmul),
+                                    transform=_auto_none(transform))
+    c_q, l_q = time_policy(policy, packed_v, obs, args.repeats)
+    row = dict(model=model, batch=b, preset=cfg.name, all_linears=args.all_linears,
+               matmul=matmul, transform=transform, permutation=args.permutation, unroll=unroll,
+               latency_bf16_ms=l_fp, latency_packed_ms=l_q, speedup=l_fp / l_q,
+               compile_bf16_s=c_fp, compile_packed_s=c_q, pack_s=pack_s,
+               weights_bf16_gib=tree_bytes(params) / 2**30,
+               weights_packed_gib=tree_bytes(packed) / 2**30,
+               quantized_layers_ratio=s.weight_bytes_packed / s.weight_bytes_fp)
+    if args.breakdown:
+      l1_q = time_policy(policy, packed_v, obs, args.repeats, num_steps=1)[1]
+      for name, l10, l1 in (("bf16", l_fp, l1_fp), ("packed", l_q, l1_q)):
+        step = (l10 - l1) / 9
+        row[f"step_{name}_ms"], row[f"prefix_{name}_ms"] = step, l1 - step
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+  return rows
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--models", default="pi0,pi05")
@@ -61,6 +91,9 @@ def main():
                        "(kernels.IMPLEMENTATIONS / kernels.TRANSFORM_IMPLEMENTATIONS, or auto for "
                        "the library's choice), e.g. auto/auto,xla_bf16/xla_reduce")
   ap.add_argument("--permutation", default=None, help="override the rules' permutation (e.g. none)")
+  ap.add_argument("--unroll", default="off",
+                  help="comma list of off,on: layer scans as while loops (openpi) or unrolled; both "
+                       "bf16 and packed are timed under each (same params)")
   ap.add_argument("--breakdown", action="store_true",
                   help="also time 1-step calls: prefix ~ t(1) - step, step = (t(10) - t(1)) / 9")
   args = ap.parse_args()
@@ -87,31 +120,14 @@ def main():
     s = summarize(packed)
     for b in (int(v) for v in args.batches.split(",")):
       obs = make_observation(policy.cfg, jax.random.key(1), b)
-      c_fp, l_fp = time_policy(policy, params, obs, args.repeats)
-      l1_fp = time_policy(policy, params, obs, args.repeats, num_steps=1)[1] if args.breakdown else None
-      for matmul, transform in variants:
-        packed_v = with_implementations(packed, matmul=_auto_none(matmul),
-                                        transform=_auto_none(transform))
-        c_q, l_q = time_policy(policy, packed_v, obs, args.repeats)
-        row = dict(model=model, batch=b, preset=cfg.name, all_linears=args.all_linears,
-                   matmul=matmul, transform=transform, permutation=args.permutation,
-                   latency_bf16_ms=l_fp, latency_packed_ms=l_q, speedup=l_fp / l_q,
-                   compile_bf16_s=c_fp, compile_packed_s=c_q, pack_s=pack_s,
-                   weights_bf16_gib=tree_bytes(params) / 2**30,
-                   weights_packed_gib=tree_bytes(packed) / 2**30,
-                   quantized_layers_ratio=s.weight_bytes_packed / s.weight_bytes_fp)
-        if args.breakdown:
-          l1_q = time_policy(policy, packed_v, obs, args.repeats, num_steps=1)[1]
-          for name, l10, l1 in (("bf16", l_fp, l1_fp), ("packed", l_q, l1_q)):
-            step = (l10 - l1) / 9
-            row[f"step_{name}_ms"], row[f"prefix_{name}_ms"] = step, l1 - step
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+      for unroll in args.unroll.split(","):
+        rows += _time_variants(args, variants, policy, unroll, params, packed, obs, cfg, s, pack_s)
+
   print(f"\ndevice={jax.devices()[0].device_kind} jax={jax.__version__}")
-  print("| model | batch | matmul / transform | bf16 ms | packed ms | speedup | compile bf16 / packed s | weights bf16 / packed GiB | all-weights ratio | quantized-layers ratio |")
-  print("|---|---|---|---|---|---|---|---|---|---|")
+  print("| model | batch | unroll | matmul / transform | bf16 ms | packed ms | speedup | compile bf16 / packed s | weights bf16 / packed GiB | all-weights ratio | quantized-layers ratio |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|")
   for r in rows:
-    print(f"| {r['model']} | {r['batch']} | {r['matmul']} / {r['transform']} | {r['latency_bf16_ms']:.1f} | {r['latency_packed_ms']:.1f} | "
+    print(f"| {r['model']} | {r['batch']} | {r['unroll']} | {r['matmul']} / {r['transform']} | {r['latency_bf16_ms']:.1f} | {r['latency_packed_ms']:.1f} | "
           f"{r['speedup']:.2f}x | {r['compile_bf16_s']:.0f} / {r['compile_packed_s']:.0f} | "
           f"{r['weights_bf16_gib']:.2f} / {r['weights_packed_gib']:.2f} | "
           f"{r['weights_packed_gib'] / r['weights_bf16_gib']:.3f} | {r['quantized_layers_ratio']:.3f} |")

@@ -78,6 +78,10 @@ class Pi0Config:
   max_token_len: int = 48
   vocab_size: int = 257_152
   dtype: str = "bfloat16"  # compute dtype; params are float32 when fresh, as in openpi.
+  # Unroll the layer scans (Gemma and SigLIP) in the traced program. The params keep their stacked
+  # (L, ...) layout either way; unrolled, each layer reads a static slice of the stack instead of a
+  # dynamic slice inside a while loop (see BENCHMARKS.md for what that costs or saves).
+  unroll_layers: bool = False
 
   def __post_init__(self):
     if self.llm.depth != self.expert.depth:

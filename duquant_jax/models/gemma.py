@@ -223,6 +223,7 @@ class Gemma(nn.Module):
 
   configs: Sequence[GemmaConfig]
   vocab_size: int
+  unroll_layers: bool = False
 
   def setup(self):
     self.embedder = Embedder(self.vocab_size, self.configs[0].width, name="embedder")
@@ -232,6 +233,7 @@ class Gemma(nn.Module):
         split_rngs={"params": True},
         in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
         length=self.configs[0].depth,
+        unroll=self.configs[0].depth if self.unroll_layers else 1,
     )(self.configs, name="layers")
     self.final_norms = [RMSNorm(name=_name("final_norm", i)) for i in range(len(self.configs))]
 

@@ -48,8 +48,9 @@ class PaliGemma(nn.Module):
 
   def setup(self):
     c = self.cfg
-    self.llm = Gemma(configs=(c.llm, c.expert), vocab_size=c.vocab_size, name="llm")
-    self.img = SigLIP(c.vision, out_dim=c.llm.width, name="img")
+    self.llm = Gemma(configs=(c.llm, c.expert), vocab_size=c.vocab_size,
+                     unroll_layers=c.unroll_layers, name="llm")
+    self.img = SigLIP(c.vision, out_dim=c.llm.width, unroll_layers=c.unroll_layers, name="img")
 
 
 class Pi0(nn.Module):
@@ -246,6 +247,7 @@ class Policy:
 
 
 @functools.cache
-def get_policy(model: str = "pi0", size: str = "demo") -> Policy:
+def get_policy(model: str = "pi0", size: str = "demo", **overrides) -> Policy:
+  """`Policy(get_config(model, size, **overrides))`, e.g. `get_policy("pi0", "full", unroll_layers=True)`."""
   from duquant_jax.models.config import get_config
-  return Policy(get_config(model, size))
+  return Policy(get_config(model, size, **overrides))

@@ -43,11 +43,13 @@ class Encoder(nn.Module):
   depth: int
   mlp_dim: int
   num_heads: int
+  unroll_layers: bool = False
 
   @nn.compact
   def __call__(self, x):
     blocks = nn.scan(Encoder1DBlock, variable_axes={"params": 0, "intermediates": 0},
-                     split_rngs={"params": True}, in_axes=nn.broadcast, length=self.depth)
+                     split_rngs={"params": True}, in_axes=nn.broadcast, length=self.depth,
+                     unroll=self.depth if self.unroll_layers else 1)
     x, _ = blocks(self.mlp_dim, self.num_heads, name="encoderblock")(x, None)
     return nn.LayerNorm(name="encoder_norm")(x)
 
@@ -57,6 +59,7 @@ class SigLIP(nn.Module):
 
   cfg: SiglipConfig
   out_dim: int
+  unroll_layers: bool = False
 
   @nn.compact
   def __call__(self, images: jax.Array) -> jax.Array:
@@ -67,5 +70,6 @@ class SigLIP(nn.Module):
     x = x.reshape(b, h * w, d)
     pos = self.param("pos_embedding", nn.initializers.normal(stddev=1 / d**0.5), (1, h * w, d))
     x = x + pos
-    x = Encoder(c.depth, c.mlp_dim, c.num_heads, name="Transformer")(x)
+    x = Encoder(c.depth, c.mlp_dim, c.num_heads, unroll_layers=self.unroll_layers,
+                name="Transformer")(x)
     return nn.Dense(self.out_dim, kernel_init=nn.initializers.zeros, name="head")(x)

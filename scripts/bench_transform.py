@@ -3,7 +3,8 @@
 Three paths per (M tokens, K channels), each timed inside ONE jitted `lax.fori_loop` (see
 `bench_kernels.LoopTimer`: each call depends on the previous output, transforms cycle over copies):
   xla       `InputTransform.apply` + `quantize_per_token` as XLA compiles them (the unfused chain);
-  xla_reduce  the same with the block rotations as multiply-reduce (`xla.transform_reduce`);
+  xla_reduce  the same with the block rotations as multiply-reduce (`xla.transform_nodot`);
+  xla_fma     the same with the block rotations as b broadcast multiply-adds (`xla.transform_nodot`);
   fused     `kernels.pallas_transform.transform_quantize` (one Pallas kernel), best of a few tiles;
   quant     `quantize_per_token` alone, no transform (what the quantizer costs by itself on XLA).
 `--check` first compares the fused codes with the XLA chain run at HIGHEST precision.
@@ -74,7 +75,7 @@ def check(key, ms, ks, interpret):
   return rows
 
 
-def time_case(key, m, k, copies, iters, interpret):
+def time_case(key, m, k, copies, iters, interpret, fused=True):
   x = make_x(key, m, k)
   trs = [make_transform(jax.random.fold_in(key, i), k) for i in range(copies)]
   y0 = jnp.zeros((m, k), jnp.int8)
@@ -82,10 +83,11 @@ def time_case(key, m, k, copies, iters, interpret):
       "xla": lambda c, tr: kernels.transform_quantize(c[0], tr, 8, implementation="xla")[0],
       "xla_reduce": lambda c, tr: kernels.transform_quantize(c[0], tr, 8,
                                                              implementation="xla_reduce")[0],
+      "xla_fma": lambda c, tr: kernels.transform_quantize(c[0], tr, 8, implementation="xla_fma")[0],
       "quant": lambda c, tr: kernels.quantize_per_token(c[0].astype(jnp.float32), 8,
                                                         symmetric=False)[0],
   }
-  for tiles in TILES:
+  for tiles in TILES if fused else ():
     if pt.supports(k, 16, tiles) and tiles.chunk <= k:
       paths[f"fused c{tiles.chunk} w{tiles.num_warps}"] = (
           lambda c, tr, tiles=tiles: pt.transform_quantize(
@@ -113,6 +115,7 @@ def main():
   ap.add_argument("--copies", type=int, default=8)
   ap.add_argument("--iters", type=int, default=20)
   ap.add_argument("--json", default=None)
+  ap.add_argument("--no-fused", action="store_true", help="skip the fused Pallas kernel's tiles")
   args = ap.parse_args()
   ms = [int(v) for v in args.ms.split(",")]
   ks = [int(v) for v in args.ks.split(",")]
@@ -120,17 +123,18 @@ def main():
   result = dict(device=jax.devices()[0].device_kind, jax=jax.__version__)
   if args.check:
     result["check"] = check(key, ms, ks, args.interpret)
-  rows = [time_case(key, m, k, args.copies, args.iters, args.interpret) for k in ks for m in ms]
+  rows = [time_case(key, m, k, args.copies, args.iters, args.interpret, not args.no_fused) for k in ks for m in ms]
   result["time"] = rows
   print(f"\ndevice={result['device']} jax={result['jax']}")
-  print("| K | M | XLA chain us | XLA multiply-reduce us | fused us (best tiles) | quantize only us "
-        "| fused speedup |")
-  print("|---|---|---|---|---|---|---|")
+  print("| K | M | XLA chain us | XLA multiply-reduce us | XLA multiply-add us | fused us (best tiles) "
+        "| quantize only us | fused speedup |")
+  print("|---|---|---|---|---|---|---|---|")
   for r in rows:
-    b = r["best_fused"]
-    print(f"| {r['k']} | {r['m']} | {r['us']['xla']:.1f} | {r['us']['xla_reduce']:.1f} | "
-          f"{r['us'][b]:.1f} ({b[6:]}) | {r['us']['quant']:.1f} | {r['speedup_vs_xla']:.2f}x |"
-          if b else f"| {r['k']} | {r['m']} | {r['us']['xla']:.1f} | {r['us']['xla_reduce']:.1f} | - | {r['us']['quant']:.1f} | - |")
+    b, us = r["best_fused"], r["us"]
+    fused_col = f"{us[b]:.1f} ({b[6:]}) | {us['quant']:.1f} | {r['speedup_vs_xla']:.2f}x" if b else (
+        f"- | {us['quant']:.1f} | -")
+    print(f"| {r['k']} | {r['m']} | {us['xla']:.1f} | {us['xla_reduce']:.1f} | "
+          f"{us.get('xla_fma', float('nan')):.1f} | {fused_col} |")
   if args.json:
     Path(args.json).write_text(json.dumps(result, indent=1))
 

@@ -48,23 +48,29 @@ def quantize_per_token(x: jax.Array, bits: int = 8, *, symmetric: bool = True,
   return xq, sx, zx
 
 
-def transform_reduce(x: jax.Array, transform) -> jax.Array:
-  """`transform.apply(x)` for (M, K) x without dots: block rotations as broadcast multiply-reduce.
+def transform_nodot(x: jax.Array, transform, rotation: str = "reduce") -> jax.Array:
+  """`transform.apply(x)` for (M, K) x without dots: block rotations as elementwise arithmetic.
 
   XLA lowers the einsum form of a block rotation to a batched (G, M, b) x (G, b, b) GEMM with
-  transposes on both sides; as an elementwise product reduced over b it fuses with its producer
-  (the cast, the gather) into one reduction kernel per rotation. Same sums, another order: equal
-  to float32 rounding.
+  transposes on both sides. Two dot-free forms of the same sums (another order: equal to float32
+  rounding):
+    "reduce"  an elementwise product reduced over b; fuses with its producer (the cast, the gather)
+              into one reduction kernel per rotation, but XLA may transpose around the reduce.
+    "fma"     b broadcast multiply-adds of (M, G, 1) column slices by (G, b) rows of the rotation:
+              purely elementwise (no reduce, no transpose), one loop fusion; meant for small b.
   """
+  if rotation not in ("reduce", "fma"):
+    raise ValueError(f"rotation must be 'reduce' or 'fma', got {rotation!r}")
+  rotate = _rotate_blocks_reduce if rotation == "reduce" else _rotate_blocks_fma
   x = x.astype(jnp.float32)
   if transform.smooth is not None:
     x = x / transform.smooth
   if transform.rot1 is not None:
-    x = _rotate_blocks_reduce(x, transform.rot1)
+    x = rotate(x, transform.rot1)
   if transform.perm is not None:
     x = jnp.take(x, transform.perm, axis=1)
   if transform.rot2 is not None:
-    x = _rotate_blocks_reduce(x, transform.rot2)
+    x = rotate(x, transform.rot2)
   return x
 
 
@@ -74,6 +80,18 @@ def _rotate_blocks_reduce(x: jax.Array, rot: jax.Array) -> jax.Array:
   g, b = rot.shape[0], rot.shape[-1]
   # (Reducing over the minor axis instead, with rot transposed, measured slower on the H100.)
   return jnp.sum(x.reshape(m, g, b, 1) * rot.astype(jnp.float32)[None], axis=2).reshape(m, k)
+
+
+def _rotate_blocks_fma(x: jax.Array, rot: jax.Array) -> jax.Array:
+  """x (M, K) times block-diagonal rot (G, b, b), as b elementwise multiply-adds (no GEMM, no reduce)."""
+  m, k = x.shape
+  g, b = rot.shape[0], rot.shape[-1]
+  xg = x.reshape(m, g, b)
+  rot = rot.astype(jnp.float32)
+  y = xg[:, :, 0:1] * rot[None, :, 0, :]
+  for j in range(1, b):
+    y = y + xg[:, :, j:j + 1] * rot[None, :, j, :]
+  return y.reshape(m, k)
 
 
 def dequantize_per_token(xq, sx, zx=None):

@@ -16,7 +16,9 @@ import functools
 import json
 import time
 
+import flax.struct
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from duquant_jax.inference import with_implementations
@@ -25,12 +27,35 @@ from duquant_jax.quantize import quantize_params, summarize
 from duquant_jax.synthetic_stats import synthetic_stats
 
 from bench_pack import bench_config, random_params
+from duquant_jax.packed import PackedLinear
 from duquant_jax.packed import tree_nbytes as tree_bytes
 
 
 def _auto_none(choice: str):
   """A --variants choice as an implementation name ("auto" -> None: the library's choice)."""
   return None if choice == "auto" else choice
+
+
+@flax.struct.dataclass
+class FreeLinear(PackedLinear):
+  """A packed linear whose matmul costs (almost) nothing: x2 (M, K) -> x2[:, :1] broadcast to (M, N).
+
+  For `--bound` only: a policy with every packed linear replaced by this one runs everything except
+  those linears' transforms, matmuls and weight reads, so its latency is the floor that ANY
+  quantization of those layers could reach with the rest of the network unchanged.
+  """
+
+  def matmul(self, x2):
+    return x2[:, :1] * jnp.ones((1, self.out_features), x2.dtype)
+
+
+def free_linears(tree):
+  """`tree` with every PackedLinear replaced by a FreeLinear of the same fields."""
+  def swap(leaf):
+    if isinstance(leaf, PackedLinear):
+      return FreeLinear(**{f.name: getattr(leaf, f.name) for f in dataclasses.fields(leaf)})
+    return leaf
+  return jax.tree.map(swap, tree, is_leaf=lambda v: isinstance(v, PackedLinear))
 
 
 def time_policy(policy, params, obs, repeats, num_steps=10):
@@ -56,9 +81,12 @@ def _time_variants(args, variants, policy, unroll, params, packed, obs, cfg, s, 
   model, b = policy.cfg.name, obs.state.shape[0]
   c_fp, l_fp = time_policy(policy, params, obs, args.repeats)
   l1_fp = time_policy(policy, params, obs, args.repeats, num_steps=1)[1] if args.breakdown else None
-  for matmul, transform in variants:
-    packed_v = with_implementations(packed, matmul=_auto_none(matmul),
-                                    transform=_auto_none(transform))
+  for matmul, transform in variants + ([("free", "free")] if args.bound else []):
+    if matmul == "free":
+      packed_v = free_linears(packed)
+    else:
+      packed_v = with_implementations(packed, matmul=_auto_none(matmul),
+                                      transform=_auto_none(transform))
     c_q, l_q = time_policy(policy, packed_v, obs, args.repeats)
     row = dict(model=model, batch=b, preset=cfg.name, all_linears=args.all_linears,
                matmul=matmul, transform=transform, permutation=args.permutation, unroll=unroll,
@@ -94,6 +122,9 @@ def main():
   ap.add_argument("--unroll", default="off",
                   help="comma list of off,on: layer scans as while loops (openpi) or unrolled; both "
                        "bf16 and packed are timed under each (same params)")
+  ap.add_argument("--bound", action="store_true",
+                  help="also time the packed tree with every packed linear made free (FreeLinear): "
+                       "the floor any quantization of those layers could reach")
   ap.add_argument("--breakdown", action="store_true",
                   help="also time 1-step calls: prefix ~ t(1) - step, step = (t(10) - t(1)) / 9")
   args = ap.parse_args()

@@ -94,7 +94,7 @@ def _time_variants(args, variants, policy, unroll, params, packed, obs, cfg, s, 
                compile_bf16_s=c_fp, compile_packed_s=c_q, pack_s=pack_s,
                weights_bf16_gib=tree_bytes(params) / 2**30,
                weights_packed_gib=tree_bytes(packed) / 2**30,
-               quantized_layers_ratio=s.weight_bytes_packed / s.weight_bytes_fp)
+               quantized_layers_ratio=s.weight_bytes_packed / max(s.weight_bytes_fp, 1))
     if args.breakdown:
       l1_q = time_policy(policy, packed_v, obs, args.repeats, num_steps=1)[1]
       for name, l10, l1 in (("bf16", l_fp, l1_fp), ("packed", l_q, l1_q)):

@@ -26,9 +26,7 @@ from duquant_jax.kernels.xla import dequantize_per_token, quantize_per_token
 from duquant_jax.kernels import xla
 
 IMPLEMENTATIONS = (None, "xla", "xla_bf16", "pallas", "pallas_interpret")
-TRANSFORM_IMPLEMENTATIONS = (None, "xla", "xla_reduce", "xla_fma", "pallas", "pallas_interpret")
-# The "xla_fma" form unrolls b multiply-adds per output; past this block size it is not offered.
-FMA_FORM_MAX_BLOCK = 32
+TRANSFORM_IMPLEMENTATIONS = (None, "xla", "xla_reduce", "xla_column", "pallas", "pallas_interpret")
 # Auto-dispatch uses the multiply-reduce transform on CUDA up to this many tokens (M) per call.
 REDUCE_FORM_MAX_TOKENS = 1024
 
@@ -102,8 +100,8 @@ def transform_quantize(x: jax.Array, transform, bits: int = 8, *, symmetric: boo
     transform: an `InputTransform` (smoothing merged into rot1 for the kernel) or None.
     bits, symmetric, clip_ratio: the per-token quantizer, as `xla.quantize_per_token`.
     implementation: None (auto: XLA, multiply-reduce form on CUDA for M <= 1024), "xla" (the einsum
-      form, `InputTransform.apply`), "xla_reduce" / "xla_fma" (`xla.transform_nodot`, no GEMMs;
-      "xla_fma" falls back to "xla_reduce" for blocks over `FMA_FORM_MAX_BLOCK`), "pallas" or
+      form, `InputTransform.apply`), "xla_reduce" / "xla_column" (`xla.transform_nodot`, no GEMMs,
+      reduced over b' minor or b major), "pallas" or
       "pallas_interpret" (the latter two raise if the kernel cannot take this transform).
 
   Returns:
@@ -115,16 +113,14 @@ def transform_quantize(x: jax.Array, transform, bits: int = 8, *, symmetric: boo
   def xla_fn(form):
     xt = x.astype(jnp.float32)
     if transform is not None:
-      if form in ("xla_reduce", "xla_fma") and x.ndim == 2 and all(
+      if form in ("xla_reduce", "xla_column") and x.ndim == 2 and all(
           r is None or r.ndim == 3 for r in (transform.rot1, transform.rot2)):
-        small = all(r is None or r.shape[-1] <= FMA_FORM_MAX_BLOCK
-                    for r in (transform.rot1, transform.rot2))
-        xt = xla.transform_nodot(xt, transform, "fma" if form == "xla_fma" and small else "reduce")
+        xt = xla.transform_nodot(xt, transform, form[4:])
       else:
         xt = transform.apply(xt)
     return quantize_per_token(xt, bits, symmetric=symmetric, clip_ratio=clip_ratio)
 
-  if implementation in ("xla", "xla_reduce", "xla_fma"):
+  if implementation in ("xla", "xla_reduce", "xla_column"):
     return xla_fn(implementation)
   if implementation is None:
     if transform is None or x.shape[0] > REDUCE_FORM_MAX_TOKENS:
@@ -160,4 +156,4 @@ def fused_transform_applies(x_shape, transform) -> bool:
 
 
 __all__ = ["w4a8_matmul", "transform_quantize", "TRANSFORM_IMPLEMENTATIONS", "fused_transform_applies", "quantize_per_token",
-           "dequantize_per_token", "kernel_preferred", "IMPLEMENTATIONS", "FMA_FORM_MAX_BLOCK"]
+           "dequantize_per_token", "kernel_preferred", "IMPLEMENTATIONS"]

@@ -56,12 +56,12 @@ def transform_nodot(x: jax.Array, transform, rotation: str = "reduce") -> jax.Ar
   rounding):
     "reduce"  an elementwise product reduced over b; fuses with its producer (the cast, the gather)
               into one reduction kernel per rotation, but XLA may transpose around the reduce.
-    "fma"     b broadcast multiply-adds of (M, G, 1) column slices by (G, b) rows of the rotation:
-              purely elementwise (no reduce, no transpose), one loop fusion; meant for small b.
+    "column"  the same product laid out (b, M, G, b') and reduced over its major axis: XLA's column
+              reduction, whose kept axes stay in x's order (no transpose of the result).
   """
-  if rotation not in ("reduce", "fma"):
-    raise ValueError(f"rotation must be 'reduce' or 'fma', got {rotation!r}")
-  rotate = _rotate_blocks_reduce if rotation == "reduce" else _rotate_blocks_fma
+  if rotation not in ("reduce", "column"):
+    raise ValueError(f"rotation must be 'reduce' or 'column', got {rotation!r}")
+  rotate = _rotate_blocks_reduce if rotation == "reduce" else _rotate_blocks_column
   x = x.astype(jnp.float32)
   if transform.smooth is not None:
     x = x / transform.smooth
@@ -82,16 +82,13 @@ def _rotate_blocks_reduce(x: jax.Array, rot: jax.Array) -> jax.Array:
   return jnp.sum(x.reshape(m, g, b, 1) * rot.astype(jnp.float32)[None], axis=2).reshape(m, k)
 
 
-def _rotate_blocks_fma(x: jax.Array, rot: jax.Array) -> jax.Array:
-  """x (M, K) times block-diagonal rot (G, b, b), as b elementwise multiply-adds (no GEMM, no reduce)."""
+def _rotate_blocks_column(x: jax.Array, rot: jax.Array) -> jax.Array:
+  """x (M, K) times block-diagonal rot (G, b, b), as a product reduced over its major axis."""
   m, k = x.shape
   g, b = rot.shape[0], rot.shape[-1]
-  xg = x.reshape(m, g, b)
-  rot = rot.astype(jnp.float32)
-  y = xg[:, :, 0:1] * rot[None, :, 0, :]
-  for j in range(1, b):
-    y = y + xg[:, :, j:j + 1] * rot[None, :, j, :]
-  return y.reshape(m, k)
+  xb = jnp.moveaxis(x.reshape(m, g, b), 2, 0)[..., None]           # (b, M, G, 1)
+  rb = jnp.moveaxis(rot.astype(jnp.float32), 1, 0)[:, None]         # (b, 1, G, b')
+  return jnp.sum(xb * rb, axis=0).reshape(m, k)
 
 
 def dequantize_per_token(xq, sx, zx=None):

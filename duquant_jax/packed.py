@@ -125,6 +125,9 @@ class PackedLinear:
                                        implementation=self.transform_impl)
       y = _int_matmul(xq, sx, zx, self.codes, self.scale, self.zero,
                       implementation=self.matmul_impl)
+    elif self.act_bits is None and self.mode == "int":  # weight-only: codes read packed
+      x = x2 if self.transform is None else self.transform.apply(x2.astype(jnp.float32))
+      y = xla.weight_only_matmul(x, self.codes, self.scale, self.zero)
     else:
       x = x2.astype(jnp.float32)
       if self.transform is not None:

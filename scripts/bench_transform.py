@@ -3,8 +3,7 @@
 Three paths per (M tokens, K channels), each timed inside ONE jitted `lax.fori_loop` (see
 `bench_kernels.LoopTimer`: each call depends on the previous output, transforms cycle over copies):
   xla       `InputTransform.apply` + `quantize_per_token` as XLA compiles them (the unfused chain);
-  xla_reduce  the same with the block rotations as multiply-reduce (`xla.transform_nodot`);
-  xla_column  the same reduced over the major axis (`xla.transform_nodot`);
+  xla_reduce  the same with the block rotations as multiply-reduce (`xla.transform_reduce`);
   fused     `kernels.pallas_transform.transform_quantize` (one Pallas kernel), best of a few tiles;
   quant     `quantize_per_token` alone, no transform (what the quantizer costs by itself on XLA).
 `--check` first compares the fused codes with the XLA chain run at HIGHEST precision.
@@ -83,8 +82,6 @@ def time_case(key, m, k, copies, iters, interpret, fused=True):
       "xla": lambda c, tr: kernels.transform_quantize(c[0], tr, 8, implementation="xla")[0],
       "xla_reduce": lambda c, tr: kernels.transform_quantize(c[0], tr, 8,
                                                              implementation="xla_reduce")[0],
-      "xla_column": lambda c, tr: kernels.transform_quantize(c[0], tr, 8,
-                                                             implementation="xla_column")[0],
       "quant": lambda c, tr: kernels.quantize_per_token(c[0].astype(jnp.float32), 8,
                                                         symmetric=False)[0],
   }
@@ -127,15 +124,14 @@ def main():
   rows = [time_case(key, m, k, args.copies, args.iters, args.interpret, not args.no_fused) for k in ks for m in ms]
   result["time"] = rows
   print(f"\ndevice={result['device']} jax={result['jax']}")
-  print("| K | M | XLA chain us | XLA multiply-reduce us | XLA column-reduce us | fused us (best tiles) "
+  print("| K | M | XLA chain us | XLA multiply-reduce us  | fused us (best tiles) "
         "| quantize only us | fused speedup |")
-  print("|---|---|---|---|---|---|---|---|")
+  print("|---|---|---|---|---|---|---|")
   for r in rows:
     b, us = r["best_fused"], r["us"]
     fused_col = f"{us[b]:.1f} ({b[6:]}) | {us['quant']:.1f} | {r['speedup_vs_xla']:.2f}x" if b else (
         f"- | {us['quant']:.1f} | -")
-    print(f"| {r['k']} | {r['m']} | {us['xla']:.1f} | {us['xla_reduce']:.1f} | "
-          f"{us.get('xla_column', float('nan')):.1f} | {fused_col} |")
+    print(f"| {r['k']} | {r['m']} | {us['xla']:.1f} | {us['xla_reduce']:.1f} | {fused_col} |")
   if args.json:
     Path(args.json).write_text(json.dumps(result, indent=1))
 

@@ -36,6 +36,11 @@ cands = {
  "sig8g": C("+sig b8 group64", base + ea + (LayerRule(pattern=SIG, block_size=8, weight_granularity="group", group_size=64),)),
  "sig8sm": C("+sig smooth-only", base + ea + (LayerRule(pattern=SIG, rotation="none", permutation="none", block_size=8),)),
  "sig8h": C("+sig b8 +head", base + ea + (LayerRule(pattern=SIG, block_size=8), LayerRule(pattern=HEAD, block_size=8))),
+ # Weight-only (no activation quantization, no online transform) for SigLIP and / or the expert
+ # attention: the same bytes as `deploy`, without its per-call transforms.
+ "sigwo": C("+sig w4a16 rtn+clip", base + (LayerRule(pattern=EXPERT_ATTN, weight_bits=8, **best),) + (LayerRule(pattern=SIG, act_bits=None, **rtn),)),
+ "eawo": C("eattn w8a16 rtn, sig b8", base + (LayerRule(pattern=EXPERT_ATTN, weight_bits=8, act_bits=None, **rtn),) + (LayerRule(pattern=SIG, block_size=8),)),
+ "wo": C("eattn w8a16 rtn, sig w4a16 rtn+clip", base + (LayerRule(pattern=EXPERT_ATTN, weight_bits=8, act_bits=None, **rtn),) + (LayerRule(pattern=SIG, act_bits=None, **rtn),)),
  # Ablations of `deploy` (its pieces one at a time on top of recommended):
  "ea8": C("rec+emb+eattn w8", base + (LayerRule(pattern=EXPERT_ATTN, weight_bits=8, **best),)),
  "recsig8": C("rec+sig b8", base + (LayerRule(pattern=SIG, block_size=8),), emb=()),

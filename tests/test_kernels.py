@@ -135,3 +135,24 @@ def test_bf16_dot_refuses_inexact_group_length():
   q = jnp.zeros((4, 32768), jnp.int4)
   with pytest.raises(ValueError, match="exact only"):
     xla.w4a8_matmul(xq, jnp.ones((2, 1)), None, q, jnp.ones((4, 1)), None, dot="bf16")
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("g,symmetric", [(1, True), (1, False), (4, False)])
+def test_weight_only_matmul_equals_dequantized_reference(dtype, g, symmetric):
+  m, k, n = 5, 128, 24
+  keys = jax.random.split(jax.random.key(7), 4)
+  x = jax.random.normal(keys[0], (m, k)).astype(dtype)
+  q = jax.random.randint(keys[1], (n, k), -8, 8).astype(jnp.int4)
+  sw = jax.random.uniform(keys[2], (n, g), minval=0.01, maxval=0.1)
+  zw = None if symmetric else jnp.round(jax.random.uniform(keys[3], (n, g)) * 6 - 3)
+  y = np.asarray(jax.jit(xla.weight_only_matmul)(x, q, sw, zw))
+  w = np.repeat(np.asarray(sw, np.float64), k // g, axis=1) * (
+      np.asarray(q, np.float64) - (0.0 if zw is None else np.repeat(np.asarray(zw), k // g, axis=1)))
+  ref = np.asarray(x, np.float64) @ w.T
+  np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+def test_weight_only_matmul_rejects_mismatched_codes():
+  with pytest.raises(ValueError, match="do not match"):
+    xla.weight_only_matmul(jnp.ones((2, 64)), jnp.ones((8, 32), jnp.int8), jnp.ones((8, 1)), None)

@@ -81,6 +81,20 @@ def test_kv_cache_equals_no_cache_reference(demo, demo_obs):
   np.testing.assert_allclose(np.asarray(cached), np.asarray(ref), atol=1e-4 * scale)
 
 
+def test_unrolled_layers_equal_the_scanned_policy(demo, demo_obs):
+  """`unroll_layers` changes only how XLA runs the layer stack: same params, same actions."""
+  from duquant_jax.config import get_preset
+  from duquant_jax.quantize import quantize_params
+  policy, params = demo
+  unrolled = get_policy(policy.cfg.name, "demo", unroll_layers=True)
+  packed = quantize_params(params, get_preset("w4a8-rtn"))
+  for tree in (params, packed):
+    run = lambda p: jax.jit(p.sample_actions, static_argnames="num_steps")(
+        tree, demo_obs, jax.random.key(5), num_steps=2)
+    a, b = np.asarray(run(policy)), np.asarray(run(unrolled))
+    np.testing.assert_allclose(b, a, atol=1e-4 * np.abs(a).max())
+
+
 def test_missing_key_is_named():
   policy = get_policy("pi0", "demo")
   obs = policy.example_observation(jax.random.key(0))

@@ -127,22 +127,16 @@ def test_fused_kernel_lowers_to_triton_for_cuda(symmetric):
   assert "xla.gpu.triton" in exported.mlir_module()
 
 
-@pytest.mark.parametrize("rotation", ["reduce", "column"])
 @pytest.mark.parametrize("perm,rot2", [(True, True), (False, True), (True, False)])
-def test_dot_free_forms_equal_einsum_form(perm, rot2, rotation):
+def test_multiply_reduce_form_equals_einsum_form(perm, rot2):
   tr = _transform(128, 16, perm=perm, rot2=rot2)
   x = _x(6, 128)
   ref = tr.apply(x.astype(jnp.float32), precision=_HIGHEST)
-  got = kernels.xla.transform_nodot(x, tr, rotation)
+  got = kernels.xla.transform_reduce(x, tr)
   assert float(jnp.max(jnp.abs(got - ref)) / jnp.max(jnp.abs(ref))) < 1e-6
-  codes = kernels.transform_quantize(x, tr, 8, implementation=f"xla_{rotation}")[0]
+  codes = kernels.transform_quantize(x, tr, 8, implementation="xla_reduce")[0]
   d = np.abs(np.asarray(codes, np.int32) - np.asarray(_reference(x, tr, False)[0], np.int32))
   assert d.max() <= 1 and (d > 0).mean() < 1e-2
-
-
-def test_dot_free_form_rejects_unknown_rotation():
-  with pytest.raises(ValueError, match="rotation must be"):
-    kernels.xla.transform_nodot(_x(2, 128), _transform(128, 16), "gemm")
 
 
 def test_cli_bench_runs_a_script_and_rejects_unknown_names(capsys):

@@ -9,7 +9,7 @@
 
 `transform_quantize` (DuQuant's online input transform, then per-token activation quantization)
 runs as XLA ops: on CUDA with at most `REDUCE_FORM_MAX_TOKENS` tokens the block rotations as
-multiply-reduce (`xla.transform_nodot`, which fused best inside the batch-1 policy), elsewhere as
+multiply-reduce (`xla.transform_reduce`, which fused best inside the batch-1 policy), elsewhere as
 einsums (`InputTransform.apply`), then
 `xla.quantize_per_token`. The fused Pallas kernel (`pallas_transform`) runs only when asked: on the
 H100 it measured 2-60x slower than XLA's chain at every shape (BENCHMARKS.md, "Online transform").
@@ -26,7 +26,7 @@ from duquant_jax.kernels.xla import dequantize_per_token, quantize_per_token
 from duquant_jax.kernels import xla
 
 IMPLEMENTATIONS = (None, "xla", "xla_bf16", "pallas", "pallas_interpret")
-TRANSFORM_IMPLEMENTATIONS = (None, "xla", "xla_reduce", "xla_column", "pallas", "pallas_interpret")
+TRANSFORM_IMPLEMENTATIONS = (None, "xla", "xla_reduce", "pallas", "pallas_interpret")
 # Auto-dispatch uses the multiply-reduce transform on CUDA up to this many tokens (M) per call.
 REDUCE_FORM_MAX_TOKENS = 1024
 
@@ -100,8 +100,7 @@ def transform_quantize(x: jax.Array, transform, bits: int = 8, *, symmetric: boo
     transform: an `InputTransform` (smoothing merged into rot1 for the kernel) or None.
     bits, symmetric, clip_ratio: the per-token quantizer, as `xla.quantize_per_token`.
     implementation: None (auto: XLA, multiply-reduce form on CUDA for M <= 1024), "xla" (the einsum
-      form, `InputTransform.apply`), "xla_reduce" / "xla_column" (`xla.transform_nodot`, no GEMMs,
-      reduced over b' minor or b major), "pallas" or
+      form, `InputTransform.apply`), "xla_reduce" (`xla.transform_reduce`, no GEMMs), "pallas" or
       "pallas_interpret" (the latter two raise if the kernel cannot take this transform).
 
   Returns:
@@ -113,14 +112,14 @@ def transform_quantize(x: jax.Array, transform, bits: int = 8, *, symmetric: boo
   def xla_fn(form):
     xt = x.astype(jnp.float32)
     if transform is not None:
-      if form in ("xla_reduce", "xla_column") and x.ndim == 2 and all(
+      if form == "xla_reduce" and x.ndim == 2 and all(
           r is None or r.ndim == 3 for r in (transform.rot1, transform.rot2)):
-        xt = xla.transform_nodot(xt, transform, form[4:])
+        xt = xla.transform_reduce(xt, transform)
       else:
         xt = transform.apply(xt)
     return quantize_per_token(xt, bits, symmetric=symmetric, clip_ratio=clip_ratio)
 
-  if implementation in ("xla", "xla_reduce", "xla_column"):
+  if implementation in ("xla", "xla_reduce"):
     return xla_fn(implementation)
   if implementation is None:
     if transform is None or x.shape[0] > REDUCE_FORM_MAX_TOKENS:

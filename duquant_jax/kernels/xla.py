@@ -48,29 +48,24 @@ def quantize_per_token(x: jax.Array, bits: int = 8, *, symmetric: bool = True,
   return xq, sx, zx
 
 
-def transform_nodot(x: jax.Array, transform, rotation: str = "reduce") -> jax.Array:
-  """`transform.apply(x)` for (M, K) x without dots: block rotations as elementwise arithmetic.
+def transform_reduce(x: jax.Array, transform) -> jax.Array:
+  """`transform.apply(x)` for (M, K) x without dots: block rotations as multiply-reduce.
 
   XLA lowers the einsum form of a block rotation to a batched (G, M, b) x (G, b, b) GEMM with
-  transposes on both sides. Two dot-free forms of the same sums (another order: equal to float32
-  rounding):
-    "reduce"  an elementwise product reduced over b; fuses with its producer (the cast, the gather)
-              into one reduction kernel per rotation, but XLA may transpose around the reduce.
-    "column"  the same product laid out (b, M, G, b') and reduced over its major axis: XLA's column
-              reduction, whose kept axes stay in x's order (no transpose of the result).
+  transposes on both sides; as an elementwise product reduced over b it fuses with its producer
+  (the cast, the gather) into one reduction kernel per rotation. Same sums, another order: equal
+  to float32 rounding. (Two other dot-free forms measured slower on the H100 and were dropped:
+  b unrolled multiply-adds, and the product reduced over a major axis; BENCHMARKS.md.)
   """
-  if rotation not in ("reduce", "column"):
-    raise ValueError(f"rotation must be 'reduce' or 'column', got {rotation!r}")
-  rotate = _rotate_blocks_reduce if rotation == "reduce" else _rotate_blocks_column
   x = x.astype(jnp.float32)
   if transform.smooth is not None:
     x = x / transform.smooth
   if transform.rot1 is not None:
-    x = rotate(x, transform.rot1)
+    x = _rotate_blocks_reduce(x, transform.rot1)
   if transform.perm is not None:
     x = jnp.take(x, transform.perm, axis=1)
   if transform.rot2 is not None:
-    x = rotate(x, transform.rot2)
+    x = _rotate_blocks_reduce(x, transform.rot2)
   return x
 
 
@@ -80,15 +75,6 @@ def _rotate_blocks_reduce(x: jax.Array, rot: jax.Array) -> jax.Array:
   g, b = rot.shape[0], rot.shape[-1]
   # (Reducing over the minor axis instead, with rot transposed, measured slower on the H100.)
   return jnp.sum(x.reshape(m, g, b, 1) * rot.astype(jnp.float32)[None], axis=2).reshape(m, k)
-
-
-def _rotate_blocks_column(x: jax.Array, rot: jax.Array) -> jax.Array:
-  """x (M, K) times block-diagonal rot (G, b, b), as a product reduced over its major axis."""
-  m, k = x.shape
-  g, b = rot.shape[0], rot.shape[-1]
-  xb = jnp.moveaxis(x.reshape(m, g, b), 2, 0)[..., None]           # (b, M, G, 1)
-  rb = jnp.moveaxis(rot.astype(jnp.float32), 1, 0)[:, None]         # (b, 1, G, b')
-  return jnp.sum(xb * rb, axis=0).reshape(m, k)
 
 
 def dequantize_per_token(xq, sx, zx=None):
@@ -158,6 +144,35 @@ def w4a8_matmul(xq: jax.Array, sx: jax.Array, zx: jax.Array | None, q: jax.Array
     acc = acc - zx[None, :, :] * corr
   y = jnp.einsum("gmn,ng->mn", acc, sw) * sx
   return y.astype(out_dtype)
+
+
+def weight_only_matmul(x: jax.Array, q: jax.Array, sw: jax.Array, zw: jax.Array | None) -> jax.Array:
+  """Weight-only (W4A16 / W8A16) matmul: float x (M, K) times dequant(q) (N, K), float32 (M, N).
+
+  The integer codes are cast to x's dtype inside the jitted function (every int4 / int8 code is
+  exact in bfloat16) and XLA fuses that cast into its GEMM, so the weight is read as packed codes;
+  the zero points and per-group scales are applied to the float32 partial sums of each group:
+
+    y[m, n] = sum_g sw[n, g] * (sum_{k in g} x q - zw[n, g] * sum_{k in g} x)
+
+  With x in bfloat16 every product is exact in float32: the result equals `x @ dequant(q).T` up to
+  float32 summation order. Float32 x runs the dot at the platform's default float32 precision.
+  """
+  m, k = x.shape
+  n, g = sw.shape
+  if q.shape != (n, k) or k % g:
+    raise ValueError(f"weight codes {q.shape} do not match activations (M, K)={x.shape} "
+                     f"and scales (N, G)={sw.shape}")
+  gs = k // g
+  xg = x.reshape(m, g, gs)
+  acc = jax.lax.dot_general(xg, q.astype(x.dtype).reshape(n, g, gs), (((2,), (2,)), ((1,), (1,))),
+                            preferred_element_type=jnp.float32)  # (G, M, N)
+  if zw is not None:
+    rowsum = jnp.sum(xg.astype(jnp.float32), axis=-1)  # (M, G)
+    acc = acc - zw.T[:, None, :] * rowsum.T[:, :, None]
+  if g == 1:
+    return acc[0] * sw[:, 0]
+  return jnp.einsum("gmn,ng->mn", acc, sw)
 
 
 def w4a8_matmul_reference_f64(xq, sx, zx, q, sw, zw):

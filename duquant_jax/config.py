@@ -292,12 +292,15 @@ def _presets() -> dict[str, QuantConfig]:
       "recommended": _ours("recommended", (LayerRule(pattern=LLM, **best),
                                            LayerRule(pattern=EXPERT_MLP, **best))),
       # All weights at <= 0.30x bf16 (full size, EVALUATION.md): recommended, plus the expert
-      # attention at W8A8 (small; W4 cost more action error on the demo), SigLIP at W4A8 with
-      # block 8 (block 8 divides SigLIP's head_dim 72, width 1152 and MLP width 4304; it measured
-      # better than block 16, RTN or W8 MLP on the demo), and the token table weight-only int4.
+      # attention weight-only W8 with no transform (small; W4 cost more action error on the demo,
+      # and W8A8 with DuQuant's transform measured the same error but runs an online transform per
+      # flow step), SigLIP at W4A8 with block 8 (block 8 divides SigLIP's head_dim 72, width 1152
+      # and MLP width 4304; it measured better than block 16, RTN, weight-only W4 or W8 MLP on the
+      # demo), and the token table weight-only int4.
       "deploy": QuantConfig(name="deploy", calib_batches=128, rules=(
           LayerRule(pattern=LLM, **best), LayerRule(pattern=EXPERT_MLP, **best),
-          LayerRule(pattern=EXPERT_ATTN, weight_bits=8, **best),
+          LayerRule(pattern=EXPERT_ATTN, weight_bits=8, act_bits=None, rotation="none",
+                    permutation="none", smooth_alpha=None),
           LayerRule(pattern=SIGLIP, block_size=8)),
           embeddings=(EmbeddingRule(pattern=EMBEDDING, bits=4, group_size=128),)),
   }

@@ -250,7 +250,7 @@ def copy_bandwidth(nbytes=2 * 2**30):
 
 # ------------------------------------------------------------------------------------------ anatomy
 ANATOMY_PATHS = ("bf16", "xla_int8", "int4_materialized", "w8a8", "int8_dot_only", "int8_dot_f32",
-                 "w4a16")
+                 "w4a16", "weight_only_int4", "weight_only_int8")
 
 
 def anatomy_timers(key, m, k, n):
@@ -262,7 +262,9 @@ def anatomy_timers(key, m, k, n):
     w8a8               int8 weights stored (no cast), same epilogue
     int8_dot_only      the bare int8 x int8 -> int32 TN dot of stored int8 weights (no epilogue)
     int8_dot_f32       the same dot asking XLA for float32 output
-    w4a16              int4 -> bf16 dequantization, then a bf16 TN dot
+    w4a16              int4 -> bf16 dequantization (codes x scales), then a bf16 TN dot
+    weight_only_int4   `xla.weight_only_matmul`: int4 codes cast to bf16 in the dot, scales after
+    weight_only_int8   the same with int8 codes (W8A16)
   """
   copies = n_copies(n * k // 2)
   case = make_case(key, m, k, n, copies)
@@ -293,6 +295,12 @@ def anatomy_timers(key, m, k, n):
           lambda c, w: jax.lax.dot_general(
               c[0], (w[0].astype(jnp.bfloat16) * w[1].astype(jnp.bfloat16)), tn),
           (case["xb"],), case["w_q"], y0, iters),
+      "weight_only_int4": LoopTimer(
+          lambda c, w: xla.weight_only_matmul(c[0], w[0], w[1], None).astype(jnp.bfloat16),
+          (case["xb"],), case["w_q"], y0, iters),
+      "weight_only_int8": LoopTimer(
+          lambda c, w: xla.weight_only_matmul(c[0], w[0], w[1], None).astype(jnp.bfloat16),
+          (case["xb"],), w8, y0, iters),
   }
 
 

@@ -97,7 +97,8 @@ def presets():
 
 
 BENCHMARKS = {"kernels": "bench_kernels.py", "transform": "bench_transform.py",
-              "policy": "bench_policy.py", "pack": "bench_pack.py", "profile": "profile_policy.py"}
+              "policy": "bench_policy.py", "pack": "bench_pack.py", "profile": "profile_policy.py",
+              "mosaic": "probe_mosaic_gpu.py"}
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

@@ -83,6 +83,7 @@ class LoopTimer:
         return c, y
       return jax.lax.fori_loop(0, iters, body, (consts_in, y_in))
     self.args = (consts, weights, y0)
+    self.matmul = matmul
     self.fn = jax.jit(run)
     self.per_loop = iters * len(weights)
     self.compiled = None

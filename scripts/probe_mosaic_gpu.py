@@ -11,6 +11,8 @@ on gemma_2b's MLP shapes, in the same jitted timing loop as `bench_kernels.py`:
   ours_int8    `int8_matmul_probe` below: a plain (not warp-specialised) Mosaic GPU kernel of ours,
                int8 x int8 wgmma with an int32 accumulator, TMA-pipelined over K, int32 output
                (no epilogue yet): does int8 wgmma beat XLA's int8 GEMM and bf16 at M = 816?
+               As of session 3 its results are WRONG (checked against XLA's int8 dot and
+               recorded as `ours_int8_exact`): its timings mean nothing until that passes.
   mgpu_w8a16   `hopper_mixed_type_matmul_mgpu.mixed_matmul_kernel`: int8 weights upcast to bf16 in
                registers, bf16 wgmma, run as y^T = w8^T (N, K) @ x^T (K, M) (the int8 operand must be
                the left one); M is padded to a multiple of 128

@@ -1,0 +1,53 @@
+"""CPU smoke tests of the benchmark scripts' own logic (their numbers come from the H100)."""
+
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+
+from conftest import demo_params  # noqa: E402
+from duquant_jax.config import get_preset  # noqa: E402
+from duquant_jax.models import get_policy  # noqa: E402
+from duquant_jax.packed import PackedLinear  # noqa: E402
+from duquant_jax.quantize import quantize_params  # noqa: E402
+
+
+def test_free_linears_replace_every_packed_linear_and_the_policy_still_runs():
+  import bench_policy
+  policy = get_policy("pi0", "demo")
+  packed = quantize_params(demo_params("pi0"), get_preset("w4a8-rtn"))
+  free = bench_policy.free_linears(packed)
+  is_packed = lambda v: isinstance(v, PackedLinear)
+  leaves = [v for v in jax.tree.leaves(packed, is_leaf=is_packed) if is_packed(v)]
+  swapped = [v for v in jax.tree.leaves(free, is_leaf=is_packed) if is_packed(v)]
+  assert leaves and len(swapped) == len(leaves)
+  assert all(isinstance(v, bench_policy.FreeLinear) for v in swapped)
+  x = jnp.arange(12.0).reshape(3, 4)
+  y = swapped[0].matmul(jnp.zeros((3, swapped[0].in_features)).at[:, 0].set(x[:, 0]))
+  np.testing.assert_array_equal(np.asarray(y), np.broadcast_to(np.asarray(x[:, :1]), y.shape))
+  obs = policy.example_observation(jax.random.key(1), batch_size=1)
+  a = jax.jit(policy.sample_actions, static_argnames="num_steps")(free, obs, jax.random.key(2),
+                                                                  num_steps=2)
+  assert a.shape == (1, policy.cfg.action_horizon, policy.cfg.action_dim)
+
+
+def test_anatomy_formulations_agree_on_a_tiny_shape():
+  """The anatomy's formulations of one product agree, so their timings compare like with like."""
+  import bench_kernels
+  timers = bench_kernels.anatomy_timers(jax.random.key(0), 8, 128, 64)
+  assert set(timers) == set(bench_kernels.ANATOMY_PATHS)
+  y = {}
+  for name, t in timers.items():
+    consts, weights, _ = t.args
+    y[name] = np.asarray(jax.jit(t.matmul)(consts, weights[0]), np.float64)
+  scale = np.abs(y["xla_int8"]).max()
+  for name in ("int4_materialized", "w8a8"):  # the same integer arithmetic and epilogue
+    np.testing.assert_allclose(y[name], y["xla_int8"], atol=1e-2 * scale)
+  np.testing.assert_array_equal(y["int8_dot_f32"], y["int8_dot_only"])  # exact integer sums
+  np.testing.assert_allclose(y["weight_only_int8"], y["weight_only_int4"], atol=1e-2 * scale)
+  np.testing.assert_allclose(y["w4a16"], y["weight_only_int4"], atol=2e-2 * np.abs(y["w4a16"]).max())
+  assert timers["bf16"].time(reps=1) > 0

@@ -61,7 +61,10 @@ def int8_matmul_probe(x, w, tile_m=128, tile_n=128, tile_k=128, steps=4):
     def compute(acc_ref):
       def step(_, x_smem, w_smem):
         plgpu.wgmma(acc_ref, x_smem, plgpu.transpose_ref(w_smem, (1, 0)))
-        plgpu.wgmma_wait(1)
+        # Wait for this wgmma before the pipeline reuses its SMEM slot. (The session-3 run waited
+        # for all but one, wgmma_wait(1), which lets the next TMA overwrite a buffer the last
+        # wgmma may still read: the likely cause of its wrong results. Not re-run yet.)
+        plgpu.wgmma_wait(0)
 
       plgpu.emit_pipeline(
           step, grid=(k // tile_k,), max_concurrent_steps=steps,

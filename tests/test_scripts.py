@@ -51,3 +51,16 @@ def test_anatomy_formulations_agree_on_a_tiny_shape():
   np.testing.assert_allclose(y["weight_only_int8"], y["weight_only_int4"], atol=1e-2 * scale)
   np.testing.assert_allclose(y["w4a16"], y["weight_only_int4"], atol=2e-2 * np.abs(y["w4a16"]).max())
   assert timers["bf16"].time(reps=1) > 0
+
+
+def test_mosaic_gpu_probe_kernel_lowers_for_cuda_and_rejects_untileable_shapes():
+  """The probe's int8 wgmma kernel lowers to a Mosaic GPU custom call on a CPU-only machine."""
+  import pytest
+  from jax import export
+  import probe_mosaic_gpu
+  s = jax.ShapeDtypeStruct
+  fn = jax.jit(lambda x, w: probe_mosaic_gpu.int8_matmul_probe(x, w))
+  exported = export.export(fn, platforms=["cuda"])(s((256, 512), jnp.int8), s((256, 512), jnp.int8))
+  assert "mosaic_gpu" in exported.mlir_module()
+  with pytest.raises(ValueError, match="does not tile"):
+    probe_mosaic_gpu.int8_matmul_probe(jnp.zeros((100, 512), jnp.int8), jnp.zeros((256, 512), jnp.int8))

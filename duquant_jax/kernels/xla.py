@@ -108,12 +108,7 @@ def w4a8_matmul(xq: jax.Array, sx: jax.Array, zx: jax.Array | None, q: jax.Array
   Raises:
     ValueError: shapes that do not agree, an unknown `dot`, or dot="bf16" with K / G > 16384.
   """
-  m, k = xq.shape
-  n, g = sw.shape
-  if q.shape != (n, k) or k % g:
-    raise ValueError(f"weight codes {q.shape} do not match activations (M, K)={xq.shape} "
-                     f"and scales (N, G)={sw.shape}")
-  gs = k // g
+  m, n, g, gs = _grouped_shapes(xq, q, sw)
   if dot not in ("int8", "bf16"):
     raise ValueError(f"dot must be 'int8' or 'bf16', got {dot!r}")
   if dot == "bf16" and gs > _BF16_DOT_MAX_K:
@@ -134,9 +129,7 @@ def w4a8_matmul(xq: jax.Array, sx: jax.Array, zx: jax.Array | None, q: jax.Array
   if zx is not None:
     acc, colsum = acc[:, :m], acc[:, m:]  # (G, M, N), (G, 1, N): sum_k q per group
     xg = xg[:m]
-  if zw is not None:
-    rowsum = jnp.sum(xg.astype(jnp.int32), axis=-1).astype(jnp.float32)  # (M, G)
-    acc = acc - zw.T[:, None, :] * rowsum.T[:, :, None]
+  acc = _minus_weight_zero(acc, xg, zw)
   if zx is not None:
     corr = colsum
     if zw is not None:
@@ -158,21 +151,29 @@ def weight_only_matmul(x: jax.Array, q: jax.Array, sw: jax.Array, zw: jax.Array 
   With x in bfloat16 every product is exact in float32: the result equals `x @ dequant(q).T` up to
   float32 summation order. Float32 x runs the dot at the platform's default float32 precision.
   """
+  m, n, g, gs = _grouped_shapes(x, q, sw)
+  xg = x.reshape(m, g, gs)
+  acc = jax.lax.dot_general(xg, q.astype(x.dtype).reshape(n, g, gs), (((2,), (2,)), ((1,), (1,))),
+                            preferred_element_type=jnp.float32)  # (G, M, N)
+  return jnp.einsum("gmn,ng->mn", _minus_weight_zero(acc, xg, zw), sw)
+
+
+def _grouped_shapes(x, q, sw):
+  """(M, N, G, K / G) of activations x (M, K), codes q (N, K) and scales sw (N, G); checks they agree."""
   m, k = x.shape
   n, g = sw.shape
   if q.shape != (n, k) or k % g:
     raise ValueError(f"weight codes {q.shape} do not match activations (M, K)={x.shape} "
                      f"and scales (N, G)={sw.shape}")
-  gs = k // g
-  xg = x.reshape(m, g, gs)
-  acc = jax.lax.dot_general(xg, q.astype(x.dtype).reshape(n, g, gs), (((2,), (2,)), ((1,), (1,))),
-                            preferred_element_type=jnp.float32)  # (G, M, N)
-  if zw is not None:
-    rowsum = jnp.sum(xg.astype(jnp.float32), axis=-1)  # (M, G)
-    acc = acc - zw.T[:, None, :] * rowsum.T[:, :, None]
-  if g == 1:
-    return acc[0] * sw[:, 0]
-  return jnp.einsum("gmn,ng->mn", acc, sw)
+  return m, n, g, k // g
+
+
+def _minus_weight_zero(acc, xg, zw):
+  """acc (G, M, N) partial sums minus zw[n, g] * sum_{k in g} x[m, k] (xg (M, G, K / G)); zw None: acc."""
+  if zw is None:
+    return acc
+  rowsum = jnp.sum(xg.astype(jnp.float32), axis=-1)  # (M, G)
+  return acc - zw.T[:, None, :] * rowsum.T[:, :, None]
 
 
 def w4a8_matmul_reference_f64(xq, sx, zx, q, sw, zw):

@@ -1,0 +1,128 @@
+"""Device check of the Mosaic GPU W4A8 kernel (`duquant_jax.kernels.mosaic_gpu`): exact, and fast?
+
+For each linear shape and M: the kernel's error against the XLA integer reference (float32 output,
+symmetric and asymmetric quantizers), then the time per matmul in one jitted loop (`bench_kernels`'
+LoopTimer) of bf16 `jnp.dot`, the XLA W4A8 path, the kernel with its XLA pre/post work
+(`mosaic`: padding, row / column sums, the final transpose) and the bare kernel (`mosaic_core`,
+y^T out) for a few tilings.
+
+Usage (Hopper GPU): python3 scripts/probe_mosaic_w4a8.py [--ms 51,816] [--json out.json]
+Failures (a tiling that does not lower) are recorded and the probe goes on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from bench_kernels import LoopTimer, n_copies  # noqa: E402
+from duquant_jax.kernels import mosaic_gpu, xla  # noqa: E402
+
+SHAPES = {"2b_gate": (2048, 16384), "2b_down": (16384, 2048), "2b_q": (2048, 2048),
+          "300m_gate": (1024, 4096), "300m_down": (4096, 1024)}
+
+
+def operands(m, k, n, key, copies):
+  kx, kw, ks, kz = jax.random.split(key, 4)
+  x = jax.random.normal(kx, (m, k), jnp.float32) * (1 + 4 * jax.random.uniform(ks, (1, k)))
+  xq, sx, zx = xla.quantize_per_token(x, symmetric=False)
+  qs = [jax.random.randint(jax.random.fold_in(kw, i), (n, k), -8, 8).astype(jnp.int4)
+        for i in range(copies)]
+  sw = 0.01 + 0.01 * jax.random.uniform(ks, (n, 1))
+  zw = jnp.round(4 * jax.random.uniform(kz, (n, 1)) - 2)
+  return x, xq, sx, zx, qs, sw, zw
+
+
+def check(m, k, n, tiles):
+  """Max |kernel - XLA| / max |XLA| (float32 out), symmetric and asymmetric."""
+  x, xq, sx, zx, qs, sw, zw = operands(m, k, n, jax.random.key(m + k), 1)
+  out = {}
+  for name, (zx_, zw_) in {"sym": (None, None), "asym": (zx, zw)}.items():
+    ref = xla.w4a8_matmul(xq, sx, zx_, qs[0], sw, zw_)
+    y = mosaic_gpu.w4a8_matmul(xq, sx, zx_, qs[0], sw, zw_, out_dtype=jnp.float32, tiles=tiles)
+    out[name] = float(jnp.max(jnp.abs(y - ref)) / jnp.max(jnp.abs(ref)))
+  return out
+
+
+def probe(m, k, n, tile_list, iters=20):
+  copies = n_copies(n * k // 2)
+  x, xq, sx, zx, qs, sw, zw = operands(m, k, n, jax.random.key(1), copies)
+  out, errors = {}, {}
+
+  def timed(name, fn, consts, weights, y0):
+    try:
+      out[name] = 1e6 * LoopTimer(fn, consts, weights, y0, iters).time(reps=5)
+    except Exception as e:  # recorded, the probe goes on
+      errors[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+      traceback.print_exc(limit=3)
+
+  xb = x.astype(jnp.bfloat16)
+  timed("bf16", lambda c, w: jnp.dot(c[0], w), (xb,),
+        [q.T.astype(jnp.bfloat16) for q in qs], jnp.zeros((m, n), jnp.bfloat16))
+  timed("xla_int8", lambda c, w: xla.w4a8_matmul(c[0], c[1], c[2], w, sw, zw, out_dtype=jnp.bfloat16),
+        (xq, sx, zx), qs, jnp.zeros((m, n), jnp.bfloat16))
+  for t in tile_list:
+    tag = f"{t.tile_n}x{t.tile_m}s{t.stages}"
+    try:
+      errors[f"exact {tag}"] = check(m, k, n, t)
+    except Exception as e:
+      errors[f"exact {tag}"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+      traceback.print_exc(limit=3)
+      continue
+    timed(f"mosaic {tag}", lambda c, w, t=t: mosaic_gpu.w4a8_matmul(
+        c[0], c[1], c[2], w, sw, zw, out_dtype=jnp.bfloat16, tiles=t),
+        (xq, sx, zx), qs, jnp.zeros((m, n), jnp.bfloat16))
+    mp = -(-m // t.tile_m) * t.tile_m
+    xq_p = jnp.pad(xq, ((0, mp - m), (0, 0)))
+    rows, cols = jnp.ones((4, n), jnp.float32), jnp.ones((4, mp), jnp.float32)
+    timed(f"mosaic_core {tag}", lambda c, w, t=t: mosaic_gpu._kernel(
+        c[0], w, c[1], c[2], tiles=t, out_dtype=jnp.dtype(jnp.bfloat16), asym_w=True,
+        asym_x=True, interpret=False), (xq_p, rows, cols), qs, jnp.zeros((n, mp), jnp.bfloat16))
+  return out, errors
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--ms", default="51,816")
+  ap.add_argument("--shapes", default=",".join(SHAPES))
+  ap.add_argument("--tiles", default="auto,128x128s4,256x128s3,128x256s3,64x128s4",
+                  help="tile_n x tile_m s stages, or auto (choose_tiles)")
+  ap.add_argument("--json", default=None)
+  args = ap.parse_args()
+  print(f"# device {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
+  rows = []
+  for name in args.shapes.split(","):
+    k, n = SHAPES[name]
+    for m in (int(v) for v in args.ms.split(",")):
+      tiles = []
+      for spec in args.tiles.split(","):
+        if spec == "auto":
+          t = mosaic_gpu.choose_tiles(m, n, k)
+        else:
+          tn, rest = spec.split("x")
+          tm, st = rest.split("s")
+          t = mosaic_gpu.TileConfig(tile_n=int(tn), tile_m=int(tm), stages=int(st))
+        if t not in tiles and (spec == "auto" or m > 64 or t.tile_m <= 64):
+          tiles.append(t)
+      us, errors = probe(m, k, n, tiles)
+      rows.append(dict(shape=name, m=m, k=k, n=n, us=us, errors=errors))
+      print(json.dumps(rows[-1]), flush=True)
+      if args.json:
+        Path(args.json).write_text(json.dumps(dict(jax=jax.__version__, rows=rows), indent=1))
+  print("\n| shape | M | path | us | vs bf16 |\n|---|---|---|---|---|")
+  for r in rows:
+    for path, v in r["us"].items():
+      print(f"| {r['shape']} | {r['m']} | {path} | {v:.1f} | {r['us'].get('bf16', float('nan')) / v:.2f}x |")
+
+
+if __name__ == "__main__":
+  main()

@@ -63,7 +63,7 @@ def probe(m, k, n, tile_list, iters=20):
       out[name] = 1e6 * LoopTimer(fn, consts, weights, y0, iters).time(reps=5)
     except Exception as e:  # recorded, the probe goes on
       errors[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
-      traceback.print_exc(limit=3)
+      traceback.print_exc()
 
   xb = x.astype(jnp.bfloat16)
   timed("bf16", lambda c, w: jnp.dot(c[0], w), (xb,),
@@ -76,7 +76,7 @@ def probe(m, k, n, tile_list, iters=20):
       errors[f"exact {tag}"] = check(m, k, n, t)
     except Exception as e:
       errors[f"exact {tag}"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
-      traceback.print_exc(limit=3)
+      traceback.print_exc()
       continue
     timed(f"mosaic {tag}", lambda c, w, t=t: mosaic_gpu.w4a8_matmul(
         c[0], c[1], c[2], w, sw, zw, out_dtype=jnp.bfloat16, tiles=t),

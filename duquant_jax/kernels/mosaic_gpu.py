@@ -133,8 +133,9 @@ def _kernel(xq, q, rows, cols, *, tiles: TileConfig, out_dtype, asym_w: bool, as
   def body(x_gmem, w_gmem, rows_gmem, cols_gmem, o_gmem, rows_smem, cols_smem, o_smem, bar):
     ni, mi = lax.axis_index("n"), lax.axis_index("m")
     n_sl, m_sl = pl.ds(ni * tn, tn), pl.ds(mi * tm, tm)
-    plgpu.copy_gmem_to_smem(rows_gmem.at[:, n_sl], rows_smem, bar.at[0])
-    plgpu.copy_gmem_to_smem(cols_gmem.at[:, m_sl], cols_smem, bar.at[0])
+    bar = bar.at[0] if bar.shape else bar  # one barrier: shape (1,) on jax 0.10, () on 0.11
+    plgpu.copy_gmem_to_smem(rows_gmem.at[:, n_sl], rows_smem, bar)
+    plgpu.copy_gmem_to_smem(cols_gmem.at[:, m_sl], cols_smem, bar)
 
     def compute(acc_ref):
       def step(_, w_smem, x_smem):
@@ -150,7 +151,7 @@ def _kernel(xq, q, rows, cols, *, tiles: TileConfig, out_dtype, asym_w: bool, as
       return acc_ref[...]
 
     acc = pl.run_scoped(compute, plgpu.ACC((tn, tm), jnp.int32)).astype(jnp.float32)
-    plgpu.barrier_wait(bar.at[0])
+    plgpu.barrier_wait(bar)
     row = lambda i: lax.broadcast_in_dim(
         plgpu.load(rows_smem.at[i], (), layout=row_layout), (tn, tm), [0])
     col = lambda i: lax.broadcast_in_dim(

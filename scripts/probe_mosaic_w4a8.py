@@ -13,6 +13,7 @@ Failures (a tiling that does not lower) are recorded and the probe goes on.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import traceback
@@ -71,7 +72,7 @@ def probe(m, k, n, tile_list, iters=20):
   timed("xla_int8", lambda c, w: xla.w4a8_matmul(c[0], c[1], c[2], w, sw, zw, out_dtype=jnp.bfloat16),
         (xq, sx, zx), qs, jnp.zeros((m, n), jnp.bfloat16))
   for t in tile_list:
-    tag = f"{t.tile_n}x{t.tile_m}s{t.stages}"
+    tag = tile_tag(t)
     try:
       errors[f"exact {tag}"] = check(m, k, n, t)
     except Exception as e:
@@ -84,18 +85,40 @@ def probe(m, k, n, tile_list, iters=20):
     mp = -(-m // t.tile_m) * t.tile_m
     xq_p = jnp.pad(xq, ((0, mp - m), (0, 0)))
     rows, cols = jnp.ones((4, n), jnp.float32), jnp.ones((4, mp), jnp.float32)
+    out_dtype = jnp.dtype(jnp.float32 if t.splits > 1 else jnp.bfloat16)
+    y0 = jnp.zeros((t.splits, n, mp) if t.transposed_out else (t.splits, mp, n), out_dtype)
     timed(f"mosaic_core {tag}", lambda c, w, t=t: mosaic_gpu._kernel(
         c[0], w, c[1], c[2], tiles=t, out_dtype=jnp.dtype(jnp.bfloat16), asym_w=True,
-        asym_x=True, interpret=False), (xq_p, rows, cols), qs, jnp.zeros((n, mp), jnp.bfloat16))
+        asym_x=True, splits=t.splits, transposed_out=t.transposed_out),
+        (xq_p, rows, cols), qs, y0)
   return out, errors
+
+
+def tile_tag(t):
+  return (f"{t.tile_n}x{t.tile_m}s{t.stages}" + (f"k{t.splits}" if t.splits > 1 else "")
+          + ("t" if t.transposed_out else ""))
+
+
+def parse_tiles(spec, m, n, k):
+  """'auto', 'autot' (auto with the transposed output) or 'NxM[sS][kK][t]'."""
+  import re
+  if spec.startswith("auto"):
+    t = mosaic_gpu.choose_tiles(m, n, k)
+    return dataclasses.replace(t, transposed_out=spec == "autot")
+  g = re.fullmatch(r"(\d+)x(\d+)(?:s(\d+))?(?:k(\d+))?(t?)", spec)
+  if not g:
+    raise SystemExit(f"bad tile spec {spec!r}")
+  return mosaic_gpu.TileConfig(tile_n=int(g[1]), tile_m=int(g[2]), stages=int(g[3] or 4),
+                               splits=int(g[4] or 1), transposed_out=bool(g[5]))
 
 
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--ms", default="51,816")
   ap.add_argument("--shapes", default=",".join(SHAPES))
-  ap.add_argument("--tiles", default="auto,128x128s4,256x128s3,128x256s3,64x128s4",
-                  help="tile_n x tile_m s stages, or auto (choose_tiles)")
+  ap.add_argument("--tiles", default="auto,autot",
+                  help="comma list of NxM[sS][kK][t] (tile_n x tile_m, stages, K splits, "
+                       "transposed output) or auto / autot (choose_tiles)")
   ap.add_argument("--json", default=None)
   args = ap.parse_args()
   print(f"# device {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
@@ -105,13 +128,8 @@ def main():
     for m in (int(v) for v in args.ms.split(",")):
       tiles = []
       for spec in args.tiles.split(","):
-        if spec == "auto":
-          t = mosaic_gpu.choose_tiles(m, n, k)
-        else:
-          tn, rest = spec.split("x")
-          tm, st = rest.split("s")
-          t = mosaic_gpu.TileConfig(tile_n=int(tn), tile_m=int(tm), stages=int(st))
-        if t not in tiles and (spec == "auto" or m > 64 or t.tile_m <= 64):
+        t = parse_tiles(spec, m, n, k)
+        if t not in tiles and (spec.startswith("auto") or m > 64 or t.tile_m <= 64):
           tiles.append(t)
       us, errors = probe(m, k, n, tiles)
       rows.append(dict(shape=name, m=m, k=k, n=n, us=us, errors=errors))

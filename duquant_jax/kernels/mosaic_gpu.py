@@ -39,43 +39,73 @@ class TileConfig:
 
   Attributes:
     tile_n: weight rows (output channels) per CTA; a multiple of 64 (wgmma's M).
-    tile_m: tokens per CTA (wgmma's N); a multiple of 8 up to 256.
+    tile_m: tokens per CTA (wgmma's N); a multiple of 8 up to 32, then of 16, up to 256.
     tile_k: input channels per pipeline step; 128 (one 128-byte swizzled int8 row).
     stages: TMA pipeline depth (shared-memory buffers in flight).
+    splits: K slices run by separate CTAs (split-K, for a small M x N with a long K); float32
+      partials summed by XLA.
+    transposed_out: the kernel writes y^T (the accumulator's orientation) and XLA transposes it
+      (True), or it writes y itself through a transposed shared-memory store (False).
   """
   tile_n: int = 128
   tile_m: int = 64
   tile_k: int = 128
   stages: int = 4
+  splits: int = 1
+  transposed_out: bool = False
 
   def __post_init__(self):
     if self.tile_n % 64 or self.tile_n < 64:
       raise ValueError(f"TileConfig.tile_n={self.tile_n} must be a positive multiple of 64")
-    if self.tile_m % 8 or not 8 <= self.tile_m <= 256:
-      raise ValueError(f"TileConfig.tile_m={self.tile_m} must be a multiple of 8 in [8, 256]")
+    if not 8 <= self.tile_m <= 256 or self.tile_m % (8 if self.tile_m <= 32 else 16):
+      raise ValueError(f"TileConfig.tile_m={self.tile_m} must be a multiple of 8 up to 32, "
+                       "then of 16, up to 256 (int8 wgmma's N)")
     if self.tile_k != 128:
       raise ValueError(f"TileConfig.tile_k={self.tile_k} must be 128")
-    if self.stages < 1:
-      raise ValueError(f"TileConfig.stages={self.stages} must be >= 1")
+    if self.stages < 1 or self.splits < 1:
+      raise ValueError(f"TileConfig.stages={self.stages} and splits={self.splits} must be >= 1")
+
+
+# H100 SXM: streaming multiprocessors to fill.
+_SMS = 132
 
 
 def choose_tiles(m: int, n: int, k: int) -> TileConfig:
-  """Tiles per shape regime: tokens rounded up to the MMA's N granule for a small M."""
-  # int8 wgmma takes N in multiples of 8 up to 32, then of 16.
-  tile_m = (-(-m // 8) * 8 if m <= 32 else min(256, -(-m // 16) * 16)) if m <= 256 else 128
-  tile_n = 128 if n % 128 == 0 else 64
-  return TileConfig(tile_n=tile_n, tile_m=tile_m)
+  """Tiles per shape regime (H100 measurements in BENCHMARKS.md).
+
+  Tokens are rounded up to int8 wgmma's N granule for a small M; below a full wave of CTAs,
+  64-row weight tiles and then split-K add CTAs (a 50-token step is bound by reading the weight,
+  which needs every SM streaming).
+  """
+  if m <= 256:
+    tile_m = -(-m // 8) * 8 if m <= 32 else -(-m // 16) * 16
+  else:
+    tile_m = 128
+  tile_n = 128 if n % 128 == 0 and (n // 128) * -(-m // tile_m) >= _SMS else 64
+  ctas = (n // tile_n) * -(-m // tile_m)
+  splits = 1
+  while ctas * splits * 2 <= 2 * _SMS and k % (2 * splits * 128) == 0 and k // (2 * splits) >= 1024:
+    splits *= 2
+  return TileConfig(tile_n=tile_n, tile_m=tile_m, splits=splits)
 
 
 def supports(m: int, n: int, k: int, g: int, tiles: TileConfig | None = None) -> bool:
   """Whether the kernel takes (M, K) x (N, K) with G scale groups."""
   tiles = tiles or choose_tiles(m, n, k)
-  return g == 1 and n % tiles.tile_n == 0 and k % tiles.tile_k == 0 and m >= 1
+  return (g == 1 and m >= 1 and n % tiles.tile_n == 0
+          and k % (tiles.tile_k * tiles.splits) == 0)
 
 
 def w4a8_matmul(xq, sx, zx, q, sw, zw, *, out_dtype=jnp.bfloat16, tiles: TileConfig | None = None,
                 interpret: bool = False):
   """W4A8 matmul on Hopper; arguments as `xla.w4a8_matmul` (per-channel scales only, G = 1).
+
+  Args:
+    xq: (M, K) int8 activation codes; sx (M, 1) float32 scales; zx (M, 1) zero points or None.
+    q: (N, K) int4 weight codes; sw (N, 1) float32 scales; zw (N, 1) zero points or None.
+    out_dtype: dtype of the (M, N) result.
+    tiles: a `TileConfig`, or None for `choose_tiles`.
+    interpret: run in the Mosaic GPU interpreter (a simulated GPU on the CPU).
 
   Raises:
     ValueError: shapes the kernel does not take (G > 1, N or K not a multiple of the tiles).
@@ -88,33 +118,42 @@ def w4a8_matmul(xq, sx, zx, q, sw, zw, *, out_dtype=jnp.bfloat16, tiles: TileCon
   if not supports(m, n, k, g, tiles):
     raise ValueError(f"the Mosaic W4A8 kernel does not take (M, K)={xq.shape} x (N, K)={q.shape} "
                      f"with {g} scale groups and {tiles} (needs G = 1, N % tile_n == 0, "
-                     f"K % tile_k == 0)")
+                     f"K % (tile_k * splits) == 0)")
   mp = -(-m // tiles.tile_m) * tiles.tile_m
   xq_p = jnp.pad(xq, ((0, mp - m), (0, 0))) if mp != m else xq
   f32 = jnp.float32
-  zeros_n = jnp.zeros((n,), f32)
+  zeros_n, zeros_m = jnp.zeros((n,), f32), jnp.zeros((mp,), f32)
   zw_n = zeros_n if zw is None else zw[:, 0].astype(f32)
-  if zx is not None:
-    cq = jnp.sum(q.astype(jnp.int32), axis=1).astype(f32)
-    cq = cq if zw is None else cq - k * zw_n
-  else:
-    cq = zeros_n
   # A fourth zero row keeps every TMA copy of a column slice a multiple of 128 bytes.
-  rows = jnp.stack([sw[:, 0].astype(f32), zw_n, cq, zeros_n])  # (4, N)
-  rx = jnp.sum(xq_p.astype(jnp.int32), axis=1).astype(f32)
+  rows = jnp.stack([sw[:, 0].astype(f32), zw_n, zeros_n, zeros_n])  # (4, N)
   pad = lambda v: jnp.pad(v.reshape(-1).astype(f32), (0, mp - m))
-  zeros_m = jnp.zeros((mp,), f32)
+  rx = jnp.sum(xq_p.astype(jnp.int32), axis=1).astype(f32) if zw is not None else zeros_m
   cols = jnp.stack([pad(sx), rx, pad(zx) if zx is not None else zeros_m, zeros_m])  # (4, Mp)
-  yt = _kernel(xq_p, q, rows, cols, tiles=tiles, out_dtype=jnp.dtype(out_dtype),
-               asym_w=zw is not None, asym_x=zx is not None, interpret=interpret)
-  return yt[:, :m].T
+  out = _kernel(xq_p, q, rows, cols, tiles=tiles, out_dtype=jnp.dtype(out_dtype),
+                asym_w=zw is not None, asym_x=zx is not None, splits=tiles.splits,
+                transposed_out=tiles.transposed_out, interpret=interpret)
+  y = jnp.sum(out, axis=0) if tiles.splits > 1 else out[0]
+  y = y[:, :m].T if tiles.transposed_out else y[:m]
+  return y.astype(out_dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("tiles", "out_dtype", "asym_w", "asym_x", "interpret"))
+@functools.partial(jax.jit, static_argnames=("tiles", "out_dtype", "asym_w", "asym_x", "splits",
+                                             "transposed_out", "interpret"))
 def _kernel(xq, q, rows, cols, *, tiles: TileConfig, out_dtype, asym_w: bool, asym_x: bool,
-            interpret: bool):
-  """y^T (N, Mp) from xq (Mp, K) int8, q (N, K) int4, rows (4, N) = (sw, zw, cq', 0), cols (4, Mp) =
-  (sx, rx, zx, 0)."""
+            splits: int = 1, transposed_out: bool = True, interpret: bool = False):
+  """The Pallas call.
+
+  Args:
+    xq: (Mp, K) int8 tokens, Mp a multiple of tile_m; q: (N, K) int4 weight codes.
+    rows: (4, N) float32 per-channel (sw, zw, 0, 0); cols: (4, Mp) float32 per-token (sx, rx, zx, 0),
+      rx the row sums of xq. (The weight's code sums cq, for zx, come out of the kernel's own MMA.)
+    splits: K is cut into `splits` slices run by separate CTAs (more CTAs for a small M x N);
+      each writes its scaled float32 partial and the caller sums them.
+    transposed_out: write y^T (N, Mp) tiles as the accumulator lies, or y (Mp, N).
+
+  Returns:
+    (splits, N, Mp) or (splits, Mp, N) of out_dtype (float32 when splits > 1).
+  """
   import jax.experimental.pallas as pl
   from jax import lax
   from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -122,6 +161,9 @@ def _kernel(xq, q, rows, cols, *, tiles: TileConfig, out_dtype, asym_w: bool, as
   mp, k = xq.shape
   n = q.shape[0]
   tn, tm, tk = tiles.tile_n, tiles.tile_m, tiles.tile_k
+  ks = k // splits
+  if ks % tk:
+    raise ValueError(f"K={k} in {splits} slices is not a multiple of tile_k={tk}")
   # 128-byte rows of int8 tokens; 64-byte rows of int4 weights.
   x_swz = plgpu.find_swizzle(tk * 8)
   w_swz = plgpu.find_swizzle(tk * 4)
@@ -129,51 +171,74 @@ def _kernel(xq, q, rows, cols, *, tiles: TileConfig, out_dtype, asym_w: bool, as
   w_tr = (plgpu.TilingTransform((8, w_swz * 2)), plgpu.SwizzleTransform(w_swz))
   row_layout = plgpu.Layout.WGMMA.reduce(1)  # one value per accumulator row (weight row n)
   col_layout = plgpu.Layout.WGMMA.reduce(0)  # one value per accumulator column (token m)
+  # Eight rows of ones as a second B operand: W @ ones^T gives the weight's code sums per row
+  # (the asymmetric-activation correction) from the tile already in registers, where XLA would
+  # re-read the whole weight (measured 40-75 us per call on gemma shapes).
+  ones = jnp.ones((8, tk), jnp.int8)
 
-  def body(x_gmem, w_gmem, rows_gmem, cols_gmem, o_gmem, rows_smem, cols_smem, o_smem, bar):
-    ni, mi = lax.axis_index("n"), lax.axis_index("m")
-    n_sl, m_sl = pl.ds(ni * tn, tn), pl.ds(mi * tm, tm)
+  def body(x_gmem, w_gmem, rows_gmem, cols_gmem, ones_gmem, o_gmem, rows_smem, cols_smem,
+           ones_smem, o_smem, bar):
+    ni, mi, si = lax.axis_index("n"), lax.axis_index("m"), lax.axis_index("s")
+    n_sl, m_sl, k_sl = pl.ds(ni * tn, tn), pl.ds(mi * tm, tm), pl.ds(si * ks, ks)
     bar = bar.at[0] if bar.shape else bar  # one barrier: shape (1,) on jax 0.10, () on 0.11
     plgpu.copy_gmem_to_smem(rows_gmem.at[:, n_sl], rows_smem, bar)
     plgpu.copy_gmem_to_smem(cols_gmem.at[:, m_sl], cols_smem, bar)
+    plgpu.copy_gmem_to_smem(ones_gmem, ones_smem, bar)
+    plgpu.barrier_wait(bar)  # the ones tile is read by the first MMA
 
-    def compute(acc_ref):
+    def compute(acc_ref, csum_ref):
       def step(_, w_smem, x_smem):
         w = plgpu.load(w_smem, (), layout=plgpu.Layout.WGMMA_8BIT).astype(jnp.int8)
         plgpu.wgmma(acc_ref, w, plgpu.transpose_ref(x_smem, (1, 0)))
+        if asym_x:
+          plgpu.wgmma(csum_ref, w, plgpu.transpose_ref(ones_smem, (1, 0)))
         plgpu.wgmma_wait(0)  # the pipeline refills this step's buffers next
 
       plgpu.emit_pipeline(
-          step, grid=(k // tk,), max_concurrent_steps=tiles.stages,
+          step, grid=(ks // tk,), max_concurrent_steps=tiles.stages,
           in_specs=[plgpu.BlockSpec((tn, tk), lambda kk: (0, kk), transforms=w_tr),
                     plgpu.BlockSpec((tm, tk), lambda kk: (0, kk), transforms=x_tr)],
-      )(w_gmem.at[n_sl, :], x_gmem.at[m_sl, :])
-      return acc_ref[...]
+      )(w_gmem.at[n_sl, k_sl], x_gmem.at[m_sl, k_sl])
+      return acc_ref[...], csum_ref[...]
 
-    acc = pl.run_scoped(compute, plgpu.ACC((tn, tm), jnp.int32)).astype(jnp.float32)
-    plgpu.barrier_wait(bar)
+    acc, csum = pl.run_scoped(compute, plgpu.ACC((tn, tm), jnp.int32),
+                              plgpu.ACC((tn, 8), jnp.int32))
+    acc = acc.astype(jnp.float32)
     row = lambda i: lax.broadcast_in_dim(
         plgpu.load(rows_smem.at[i], (), layout=row_layout), (tn, tm), [0])
     col = lambda i: lax.broadcast_in_dim(
         plgpu.load(cols_smem.at[i], (), layout=col_layout), (tn, tm), [1])
+    first = (si == 0).astype(jnp.float32)  # slice-independent terms are added once
     if asym_w:
-      acc = acc - row(1) * col(1)
+      acc = acc - (row(1) * first) * col(1)
     if asym_x:
-      acc = acc - col(2) * row(2)
-    y = (acc * row(0)) * col(0)
-    o_smem[...] = y.astype(out_dtype)
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[n_sl, m_sl])
+      cq = lax.broadcast_in_dim(jnp.max(csum.astype(jnp.float32), axis=1), (tn, tm), [0])
+      if asym_w:
+        cq = cq - float(ks) * row(1)
+      acc = acc - col(2) * cq
+    y = ((acc * row(0)) * col(0)).astype(o_smem.dtype)
+    if transposed_out:
+      o_smem[...] = y
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[si, n_sl, m_sl])
+    else:
+      plgpu.transpose_ref(o_smem, (1, 0))[...] = plgpu.layout_cast(
+          y, plgpu.Layout.WGMMA_TRANSPOSED)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[si, m_sl, n_sl])
     plgpu.wait_smem_to_gmem(0)
 
   kw = dict(interpret=_interpret_params()) if interpret else {}
-  yt = plgpu.kernel(
-      body, out_type=jax.ShapeDtypeStruct((n, mp), out_dtype),
-      grid=(n // tn, mp // tm), grid_names=("n", "m"),
+  dtype = jnp.float32 if splits > 1 else out_dtype
+  out_shape = (splits, n, mp) if transposed_out else (splits, mp, n)
+  o_tile = (tn, tm) if transposed_out else (tm, tn)
+  return plgpu.kernel(
+      body, out_type=jax.ShapeDtypeStruct(out_shape, dtype),
+      grid=(n // tn, mp // tm, splits), grid_names=("n", "m", "s"),
       scratch_types=[plgpu.SMEM((4, tn), jnp.float32), plgpu.SMEM((4, tm), jnp.float32),
-                     plgpu.SMEM((tn, tm), out_dtype), plgpu.Barrier(num_arrivals=2)],
-      **kw)(xq, q, rows, cols)
-  return yt
+                     plgpu.SMEM((8, tk), jnp.int8, transforms=x_tr), plgpu.SMEM(o_tile, dtype),
+                     plgpu.Barrier(num_arrivals=3)],
+      **kw)(xq, q, rows, cols, ones)
 
 
 def _interpret_params():

@@ -86,39 +86,39 @@ def probe(m, k, n, tile_list, iters=20):
     xq_p = jnp.pad(xq, ((0, mp - m), (0, 0)))
     rows, cols = jnp.ones((4, n), jnp.float32), jnp.ones((4, mp), jnp.float32)
     out_dtype = jnp.dtype(jnp.float32 if t.splits > 1 else jnp.bfloat16)
-    y0 = jnp.zeros((t.splits, n, mp) if t.transposed_out else (t.splits, mp, n), out_dtype)
+    y0 = jnp.zeros((n, mp) if t.transposed_out else (mp, n), out_dtype)
     timed(f"mosaic_core {tag}", lambda c, w, t=t: mosaic_gpu._kernel(
         c[0], w, c[1], c[2], tiles=t, out_dtype=jnp.dtype(jnp.bfloat16), asym_w=True,
-        asym_x=True, splits=t.splits, transposed_out=t.transposed_out),
+        asym_x=True, splits=t.splits, transposed_out=t.transposed_out)[0],
         (xq_p, rows, cols), qs, y0)
   return out, errors
 
 
 def tile_tag(t):
   return (f"{t.tile_n}x{t.tile_m}s{t.stages}" + (f"k{t.splits}" if t.splits > 1 else "")
-          + ("t" if t.transposed_out else ""))
+          + ("" if t.transposed_out else "u"))
 
 
 def parse_tiles(spec, m, n, k):
-  """'auto', 'autot' (auto with the transposed output) or 'NxM[sS][kK][t]'."""
+  """'auto', 'autou' (auto, y stored untransposed by the kernel) or 'NxM[sS][kK][u]'."""
   import re
   if spec.startswith("auto"):
     t = mosaic_gpu.choose_tiles(m, n, k)
-    return dataclasses.replace(t, transposed_out=spec == "autot")
-  g = re.fullmatch(r"(\d+)x(\d+)(?:s(\d+))?(?:k(\d+))?(t?)", spec)
+    return dataclasses.replace(t, transposed_out=spec != "autou")
+  g = re.fullmatch(r"(\d+)x(\d+)(?:s(\d+))?(?:k(\d+))?(u?)", spec)
   if not g:
     raise SystemExit(f"bad tile spec {spec!r}")
   return mosaic_gpu.TileConfig(tile_n=int(g[1]), tile_m=int(g[2]), stages=int(g[3] or 4),
-                               splits=int(g[4] or 1), transposed_out=bool(g[5]))
+                               splits=int(g[4] or 1), transposed_out=not g[5])
 
 
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--ms", default="51,816")
   ap.add_argument("--shapes", default=",".join(SHAPES))
-  ap.add_argument("--tiles", default="auto,autot",
-                  help="comma list of NxM[sS][kK][t] (tile_n x tile_m, stages, K splits, "
-                       "transposed output) or auto / autot (choose_tiles)")
+  ap.add_argument("--tiles", default="auto",
+                  help="comma list of NxM[sS][kK][u] (tile_n x tile_m, stages, K splits, "
+                       "y stored untransposed) or auto / autou (choose_tiles)")
   ap.add_argument("--json", default=None)
   args = ap.parse_args()
   print(f"# device {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)

@@ -1,9 +1,14 @@
 """W4A8 integer matmul kernels and their dispatch.
 
 `w4a8_matmul` picks an implementation:
-  None                auto: the Pallas GPU kernel on CUDA for shapes where it was measured to win
-                      (`kernel_preferred`), the XLA integer path everywhere else (CPU, TPU, ROCm);
+  None                auto: on a Hopper GPU (compute capability 9.x) the Mosaic GPU kernel for every
+                      shape it takes (`mosaic_gpu.supports`; it beat XLA's int8 path at every
+                      measured shape, BENCHMARKS.md); on other CUDA GPUs the Triton kernel where it
+                      was measured to win (`kernel_preferred`); the XLA integer path everywhere else
+                      (CPU, TPU, ROCm, and shapes no kernel takes);
   "xla"               `xla.w4a8_matmul` (int4 cast to int8 in the jitted function, TN int8 dot);
+  "mosaic"            the Mosaic GPU kernel (`mosaic_gpu`) where it takes the shape on CUDA, else
+                      the XLA path (so that one choice can be forced on a whole tree);
   "pallas"            the Pallas Triton kernel (CUDA GPUs);
   "pallas_interpret"  the same kernel in Pallas interpret mode (any backend; tests).
 
@@ -25,7 +30,7 @@ import jax.numpy as jnp
 from duquant_jax.kernels.xla import dequantize_per_token, quantize_per_token
 from duquant_jax.kernels import xla
 
-IMPLEMENTATIONS = (None, "xla", "xla_bf16", "pallas", "pallas_interpret")
+IMPLEMENTATIONS = (None, "xla", "xla_bf16", "mosaic", "pallas", "pallas_interpret")
 TRANSFORM_IMPLEMENTATIONS = (None, "xla", "xla_reduce", "pallas", "pallas_interpret")
 # Auto-dispatch uses the multiply-reduce transform on CUDA up to this many tokens (M) per call.
 REDUCE_FORM_MAX_TOKENS = 1024
@@ -57,7 +62,8 @@ def w4a8_matmul(xq: jax.Array, sx: jax.Array, zx: jax.Array | None, q: jax.Array
     q: (N, K) int4 weight codes stored (out, in); sw (N, G) float32 scales; zw (N, G) or None.
     out_dtype: dtype of the result.
     implementation: None (auto), "xla" (int8 dot), "xla_bf16" (the same integer dot on bf16
-      tensor cores, bit-identical), "pallas" or "pallas_interpret".
+      tensor cores, bit-identical), "mosaic" (Hopper kernel where it takes the shape, else XLA),
+      "pallas" or "pallas_interpret".
 
   Returns:
     (M, N) array of out_dtype.
@@ -70,6 +76,8 @@ def w4a8_matmul(xq: jax.Array, sx: jax.Array, zx: jax.Array | None, q: jax.Array
   if implementation in ("xla", "xla_bf16"):
     return xla.w4a8_matmul(xq, sx, zx, q, sw, zw, out_dtype=out_dtype,
                            dot="bf16" if implementation == "xla_bf16" else "int8")
+  if implementation == "mosaic":
+    return _mosaic_or_xla(xq, sx, zx, q, sw, zw, out_dtype)
   if implementation in ("pallas", "pallas_interpret"):
     from duquant_jax.kernels import pallas_gpu
     return pallas_gpu.w4a8_matmul(xq, sx, zx, q, sw, zw, out_dtype=out_dtype,
@@ -77,14 +85,40 @@ def w4a8_matmul(xq: jax.Array, sx: jax.Array, zx: jax.Array | None, q: jax.Array
   return _auto(xq, sx, zx, q, sw, zw, out_dtype)
 
 
-def _auto(xq, sx, zx, q, sw, zw, out_dtype):
-  """Kernel on CUDA where it wins by shape, XLA elsewhere; decided per platform at lowering."""
+def mosaic_applies(m: int, n: int, k: int, g: int, q_dtype) -> bool:
+  """Whether the Mosaic GPU kernel takes an (M, K) x (N, K) int4 matmul with G scale groups."""
+  from duquant_jax.kernels import mosaic_gpu
+  return q_dtype == jnp.int4 and mosaic_gpu.supports(m, n, k, g)
+
+
+def _is_hopper() -> bool:
+  """Whether the default device is an NVIDIA GPU of compute capability 9.x (trace-time fact)."""
+  if jax.default_backend() != "gpu":
+    return False
+  return str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9")
+
+
+def _mosaic_or_xla(xq, sx, zx, q, sw, zw, out_dtype):
   m, k = xq.shape
   n, g = sw.shape
   xla_fn = lambda: xla.w4a8_matmul(xq, sx, zx, q, sw, zw, out_dtype=out_dtype)
-  if q.dtype != jnp.int4 or q.shape != (n, k) or not kernel_preferred(m, n, k, g):
+  if q.shape != (n, k) or not mosaic_applies(m, n, k, g, q.dtype):
     return xla_fn()
-  if jax.default_backend() != "gpu":
+  from duquant_jax.kernels import mosaic_gpu
+  kernel_fn = lambda: mosaic_gpu.w4a8_matmul(xq, sx, zx, q, sw, zw, out_dtype=out_dtype)
+  return jax.lax.platform_dependent(cuda=kernel_fn, default=xla_fn)
+
+
+def _auto(xq, sx, zx, q, sw, zw, out_dtype):
+  """A kernel on CUDA where it wins by shape, XLA elsewhere; decided per platform at lowering."""
+  m, k = xq.shape
+  n, g = sw.shape
+  xla_fn = lambda: xla.w4a8_matmul(xq, sx, zx, q, sw, zw, out_dtype=out_dtype)
+  if jax.default_backend() != "gpu" or q.shape != (n, k):
+    return xla_fn()
+  if _is_hopper() and mosaic_applies(m, n, k, g, q.dtype):
+    return _mosaic_or_xla(xq, sx, zx, q, sw, zw, out_dtype)
+  if q.dtype != jnp.int4 or not kernel_preferred(m, n, k, g):
     return xla_fn()
   from duquant_jax.kernels import pallas_gpu
   kernel_fn = lambda: pallas_gpu.w4a8_matmul(xq, sx, zx, q, sw, zw, out_dtype=out_dtype)
@@ -154,5 +188,5 @@ def fused_transform_applies(x_shape, transform) -> bool:
   return pallas_transform.supports(k, b)
 
 
-__all__ = ["w4a8_matmul", "transform_quantize", "TRANSFORM_IMPLEMENTATIONS", "fused_transform_applies", "quantize_per_token",
+__all__ = ["w4a8_matmul", "transform_quantize", "mosaic_applies", "TRANSFORM_IMPLEMENTATIONS", "fused_transform_applies", "quantize_per_token",
            "dequantize_per_token", "kernel_preferred", "IMPLEMENTATIONS"]

@@ -52,7 +52,7 @@ class TileConfig:
   tile_k: int = 128
   stages: int = 4
   splits: int = 1
-  transposed_out: bool = False
+  transposed_out: bool = True
 
   def __post_init__(self):
     if self.tile_n % 64 or self.tile_n < 64:

@@ -1,0 +1,103 @@
+"""The Mosaic GPU W4A8 kernel on a CPU-only machine: its tiling rules, its errors, that it lowers for
+CUDA (through `jax.export`, which runs the whole Pallas -> Mosaic GPU lowering on the host), and
+that the "mosaic" dispatch falls back to the XLA path bit-exactly where the kernel cannot run.
+
+The kernel's numbers are checked on the H100 by `scripts/probe_mosaic_w4a8.py` (it equals the XLA
+path to 0.0 relative error without split-K, BENCHMARKS.md); Mosaic GPU's own interpreter does not
+yet run a pipelined wgmma kernel on the CPU (jax 0.10.2).
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from duquant_jax import kernels
+from duquant_jax.kernels import mosaic_gpu, xla
+
+GEMMA_SHAPES = [(2048, 2048), (2048, 256), (2048, 16384), (16384, 2048), (1024, 4096), (4096, 1024)]
+
+
+def _specs(m, k, n, *, asym):
+  s = jax.ShapeDtypeStruct
+  f32 = jnp.float32
+  return (s((m, k), jnp.int8), s((m, 1), f32), s((m, 1), f32) if asym else None,
+          s((n, k), jnp.int4), s((n, 1), f32), s((n, 1), f32) if asym else None)
+
+
+def _cuda_module(fn, *specs) -> str:
+  return jax.export.export(jax.jit(fn), platforms=["cuda"])(*specs).mlir_module()
+
+
+@pytest.mark.parametrize("m", [1, 16, 51, 64, 816, 968, 4096])
+@pytest.mark.parametrize("k,n", GEMMA_SHAPES)
+def test_choose_tiles_takes_every_gemma_shape(m, k, n):
+  t = mosaic_gpu.choose_tiles(m, n, k)
+  assert mosaic_gpu.supports(m, n, k, 1, t)
+  assert t.tile_m >= min(m, 128) or m > 256  # small M: one token tile holds every token
+  assert k // t.splits >= 1024  # split-K never cuts K below 8 pipeline steps
+
+
+def test_tile_config_rejects_what_wgmma_cannot_run():
+  with pytest.raises(ValueError, match="tile_n"):
+    mosaic_gpu.TileConfig(tile_n=96)
+  with pytest.raises(ValueError, match="tile_m"):
+    mosaic_gpu.TileConfig(tile_m=40)  # int8 wgmma's N: multiples of 16 above 32
+  with pytest.raises(ValueError, match="tile_k"):
+    mosaic_gpu.TileConfig(tile_k=64)
+  with pytest.raises(ValueError, match="splits"):
+    mosaic_gpu.TileConfig(splits=0)
+
+
+def test_unsupported_shapes_raise_a_clear_error():
+  xq = jnp.zeros((8, 256), jnp.int8)
+  sx = jnp.ones((8, 1))
+  with pytest.raises(ValueError, match="scale groups"):  # per-group scales: G = 2
+    mosaic_gpu.w4a8_matmul(xq, sx, None, jnp.zeros((128, 256), jnp.int4), jnp.ones((128, 2)), None)
+  with pytest.raises(ValueError, match="N % tile_n"):  # SigLIP's MLP width 4304 is not 64-aligned
+    mosaic_gpu.w4a8_matmul(xq, sx, None, jnp.zeros((4304 // 4, 256), jnp.int4),
+                           jnp.ones((4304 // 4, 1)), None)
+  with pytest.raises(ValueError, match="do not match"):
+    mosaic_gpu.w4a8_matmul(xq, sx, None, jnp.zeros((128, 128), jnp.int4), jnp.ones((128, 1)), None)
+  assert not kernels.mosaic_applies(8, 1076, 256, 1, jnp.int4)
+  assert not kernels.mosaic_applies(8, 128, 256, 1, jnp.int8)
+
+
+@pytest.mark.parametrize("m,k,n,asym,tiles", [
+    (51, 1024, 4096, True, None),                       # a policy step, gemma_300m gate/up
+    (1, 2048, 2048, False, None),                       # M = 1: an 8-token tile
+    (51, 16384, 2048, True, None),                      # split-K (8 slices), float32 partials
+    (816, 2048, 16384, True, mosaic_gpu.TileConfig(tile_n=128, tile_m=128, stages=3)),
+    (816, 4096, 1024, False, mosaic_gpu.TileConfig(tile_n=64, tile_m=256, transposed_out=False)),
+])
+def test_kernel_lowers_for_cuda(m, k, n, asym, tiles):
+  text = _cuda_module(lambda *a: mosaic_gpu.w4a8_matmul(*a, out_dtype=jnp.bfloat16, tiles=tiles),
+                      *_specs(m, k, n, asym=asym))
+  assert len(re.findall(r"custom_call @mosaic_gpu\w*", text)) == 1
+
+
+def test_mosaic_dispatch_lowers_to_the_kernel_for_cuda_and_xla_elsewhere():
+  fn = lambda *a: kernels.w4a8_matmul(*a, out_dtype=jnp.bfloat16, implementation="mosaic")
+  assert re.search(r"custom_call @mosaic_gpu", _cuda_module(fn, *_specs(51, 1024, 4096, asym=True)))
+  # A shape the kernel does not take falls back to XLA on CUDA too.
+  grouped = _specs(51, 1024, 4096, asym=True)[:4] + (jax.ShapeDtypeStruct((4096, 8), jnp.float32),
+                                                     jax.ShapeDtypeStruct((4096, 8), jnp.float32))
+  assert not re.search(r"custom_call @mosaic_gpu", _cuda_module(fn, *grouped))
+
+
+@pytest.mark.parametrize("asym", [False, True])
+def test_mosaic_dispatch_on_cpu_equals_xla(asym):
+  key = jax.random.key(3)
+  kx, kq, ks = jax.random.split(key, 3)
+  m, k, n = 51, 256, 128
+  xq, sx, zx = xla.quantize_per_token(jax.random.normal(kx, (m, k)), symmetric=not asym)
+  q = jax.random.randint(kq, (n, k), -8, 8).astype(jnp.int4)
+  sw = 0.01 + 0.01 * jax.random.uniform(ks, (n, 1))
+  zw = jnp.round(3 * jax.random.uniform(ks, (n, 1))) if asym else None
+  y = jax.jit(lambda *a: kernels.w4a8_matmul(*a, implementation="mosaic"))(xq, sx, zx, q, sw, zw)
+  ref = xla.w4a8_matmul(xq, sx, zx, q, sw, zw)
+  np.testing.assert_array_equal(np.asarray(y), np.asarray(ref))

@@ -100,11 +100,11 @@ def tile_tag(t):
 
 
 def parse_tiles(spec, m, n, k):
-  """'auto', 'autou' (auto, y stored untransposed by the kernel) or 'NxM[sS][kK][u]'."""
+  """'auto', 'autot' / 'autou' (auto with y^T / y stored by the kernel) or 'NxM[sS][kK][u]'."""
   import re
   if spec.startswith("auto"):
     t = mosaic_gpu.choose_tiles(m, n, k)
-    return dataclasses.replace(t, transposed_out=spec != "autou")
+    return t if spec == "auto" else dataclasses.replace(t, transposed_out=spec == "autot")
   g = re.fullmatch(r"(\d+)x(\d+)(?:s(\d+))?(?:k(\d+))?(u?)", spec)
   if not g:
     raise SystemExit(f"bad tile spec {spec!r}")
@@ -118,7 +118,7 @@ def main():
   ap.add_argument("--shapes", default=",".join(SHAPES))
   ap.add_argument("--tiles", default="auto",
                   help="comma list of NxM[sS][kK][u] (tile_n x tile_m, stages, K splits, "
-                       "y stored untransposed) or auto / autou (choose_tiles)")
+                       "y stored untransposed) or auto / autot / autou (choose_tiles)")
   ap.add_argument("--json", default=None)
   args = ap.parse_args()
   print(f"# device {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)

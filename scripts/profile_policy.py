@@ -7,6 +7,7 @@ per call: wall time, summed GPU kernel time, kernel count, and the ops with the 
 `fusion.57` group together; pass --no-group to keep them apart).
 
 Usage (GPU): cd scripts && PYTHONPATH=.. python profile_policy.py [--model pi0] [--batch 1] [--top 25]
+             [--preset deploy] [--matmuls auto,xla] [--no-bf16]
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import time
 import jax
 import numpy as np
 
+from duquant_jax.inference import with_implementations
 from duquant_jax.models import get_policy, make_observation
 from duquant_jax.quantize import quantize_params
 from duquant_jax.synthetic_stats import synthetic_stats
@@ -84,6 +86,10 @@ def main():
   ap.add_argument("--calls", type=int, default=3)
   ap.add_argument("--top", type=int, default=25)
   ap.add_argument("--no-group", action="store_true")
+  ap.add_argument("--matmuls", default="auto",
+                  help="comma list of W4A8 matmul implementations to profile the packed tree with "
+                       "(kernels.IMPLEMENTATIONS names, or auto)")
+  ap.add_argument("--no-bf16", action="store_true", help="skip the bf16 profile")
   ap.add_argument("--json", default=None)
   args = ap.parse_args()
   policy = get_policy(args.model, args.size)
@@ -93,7 +99,10 @@ def main():
   obs = make_observation(policy.cfg, jax.random.key(1), args.batch)
   fn = jax.jit(policy.sample_actions)
   out = {}
-  for name, p in (("bf16", params), ("packed", packed)):
+  trees = [] if args.no_bf16 else [("bf16", params)]
+  for mm in args.matmuls.split(","):
+    trees.append((f"packed ({mm})", with_implementations(packed, matmul=None if mm == "auto" else mm)))
+  for name, p in trees:
     print(f"{name}:", flush=True)
     wall, events = profile(fn, (p, obs, jax.random.key(0)), args.calls)
     out[name] = summarize(wall, events, args.calls, args.top, not args.no_group)

@@ -52,7 +52,7 @@ class TileConfig:
   tile_k: int = 128
   stages: int = 4
   splits: int = 1
-  transposed_out: bool = True
+  transposed_out: bool = False
 
   def __post_init__(self):
     if self.tile_n % 64 or self.tile_n < 64:
@@ -82,11 +82,12 @@ def choose_tiles(m: int, n: int, k: int) -> TileConfig:
   else:
     tile_m = 128
   tile_n = 128 if n % 128 == 0 and (n // 128) * -(-m // tile_m) >= _SMS else 64
+  stages = 3 if tile_n == 128 and m > 256 else 4  # 3: two 128 x 128 CTAs fit one SM's smem
   ctas = (n // tile_n) * -(-m // tile_m)
   splits = 1
   while ctas * splits * 2 <= 2 * _SMS and k % (2 * splits * 128) == 0 and k // (2 * splits) >= 1024:
     splits *= 2
-  return TileConfig(tile_n=tile_n, tile_m=tile_m, splits=splits)
+  return TileConfig(tile_n=tile_n, tile_m=tile_m, stages=stages, splits=splits)
 
 
 def supports(m: int, n: int, k: int, g: int, tiles: TileConfig | None = None) -> bool:
@@ -120,21 +121,24 @@ def w4a8_matmul(xq, sx, zx, q, sw, zw, *, out_dtype=jnp.bfloat16, tiles: TileCon
                      f"with {g} scale groups and {tiles} (needs G = 1, N % tile_n == 0, "
                      f"K % (tile_k * splits) == 0)")
   mp = -(-m // tiles.tile_m) * tiles.tile_m
-  xq_p = jnp.pad(xq, ((0, mp - m), (0, 0))) if mp != m else xq
+  # Tokens are padded only to a multiple of 8 (TMA's row tiling); past that, the TMA copies
+  # zero-fill the token tile and clip the output store.
+  m8 = -(-m // 8) * 8
+  xq8 = jnp.pad(xq, ((0, m8 - m), (0, 0))) if m8 != m else xq
   f32 = jnp.float32
   zeros_n, zeros_m = jnp.zeros((n,), f32), jnp.zeros((mp,), f32)
   zw_n = zeros_n if zw is None else zw[:, 0].astype(f32)
   # A fourth zero row keeps every TMA copy of a column slice a multiple of 128 bytes.
   rows = jnp.stack([sw[:, 0].astype(f32), zw_n, zeros_n, zeros_n])  # (4, N)
   pad = lambda v: jnp.pad(v.reshape(-1).astype(f32), (0, mp - m))
-  rx = jnp.sum(xq_p.astype(jnp.int32), axis=1).astype(f32) if zw is not None else zeros_m
+  rx = pad(jnp.sum(xq.astype(jnp.int32), axis=1)) if zw is not None else zeros_m
   cols = jnp.stack([pad(sx), rx, pad(zx) if zx is not None else zeros_m, zeros_m])  # (4, Mp)
-  out = _kernel(xq_p, q, rows, cols, tiles=tiles, out_dtype=jnp.dtype(out_dtype),
+  out = _kernel(xq8, q, rows, cols, tiles=tiles, out_dtype=jnp.dtype(out_dtype),
                 asym_w=zw is not None, asym_x=zx is not None, splits=tiles.splits,
                 transposed_out=tiles.transposed_out, interpret=interpret)
   y = jnp.sum(out, axis=0) if tiles.splits > 1 else out[0]
-  y = y[:, :m].T if tiles.transposed_out else y[:m]
-  return y.astype(out_dtype)
+  y = y.T if tiles.transposed_out else y
+  return (y[:m] if m8 != m else y).astype(out_dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("tiles", "out_dtype", "asym_w", "asym_x", "splits",
@@ -144,23 +148,24 @@ def _kernel(xq, q, rows, cols, *, tiles: TileConfig, out_dtype, asym_w: bool, as
   """The Pallas call.
 
   Args:
-    xq: (Mp, K) int8 tokens, Mp a multiple of tile_m; q: (N, K) int4 weight codes.
+    xq: (M, K) int8 tokens, M a multiple of 8; q: (N, K) int4 weight codes.
     rows: (4, N) float32 per-channel (sw, zw, 0, 0); cols: (4, Mp) float32 per-token (sx, rx, zx, 0),
-      rx the row sums of xq. (The weight's code sums cq, for zx, come out of the kernel's own MMA.)
+      rx the row sums of xq, zero-padded to Mp = M rounded up to tile_m. (The weight's code sums cq, for zx, come out of the kernel's own MMA.)
     splits: K is cut into `splits` slices run by separate CTAs (more CTAs for a small M x N);
       each writes its scaled float32 partial and the caller sums them.
     transposed_out: write y^T (N, Mp) tiles as the accumulator lies, or y (Mp, N).
 
   Returns:
-    (splits, N, Mp) or (splits, Mp, N) of out_dtype (float32 when splits > 1).
+    (splits, N, M) or (splits, M, N) of out_dtype (float32 when splits > 1).
   """
   import jax.experimental.pallas as pl
   from jax import lax
   from jax.experimental.pallas import mosaic_gpu as plgpu
 
-  mp, k = xq.shape
+  m, k = xq.shape
   n = q.shape[0]
   tn, tm, tk = tiles.tile_n, tiles.tile_m, tiles.tile_k
+  mp = cols.shape[1]
   ks = k // splits
   if ks % tk:
     raise ValueError(f"K={k} in {splits} slices is not a multiple of tile_k={tk}")
@@ -189,9 +194,9 @@ def _kernel(xq, q, rows, cols, *, tiles: TileConfig, out_dtype, asym_w: bool, as
     def compute(acc_ref, csum_ref):
       def step(_, w_smem, x_smem):
         w = plgpu.load(w_smem, (), layout=plgpu.Layout.WGMMA_8BIT).astype(jnp.int8)
-        plgpu.wgmma(acc_ref, w, plgpu.transpose_ref(x_smem, (1, 0)))
+        plgpu.wgmma(acc_ref, w, x_smem.T)
         if asym_x:
-          plgpu.wgmma(csum_ref, w, plgpu.transpose_ref(ones_smem, (1, 0)))
+          plgpu.wgmma(csum_ref, w, ones_smem.T)
         plgpu.wgmma_wait(0)  # the pipeline refills this step's buffers next
 
       plgpu.emit_pipeline(
@@ -222,15 +227,14 @@ def _kernel(xq, q, rows, cols, *, tiles: TileConfig, out_dtype, asym_w: bool, as
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[si, n_sl, m_sl])
     else:
-      plgpu.transpose_ref(o_smem, (1, 0))[...] = plgpu.layout_cast(
-          y, plgpu.Layout.WGMMA_TRANSPOSED)
+      o_smem.T[...] = plgpu.layout_cast(y, plgpu.Layout.WGMMA_TRANSPOSED)
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[si, m_sl, n_sl])
     plgpu.wait_smem_to_gmem(0)
 
   kw = dict(interpret=_interpret_params()) if interpret else {}
   dtype = jnp.float32 if splits > 1 else out_dtype
-  out_shape = (splits, n, mp) if transposed_out else (splits, mp, n)
+  out_shape = (splits, n, m) if transposed_out else (splits, m, n)
   o_tile = (tn, tm) if transposed_out else (tm, tn)
   return plgpu.kernel(
       body, out_type=jax.ShapeDtypeStruct(out_shape, dtype),

@@ -9,6 +9,7 @@ Usage (GPU machine):
   python scripts/bench_kernels.py --check --json out.json          # correctness vs XLA, then tables
   python scripts/bench_kernels.py --sweep                          # tile sweep on a few shapes
   python scripts/bench_kernels.py --models gemma_2b --ms 16,64 --skip-probe
+  python scripts/bench_kernels.py --kernel mosaic --skip-probe     # the Hopper Mosaic GPU kernel
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from duquant_jax.kernels import pallas_gpu, xla  # noqa: E402
+from duquant_jax.kernels import mosaic_gpu, pallas_gpu, xla  # noqa: E402
 
 # (name, K, N) of the 7 linears per layer; D width, F mlp, 8 heads x 256, 1 kv head.
 MODELS = {
@@ -38,9 +39,16 @@ MODELS = {
     "tiny": dict(width=128, mlp=256, heads=2, kv_heads=1, head_dim=64),  # CPU smoke test
 }
 INTERPRET = False  # --interpret: run the kernel in Pallas interpret mode (CPU smoke test)
+KERNEL = "triton"  # --kernel: which kernel the "kernel" column times (triton | mosaic)
+
+
+def kernel_module():
+  return mosaic_gpu if KERNEL == "mosaic" else pallas_gpu
 
 
 def kernel(*args, **kw):
+  if KERNEL == "mosaic":
+    return mosaic_gpu.w4a8_matmul(*args, **kw)
   return pallas_gpu.w4a8_matmul(*args, interpret=INTERPRET, **kw)
 MS = (1, 16, 50, 64, 256, 816, 968, 4096)
 L2_BYTES = 50 * 2**20  # H100 L2
@@ -205,9 +213,9 @@ def case_timers(key, m, k, n, tiles=None, paths=PATHS, candidates=()):
         act, case["w_q"], y0, iters)
 
   if "kernel" in paths:
-    out["kernel"] = kernel_timer(tiles or pallas_gpu.choose_tiles(m, n, k))
+    out["kernel"] = kernel_timer(tiles or kernel_module().choose_tiles(m, n, k))
   for i, t in enumerate(candidates):
-    if pallas_gpu.supports(m, n, k, 1, t):
+    if kernel_module().supports(m, n, k, 1, t):
       out[f"kernel@{i}"] = kernel_timer(t)
   return out
 
@@ -503,12 +511,18 @@ def main():
   ap.add_argument("--autotune", action="store_true",
                   help="kernel column = best of choose_tiles and the AUTOTUNE candidates")
   ap.add_argument("--interpret", action="store_true", help="kernel in interpret mode (CPU smoke)")
+  ap.add_argument("--kernel", choices=("triton", "mosaic"), default="triton",
+                  help="the kernel column: the Triton kernel (pallas_gpu) or the Hopper Mosaic GPU "
+                       "kernel (mosaic_gpu; no --autotune, --sweep, --check or layer-index probe)")
   ap.add_argument("--anatomy", action="store_true",
                   help="instead of the tables: where the XLA path's time goes (see anatomy_timers)")
   ap.add_argument("--probe-shape", default="18,64,2048,16384", help="layers,M,K,N of the probe")
   args = ap.parse_args()
-  global INTERPRET
-  INTERPRET = args.interpret
+  global INTERPRET, KERNEL
+  INTERPRET, KERNEL = args.interpret, args.kernel
+  if KERNEL == "mosaic" and (args.autotune or args.sweep or args.check or not args.skip_probe):
+    ap.error("--kernel mosaic takes neither --autotune, --sweep, --check nor the probe "
+             "(pass --skip-probe)")
 
   deadline = time.time() + 60 * args.max_minutes
   key = jax.random.PRNGKey(0)
@@ -576,7 +590,7 @@ def main():
           v = res.get((k, n, f"kernel@{i}"), float("nan"))
           if v == v and v < t["kernel"]:
             t["kernel"], best = v, dataclasses.asdict(c)
-        t["kernel_tiles"] = best or dataclasses.asdict(pallas_gpu.choose_tiles(m, n, k))
+        t["kernel_tiles"] = best or dataclasses.asdict(kernel_module().choose_tiles(m, n, k))
         floor = (n * k / 2 + m * k + 2 * m * n) / (bw / 2)
         row = dict(model=model, linears="/".join(names), m=m, k=k, n=n, floor_s=floor, **t)
         rows.append(row)

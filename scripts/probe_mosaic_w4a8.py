@@ -13,7 +13,6 @@ Failures (a tiling that does not lower) are recorded and the probe goes on.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import traceback
@@ -84,32 +83,29 @@ def probe(m, k, n, tile_list, iters=20):
         (xq, sx, zx), qs, jnp.zeros((m, n), jnp.bfloat16))
     mp = -(-m // t.tile_m) * t.tile_m
     xq_p = jnp.pad(xq, ((0, mp - m), (0, 0)))
-    rows, cols = jnp.ones((4, n), jnp.float32), jnp.ones((4, mp), jnp.float32)
+    vec_n, cols = jnp.ones((n,), jnp.float32), jnp.ones((4, mp), jnp.float32)
     out_dtype = jnp.dtype(jnp.float32 if t.splits > 1 else jnp.bfloat16)
-    y0 = jnp.zeros((n, mp) if t.transposed_out else (mp, n), out_dtype)
     timed(f"mosaic_core {tag}", lambda c, w, t=t: mosaic_gpu._kernel(
-        c[0], w, c[1], c[2], tiles=t, out_dtype=jnp.dtype(jnp.bfloat16), asym_w=True,
-        asym_x=True, splits=t.splits, transposed_out=t.transposed_out)[0],
-        (xq_p, rows, cols), qs, y0)
+        c[0], w, c[1], c[1], c[2], tiles=t, out_dtype=jnp.dtype(jnp.bfloat16), asym_w=True,
+        asym_x=True)[0], (xq_p, vec_n, cols), qs, jnp.zeros((mp, n), out_dtype))
   return out, errors
 
 
 def tile_tag(t):
   return (f"{t.tile_n}x{t.tile_m}s{t.stages}" + (f"k{t.splits}" if t.splits > 1 else "")
-          + ("" if t.transposed_out else "u"))
+          )
 
 
 def parse_tiles(spec, m, n, k):
-  """'auto', 'autot' / 'autou' (auto with y^T / y stored by the kernel) or 'NxM[sS][kK][u]'."""
+  """'auto' or 'NxM[sS][kK]'."""
   import re
-  if spec.startswith("auto"):
-    t = mosaic_gpu.choose_tiles(m, n, k)
-    return t if spec == "auto" else dataclasses.replace(t, transposed_out=spec == "autot")
-  g = re.fullmatch(r"(\d+)x(\d+)(?:s(\d+))?(?:k(\d+))?(u?)", spec)
+  if spec == "auto":
+    return mosaic_gpu.choose_tiles(m, n, k)
+  g = re.fullmatch(r"(\d+)x(\d+)(?:s(\d+))?(?:k(\d+))?", spec)
   if not g:
     raise SystemExit(f"bad tile spec {spec!r}")
   return mosaic_gpu.TileConfig(tile_n=int(g[1]), tile_m=int(g[2]), stages=int(g[3] or 4),
-                               splits=int(g[4] or 1), transposed_out=not g[5])
+                               splits=int(g[4] or 1))
 
 
 def main():
@@ -117,8 +113,8 @@ def main():
   ap.add_argument("--ms", default="51,816")
   ap.add_argument("--shapes", default=",".join(SHAPES))
   ap.add_argument("--tiles", default="auto",
-                  help="comma list of NxM[sS][kK][u] (tile_n x tile_m, stages, K splits, "
-                       "y stored untransposed) or auto / autot / autou (choose_tiles)")
+                  help="comma list of NxM[sS][kK] (tile_n x tile_m, stages, K splits) or auto "
+                       "(choose_tiles)")
   ap.add_argument("--json", default=None)
   args = ap.parse_args()
   print(f"# device {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)

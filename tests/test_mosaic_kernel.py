@@ -72,7 +72,7 @@ def test_unsupported_shapes_raise_a_clear_error():
     (1, 2048, 2048, False, None),                       # M = 1: an 8-token tile
     (51, 16384, 2048, True, None),                      # split-K (8 slices), float32 partials
     (816, 2048, 16384, True, mosaic_gpu.TileConfig(tile_n=128, tile_m=128, stages=3)),
-    (816, 4096, 1024, False, mosaic_gpu.TileConfig(tile_n=64, tile_m=256, transposed_out=False)),
+    (816, 4096, 1024, False, mosaic_gpu.TileConfig(tile_n=64, tile_m=256)),
 ])
 def test_kernel_lowers_for_cuda(m, k, n, asym, tiles):
   text = _cuda_module(lambda *a: mosaic_gpu.w4a8_matmul(*a, out_dtype=jnp.bfloat16, tiles=tiles),

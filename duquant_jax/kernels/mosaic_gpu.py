@@ -44,15 +44,12 @@ class TileConfig:
     stages: TMA pipeline depth (shared-memory buffers in flight).
     splits: K slices run by separate CTAs (split-K, for a small M x N with a long K); float32
       partials summed by XLA.
-    transposed_out: the kernel writes y^T (the accumulator's orientation) and XLA transposes it
-      (True), or it writes y itself through a transposed shared-memory store (False).
   """
   tile_n: int = 128
   tile_m: int = 64
   tile_k: int = 128
   stages: int = 4
   splits: int = 1
-  transposed_out: bool = False
 
   def __post_init__(self):
     if self.tile_n % 64 or self.tile_n < 64:
@@ -126,37 +123,34 @@ def w4a8_matmul(xq, sx, zx, q, sw, zw, *, out_dtype=jnp.bfloat16, tiles: TileCon
   m8 = -(-m // 8) * 8
   xq8 = jnp.pad(xq, ((0, m8 - m), (0, 0))) if m8 != m else xq
   f32 = jnp.float32
-  zeros_n, zeros_m = jnp.zeros((n,), f32), jnp.zeros((mp,), f32)
-  zw_n = zeros_n if zw is None else zw[:, 0].astype(f32)
-  # A fourth zero row keeps every TMA copy of a column slice a multiple of 128 bytes.
-  rows = jnp.stack([sw[:, 0].astype(f32), zw_n, zeros_n, zeros_n])  # (4, N)
+  zeros_m = jnp.zeros((mp,), f32)
+  sw_n = sw.reshape(n).astype(f32)
+  zw_n = sw_n if zw is None else zw.reshape(n).astype(f32)  # (unread when zw is None)
   pad = lambda v: jnp.pad(v.reshape(-1).astype(f32), (0, mp - m))
   rx = pad(jnp.sum(xq.astype(jnp.int32), axis=1)) if zw is not None else zeros_m
+  # A fourth zero row keeps every TMA copy of a column slice a multiple of 128 bytes.
   cols = jnp.stack([pad(sx), rx, pad(zx) if zx is not None else zeros_m, zeros_m])  # (4, Mp)
-  out = _kernel(xq8, q, rows, cols, tiles=tiles, out_dtype=jnp.dtype(out_dtype),
-                asym_w=zw is not None, asym_x=zx is not None, splits=tiles.splits,
-                transposed_out=tiles.transposed_out, interpret=interpret)
+  out = _kernel(xq8, q, sw_n, zw_n, cols, tiles=tiles, out_dtype=jnp.dtype(out_dtype),
+                asym_w=zw is not None, asym_x=zx is not None, interpret=interpret)
   y = jnp.sum(out, axis=0) if tiles.splits > 1 else out[0]
-  y = y.T if tiles.transposed_out else y
   return (y[:m] if m8 != m else y).astype(out_dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("tiles", "out_dtype", "asym_w", "asym_x", "splits",
-                                             "transposed_out", "interpret"))
-def _kernel(xq, q, rows, cols, *, tiles: TileConfig, out_dtype, asym_w: bool, asym_x: bool,
-            splits: int = 1, transposed_out: bool = True, interpret: bool = False):
+@functools.partial(jax.jit, static_argnames=("tiles", "out_dtype", "asym_w", "asym_x", "interpret"))
+def _kernel(xq, q, sw, zw, cols, *, tiles: TileConfig, out_dtype, asym_w: bool, asym_x: bool,
+            interpret: bool = False):
   """The Pallas call.
 
   Args:
     xq: (M, K) int8 tokens, M a multiple of 8; q: (N, K) int4 weight codes.
-    rows: (4, N) float32 per-channel (sw, zw, 0, 0); cols: (4, Mp) float32 per-token (sx, rx, zx, 0),
-      rx the row sums of xq, zero-padded to Mp = M rounded up to tile_m. (The weight's code sums cq, for zx, come out of the kernel's own MMA.)
-    splits: K is cut into `splits` slices run by separate CTAs (more CTAs for a small M x N);
-      each writes its scaled float32 partial and the caller sums them.
-    transposed_out: write y^T (N, Mp) tiles as the accumulator lies, or y (Mp, N).
+    sw, zw: (N,) float32 per-channel scales and zero points (zw unread unless asym_w).
+    cols: (4, Mp) float32 per-token (sx, rx, zx, 0), rx the row sums of xq, zero-padded to
+      Mp = M rounded up to tile_m. (The weight's code sums, for zx, come out of the kernel's MMA.)
+    tiles.splits: K is cut into slices run by separate CTAs (more CTAs for a small M x N); each
+      writes its scaled float32 partial and the caller sums them.
 
   Returns:
-    (splits, N, M) or (splits, M, N) of out_dtype (float32 when splits > 1).
+    (splits, M, N) of out_dtype (float32 when splits > 1).
   """
   import jax.experimental.pallas as pl
   from jax import lax
@@ -165,7 +159,7 @@ def _kernel(xq, q, rows, cols, *, tiles: TileConfig, out_dtype, asym_w: bool, as
   m, k = xq.shape
   n = q.shape[0]
   tn, tm, tk = tiles.tile_n, tiles.tile_m, tiles.tile_k
-  mp = cols.shape[1]
+  mp, splits = cols.shape[1], tiles.splits
   ks = k // splits
   if ks % tk:
     raise ValueError(f"K={k} in {splits} slices is not a multiple of tile_k={tk}")
@@ -181,12 +175,13 @@ def _kernel(xq, q, rows, cols, *, tiles: TileConfig, out_dtype, asym_w: bool, as
   # re-read the whole weight (measured 40-75 us per call on gemma shapes).
   ones = jnp.ones((8, tk), jnp.int8)
 
-  def body(x_gmem, w_gmem, rows_gmem, cols_gmem, ones_gmem, o_gmem, rows_smem, cols_smem,
+  def body(x_gmem, w_gmem, sw_gmem, zw_gmem, cols_gmem, ones_gmem, o_gmem, rows_smem, cols_smem,
            ones_smem, o_smem, bar):
     ni, mi, si = lax.axis_index("n"), lax.axis_index("m"), lax.axis_index("s")
     n_sl, m_sl, k_sl = pl.ds(ni * tn, tn), pl.ds(mi * tm, tm), pl.ds(si * ks, ks)
     bar = bar.at[0] if bar.shape else bar  # one barrier: shape (1,) on jax 0.10, () on 0.11
-    plgpu.copy_gmem_to_smem(rows_gmem.at[:, n_sl], rows_smem, bar)
+    plgpu.copy_gmem_to_smem(sw_gmem.at[n_sl], rows_smem.at[0], bar)
+    plgpu.copy_gmem_to_smem(zw_gmem.at[n_sl], rows_smem.at[1], bar)
     plgpu.copy_gmem_to_smem(cols_gmem.at[:, m_sl], cols_smem, bar)
     plgpu.copy_gmem_to_smem(ones_gmem, ones_smem, bar)
     plgpu.barrier_wait(bar)  # the ones tile is read by the first MMA
@@ -222,27 +217,21 @@ def _kernel(xq, q, rows, cols, *, tiles: TileConfig, out_dtype, asym_w: bool, as
         cq = cq - float(ks) * row(1)
       acc = acc - col(2) * cq
     y = ((acc * row(0)) * col(0)).astype(o_smem.dtype)
-    if transposed_out:
-      o_smem[...] = y
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[si, n_sl, m_sl])
-    else:
-      o_smem.T[...] = plgpu.layout_cast(y, plgpu.Layout.WGMMA_TRANSPOSED)
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[si, m_sl, n_sl])
+    # The accumulator is y^T; a transposed view of the (tm, tn) tile stores it as y.
+    o_smem.T[...] = plgpu.layout_cast(y, plgpu.Layout.WGMMA_TRANSPOSED)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[si, m_sl, n_sl])
     plgpu.wait_smem_to_gmem(0)
 
   kw = dict(interpret=_interpret_params()) if interpret else {}
   dtype = jnp.float32 if splits > 1 else out_dtype
-  out_shape = (splits, n, m) if transposed_out else (splits, m, n)
-  o_tile = (tn, tm) if transposed_out else (tm, tn)
   return plgpu.kernel(
-      body, out_type=jax.ShapeDtypeStruct(out_shape, dtype),
+      body, out_type=jax.ShapeDtypeStruct((splits, m, n), dtype),
       grid=(n // tn, mp // tm, splits), grid_names=("n", "m", "s"),
-      scratch_types=[plgpu.SMEM((4, tn), jnp.float32), plgpu.SMEM((4, tm), jnp.float32),
-                     plgpu.SMEM((8, tk), jnp.int8, transforms=x_tr), plgpu.SMEM(o_tile, dtype),
-                     plgpu.Barrier(num_arrivals=3)],
-      **kw)(xq, q, rows, cols, ones)
+      scratch_types=[plgpu.SMEM((2, tn), jnp.float32), plgpu.SMEM((4, tm), jnp.float32),
+                     plgpu.SMEM((8, tk), jnp.int8, transforms=x_tr), plgpu.SMEM((tm, tn), dtype),
+                     plgpu.Barrier(num_arrivals=4)],
+      **kw)(xq, q, sw, zw, cols, ones)
 
 
 def _interpret_params():

@@ -83,6 +83,11 @@ def probe(m, k, n, tile_list, iters=20):
         (xq, sx, zx), qs, jnp.zeros((m, n), jnp.bfloat16))
     mp = -(-m // t.tile_m) * t.tile_m
     xq_p = jnp.pad(xq, ((0, mp - m), (0, 0)))
+    if mp != m:  # the same call with M padded to whole token tiles, the pad and slice included
+      pad_m = lambda v: jnp.pad(v, ((0, mp - m), (0, 0)))
+      timed(f"mosaic_padM {tag}", lambda c, w, t=t: mosaic_gpu.w4a8_matmul(
+          pad_m(c[0]), pad_m(c[1]), pad_m(c[2]), w, sw, zw, out_dtype=jnp.bfloat16, tiles=t)[:m],
+          (xq, sx, zx), qs, jnp.zeros((m, n), jnp.bfloat16))
     vec_n, cols = jnp.ones((n,), jnp.float32), jnp.ones((4, mp), jnp.float32)
     out_dtype = jnp.dtype(jnp.float32 if t.splits > 1 else jnp.bfloat16)
     timed(f"mosaic_core {tag}", lambda c, w, t=t: mosaic_gpu._kernel(

@@ -101,3 +101,11 @@ def test_mosaic_dispatch_on_cpu_equals_xla(asym):
   y = jax.jit(lambda *a: kernels.w4a8_matmul(*a, implementation="mosaic"))(xq, sx, zx, q, sw, zw)
   ref = xla.w4a8_matmul(xq, sx, zx, q, sw, zw)
   np.testing.assert_array_equal(np.asarray(y), np.asarray(ref))
+
+
+def test_auto_dispatch_prefers_the_kernel_only_where_it_was_measured_to_win():
+  # gemma_2b's MLP at any M; the attention projections only from M = 64; k/v (N = 256) never.
+  assert kernels.mosaic_preferred(1, 16384, 2048) and kernels.mosaic_preferred(51, 2048, 16384)
+  assert kernels.mosaic_preferred(816, 2048, 2048) and not kernels.mosaic_preferred(51, 2048, 2048)
+  assert not kernels.mosaic_preferred(816, 256, 2048)
+  assert kernels.mosaic_preferred(64, 4096, 1024) and not kernels.mosaic_preferred(50, 4096, 1024)

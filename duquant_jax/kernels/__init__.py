@@ -1,11 +1,10 @@
 """W4A8 integer matmul kernels and their dispatch.
 
 `w4a8_matmul` picks an implementation:
-  None                auto: on a Hopper GPU (compute capability 9.x) the Mosaic GPU kernel for every
-                      shape it takes (`mosaic_gpu.supports`; it beat XLA's int8 path at every
-                      measured shape, BENCHMARKS.md); on other CUDA GPUs the Triton kernel where it
-                      was measured to win (`kernel_preferred`); the XLA integer path everywhere else
-                      (CPU, TPU, ROCm, and shapes no kernel takes);
+  None                auto: on a Hopper GPU (compute capability 9.x) the Mosaic GPU kernel where it
+                      was measured to beat XLA's int8 path (`mosaic_preferred`); on other CUDA GPUs
+                      the Triton kernel where it was measured to win (`kernel_preferred`); the XLA
+                      integer path everywhere else (CPU, TPU, ROCm, and shapes no kernel takes);
   "xla"               `xla.w4a8_matmul` (int4 cast to int8 in the jitted function, TN int8 dot);
   "mosaic"            the Mosaic GPU kernel (`mosaic_gpu`) where it takes the shape on CUDA, else
                       the XLA path (so that one choice can be forced on a whole tree);
@@ -91,6 +90,18 @@ def mosaic_applies(m: int, n: int, k: int, g: int, q_dtype) -> bool:
   return q_dtype == jnp.int4 and mosaic_gpu.supports(m, n, k, g)
 
 
+def mosaic_preferred(m: int, n: int, k: int) -> bool:
+  """Whether auto-dispatch on a Hopper GPU uses the Mosaic kernel for an (M, K) x (N, K) matmul.
+
+  From the H100 table in BENCHMARKS.md ("Mosaic GPU kernel"), kernel vs XLA's int8 path:
+  weights of >= 16M codes (gemma_2b gate/up/down) win at every M (1.3-1.8x); weights of >= 2M
+  codes with N >= 1024 win from M = 64 on (0.97-1.7x); below that (k/v with N = 256, any weight at
+  M < 64 but the largest) the kernel's fixed cost (~6 us, 2-3 small XLA ops around it) loses to
+  XLA (0.44-0.95x).
+  """
+  return n * k >= 2**24 or (m >= 64 and n >= 1024 and n * k >= 2**21)
+
+
 def _is_hopper() -> bool:
   """Whether the default device is an NVIDIA GPU of compute capability 9.x (trace-time fact)."""
   if jax.default_backend() != "gpu":
@@ -116,8 +127,10 @@ def _auto(xq, sx, zx, q, sw, zw, out_dtype):
   xla_fn = lambda: xla.w4a8_matmul(xq, sx, zx, q, sw, zw, out_dtype=out_dtype)
   if jax.default_backend() != "gpu" or q.shape != (n, k):
     return xla_fn()
-  if _is_hopper() and mosaic_applies(m, n, k, g, q.dtype):
-    return _mosaic_or_xla(xq, sx, zx, q, sw, zw, out_dtype)
+  if _is_hopper():
+    if mosaic_applies(m, n, k, g, q.dtype) and mosaic_preferred(m, n, k):
+      return _mosaic_or_xla(xq, sx, zx, q, sw, zw, out_dtype)
+    return xla_fn()
   if q.dtype != jnp.int4 or not kernel_preferred(m, n, k, g):
     return xla_fn()
   from duquant_jax.kernels import pallas_gpu
@@ -188,5 +201,5 @@ def fused_transform_applies(x_shape, transform) -> bool:
   return pallas_transform.supports(k, b)
 
 
-__all__ = ["w4a8_matmul", "transform_quantize", "mosaic_applies", "TRANSFORM_IMPLEMENTATIONS", "fused_transform_applies", "quantize_per_token",
+__all__ = ["w4a8_matmul", "transform_quantize", "mosaic_applies", "mosaic_preferred", "TRANSFORM_IMPLEMENTATIONS", "fused_transform_applies", "quantize_per_token",
            "dequantize_per_token", "kernel_preferred", "IMPLEMENTATIONS"]

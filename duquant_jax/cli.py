@@ -98,7 +98,7 @@ def presets():
 
 BENCHMARKS = {"kernels": "bench_kernels.py", "transform": "bench_transform.py",
               "policy": "bench_policy.py", "pack": "bench_pack.py", "profile": "profile_policy.py",
-              "mosaic": "probe_mosaic_gpu.py"}
+              "mosaic": "probe_mosaic_gpu.py", "mosaic-w4a8": "probe_mosaic_w4a8.py"}
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

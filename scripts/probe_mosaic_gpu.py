@@ -8,14 +8,13 @@ on gemma_2b's MLP shapes, in the same jitted timing loop as `bench_kernels.py`:
   bf16         jnp.dot(x (M, K) bf16, w (K, N) bf16)
   xla_int8     this library's XLA W4A8 path (int4 weights, per-token int8 activations)
   mgpu_int8    `hopper_matmul_mgpu.matmul` on int8 x (M, K) and int8 w (K, N), if it takes int8
-  ours_int8    `int8_matmul_probe` below: a plain (not warp-specialised) Mosaic GPU kernel of ours,
-               int8 x int8 wgmma with an int32 accumulator, TMA-pipelined over K, int32 output
-               (no epilogue yet): does int8 wgmma beat XLA's int8 GEMM and bf16 at M = 816?
-               As of session 3 its results are WRONG (checked against XLA's int8 dot and
-               recorded as `ours_int8_exact`): its timings mean nothing until that passes.
   mgpu_w8a16   `hopper_mixed_type_matmul_mgpu.mixed_matmul_kernel`: int8 weights upcast to bf16 in
                registers, bf16 wgmma, run as y^T = w8^T (N, K) @ x^T (K, M) (the int8 operand must be
                the left one); M is padded to a multiple of 128
+
+Session 3 also tried a first int8 GEMM kernel of ours here (wrong results, BENCHMARKS.md); it is
+superseded by the library's W4A8 kernel `duquant_jax/kernels/mosaic_gpu.py`, measured by
+`probe_mosaic_w4a8.py` and `bench_kernels.py --kernel mosaic`.
 
 Usage (GPU): python3 scripts/probe_mosaic_gpu.py [--ms 64,816,4096] [--json out.json]
 Every failure (an unsupported dtype, a config that does not fit) is printed and recorded, not fatal.
@@ -40,47 +39,6 @@ from bench_kernels import LoopTimer, n_copies  # noqa: E402
 from duquant_jax.kernels import xla  # noqa: E402
 
 SHAPES = (("gate/up", 2048, 16384), ("down", 16384, 2048))
-
-
-def int8_matmul_probe(x, w, tile_m=128, tile_n=128, tile_k=128, steps=4):
-  """x (M, K) int8 @ w (N, K) int8 ("TN") -> (M, N) int32 on Hopper wgmma; M % tile_m == 0."""
-  import jax.experimental.pallas as pl
-  from jax import lax
-  from jax.experimental.pallas import mosaic_gpu as plgpu
-  m, k = x.shape
-  n = w.shape[0]
-  if m % tile_m or n % tile_n or k % tile_k:
-    raise ValueError(f"({m}, {k}) x ({n}, {k}) does not tile by {(tile_m, tile_n, tile_k)}")
-  swizzle = plgpu.find_swizzle(tile_k * 8)  # bits of one int8 row of the K tile
-  transforms = (plgpu.TilingTransform((8, swizzle)), plgpu.SwizzleTransform(swizzle))
-
-  def body(x_gmem, w_gmem, o_gmem, o_smem):
-    mi, ni = lax.axis_index("m"), lax.axis_index("n")
-    rows, cols = pl.ds(mi * tile_m, tile_m), pl.ds(ni * tile_n, tile_n)
-
-    def compute(acc_ref):
-      def step(_, x_smem, w_smem):
-        plgpu.wgmma(acc_ref, x_smem, plgpu.transpose_ref(w_smem, (1, 0)))
-        # Wait for this wgmma before the pipeline reuses its SMEM slot. (The session-3 run waited
-        # for all but one, wgmma_wait(1), which lets the next TMA overwrite a buffer the last
-        # wgmma may still read: the likely cause of its wrong results. Not re-run yet.)
-        plgpu.wgmma_wait(0)
-
-      plgpu.emit_pipeline(
-          step, grid=(k // tile_k,), max_concurrent_steps=steps,
-          in_specs=[plgpu.BlockSpec((tile_m, tile_k), lambda kk: (0, kk), transforms=transforms),
-                    plgpu.BlockSpec((tile_n, tile_k), lambda kk: (0, kk), transforms=transforms)],
-      )(x_gmem.at[rows, :], w_gmem.at[cols, :])
-      return acc_ref[...]
-
-    o_smem[...] = pl.run_scoped(compute, plgpu.ACC((tile_m, tile_n), jnp.int32))
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[rows, cols])
-    plgpu.wait_smem_to_gmem(0)
-
-  return plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((m, n), jnp.int32),
-                      grid=(m // tile_m, n // tile_n), grid_names=("m", "n"),
-                      scratch_types=[plgpu.SMEM((tile_m, tile_n), jnp.int32)])(x, w)
 
 
 def _config(module, **kw):
@@ -129,14 +87,6 @@ def probe(m, k, n, tiles):
   timed("xla_int8_dot_only", lambda c, w: jax.lax.dot_general(c[0], w, tn,
                                                              preferred_element_type=jnp.int32),
         (xq_p,), w8_nk, jnp.zeros((mp, n), jnp.int32))
-  for tm, tn_, tk in ((128, 128, 128), (128, 256, 64), (64, 128, 128)):
-    name = f"ours_int8 {tm}x{tn_}x{tk}"
-    timed(name, lambda c, w, t=(tm, tn_, tk): int8_matmul_probe(c[0], w, *t),
-          (xq_p,), w8_nk, jnp.zeros((mp, n), jnp.int32))
-    if name in out and "ours_int8_exact" not in errors:
-      y = int8_matmul_probe(xq_p, w8_nk[0], tm, tn_, tk)
-      ref = jax.lax.dot_general(xq_p, w8_nk[0], tn, preferred_element_type=jnp.int32)
-      errors["ours_int8_exact"] = bool(jnp.array_equal(y, ref))
   w8_kn = [w.T.astype(jnp.int8) for w in ws]
   for tm, tn, tk in tiles:
     cfg = _config(hm, tile_m=tm, tile_n=tn, tile_k=tk)

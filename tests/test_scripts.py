@@ -53,14 +53,14 @@ def test_anatomy_formulations_agree_on_a_tiny_shape():
   assert timers["bf16"].time(reps=1) > 0
 
 
-def test_mosaic_gpu_probe_kernel_lowers_for_cuda_and_rejects_untileable_shapes():
-  """The probe's int8 wgmma kernel lowers to a Mosaic GPU custom call on a CPU-only machine."""
+def test_mosaic_w4a8_probe_parses_tile_specs():
+  """The device probe's tile specs map to the kernel's TileConfig (its timings need a Hopper GPU)."""
   import pytest
-  from jax import export
-  import probe_mosaic_gpu
-  s = jax.ShapeDtypeStruct
-  fn = jax.jit(lambda x, w: probe_mosaic_gpu.int8_matmul_probe(x, w))
-  exported = export.export(fn, platforms=["cuda"])(s((256, 512), jnp.int8), s((256, 512), jnp.int8))
-  assert "mosaic_gpu" in exported.mlir_module()
-  with pytest.raises(ValueError, match="does not tile"):
-    probe_mosaic_gpu.int8_matmul_probe(jnp.zeros((100, 512), jnp.int8), jnp.zeros((256, 512), jnp.int8))
+  import probe_mosaic_w4a8
+  from duquant_jax.kernels import mosaic_gpu
+  assert probe_mosaic_w4a8.parse_tiles("auto", 51, 2048, 16384) == mosaic_gpu.choose_tiles(51, 2048, 16384)
+  t = probe_mosaic_w4a8.parse_tiles("128x128s3k2", 816, 2048, 2048)
+  assert (t.tile_n, t.tile_m, t.stages, t.splits) == (128, 128, 3, 2)
+  assert probe_mosaic_w4a8.tile_tag(t) == "128x128s3k2"
+  with pytest.raises(SystemExit):
+    probe_mosaic_w4a8.parse_tiles("128by128", 816, 2048, 2048)

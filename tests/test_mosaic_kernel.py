@@ -58,7 +58,7 @@ def test_unsupported_shapes_raise_a_clear_error():
   sx = jnp.ones((8, 1))
   with pytest.raises(ValueError, match="scale groups"):  # per-group scales: G = 2
     mosaic_gpu.w4a8_matmul(xq, sx, None, jnp.zeros((128, 256), jnp.int4), jnp.ones((128, 2)), None)
-  with pytest.raises(ValueError, match="N % tile_n"):  # SigLIP's MLP width 4304 is not 64-aligned
+  with pytest.raises(ValueError, match="N % \\(tile_n"):  # SigLIP's MLP width 4304 is not 64-aligned
     mosaic_gpu.w4a8_matmul(xq, sx, None, jnp.zeros((4304 // 4, 256), jnp.int4),
                            jnp.ones((4304 // 4, 1)), None)
   with pytest.raises(ValueError, match="do not match"):

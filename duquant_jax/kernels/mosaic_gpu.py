@@ -44,12 +44,16 @@ class TileConfig:
     stages: TMA pipeline depth (shared-memory buffers in flight).
     splits: K slices run by separate CTAs (split-K, for a small M x N with a long K); float32
       partials summed by XLA.
+    compute_wgs: 1: one warpgroup per CTA loads, upcasts and multiplies in turn (plain pipeline);
+      2: warp-specialised, two compute warpgroups (tile_n weight rows each, so a CTA covers
+      2 * tile_n rows) and one that issues the TMA copies.
   """
   tile_n: int = 128
   tile_m: int = 64
   tile_k: int = 128
   stages: int = 4
   splits: int = 1
+  compute_wgs: int = 1
 
   def __post_init__(self):
     if self.tile_n % 64 or self.tile_n < 64:
@@ -59,6 +63,8 @@ class TileConfig:
                        "then of 16, up to 256 (int8 wgmma's N)")
     if self.tile_k != 128:
       raise ValueError(f"TileConfig.tile_k={self.tile_k} must be 128")
+    if self.compute_wgs not in (1, 2):
+      raise ValueError(f"TileConfig.compute_wgs={self.compute_wgs} must be 1 or 2")
     if self.stages < 1 or self.splits < 1:
       raise ValueError(f"TileConfig.stages={self.stages} and splits={self.splits} must be >= 1")
 
@@ -90,7 +96,7 @@ def choose_tiles(m: int, n: int, k: int) -> TileConfig:
 def supports(m: int, n: int, k: int, g: int, tiles: TileConfig | None = None) -> bool:
   """Whether the kernel takes (M, K) x (N, K) with G scale groups."""
   tiles = tiles or choose_tiles(m, n, k)
-  return (g == 1 and m >= 1 and n % tiles.tile_n == 0
+  return (g == 1 and m >= 1 and n % (tiles.tile_n * tiles.compute_wgs) == 0
           and k % (tiles.tile_k * tiles.splits) == 0)
 
 
@@ -115,7 +121,7 @@ def w4a8_matmul(xq, sx, zx, q, sw, zw, *, out_dtype=jnp.bfloat16, tiles: TileCon
   tiles = tiles or choose_tiles(m, n, k)
   if not supports(m, n, k, g, tiles):
     raise ValueError(f"the Mosaic W4A8 kernel does not take (M, K)={xq.shape} x (N, K)={q.shape} "
-                     f"with {g} scale groups and {tiles} (needs G = 1, N % tile_n == 0, "
+                     f"with {g} scale groups and {tiles} (needs G = 1, N % (tile_n * compute_wgs) == 0, "
                      f"K % (tile_k * splits) == 0)")
   mp = -(-m // tiles.tile_m) * tiles.tile_m
   # Tokens are padded only to a multiple of 8 (TMA's row tiling); past that, the TMA copies
@@ -175,61 +181,102 @@ def _kernel(xq, q, sw, zw, cols, *, tiles: TileConfig, out_dtype, asym_w: bool, 
   # re-read the whole weight (measured 40-75 us per call on gemma shapes).
   ones = jnp.ones((8, tk), jnp.int8)
 
-  def body(x_gmem, w_gmem, sw_gmem, zw_gmem, cols_gmem, ones_gmem, o_gmem, rows_smem, cols_smem,
-           ones_smem, o_smem, bar):
-    ni, mi, si = lax.axis_index("n"), lax.axis_index("m"), lax.axis_index("s")
-    n_sl, m_sl, k_sl = pl.ds(ni * tn, tn), pl.ds(mi * tm, tm), pl.ds(si * ks, ks)
-    bar = bar.at[0] if bar.shape else bar  # one barrier: shape (1,) on jax 0.10, () on 0.11
-    plgpu.copy_gmem_to_smem(sw_gmem.at[n_sl], rows_smem.at[0], bar)
-    plgpu.copy_gmem_to_smem(zw_gmem.at[n_sl], rows_smem.at[1], bar)
-    plgpu.copy_gmem_to_smem(cols_gmem.at[:, m_sl], cols_smem, bar)
-    plgpu.copy_gmem_to_smem(ones_gmem, ones_smem, bar)
-    plgpu.barrier_wait(bar)  # the ones tile is read by the first MMA
+  wgs = tiles.compute_wgs
+  cta_n = wgs * tn  # weight rows per CTA: tile_n per compute warpgroup
+  in_specs = [plgpu.BlockSpec((cta_n, tk), lambda kk: (0, kk), transforms=w_tr),
+              plgpu.BlockSpec((tm, tk), lambda kk: (0, kk), transforms=x_tr)]
 
-    def compute(acc_ref, csum_ref):
-      def step(_, w_smem, x_smem):
-        w = plgpu.load(w_smem, (), layout=plgpu.Layout.WGMMA_8BIT).astype(jnp.int8)
-        plgpu.wgmma(acc_ref, w, x_smem.T)
-        if asym_x:
-          plgpu.wgmma(csum_ref, w, ones_smem.T)
-        plgpu.wgmma_wait(0)  # the pipeline refills this step's buffers next
+  def mma(w_smem, x_smem, ones_smem, acc_ref, csum_ref):
+    w = plgpu.load(w_smem, (), layout=plgpu.Layout.WGMMA_8BIT).astype(jnp.int8)
+    plgpu.wgmma(acc_ref, w, x_smem.T)
+    if asym_x:
+      plgpu.wgmma(csum_ref, w, ones_smem.T)
+    plgpu.wgmma_wait(0)  # the pipeline refills this step's buffers next
 
-      plgpu.emit_pipeline(
-          step, grid=(ks // tk,), max_concurrent_steps=tiles.stages,
-          in_specs=[plgpu.BlockSpec((tn, tk), lambda kk: (0, kk), transforms=w_tr),
-                    plgpu.BlockSpec((tm, tk), lambda kk: (0, kk), transforms=x_tr)],
-      )(w_gmem.at[n_sl, k_sl], x_gmem.at[m_sl, k_sl])
-      return acc_ref[...], csum_ref[...]
-
-    acc, csum = pl.run_scoped(compute, plgpu.ACC((tn, tm), jnp.int32),
-                              plgpu.ACC((tn, 8), jnp.int32))
+  def epilogue(acc, csum, rows_smem, cols_smem, o_smem, first):
+    """int32 acc^T (tn, tm) -> the scaled y tile, stored in o_smem (tm, tn) through a transposed view."""
     acc = acc.astype(jnp.float32)
     row = lambda i: lax.broadcast_in_dim(
         plgpu.load(rows_smem.at[i], (), layout=row_layout), (tn, tm), [0])
     col = lambda i: lax.broadcast_in_dim(
         plgpu.load(cols_smem.at[i], (), layout=col_layout), (tn, tm), [1])
-    first = (si == 0).astype(jnp.float32)  # slice-independent terms are added once
     if asym_w:
-      acc = acc - (row(1) * first) * col(1)
+      acc = acc - (row(1) * first) * col(1)  # slice-independent terms are added once
     if asym_x:
       cq = lax.broadcast_in_dim(jnp.max(csum.astype(jnp.float32), axis=1), (tn, tm), [0])
       if asym_w:
         cq = cq - float(ks) * row(1)
       acc = acc - col(2) * cq
     y = ((acc * row(0)) * col(0)).astype(o_smem.dtype)
-    # The accumulator is y^T; a transposed view of the (tm, tn) tile stores it as y.
     o_smem.T[...] = plgpu.layout_cast(y, plgpu.Layout.WGMMA_TRANSPOSED)
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[si, m_sl, n_sl])
-    plgpu.wait_smem_to_gmem(0)
+
+  def body(x_gmem, w_gmem, sw_gmem, zw_gmem, cols_gmem, ones_gmem, o_gmem, rows_smem, cols_smem,
+           ones_smem, o_smem, bar):
+    ni, mi, si = lax.axis_index("n"), lax.axis_index("m"), lax.axis_index("s")
+    n_sl, m_sl, k_sl = pl.ds(ni * cta_n, cta_n), pl.ds(mi * tm, tm), pl.ds(si * ks, ks)
+    first = (si == 0).astype(jnp.float32)
+    bar = bar.at[0] if bar.shape else bar  # one barrier: shape (1,) on jax 0.10, () on 0.11
+
+    def copy_vectors():
+      plgpu.copy_gmem_to_smem(sw_gmem.at[n_sl], rows_smem.at[0], bar)
+      plgpu.copy_gmem_to_smem(zw_gmem.at[n_sl], rows_smem.at[1], bar)
+      plgpu.copy_gmem_to_smem(cols_gmem.at[:, m_sl], cols_smem, bar)
+      plgpu.copy_gmem_to_smem(ones_gmem, ones_smem, bar)
+
+    if wgs == 1:
+      copy_vectors()
+      plgpu.barrier_wait(bar)  # the ones tile is read by the first MMA
+
+      def compute(acc_ref, csum_ref):
+        plgpu.emit_pipeline(
+            lambda _, w_smem, x_smem: mma(w_smem, x_smem, ones_smem, acc_ref, csum_ref),
+            grid=(ks // tk,), max_concurrent_steps=tiles.stages, in_specs=in_specs,
+        )(w_gmem.at[n_sl, k_sl], x_gmem.at[m_sl, k_sl])
+        return acc_ref[...], csum_ref[...]
+
+      acc, csum = pl.run_scoped(compute, plgpu.ACC((tn, tm), jnp.int32),
+                                plgpu.ACC((tn, 8), jnp.int32))
+      epilogue(acc, csum, rows_smem, cols_smem, o_smem, first)
+      plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[si, m_sl, n_sl])
+      plgpu.wait_smem_to_gmem(0)
+      return
+
+    # Warp-specialised: warpgroups 0..wgs-1 upcast and multiply their tile_n rows of the weight
+    # tile, warpgroup `wgs` only issues the TMA copies, so loads run ahead of the MMAs.
+    wg = lax.axis_index("wg")
+    wg_rows = pl.ds(wg * tn, tn)
+    pl.when(wg == 0)(copy_vectors)
+
+    def compute_context(eval_pipeline):
+      def scope(acc_ref, csum_ref):
+        plgpu.barrier_wait(bar)
+        eval_pipeline((acc_ref, csum_ref))
+        epilogue(acc_ref[...], csum_ref[...], rows_smem.at[:, wg_rows], cols_smem,
+                 o_smem.at[wg], first)
+        plgpu.copy_smem_to_gmem(o_smem.at[wg], o_gmem.at[si, m_sl, pl.ds(ni * cta_n + wg * tn, tn)])
+        plgpu.wait_smem_to_gmem(0)
+      pl.run_scoped(scope, plgpu.ACC((tn, tm), jnp.int32), plgpu.ACC((tn, 8), jnp.int32))
+
+    def step(_, w_smem, x_smem, carry):
+      mma(w_smem.at[wg_rows], x_smem, ones_smem, *carry)
+      return carry
+
+    plgpu.emit_pipeline_warp_specialized(
+        step, grid=(ks // tk,), memory_registers=40, in_specs=in_specs, wg_axis="wg",
+        num_compute_wgs=wgs, max_concurrent_steps=tiles.stages, compute_context=compute_context,
+    )(w_gmem.at[n_sl, k_sl], x_gmem.at[m_sl, k_sl])
 
   kw = dict(interpret=_interpret_params()) if interpret else {}
+  if wgs > 1:
+    kw.update(num_threads=wgs + 1, thread_name="wg")
   dtype = jnp.float32 if splits > 1 else out_dtype
+  o_tile = (tm, tn) if wgs == 1 else (wgs, tm, tn)
   return plgpu.kernel(
       body, out_type=jax.ShapeDtypeStruct((splits, m, n), dtype),
-      grid=(n // tn, mp // tm, splits), grid_names=("n", "m", "s"),
-      scratch_types=[plgpu.SMEM((2, tn), jnp.float32), plgpu.SMEM((4, tm), jnp.float32),
-                     plgpu.SMEM((8, tk), jnp.int8, transforms=x_tr), plgpu.SMEM((tm, tn), dtype),
+      grid=(n // cta_n, mp // tm, splits), grid_names=("n", "m", "s"),
+      scratch_types=[plgpu.SMEM((2, cta_n), jnp.float32), plgpu.SMEM((4, tm), jnp.float32),
+                     plgpu.SMEM((8, tk), jnp.int8, transforms=x_tr), plgpu.SMEM(o_tile, dtype),
                      plgpu.Barrier(num_arrivals=4)],
       **kw)(xq, q, sw, zw, cols, ones)
 

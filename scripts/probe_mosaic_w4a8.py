@@ -98,19 +98,20 @@ def probe(m, k, n, tile_list, iters=20):
 
 def tile_tag(t):
   return (f"{t.tile_n}x{t.tile_m}s{t.stages}" + (f"k{t.splits}" if t.splits > 1 else "")
-          + (f"w{t.compute_wgs}" if t.compute_wgs > 1 else ""))
+          + (f"w{t.compute_wgs}" if t.compute_wgs > 1 else "") + ("o" if t.overlap else ""))
 
 
 def parse_tiles(spec, m, n, k):
-  """'auto' or 'NxM[sS][kK][wW]' (W compute warpgroups)."""
+  """'auto' or 'NxM[sS][kK][wW][o]' (W compute warpgroups, o: overlap)."""
   import re
   if spec == "auto":
     return mosaic_gpu.choose_tiles(m, n, k)
-  g = re.fullmatch(r"(\d+)x(\d+)(?:s(\d+))?(?:k(\d+))?(?:w(\d+))?", spec)
+  g = re.fullmatch(r"(\d+)x(\d+)(?:s(\d+))?(?:k(\d+))?(?:w(\d+))?(o?)", spec)
   if not g:
     raise SystemExit(f"bad tile spec {spec!r}")
   return mosaic_gpu.TileConfig(tile_n=int(g[1]), tile_m=int(g[2]), stages=int(g[3] or 4),
-                               splits=int(g[4] or 1), compute_wgs=int(g[5] or 1))
+                               splits=int(g[4] or 1), compute_wgs=int(g[5] or 1),
+                               overlap=bool(g[6]))
 
 
 def main():
@@ -119,7 +120,7 @@ def main():
   ap.add_argument("--shapes", default=",".join(SHAPES))
   ap.add_argument("--tiles", default="auto",
                   help="comma list of NxM[sS][kK][wW] (tile_n per warpgroup x tile_m, stages, "
-                       "K splits, compute warpgroups) or auto (choose_tiles)")
+                       "K splits, compute warpgroups, o: overlap MMA with the next upcast) or auto")
   ap.add_argument("--json", default=None)
   args = ap.parse_args()
   print(f"# device {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)

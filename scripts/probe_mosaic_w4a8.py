@@ -98,20 +98,19 @@ def probe(m, k, n, tile_list, iters=20):
 
 def tile_tag(t):
   return (f"{t.tile_n}x{t.tile_m}s{t.stages}" + (f"k{t.splits}" if t.splits > 1 else "")
-          + (f"w{t.compute_wgs}" if t.compute_wgs > 1 else "") + ("o" if t.overlap else ""))
+          + (f"w{t.compute_wgs}" if t.compute_wgs > 1 else ""))
 
 
 def parse_tiles(spec, m, n, k):
-  """'auto' or 'NxM[sS][kK][wW][o]' (W compute warpgroups, o: overlap)."""
+  """'auto' or 'NxM[sS][kK][wW]' (W compute warpgroups)."""
   import re
   if spec == "auto":
     return mosaic_gpu.choose_tiles(m, n, k)
-  g = re.fullmatch(r"(\d+)x(\d+)(?:s(\d+))?(?:k(\d+))?(?:w(\d+))?(o?)", spec)
+  g = re.fullmatch(r"(\d+)x(\d+)(?:s(\d+))?(?:k(\d+))?(?:w(\d+))?", spec)
   if not g:
     raise SystemExit(f"bad tile spec {spec!r}")
   return mosaic_gpu.TileConfig(tile_n=int(g[1]), tile_m=int(g[2]), stages=int(g[3] or 4),
-                               splits=int(g[4] or 1), compute_wgs=int(g[5] or 1),
-                               overlap=bool(g[6]))
+                               splits=int(g[4] or 1), compute_wgs=int(g[5] or 1))
 
 
 def main():
@@ -120,7 +119,7 @@ def main():
   ap.add_argument("--shapes", default=",".join(SHAPES))
   ap.add_argument("--tiles", default="auto",
                   help="comma list of NxM[sS][kK][wW] (tile_n per warpgroup x tile_m, stages, "
-                       "K splits, compute warpgroups, o: overlap MMA with the next upcast) or auto")
+                       "K splits, compute warpgroups) or auto (choose_tiles)")
   ap.add_argument("--json", default=None)
   args = ap.parse_args()
   print(f"# device {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)

@@ -47,8 +47,6 @@ class TileConfig:
     compute_wgs: 1: one warpgroup per CTA loads, upcasts and multiplies in turn (plain pipeline);
       2: warp-specialised, two compute warpgroups (tile_n weight rows each, so a CTA covers
       2 * tile_n rows) and one that issues the TMA copies.
-    overlap: keep one wgmma in flight (wait(1)) while the next step's weights are loaded and
-      upcast; the pipeline then releases each step's buffers one step late (needs stages >= 2).
   """
   tile_n: int = 128
   tile_m: int = 64
@@ -56,7 +54,6 @@ class TileConfig:
   stages: int = 4
   splits: int = 1
   compute_wgs: int = 1
-  overlap: bool = False
 
   def __post_init__(self):
     if self.tile_n % 64 or self.tile_n < 64:
@@ -68,8 +65,6 @@ class TileConfig:
       raise ValueError(f"TileConfig.tile_k={self.tile_k} must be 128")
     if self.compute_wgs not in (1, 2):
       raise ValueError(f"TileConfig.compute_wgs={self.compute_wgs} must be 1 or 2")
-    if self.overlap and self.stages < 2:
-      raise ValueError("TileConfig.overlap needs stages >= 2")
     if self.stages < 1 or self.splits < 1:
       raise ValueError(f"TileConfig.stages={self.stages} and splits={self.splits} must be >= 1")
 
@@ -188,17 +183,15 @@ def _kernel(xq, q, sw, zw, cols, *, tiles: TileConfig, out_dtype, asym_w: bool, 
 
   wgs = tiles.compute_wgs
   cta_n = wgs * tn  # weight rows per CTA: tile_n per compute warpgroup
-  release = dict(delay_release=1) if tiles.overlap else {}
-  in_specs = [plgpu.BlockSpec((cta_n, tk), lambda kk: (0, kk), transforms=w_tr, **release),
-              plgpu.BlockSpec((tm, tk), lambda kk: (0, kk), transforms=x_tr, **release)]
+  in_specs = [plgpu.BlockSpec((cta_n, tk), lambda kk: (0, kk), transforms=w_tr),
+              plgpu.BlockSpec((tm, tk), lambda kk: (0, kk), transforms=x_tr)]
 
   def mma(w_smem, x_smem, ones_smem, acc_ref, csum_ref):
     w = plgpu.load(w_smem, (), layout=plgpu.Layout.WGMMA_8BIT).astype(jnp.int8)
     plgpu.wgmma(acc_ref, w, x_smem.T)
     if asym_x:
       plgpu.wgmma(csum_ref, w, ones_smem.T)
-    # Without overlap the pipeline refills this step's buffers next, so the MMA must be done.
-    plgpu.wgmma_wait(1 if tiles.overlap else 0)
+    plgpu.wgmma_wait(0)  # the pipeline refills this step's buffers next
 
   def epilogue(acc, csum, rows_smem, cols_smem, o_smem, first):
     """int32 acc^T (tn, tm) -> the scaled y tile, stored in o_smem (tm, tn) through a transposed view."""

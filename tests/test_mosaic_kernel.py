@@ -51,6 +51,8 @@ def test_tile_config_rejects_what_wgmma_cannot_run():
     mosaic_gpu.TileConfig(tile_k=64)
   with pytest.raises(ValueError, match="splits"):
     mosaic_gpu.TileConfig(splits=0)
+  with pytest.raises(ValueError, match="compute_wgs"):
+    mosaic_gpu.TileConfig(compute_wgs=3)
 
 
 def test_unsupported_shapes_raise_a_clear_error():
@@ -71,6 +73,7 @@ def test_unsupported_shapes_raise_a_clear_error():
     (51, 1024, 4096, True, None),                       # a policy step, gemma_300m gate/up
     (1, 2048, 2048, False, None),                       # M = 1: an 8-token tile
     (51, 16384, 2048, True, None),                      # split-K (8 slices), float32 partials
+    (816, 16384, 2048, True, None),                     # warp-specialised: 2 MMA + 1 TMA warpgroups
     (816, 2048, 16384, True, mosaic_gpu.TileConfig(tile_n=128, tile_m=128, stages=3)),
     (816, 4096, 1024, False, mosaic_gpu.TileConfig(tile_n=64, tile_m=256)),
 ])

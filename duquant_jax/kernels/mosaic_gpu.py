@@ -84,6 +84,10 @@ def choose_tiles(m: int, n: int, k: int) -> TileConfig:
     tile_m = -(-m // 8) * 8 if m <= 32 else -(-m // 16) * 16
   else:
     tile_m = 128
+  if m > 256 and k >= 8192 and n % 128 == 0:
+    # Long K at prefix sizes (gemma_2b's down-projection): the warp-specialised variant measured
+    # 87 us against 114-116 us for the plain pipeline at M = 816 (BENCHMARKS.md, run 9).
+    return TileConfig(tile_n=64, tile_m=128, stages=4, compute_wgs=2)
   tile_n = 128 if n % 128 == 0 and (n // 128) * -(-m // tile_m) >= _SMS else 64
   stages = 3 if tile_n == 128 and m > 256 else 4  # 3: two 128 x 128 CTAs fit one SM's smem
   ctas = (n // tile_n) * -(-m // tile_m)
@@ -191,7 +195,10 @@ def _kernel(xq, q, sw, zw, cols, *, tiles: TileConfig, out_dtype, asym_w: bool, 
     plgpu.wgmma(acc_ref, w, x_smem.T)
     if asym_x:
       plgpu.wgmma(csum_ref, w, ones_smem.T)
-    plgpu.wgmma_wait(0)  # the pipeline refills this step's buffers next
+    # The pipeline refills this step's buffers next, so the MMA must be done. (Keeping one wgmma
+    # in flight with the buffers released a step late, wgmma_wait(1), gave wrong results on the
+    # H100 at most tilings: BENCHMARKS.md, run 10.)
+    plgpu.wgmma_wait(0)
 
   def epilogue(acc, csum, rows_smem, cols_smem, o_smem, first):
     """int32 acc^T (tn, tm) -> the scaled y tile, stored in o_smem (tm, tn) through a transposed view."""

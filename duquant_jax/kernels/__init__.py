@@ -93,8 +93,8 @@ def mosaic_applies(m: int, n: int, k: int, g: int, q_dtype) -> bool:
 def mosaic_preferred(m: int, n: int, k: int) -> bool:
   """Whether auto-dispatch on a Hopper GPU uses the Mosaic kernel for an (M, K) x (N, K) matmul.
 
-  From the H100 table in BENCHMARKS.md ("Mosaic GPU kernel"), kernel vs XLA's int8 path:
-  weights of >= 16M codes (gemma_2b gate/up/down) win at every M (1.3-1.8x); weights of >= 2M
+  From the H100 table in BENCHMARKS.md ("Mosaic GPU W4A8 kernel"), kernel vs XLA's int8 path:
+  weights of >= 16M codes (gemma_2b gate/up/down) win at every M (1.05-1.8x); weights of >= 2M
   codes with N >= 1024 win from M = 64 on (0.97-1.7x); below that (k/v with N = 256, any weight at
   M < 64 but the largest) the kernel's fixed cost (~6 us, 2-3 small XLA ops around it) loses to
   XLA (0.44-0.95x).

@@ -84,9 +84,10 @@ def choose_tiles(m: int, n: int, k: int) -> TileConfig:
     tile_m = -(-m // 8) * 8 if m <= 32 else -(-m // 16) * 16
   else:
     tile_m = 128
-  if m > 256 and k >= 8192 and n % 128 == 0:
+  if 256 < m <= 1024 and k >= 8192 and n % 128 == 0:
     # Long K at prefix sizes (gemma_2b's down-projection): the warp-specialised variant measured
-    # 87 us against 114-116 us for the plain pipeline at M = 816 (BENCHMARKS.md, run 9).
+    # 87 us against 114-116 us for the plain pipeline at M = 816 (BENCHMARKS.md, runs 9-11); at
+    # M = 4096 the plain 128 x 128 tiles were faster (269 vs 342 us).
     return TileConfig(tile_n=64, tile_m=128, stages=4, compute_wgs=2)
   tile_n = 128 if n % 128 == 0 and (n // 128) * -(-m // tile_m) >= _SMS else 64
   stages = 3 if tile_n == 128 and m > 256 else 4  # 3: two 128 x 128 CTAs fit one SM's smem

@@ -112,6 +112,8 @@ def _split_packed(tree: Any, prefix: str = "") -> tuple[Any, dict[str, dict]]:
       arrays = {"codes": node.codes, "scale": node.scale}
       desc = {f: getattr(node, f) for f in _PL_STATIC}
       desc["w_shape"] = list(node.w_shape)
+      if node.input_group is not None:  # absent in checkpoints written before session 4
+        desc["input_group"] = node.input_group
       desc["arrays"] = ["codes", "scale"]
       for f in _PL_OPTIONAL:
         if getattr(node, f) is not None:
@@ -184,6 +186,7 @@ def _join_packed(arrays: dict, structure: Mapping[str, dict]) -> dict:
                                  merged_smooth=bool(desc["transform"]["merged_smooth"]))
     static = {f: desc[f] for f in _PL_STATIC}
     static["w_shape"] = tuple(int(v) for v in desc["w_shape"])
+    static["input_group"] = desc.get("input_group")
     packed = PackedLinear(codes=a["codes"], scale=a["scale"], zero=a.get("zero"),
                           transform=transform, out_rot=a.get("out_rot"), **static)
     try:

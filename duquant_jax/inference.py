@@ -18,6 +18,8 @@ Example:
 
 from __future__ import annotations
 
+import functools
+
 from typing import Any
 
 import flax.linen as nn
@@ -31,8 +33,9 @@ packed_interceptor = packed_dense_interceptor
 
 
 def quantized_apply(module: nn.Module, variables: Any, *args, **kwargs):
-  """`module.apply(variables, ...)` with packed Dense / DenseGeneral kernels run quantized."""
-  with nn.intercept_methods(packed_interceptor):
+  """`module.apply(variables, ...)` with packed Dense / DenseGeneral kernels run quantized (kernels of
+  one input group that read the same input quantize it once per call)."""
+  with nn.intercept_methods(functools.partial(packed_interceptor, memo={})):
     return module.apply(variables, *args, **kwargs)
 
 

@@ -55,6 +55,10 @@ class PackedLinear:
       (`kernels.IMPLEMENTATIONS`) and of the online transform + activation quantizer
       (`kernels.TRANSFORM_IMPLEMENTATIONS`) to run; None = auto-dispatch by platform and shape.
       A run-time choice: set with `inference.with_implementations`, not stored in checkpoints.
+    input_group: static, set by `quantize_params` on the W4A8 members of a group of linears that
+      read the same input (q and kv of one Gemma attention; SigLIP's query, key and value): they
+      carry the same online transform, so a model may quantize that input once for all of them
+      (`input_share_key`, `quantize_input`); None for a linear that reads its input alone.
   """
 
   codes: jax.Array
@@ -71,6 +75,7 @@ class PackedLinear:
   mode: str = flax.struct.field(pytree_node=False, default="int")
   matmul_impl: Optional[str] = flax.struct.field(pytree_node=False, default=None)
   transform_impl: Optional[str] = flax.struct.field(pytree_node=False, default=None)
+  input_group: Optional[str] = flax.struct.field(pytree_node=False, default=None)
 
   @property
   def shape(self) -> tuple[int, ...]:
@@ -116,13 +121,27 @@ class PackedLinear:
     """W2^T (..., N, K) float32, in the transformed basis (for diagnostics)."""
     return dequantize_weight(self.codes, self.scale, self.zero)
 
-  def matmul(self, x2: jax.Array) -> jax.Array:
-    """x2 (M, K) in the linear's input layout -> (M, N) in x2's dtype (one layer: no stack axes)."""
+  def input_share_key(self):
+    """A hashable key equal for linears whose `quantize_input` gives the same result for the same
+    input (one shared-input group, one activation quantizer), or None if this one shares nothing."""
+    if self.input_group is None or self.act_bits is None or self.mode != "int":
+      return None
+    return (self.input_group, self.act_bits, self.act_symmetric, self.act_clip, self.transform_impl)
+
+  def quantize_input(self, x2: jax.Array):
+    """x2 (M, K) -> (xq, sx, zx): the online transform and the per-token int8 quantizer."""
+    return _transform_quantize(x2, self.transform, self.act_bits, symmetric=self.act_symmetric,
+                               clip_ratio=self.act_clip, implementation=self.transform_impl)
+
+  def matmul(self, x2: jax.Array, quantized=None) -> jax.Array:
+    """x2 (M, K) in the linear's input layout -> (M, N) in x2's dtype (one layer: no stack axes).
+
+    `quantized`: this linear's `quantize_input(x2)`, already computed for another member of its
+    input group (same `input_share_key`); None computes it here.
+    """
     dtype = x2.dtype
     if self.act_bits is not None and self.mode == "int":
-      xq, sx, zx = _transform_quantize(x2, self.transform, self.act_bits,
-                                       symmetric=self.act_symmetric, clip_ratio=self.act_clip,
-                                       implementation=self.transform_impl)
+      xq, sx, zx = self.quantize_input(x2) if quantized is None else quantized
       y = _int_matmul(xq, sx, zx, self.codes, self.scale, self.zero,
                       implementation=self.matmul_impl)
     elif self.act_bits is None and self.mode == "int":  # weight-only: codes read packed
@@ -142,8 +161,12 @@ class PackedLinear:
       y = restore_output(y, self.out_rot)
     return y.astype(dtype)
 
-  def einsum(self, eqn: str, x: jax.Array) -> jax.Array:
-    """`jnp.einsum(eqn, x, W)` with W this packed weight (the eqn the float weight was used with)."""
+  def einsum(self, eqn: str, x: jax.Array, memo: Optional[dict] = None) -> jax.Array:
+    """`jnp.einsum(eqn, x, W)` with W this packed weight (the eqn the float weight was used with).
+
+    `memo`: a dict shared by the linears of one call site that read the same x (a Gemma attention's
+    q and kv): the first member of an input group quantizes x, the others reuse it.
+    """
     x_spec, w_spec, y_spec = split_eqn(eqn)
     if w_spec != self.w_spec:
       raise ValueError(f"einsum {eqn!r} names weight axes {w_spec!r} but this packed weight was "
@@ -158,9 +181,25 @@ class PackedLinear:
     sizes.update(zip(w_spec, self.w_shape))
     x2 = jnp.einsum(f"{x_spec}->{batch}{contract}", x)
     m = math.prod(sizes[c] for c in batch)
-    y2 = self.matmul(x2.reshape(m, self.in_features))
+    x2 = x2.reshape(m, self.in_features)
+    y2 = shared_matmul(self, x2, memo, x)
     y = y2.reshape(*(sizes[c] for c in batch + outs))
     return jnp.einsum(f"{batch}{outs}->{y_spec}", y)
+
+
+def shared_matmul(w: "PackedLinear", x2: jax.Array, memo: Optional[dict], source) -> jax.Array:
+  """`w.matmul(x2)`, quantizing x2 once per input group within `memo` (None: no sharing).
+
+  `source` is the array x2 was flattened from; memo entries are keyed by its identity and hold a
+  reference to it, so within one trace a key cannot come back for another array.
+  """
+  key = None if memo is None else w.input_share_key()
+  if key is None:
+    return w.matmul(x2)
+  key = (key, id(source), x2.shape)
+  if key not in memo:
+    memo[key] = (source, w.quantize_input(x2))
+  return w.matmul(x2, quantized=memo[key][1])
 
 
 def tree_nbytes(tree) -> int:

@@ -45,7 +45,10 @@ class FreeLinear(PackedLinear):
   quantization of those layers could reach with the rest of the network unchanged.
   """
 
-  def matmul(self, x2):
+  def input_share_key(self):
+    return None  # nothing to share: no transform or quantizer runs
+
+  def matmul(self, x2, quantized=None):
     return x2[:, :1] * jnp.ones((1, self.out_features), x2.dtype)
 
 

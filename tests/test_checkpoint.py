@@ -76,6 +76,10 @@ def test_roundtrip_bit_exact_and_same_actions(rtn, tmp_path):
   _assert_same_tree(packed, packed2)
   codes = packed2["PaliGemma"]["llm"]["layers"]["mlp"]["linear"].codes
   assert codes.dtype == jnp.int4
+  # q and kv read one input: the group survives the round trip (it is part of the tree structure).
+  attn = packed2["PaliGemma"]["llm"]["layers"]["attn"]
+  assert attn["q_einsum"]["w"].input_group is not None
+  assert attn["q_einsum"]["w"].input_group == attn["kv_einsum"]["w"].input_group
   obs = policy.example_observation(jax.random.key(1), batch_size=1)
   f = jax.jit(policy.sample_actions)
   a1, a2 = f(packed, obs, jax.random.key(2)), f(packed2, obs, jax.random.key(2))

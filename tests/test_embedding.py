@@ -164,3 +164,47 @@ def test_deploy_runs_end_to_end(deploy_pi05):
   assert np.isfinite(a_q).all()
   # Loose: 2 calibration batches; EVALUATION.md has the measured errors with full calibration.
   assert 0 < action_rel_err(a_q, a_fp).mean() < 0.2
+
+
+def test_shared_input_groups_quantize_their_input_once(deploy_pi05):
+  """q / kv of a Gemma attention and SigLIP's query / key / value carry one input group: the model
+  runs their online transform and activation quantizer once, with the same actions as running it
+  per linear."""
+  policy, params, cfg, stats, packed = deploy_pi05
+  attn = packed["PaliGemma"]["llm"]["layers"]["attn"]
+  q, kv = attn["q_einsum"]["w"], attn["kv_einsum"]["w"]
+  assert q.input_share_key() is not None and q.input_share_key() == kv.input_share_key()
+  assert attn["q_einsum_1"]["w"].input_share_key() is None  # the expert's weight-only attention
+  mha = packed["PaliGemma"]["img"]["Transformer"]["encoderblock"]["MultiHeadDotProductAttention_0"]
+  keys = {mha[n]["kernel"].input_share_key() for n in ("query", "key", "value")}
+  assert len(keys) == 1 and None not in keys
+  assert mha["out"]["kernel"].input_share_key() is None  # reads its input alone
+
+  unshared = jax.tree.map(
+      lambda l: l.replace(input_group=None) if isinstance(l, PackedLinear) else l, packed,
+      is_leaf=lambda l: isinstance(l, PackedLinear))
+  obs = policy.example_observation(jax.random.key(6), batch_size=1)
+  f = jax.jit(policy.sample_actions)
+  np.testing.assert_allclose(np.asarray(f(packed, obs, jax.random.key(7))),
+                             np.asarray(f(unshared, obs, jax.random.key(7))), rtol=1e-5, atol=1e-5)
+  # The traced program holds fewer quantizers: count their rounding ops (sub-jaxprs included).
+  rounds = lambda tree: _count_primitive(
+      jax.make_jaxpr(policy.sample_actions)(tree, obs, jax.random.key(7)).jaxpr, "round")
+  q0 = jax.tree.map(lambda a: a[0], q)  # one layer of the stack
+  per_quantizer = _count_primitive(jax.make_jaxpr(q0.quantize_input)(
+      jnp.ones((4, q.in_features), jnp.float32)).jaxpr, "round")
+  saved = rounds(unshared) - rounds(packed)
+  assert per_quantizer > 0 and saved > 0 and saved % per_quantizer == 0
+
+
+def _count_primitive(jaxpr, name: str) -> int:
+  """Occurrences of primitive `name` in a jaxpr, sub-jaxprs (scan, cond, pjit bodies) included."""
+  n = 0
+  for eqn in jaxpr.eqns:
+    n += eqn.primitive.name == name
+    for v in eqn.params.values():
+      for sub in (v if isinstance(v, (tuple, list)) else (v,)):
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          n += _count_primitive(inner, name)
+  return n

@@ -31,10 +31,11 @@ def _name(name: str, i: int) -> str:
   return name if i == 0 else f"{name}_{i}"
 
 
-def linear(eqn: str, x: jax.Array, w: Any) -> jax.Array:
-  """`einsum(eqn, x, w)` with w cast to x's dtype, or the packed weight's own (quantized) einsum."""
+def linear(eqn: str, x: jax.Array, w: Any, memo: dict | None = None) -> jax.Array:
+  """`einsum(eqn, x, w)` with w cast to x's dtype, or the packed weight's own (quantized) einsum
+  (`memo`: shared by linears reading the same x, so a packed input group quantizes x once)."""
   if hasattr(w, "einsum"):
-    return w.einsum(eqn, x)
+    return w.einsum(eqn, x, memo) if memo is not None else w.einsum(eqn, x)
   return jnp.einsum(eqn, x, jnp.asarray(w).astype(x.dtype))
 
 
@@ -62,11 +63,11 @@ class Einsum(nn.Module):
   init_fn: Any = nn.initializers.lecun_normal(in_axis=-2, out_axis=-1)
 
   @nn.compact
-  def __call__(self, eqn: str, x: jax.Array) -> jax.Array:
+  def __call__(self, eqn: str, x: jax.Array, memo: dict | None = None) -> jax.Array:
     w = weight(self, "w", self.init_fn, self.shape)
     # Calibration reads linear inputs from here (only stored when "intermediates" is mutable).
     self.sow("intermediates", "w_input", x)
-    return linear(eqn, x, w)
+    return linear(eqn, x, w, memo)
 
 
 class RMSNorm(nn.Module):
@@ -131,8 +132,9 @@ class Attention(nn.Module):
         continue
       q_einsum = Einsum((cfg.num_heads, cfg.width, cfg.head_dim), name=_name("q_einsum", i))
       kv_einsum = Einsum((2, cfg.num_kv_heads, cfg.width, cfg.head_dim), name=_name("kv_einsum", i))
-      qs.append(q_einsum("BTD,NDH->BTNH", x))
-      k, v = kv_einsum("BSD,2KDH->2BSKH", x)
+      memo = {}  # q and kv read the same x: a packed input group quantizes it once
+      qs.append(q_einsum("BTD,NDH->BTNH", x, memo))
+      k, v = kv_einsum("BSD,2KDH->2BSKH", x, memo)
       ks.append(k)
       vs.append(v)
     q, k, v = (jnp.concatenate(y, axis=1) for y in (qs, ks, vs))
@@ -261,13 +263,16 @@ class Gemma(nn.Module):
     return outs, kv_cache
 
 
-def packed_dense_interceptor(next_fun, args, kwargs, context):
+def packed_dense_interceptor(next_fun, args, kwargs, context, memo: dict | None = None):
   """`nn.intercept_methods` hook running flax `Dense` / `DenseGeneral` with a packed kernel.
 
   A packed kernel (anything with `matmul(x2)` over the flattened contraction axes, such as
   `duquant_jax.PackedLinear`) stands where the float kernel was; the module's own `__call__` would
   reject it, so the call is computed here: flatten the contracted trailing axes of x, run the packed
   matmul, restore the feature axes, add the bias. Other modules and float kernels pass through.
+  With a `memo` dict bound (`functools.partial(packed_dense_interceptor, memo={})`, one per traced
+  call), packed kernels of one input group that read the same x (SigLIP's query, key and value)
+  quantize it once.
   """
   module = context.module
   if context.method_name != "__call__" or not isinstance(module, (nn.Dense, nn.DenseGeneral)):
@@ -287,7 +292,8 @@ def packed_dense_interceptor(next_fun, args, kwargs, context):
     n_contract = len(axis)
     features = module.features if isinstance(module.features, tuple) else (module.features,)
   batch = x.shape[:x.ndim - n_contract]
-  y = kernel.matmul(x.reshape(-1, kernel.in_features)).reshape(*batch, *features)
+  from duquant_jax.packed import shared_matmul
+  y = shared_matmul(kernel, x.reshape(-1, kernel.in_features), memo, x).reshape(*batch, *features)
   if module.use_bias and module.has_variable("params", "bias"):
     y = y + jnp.asarray(module.get_variable("params", "bias")).reshape(features).astype(y.dtype)
   return y

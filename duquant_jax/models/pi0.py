@@ -212,7 +212,8 @@ class Policy:
       noise = jax.random.normal(rng, (b, c.action_horizon, c.action_dim))
     module = self.module
     variables = {"params": params}
-    with nn.intercept_methods(packed_dense_interceptor):
+    # One memo per call: SigLIP's query / key / value of one packed input group quantize x once.
+    with nn.intercept_methods(functools.partial(packed_dense_interceptor, memo={})):
       return self._sample(module, variables, observation, noise, num_steps, return_trajectory)
 
   @staticmethod

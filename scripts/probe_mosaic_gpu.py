@@ -49,6 +49,14 @@ def _config(module, **kw):
   return module.TuningConfig(**{k: v for k, v in kw.items() if k in names})
 
 
+def record(rows, row, json_path):
+  """Appends a probe row, prints it as JSON and rewrites `json_path` (if any) with all rows so far."""
+  rows.append(row)
+  print(json.dumps(row), flush=True)
+  if json_path:
+    Path(json_path).write_text(json.dumps(dict(jax=jax.__version__, rows=rows), indent=1))
+
+
 def _err(e):
   return f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
 
@@ -119,10 +127,7 @@ def main():
   for name, k, n in SHAPES:
     for m in (int(v) for v in args.ms.split(",")):
       us, errors = probe(m, k, n, tiles)
-      rows.append(dict(linears=name, m=m, k=k, n=n, us=us, errors=errors))
-      print(json.dumps(rows[-1]), flush=True)
-      if args.json:
-        Path(args.json).write_text(json.dumps(dict(jax=jax.__version__, rows=rows), indent=1))
+      record(rows, dict(linears=name, m=m, k=k, n=n, us=us, errors=errors), args.json)
   print("\n| linears | M | K x N | path | us |\n|---|---|---|---|---|")
   for r in rows:
     for path, v in r["us"].items():

@@ -2,9 +2,9 @@
 
 For each linear shape and M: the kernel's error against the XLA integer reference (float32 output,
 symmetric and asymmetric quantizers), then the time per matmul in one jitted loop (`bench_kernels`'
-LoopTimer) of bf16 `jnp.dot`, the XLA W4A8 path, the kernel with its XLA pre/post work
-(`mosaic`: padding, row / column sums, the final transpose) and the bare kernel (`mosaic_core`,
-y^T out) for a few tilings.
+LoopTimer) of bf16 `jnp.dot`, the XLA W4A8 path, the kernel with its XLA side ops (`mosaic`: the
+row pad, per-token vectors, the split-K sum), the same with M padded to whole token tiles
+(`mosaic_padM`), and the bare Pallas call (`mosaic_core`) for a few tilings.
 
 Usage (Hopper GPU): python3 scripts/probe_mosaic_w4a8.py [--ms 51,816] [--json out.json]
 Failures (a tiling that does not lower) are recorded and the probe goes on.
@@ -13,7 +13,6 @@ Failures (a tiling that does not lower) are recorded and the probe goes on.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import traceback
 from pathlib import Path
@@ -25,6 +24,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from bench_kernels import LoopTimer, n_copies  # noqa: E402
+from probe_mosaic_gpu import _err, record  # noqa: E402
 from duquant_jax.kernels import mosaic_gpu, xla  # noqa: E402
 
 SHAPES = {"2b_gate": (2048, 16384), "2b_down": (16384, 2048), "2b_q": (2048, 2048),
@@ -62,7 +62,7 @@ def probe(m, k, n, tile_list, iters=20):
     try:
       out[name] = 1e6 * LoopTimer(fn, consts, weights, y0, iters).time(reps=5)
     except Exception as e:  # recorded, the probe goes on
-      errors[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+      errors[name] = _err(e)
       traceback.print_exc()
 
   xb = x.astype(jnp.bfloat16)
@@ -75,7 +75,7 @@ def probe(m, k, n, tile_list, iters=20):
     try:
       errors[f"exact {tag}"] = check(m, k, n, t)
     except Exception as e:
-      errors[f"exact {tag}"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+      errors[f"exact {tag}"] = _err(e)
       traceback.print_exc()
       continue
     timed(f"mosaic {tag}", lambda c, w, t=t: mosaic_gpu.w4a8_matmul(
@@ -133,10 +133,7 @@ def main():
         if t not in tiles and (spec.startswith("auto") or m > 64 or t.tile_m <= 64):
           tiles.append(t)
       us, errors = probe(m, k, n, tiles)
-      rows.append(dict(shape=name, m=m, k=k, n=n, us=us, errors=errors))
-      print(json.dumps(rows[-1]), flush=True)
-      if args.json:
-        Path(args.json).write_text(json.dumps(dict(jax=jax.__version__, rows=rows), indent=1))
+      record(rows, dict(shape=name, m=m, k=k, n=n, us=us, errors=errors), args.json)
   print("\n| shape | M | path | us | vs bf16 |\n|---|---|---|---|---|")
   for r in rows:
     for path, v in r["us"].items():

@@ -61,6 +61,12 @@ def free_linears(tree):
   return jax.tree.map(swap, tree, is_leaf=lambda v: isinstance(v, PackedLinear))
 
 
+def unshared_inputs(tree):
+  """`tree` with `input_group` cleared: every linear transforms and quantizes its input alone."""
+  return jax.tree.map(lambda n: n.replace(input_group=None) if isinstance(n, PackedLinear) else n,
+                      tree, is_leaf=lambda n: isinstance(n, PackedLinear))
+
+
 def time_policy(policy, params, obs, repeats, num_steps=10):
   fn = jax.jit(functools.partial(policy.sample_actions, num_steps=num_steps))
   rng = jax.random.key(0)
@@ -84,12 +90,15 @@ def _time_variants(args, variants, policy, unroll, params, packed, obs, cfg, s, 
   model, b = policy.cfg.name, obs.state.shape[0]
   c_fp, l_fp = time_policy(policy, params, obs, args.repeats)
   l1_fp = time_policy(policy, params, obs, args.repeats, num_steps=1)[1] if args.breakdown else None
-  for matmul, transform in variants + ([("free", "free")] if args.bound else []):
+  for matmul, transform, *share in variants + ([("free", "free")] if args.bound else []):
     if matmul == "free":
       packed_v = free_linears(packed)
     else:
       packed_v = with_implementations(packed, matmul=_auto_none(matmul),
                                       transform=_auto_none(transform))
+    if share == ["noshare"]:
+      packed_v = unshared_inputs(packed_v)
+      transform = f"{transform}/noshare"
     c_q, l_q = time_policy(policy, packed_v, obs, args.repeats)
     row = dict(model=model, batch=b, preset=cfg.name, all_linears=args.all_linears,
                matmul=matmul, transform=transform, permutation=args.permutation, unroll=unroll,
@@ -118,9 +127,10 @@ def main():
   ap.add_argument("--repeats", type=int, default=20)
   ap.add_argument("--json", default=None)
   ap.add_argument("--variants", default="auto/auto",
-                  help="comma list of MATMUL/TRANSFORM dispatch choices for the packed policy "
-                       "(kernels.IMPLEMENTATIONS / kernels.TRANSFORM_IMPLEMENTATIONS, or auto for "
-                       "the library's choice), e.g. auto/auto,xla_bf16/xla_reduce")
+                  help="comma list of MATMUL/TRANSFORM[/noshare] dispatch choices for the packed "
+                       "policy (kernels.IMPLEMENTATIONS / kernels.TRANSFORM_IMPLEMENTATIONS, or auto "
+                       "for the library's choice; noshare: every linear quantizes its input alone, "
+                       "as before shared input groups), e.g. auto/auto,xla_bf16/xla_reduce,auto/auto/noshare")
   ap.add_argument("--permutation", default=None, help="override the rules' permutation (e.g. none)")
   ap.add_argument("--unroll", default="off",
                   help="comma list of off,on: layer scans as while loops (openpi) or unrolled; both "
@@ -135,8 +145,9 @@ def main():
   from duquant_jax import kernels
   mm_ok = ["auto"] + [i for i in kernels.IMPLEMENTATIONS if i]
   tr_ok = ["auto"] + [i for i in kernels.TRANSFORM_IMPLEMENTATIONS if i]
-  if any(len(v) != 2 or v[0] not in mm_ok or v[1] not in tr_ok for v in variants):
-    ap.error(f"--variants must be MATMUL/TRANSFORM pairs ({'|'.join(mm_ok)} / {'|'.join(tr_ok)}), "
+  if any(len(v) not in (2, 3) or v[0] not in mm_ok or v[1] not in tr_ok or v[2:] not in ((), ("noshare",))
+         for v in variants):
+    ap.error(f"--variants must be MATMUL/TRANSFORM[/noshare] ({'|'.join(mm_ok)} / {'|'.join(tr_ok)}), "
              f"got {args.variants!r}")
   rows = []
   for model in args.models.split(","):

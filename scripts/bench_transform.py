@@ -1,12 +1,15 @@
 """Benchmark DuQuant's online input transform + per-token int8 quantization on a GPU.
 
-Three paths per (M tokens, K channels), each timed inside ONE jitted `lax.fori_loop` (see
+Paths per (M tokens, K channels, block b), each timed inside ONE jitted `lax.fori_loop` (see
 `bench_kernels.LoopTimer`: each call depends on the previous output, transforms cycle over copies):
-  xla       `InputTransform.apply` + `quantize_per_token` as XLA compiles them (the unfused chain);
-  xla_reduce  the same with the block rotations as multiply-reduce (`xla.transform_reduce`);
-  fused     `kernels.pallas_transform.transform_quantize` (one Pallas kernel), best of a few tiles;
-  quant     `quantize_per_token` alone, no transform (what the quantizer costs by itself on XLA).
-`--check` first compares the fused codes with the XLA chain run at HIGHEST precision.
+  xla           `InputTransform.apply` + `quantize_per_token` as XLA compiles them (the einsum chain);
+  xla_reduce    the same with the block rotations as multiply-reduce (`xla.transform_reduce`);
+  xla_cm        the einsum chain on channel-major x^T (`xla.transform_quantize_channel_major`);
+  xla_cm_reduce the multiply-reduce form on channel-major x^T;
+  fused         `kernels.pallas_transform.transform_quantize` (one Pallas kernel), best of a few tiles;
+  quant         `quantize_per_token` alone, no transform (what the quantizer costs by itself on XLA).
+`--check` first compares every path's codes with the einsum chain run at HIGHEST precision.
+`--ks` takes K or K:b (block size b, default 16 as the LLM and expert MLP of `deploy`; SigLIP: 8).
 
 Usage (GPU machine):  python scripts/bench_transform.py --check [--ms 1,16,51,64,256,816] [--json out]
 CPU smoke test:       python scripts/bench_transform.py --interpret --ms 3 --ks 256
@@ -15,6 +18,7 @@ CPU smoke test:       python scripts/bench_transform.py --interpret --ms 3 --ks 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -51,42 +55,56 @@ def make_x(key, m, k):
   return (x * jnp.where(jnp.arange(k) % 97 == 0, 30.0, 1.0)).astype(jnp.bfloat16)
 
 
-def check(key, ms, ks, interpret):
+XLA_FORMS = ("xla", "xla_reduce", "xla_cm", "xla_cm_reduce")
+
+
+def parse_ks(spec):
+  """"1024,1152:8" -> [(1024, 16), (1152, 8)]."""
+  out = []
+  for item in spec.split(","):
+    k, _, b = item.partition(":")
+    out.append((int(k), int(b) if b else 16))
+  return out
+
+
+def check(key, ms, ks, interpret, fused=True):
   rows = []
-  for k in ks:
-    tr = make_transform(key, k)
+  for k, b in ks:
+    tr = make_transform(key, k, b)
     for m in ms:
       x = make_x(jax.random.fold_in(key, m), m, k)
       for sym in (False, True):
         ref = jax.jit(lambda x, tr: kernels.xla.quantize_per_token(
             tr.apply(x.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST), 8,
             symmetric=sym))(x, tr)
-        got = pt.transform_quantize(x, tr.rot1, tr.perm, tr.rot2, symmetric=sym,
-                                    interpret=interpret)
-        d = np.abs(np.asarray(got[0], np.int32) - np.asarray(ref[0], np.int32))
-        row = dict(k=k, m=m, symmetric=sym, max_code_diff=int(d.max()),
-                   frac_codes_differ=float((d > 0).mean()),
-                   sx_rel=float(np.max(np.abs(np.asarray(got[1]) / np.asarray(ref[1]) - 1))))
-        if not sym:
-          row["zx_max_diff"] = float(np.max(np.abs(np.asarray(got[2]) - np.asarray(ref[2]))))
-        rows.append(row)
-        print("check", json.dumps(row), flush=True)
+        paths = {form: jax.jit(functools.partial(kernels.transform_quantize, bits=8, symmetric=sym,
+                                                 implementation=form)) for form in XLA_FORMS}
+        if fused and pt.supports(k, b):
+          paths["fused"] = lambda x, tr: pt.transform_quantize(
+              x, tr.rot1, tr.perm, tr.rot2, symmetric=sym, interpret=interpret)
+        for name, fn in paths.items():
+          got = fn(x, tr)
+          d = np.abs(np.asarray(got[0], np.int32) - np.asarray(ref[0], np.int32))
+          row = dict(path=name, k=k, b=b, m=m, symmetric=sym, max_code_diff=int(d.max()),
+                     frac_codes_differ=float((d > 0).mean()),
+                     sx_rel=float(np.max(np.abs(np.asarray(got[1]) / np.asarray(ref[1]) - 1))))
+          if not sym:
+            row["zx_max_diff"] = float(np.max(np.abs(np.asarray(got[2]) - np.asarray(ref[2]))))
+          rows.append(row)
+          print("check", json.dumps(row), flush=True)
   return rows
 
 
-def time_case(key, m, k, copies, iters, interpret, fused=True):
+def time_case(key, m, k, b, copies, iters, interpret, fused=True):
   x = make_x(key, m, k)
-  trs = [make_transform(jax.random.fold_in(key, i), k) for i in range(copies)]
+  trs = [make_transform(jax.random.fold_in(key, i), k, b) for i in range(copies)]
   y0 = jnp.zeros((m, k), jnp.int8)
-  paths = {
-      "xla": lambda c, tr: kernels.transform_quantize(c[0], tr, 8, implementation="xla")[0],
-      "xla_reduce": lambda c, tr: kernels.transform_quantize(c[0], tr, 8,
-                                                             implementation="xla_reduce")[0],
-      "quant": lambda c, tr: kernels.quantize_per_token(c[0].astype(jnp.float32), 8,
-                                                        symmetric=False)[0],
-  }
+  paths = {form: (lambda c, tr, form=form: kernels.transform_quantize(
+      c[0], tr, 8, implementation=form)[0]) for form in XLA_FORMS}
+  paths["quant"] = lambda c, tr: kernels.quantize_per_token(c[0].astype(jnp.float32), 8,
+                                                            symmetric=False)[0]
   for tiles in TILES if fused else ():
-    if pt.supports(k, 16, tiles) and tiles.chunk <= k:
+    if pt.supports(k, b, tiles) and tiles.chunk <= k:
       paths[f"fused c{tiles.chunk} w{tiles.num_warps}"] = (
           lambda c, tr, tiles=tiles: pt.transform_quantize(
               c[0], tr.rot1, tr.perm, tr.rot2, tiles=tiles, interpret=interpret)[0])
@@ -98,7 +116,7 @@ def time_case(key, m, k, copies, iters, interpret, fused=True):
       print(f"  {name}: failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
   fused = {n: v for n, v in out.items() if n.startswith("fused")}
   best = min(fused, key=fused.get) if fused else None
-  row = dict(m=m, k=k, us=out, best_fused=best,
+  row = dict(m=m, k=k, b=b, us=out, best_fused=best,
              speedup_vs_xla=(out["xla"] / fused[best]) if best else None)
   print("time", json.dumps(row), flush=True)
   return row
@@ -116,22 +134,25 @@ def main():
   ap.add_argument("--no-fused", action="store_true", help="skip the fused Pallas kernel's tiles")
   args = ap.parse_args()
   ms = [int(v) for v in args.ms.split(",")]
-  ks = [int(v) for v in args.ks.split(",")]
+  ks = parse_ks(args.ks)
   key = jax.random.key(0)
   result = dict(device=jax.devices()[0].device_kind, jax=jax.__version__)
   if args.check:
-    result["check"] = check(key, ms, ks, args.interpret)
-  rows = [time_case(key, m, k, args.copies, args.iters, args.interpret, not args.no_fused) for k in ks for m in ms]
+    result["check"] = check(key, ms, ks, args.interpret, not args.no_fused)
+  rows = [time_case(key, m, k, b, args.copies, args.iters, args.interpret, not args.no_fused)
+          for k, b in ks for m in ms]
   result["time"] = rows
   print(f"\ndevice={result['device']} jax={result['jax']}")
-  print("| K | M | XLA chain us | XLA multiply-reduce us  | fused us (best tiles) "
-        "| quantize only us | fused speedup |")
-  print("|---|---|---|---|---|---|---|")
+  print("| K | b | M | XLA chain us | XLA multiply-reduce us | channel-major chain us "
+        "| channel-major multiply-reduce us | fused us (best tiles) | quantize only us "
+        "| fused speedup |")
+  print("|---|---|---|---|---|---|---|---|---|---|")
   for r in rows:
-    b, us = r["best_fused"], r["us"]
-    fused_col = f"{us[b]:.1f} ({b[6:]}) | {us['quant']:.1f} | {r['speedup_vs_xla']:.2f}x" if b else (
-        f"- | {us['quant']:.1f} | -")
-    print(f"| {r['k']} | {r['m']} | {us['xla']:.1f} | {us['xla_reduce']:.1f} | {fused_col} |")
+    best, us = r["best_fused"], r["us"]
+    fused_col = (f"{us[best]:.1f} ({best[6:]}) | {us['quant']:.1f} | {r['speedup_vs_xla']:.2f}x"
+                 if best else f"- | {us['quant']:.1f} | -")
+    forms = " | ".join(f"{us[f]:.1f}" if f in us else "-" for f in XLA_FORMS)
+    print(f"| {r['k']} | {r['b']} | {r['m']} | {forms} | {fused_col} |")
   if args.json:
     Path(args.json).write_text(json.dumps(result, indent=1))
 

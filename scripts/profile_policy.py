@@ -4,10 +4,12 @@ Traces `--calls` calls of the jitted full-size policy (random weights, synthetic
 bench_policy.py) with `jax.profiler`, reads the trace back with `jax.profiler.ProfileData`, and prints
 per call: wall time, summed GPU kernel time, kernel count, and the ops with the most GPU time
 (grouped by the HLO op name XLA gives the kernel, with digits stripped so that `fusion.12` and
-`fusion.57` group together; pass --no-group to keep them apart).
+`fusion.57` group together; pass --no-group to keep them apart). `--by-op N` also lists the N
+single HLO ops with the most GPU time, with their result shapes from the compiled HLO, which says
+which layer a fusion belongs to.
 
 Usage (GPU): cd scripts && PYTHONPATH=.. python profile_policy.py [--model pi0] [--batch 1] [--top 25]
-             [--preset deploy] [--matmuls auto,xla] [--no-bf16]
+             [--preset deploy] [--matmuls auto,xla] [--transform auto] [--no-bf16] [--by-op 40]
 """
 
 from __future__ import annotations
@@ -56,6 +58,39 @@ def profile(fn, args, calls):
   return wall, device_events(path)
 
 
+def hlo_result_types(compiled_text):
+  """{HLO instruction name: 'operand types -> result type'} from compiled HLO text.
+
+  For a fusion the operand types are those of its fused computation's parameters; for any other
+  instruction only the result type is known."""
+  sigs = {m.group(1): m.group(2) for m in re.finditer(
+      r"^%?([\w.\-]+) \((.*)\) -> .* \{$", compiled_text, re.M)}
+  types = {}
+  for m in re.finditer(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\([^=]*?\)|\S+) (.*)$", compiled_text, re.M):
+    called = re.search(r"calls=%?([\w.\-]+)", m.group(3))
+    params = ""
+    if called and called.group(1) in sigs:
+      params = ", ".join(re.sub(r"^[\w.\-]+: ", "", p.strip())
+                         for p in sigs[called.group(1)].split(", ")) + " -> "
+    types.setdefault(m.group(1), params + re.sub(r"\{[^}]*\}", "", m.group(2)))
+  return types
+
+
+def top_ops(events, calls, n, types):
+  """The n single ops with the most GPU time: [(name, result type, count/call, ms/call)]."""
+  per = collections.defaultdict(lambda: [0, 0.0])
+  for l, name, dur in events:
+    if l == "XLA Ops":
+      per[name][0] += 1
+      per[name][1] += dur
+  rows = [(k, types.get(k, "?"), v[0] / calls, v[1] / calls / 1e6)
+          for k, v in sorted(per.items(), key=lambda kv: -kv[1][1])[:n]]
+  print("  | single op | result | count/call | ms/call |")
+  for k, t, c, ms in rows:
+    print(f"  | {k[:60]} | {t[:160]} | {c:.0f} | {ms:.3f} |")
+  return rows
+
+
 def summarize(wall, events, calls, top, group):
   lines = collections.Counter(l for l, _, _ in events)
   kernels = [(n, d) for l, n, d in events if l.startswith("Stream")]
@@ -89,6 +124,11 @@ def main():
   ap.add_argument("--matmuls", default="auto",
                   help="comma list of W4A8 matmul implementations to profile the packed tree with "
                        "(kernels.IMPLEMENTATIONS names, or auto)")
+  ap.add_argument("--transform", default="auto",
+                  help="online transform implementation of the packed trees "
+                       "(kernels.TRANSFORM_IMPLEMENTATIONS names, or auto)")
+  ap.add_argument("--by-op", type=int, default=0,
+                  help="also list this many single ops with their result shapes")
   ap.add_argument("--no-bf16", action="store_true", help="skip the bf16 profile")
   ap.add_argument("--json", default=None)
   args = ap.parse_args()
@@ -101,11 +141,17 @@ def main():
   out = {}
   trees = [] if args.no_bf16 else [("bf16", params)]
   for mm in args.matmuls.split(","):
-    trees.append((f"packed ({mm})", with_implementations(packed, matmul=None if mm == "auto" else mm)))
+    trees.append((f"packed ({mm} / {args.transform})", with_implementations(
+        packed, matmul=None if mm == "auto" else mm,
+        transform=None if args.transform == "auto" else args.transform)))
   for name, p in trees:
     print(f"{name}:", flush=True)
-    wall, events = profile(fn, (p, obs, jax.random.key(0)), args.calls)
+    fargs = (p, obs, jax.random.key(0))
+    wall, events = profile(fn, fargs, args.calls)
     out[name] = summarize(wall, events, args.calls, args.top, not args.no_group)
+    if args.by_op:
+      types = hlo_result_types(fn.lower(*fargs).compile().as_text())
+      out[name]["top_ops"] = top_ops(events, args.calls, args.by_op, types)
   print(f"\ndevice={jax.devices()[0].device_kind} jax={jax.__version__}")
   if args.json:
     with open(args.json, "w") as f:

@@ -146,7 +146,7 @@ def test_cli_bench_runs_a_script_and_rejects_unknown_names(capsys):
           "--iters", "1"])
   assert e.value.code == 0
   out = capsys.readouterr().out
-  assert "| 64 | 2 |" in out and "XLA chain us" in out
+  assert "| 64 | 16 | 2 |" in out and "XLA chain us" in out and "channel-major chain us" in out
   with pytest.raises(SystemExit) as e:
     main(["bench", "nope"])
   assert e.value.code == 2
@@ -177,3 +177,22 @@ def test_with_implementations_overrides_the_dispatch_of_a_tree():
     with_implementations(tree, matmul="cuda")
   with pytest.raises(ValueError, match="transform_impl"):
     lin.replace(transform_impl="fast").validate()
+
+
+@pytest.mark.parametrize("reduce", [False, True])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_channel_major_forms_equal_the_einsum_chain(reduce, symmetric):
+  """x^T forms: the same codes as the row-major chain (float32 sums in another order)."""
+  tr = _transform(256, 16)
+  x = _x(9, 256)
+  form = "xla_cm_reduce" if reduce else "xla_cm"
+  xq, sx, zx = kernels.transform_quantize(x, tr, 8, symmetric=symmetric, implementation=form)
+  rq, rs, rz = _reference(x, tr, symmetric)
+  assert xq.shape == (9, 256) and xq.dtype == jnp.int8 and sx.shape == (9, 1)
+  d = np.abs(np.asarray(xq, np.int32) - np.asarray(rq, np.int32))
+  assert d.max() <= 1 and (d > 0).mean() < 1e-2
+  np.testing.assert_allclose(np.asarray(sx), np.asarray(rs), rtol=1e-6)
+  if symmetric:
+    assert zx is None
+  else:
+    np.testing.assert_array_equal(np.asarray(zx), np.asarray(rz))

@@ -30,7 +30,8 @@ from duquant_jax.kernels.xla import dequantize_per_token, quantize_per_token
 from duquant_jax.kernels import xla
 
 IMPLEMENTATIONS = (None, "xla", "xla_bf16", "mosaic", "pallas", "pallas_interpret")
-TRANSFORM_IMPLEMENTATIONS = (None, "xla", "xla_reduce", "pallas", "pallas_interpret")
+TRANSFORM_IMPLEMENTATIONS = (None, "xla", "xla_reduce", "xla_cm", "xla_cm_reduce", "pallas",
+                             "pallas_interpret")
 # Auto-dispatch uses the multiply-reduce transform on CUDA up to this many tokens (M) per call.
 REDUCE_FORM_MAX_TOKENS = 1024
 
@@ -147,7 +148,9 @@ def transform_quantize(x: jax.Array, transform, bits: int = 8, *, symmetric: boo
     transform: an `InputTransform` (smoothing merged into rot1 for the kernel) or None.
     bits, symmetric, clip_ratio: the per-token quantizer, as `xla.quantize_per_token`.
     implementation: None (auto: XLA, multiply-reduce form on CUDA for M <= 1024), "xla" (the einsum
-      form, `InputTransform.apply`), "xla_reduce" (`xla.transform_reduce`, no GEMMs), "pallas" or
+      form, `InputTransform.apply`), "xla_reduce" (`xla.transform_reduce`, no GEMMs), "xla_cm" /
+      "xla_cm_reduce" (the same two forms on channel-major x^T,
+      `xla.transform_quantize_channel_major`), "pallas" or
       "pallas_interpret" (the latter two raise if the kernel cannot take this transform).
 
   Returns:
@@ -157,16 +160,22 @@ def transform_quantize(x: jax.Array, transform, bits: int = 8, *, symmetric: boo
     raise ValueError(f"implementation must be one of {TRANSFORM_IMPLEMENTATIONS}, "
                      f"got {implementation!r}")
   def xla_fn(form):
+    one_layer = transform is not None and x.ndim == 2 and all(
+        r is None or r.ndim == 3 for r in (transform.rot1, transform.rot2)) and (
+            transform.perm is None or transform.perm.ndim == 1)
+    if form in ("xla_cm", "xla_cm_reduce") and one_layer:
+      return xla.transform_quantize_channel_major(x, transform, bits, symmetric=symmetric,
+                                                  clip_ratio=clip_ratio,
+                                                  reduce=form == "xla_cm_reduce")
     xt = x.astype(jnp.float32)
     if transform is not None:
-      if form == "xla_reduce" and x.ndim == 2 and all(
-          r is None or r.ndim == 3 for r in (transform.rot1, transform.rot2)):
+      if form == "xla_reduce" and one_layer:
         xt = xla.transform_reduce(xt, transform)
       else:
         xt = transform.apply(xt)
     return quantize_per_token(xt, bits, symmetric=symmetric, clip_ratio=clip_ratio)
 
-  if implementation in ("xla", "xla_reduce"):
+  if implementation in ("xla", "xla_reduce", "xla_cm", "xla_cm_reduce"):
     return xla_fn(implementation)
   if implementation is None:
     if transform is None or x.shape[0] > REDUCE_FORM_MAX_TOKENS:

@@ -23,29 +23,67 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from duquant_jax.rotations import apply_block_rotation_transposed
+
 
 def quantize_per_token(x: jax.Array, bits: int = 8, *, symmetric: bool = True,
-                       clip_ratio: float = 1.0):
+                       clip_ratio: float = 1.0, axis: int = -1):
   """x (M, K) float -> (xq (M, K) int8, sx (M, 1) float32, zx (M, 1) float32 or None).
 
   Symmetric: xq = round(x / sx) in [-(2^(b-1) - 1), 2^(b-1) - 1], sx = clip * max|x| / (2^(b-1) - 1).
   Asymmetric: the row's [min, max] * clip maps to [-2^(b-1), 2^(b-1) - 1] with an integer zero point zx,
   x ~ sx * (xq - zx).
+  `axis` is the channel axis reduced over (0 for channel-major x^T (K, M): then sx, zx are (1, M)).
   """
   x = x.astype(jnp.float32)
   if symmetric:
     qmax = 2 ** (bits - 1) - 1
-    amax = jnp.max(jnp.abs(x), axis=-1, keepdims=True) * clip_ratio
+    amax = jnp.max(jnp.abs(x), axis=axis, keepdims=True) * clip_ratio
     sx = jnp.maximum(amax, 1e-8) / qmax
     xq = jnp.clip(jnp.round(x / sx), -qmax, qmax).astype(jnp.int8)
     return xq, sx, None
   qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-  lo = jnp.minimum(jnp.min(x, axis=-1, keepdims=True), 0.0) * clip_ratio
-  hi = jnp.maximum(jnp.max(x, axis=-1, keepdims=True), 0.0) * clip_ratio
+  lo = jnp.minimum(jnp.min(x, axis=axis, keepdims=True), 0.0) * clip_ratio
+  hi = jnp.maximum(jnp.max(x, axis=axis, keepdims=True), 0.0) * clip_ratio
   sx = jnp.maximum(hi - lo, 1e-8) / (qmax - qmin)
   zx = jnp.round(qmin - lo / sx)
   xq = jnp.clip(jnp.round(x / sx) + zx, qmin, qmax).astype(jnp.int8)
   return xq, sx, zx
+
+
+def transform_quantize_channel_major(x: jax.Array, transform, bits: int = 8, *,
+                                     symmetric: bool = True, clip_ratio: float = 1.0,
+                                     reduce: bool = False):
+  """q8(`transform.apply(x)`) per token, computed on x^T (K, M): (xq (M, K), sx (M, 1), zx or None).
+
+  Row-major (M, G, b) blocks make XLA wrap every batched block GEMM in transposes (the batch axis G
+  must be major) and the multiply-reduce form reduce over a middle axis. Channel-major, each block
+  rotation is diag(R_g)^T x^T: a batched GEMM whose batch axis is already major (or, with
+  `reduce`, a product summed over a major axis with tokens contiguous), the permutation gathers
+  whole contiguous rows, and the per-token range is a reduction over the major axis. One transpose
+  in (fused with the cast) and one out (fused with the quantizer).
+  """
+  xt = x.astype(jnp.float32).T
+  if transform.smooth is not None:
+    xt = xt / transform.smooth[:, None]
+  rotate = _rotate_blocks_cm_reduce if reduce else (
+      lambda v, r: apply_block_rotation_transposed(v, r.astype(jnp.float32)))
+  if transform.rot1 is not None:
+    xt = rotate(xt, transform.rot1)
+  if transform.perm is not None:
+    xt = jnp.take(xt, transform.perm, axis=0)
+  if transform.rot2 is not None:
+    xt = rotate(xt, transform.rot2)
+  xq, sx, zx = quantize_per_token(xt, bits, symmetric=symmetric, clip_ratio=clip_ratio, axis=0)
+  return xq.T, sx.T, None if zx is None else zx.T
+
+
+def _rotate_blocks_cm_reduce(xt: jax.Array, rot: jax.Array) -> jax.Array:
+  """diag(R_g)^T xt for channel-major xt (K, M), as a product summed over the block's input axis."""
+  k, m = xt.shape
+  g, b = rot.shape[0], rot.shape[-1]
+  prod = xt.reshape(g, b, 1, m) * rot.astype(jnp.float32)[:, :, :, None]  # (G, c, j, M)
+  return jnp.sum(prod, axis=1).reshape(k, m)
 
 
 def transform_reduce(x: jax.Array, transform) -> jax.Array:

@@ -243,14 +243,14 @@ def _kernel(xq, q, sw, zw, cols, *, tiles: TileConfig, out_dtype, asym_w: bool, 
       if not tiles.lazy_vectors:
         plgpu.barrier_wait(bar)  # the ones tile is read by the first MMA
 
-      def step(idx, w_smem, x_smem, acc_ref, csum_ref):
+      def plain_step(idx, w_smem, x_smem, acc_ref, csum_ref):
         if tiles.lazy_vectors:
           pl.when(idx[0] == 0)(lambda: plgpu.barrier_wait(bar))
         mma(w_smem, x_smem, ones_smem, acc_ref, csum_ref)
 
       def compute(acc_ref, csum_ref):
         plgpu.emit_pipeline(
-            lambda idx, w_smem, x_smem: step(idx, w_smem, x_smem, acc_ref, csum_ref),
+            lambda idx, w_smem, x_smem: plain_step(idx, w_smem, x_smem, acc_ref, csum_ref),
             grid=(ks // tk,), max_concurrent_steps=tiles.stages, in_specs=in_specs,
         )(w_gmem.at[n_sl, k_sl], x_gmem.at[m_sl, k_sl])
         return acc_ref[...], csum_ref[...]

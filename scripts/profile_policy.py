@@ -79,11 +79,14 @@ def hlo_result_types(compiled_text):
 def top_ops(events, calls, n, types):
   """The n single ops with the most GPU time: [(name, result type, count/call, ms/call)]."""
   per = collections.defaultdict(lambda: [0, 0.0])
-  for l, name, dur in events:
-    if l == "XLA Ops":
-      per[name][0] += 1
-      per[name][1] += dur
-  rows = [(k, types.get(k, "?"), v[0] / calls, v[1] / calls / 1e6)
+  ops = [(n, d) for l, n, d in events if l == "XLA Ops"] or [
+      (n, d) for l, n, d in events if l.startswith("Stream")]
+  for name, dur in ops:
+    per[name][0] += 1
+    per[name][1] += dur
+  # Kernel names spell the HLO name's `.N` suffix as `_N`.
+  hlo_type = lambda k: types.get(k) or types.get(re.sub(r"_(\d+)$", r".\1", k), "?")
+  rows = [(k, hlo_type(k), v[0] / calls, v[1] / calls / 1e6)
           for k, v in sorted(per.items(), key=lambda kv: -kv[1][1])[:n]]
   print("  | single op | result | count/call | ms/call |")
   for k, t, c, ms in rows:

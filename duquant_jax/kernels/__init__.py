@@ -12,10 +12,10 @@
   "pallas_interpret"  the same kernel in Pallas interpret mode (any backend; tests).
 
 `transform_quantize` (DuQuant's online input transform, then per-token activation quantization)
-runs as XLA ops: on CUDA with at most `REDUCE_FORM_MAX_TOKENS` tokens the block rotations as
-multiply-reduce (`xla.transform_reduce`, which fused best inside the batch-1 policy), elsewhere as
-einsums (`InputTransform.apply`), then
-`xla.quantize_per_token`. The fused Pallas kernel (`pallas_transform`) runs only when asked: on the
+runs as XLA ops. On CUDA it works on channel-major activations x^T
+(`xla.transform_quantize_channel_major`): with at most `REDUCE_FORM_MAX_TOKENS` tokens the block
+rotations as multiply-reduce, beyond that as batched GEMMs. Elsewhere it runs the row-major einsums
+(`InputTransform.apply`), then `xla.quantize_per_token`. The fused Pallas kernel (`pallas_transform`) runs only when asked: on the
 H100 it measured 2-60x slower than XLA's chain at every shape (BENCHMARKS.md, "Online transform").
 
 Importing this package imports no GPU-only module: the Pallas modules are loaded when first traced.
@@ -32,7 +32,8 @@ from duquant_jax.kernels import xla
 IMPLEMENTATIONS = (None, "xla", "xla_bf16", "mosaic", "pallas", "pallas_interpret")
 TRANSFORM_IMPLEMENTATIONS = (None, "xla", "xla_reduce", "xla_cm", "xla_cm_reduce", "pallas",
                              "pallas_interpret")
-# Auto-dispatch uses the multiply-reduce transform on CUDA up to this many tokens (M) per call.
+# Auto-dispatch on CUDA uses the channel-major multiply-reduce transform up to this many tokens (M)
+# per call, the channel-major einsum form above.
 REDUCE_FORM_MAX_TOKENS = 1024
 
 
@@ -147,7 +148,8 @@ def transform_quantize(x: jax.Array, transform, bits: int = 8, *, symmetric: boo
     x: (M, K) activations in any float dtype (one layer: the transform has no stack axes).
     transform: an `InputTransform` (smoothing merged into rot1 for the kernel) or None.
     bits, symmetric, clip_ratio: the per-token quantizer, as `xla.quantize_per_token`.
-    implementation: None (auto: XLA, multiply-reduce form on CUDA for M <= 1024), "xla" (the einsum
+    implementation: None (auto: XLA; on CUDA channel-major, multiply-reduce for M <= 1024, else
+      einsum; elsewhere the row-major einsum form), "xla" (the einsum
       form, `InputTransform.apply`), "xla_reduce" (`xla.transform_reduce`, no GEMMs), "xla_cm" /
       "xla_cm_reduce" (the same two forms on channel-major x^T,
       `xla.transform_quantize_channel_major`), "pallas" or
@@ -178,13 +180,14 @@ def transform_quantize(x: jax.Array, transform, bits: int = 8, *, symmetric: boo
   if implementation in ("xla", "xla_reduce", "xla_cm", "xla_cm_reduce"):
     return xla_fn(implementation)
   if implementation is None:
-    if transform is None or x.shape[0] > REDUCE_FORM_MAX_TOKENS:
+    if transform is None:
       return xla_fn("xla")
-    # Measured in the full policy on the H100 (BENCHMARKS.md): at batch 1 the multiply-reduce
-    # form fuses with its neighbours (pi0 56 vs 58 ms); at thousands of tokens the einsum form is
-    # far faster. CPUs keep the einsum form.
-    return jax.lax.platform_dependent(cuda=lambda: xla_fn("xla_reduce"),
-                                      default=lambda: xla_fn("xla"))
+    # Measured in the full policy on the H100 (BENCHMARKS.md, session 5): channel-major forms
+    # beat the row-major ones (pi0 batch 1: 51.5 vs 58.5 ms; batch 8: 204.5 vs 222.4 ms); the
+    # multiply-reduce form wins up to ~1000 tokens, the einsum form at thousands. CPUs keep the
+    # row-major einsum form.
+    form = "xla_cm_reduce" if x.shape[0] <= REDUCE_FORM_MAX_TOKENS else "xla_cm"
+    return jax.lax.platform_dependent(cuda=lambda: xla_fn(form), default=lambda: xla_fn("xla"))
   if not fused_transform_applies(x.shape, transform):
     raise ValueError(f"the fused transform kernel does not take x {x.shape} with this transform "
                      "(needs rot1 with smoothing merged, no stack axes, power-of-two K and block)")

@@ -71,7 +71,8 @@ def transform_quantize_channel_major(x: jax.Array, transform, bits: int = 8, *,
   if transform.rot1 is not None:
     xt = rotate(xt, transform.rot1)
   if transform.perm is not None:
-    xt = jnp.take(xt, transform.perm, axis=0)
+    # mode="clip": a bare gather; the default ("fill") adds a bounds mask and select per element.
+    xt = jnp.take(xt, transform.perm, axis=0, mode="clip")
   if transform.rot2 is not None:
     xt = rotate(xt, transform.rot2)
   xq, sx, zx = quantize_per_token(xt, bits, symmetric=symmetric, clip_ratio=clip_ratio, axis=0)
@@ -101,7 +102,7 @@ def transform_reduce(x: jax.Array, transform) -> jax.Array:
   if transform.rot1 is not None:
     x = _rotate_blocks_reduce(x, transform.rot1)
   if transform.perm is not None:
-    x = jnp.take(x, transform.perm, axis=1)
+    x = jnp.take(x, transform.perm, axis=1, mode="clip")
   if transform.rot2 is not None:
     x = _rotate_blocks_reduce(x, transform.rot2)
   return x

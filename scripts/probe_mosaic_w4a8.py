@@ -98,8 +98,7 @@ def probe(m, k, n, tile_list, iters=20):
 
 def tile_tag(t):
   return (f"{t.tile_n}x{t.tile_m}s{t.stages}" + (f"k{t.splits}" if t.splits > 1 else "")
-          + (f"w{t.compute_wgs}" if t.compute_wgs > 1 else "")
-          + ("" if t.lazy_vectors else "e"))
+          + (f"w{t.compute_wgs}" if t.compute_wgs > 1 else ""))
 
 
 _SPEC_FIELDS = {"n": "tile_n", "m": "tile_m", "s": "stages", "k": "splits", "w": "compute_wgs"}
@@ -114,18 +113,16 @@ def parse_tiles(spec, m, n, k):
   if spec.startswith("auto"):
     t = mosaic_gpu.choose_tiles(m, n, k)
     for mod in filter(None, spec[4:].split("+")):
-      g = re.fullmatch(r"([nmskw])(\d+)|(e)", mod)
+      g = re.fullmatch(r"([nmskw])(\d+)", mod)
       if not g:
         raise SystemExit(f"bad tile spec {spec!r}")
-      t = dataclasses.replace(t, **({"lazy_vectors": False} if g[3] else
-                                    {_SPEC_FIELDS[g[1]]: int(g[2])}))
+      t = dataclasses.replace(t, **{_SPEC_FIELDS[g[1]]: int(g[2])})
     return t
-  g = re.fullmatch(r"(\d+)x(\d+)(?:s(\d+))?(?:k(\d+))?(?:w(\d+))?(e)?", spec)
+  g = re.fullmatch(r"(\d+)x(\d+)(?:s(\d+))?(?:k(\d+))?(?:w(\d+))?", spec)
   if not g:
     raise SystemExit(f"bad tile spec {spec!r}")
   return mosaic_gpu.TileConfig(tile_n=int(g[1]), tile_m=int(g[2]), stages=int(g[3] or 4),
-                               splits=int(g[4] or 1), compute_wgs=int(g[5] or 1),
-                               lazy_vectors=not g[6])
+                               splits=int(g[4] or 1), compute_wgs=int(g[5] or 1))
 
 
 def main():
@@ -133,9 +130,9 @@ def main():
   ap.add_argument("--ms", default="51,816")
   ap.add_argument("--shapes", default=",".join(SHAPES))
   ap.add_argument("--tiles", default="auto",
-                  help="comma list of NxM[sS][kK][wW][e] (tile_n per warpgroup x tile_m, stages, "
-                       "K splits, compute warpgroups, e: vectors waited before the pipeline) or "
-                       "auto[+s8+k2+e...] (choose_tiles, fields replaced)")
+                  help="comma list of NxM[sS][kK][wW] (tile_n per warpgroup x tile_m, stages, "
+                       "K splits, compute warpgroups) or auto[+s8+k2...] (choose_tiles, fields "
+                       "replaced)")
   ap.add_argument("--json", default=None)
   args = ap.parse_args()
   print(f"# device {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)

@@ -76,7 +76,6 @@ def test_unsupported_shapes_raise_a_clear_error():
     (816, 16384, 2048, True, None),                     # warp-specialised: 2 MMA + 1 TMA warpgroups
     (816, 2048, 16384, True, mosaic_gpu.TileConfig(tile_n=128, tile_m=128, stages=3)),
     (816, 4096, 1024, False, mosaic_gpu.TileConfig(tile_n=64, tile_m=256)),
-    (16, 2048, 16384, True, mosaic_gpu.TileConfig(tile_n=64, tile_m=16, lazy_vectors=False)),
 ])
 def test_kernel_lowers_for_cuda(m, k, n, asym, tiles):
   text = _cuda_module(lambda *a: mosaic_gpu.w4a8_matmul(*a, out_dtype=jnp.bfloat16, tiles=tiles),

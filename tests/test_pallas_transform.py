@@ -198,17 +198,18 @@ def test_channel_major_forms_equal_the_einsum_chain(reduce, symmetric):
     np.testing.assert_array_equal(np.asarray(zx), np.asarray(rz))
 
 
-@pytest.mark.parametrize("m,dots", [(51, False), (2048, True)])
-def test_auto_transform_on_cuda_is_channel_major(m, dots):
-  """Auto on CUDA: x^T forms, multiply-reduce (no dot) up to REDUCE_FORM_MAX_TOKENS, einsum above."""
+@pytest.mark.parametrize("m,k,dots", [(51, 256, False), (2048, 256, True), (51, 16384, True)])
+def test_auto_transform_on_cuda_is_channel_major(m, k, dots):
+  """Auto on CUDA: x^T forms, multiply-reduce (no dot) up to REDUCE_FORM_MAX_TOKENS tokens and
+  REDUCE_FORM_MAX_CHANNELS channels, the einsum form beyond."""
   from jax import export
-  assert (m > kernels.REDUCE_FORM_MAX_TOKENS) == dots
-  tr = _transform(256, 16)
+  assert (m > kernels.REDUCE_FORM_MAX_TOKENS or k > kernels.REDUCE_FORM_MAX_CHANNELS) == dots
+  tr = _transform(k, 16)
   fn = jax.jit(lambda x, tr: kernels.transform_quantize(x, tr, 8))
   text = export.export(fn, platforms=["cuda"])(
-      jax.ShapeDtypeStruct((m, 256), jnp.bfloat16), tr).mlir_module()
+      jax.ShapeDtypeStruct((m, k), jnp.bfloat16), tr).mlir_module()
   cpu_text = export.export(fn, platforms=["cpu"])(
-      jax.ShapeDtypeStruct((m, 256), jnp.bfloat16), tr).mlir_module()
+      jax.ShapeDtypeStruct((m, k), jnp.bfloat16), tr).mlir_module()
   assert ("stablehlo.dot_general" in text) == dots
   assert "stablehlo.dot_general" in cpu_text  # CPUs keep the row-major einsum chain
   assert "stablehlo.transpose" in text

@@ -63,10 +63,9 @@ def test_mosaic_w4a8_probe_parses_tile_specs():
   assert (t.tile_n, t.tile_m, t.stages, t.splits) == (128, 128, 3, 2)
   assert probe_mosaic_w4a8.tile_tag(t) == "128x128s3k2"
   auto = mosaic_gpu.choose_tiles(16, 16384, 2048)
-  t = probe_mosaic_w4a8.parse_tiles("auto+s8+k2+e", 16, 16384, 2048)
-  assert (t.tile_n, t.tile_m, t.stages, t.splits, t.lazy_vectors) == (
-      auto.tile_n, auto.tile_m, 8, 2, False)
-  assert probe_mosaic_w4a8.tile_tag(t).endswith("s8k2e")
+  t = probe_mosaic_w4a8.parse_tiles("auto+s8+k2", 16, 16384, 2048)
+  assert (t.tile_n, t.tile_m, t.stages, t.splits) == (auto.tile_n, auto.tile_m, 8, 2)
+  assert probe_mosaic_w4a8.tile_tag(t).endswith("s8k2")
   with pytest.raises(SystemExit, match="bad tile spec"):
     probe_mosaic_w4a8.parse_tiles("auto+q3", 16, 16384, 2048)
   with pytest.raises(SystemExit):

@@ -13,8 +13,9 @@
 
 `transform_quantize` (DuQuant's online input transform, then per-token activation quantization)
 runs as XLA ops. On CUDA it works on channel-major activations x^T
-(`xla.transform_quantize_channel_major`): with at most `REDUCE_FORM_MAX_TOKENS` tokens the block
-rotations as multiply-reduce, beyond that as batched GEMMs. Elsewhere it runs the row-major einsums
+(`xla.transform_quantize_channel_major`): with at most `REDUCE_FORM_MAX_TOKENS` tokens and
+`REDUCE_FORM_MAX_CHANNELS` channels the block rotations as multiply-reduce, beyond that as batched
+GEMMs. Elsewhere it runs the row-major einsums
 (`InputTransform.apply`), then `xla.quantize_per_token`. The fused Pallas kernel (`pallas_transform`) runs only when asked: on the
 H100 it measured 2-60x slower than XLA's chain at every shape (BENCHMARKS.md, "Online transform").
 
@@ -33,8 +34,10 @@ IMPLEMENTATIONS = (None, "xla", "xla_bf16", "mosaic", "pallas", "pallas_interpre
 TRANSFORM_IMPLEMENTATIONS = (None, "xla", "xla_reduce", "xla_cm", "xla_cm_reduce", "pallas",
                              "pallas_interpret")
 # Auto-dispatch on CUDA uses the channel-major multiply-reduce transform up to this many tokens (M)
-# per call, the channel-major einsum form above.
+# and channels (K) per call, the channel-major einsum form beyond (H100, `bench_transform.py`:
+# the einsum form won at K = 16384 from M = 51 and at every K from M = 6528).
 REDUCE_FORM_MAX_TOKENS = 1024
+REDUCE_FORM_MAX_CHANNELS = 8192
 
 
 def kernel_preferred(m: int, n: int, k: int, g: int) -> bool:
@@ -148,8 +151,8 @@ def transform_quantize(x: jax.Array, transform, bits: int = 8, *, symmetric: boo
     x: (M, K) activations in any float dtype (one layer: the transform has no stack axes).
     transform: an `InputTransform` (smoothing merged into rot1 for the kernel) or None.
     bits, symmetric, clip_ratio: the per-token quantizer, as `xla.quantize_per_token`.
-    implementation: None (auto: XLA; on CUDA channel-major, multiply-reduce for M <= 1024, else
-      einsum; elsewhere the row-major einsum form), "xla" (the einsum
+    implementation: None (auto: XLA; on CUDA channel-major, multiply-reduce for M <= 1024 and
+      K <= 8192, else einsum; elsewhere the row-major einsum form), "xla" (the einsum
       form, `InputTransform.apply`), "xla_reduce" (`xla.transform_reduce`, no GEMMs), "xla_cm" /
       "xla_cm_reduce" (the same two forms on channel-major x^T,
       `xla.transform_quantize_channel_major`), "pallas" or
@@ -186,7 +189,9 @@ def transform_quantize(x: jax.Array, transform, bits: int = 8, *, symmetric: boo
     # beat the row-major ones (pi0 batch 1: 51.5 vs 58.5 ms; batch 8: 204.5 vs 222.4 ms); the
     # multiply-reduce form wins up to ~1000 tokens, the einsum form at thousands. CPUs keep the
     # row-major einsum form.
-    form = "xla_cm_reduce" if x.shape[0] <= REDUCE_FORM_MAX_TOKENS else "xla_cm"
+    m, k = x.shape[-2:]
+    reduce = m <= REDUCE_FORM_MAX_TOKENS and k <= REDUCE_FORM_MAX_CHANNELS
+    form = "xla_cm_reduce" if reduce else "xla_cm"
     return jax.lax.platform_dependent(cuda=lambda: xla_fn(form), default=lambda: xla_fn("xla"))
   if not fused_transform_applies(x.shape, transform):
     raise ValueError(f"the fused transform kernel does not take x {x.shape} with this transform "

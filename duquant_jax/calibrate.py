@@ -214,10 +214,18 @@ def _token_masks(path: str, values: list[tuple[jax.Array, int]], phase: str, obs
     b, t = x.shape[x.ndim - k_axes - 2: x.ndim - k_axes]
     if phase == SUFFIX:
       out.append(jnp.ones((b, t), bool))
-    elif path.startswith("PaliGemma/img/"):  # one call per camera, in IMAGE_KEYS order
-      if len(values) != len(IMAGE_KEYS):
-        raise ValueError(f"{path}: expected one vision call per camera, got {len(values)}")
-      out.append(jnp.broadcast_to(obs.image_masks[IMAGE_KEYS[i]][:, None], (b, t)))
+    elif path.startswith("PaliGemma/img/"):
+      # One call over all cameras' images, camera-major in IMAGE_KEYS order (the model's), or
+      # one call per camera.
+      cams = [obs.image_masks[key] for key in IMAGE_KEYS]
+      if len(values) == 1 and b == sum(c.shape[0] for c in cams):
+        valid = jnp.concatenate(cams)
+      elif len(values) == len(IMAGE_KEYS):
+        valid = cams[i]
+      else:
+        raise ValueError(f"{path}: expected one vision call over the {len(IMAGE_KEYS)} cameras' "
+                         f"images or one per camera, got {len(values)} of batch {b}")
+      out.append(jnp.broadcast_to(valid[:, None], (b, t)))
     else:
       if prefix_mask.shape != (b, t):
         raise ValueError(f"{path}: captured {x.shape} does not match the prefix mask {prefix_mask.shape}")

@@ -177,7 +177,8 @@ def transform_quantize(x: jax.Array, transform, bits: int = 8, *, symmetric: boo
       if form == "xla_reduce" and one_layer:
         xt = xla.transform_reduce(xt, transform)
       else:
-        xt = transform.apply(xt)
+        # HIGHEST: float32, not the GPU's default TF32 (which flips codes; BENCHMARKS.md).
+        xt = transform.apply(xt, precision=jax.lax.Precision.HIGHEST)
     return quantize_per_token(xt, bits, symmetric=symmetric, clip_ratio=clip_ratio)
 
   if implementation in ("xla", "xla_reduce", "xla_cm", "xla_cm_reduce"):

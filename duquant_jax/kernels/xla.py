@@ -66,8 +66,11 @@ def transform_quantize_channel_major(x: jax.Array, transform, bits: int = 8, *,
   xt = x.astype(jnp.float32).T
   if transform.smooth is not None:
     xt = xt / transform.smooth[:, None]
+  # HIGHEST: at the GPU's default float32 precision (TF32) the einsum form flipped 0.2-6% of the
+  # codes by 1-2 on the H100 (BENCHMARKS.md); the multiply-reduce form is exact float32.
   rotate = _rotate_blocks_cm_reduce if reduce else (
-      lambda v, r: apply_block_rotation_transposed(v, r.astype(jnp.float32)))
+      lambda v, r: apply_block_rotation_transposed(v, r.astype(jnp.float32),
+                                                   precision=jax.lax.Precision.HIGHEST))
   if transform.rot1 is not None:
     xt = rotate(xt, transform.rot1)
   if transform.perm is not None:

@@ -70,3 +70,22 @@ def test_mosaic_w4a8_probe_parses_tile_specs():
     probe_mosaic_w4a8.parse_tiles("auto+q3", 16, 16384, 2048)
   with pytest.raises(SystemExit):
     probe_mosaic_w4a8.parse_tiles("128by128", 816, 2048, 2048)
+
+def test_unshared_inputs_clears_every_input_group():
+  import bench_policy
+  packed = quantize_params(demo_params("pi0"), get_preset("deploy"))
+  is_packed = lambda v: isinstance(v, PackedLinear)
+  groups = lambda t: [v.input_group for v in jax.tree.leaves(t, is_leaf=is_packed) if is_packed(v)]
+  assert any(g is not None for g in groups(packed))
+  assert all(g is None for g in groups(bench_policy.unshared_inputs(packed)))
+
+
+def test_profile_reads_operand_and_result_types_from_compiled_hlo():
+  import profile_policy
+  fn = jax.jit(lambda x, w: jnp.tanh(x @ w) + 1.0)
+  text = fn.lower(jnp.ones((8, 16)), jnp.ones((16, 32))).compile().as_text()
+  types = profile_policy.hlo_result_types(text)
+  assert any(t.endswith("-> f32[8,32]") and "f32[8,16]" in t for t in types.values())
+  events = [("Stream #1", name, 2000) for name in types][:3]
+  rows = profile_policy.top_ops(events, 1, 2, types)
+  assert len(rows) == 2 and rows[0][1] != "?" and rows[0][3] == 0.002

@@ -73,7 +73,9 @@ def test_mosaic_w4a8_probe_parses_tile_specs():
 
 def test_unshared_inputs_clears_every_input_group():
   import bench_policy
-  packed = quantize_params(demo_params("pi0"), get_preset("deploy"))
+  from duquant_jax.synthetic_stats import synthetic_stats
+  params = demo_params("pi0")
+  packed = quantize_params(params, get_preset("deploy"), synthetic_stats(params))
   is_packed = lambda v: isinstance(v, PackedLinear)
   groups = lambda t: [v.input_group for v in jax.tree.leaves(t, is_leaf=is_packed) if is_packed(v)]
   assert any(g is not None for g in groups(packed))

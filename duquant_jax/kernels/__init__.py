@@ -15,8 +15,8 @@
 runs as XLA ops. On CUDA it works on channel-major activations x^T
 (`xla.transform_quantize_channel_major`): with at most `REDUCE_FORM_MAX_TOKENS` tokens and
 `REDUCE_FORM_MAX_CHANNELS` channels the block rotations as multiply-reduce, beyond that as batched
-GEMMs. Elsewhere it runs the row-major einsums
-(`InputTransform.apply`), then `xla.quantize_per_token`. The fused Pallas kernel (`pallas_transform`) runs only when asked: on the
+GEMMs. Elsewhere it runs the row-major einsums (`InputTransform.apply`), then
+`xla.quantize_per_token`. The fused Pallas kernel (`pallas_transform`) runs only when asked: on the
 H100 it measured 2-60x slower than XLA's chain at every shape (BENCHMARKS.md, "Online transform").
 
 Importing this package imports no GPU-only module: the Pallas modules are loaded when first traced.

@@ -95,6 +95,21 @@ def test_unrolled_layers_equal_the_scanned_policy(demo, demo_obs):
     np.testing.assert_allclose(b, a, atol=1e-4 * np.abs(a).max())
 
 
+def test_one_vision_call_equals_a_call_per_camera(demo, demo_obs):
+  """The prefix runs SigLIP once over all cameras' images; each image's tokens are what a call
+  per camera (openpi's) gives, to float32 rounding."""
+  from duquant_jax.models import IMAGE_KEYS
+  from duquant_jax.models.pi0 import Pi0
+  policy, params = demo
+  model = Pi0(policy.cfg)
+  tokens = model.apply({"params": params}, demo_obs, method=Pi0.embed_prefix)[0]
+  per_camera = model.apply({"params": params}, demo_obs, method=lambda m, obs: jnp.concatenate(
+      [m.PaliGemma.img(obs.images[k]) for k in IMAGE_KEYS], axis=1))
+  got = np.asarray(tokens[:, :per_camera.shape[1]], np.float32)
+  ref = np.asarray(per_camera, np.float32)
+  np.testing.assert_allclose(got, ref, atol=1e-5 * np.abs(ref).max())
+
+
 def test_missing_key_is_named():
   policy = get_policy("pi0", "demo")
   obs = policy.example_observation(jax.random.key(0))

@@ -47,7 +47,7 @@ def device_events(path):
 
 
 def profile(fn, args, calls):
-  jax.block_until_ready(fn(*args))  # compile + warm up
+  jax.block_until_ready(fn(*args))  # warm up (and compile, for a jitted fn)
   d = tempfile.mkdtemp()
   t = time.perf_counter()
   with jax.profiler.trace(d):
@@ -150,10 +150,11 @@ def main():
   for name, p in trees:
     print(f"{name}:", flush=True)
     fargs = (p, obs, jax.random.key(0))
-    wall, events = profile(fn, fargs, args.calls)
+    compiled = fn.lower(*fargs).compile()  # profiled, and read for --by-op's shapes
+    wall, events = profile(compiled, fargs, args.calls)
     out[name] = summarize(wall, events, args.calls, args.top, not args.no_group)
     if args.by_op:
-      types = hlo_result_types(fn.lower(*fargs).compile().as_text())
+      types = hlo_result_types(compiled.as_text())
       out[name]["top_ops"] = top_ops(events, args.calls, args.by_op, types)
   print(f"\ndevice={jax.devices()[0].device_kind} jax={jax.__version__}")
   if args.json:

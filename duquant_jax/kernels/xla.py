@@ -63,23 +63,29 @@ def transform_quantize_channel_major(x: jax.Array, transform, bits: int = 8, *,
   whole contiguous rows, and the per-token range is a reduction over the major axis. One transpose
   in (fused with the cast) and one out (fused with the quantizer).
   """
-  xt = x.astype(jnp.float32).T
-  if transform.smooth is not None:
-    xt = xt / transform.smooth[:, None]
   # HIGHEST: at the GPU's default float32 precision (TF32) the einsum form flipped 0.2-6% of the
   # codes by 1-2 on the H100 (BENCHMARKS.md); the multiply-reduce form is exact float32.
   rotate = _rotate_blocks_cm_reduce if reduce else (
       lambda v, r: apply_block_rotation_transposed(v, r.astype(jnp.float32),
                                                    precision=jax.lax.Precision.HIGHEST))
-  if transform.rot1 is not None:
-    xt = rotate(xt, transform.rot1)
-  if transform.perm is not None:
-    # mode="clip": a bare gather; the default ("fill") adds a bounds mask and select per element.
-    xt = jnp.take(xt, transform.perm, axis=0, mode="clip")
-  if transform.rot2 is not None:
-    xt = rotate(xt, transform.rot2)
+  xt = _apply_steps(x.astype(jnp.float32).T, transform, rotate, channel_axis=0)
   xq, sx, zx = quantize_per_token(xt, bits, symmetric=symmetric, clip_ratio=clip_ratio, axis=0)
   return xq.T, sx.T, None if zx is None else zx.T
+
+
+def _apply_steps(x: jax.Array, transform, rotate, channel_axis: int) -> jax.Array:
+  """`transform.apply`'s steps on 2-D x with channels on `channel_axis` (-1: (M, K), 0: (K, M)),
+  each block rotation as `rotate(x, rot)`."""
+  if transform.smooth is not None:
+    x = x / (transform.smooth if channel_axis == -1 else transform.smooth[:, None])
+  if transform.rot1 is not None:
+    x = rotate(x, transform.rot1)
+  if transform.perm is not None:
+    # mode="clip": a bare gather; the default ("fill") adds a bounds mask and select per element.
+    x = jnp.take(x, transform.perm, axis=channel_axis, mode="clip")
+  if transform.rot2 is not None:
+    x = rotate(x, transform.rot2)
+  return x
 
 
 def _rotate_blocks_cm_reduce(xt: jax.Array, rot: jax.Array) -> jax.Array:
@@ -99,16 +105,7 @@ def transform_reduce(x: jax.Array, transform) -> jax.Array:
   to float32 rounding. (Two other dot-free forms measured slower on the H100 and were dropped:
   b unrolled multiply-adds, and the product reduced over a major axis; BENCHMARKS.md.)
   """
-  x = x.astype(jnp.float32)
-  if transform.smooth is not None:
-    x = x / transform.smooth
-  if transform.rot1 is not None:
-    x = _rotate_blocks_reduce(x, transform.rot1)
-  if transform.perm is not None:
-    x = jnp.take(x, transform.perm, axis=1, mode="clip")
-  if transform.rot2 is not None:
-    x = _rotate_blocks_reduce(x, transform.rot2)
-  return x
+  return _apply_steps(x.astype(jnp.float32), transform, _rotate_blocks_reduce, channel_axis=-1)
 
 
 def _rotate_blocks_reduce(x: jax.Array, rot: jax.Array) -> jax.Array:

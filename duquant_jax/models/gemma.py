@@ -35,7 +35,7 @@ def linear(eqn: str, x: jax.Array, w: Any, memo: dict | None = None) -> jax.Arra
   """`einsum(eqn, x, w)` with w cast to x's dtype, or the packed weight's own (quantized) einsum
   (`memo`: shared by linears reading the same x, so a packed input group quantizes x once)."""
   if hasattr(w, "einsum"):
-    return w.einsum(eqn, x, memo) if memo is not None else w.einsum(eqn, x)
+    return w.einsum(eqn, x, memo)
   return jnp.einsum(eqn, x, jnp.asarray(w).astype(x.dtype))
 
 

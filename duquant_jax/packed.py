@@ -133,17 +133,38 @@ class PackedLinear:
     return _transform_quantize(x2, self.transform, self.act_bits, symmetric=self.act_symmetric,
                                clip_ratio=self.act_clip, implementation=self.transform_impl)
 
-  def matmul(self, x2: jax.Array, quantized=None) -> jax.Array:
-    """x2 (M, K) in the linear's input layout -> (M, N) in x2's dtype (one layer: no stack axes).
+  def at_layer(self, layer: jax.Array) -> "PackedLinear":
+    """Layer `layer` (a traced int scalar) of a stacked (L, ...) weight: every array sliced."""
+    return jax.tree.map(lambda a: a[layer], self)
+
+  def matmul(self, x2: jax.Array, quantized=None, layer: Optional[jax.Array] = None) -> jax.Array:
+    """x2 (M, K) in the linear's input layout -> (M, N) in x2's dtype.
 
     `quantized`: this linear's `quantize_input(x2)`, already computed for another member of its
     input group (same `input_share_key`); None computes it here.
+    `layer`: None for one layer (no stack axes), or the index of the layer to apply in a stacked
+    weight; the W4A8 matmul then gets the stacked codes and scales with the index (a kernel reads
+    that layer in place, `kernels.w4a8_matmul`), everything else is sliced.
     """
+    if layer is not None:
+      one = self.at_layer(layer)  # the slices a path does not read are dropped by XLA
+      if not (self.act_bits is not None and self.mode == "int"):
+        return one.matmul(x2, quantized)
+      xq, sx, zx = one.quantize_input(x2) if quantized is None else quantized
+      y = _int_matmul(xq, sx, zx, self.codes, self.scale, self.zero,
+                      implementation=self.matmul_impl, layer=layer,
+                      out_dtype=jnp.float32 if self.out_rot is not None else x2.dtype)
+      if one.out_rot is not None:
+        y = restore_output(y, one.out_rot)
+      return y.astype(x2.dtype)
     dtype = x2.dtype
     if self.act_bits is not None and self.mode == "int":
       xq, sx, zx = self.quantize_input(x2) if quantized is None else quantized
+      # Without an output rotation the kernel's epilogue writes x's dtype: half the bytes of a
+      # float32 result for bf16 activations (prefix gate/up: 107 MB per layer in float32).
       y = _int_matmul(xq, sx, zx, self.codes, self.scale, self.zero,
-                      implementation=self.matmul_impl)
+                      implementation=self.matmul_impl,
+                      out_dtype=jnp.float32 if self.out_rot is not None else dtype)
     elif self.act_bits is None and self.mode == "int":  # weight-only: codes read packed
       x = x2 if self.transform is None else self.transform.apply(x2.astype(jnp.float32))
       y = xla.weight_only_matmul(x, self.codes, self.scale, self.zero)
@@ -161,19 +182,21 @@ class PackedLinear:
       y = restore_output(y, self.out_rot)
     return y.astype(dtype)
 
-  def einsum(self, eqn: str, x: jax.Array, memo: Optional[dict] = None) -> jax.Array:
+  def einsum(self, eqn: str, x: jax.Array, memo: Optional[dict] = None,
+             layer: Optional[jax.Array] = None) -> jax.Array:
     """`jnp.einsum(eqn, x, W)` with W this packed weight (the eqn the float weight was used with).
 
     `memo`: a dict shared by the linears of one call site that read the same x (a Gemma attention's
     q and kv): the first member of an input group quantizes x, the others reuse it.
+    `layer`: for a weight stacked over one leading layer axis, the (traced) layer to apply.
     """
     x_spec, w_spec, y_spec = split_eqn(eqn)
     if w_spec != self.w_spec:
       raise ValueError(f"einsum {eqn!r} names weight axes {w_spec!r} but this packed weight was "
                        f"built for {self.w_spec!r}")
-    if self.codes.ndim != 2:
-      raise ValueError(f"packed weight still has stack axes {self.codes.shape[:-2]}; apply it "
-                       "inside the scanned module")
+    if self.codes.ndim != (2 if layer is None else 3):
+      raise ValueError(f"packed weight has stack axes {self.codes.shape[:-2]}; apply it inside the "
+                       "scanned module, or pass the layer index of a single stack axis")
     contract = "".join(c for c in w_spec if c in x_spec and c not in y_spec)
     outs = "".join(c for c in w_spec if c not in contract)
     batch = "".join(c for c in x_spec if c not in contract)
@@ -182,24 +205,27 @@ class PackedLinear:
     x2 = jnp.einsum(f"{x_spec}->{batch}{contract}", x)
     m = math.prod(sizes[c] for c in batch)
     x2 = x2.reshape(m, self.in_features)
-    y2 = shared_matmul(self, x2, memo, x)
+    y2 = shared_matmul(self, x2, memo, x, layer)
     y = y2.reshape(*(sizes[c] for c in batch + outs))
     return jnp.einsum(f"{batch}{outs}->{y_spec}", y)
 
 
-def shared_matmul(w: "PackedLinear", x2: jax.Array, memo: Optional[dict], source) -> jax.Array:
-  """`w.matmul(x2)`, quantizing x2 once per input group within `memo` (None: no sharing).
+def shared_matmul(w: "PackedLinear", x2: jax.Array, memo: Optional[dict], source,
+                  layer: Optional[jax.Array] = None) -> jax.Array:
+  """`w.matmul(x2, layer=layer)`, quantizing x2 once per input group within `memo` (None: no
+  sharing).
 
   `source` is the array x2 was flattened from; memo entries are keyed by its identity and hold a
   reference to it, so within one trace a key cannot come back for another array.
   """
   key = None if memo is None else w.input_share_key()
   if key is None:
-    return w.matmul(x2)
+    return w.matmul(x2, layer=layer)
   key = (key, id(source), x2.shape)
   if key not in memo:
-    memo[key] = (source, w.quantize_input(x2))
-  return w.matmul(x2, quantized=memo[key][1])
+    one = w if layer is None else w.at_layer(layer)
+    memo[key] = (source, one.quantize_input(x2))
+  return w.matmul(x2, quantized=memo[key][1], layer=layer)
 
 
 def tree_nbytes(tree) -> int:
@@ -211,9 +237,11 @@ def tree_nbytes(tree) -> int:
   return total
 
 
-def _int_matmul(xq, sx, zx, codes, scale, zero, implementation=None):
+def _int_matmul(xq, sx, zx, codes, scale, zero, implementation=None, out_dtype=jnp.float32,
+                layer=None):
   from duquant_jax import kernels
-  return kernels.w4a8_matmul(xq, sx, zx, codes, scale, zero, implementation=implementation)
+  return kernels.w4a8_matmul(xq, sx, zx, codes, scale, zero, out_dtype=out_dtype,
+                             implementation=implementation, layer=layer)
 
 
 def _transform_quantize(x, transform, bits, implementation=None, **quantizer):

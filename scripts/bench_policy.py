@@ -48,7 +48,7 @@ class FreeLinear(PackedLinear):
   def input_share_key(self):
     return None  # nothing to share: no transform or quantizer runs
 
-  def matmul(self, x2, quantized=None):
+  def matmul(self, x2, quantized=None, layer=None):
     return x2[:, :1] * jnp.ones((1, self.out_features), x2.dtype)
 
 
@@ -96,10 +96,14 @@ def _time_variants(args, variants, policy, unroll, params, packed, obs, cfg, s, 
     else:
       packed_v = with_implementations(packed, matmul=_auto_none(matmul),
                                       transform=_auto_none(transform))
-    if share == ["noshare"]:
+    policy_v = policy
+    if "noshare" in share:
       packed_v = unshared_inputs(packed_v)
       transform = f"{transform}/noshare"
-    c_q, l_q = time_policy(policy, packed_v, obs, args.repeats)
+    if "inplace" in share:  # stacked layer weights read in place (Pi0Config.stacked_in_place)
+      policy_v = dataclasses.replace(policy, cfg=dataclasses.replace(policy.cfg, stacked_in_place=True))
+      transform = f"{transform}/inplace"
+    c_q, l_q = time_policy(policy_v, packed_v, obs, args.repeats)
     row = dict(model=model, batch=b, preset=cfg.name, all_linears=args.all_linears,
                matmul=matmul, transform=transform, permutation=args.permutation, unroll=unroll,
                latency_bf16_ms=l_fp, latency_packed_ms=l_q, speedup=l_fp / l_q,
@@ -108,7 +112,7 @@ def _time_variants(args, variants, policy, unroll, params, packed, obs, cfg, s, 
                weights_packed_gib=tree_bytes(packed) / 2**30,
                quantized_layers_ratio=s.weight_bytes_packed / max(s.weight_bytes_fp, 1))
     if args.breakdown:
-      l1_q = time_policy(policy, packed_v, obs, args.repeats, num_steps=1)[1]
+      l1_q = time_policy(policy_v, packed_v, obs, args.repeats, num_steps=1)[1]
       for name, l10, l1 in (("bf16", l_fp, l1_fp), ("packed", l_q, l1_q)):
         step = (l10 - l1) / 9
         row[f"step_{name}_ms"], row[f"prefix_{name}_ms"] = step, l1 - step
@@ -127,10 +131,12 @@ def main():
   ap.add_argument("--repeats", type=int, default=20)
   ap.add_argument("--json", default=None)
   ap.add_argument("--variants", default="auto/auto",
-                  help="comma list of MATMUL/TRANSFORM[/noshare] dispatch choices for the packed "
-                       "policy (kernels.IMPLEMENTATIONS / kernels.TRANSFORM_IMPLEMENTATIONS, or auto "
-                       "for the library's choice; noshare: every linear quantizes its input alone, "
-                       "as before shared input groups), e.g. auto/auto,xla_bf16/xla_reduce,auto/auto/noshare")
+                  help="comma list of MATMUL/TRANSFORM[/noshare][/inplace] dispatch choices for the "
+                       "packed policy (kernels.IMPLEMENTATIONS / kernels.TRANSFORM_IMPLEMENTATIONS, or "
+                       "auto for the library's choice; noshare: every linear quantizes its input "
+                       "alone, as before shared input groups; inplace: Pi0Config(stacked_in_place="
+                       "True), stacked layer weights read in place at a layer index), "
+                       "e.g. auto/auto,xla_bf16/xla_reduce,auto/auto/noshare,auto/auto/inplace")
   ap.add_argument("--permutation", default=None, help="override the rules' permutation (e.g. none)")
   ap.add_argument("--unroll", default="off",
                   help="comma list of off,on: layer scans as while loops (openpi) or unrolled; both "
@@ -145,9 +151,9 @@ def main():
   from duquant_jax import kernels
   mm_ok = ["auto"] + [i for i in kernels.IMPLEMENTATIONS if i]
   tr_ok = ["auto"] + [i for i in kernels.TRANSFORM_IMPLEMENTATIONS if i]
-  if any(len(v) not in (2, 3) or v[0] not in mm_ok or v[1] not in tr_ok or v[2:] not in ((), ("noshare",))
-         for v in variants):
-    ap.error(f"--variants must be MATMUL/TRANSFORM[/noshare] ({'|'.join(mm_ok)} / {'|'.join(tr_ok)}), "
+  if any(len(v) < 2 or v[0] not in mm_ok or v[1] not in tr_ok
+         or not set(v[2:]) <= {"noshare", "inplace"} for v in variants):
+    ap.error(f"--variants must be MATMUL/TRANSFORM[/noshare][/inplace] ({'|'.join(mm_ok)} / {'|'.join(tr_ok)}), "
              f"got {args.variants!r}")
   rows = []
   for model in args.models.split(","):

@@ -45,6 +45,12 @@ cands = {
  "ea8": C("rec+emb+eattn w8", base + (LayerRule(pattern=EXPERT_ATTN, weight_bits=8, **best),)),
  "recsig8": C("rec+sig b8", base + (LayerRule(pattern=SIG, block_size=8),), emb=()),
  "receattn8": C("rec+eattn w8", base + (LayerRule(pattern=EXPERT_ATTN, weight_bits=8, **best),), emb=()),
+ # `deploy` itself, and `deploy` with the expert MLP weight-only W4 (no online transform per flow
+ # step; at M = 51 tokens int8 activations buy no tensor-core time, BENCHMARKS.md).
+ "deploy": Variant(name="deploy", cfg=get_preset("deploy"), calib_batches=None),
+ "emwo": C("deploy, expert mlp w4a16 rtn+clip", (LayerRule(pattern=LLM, **best),) + (LayerRule(pattern=EXPERT_MLP, act_bits=None, **rtn),) + get_preset("deploy").rules[2:]),
+ "emwog": C("deploy, expert mlp w4a16 g128 rtn+clip", (LayerRule(pattern=LLM, **best),) + (LayerRule(pattern=EXPERT_MLP, act_bits=None, weight_granularity="group", group_size=128, **rtn),) + get_preset("deploy").rules[2:]),
+ "emw8": C("deploy, expert mlp w8a16 rtn+clip", (LayerRule(pattern=LLM, **best),) + (LayerRule(pattern=EXPERT_MLP, weight_bits=8, act_bits=None, **rtn),) + get_preset("deploy").rules[2:]),
 }
 names = sys.argv[2].split(",")
 cfg = EvalConfig(episodes=2, chunks=25, calib_batches=0)

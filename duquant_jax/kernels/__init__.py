@@ -58,16 +58,20 @@ def kernel_preferred(m: int, n: int, k: int, g: int) -> bool:
 
 def w4a8_matmul(xq: jax.Array, sx: jax.Array, zx: jax.Array | None, q: jax.Array, sw: jax.Array,
                 zw: jax.Array | None, *, out_dtype=jnp.float32,
-                implementation: str | None = None) -> jax.Array:
+                implementation: str | None = None, layer: jax.Array | None = None) -> jax.Array:
   """W4A8 matmul `dequant(xq) @ dequant(q).T`; see `xla.w4a8_matmul` for the exact arithmetic.
 
   Args:
     xq: (M, K) int8 activation codes; sx (M, 1) float32 scales; zx (M, 1) float32 zero points or None.
     q: (N, K) int4 weight codes stored (out, in); sw (N, G) float32 scales; zw (N, G) or None.
+      With `layer`: the stacked (L, N, K) / (L, N, G) arrays of an `nn.scan` layer stack.
     out_dtype: dtype of the result.
     implementation: None (auto), "xla" (int8 dot), "xla_bf16" (the same integer dot on bf16
       tensor cores, bit-identical), "mosaic" (Hopper kernel where it takes the shape, else XLA),
       "pallas" or "pallas_interpret".
+    layer: None, or a traced int32 scalar: which layer of the stacked arrays to use. The Pallas
+      kernel reads that layer in place; the other paths take a slice of it (which XLA copies when
+      its consumer is a GEMM). Auto-dispatch reads in place on CUDA where `stacked_preferred`.
 
   Returns:
     (M, N) array of out_dtype.
@@ -77,6 +81,8 @@ def w4a8_matmul(xq: jax.Array, sx: jax.Array, zx: jax.Array | None, q: jax.Array
   """
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+  if layer is not None:
+    return _at_layer(xq, sx, zx, q, sw, zw, layer, out_dtype, implementation)
   if implementation in ("xla", "xla_bf16"):
     return xla.w4a8_matmul(xq, sx, zx, q, sw, zw, out_dtype=out_dtype,
                            dot="bf16" if implementation == "xla_bf16" else "int8")
@@ -87,6 +93,40 @@ def w4a8_matmul(xq: jax.Array, sx: jax.Array, zx: jax.Array | None, q: jax.Array
     return pallas_gpu.w4a8_matmul(xq, sx, zx, q, sw, zw, out_dtype=out_dtype,
                                   interpret=implementation == "pallas_interpret")
   return _auto(xq, sx, zx, q, sw, zw, out_dtype)
+
+
+# Auto-dispatch reads a stacked weight in place (Pallas kernel, no slice copy) up to this many tokens.
+STACKED_MAX_TOKENS = 64
+
+
+def stacked_preferred(m: int, n: int, k: int, g: int, q_dtype) -> bool:
+  """Whether auto-dispatch on CUDA runs a layer of a stacked weight with the Pallas kernel, which
+  reads it in place, instead of slicing it (a per-layer copy of the codes and scales) for the
+  unstacked dispatch: small M only (policy flow steps), where the copy costs as much as the
+  matmul; and shapes the kernel takes."""
+  from duquant_jax.kernels import pallas_gpu
+  if m > STACKED_MAX_TOKENS or q_dtype != jnp.int4 or k % g:
+    return False
+  return pallas_gpu.supports(m, n, k, g, pallas_gpu.choose_tiles(m, n, k, k // g))
+
+
+def _at_layer(xq, sx, zx, q, sw, zw, layer, out_dtype, implementation):
+  """`w4a8_matmul` on layer `layer` of stacked q, sw, zw."""
+  if q.ndim != 3 or sw.ndim != 3:
+    raise ValueError(f"a layer index needs stacked (L, N, K) codes and (L, N, G) scales, got "
+                     f"{q.shape} and {sw.shape}")
+  from duquant_jax.kernels import pallas_gpu
+  kernel = lambda interpret=False: pallas_gpu.w4a8_matmul(
+      xq, sx, zx, q, sw, zw, out_dtype=out_dtype, interpret=interpret, layer=layer)
+  if implementation in ("pallas", "pallas_interpret"):
+    return kernel(interpret=implementation == "pallas_interpret")
+  sliced = lambda: w4a8_matmul(xq, sx, zx, q[layer], sw[layer], None if zw is None else zw[layer],
+                               out_dtype=out_dtype, implementation=implementation)
+  m, k = xq.shape
+  n, g = sw.shape[-2:]
+  if implementation is not None or not stacked_preferred(m, n, k, g, q.dtype):
+    return sliced()
+  return jax.lax.platform_dependent(cuda=kernel, default=sliced)
 
 
 def mosaic_applies(m: int, n: int, k: int, g: int, q_dtype) -> bool:
@@ -220,4 +260,4 @@ def fused_transform_applies(x_shape, transform) -> bool:
 
 
 __all__ = ["w4a8_matmul", "transform_quantize", "mosaic_applies", "mosaic_preferred", "TRANSFORM_IMPLEMENTATIONS", "fused_transform_applies", "quantize_per_token",
-           "dequantize_per_token", "kernel_preferred", "IMPLEMENTATIONS"]
+           "dequantize_per_token", "kernel_preferred", "stacked_preferred", "IMPLEMENTATIONS"]

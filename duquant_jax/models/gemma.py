@@ -16,9 +16,11 @@ embedding table may likewise be packed: anything with a `lookup(tokens)` method,
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Sequence
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 
@@ -43,14 +45,81 @@ def _is_packed(value: Any) -> bool:
   return hasattr(value, "einsum") or hasattr(value, "lookup")
 
 
+# The variable collection that holds stacked packed weights read in place (`stack_in_place`).
+STACKED = "stacked"
+
+
+@flax.struct.dataclass
+class LayerIndex:
+  """Stands in `params` where `stack_in_place` moved a stacked packed weight to the `stacked`
+  collection: index (L,) = arange(L), which `nn.scan` slices to the running layer's index."""
+
+  index: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class _LayerOf:
+  """Layer `index` of a stacked packed weight, applied without slicing it first (trace-time only)."""
+
+  stacked: Any
+  index: jax.Array
+
+  def einsum(self, eqn: str, x: jax.Array, memo: dict | None = None) -> jax.Array:
+    return self.stacked.einsum(eqn, x, memo, layer=self.index)
+
+
+def stack_in_place(params: Any) -> dict:
+  """`{"params": params}`, except that the packed weights of Gemma's scanned layers move, whole,
+  to the `stacked` collection, which `Gemma`'s layer scan broadcasts instead of slicing.
+
+  `nn.scan` hands every layer a slice of each stacked param; for a GEMM operand XLA materialises
+  that slice, a copy of the layer's weight per layer and call (4.9 ms of the packed pi0's 43 ms
+  at batch 1 on the H100, BENCHMARKS.md). With the weight broadcast and its layer index sliced
+  instead, a kernel can read the layer in place (`PackedLinear.einsum(..., layer=)`).
+  """
+  stacked = {}
+
+  def visit(tree, out, in_layers):
+    if not isinstance(tree, dict):
+      return tree
+    new = {}
+    for key, value in tree.items():
+      if in_layers and _is_packed(value) and getattr(value, "codes", None) is not None \
+          and value.codes.ndim == 3:
+        out[key] = value
+        new[key] = LayerIndex(jnp.arange(value.codes.shape[0], dtype=jnp.int32))
+      elif isinstance(value, dict):
+        sub = {}
+        new[key] = visit(value, sub, in_layers or key == "layers")
+        if sub:
+          out[key] = sub
+      else:
+        new[key] = value
+    return new
+
+  llm = params.get("PaliGemma", {}).get("llm") if isinstance(params, dict) else None
+  if llm is None:
+    return {"params": params}
+  sub = {}
+  new_llm = visit(llm, sub, False)
+  if not sub:
+    return {"params": params}
+  new_params = {**params, "PaliGemma": {**params["PaliGemma"], "llm": new_llm}}
+  stacked = {"PaliGemma": {"llm": sub}}
+  return {"params": new_params, STACKED: stacked}
+
+
 def weight(module: nn.Module, name: str, init_fn, shape: tuple[int, ...]):
   """`module.param(name, ...)`, except that an existing packed weight is returned as is.
 
   flax checks an existing param's leaves against the init shape; a packed weight (a pytree of
-  codes, scales, transform) has other leaves, so it is read with `get_variable` instead.
+  codes, scales, transform) has other leaves, so it is read with `get_variable` instead. A
+  `LayerIndex` returns that layer of the stacked weight in the `stacked` collection.
   """
   if module.has_variable("params", name):
     value = module.get_variable("params", name)
+    if isinstance(value, LayerIndex):
+      return _LayerOf(module.get_variable(STACKED, name), value.index)
     if _is_packed(value):
       return value
   return module.param(name, init_fn, shape)
@@ -232,6 +301,7 @@ class Gemma(nn.Module):
     self.layers = nn.scan(
         Block,
         variable_axes={"params": 0, "intermediates": 0},
+        variable_broadcast=STACKED,  # stacked packed weights, read at a layer index (stack_in_place)
         split_rngs={"params": True},
         in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
         length=self.configs[0].depth,

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from duquant_jax.models.config import IMAGE_KEYS, Pi0Config
-from duquant_jax.models.gemma import Gemma, packed_dense_interceptor
+from duquant_jax.models.gemma import Gemma, packed_dense_interceptor, stack_in_place
 from duquant_jax.models.observation import Observation, make_observation, validate_observation
 from duquant_jax.models.siglip import SigLIP
 
@@ -50,7 +50,8 @@ class PaliGemma(nn.Module):
     c = self.cfg
     self.llm = Gemma(configs=(c.llm, c.expert), vocab_size=c.vocab_size,
                      unroll_layers=c.unroll_layers, name="llm")
-    self.img = SigLIP(c.vision, out_dim=c.llm.width, unroll_layers=c.unroll_layers, name="img")
+    self.img = SigLIP(c.vision, out_dim=c.llm.width, unroll_layers=c.unroll_layers,
+                      dtype_mm=c.dtype, name="img")
 
 
 class Pi0(nn.Module):
@@ -215,7 +216,7 @@ class Policy:
     if noise is None:
       noise = jax.random.normal(rng, (b, c.action_horizon, c.action_dim))
     module = self.module
-    variables = {"params": params}
+    variables = stack_in_place(params) if c.stacked_in_place else {"params": params}
     # One memo per call: SigLIP's query / key / value of one packed input group quantize x once.
     with nn.intercept_methods(functools.partial(packed_dense_interceptor, memo={})):
       return self._sample(module, variables, observation, noise, num_steps, return_trajectory)

@@ -17,26 +17,29 @@ from duquant_jax.models.config import SiglipConfig
 
 class MlpBlock(nn.Module):
   mlp_dim: int
+  dtype_mm: str = "float32"
 
   @nn.compact
   def __call__(self, x):
     d = x.shape[-1]
-    x = nn.gelu(nn.Dense(self.mlp_dim, kernel_init=nn.initializers.xavier_uniform())(x))
-    return nn.Dense(d, kernel_init=nn.initializers.xavier_uniform())(x)
+    dense = lambda n: nn.Dense(n, dtype=self.dtype_mm, kernel_init=nn.initializers.xavier_uniform())
+    x = nn.gelu(dense(self.mlp_dim)(x))  # Dense_0: created (and so named) first
+    return dense(d)(x)
 
 
 class Encoder1DBlock(nn.Module):
   mlp_dim: int
   num_heads: int
+  dtype_mm: str = "float32"
 
   @nn.compact
   def __call__(self, x, _):
-    y = nn.LayerNorm()(x)
-    y = nn.MultiHeadDotProductAttention(num_heads=self.num_heads,
+    y = nn.LayerNorm(dtype=self.dtype_mm)(x)
+    y = nn.MultiHeadDotProductAttention(num_heads=self.num_heads, dtype=self.dtype_mm,
                                         kernel_init=nn.initializers.xavier_uniform())(y, y)
     x = x + y
-    y = nn.LayerNorm()(x)
-    return x + MlpBlock(self.mlp_dim)(y), None
+    y = nn.LayerNorm(dtype=self.dtype_mm)(x)
+    return x + MlpBlock(self.mlp_dim, self.dtype_mm)(y), None
 
 
 class Encoder(nn.Module):
@@ -44,32 +47,40 @@ class Encoder(nn.Module):
   mlp_dim: int
   num_heads: int
   unroll_layers: bool = False
+  dtype_mm: str = "float32"
 
   @nn.compact
   def __call__(self, x):
     blocks = nn.scan(Encoder1DBlock, variable_axes={"params": 0, "intermediates": 0},
                      split_rngs={"params": True}, in_axes=nn.broadcast, length=self.depth,
                      unroll=self.depth if self.unroll_layers else 1)
-    x, _ = blocks(self.mlp_dim, self.num_heads, name="encoderblock")(x, None)
-    return nn.LayerNorm(name="encoder_norm")(x)
+    x, _ = blocks(self.mlp_dim, self.num_heads, self.dtype_mm, name="encoderblock")(x, None)
+    return nn.LayerNorm(name="encoder_norm", dtype=self.dtype_mm)(x)
 
 
 class SigLIP(nn.Module):
-  """images (B, h, w, 3) in [-1, 1] -> tokens (B, (h/p) * (w/p), out_dim)."""
+  """images (B, h, w, 3) in [-1, 1] -> tokens (B, (h/p) * (w/p), out_dim).
+
+  As openpi's (big_vision's) tower with `dtype_mm`: the patch embedding and position embedding in
+  float32, the encoder's layer norms, attention and MLPs, and the head, computed in `dtype_mm`
+  (openpi passes the policy's dtype, bfloat16).
+  """
 
   cfg: SiglipConfig
   out_dim: int
   unroll_layers: bool = False
+  dtype_mm: str = "float32"
 
   @nn.compact
   def __call__(self, images: jax.Array) -> jax.Array:
     c = self.cfg
     x = nn.Conv(c.width, (c.patch, c.patch), strides=(c.patch, c.patch), padding="VALID",
-                name="embedding")(images.astype(jnp.float32))
+                name="embedding", dtype=jnp.float32)(images.astype(jnp.float32))
     b, h, w, d = x.shape
     x = x.reshape(b, h * w, d)
     pos = self.param("pos_embedding", nn.initializers.normal(stddev=1 / d**0.5), (1, h * w, d))
-    x = x + pos
+    x = (x + pos).astype(self.dtype_mm)
     x = Encoder(c.depth, c.mlp_dim, c.num_heads, unroll_layers=self.unroll_layers,
-                name="Transformer")(x)
-    return nn.Dense(self.out_dim, kernel_init=nn.initializers.zeros, name="head")(x)
+                dtype_mm=self.dtype_mm, name="Transformer")(x)
+    return nn.Dense(self.out_dim, dtype=self.dtype_mm, kernel_init=nn.initializers.zeros,
+                    name="head")(x)

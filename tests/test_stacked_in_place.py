@@ -1,0 +1,101 @@
+"""Reading stacked (L, ...) packed layer weights in place at a layer index (`gemma.stack_in_place`,
+`Pi0Config.stacked_in_place`, `PackedLinear.einsum(..., layer=)`): the same actions as openpi's
+sliced params, the Pallas kernel reading a layer of the stack, and the CUDA lowering that hands the
+kernel the whole stack. (Whether it is faster is measured on the H100: BENCHMARKS.md, session 6.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from duquant_jax import kernels
+from duquant_jax.config import get_preset
+from duquant_jax.models import get_policy, make_observation
+from duquant_jax.models.gemma import STACKED, LayerIndex, stack_in_place
+from duquant_jax.packed import PackedLinear
+from duquant_jax.quantize import quantize_params
+from duquant_jax.synthetic_stats import synthetic_stats
+
+
+@pytest.fixture(scope="module")
+def demo():
+  policy = get_policy("pi0", "demo")
+  params = policy.init(jax.random.key(0))
+  packed = quantize_params(params, get_preset("deploy"), synthetic_stats(params))
+  return policy, params, packed
+
+
+def _packed_leaves(tree):
+  return [v for v in jax.tree.leaves(tree, is_leaf=lambda v: isinstance(v, PackedLinear))
+          if isinstance(v, PackedLinear)]
+
+
+def test_stack_in_place_moves_the_llm_layer_weights_only(demo):
+  _, params, packed = demo
+  assert stack_in_place(params) == {"params": params}  # nothing packed: nothing moves
+  variables = stack_in_place(packed)
+  moved = _packed_leaves(variables[STACKED])
+  depth = get_policy("pi0", "demo").cfg.llm.depth
+  assert moved and all(w.codes.shape[0] == depth for w in moved)
+  slots = [v for v in jax.tree.leaves(variables["params"], is_leaf=lambda v: isinstance(v, LayerIndex))
+           if isinstance(v, LayerIndex)]
+  assert len(slots) == len(moved)
+  assert all(np.array_equal(s.index, np.arange(depth)) for s in slots)
+  # SigLIP's packed weights (flax Dense, read by the interceptor) stay where they were.
+  img = _packed_leaves(variables["params"]["PaliGemma"]["img"])
+  assert img and len(img) == len(_packed_leaves(packed["PaliGemma"]["img"]))
+
+
+def test_in_place_actions_equal_sliced_actions(demo):
+  policy, _, packed = demo
+  obs = make_observation(policy.cfg, jax.random.key(1), 2)
+  run = lambda flag: np.asarray(jax.jit(dataclasses.replace(
+      policy, cfg=dataclasses.replace(policy.cfg, stacked_in_place=flag)).sample_actions)(
+          packed, obs, jax.random.key(2)))
+  np.testing.assert_array_equal(run(True), run(False))
+
+
+def test_einsum_at_a_layer_with_the_kernel_reading_in_place(demo):
+  _, _, packed = demo
+  w = packed["PaliGemma"]["llm"]["layers"]["mlp_1"]["gating_einsum"]
+  assert w.codes.ndim == 3 and w.act_bits == 8
+  x = jax.random.normal(jax.random.key(3), (1, 51, w.w_shape[1]), jnp.float32)
+  layer = jnp.int32(1)
+  y = w.replace(matmul_impl="pallas_interpret").einsum("BTD,2DF->2BTF", x, layer=layer)
+  ref = w.at_layer(1).replace(matmul_impl="xla").einsum("BTD,2DF->2BTF", x)
+  np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=1e-5,
+                             atol=1e-5 * float(jnp.abs(ref).max()))
+
+
+def test_layer_index_needs_a_stacked_weight(demo):
+  _, _, packed = demo
+  w = packed["PaliGemma"]["llm"]["layers"]["mlp_1"]["gating_einsum"].at_layer(0)
+  x = jnp.ones((1, 4, w.w_shape[1]))
+  with pytest.raises(ValueError, match="stack axes"):
+    w.einsum("BTD,2DF->2BTF", x, layer=jnp.int32(0))
+  xq, sx, zx = kernels.quantize_per_token(x[0], symmetric=False)
+  with pytest.raises(ValueError, match="stacked"):
+    kernels.w4a8_matmul(xq, sx, zx, w.codes, w.scale, w.zero, layer=jnp.int32(0))
+
+
+def test_in_place_policy_hands_the_kernel_the_whole_stack_on_cuda(demo):
+  policy, _, packed = demo
+  obs = make_observation(policy.cfg, jax.random.key(1), 1)
+  triton = jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
+
+  def cuda_text(flag):
+    p = dataclasses.replace(policy, cfg=dataclasses.replace(policy.cfg, stacked_in_place=flag))
+    return jax.export.export(jax.jit(p.sample_actions), platforms=["cuda"],
+                             disabled_checks=[triton])(packed, obs, jax.random.key(2)).mlir_module()
+
+  depth = policy.cfg.llm.depth
+  calls = re.findall(r"custom_call @__gpu\$xla\.gpu\.triton\(.*", cuda_text(True))
+  # The flow steps' W4A8 matmuls (51 tokens): the kernel gets (L, N, K / 2) codes and an index.
+  assert calls and all(f"tensor<{depth}x" in c for c in calls)
+  assert not re.search(r"xla\.gpu\.triton", cuda_text(False))

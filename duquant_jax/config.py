@@ -294,14 +294,16 @@ def _presets() -> dict[str, QuantConfig]:
       # All weights at <= 0.30x bf16 (full size, EVALUATION.md): recommended, plus the expert
       # attention weight-only W8 with no transform (small; W4 cost more action error on the demo,
       # and W8A8 with DuQuant's transform measured the same error but runs an online transform per
-      # flow step), SigLIP at W4A8 with block 8 (block 8 divides SigLIP's head_dim 72, width 1152
-      # and MLP width 4304; it measured better than block 16, RTN, weight-only W4 or W8 MLP on the
-      # demo), and the token table weight-only int4.
+      # flow step), SigLIP at W4 behind DuQuant's b8 transform (block 8 divides SigLIP's head_dim
+      # 72, width 1152 and MLP width 4304; it measured better than block 16, RTN, or W8 MLP on the
+      # demo), weight-only: the same action error as W4A8 there and 2.3 ms less prefix on the H100
+      # (no activation quantizer, a bf16 GEMM; BENCHMARKS.md, session 6), and the token table
+      # weight-only int4.
       "deploy": QuantConfig(name="deploy", calib_batches=128, rules=(
           LayerRule(pattern=LLM, **best), LayerRule(pattern=EXPERT_MLP, **best),
           LayerRule(pattern=EXPERT_ATTN, weight_bits=8, act_bits=None, rotation="none",
                     permutation="none", smooth_alpha=None),
-          LayerRule(pattern=SIGLIP, block_size=8)),
+          LayerRule(pattern=SIGLIP, block_size=8, act_bits=None)),
           embeddings=(EmbeddingRule(pattern=EMBEDDING, bits=4, group_size=128),)),
   }
 

@@ -123,13 +123,19 @@ class PackedLinear:
 
   def input_share_key(self):
     """A hashable key equal for linears whose `quantize_input` gives the same result for the same
-    input (one shared-input group, one activation quantizer), or None if this one shares nothing."""
-    if self.input_group is None or self.act_bits is None or self.mode != "int":
+    input (one shared-input group: one online transform, one activation quantizer), or None if
+    this one shares nothing."""
+    if self.input_group is None or self.mode != "int":
       return None
+    if self.act_bits is None:  # weight-only: what is shared is the transformed input, if any
+      return None if self.transform is None else (self.input_group, None, self.transform_impl)
     return (self.input_group, self.act_bits, self.act_symmetric, self.act_clip, self.transform_impl)
 
   def quantize_input(self, x2: jax.Array):
-    """x2 (M, K) -> (xq, sx, zx): the online transform and the per-token int8 quantizer."""
+    """x2 (M, K) -> what the integer matmul reads: (xq, sx, zx), the online transform and the
+    per-token int8 quantizer; for a weight-only linear, the transformed x2 in x2's dtype."""
+    if self.act_bits is None:
+      return _transform_only(x2, self.transform, implementation=self.transform_impl)
     return _transform_quantize(x2, self.transform, self.act_bits, symmetric=self.act_symmetric,
                                clip_ratio=self.act_clip, implementation=self.transform_impl)
 
@@ -166,7 +172,7 @@ class PackedLinear:
                       implementation=self.matmul_impl,
                       out_dtype=jnp.float32 if self.out_rot is not None else dtype)
     elif self.act_bits is None and self.mode == "int":  # weight-only: codes read packed
-      x = x2 if self.transform is None else self.transform.apply(x2.astype(jnp.float32))
+      x = self.quantize_input(x2) if quantized is None else quantized
       y = xla.weight_only_matmul(x, self.codes, self.scale, self.zero)
     else:
       x = x2.astype(jnp.float32)
@@ -242,6 +248,11 @@ def _int_matmul(xq, sx, zx, codes, scale, zero, implementation=None, out_dtype=j
   from duquant_jax import kernels
   return kernels.w4a8_matmul(xq, sx, zx, codes, scale, zero, out_dtype=out_dtype,
                              implementation=implementation, layer=layer)
+
+
+def _transform_only(x, transform, implementation=None):
+  from duquant_jax import kernels
+  return kernels.transform_only(x, transform, implementation=implementation)
 
 
 def _transform_quantize(x, transform, bits, implementation=None, **quantizer):

@@ -16,6 +16,8 @@ SIG_ATT = r"PaliGemma/img/Transformer/encoderblock/MultiHeadDotProductAttention_
 SIG_MLP = r"PaliGemma/img/Transformer/encoderblock/MlpBlock_0/Dense_(0|1)/kernel"
 SIG_OUT = r"PaliGemma/img/Transformer/encoderblock/MultiHeadDotProductAttention_0/out/kernel"
 HEAD = r"PaliGemma/img/head/kernel"
+SIG_FC1 = r"PaliGemma/img/Transformer/encoderblock/MlpBlock_0/Dense_0/kernel"
+ADARMS = r"PaliGemma/llm/(layers/)?(pre_attention_norm_1|pre_ffw_norm_1|final_norm_1)/Dense_0/kernel"
 best = dict(block_size=16)
 rtn = dict(rotation="none", permutation="none", smooth_alpha=None)
 base = (LayerRule(pattern=LLM, **best), LayerRule(pattern=EXPERT_MLP, **best))
@@ -50,6 +52,16 @@ cands = {
  "deploy": Variant(name="deploy", cfg=get_preset("deploy"), calib_batches=None),
  "emwo": C("deploy, expert mlp w4a16 rtn+clip", (LayerRule(pattern=LLM, **best),) + (LayerRule(pattern=EXPERT_MLP, act_bits=None, **rtn),) + get_preset("deploy").rules[2:]),
  "emwog": C("deploy, expert mlp w4a16 g128 rtn+clip", (LayerRule(pattern=LLM, **best),) + (LayerRule(pattern=EXPERT_MLP, act_bits=None, weight_granularity="group", group_size=128, **rtn),) + get_preset("deploy").rules[2:]),
+ # SigLIP's attention weight-only W8 (no online transform; MLP stays W4A8 b8) or all of SigLIP
+ # weight-only W8, each with pi0.5's adaRMS modulation Dense weight-only W8 (bytes for the former).
+ "dmod": C("deploy + adarms w8a16", get_preset("deploy").rules + (LayerRule(pattern=ADARMS, weight_bits=8, act_bits=None, **rtn),)),
+ "dsa8": C("deploy, sig attn w8a16, adarms w8a16", get_preset("deploy").rules[:3] + (LayerRule(pattern=SIG_ATT, weight_bits=8, act_bits=None, **rtn), LayerRule(pattern=SIG_MLP, block_size=8), LayerRule(pattern=ADARMS, weight_bits=8, act_bits=None, **rtn))),
+ "dsw8": C("deploy, sig w8a16, adarms w8a16", get_preset("deploy").rules[:3] + (LayerRule(pattern=SIG, weight_bits=8, act_bits=None, **rtn), LayerRule(pattern=ADARMS, weight_bits=8, act_bits=None, **rtn))),
+ "dsf1": C("deploy, sig w8a16 but fc1 w4a8 b8, adarms w8a16", get_preset("deploy").rules[:3] + (LayerRule(pattern=SIG_FC1, block_size=8), LayerRule(pattern=SIG, weight_bits=8, act_bits=None, **rtn), LayerRule(pattern=ADARMS, weight_bits=8, act_bits=None, **rtn))),
+ # SigLIP weight-only W4 WITH DuQuant's b8 rotations (no activation quantizer: the transformed
+ # input goes to a bf16 GEMM), without / with smoothing.
+ "sigwo8": C("deploy, sig w4a16 b8 rotations", get_preset("deploy").rules[:3] + (LayerRule(pattern=SIG, block_size=8, act_bits=None, smooth_alpha=None),)),
+ "sigwo8s": C("deploy, sig w4a16 b8 rotations + smoothing", get_preset("deploy").rules[:3] + (LayerRule(pattern=SIG, block_size=8, act_bits=None),)),
  "emw8": C("deploy, expert mlp w8a16 rtn+clip", (LayerRule(pattern=LLM, **best),) + (LayerRule(pattern=EXPERT_MLP, weight_bits=8, act_bits=None, **rtn),) + get_preset("deploy").rules[2:]),
 }
 names = sys.argv[2].split(",")

@@ -197,6 +197,36 @@ def test_shared_input_groups_quantize_their_input_once(deploy_pi05):
   assert per_quantizer > 0 and saved > 0 and saved % per_quantizer == 0
 
 
+def test_weight_only_group_transforms_its_input_once():
+  """Weight-only linears behind a rotation (SigLIP's query / key / value in `deploy`)
+  share the rotated input like W4A8 groups share their quantizer: one transform per group, the
+  same actions as one per linear."""
+  from duquant_jax.config import get_preset
+  from duquant_jax.quantize import quantize_params
+  from duquant_jax.synthetic_stats import synthetic_stats
+  policy = get_policy("pi0", "demo")
+  params = policy.init(jax.random.key(0))
+  packed = quantize_params(params, get_preset("deploy"), synthetic_stats(params))
+  mha = packed["PaliGemma"]["img"]["Transformer"]["encoderblock"]["MultiHeadDotProductAttention_0"]
+  keys = {mha[n]["kernel"].input_share_key() for n in ("query", "key", "value")}
+  assert len(keys) == 1 and None not in keys and mha["query"]["kernel"].act_bits is None
+  img = jax.tree.map(  # SigLIP's linears each transforming their input alone
+      lambda l: l.replace(input_group=None) if isinstance(l, PackedLinear) else l,
+      packed["PaliGemma"]["img"], is_leaf=lambda l: isinstance(l, PackedLinear))
+  unshared = {**packed, "PaliGemma": {**packed["PaliGemma"], "img": img}}
+  obs = policy.example_observation(jax.random.key(6), batch_size=1)
+  f = jax.jit(policy.sample_actions)
+  np.testing.assert_array_equal(np.asarray(f(packed, obs, jax.random.key(7))),
+                                np.asarray(f(unshared, obs, jax.random.key(7))))
+  # Two transforms fewer in the traced program (key and value reuse the query's): count gathers.
+  gathers = lambda tree: _count_primitive(
+      jax.make_jaxpr(policy.sample_actions)(tree, obs, jax.random.key(7)).jaxpr, "gather")
+  q0 = jax.tree.map(lambda a: a[0], mha["query"]["kernel"])
+  per_transform = _count_primitive(jax.make_jaxpr(q0.quantize_input)(
+      jnp.ones((4, q0.in_features), jnp.float32)).jaxpr, "gather")
+  assert per_transform > 0 and gathers(unshared) - gathers(packed) == 2 * per_transform
+
+
 def _count_primitive(jaxpr, name: str) -> int:
   """Occurrences of primitive `name` in a jaxpr, sub-jaxprs (scan, cond, pjit bodies) included."""
   n = 0

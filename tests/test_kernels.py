@@ -137,13 +137,15 @@ def test_bf16_dot_refuses_inexact_group_length():
     xla.w4a8_matmul(xq, jnp.ones((2, 1)), None, q, jnp.ones((4, 1)), None, dot="bf16")
 
 
+@pytest.mark.parametrize("m", [5, xla.WEIGHT_ONLY_FOLD_MIN_TOKENS])  # int8: zero points after / folded
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 @pytest.mark.parametrize("g,symmetric", [(1, True), (1, False), (4, False)])
-def test_weight_only_matmul_equals_dequantized_reference(dtype, g, symmetric):
-  m, k, n = 5, 128, 24
+def test_weight_only_matmul_equals_dequantized_reference(m, dtype, g, symmetric):
+  k, n = 128, 24
   keys = jax.random.split(jax.random.key(7), 4)
   x = jax.random.normal(keys[0], (m, k)).astype(dtype)
-  q = jax.random.randint(keys[1], (n, k), -8, 8).astype(jnp.int4)
+  codes = jnp.int8 if m >= xla.WEIGHT_ONLY_FOLD_MIN_TOKENS else jnp.int4
+  q = jax.random.randint(keys[1], (n, k), -8, 8).astype(codes)
   sw = jax.random.uniform(keys[2], (n, g), minval=0.01, maxval=0.1)
   zw = None if symmetric else jnp.round(jax.random.uniform(keys[3], (n, g)) * 6 - 3)
   y = np.asarray(jax.jit(xla.weight_only_matmul)(x, q, sw, zw))

@@ -244,6 +244,36 @@ def transform_quantize(x: jax.Array, transform, bits: int = 8, *, symmetric: boo
       clip_ratio=clip_ratio, interpret=implementation == "pallas_interpret")
 
 
+def transform_only(x: jax.Array, transform, *, implementation: str | None = None) -> jax.Array:
+  """`transform.apply(x)` for a weight-only linear, in x's dtype (the GEMM's input precision).
+
+  Args:
+    x: (M, K) activations; transform: an `InputTransform` or None (x returned as is).
+    implementation: as `transform_quantize`'s XLA forms ("pallas" is not offered here; None and
+      "pallas*" run auto: channel-major on CUDA, the row-major einsum elsewhere).
+  """
+  if implementation not in TRANSFORM_IMPLEMENTATIONS:
+    raise ValueError(f"implementation must be one of {TRANSFORM_IMPLEMENTATIONS}, "
+                     f"got {implementation!r}")
+  if transform is None:
+    return x
+  one_layer = x.ndim == 2 and all(r is None or r.ndim == 3 for r in (transform.rot1, transform.rot2))
+
+  def form(name):
+    if name in ("xla_cm", "xla_cm_reduce") and one_layer:
+      return xla.transform_channel_major(x, transform, reduce=name == "xla_cm_reduce").astype(x.dtype)
+    if name == "xla_reduce" and one_layer:
+      return xla.transform_reduce(x, transform).astype(x.dtype)
+    xt = transform.apply(x.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+    return xt.astype(x.dtype)
+
+  if implementation in ("xla", "xla_reduce", "xla_cm", "xla_cm_reduce"):
+    return form(implementation)
+  m, k = x.shape[-2:]
+  cm = "xla_cm_reduce" if m <= REDUCE_FORM_MAX_TOKENS and k <= REDUCE_FORM_MAX_CHANNELS else "xla_cm"
+  return jax.lax.platform_dependent(cuda=lambda: form(cm), default=lambda: form("xla"))
+
+
 def fused_transform_applies(x_shape, transform) -> bool:
   """Whether `pallas_transform` can run this transform on (M, K) activations."""
   from duquant_jax.kernels import pallas_transform
@@ -259,5 +289,5 @@ def fused_transform_applies(x_shape, transform) -> bool:
   return pallas_transform.supports(k, b)
 
 
-__all__ = ["w4a8_matmul", "transform_quantize", "mosaic_applies", "mosaic_preferred", "TRANSFORM_IMPLEMENTATIONS", "fused_transform_applies", "quantize_per_token",
+__all__ = ["w4a8_matmul", "transform_quantize", "transform_only", "mosaic_applies", "mosaic_preferred", "TRANSFORM_IMPLEMENTATIONS", "fused_transform_applies", "quantize_per_token",
            "dequantize_per_token", "kernel_preferred", "stacked_preferred", "IMPLEMENTATIONS"]

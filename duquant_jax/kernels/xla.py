@@ -77,14 +77,25 @@ def transform_quantize_channel_major(x: jax.Array, transform, bits: int = 8, *,
   whole contiguous rows, and the per-token range is a reduction over the major axis. One transpose
   in (fused with the cast) and one out (fused with the quantizer).
   """
+  xt = _transform_cm(x, transform, reduce)
+  xq, sx, zx = quantize_per_token(xt, bits, symmetric=symmetric, clip_ratio=clip_ratio, axis=0)
+  return xq.T, sx.T, None if zx is None else zx.T
+
+
+def transform_channel_major(x: jax.Array, transform, *, reduce: bool = False) -> jax.Array:
+  """`transform.apply(x)` (M, K) float32, computed on x^T as `transform_quantize_channel_major`
+  does (for weight-only linears: the transform without the quantizer)."""
+  return _transform_cm(x, transform, reduce).T
+
+
+def _transform_cm(x: jax.Array, transform, reduce: bool) -> jax.Array:
+  """The transform's steps on x^T: (K, M) float32."""
   # HIGHEST: at the GPU's default float32 precision (TF32) the einsum form flipped 0.2-6% of the
   # codes by 1-2 on the H100 (BENCHMARKS.md); the multiply-reduce form is exact float32.
   rotate = _rotate_blocks_cm_reduce if reduce else (
       lambda v, r: apply_block_rotation_transposed(v, r.astype(jnp.float32),
                                                    precision=jax.lax.Precision.HIGHEST))
-  xt = _apply_steps(x.astype(jnp.float32).T, transform, rotate, channel_axis=0)
-  xq, sx, zx = quantize_per_token(xt, bits, symmetric=symmetric, clip_ratio=clip_ratio, axis=0)
-  return xq.T, sx.T, None if zx is None else zx.T
+  return _apply_steps(x.astype(jnp.float32).T, transform, rotate, channel_axis=0)
 
 
 def _apply_steps(x: jax.Array, transform, rotate, channel_axis: int) -> jax.Array:
@@ -192,27 +203,39 @@ def w4a8_matmul(xq: jax.Array, sx: jax.Array, zx: jax.Array | None, q: jax.Array
   return y.astype(out_dtype)
 
 
+# Weight-only matmuls of int8 codes with at least this many tokens fold the zero points into the
+# GEMM's weight operand; the others subtract zw * rowsum(x) after the dot. H100,
+# `probe_weight_only.py` (BENCHMARKS.md, session 6): the fold lost at M = 51 on every shape (by
+# 0.4-5.8 us) and on int4 codes at every M; on int8 codes it won 2 of 3 shapes at M = 256 and
+# all 3 at M = 768 (by 1.6-3.9 us).
+WEIGHT_ONLY_FOLD_MIN_TOKENS = 512
+
+
 def weight_only_matmul(x: jax.Array, q: jax.Array, sw: jax.Array, zw: jax.Array | None) -> jax.Array:
   """Weight-only (W4A16 / W8A16) matmul: float x (M, K) times dequant(q) (N, K), float32 (M, N).
 
-  The integer codes, less their zero points, are cast to x's dtype inside the jitted function and
-  XLA fuses that prologue into its GEMM, so the weight is read as packed codes; the per-group
-  scales are applied to the float32 partial sums of each group:
+  The integer codes are cast to x's dtype inside the jitted function and XLA fuses that cast
+  into its GEMM, so the weight is read as packed codes; per-group scales are applied to the
+  float32 partial sums of each group. The zero points either go into the cast (q - zw: int8
+  codes from `WEIGHT_ONLY_FOLD_MIN_TOKENS` tokens) or are subtracted after the dot (otherwise):
 
     y[m, n] = sum_g sw[n, g] * sum_{k in g} x[m, k] (q[n, k] - zw[n, g])
+            = sum_g sw[n, g] * (sum_{k in g} x q - zw[n, g] * sum_{k in g} x)
 
   q - zw is an integer of magnitude below 2^bits (zero points lie in the code range), exact in
-  bfloat16 up to 8 bits, so with x in bfloat16 every product is exact in float32: the result
-  equals `x @ dequant(q).T` up to float32 summation order. (Subtracting zw * rowsum(x) after the
-  dot instead cost a separate row-sum kernel per call: 1.6-4.2 us per flow step linear on the
-  H100.) Float32 x runs the dot at the platform's default float32 precision.
+  bfloat16 up to 8 bits, so with x in bfloat16 every product is exact in float32 either way: the
+  result equals `x @ dequant(q).T` up to float32 summation order. Float32 x runs the dot at the
+  platform's default float32 precision.
   """
   m, n, g, gs = _grouped_shapes(x, q, sw)
   xg = x.reshape(m, g, gs)
   w = q.reshape(n, g, gs)
-  w = w.astype(x.dtype) if zw is None else (w.astype(jnp.float32) - zw[:, :, None]).astype(x.dtype)
+  fold = zw is not None and q.dtype == jnp.int8 and m >= WEIGHT_ONLY_FOLD_MIN_TOKENS
+  w = (w.astype(jnp.float32) - zw[:, :, None]).astype(x.dtype) if fold else w.astype(x.dtype)
   acc = jax.lax.dot_general(xg, w, (((2,), (2,)), ((1,), (1,))),
                             preferred_element_type=jnp.float32)  # (G, M, N)
+  if not fold:
+    acc = _minus_weight_zero(acc, xg, zw)
   return jnp.einsum("gmn,ng->mn", acc, sw)
 
 

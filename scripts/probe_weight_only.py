@@ -1,0 +1,74 @@
+"""Weight-only (W8A16 / W4A16) matmul: zero points folded into the GEMM's weight operand (the
+library's `xla.weight_only_matmul`) against subtracting zw * rowsum(x) after the dot (its form
+before session 6), and bf16 `jnp.dot`, timed side by side in one jitted loop per case (bench_kernels'
+LoopTimer), with their largest difference.
+
+Usage (GPU): cd scripts && PYTHONPATH=.. python3 probe_weight_only.py [--ms 51,768]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import jax
+import jax.numpy as jnp
+
+from bench_kernels import LoopTimer, n_copies
+from duquant_jax.kernels import xla
+
+# (name, K, N, code dtype): pi0's expert attention (q + kv fused as N = 2560, o) and SigLIP's.
+SHAPES = [("300m q+kv", 1024, 2560, jnp.int8), ("300m o", 2048, 1024, jnp.int8),
+          ("siglip q", 1152, 1152, jnp.int8), ("siglip fc1 w4", 1152, 4304, jnp.int4)]
+
+
+def with_fold(fold: bool):
+  """`xla.weight_only_matmul` with its zero-point form forced."""
+  def f(x, q, sw, zw):
+    if not fold:
+      old, xla.WEIGHT_ONLY_FOLD_MIN_TOKENS = xla.WEIGHT_ONLY_FOLD_MIN_TOKENS, 1 << 30
+      try:
+        return xla.weight_only_matmul(x, q, sw, zw)
+      finally:
+        xla.WEIGHT_ONLY_FOLD_MIN_TOKENS = old
+    n, g = sw.shape
+    w = (q.astype(jnp.float32).reshape(n, g, -1) - zw[:, :, None]).astype(x.dtype)
+    acc = jax.lax.dot_general(x.reshape(x.shape[0], g, -1), w, (((2,), (2,)), ((1,), (1,))),
+                              preferred_element_type=jnp.float32)
+    return jnp.einsum("gmn,ng->mn", acc, sw)
+  return f
+
+
+folded, subtract_after = with_fold(True), with_fold(False)
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--ms", default="51,768")
+  args = ap.parse_args()
+  print(f"device={jax.devices()[0].device_kind} jax={jax.__version__}")
+  print("| linear | M | K x N | bf16 dot us | folded us | subtract after us | max rel diff |")
+  print("|---|---|---|---|---|---|---|")
+  for name, k, n, dt in SHAPES:
+    for m in (int(v) for v in args.ms.split(",")):
+      keys = jax.random.split(jax.random.key(0), 4)
+      x = jax.random.normal(keys[0], (m, k), jnp.bfloat16)
+      lo, hi = (-8, 8) if dt == jnp.int4 else (-128, 128)
+      copies = n_copies(n * k * (0.5 if dt == jnp.int4 else 1))
+      ws = [(jax.random.randint(jax.random.fold_in(keys[1], i), (n, k), lo, hi).astype(dt),
+             0.01 + 0.01 * jax.random.uniform(keys[2], (n, 1)),
+             jnp.round(jax.random.uniform(keys[3], (n, 1)) * 10 - 5)) for i in range(copies)]
+      wb = [jax.random.normal(jax.random.fold_in(keys[1], i), (k, n), jnp.bfloat16) for i in range(copies)]
+      y0 = jnp.zeros((m, n), jnp.float32)
+      t = {}
+      t["bf16"] = LoopTimer(lambda c, w: jnp.dot(c[0], w, preferred_element_type=jnp.float32),
+                            (x,), wb, y0, 50).time()
+      t["folded"] = LoopTimer(lambda c, w: folded(c[0], *w), (x,), ws, y0, 50).time()
+      t["after"] = LoopTimer(lambda c, w: subtract_after(c[0], *w), (x,), ws, y0, 50).time()
+      a, b = folded(x, *ws[0]), subtract_after(x, *ws[0])
+      rel = float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+      print(f"| {name} | {m} | {k}x{n} | {t['bf16'] * 1e6:.1f} | {t['folded'] * 1e6:.1f} | "
+            f"{t['after'] * 1e6:.1f} | {rel:.1e} |", flush=True)
+
+
+if __name__ == "__main__":
+  main()

@@ -77,8 +77,6 @@ def stack_in_place(params: Any) -> dict:
   at batch 1 on the H100, BENCHMARKS.md). With the weight broadcast and its layer index sliced
   instead, a kernel can read the layer in place (`PackedLinear.einsum(..., layer=)`).
   """
-  stacked = {}
-
   def visit(tree, out, in_layers):
     if not isinstance(tree, dict):
       return tree

@@ -19,6 +19,11 @@ GEMMs. Elsewhere it runs the row-major einsums (`InputTransform.apply`), then
 `xla.quantize_per_token`. The fused Pallas kernel (`pallas_transform`) runs only when asked: on the
 H100 it measured 2-60x slower than XLA's chain at every shape (BENCHMARKS.md, "Online transform").
 
+`w4a8_matmul(..., layer=i)` takes the stacked (L, N, K) codes of an `nn.scan` layer stack and a
+traced layer index: the Pallas kernel reads that layer in place (auto-dispatch on CUDA for small M,
+`stacked_preferred`), every other path slices it. `transform_only` is the online transform without
+the quantizer, for weight-only linears behind DuQuant's rotations (same forms and dispatch).
+
 Importing this package imports no GPU-only module: the Pallas modules are loaded when first traced.
 """
 

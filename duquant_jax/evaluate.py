@@ -173,6 +173,10 @@ def folded_smoothing(params, packed, layout: LinearLayout) -> jax.Array:
     return f(params, "scale") / f(packed, "scale")
   if layout.norm_kind == "adarms":
     d = layout.in_features
+    if isinstance(_get(packed, f"{layout.norm}/Dense_0/kernel"), PackedLinear):
+      # The Dense itself was packed after the fold; its float bias carries lam too:
+      # (1 + b) -> (1 + b) / lam.
+      return (1.0 + f(params, "Dense_0/bias")[..., :d]) / (1.0 + f(packed, "Dense_0/bias")[..., :d])
     k0, k1 = f(params, "Dense_0/kernel")[..., :d], f(packed, "Dense_0/kernel")[..., :d]
     return jnp.sum(k0 * k0, axis=-2) / jnp.sum(k0 * k1, axis=-2)
   raise AssertionError(layout.norm_kind)

@@ -341,7 +341,11 @@ def quantize_params(params: Params, cfg: QuantConfig, stats: Any = None, *,
   for path, lay in layouts.items():
     groups.setdefault(lay.group, []).append(lay)
 
-  items = sorted(groups.items())
+  # pi0.5's adaptive norms are Dense layers (linears a rule may pack) that the smoothing of the
+  # group they feed is folded into: pack them last, from the folded weights (`out`), or the fold
+  # would be lost (or hit a packed kernel).
+  norm_dense = {f"{lay.norm}/Dense_0/kernel" for lay in layouts.values() if lay.norm_kind == "adarms"}
+  items = sorted(groups.items(), key=lambda kv: (any(m.path in norm_dense for m in kv[1]), kv[0]))
   if progress:
     from tqdm import tqdm
     items = tqdm(items, desc="pack", unit="group")
@@ -356,7 +360,7 @@ def quantize_params(params: Params, cfg: QuantConfig, stats: Any = None, *,
       if any(getattr(r, f) != getattr(lead, f) for f in _TRANSFORM_FIELDS):
         raise ValueError(f"{m.path} and {active[0].path} read the same input but their rules "
                          f"differ in the input transform ({', '.join(_TRANSFORM_FIELDS)})")
-    weights = {m.path: jnp.asarray(_get(params, m.path)) for m in members}
+    weights = {m.path: jnp.asarray(_get(out, m.path)) for m in members}  # folds applied so far
     for m in active:
       _check_finite(m.path, weights[m.path])
       if m.in_features % lead.block_size and lead.rotation != "none":

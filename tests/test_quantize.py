@@ -134,6 +134,29 @@ def _transform_rule(**kw):
   return QuantConfig(rules=(LayerRule(pattern=ALL_GEMMA, **base),))
 
 
+def test_packing_an_adaptive_norm_keeps_the_smoothing_folded_into_it():
+  """pi0.5's adaptive norms are Dense layers (linears), and the expert's smoothing is folded into
+  them: packing them too (weight-only W8, next to W8 everything else) must pack the folded kernel,
+  so the policy stays as close to FP as without it. (Packing the unfolded kernel, as before the
+  fix, moved the actions by 0.05.)"""
+  from duquant_jax.evaluate import folded_smoothing
+  params, stats = demo_params("pi05"), demo_stats("pi05")
+  adarms = LayerRule(pattern=r"PaliGemma/llm/(layers/)?\w+_norm_1/Dense_0/kernel", weight_bits=8,
+                     act_bits=None, rotation="none", permutation="none", smooth_alpha=None,
+                     clip_search=False)
+  base = _transform_rule()
+  packed = quantize_params(params, dataclasses.replace(base, rules=(adarms,) + base.rules), stats)
+  dense = packed["PaliGemma"]["llm"]["layers"]["pre_ffw_norm_1"]["Dense_0"]["kernel"]
+  assert isinstance(dense, PackedLinear)
+  err = action_rel_err(_actions("pi05", packed), _actions("pi05", params))
+  assert err.max() < 0.01, err
+  # The evaluation harness reads the folded smoothing back through the Dense's float bias.
+  lay = linear_layouts(params)["PaliGemma/llm/layers/mlp_1/gating_einsum"]
+  lam_packed = folded_smoothing(params, packed, lay)
+  lam_float = folded_smoothing(params, quantize_params(params, base, stats), lay)
+  np.testing.assert_allclose(np.asarray(lam_packed), np.asarray(lam_float), rtol=1e-4)
+
+
 def test_packed_tree_structure_and_bytes():
   params = demo_params("pi0")
   packed = quantize_params(params, get_preset("w4a8-rtn"))

@@ -152,40 +152,30 @@ class PackedLinear:
     weight; the W4A8 matmul then gets the stacked codes and scales with the index (a kernel reads
     that layer in place, `kernels.w4a8_matmul`), everything else is sliced.
     """
-    if layer is not None:
-      one = self.at_layer(layer)  # the slices a path does not read are dropped by XLA
-      if not (self.act_bits is not None and self.mode == "int"):
-        return one.matmul(x2, quantized)
-      xq, sx, zx = one.quantize_input(x2) if quantized is None else quantized
-      y = _int_matmul(xq, sx, zx, self.codes, self.scale, self.zero,
-                      implementation=self.matmul_impl, layer=layer,
-                      out_dtype=jnp.float32 if self.out_rot is not None else x2.dtype)
-      if one.out_rot is not None:
-        y = restore_output(y, one.out_rot)
-      return y.astype(x2.dtype)
+    one = self if layer is None else self.at_layer(layer)  # slices no path reads are dropped
     dtype = x2.dtype
-    if self.act_bits is not None and self.mode == "int":
-      xq, sx, zx = self.quantize_input(x2) if quantized is None else quantized
+    if one.act_bits is not None and one.mode == "int":
+      xq, sx, zx = one.quantize_input(x2) if quantized is None else quantized
       # Without an output rotation the kernel's epilogue writes x's dtype: half the bytes of a
       # float32 result for bf16 activations (prefix gate/up: 107 MB per layer in float32).
-      y = _int_matmul(xq, sx, zx, self.codes, self.scale, self.zero,
-                      implementation=self.matmul_impl,
-                      out_dtype=jnp.float32 if self.out_rot is not None else dtype)
-    elif self.act_bits is None and self.mode == "int":  # weight-only: codes read packed
-      x = self.quantize_input(x2) if quantized is None else quantized
-      y = xla.weight_only_matmul(x, self.codes, self.scale, self.zero)
+      # With a layer index the kernel gets the stacked codes and reads that layer in place.
+      y = _int_matmul(xq, sx, zx, self.codes, self.scale, self.zero, implementation=one.matmul_impl,
+                      out_dtype=jnp.float32 if one.out_rot is not None else dtype, layer=layer)
+    elif one.act_bits is None and one.mode == "int":  # weight-only: codes read packed
+      x = one.quantize_input(x2) if quantized is None else quantized
+      y = xla.weight_only_matmul(x, one.codes, one.scale, one.zero)
     else:
       x = x2.astype(jnp.float32)
-      if self.transform is not None:
-        x = self.transform.apply(x)
-      if self.act_bits is None:
-        y = x @ self.dequantize().T
+      if one.transform is not None:
+        x = one.transform.apply(x)
+      if one.act_bits is None:
+        y = x @ one.dequantize().T
       else:  # simulate: the same quantizers, in float
-        xq, sx, zx = xla.quantize_per_token(x, self.act_bits, symmetric=self.act_symmetric,
-                                            clip_ratio=self.act_clip)
-        y = xla.dequantize_per_token(xq, sx, zx) @ self.dequantize().T
-    if self.out_rot is not None:
-      y = restore_output(y, self.out_rot)
+        xq, sx, zx = xla.quantize_per_token(x, one.act_bits, symmetric=one.act_symmetric,
+                                            clip_ratio=one.act_clip)
+        y = xla.dequantize_per_token(xq, sx, zx) @ one.dequantize().T
+    if one.out_rot is not None:
+      y = restore_output(y, one.out_rot)
     return y.astype(dtype)
 
   def einsum(self, eqn: str, x: jax.Array, memo: Optional[dict] = None,

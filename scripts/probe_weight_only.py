@@ -1,7 +1,8 @@
-"""Weight-only (W8A16 / W4A16) matmul: zero points folded into the GEMM's weight operand (the
-library's `xla.weight_only_matmul`) against subtracting zw * rowsum(x) after the dot (its form
-before session 6), and bf16 `jnp.dot`, timed side by side in one jitted loop per case (bench_kernels'
-LoopTimer), with their largest difference.
+"""Weight-only (W8A16 / W4A16) matmul: zero points folded into the GEMM's weight operand against
+subtracted as zw * rowsum(x) after the dot (`xla.weight_only_matmul(..., fold_zero=True / False)`;
+by default it picks by code type and M, `WEIGHT_ONLY_FOLD_MIN_TOKENS`, from this probe), and bf16
+`jnp.dot`, timed side by side in one jitted loop per case (bench_kernels' LoopTimer), with their
+largest difference.
 
 Usage (GPU): cd scripts && PYTHONPATH=.. python3 probe_weight_only.py [--ms 51,768]
 """
@@ -21,24 +22,12 @@ SHAPES = [("300m q+kv", 1024, 2560, jnp.int8), ("300m o", 2048, 1024, jnp.int8),
           ("siglip q", 1152, 1152, jnp.int8), ("siglip fc1 w4", 1152, 4304, jnp.int4)]
 
 
-def with_fold(fold: bool):
-  """`xla.weight_only_matmul` with its zero-point form forced."""
-  def f(x, q, sw, zw):
-    if not fold:
-      old, xla.WEIGHT_ONLY_FOLD_MIN_TOKENS = xla.WEIGHT_ONLY_FOLD_MIN_TOKENS, 1 << 30
-      try:
-        return xla.weight_only_matmul(x, q, sw, zw)
-      finally:
-        xla.WEIGHT_ONLY_FOLD_MIN_TOKENS = old
-    n, g = sw.shape
-    w = (q.astype(jnp.float32).reshape(n, g, -1) - zw[:, :, None]).astype(x.dtype)
-    acc = jax.lax.dot_general(x.reshape(x.shape[0], g, -1), w, (((2,), (2,)), ((1,), (1,))),
-                              preferred_element_type=jnp.float32)
-    return jnp.einsum("gmn,ng->mn", acc, sw)
-  return f
+def folded(x, q, sw, zw):
+  return xla.weight_only_matmul(x, q, sw, zw, fold_zero=True)
 
 
-folded, subtract_after = with_fold(True), with_fold(False)
+def subtract_after(x, q, sw, zw):
+  return xla.weight_only_matmul(x, q, sw, zw, fold_zero=False)
 
 
 def main():

@@ -6,6 +6,8 @@ output's max magnitude); with split-K the partial sums are added in another orde
 both are checked against a float64 reference too.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -137,18 +139,18 @@ def test_bf16_dot_refuses_inexact_group_length():
     xla.w4a8_matmul(xq, jnp.ones((2, 1)), None, q, jnp.ones((4, 1)), None, dot="bf16")
 
 
-@pytest.mark.parametrize("m", [5, xla.WEIGHT_ONLY_FOLD_MIN_TOKENS])  # int8: zero points after / folded
+@pytest.mark.parametrize("codes,fold_zero", [(jnp.int4, None), (jnp.int4, True), (jnp.int8, False),
+                                             (jnp.int8, True)])  # zero points after / folded
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 @pytest.mark.parametrize("g,symmetric", [(1, True), (1, False), (4, False)])
-def test_weight_only_matmul_equals_dequantized_reference(m, dtype, g, symmetric):
-  k, n = 128, 24
+def test_weight_only_matmul_equals_dequantized_reference(codes, fold_zero, dtype, g, symmetric):
+  m, k, n = 5, 128, 24
   keys = jax.random.split(jax.random.key(7), 4)
   x = jax.random.normal(keys[0], (m, k)).astype(dtype)
-  codes = jnp.int8 if m >= xla.WEIGHT_ONLY_FOLD_MIN_TOKENS else jnp.int4
   q = jax.random.randint(keys[1], (n, k), -8, 8).astype(codes)
   sw = jax.random.uniform(keys[2], (n, g), minval=0.01, maxval=0.1)
   zw = None if symmetric else jnp.round(jax.random.uniform(keys[3], (n, g)) * 6 - 3)
-  y = np.asarray(jax.jit(xla.weight_only_matmul)(x, q, sw, zw))
+  y = np.asarray(jax.jit(functools.partial(xla.weight_only_matmul, fold_zero=fold_zero))(x, q, sw, zw))
   w = np.repeat(np.asarray(sw, np.float64), k // g, axis=1) * (
       np.asarray(q, np.float64) - (0.0 if zw is None else np.repeat(np.asarray(zw), k // g, axis=1)))
   ref = np.asarray(x, np.float64) @ w.T

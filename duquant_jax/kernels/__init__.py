@@ -210,9 +210,7 @@ def transform_quantize(x: jax.Array, transform, bits: int = 8, *, symmetric: boo
     raise ValueError(f"implementation must be one of {TRANSFORM_IMPLEMENTATIONS}, "
                      f"got {implementation!r}")
   def xla_fn(form):
-    one_layer = transform is not None and x.ndim == 2 and all(
-        r is None or r.ndim == 3 for r in (transform.rot1, transform.rot2)) and (
-            transform.perm is None or transform.perm.ndim == 1)
+    one_layer = _one_layer(x, transform)
     if form in ("xla_cm", "xla_cm_reduce") and one_layer:
       return xla.transform_quantize_channel_major(x, transform, bits, symmetric=symmetric,
                                                   clip_ratio=clip_ratio,
@@ -235,9 +233,7 @@ def transform_quantize(x: jax.Array, transform, bits: int = 8, *, symmetric: boo
     # beat the row-major ones (pi0 batch 1: 51.5 vs 58.5 ms; batch 8: 204.5 vs 222.4 ms); the
     # multiply-reduce form wins up to ~1000 tokens, the einsum form at thousands. CPUs keep the
     # row-major einsum form.
-    m, k = x.shape[-2:]
-    reduce = m <= REDUCE_FORM_MAX_TOKENS and k <= REDUCE_FORM_MAX_CHANNELS
-    form = "xla_cm_reduce" if reduce else "xla_cm"
+    form = _cuda_form(x)
     return jax.lax.platform_dependent(cuda=lambda: xla_fn(form), default=lambda: xla_fn("xla"))
   if not fused_transform_applies(x.shape, transform):
     raise ValueError(f"the fused transform kernel does not take x {x.shape} with this transform "
@@ -262,7 +258,7 @@ def transform_only(x: jax.Array, transform, *, implementation: str | None = None
                      f"got {implementation!r}")
   if transform is None:
     return x
-  one_layer = x.ndim == 2 and all(r is None or r.ndim == 3 for r in (transform.rot1, transform.rot2))
+  one_layer = _one_layer(x, transform)
 
   def form(name):
     if name in ("xla_cm", "xla_cm_reduce") and one_layer:
@@ -274,9 +270,22 @@ def transform_only(x: jax.Array, transform, *, implementation: str | None = None
 
   if implementation in ("xla", "xla_reduce", "xla_cm", "xla_cm_reduce"):
     return form(implementation)
-  m, k = x.shape[-2:]
-  cm = "xla_cm_reduce" if m <= REDUCE_FORM_MAX_TOKENS and k <= REDUCE_FORM_MAX_CHANNELS else "xla_cm"
+  cm = _cuda_form(x)
   return jax.lax.platform_dependent(cuda=lambda: form(cm), default=lambda: form("xla"))
+
+
+def _one_layer(x: jax.Array, transform) -> bool:
+  """Whether x (M, K) and the transform are one layer's (no stack axes): the forms that need it."""
+  return transform is not None and x.ndim == 2 and all(
+      r is None or r.ndim == 3 for r in (transform.rot1, transform.rot2)) and (
+          transform.perm is None or transform.perm.ndim == 1)
+
+
+def _cuda_form(x: jax.Array) -> str:
+  """Auto-dispatch's transform form on CUDA for x (..., M, K): channel-major multiply-reduce up to
+  `REDUCE_FORM_MAX_TOKENS` x `REDUCE_FORM_MAX_CHANNELS`, the channel-major einsum beyond."""
+  m, k = x.shape[-2:]
+  return "xla_cm_reduce" if m <= REDUCE_FORM_MAX_TOKENS and k <= REDUCE_FORM_MAX_CHANNELS else "xla_cm"
 
 
 def fused_transform_applies(x_shape, transform) -> bool:

@@ -211,13 +211,15 @@ def w4a8_matmul(xq: jax.Array, sx: jax.Array, zx: jax.Array | None, q: jax.Array
 WEIGHT_ONLY_FOLD_MIN_TOKENS = 512
 
 
-def weight_only_matmul(x: jax.Array, q: jax.Array, sw: jax.Array, zw: jax.Array | None) -> jax.Array:
+def weight_only_matmul(x: jax.Array, q: jax.Array, sw: jax.Array, zw: jax.Array | None, *,
+                       fold_zero: bool | None = None) -> jax.Array:
   """Weight-only (W4A16 / W8A16) matmul: float x (M, K) times dequant(q) (N, K), float32 (M, N).
 
   The integer codes are cast to x's dtype inside the jitted function and XLA fuses that cast
   into its GEMM, so the weight is read as packed codes; per-group scales are applied to the
   float32 partial sums of each group. The zero points either go into the cast (q - zw: int8
-  codes from `WEIGHT_ONLY_FOLD_MIN_TOKENS` tokens) or are subtracted after the dot (otherwise):
+  codes from `WEIGHT_ONLY_FOLD_MIN_TOKENS` tokens) or are subtracted after the dot (otherwise;
+  `fold_zero` forces one form):
 
     y[m, n] = sum_g sw[n, g] * sum_{k in g} x[m, k] (q[n, k] - zw[n, g])
             = sum_g sw[n, g] * (sum_{k in g} x q - zw[n, g] * sum_{k in g} x)
@@ -230,7 +232,9 @@ def weight_only_matmul(x: jax.Array, q: jax.Array, sw: jax.Array, zw: jax.Array 
   m, n, g, gs = _grouped_shapes(x, q, sw)
   xg = x.reshape(m, g, gs)
   w = q.reshape(n, g, gs)
-  fold = zw is not None and q.dtype == jnp.int8 and m >= WEIGHT_ONLY_FOLD_MIN_TOKENS
+  if fold_zero is None:
+    fold_zero = q.dtype == jnp.int8 and m >= WEIGHT_ONLY_FOLD_MIN_TOKENS
+  fold = zw is not None and fold_zero
   w = (w.astype(jnp.float32) - zw[:, :, None]).astype(x.dtype) if fold else w.astype(x.dtype)
   acc = jax.lax.dot_general(xg, w, (((2,), (2,)), ((1,), (1,))),
                             preferred_element_type=jnp.float32)  # (G, M, N)

@@ -21,7 +21,6 @@ import time
 import jax
 import jax.numpy as jnp
 
-from duquant_jax.config import get_preset
 from duquant_jax.layouts import linear_layouts
 from duquant_jax.models import get_policy
 from duquant_jax.packed import tree_nbytes
@@ -50,8 +49,10 @@ def random_params(policy, seed=0, dtype=jnp.bfloat16):
 
 
 def bench_config(preset: str, all_linears: bool):
-  """The preset, or its first rule applied to every Gemma linear of both experts."""
-  cfg = get_preset(preset)
+  """The preset (or `deploy_candidates` key), or its first rule applied to every Gemma linear of
+  both experts."""
+  from deploy_candidates import resolve
+  cfg = resolve(preset)
   if all_linears:
     cfg = dataclasses.replace(cfg, rules=(dataclasses.replace(cfg.rules[0], pattern=ALL_GEMMA),))
   return cfg

@@ -52,13 +52,44 @@ class FreeLinear(PackedLinear):
     return x2[:, :1] * jnp.ones((1, self.out_features), x2.dtype)
 
 
-def free_linears(tree):
-  """`tree` with every PackedLinear replaced by a FreeLinear of the same fields."""
+@flax.struct.dataclass
+class GemmOnlyLinear(PackedLinear):
+  """A packed linear whose activation side costs (almost) nothing: no online transform, and for
+  W4A8 int8 codes from a plain cast with unit scales, then the same W4A8 (or weight-only) matmul
+  on the same packed weight.
+
+  For `--bound` only: the latency any fusion of the transforms and quantizers into the matmuls
+  could reach with the matmul kernels as they are.
+  """
+
+  def input_share_key(self):
+    return None
+
+  def quantize_input(self, x2):
+    if self.act_bits is None:
+      return x2
+    m = x2.shape[0]
+    zx = None if self.act_symmetric else jnp.zeros((m, 1), jnp.float32)
+    return x2.astype(jnp.int8), jnp.ones((m, 1), jnp.float32), zx
+
+
+def _swap_linears(tree, cls):
+  """`tree` with every PackedLinear replaced by a `cls` of the same fields."""
   def swap(leaf):
     if isinstance(leaf, PackedLinear):
-      return FreeLinear(**{f.name: getattr(leaf, f.name) for f in dataclasses.fields(leaf)})
+      return cls(**{f.name: getattr(leaf, f.name) for f in dataclasses.fields(leaf)})
     return leaf
   return jax.tree.map(swap, tree, is_leaf=lambda v: isinstance(v, PackedLinear))
+
+
+def free_linears(tree):
+  """`tree` with every PackedLinear replaced by a FreeLinear of the same fields."""
+  return _swap_linears(tree, FreeLinear)
+
+
+def gemm_only_linears(tree):
+  """`tree` with every PackedLinear replaced by a GemmOnlyLinear of the same fields."""
+  return _swap_linears(tree, GemmOnlyLinear)
 
 
 def unshared_inputs(tree):
@@ -81,18 +112,32 @@ def time_policy(policy, params, obs, repeats, num_steps=10):
   return compile_s, 1e3 * float(np.median(times))
 
 
-def _time_variants(args, variants, policy, unroll, params, packed, obs, cfg, s, pack_s):
-  """Rows for one model x batch x unroll setting: bf16 once, then each packed dispatch variant."""
+def _unrolled(policy, unroll):
   if unroll not in ("off", "on"):
     raise SystemExit(f"--unroll takes off,on; got {unroll!r}")
-  policy = dataclasses.replace(policy, cfg=dataclasses.replace(policy.cfg, unroll_layers=unroll == "on"))
-  rows = []
-  model, b = policy.cfg.name, obs.state.shape[0]
+  return dataclasses.replace(policy, cfg=dataclasses.replace(policy.cfg, unroll_layers=unroll == "on"))
+
+
+def _time_bf16(args, policy, params, obs):
+  """(compile s, latency ms, 1-step latency ms or None) of the float policy."""
   c_fp, l_fp = time_policy(policy, params, obs, args.repeats)
   l1_fp = time_policy(policy, params, obs, args.repeats, num_steps=1)[1] if args.breakdown else None
-  for matmul, transform, *share in variants + ([("free", "free")] if args.bound else []):
+  return c_fp, l_fp, l1_fp
+
+
+def _time_variants(args, variants, policy, bf16, params, packed, obs, cfg, s, pack_s):
+  """Rows for one model x batch x unroll setting x preset: each packed dispatch variant against
+  the float policy's timing `bf16` (taken once per setting in the same process)."""
+  rows = []
+  model, b = policy.cfg.name, obs.state.shape[0]
+  unroll = "on" if policy.cfg.unroll_layers else "off"
+  c_fp, l_fp, l1_fp = bf16
+  bounds = [("free", "free"), ("gemm-only", "none")] if args.bound else []
+  for matmul, transform, *share in variants + bounds:
     if matmul == "free":
       packed_v = free_linears(packed)
+    elif matmul == "gemm-only":
+      packed_v = gemm_only_linears(packed)
     else:
       packed_v = with_implementations(packed, matmul=_auto_none(matmul),
                                       transform=_auto_none(transform))
@@ -126,7 +171,9 @@ def main():
   ap.add_argument("--models", default="pi0,pi05")
   ap.add_argument("--batches", default="1,8")
   ap.add_argument("--size", default="full")
-  ap.add_argument("--preset", default="recommended")
+  ap.add_argument("--preset", default="recommended",
+                  help="comma list of presets or scripts/deploy_candidates.py keys, each packed "
+                       "and timed against the same bf16 timing")
   ap.add_argument("--all-linears", action="store_true")
   ap.add_argument("--repeats", type=int, default=20)
   ap.add_argument("--json", default=None)
@@ -143,7 +190,9 @@ def main():
                        "bf16 and packed are timed under each (same params)")
   ap.add_argument("--bound", action="store_true",
                   help="also time the packed tree with every packed linear made free (FreeLinear): "
-                       "the floor any quantization of those layers could reach")
+                       "the floor any quantization of those layers could reach; and with only the "
+                       "activation side made free (GemmOnlyLinear: no transform, int8 by a cast): "
+                       "the floor of fusing transforms and quantizers into these matmuls")
   ap.add_argument("--breakdown", action="store_true",
                   help="also time 1-step calls: prefix ~ t(1) - step, step = (t(10) - t(1)) / 9")
   args = ap.parse_args()
@@ -158,35 +207,39 @@ def main():
   rows = []
   for model in args.models.split(","):
     policy = get_policy(model, args.size)
-    cfg = bench_config(args.preset, args.all_linears)
-    if args.permutation is not None:
-      cfg = dataclasses.replace(cfg, rules=tuple(
-          dataclasses.replace(r, permutation=args.permutation) for r in cfg.rules))
     params = jax.block_until_ready(random_params(policy))
     stats = synthetic_stats(params)
-    t = time.perf_counter()
-    packed = jax.block_until_ready(quantize_params(params, cfg, stats))
-    pack_s = time.perf_counter() - t
+    packs = []
+    for preset in args.preset.split(","):
+      cfg = bench_config(preset, args.all_linears)
+      if args.permutation is not None:
+        cfg = dataclasses.replace(cfg, rules=tuple(
+            dataclasses.replace(r, permutation=args.permutation) for r in cfg.rules))
+      t = time.perf_counter()
+      packed = jax.block_until_ready(quantize_params(params, cfg, stats))
+      packs.append((cfg, packed, summarize(packed), time.perf_counter() - t))
     del stats
-    s = summarize(packed)
     for b in (int(v) for v in args.batches.split(",")):
       obs = make_observation(policy.cfg, jax.random.key(1), b)
       for unroll in args.unroll.split(","):
-        rows += _time_variants(args, variants, policy, unroll, params, packed, obs, cfg, s, pack_s)
+        policy_u = _unrolled(policy, unroll)
+        bf16 = _time_bf16(args, policy_u, params, obs)
+        for cfg, packed, s, pack_s in packs:
+          rows += _time_variants(args, variants, policy_u, bf16, params, packed, obs, cfg, s, pack_s)
 
   print(f"\ndevice={jax.devices()[0].device_kind} jax={jax.__version__}")
-  print("| model | batch | unroll | matmul / transform | bf16 ms | packed ms | speedup | compile bf16 / packed s | weights bf16 / packed GiB | all-weights ratio | quantized-layers ratio |")
-  print("|---|---|---|---|---|---|---|---|---|---|---|")
+  print("| model | batch | unroll | preset | matmul / transform | bf16 ms | packed ms | speedup | compile bf16 / packed s | weights bf16 / packed GiB | all-weights ratio | quantized-layers ratio |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|---|")
   for r in rows:
-    print(f"| {r['model']} | {r['batch']} | {r['unroll']} | {r['matmul']} / {r['transform']} | {r['latency_bf16_ms']:.1f} | {r['latency_packed_ms']:.1f} | "
+    print(f"| {r['model']} | {r['batch']} | {r['unroll']} | {r['preset']} | {r['matmul']} / {r['transform']} | {r['latency_bf16_ms']:.1f} | {r['latency_packed_ms']:.1f} | "
           f"{r['speedup']:.2f}x | {r['compile_bf16_s']:.0f} / {r['compile_packed_s']:.0f} | "
           f"{r['weights_bf16_gib']:.2f} / {r['weights_packed_gib']:.2f} | "
           f"{r['weights_packed_gib'] / r['weights_bf16_gib']:.3f} | {r['quantized_layers_ratio']:.3f} |")
   if args.breakdown:
-    print("\n| model | batch | matmul / transform | prefix bf16 / packed ms | one step bf16 / packed ms |")
-    print("|---|---|---|---|---|")
+    print("\n| model | batch | preset | matmul / transform | prefix bf16 / packed ms | one step bf16 / packed ms |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
-      print(f"| {r['model']} | {r['batch']} | {r['matmul']} / {r['transform']} | {r['prefix_bf16_ms']:.1f} / {r['prefix_packed_ms']:.1f} | "
+      print(f"| {r['model']} | {r['batch']} | {r['preset']} | {r['matmul']} / {r['transform']} | {r['prefix_bf16_ms']:.1f} / {r['prefix_packed_ms']:.1f} | "
             f"{r['step_bf16_ms']:.2f} / {r['step_packed_ms']:.2f} |")
   if args.json:
     with open(args.json, "w") as f:

@@ -1,73 +1,22 @@
 """The `deploy` candidates measured on the demo (EVALUATION.md, "deploy"): one `evaluate` run per model.
 
 Usage: PYTHONPATH=. python scripts/compare_deploy_candidates.py pi0 rec,emb,ea,sig8,sigrtn,sigw8
-(candidate keys: see `cands` below). Same harness settings as `duquant-jax eval --calib-batches 0
+(candidate keys: `deploy_candidates.CANDIDATES`). Same harness settings as `duquant-jax eval --calib-batches 0
 --episodes 2 --chunks 25`; prints one line per candidate.
 """
 import sys
 import time
-from duquant_jax.config import (EXPERT_ATTN, EXPERT_MLP, LLM, EmbeddingRule, LayerRule, QuantConfig,
-                                get_preset)
+
 from duquant_jax.evaluate import evaluate, EvalConfig, Variant
+
+from deploy_candidates import CANDIDATES
+
 model = sys.argv[1]
-EMB = EmbeddingRule(pattern=r"PaliGemma/llm/embedder/input_embedding")
-SIG = r"PaliGemma/img/Transformer/encoderblock/(MultiHeadDotProductAttention_0/(query|key|value|out)|MlpBlock_0/Dense_(0|1))/kernel"
-SIG_ATT = r"PaliGemma/img/Transformer/encoderblock/MultiHeadDotProductAttention_0/(query|key|value|out)/kernel"
-SIG_MLP = r"PaliGemma/img/Transformer/encoderblock/MlpBlock_0/Dense_(0|1)/kernel"
-SIG_OUT = r"PaliGemma/img/Transformer/encoderblock/MultiHeadDotProductAttention_0/out/kernel"
-HEAD = r"PaliGemma/img/head/kernel"
-SIG_FC1 = r"PaliGemma/img/Transformer/encoderblock/MlpBlock_0/Dense_0/kernel"
-ADARMS = r"PaliGemma/llm/(layers/)?(pre_attention_norm_1|pre_ffw_norm_1|final_norm_1)/Dense_0/kernel"
-best = dict(block_size=16)
-rtn = dict(rotation="none", permutation="none", smooth_alpha=None)
-base = (LayerRule(pattern=LLM, **best), LayerRule(pattern=EXPERT_MLP, **best))
-ea = (LayerRule(pattern=EXPERT_ATTN, **best),)
-def C(name, rules, emb=(EMB,)):
-  return Variant(name=name, cfg=QuantConfig(name=name, rules=tuple(rules), embeddings=emb), calib_batches=None)
-cands = {
- "rec": Variant(name="recommended", cfg=get_preset("recommended"), calib_batches=None),
- "emb": C("rec+emb", base),
- "ea": C("rec+emb+eattn", base + ea),
- "sig8": C("+sig dq b8", base + ea + (LayerRule(pattern=SIG, block_size=8),)),
- "sigrtn": C("+sig rtn+clip", base + ea + (LayerRule(pattern=SIG, **rtn),)),
- "sigw8": C("+sig w8a8 rtn", base + ea + (LayerRule(pattern=SIG, weight_bits=8, **rtn),)),
- "sigb16o8": C("+sig b16 out b8", base + ea + (LayerRule(pattern=SIG_OUT, block_size=8), LayerRule(pattern=SIG, block_size=16))),
- "sigmixA": C("+sig attn b8 w4, mlp w8 rtn", base + ea + (LayerRule(pattern=SIG_ATT, block_size=8), LayerRule(pattern=SIG_MLP, weight_bits=8, **rtn))),
- "sigmixM": C("+sig attn w8 rtn, mlp b8 w4", base + ea + (LayerRule(pattern=SIG_ATT, weight_bits=8, **rtn), LayerRule(pattern=SIG_MLP, block_size=8))),
- "ea8sig8": C("eattn w8 b16, sig b8", base + (LayerRule(pattern=EXPERT_ATTN, weight_bits=8, **best),) + (LayerRule(pattern=SIG, block_size=8),)),
- "sig8g": C("+sig b8 group64", base + ea + (LayerRule(pattern=SIG, block_size=8, weight_granularity="group", group_size=64),)),
- "sig8sm": C("+sig smooth-only", base + ea + (LayerRule(pattern=SIG, rotation="none", permutation="none", block_size=8),)),
- "sig8h": C("+sig b8 +head", base + ea + (LayerRule(pattern=SIG, block_size=8), LayerRule(pattern=HEAD, block_size=8))),
- # Weight-only (no activation quantization, no online transform) for SigLIP and / or the expert
- # attention: the same bytes as `deploy`, without its per-call transforms.
- "sigwo": C("+sig w4a16 rtn+clip", base + (LayerRule(pattern=EXPERT_ATTN, weight_bits=8, **best),) + (LayerRule(pattern=SIG, act_bits=None, **rtn),)),
- "eawo": C("eattn w8a16 rtn, sig b8", base + (LayerRule(pattern=EXPERT_ATTN, weight_bits=8, act_bits=None, **rtn),) + (LayerRule(pattern=SIG, block_size=8),)),
- "wo": C("eattn w8a16 rtn, sig w4a16 rtn+clip", base + (LayerRule(pattern=EXPERT_ATTN, weight_bits=8, act_bits=None, **rtn),) + (LayerRule(pattern=SIG, act_bits=None, **rtn),)),
- # Ablations of `deploy` (its pieces one at a time on top of recommended):
- "ea8": C("rec+emb+eattn w8", base + (LayerRule(pattern=EXPERT_ATTN, weight_bits=8, **best),)),
- "recsig8": C("rec+sig b8", base + (LayerRule(pattern=SIG, block_size=8),), emb=()),
- "receattn8": C("rec+eattn w8", base + (LayerRule(pattern=EXPERT_ATTN, weight_bits=8, **best),), emb=()),
- # `deploy` itself, and `deploy` with the expert MLP weight-only W4 (no online transform per flow
- # step; at M = 51 tokens int8 activations buy no tensor-core time, BENCHMARKS.md).
- "deploy": Variant(name="deploy", cfg=get_preset("deploy"), calib_batches=None),
- "emwo": C("deploy, expert mlp w4a16 rtn+clip", (LayerRule(pattern=LLM, **best),) + (LayerRule(pattern=EXPERT_MLP, act_bits=None, **rtn),) + get_preset("deploy").rules[2:]),
- "emwog": C("deploy, expert mlp w4a16 g128 rtn+clip", (LayerRule(pattern=LLM, **best),) + (LayerRule(pattern=EXPERT_MLP, act_bits=None, weight_granularity="group", group_size=128, **rtn),) + get_preset("deploy").rules[2:]),
- # SigLIP's attention weight-only W8 (no online transform; MLP stays W4A8 b8) or all of SigLIP
- # weight-only W8, each with pi0.5's adaRMS modulation Dense weight-only W8 (bytes for the former).
- "dmod": C("deploy + adarms w8a16", get_preset("deploy").rules + (LayerRule(pattern=ADARMS, weight_bits=8, act_bits=None, **rtn),)),
- "dsa8": C("deploy, sig attn w8a16, adarms w8a16", get_preset("deploy").rules[:3] + (LayerRule(pattern=SIG_ATT, weight_bits=8, act_bits=None, **rtn), LayerRule(pattern=SIG_MLP, block_size=8), LayerRule(pattern=ADARMS, weight_bits=8, act_bits=None, **rtn))),
- "dsw8": C("deploy, sig w8a16, adarms w8a16", get_preset("deploy").rules[:3] + (LayerRule(pattern=SIG, weight_bits=8, act_bits=None, **rtn), LayerRule(pattern=ADARMS, weight_bits=8, act_bits=None, **rtn))),
- "dsf1": C("deploy, sig w8a16 but fc1 w4a8 b8, adarms w8a16", get_preset("deploy").rules[:3] + (LayerRule(pattern=SIG_FC1, block_size=8), LayerRule(pattern=SIG, weight_bits=8, act_bits=None, **rtn), LayerRule(pattern=ADARMS, weight_bits=8, act_bits=None, **rtn))),
- # SigLIP weight-only W4 WITH DuQuant's b8 rotations (no activation quantizer: the transformed
- # input goes to a bf16 GEMM), without / with smoothing.
- "sigwo8": C("deploy, sig w4a16 b8 rotations", get_preset("deploy").rules[:3] + (LayerRule(pattern=SIG, block_size=8, act_bits=None, smooth_alpha=None),)),
- "sigwo8s": C("deploy, sig w4a16 b8 rotations + smoothing", get_preset("deploy").rules[:3] + (LayerRule(pattern=SIG, block_size=8, act_bits=None),)),
- "emw8": C("deploy, expert mlp w8a16 rtn+clip", (LayerRule(pattern=LLM, **best),) + (LayerRule(pattern=EXPERT_MLP, weight_bits=8, act_bits=None, **rtn),) + get_preset("deploy").rules[2:]),
-}
 names = sys.argv[2].split(",")
 cfg = EvalConfig(episodes=2, chunks=25, calib_batches=0)
 t=time.time()
-rep = evaluate(model, [cands[n] for n in names], cfg, log=lambda s: print(s, file=sys.stderr, flush=True))
+variants = [Variant(name=CANDIDATES[n].name, cfg=CANDIDATES[n], calib_batches=None) for n in names]
+rep = evaluate(model, variants, cfg, log=lambda s: print(s, file=sys.stderr, flush=True))
 for r in rep.results:
   print(model, r.name, f"err {r.action_err_mean:.4f} p99 {r.action_err_p99:.4f} drift25 {r.drift.get(25, float('nan')):.4f} bytes {r.bytes_packed/r.bytes_fp:.3f} layer {r.layer_err_mean:.4f} worst {r.layer_err_worst[:2]}", flush=True)
 print("time", time.time()-t)

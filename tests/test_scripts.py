@@ -91,3 +91,44 @@ def test_profile_reads_operand_and_result_types_from_compiled_hlo():
   events = [("Stream #1", name, 2000) for name in types][:3]
   rows = profile_policy.top_ops(events, 1, 2, types)
   assert len(rows) == 2 and rows[0][1] != "?" and rows[0][3] == 0.002
+
+
+def test_gemm_only_linears_skip_the_activation_side_but_run_the_same_matmul():
+  """The `--bound` gemm-only tree: no transform, int8 codes by a cast with unit scales, and the
+  packed weight's own matmul; weight-only linears get x as is."""
+  import bench_policy
+  from duquant_jax.kernels import xla
+  from duquant_jax.synthetic_stats import synthetic_stats
+  params = demo_params("pi0")
+  packed = quantize_params(params, get_preset("deploy"), synthetic_stats(params))
+  gemm = bench_policy.gemm_only_linears(packed)
+  is_packed = lambda v: isinstance(v, PackedLinear)
+  swapped = [v for v in jax.tree.leaves(gemm, is_leaf=is_packed) if is_packed(v)]
+  assert swapped and all(isinstance(v, bench_policy.GemmOnlyLinear) for v in swapped)
+  w4a8 = next(v for v in swapped if v.act_bits is not None and v.transform is not None)
+  w4a8 = w4a8 if w4a8.codes.ndim == 2 else w4a8.at_layer(0)
+  x = jnp.round(jax.random.normal(jax.random.key(0), (5, w4a8.in_features)) * 20)
+  xq, sx, zx = w4a8.quantize_input(x)
+  np.testing.assert_array_equal(np.asarray(xq), np.asarray(x, np.int8))
+  assert np.all(np.asarray(sx) == 1.0) and (zx is None or np.all(np.asarray(zx) == 0.0))
+  want = xla.w4a8_matmul(xq, sx, zx, w4a8.codes, w4a8.scale, w4a8.zero)
+  np.testing.assert_allclose(np.asarray(w4a8.matmul(x), np.float32), np.asarray(want), rtol=1e-6,
+                             atol=1e-6 * float(jnp.abs(want).max()))
+  wo = next(v for v in swapped if v.act_bits is None)
+  assert wo.quantize_input(x[:, :1]) is not None
+  policy = get_policy("pi0", "demo")
+  obs = policy.example_observation(jax.random.key(1), batch_size=1)
+  a = jax.jit(policy.sample_actions, static_argnames="num_steps")(gemm, obs, jax.random.key(2),
+                                                                  num_steps=2)
+  assert a.shape == (1, policy.cfg.action_horizon, policy.cfg.action_dim)
+
+
+def test_deploy_candidates_resolve_presets_and_keys():
+  import pytest
+  import deploy_candidates
+  assert deploy_candidates.resolve("deploy") == get_preset("deploy")
+  wot = deploy_candidates.resolve("allwot")
+  assert [r.act_bits for r in wot.rules] == [None] * len(wot.rules)
+  assert wot.rules[0].block_size == 16 and wot.rules[0].transforms_input
+  with pytest.raises(SystemExit, match="unknown preset / candidate"):
+    deploy_candidates.resolve("nope")

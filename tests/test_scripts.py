@@ -132,3 +132,25 @@ def test_deploy_candidates_resolve_presets_and_keys():
   assert wot.rules[0].block_size == 16 and wot.rules[0].transforms_input
   with pytest.raises(SystemExit, match="unknown preset / candidate"):
     deploy_candidates.resolve("nope")
+
+
+def test_bench_policy_derives_a_weight_only_candidate_from_an_earlier_pack():
+  """Packing the same weights with only act_bits changed gives the same arrays, so the bench
+  reuses the earlier pack; the derived tree equals packing the candidate itself."""
+  import bench_policy
+  import deploy_candidates
+  from duquant_jax.synthetic_stats import synthetic_stats
+  params = demo_params("pi0")
+  stats = synthetic_stats(params)
+  deploy, allwot = deploy_candidates.resolve("deploy"), deploy_candidates.resolve("allwot")
+  packs = [(deploy, quantize_params(params, deploy, stats))]
+  assert bench_policy._repack_activations(packs, get_preset("w4a8-rtn")) is None
+  derived = bench_policy._repack_activations(packs, allwot)
+  direct = quantize_params(params, allwot, stats)
+  is_packed = lambda v: isinstance(v, PackedLinear)
+  flat = lambda t: [(v.act_bits, v.input_group) if is_packed(v) else None
+                    for v in jax.tree.leaves(t, is_leaf=is_packed)]
+  assert flat(derived) == flat(direct)
+  assert all(a is None for a, _ in filter(None, flat(derived)))
+  for a, b in zip(jax.tree.leaves(derived), jax.tree.leaves(direct)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

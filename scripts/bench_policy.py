@@ -145,15 +145,14 @@ def _time_bf16(args, policy, params, obs):
   return c_fp, l_fp, l1_fp
 
 
-def _time_variants(args, variants, policy, bf16, params, packed, obs, cfg, s, pack_s):
+def _time_variants(args, variants, policy, bf16, params, packed, obs, cfg, s, pack_s, bound):
   """Rows for one model x batch x unroll setting x preset: each packed dispatch variant against
   the float policy's timing `bf16` (taken once per setting in the same process)."""
   rows = []
   model, b = policy.cfg.name, obs.state.shape[0]
   unroll = "on" if policy.cfg.unroll_layers else "off"
   c_fp, l_fp, l1_fp = bf16
-  first = cfg == bench_config(args.preset.split(",")[0], args.all_linears)
-  bounds = [("free", "free"), ("gemm-only", "none")] if args.bound and first else []
+  bounds = [("free", "free"), ("gemm-only", "none")] if args.bound and bound else []
   for matmul, transform, *share in variants + bounds:
     if matmul == "free":
       packed_v = free_linears(packed)
@@ -247,8 +246,9 @@ def main():
       for unroll in args.unroll.split(","):
         policy_u = _unrolled(policy, unroll)
         bf16 = _time_bf16(args, policy_u, params, obs)
-        for cfg, packed, s, pack_s in packs:
-          rows += _time_variants(args, variants, policy_u, bf16, params, packed, obs, cfg, s, pack_s)
+        for i, (cfg, packed, s, pack_s) in enumerate(packs):
+          rows += _time_variants(args, variants, policy_u, bf16, params, packed, obs, cfg, s, pack_s,
+                                 bound=i == 0)
 
   print(f"\ndevice={jax.devices()[0].device_kind} jax={jax.__version__}")
   print("| model | batch | unroll | preset | matmul / transform | bf16 ms | packed ms | speedup | compile bf16 / packed s | weights bf16 / packed GiB | all-weights ratio | quantized-layers ratio |")

@@ -114,6 +114,8 @@ def _split_packed(tree: Any, prefix: str = "") -> tuple[Any, dict[str, dict]]:
       desc["w_shape"] = list(node.w_shape)
       if node.input_group is not None:  # absent in checkpoints written before session 4
         desc["input_group"] = node.input_group
+      if node.act_min_tokens:  # absent before session 7, and when 0
+        desc["act_min_tokens"] = node.act_min_tokens
       desc["arrays"] = ["codes", "scale"]
       for f in _PL_OPTIONAL:
         if getattr(node, f) is not None:
@@ -187,6 +189,7 @@ def _join_packed(arrays: dict, structure: Mapping[str, dict]) -> dict:
     static = {f: desc[f] for f in _PL_STATIC}
     static["w_shape"] = tuple(int(v) for v in desc["w_shape"])
     static["input_group"] = desc.get("input_group")
+    static["act_min_tokens"] = int(desc.get("act_min_tokens", 0))
     packed = PackedLinear(codes=a["codes"], scale=a["scale"], zero=a.get("zero"),
                           transform=transform, out_rot=a.get("out_rot"), **static)
     try:

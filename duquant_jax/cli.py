@@ -86,7 +86,8 @@ def presets():
   for name, cfg in PRESETS.items():
     typer.echo(f"{name}  (calibration batches {cfg.calib_batches})")
     for r in cfg.rules:
-      typer.echo(f"    {r.pattern}  W{r.weight_bits}A{r.act_bits or 16} block {r.block_size} "
+      below = f" (A16 below {r.act_min_tokens} tokens)" if r.act_min_tokens else ""
+      typer.echo(f"    {r.pattern}  W{r.weight_bits}A{r.act_bits or 16}{below} block {r.block_size} "
                  f"rot {r.rotation} perm {r.permutation} smooth {r.smooth_alpha} "
                  f"{r.weight_granularity} {'sym' if r.weight_symmetric else 'asym'} "
                  f"clip {'search' if r.clip_search else 'off'} out-rot {r.output_rotation}")

@@ -55,6 +55,8 @@ def _summary_lines(packed, cfg, params_fp) -> list[str]:
   for rule in cfg.rules:
     paths = report.matched.get(rule.pattern, [])
     tag = "skip (float)" if rule.skip else f"W{rule.weight_bits}A{rule.act_bits or 'fp'}"
+    if rule.act_min_tokens and not rule.skip:
+      tag += f" (fp below {rule.act_min_tokens} tokens)"
     lines.append(f"  {len(paths):4d} weights  {tag:10s}  {rule.pattern}")
   if report.unused_rules:
     lines.append(f"  rules that matched nothing: {report.unused_rules}")
@@ -197,8 +199,8 @@ def register(app: typer.Typer) -> None:
         "layers_quantized": meta.get("layers_quantized"),
         "packed_weights": len(info["structure"]),
         "bits": bits,
-        "rules": [{k: r[k] for k in ("pattern", "skip", "weight_bits", "act_bits", "block_size",
-                                     "rotation") if k in r} for r in cfg.get("rules", [])],
+        "rules": [{k: r[k] for k in ("pattern", "skip", "weight_bits", "act_bits", "act_min_tokens",
+                                     "block_size", "rotation") if k in r} for r in cfg.get("rules", [])],
         "bytes_fp_bf16": meta.get("bytes_fp_bf16"),
         "bytes_packed": meta.get("bytes_packed"),
         "bytes_on_disk": sum(v[0] for v in info["manifest"].values()),
@@ -216,7 +218,8 @@ def register(app: typer.Typer) -> None:
                f" bits {sorted(set(bits.values()))}")
     for r in out["rules"]:
       typer.echo(f"  rule {r.get('pattern')}: "
-                 + ("skip" if r.get("skip") else f"W{r.get('weight_bits')}A{r.get('act_bits')}"))
+                 + ("skip" if r.get("skip") else f"W{r.get('weight_bits')}A{r.get('act_bits')}")
+                 + (f" (fp below {r['act_min_tokens']} tokens)" if r.get("act_min_tokens") else ""))
     if out["bytes_fp_bf16"] is not None:
       typer.echo(f"  quantized weights {_human(out['bytes_fp_bf16'])} (bf16) -> "
                  f"{_human(out['bytes_packed'])}; {_human(out['bytes_on_disk'])} on disk")

@@ -34,6 +34,11 @@ class LayerRule:
   weight_bits: int = 4
   # Activation bits (8), or None for weight-only quantization (float activations).
   act_bits: int | None = 8
+  # Quantize activations only in calls of at least this many tokens (M, batch included); smaller
+  # calls multiply the same packed weights by the transformed float input, weight-only (more
+  # precise; on the H100 faster at policy flow-step sizes, where the int8 quantizer costs more
+  # kernels than int8 MMA saves: BENCHMARKS.md, session 7). 0: always quantize.
+  act_min_tokens: int = 0
   # DuQuant block size b of the input rotations (must divide the input width; within heads where
   # the input is head-structured, it must divide head_dim).
   block_size: int = 64
@@ -70,6 +75,12 @@ class LayerRule:
       raise ValueError(f"rule {self.pattern!r}: weight_bits must be in 2..8, got {self.weight_bits}")
     if self.act_bits not in (None, 8):
       raise ValueError(f"rule {self.pattern!r}: act_bits must be 8 or None, got {self.act_bits}")
+    if not isinstance(self.act_min_tokens, int) or self.act_min_tokens < 0:
+      raise ValueError(f"rule {self.pattern!r}: act_min_tokens must be an int >= 0, got "
+                       f"{self.act_min_tokens!r}")
+    if self.act_bits is None and self.act_min_tokens:
+      raise ValueError(f"rule {self.pattern!r}: act_min_tokens={self.act_min_tokens} needs act_bits "
+                       "(a weight-only rule never quantizes activations)")
     if self.rotation not in ROTATIONS:
       raise ValueError(f"rule {self.pattern!r}: unknown rotation {self.rotation!r}; one of {ROTATIONS}")
     if self.permutation not in PERMUTATIONS:
@@ -262,6 +273,11 @@ def _ours(name: str, rules: tuple[LayerRule, ...], calib: int = 128) -> QuantCon
   return QuantConfig(name=name, calib_batches=calib, rules=rules)
 
 
+# Flow-step calls of the action expert have 51 tokens per observation: batch 1-4 runs its MLP
+# weight-only under `deploy`, batch 8 (408 tokens) W4A8.
+DEPLOY_EXPERT_ACT_MIN_TOKENS = 256
+
+
 def _presets() -> dict[str, QuantConfig]:
   ours = dict(block_size=64)  # asymmetric int4 weights with clip search, asymmetric int8 acts
   rtn = dict(rotation="none", permutation="none", smooth_alpha=None, weight_symmetric=True,
@@ -298,9 +314,13 @@ def _presets() -> dict[str, QuantConfig]:
       # 72, width 1152 and MLP width 4304; it measured better than block 16, RTN, or W8 MLP on the
       # demo), weight-only: the same action error as W4A8 there and 2.3 ms less prefix on the H100
       # (no activation quantizer, a bf16 GEMM; BENCHMARKS.md, session 6), and the token table
-      # weight-only int4.
+      # weight-only int4. The expert MLP quantizes its activations only from
+      # DEPLOY_EXPERT_ACT_MIN_TOKENS tokens per call: below, the same packed weights run
+      # weight-only (H100, BENCHMARKS.md session 7: batch-1 flow steps faster; the demo's action
+      # error unchanged, EVALUATION.md).
       "deploy": QuantConfig(name="deploy", calib_batches=128, rules=(
-          LayerRule(pattern=LLM, **best), LayerRule(pattern=EXPERT_MLP, **best),
+          LayerRule(pattern=LLM, **best),
+          LayerRule(pattern=EXPERT_MLP, act_min_tokens=DEPLOY_EXPERT_ACT_MIN_TOKENS, **best),
           LayerRule(pattern=EXPERT_ATTN, weight_bits=8, act_bits=None, rotation="none",
                     permutation="none", smooth_alpha=None),
           LayerRule(pattern=SIGLIP, block_size=8, act_bits=None)),

@@ -38,8 +38,9 @@ class PackedLinear:
   Invariant (per stacked layer): for activations x (M, K) in the linear's input layout,
     x @ W2 ~ restore( dequant8(q8(T(x))) @ (scale * (codes - zero))^T )
   where T = `transform.apply` (DuQuant's smoothing, rotation, permutation, rotation), q8 the
-  per-token activation quantizer (skipped when `act_bits` is None), and `restore` undoes the optional
-  output rotation. Every array may carry leading stack axes (L, ...) for `nn.scan`-ed layers.
+  per-token activation quantizer (skipped when `act_bits` is None, or for calls of fewer than
+  `act_min_tokens` tokens), and `restore` undoes the optional output rotation. Every array may
+  carry leading stack axes (L, ...) for `nn.scan`-ed layers.
 
   Attributes:
     codes: (..., N, K) int4 (bits <= 4) or int8 weight codes.
@@ -50,6 +51,8 @@ class PackedLinear:
     w_shape: static, one layer's original weight shape (the einsum's weight operand).
     w_spec: static, the weight's axis letters as the model's einsum names them.
     bits / act_bits / act_symmetric / act_clip: static quantizer format.
+    act_min_tokens: static; calls of fewer tokens (M) skip the activation quantizer and run the
+      same codes weight-only on the transformed float input (`quantizes`); 0: always quantize.
     mode: static, "int" (integer dot) or "simulate" (the same numerics in float).
     matmul_impl / transform_impl: static, which implementation of the W4A8 matmul
       (`kernels.IMPLEMENTATIONS`) and of the online transform + activation quantizer
@@ -72,6 +75,7 @@ class PackedLinear:
   act_bits: Optional[int] = flax.struct.field(pytree_node=False, default=8)
   act_symmetric: bool = flax.struct.field(pytree_node=False, default=False)
   act_clip: float = flax.struct.field(pytree_node=False, default=1.0)
+  act_min_tokens: int = flax.struct.field(pytree_node=False, default=0)
   mode: str = flax.struct.field(pytree_node=False, default="int")
   matmul_impl: Optional[str] = flax.struct.field(pytree_node=False, default=None)
   transform_impl: Optional[str] = flax.struct.field(pytree_node=False, default=None)
@@ -121,6 +125,10 @@ class PackedLinear:
     """W2^T (..., N, K) float32, in the transformed basis (for diagnostics)."""
     return dequantize_weight(self.codes, self.scale, self.zero)
 
+  def quantizes(self, m: int) -> bool:
+    """Whether a call on M tokens quantizes its activations (W4A8) or runs weight-only."""
+    return self.act_bits is not None and m >= self.act_min_tokens
+
   def input_share_key(self):
     """A hashable key equal for linears whose `quantize_input` gives the same result for the same
     input (one shared-input group: one online transform, one activation quantizer), or None if
@@ -129,12 +137,15 @@ class PackedLinear:
       return None
     if self.act_bits is None:  # weight-only: what is shared is the transformed input, if any
       return None if self.transform is None else (self.input_group, None, self.transform_impl)
-    return (self.input_group, self.act_bits, self.act_symmetric, self.act_clip, self.transform_impl)
+    # (Callers add the input's shape to the key: whether it is quantized depends on M.)
+    return (self.input_group, self.act_bits, self.act_symmetric, self.act_clip,
+            self.act_min_tokens, self.transform_impl)
 
   def quantize_input(self, x2: jax.Array):
     """x2 (M, K) -> what the integer matmul reads: (xq, sx, zx), the online transform and the
-    per-token int8 quantizer; for a weight-only linear, the transformed x2 in x2's dtype."""
-    if self.act_bits is None:
+    per-token int8 quantizer; for a weight-only linear (or call: `quantizes`), the transformed x2
+    in x2's dtype."""
+    if not self.quantizes(x2.shape[0]):
       return _transform_only(x2, self.transform, implementation=self.transform_impl)
     return _transform_quantize(x2, self.transform, self.act_bits, symmetric=self.act_symmetric,
                                clip_ratio=self.act_clip, implementation=self.transform_impl)
@@ -154,21 +165,22 @@ class PackedLinear:
     """
     one = self if layer is None else self.at_layer(layer)  # slices no path reads are dropped
     dtype = x2.dtype
-    if one.act_bits is not None and one.mode == "int":
+    quantizes = one.quantizes(x2.shape[0])
+    if quantizes and one.mode == "int":
       xq, sx, zx = one.quantize_input(x2) if quantized is None else quantized
       # Without an output rotation the kernel's epilogue writes x's dtype: half the bytes of a
       # float32 result for bf16 activations (prefix gate/up: 107 MB per layer in float32).
       # With a layer index the kernel gets the stacked codes and reads that layer in place.
       y = _int_matmul(xq, sx, zx, self.codes, self.scale, self.zero, implementation=one.matmul_impl,
                       out_dtype=jnp.float32 if one.out_rot is not None else dtype, layer=layer)
-    elif one.act_bits is None and one.mode == "int":  # weight-only: codes read packed
+    elif one.mode == "int":  # weight-only: codes read packed
       x = one.quantize_input(x2) if quantized is None else quantized
       y = xla.weight_only_matmul(x, one.codes, one.scale, one.zero)
     else:
       x = x2.astype(jnp.float32)
       if one.transform is not None:
         x = one.transform.apply(x)
-      if one.act_bits is None:
+      if not quantizes:
         y = x @ one.dequantize().T
       else:  # simulate: the same quantizers, in float
         xq, sx, zx = xla.quantize_per_token(x, one.act_bits, symmetric=one.act_symmetric,

@@ -441,7 +441,7 @@ def quantize_params(params: Params, cfg: QuantConfig, stats: Any = None, *,
           codes=codes.astype(_codes_dtype(rule.weight_bits)), scale=scale, zero=zero,
           transform=online, out_rot=out_rot, w_shape=m.weight_shape, w_spec=m.w_spec,
           bits=rule.weight_bits, act_bits=rule.act_bits, act_symmetric=rule.act_symmetric,
-          act_clip=rule.act_clip, mode=cfg.mode,
+          act_clip=rule.act_clip, act_min_tokens=rule.act_min_tokens, mode=cfg.mode,
           input_group=group if len(active) > 1 else None)  # same `online` for every member
       packed.validate()
       _set(out, m.path, packed)

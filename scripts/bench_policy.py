@@ -66,7 +66,7 @@ class GemmOnlyLinear(PackedLinear):
     return None
 
   def quantize_input(self, x2):
-    if self.act_bits is None:
+    if not self.quantizes(x2.shape[0]):
       return x2
     m = x2.shape[0]
     zx = None if self.act_symmetric else jnp.zeros((m, 1), jnp.float32)
@@ -113,12 +113,13 @@ def time_policy(policy, params, obs, repeats, num_steps=10):
 
 
 def _rules_but_act_bits(cfg):
-  return (tuple(dataclasses.replace(r, act_bits=8) for r in cfg.rules), cfg.embeddings)
+  return (tuple(dataclasses.replace(r, act_bits=8, act_min_tokens=0) for r in cfg.rules),
+          cfg.embeddings)
 
 
 def _repack_activations(packs, cfg):
-  """An earlier pack whose config differs from `cfg` only in rules' `act_bits`, with each linear's
-  act_bits set by `cfg`'s rules; None if there is none. The packed weights and transforms do not
+  """An earlier pack whose config differs from `cfg` only in rules' `act_bits` / `act_min_tokens`,
+  with each linear's set by `cfg`'s rules; None if there is none. The packed weights and transforms do not
   depend on act_bits (same codes, scales and transforms), and full-size packing takes ~90 s."""
   for cfg0, packed, *_ in packs:
     if _rules_but_act_bits(cfg0) == _rules_but_act_bits(cfg):
@@ -126,7 +127,7 @@ def _repack_activations(packs, cfg):
         if not isinstance(leaf, PackedLinear):
           return leaf
         rule = cfg.rule_for("/".join(str(getattr(k, "key", k)) for k in path))
-        return leaf.replace(act_bits=rule.act_bits)
+        return leaf.replace(act_bits=rule.act_bits, act_min_tokens=rule.act_min_tokens)
       return jax.tree_util.tree_map_with_path(act_bits, packed,
                                               is_leaf=lambda v: isinstance(v, PackedLinear))
   return None

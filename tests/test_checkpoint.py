@@ -86,6 +86,18 @@ def test_roundtrip_bit_exact_and_same_actions(rtn, tmp_path):
   np.testing.assert_array_equal(np.asarray(a1), np.asarray(a2))
 
 
+def test_act_min_tokens_survives_the_roundtrip(rtn, tmp_path):
+  _, cfg, packed = rtn
+  mlp = packed["PaliGemma"]["llm"]["layers"]["mlp_1"]
+  mlp["linear"] = mlp["linear"].replace(act_min_tokens=256)
+  ck.save_packed(tmp_path / "q", packed, cfg)
+  packed2, *_ = ck.load_packed(tmp_path / "q")
+  layers = packed2["PaliGemma"]["llm"]["layers"]
+  assert layers["mlp_1"]["linear"].act_min_tokens == 256
+  assert layers["mlp_1"]["gating_einsum"].act_min_tokens == 0
+  _assert_same_tree(packed, packed2)
+
+
 def test_duquant_roundtrip_with_stats(duquant, tmp_path):
   _, cfg, stats, packed = duquant
   t = packed["PaliGemma"]["llm"]["layers"]["mlp"]["linear"].transform

@@ -301,3 +301,49 @@ def test_folded_norms_keep_the_param_dtype():
            if "pre_attention_norm" in jax.tree_util.keystr(k)}
   assert norms and all(v.dtype == jnp.bfloat16 for v in norms.values())
   assert summarize(packed).tree_bytes_packed == tree_nbytes(packed)
+
+
+# ---------------------------------------------------------------------------------------------
+# act_min_tokens: small calls run the same packed weights weight-only.
+
+
+def test_act_min_tokens_small_calls_run_weight_only_and_large_calls_w4a8():
+  from duquant_jax.config import EXPERT_MLP
+  from duquant_jax.synthetic_stats import synthetic_stats
+  params = demo_params("pi0")
+  cfg = QuantConfig(rules=(LayerRule(pattern=EXPERT_MLP, block_size=16, act_min_tokens=8),))
+  packed = quantize_params(params, cfg, synthetic_stats(params))
+  w = packed["PaliGemma"]["llm"]["layers"]["mlp_1"]["linear"]
+  assert w.act_min_tokens == 8 and w.act_bits == 8
+  w = w.at_layer(0)
+  assert not w.quantizes(7) and w.quantizes(8)
+  x = jax.random.normal(jax.random.key(0), (16, w.in_features), jnp.bfloat16)
+  small, large = x[:7], x[:8]
+  weight_only, w4a8 = w.replace(act_bits=None, act_min_tokens=0), w.replace(act_min_tokens=0)
+  np.testing.assert_array_equal(np.asarray(w.matmul(small), np.float32),
+                                np.asarray(weight_only.matmul(small), np.float32))
+  np.testing.assert_array_equal(np.asarray(w.matmul(large), np.float32),
+                                np.asarray(w4a8.matmul(large), np.float32))
+  # The two really differ (the activation quantizer runs in one of them only).
+  assert not np.array_equal(np.asarray(w4a8.matmul(small)), np.asarray(w.matmul(small)))
+  # In the policy: with a threshold above every call's token count the actions equal the
+  # weight-only tree's, bit for bit (the same program); with 0 they differ.
+  is_packed = lambda v: isinstance(v, PackedLinear)
+  with_fields = lambda **kw: jax.tree.map(lambda v: v.replace(**kw) if is_packed(v) else v,
+                                          packed, is_leaf=is_packed)
+  obs = get_policy("pi0", "demo").example_observation(jax.random.key(1), batch_size=1)
+  a = _actions("pi0", with_fields(act_min_tokens=10**6), obs)
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(
+      _actions("pi0", with_fields(act_bits=None, act_min_tokens=0), obs)))
+  assert not np.array_equal(np.asarray(a), np.asarray(_actions("pi0", with_fields(act_min_tokens=0),
+                                                                obs)))
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(act_min_tokens=-1), "act_min_tokens must be an int >= 0"),
+    (dict(act_min_tokens=2.5), "act_min_tokens must be an int >= 0"),
+    (dict(act_bits=None, act_min_tokens=64), "needs act_bits"),
+])
+def test_act_min_tokens_refuses_bad_values(kw, match):
+  with pytest.raises(ValueError, match=match):
+    LayerRule(pattern="x", **kw)

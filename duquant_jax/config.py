@@ -273,9 +273,10 @@ def _ours(name: str, rules: tuple[LayerRule, ...], calib: int = 128) -> QuantCon
   return QuantConfig(name=name, calib_batches=calib, rules=rules)
 
 
-# Flow-step calls of the action expert have 51 tokens per observation: batch 1-4 runs its MLP
-# weight-only under `deploy`, batch 8 (408 tokens) W4A8.
-DEPLOY_EXPERT_ACT_MIN_TOKENS = 256
+# Flow-step calls of the action expert have 51 tokens per observation. On the H100 (BENCHMARKS.md,
+# session 7) its MLP ran faster weight-only at batch 1 (51 tokens: 40.7 vs 42.1 ms per call) and
+# slower at batch 4 (204 tokens: 94.3 vs 86.9 ms); so under `deploy` batch 1 runs it weight-only.
+DEPLOY_EXPERT_ACT_MIN_TOKENS = 64
 
 
 def _presets() -> dict[str, QuantConfig]:

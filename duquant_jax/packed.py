@@ -160,8 +160,9 @@ class PackedLinear:
     `quantized`: this linear's `quantize_input(x2)`, already computed for another member of its
     input group (same `input_share_key`); None computes it here.
     `layer`: None for one layer (no stack axes), or the index of the layer to apply in a stacked
-    weight; the W4A8 matmul then gets the stacked codes and scales with the index (a kernel reads
-    that layer in place, `kernels.w4a8_matmul`), everything else is sliced.
+    weight; the W4A8 or weight-only matmul then gets the stacked codes and scales with the index
+    (a kernel reads that layer in place, `kernels.w4a8_matmul` / `kernels.weight_only_matmul`),
+    everything else is sliced.
     """
     one = self if layer is None else self.at_layer(layer)  # slices no path reads are dropped
     dtype = x2.dtype
@@ -173,9 +174,11 @@ class PackedLinear:
       # With a layer index the kernel gets the stacked codes and reads that layer in place.
       y = _int_matmul(xq, sx, zx, self.codes, self.scale, self.zero, implementation=one.matmul_impl,
                       out_dtype=jnp.float32 if one.out_rot is not None else dtype, layer=layer)
-    elif one.mode == "int":  # weight-only: codes read packed
+    elif one.mode == "int":  # weight-only: codes read packed (in place at a layer index)
       x = one.quantize_input(x2) if quantized is None else quantized
-      y = xla.weight_only_matmul(x, one.codes, one.scale, one.zero)
+      y = _weight_only_matmul(x, self.codes, self.scale, self.zero, implementation=one.matmul_impl,
+                              out_dtype=jnp.float32 if one.out_rot is not None else dtype,
+                              layer=layer)
     else:
       x = x2.astype(jnp.float32)
       if one.transform is not None:
@@ -250,6 +253,13 @@ def _int_matmul(xq, sx, zx, codes, scale, zero, implementation=None, out_dtype=j
   from duquant_jax import kernels
   return kernels.w4a8_matmul(xq, sx, zx, codes, scale, zero, out_dtype=out_dtype,
                              implementation=implementation, layer=layer)
+
+
+def _weight_only_matmul(x, codes, scale, zero, implementation=None, out_dtype=jnp.float32,
+                        layer=None):
+  from duquant_jax import kernels
+  return kernels.weight_only_matmul(x, codes, scale, zero, out_dtype=out_dtype,
+                                    implementation=implementation, layer=layer)
 
 
 def _transform_only(x, transform, implementation=None):

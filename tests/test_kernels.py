@@ -160,3 +160,77 @@ def test_weight_only_matmul_equals_dequantized_reference(codes, fold_zero, dtype
 def test_weight_only_matmul_rejects_mismatched_codes():
   with pytest.raises(ValueError, match="do not match"):
     xla.weight_only_matmul(jnp.ones((2, 64)), jnp.ones((8, 32), jnp.int8), jnp.ones((8, 1)), None)
+
+
+# ---------------------------------------------------------------------------------------------
+# The Pallas weight-only kernel (interpret mode) against the XLA weight-only path.
+
+
+def _weight_only_case(m, n, k, g, codes, symmetric, layers=None, dtype=jnp.bfloat16, seed=3):
+  keys = jax.random.split(jax.random.key(seed), 4)
+  lead = () if layers is None else (layers,)
+  lim = 8 if codes == jnp.int4 else 128
+  x = jax.random.normal(keys[0], (m, k)).astype(dtype)
+  q = jax.random.randint(keys[1], lead + (n, k), -lim, lim).astype(codes)
+  sw = jax.random.uniform(keys[2], lead + (n, g), minval=0.01, maxval=0.1)
+  zw = None if symmetric else jnp.round(jax.random.uniform(keys[3], lead + (n, g)) * 6 - 3)
+  return x, q, sw, zw
+
+
+@pytest.mark.parametrize("m,n,k,g,codes,symmetric,layers", [
+    (5, 64, 256, 1, jnp.int4, False, None),   # per-channel int4, asymmetric
+    (51, 64, 512, 4, jnp.int4, False, 3),     # grouped, a layer of a stack (policy flow step)
+    (20, 32, 256, 1, jnp.int8, False, 2),     # int8 codes (expert attention in `deploy`)
+    (3, 32, 512, 2, jnp.int8, True, None),
+    (70, 64, 256, 1, jnp.int4, True, None),   # M past one 64-row tile, masked
+])
+def test_weight_only_kernel_matches_xla(m, n, k, g, codes, symmetric, layers):
+  x, q, sw, zw = _weight_only_case(m, n, k, g, codes, symmetric, layers)
+  layer = None if layers is None else jnp.int32(layers - 1)
+  y = pallas_gpu.weight_only_matmul(x, q, sw, zw, interpret=True, layer=layer)
+  one = lambda a: a if a is None or layers is None else a[layers - 1]
+  ref = xla.weight_only_matmul(x, one(q), one(sw), one(zw))
+  # Zero points folded into the bf16 operand vs subtracted after the dot: float32 rounding.
+  np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=1e-6,
+                             atol=1e-6 * float(jnp.abs(ref).max()))
+
+
+def test_weight_only_kernel_split_k_and_bf16_output():
+  x, q, sw, zw = _weight_only_case(8, 32, 1024, 1, jnp.int4, False)
+  tiles = pallas_gpu.TileConfig(block_m=16, block_n=32, block_k=256, split_k=2)
+  y = pallas_gpu.weight_only_matmul(x, q, sw, zw, interpret=True, tiles=tiles,
+                                    out_dtype=jnp.bfloat16)
+  ref = xla.weight_only_matmul(x, q, sw, zw)
+  assert y.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(ref), rtol=1e-2,
+                             atol=1e-2 * float(jnp.abs(ref).max()))
+
+
+def test_weight_only_dispatch():
+  x, q, sw, zw = _weight_only_case(51, 64, 512, 4, jnp.int4, False, layers=2)
+  layer = jnp.int32(1)
+  ref = xla.weight_only_matmul(x, q[1], sw[1], zw[1])
+  # Auto on CPU is the XLA path (sliced), bit for bit; the kernel agrees to float32 rounding.
+  auto = kernels.weight_only_matmul(x, q, sw, zw, layer=layer)
+  np.testing.assert_array_equal(np.asarray(auto), np.asarray(ref))
+  kern = kernels.weight_only_matmul(x, q, sw, zw, layer=layer, implementation="pallas_interpret")
+  np.testing.assert_allclose(np.asarray(kern), np.asarray(ref), rtol=1e-6,
+                             atol=1e-6 * float(jnp.abs(ref).max()))
+  assert kernels.weight_only_kernel_preferred(51, 64, 512, 4, jnp.int4)
+  assert not kernels.weight_only_kernel_preferred(kernels.WEIGHT_ONLY_KERNEL_MAX_TOKENS + 1, 64,
+                                                  512, 4, jnp.int4)
+  assert not kernels.weight_only_kernel_preferred(51, 64, 512, 4, jnp.int32)
+
+
+def test_weight_only_kernel_rejects_bad_inputs():
+  x, q, sw, zw = _weight_only_case(4, 32, 256, 1, jnp.int4, False)
+  with pytest.raises(TypeError, match="x must be"):
+    pallas_gpu.weight_only_matmul(x.astype(jnp.int8), q, sw, zw, interpret=True)
+  with pytest.raises(TypeError, match="int4 or int8"):
+    pallas_gpu.weight_only_matmul(x, q.astype(jnp.int32), sw, zw, interpret=True)
+  with pytest.raises(ValueError, match="does not match"):
+    pallas_gpu.weight_only_matmul(x[:, :128], q, sw, zw, interpret=True)
+  with pytest.raises(ValueError, match="stacked"):
+    kernels.weight_only_matmul(x, q, sw, zw, layer=jnp.int32(0))
+  with pytest.raises(ValueError, match="implementation must be"):
+    kernels.weight_only_matmul(x, q, sw, zw, implementation="cuda")

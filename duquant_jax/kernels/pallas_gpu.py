@@ -241,18 +241,25 @@ def _kernel(*refs, m, n_groups, steps_per_group, group_size, scale_groups, tiles
     return (jnp.zeros((bm, bn), jnp.int32), jnp.zeros((bm, 1), jnp.int32),
             jnp.zeros((1, bn), jnp.int32))
 
+  y = _sum_groups(n_groups, steps_per_group, lambda g: functools.partial(k_step, g), zeros,
+                  lambda g, carry: group_epilogue(g, *carry), (bm, bn))
+  _store(o_ref, y * sx, row_ok, tiles, interpret)
+
+
+def _sum_groups(n_groups, steps_per_group, k_step_of, zeros, epilogue, shape):
+  """sum over scale groups g of epilogue(g, K loop of group g): the float32 (bm, bn) tile."""
   if n_groups == 1:
-    acc, xsum, wsum = jax.lax.fori_loop(
-        0, steps_per_group, functools.partial(k_step, 0), zeros())
-    y = group_epilogue(0, acc, xsum, wsum)
-  else:
-    def group_body(g, out):
-      acc, xsum, wsum = jax.lax.fori_loop(
-          0, steps_per_group, functools.partial(k_step, g), zeros())
-      return out + group_epilogue(g, acc, xsum, wsum)
-    y = jax.lax.fori_loop(0, n_groups, group_body, jnp.zeros((bm, bn), jnp.float32))
-  y = y * sx
-  out_mask = jnp.broadcast_to(row_ok, (bm, bn))
+    return epilogue(0, jax.lax.fori_loop(0, steps_per_group, k_step_of(0), zeros()))
+
+  def group_body(g, out):
+    return out + epilogue(g, jax.lax.fori_loop(0, steps_per_group, k_step_of(g), zeros()))
+  return jax.lax.fori_loop(0, n_groups, group_body, jnp.zeros(shape, jnp.float32))
+
+
+def _store(o_ref, y, row_ok, tiles, interpret):
+  """Write the (bm, bn) tile, rows past M masked; with split-K, add it atomically."""
+  plgpu = _triton_api()
+  out_mask = jnp.broadcast_to(row_ok, y.shape)
   if tiles.split_k > 1:
     # Interpret mode pads blocks and cannot discharge a masked atomic: zero the padded rows instead.
     if interpret:
@@ -261,6 +268,63 @@ def _kernel(*refs, m, n_groups, steps_per_group, group_size, scale_groups, tiles
       plgpu.atomic_add(o_ref, (slice(None), slice(None)), y, mask=out_mask)
   else:
     plgpu.store(o_ref, y.astype(o_ref.dtype), mask=out_mask)
+
+
+def _weight_only_kernel(*refs, m, n_groups, steps_per_group, group_size, scale_groups, tiles,
+                        has_zw, has_layer, nibbles, interpret):
+  """One (block_m, block_n) tile of the weight-only matmul: float x times dequantized codes.
+
+  Refs: layer_ref (1,) int32 [has_layer]; x_ref (bm, K) float; w_ref (L, bn, K/2) int8 nibble
+  pairs [nibbles] or (L, bn, K) int8 codes; sw_ref (L, bn, G) f32; zw_ref (L, bn, G) f32
+  [has_zw]; [split_k > 1: init_ref]; o_ref (bm, bn).
+  Each K step upcasts the codes in registers to x's dtype with the group's zero point folded in
+  (q - zw: an integer below 2^8 in magnitude, exact in bfloat16), so no row sums are needed, and
+  runs one MMA with float32 accumulation; the group's scale multiplies its partial sums.
+  """
+  from jax.experimental import pallas as pl
+  plgpu = _triton_api()
+  del group_size  # the zero points are folded into the codes, not corrected by row sums
+
+  refs = list(refs)
+  layer_ref = refs.pop(0) if has_layer else None
+  x_ref, w_ref, sw_ref = refs.pop(0), refs.pop(0), refs.pop(0)
+  zw_ref = refs.pop(0) if has_zw else None
+  o_ref = refs[-1]
+
+  bm, bn, bk = tiles.block_m, tiles.block_n, tiles.block_k
+  layer = layer_ref[0] if has_layer else jnp.int32(0)
+  rows = pl.program_id(0) * bm + jax.lax.broadcasted_iota(jnp.int32, (bm, 1), 0)
+  row_ok = rows < m
+  x_mask = jnp.broadcast_to(row_ok, (bm, bk))
+  split = pl.program_id(2) if tiles.split_k > 1 else 0
+  group0 = split * n_groups
+
+  def column(ref, g):
+    gq = 0 if scale_groups == 1 else group0 + g
+    return plgpu.load(ref.at[layer, :, pl.ds(gq, 1)])  # (bn, 1)
+
+  def k_step(g, zw_g, s, acc):
+    kk = (group0 + g) * steps_per_group + s
+    k0 = pl.multiple_of(kk * bk, bk)
+    x = plgpu.load(x_ref.at[:, pl.ds(k0, bk)], mask=x_mask, other=0)
+    if nibbles:
+      kp0 = pl.multiple_of(kk * (bk // 2), bk // 2)
+      w = _unpack_nibbles(plgpu.load(w_ref.at[layer, :, pl.ds(kp0, bk // 2)]))
+    else:
+      w = plgpu.load(w_ref.at[layer, :, pl.ds(k0, bk)])
+    w = w.astype(jnp.float32)
+    if has_zw:
+      w = w - zw_g
+    return acc + jax.lax.dot_general(x, w.astype(x.dtype), (((1,), (1,)), ((), ())),
+                                     preferred_element_type=jnp.float32)
+
+  def k_step_of(g):
+    return functools.partial(k_step, g, column(zw_ref, g) if has_zw else None)
+
+  y = _sum_groups(n_groups, steps_per_group, k_step_of,
+                  lambda: jnp.zeros((bm, bn), jnp.float32),
+                  lambda g, acc: acc * column(sw_ref, g).reshape(1, bn), (bm, bn))
+  _store(o_ref, y, row_ok, tiles, interpret)
 
 
 def _triton_api():
@@ -282,6 +346,12 @@ def _check_inputs(xq, sx, zx, q, sw, zw, layer):
                      f"{None if zx is None else zx.shape}")
   if q.dtype != jnp.int4:
     raise TypeError(f"q must be int4 codes, got {q.dtype} {q.shape}")
+  return _check_weight(q, sw, zw, layer, xq.shape)
+
+
+def _check_weight(q, sw, zw, layer, x_shape):
+  """Validate the codes / scales against activations of shape (M, K); returns (M, K, L, N, G)."""
+  m, k = x_shape
   if layer is None:
     if q.ndim != 2:
       raise ValueError(f"q must be (N, K) without a layer index, got {q.shape}")
@@ -292,7 +362,7 @@ def _check_inputs(xq, sx, zx, q, sw, zw, layer):
     lq = q.shape[0]
   n, kq = q.shape[-2:]
   if kq != k:
-    raise ValueError(f"q {q.shape} does not match xq (M, K)={xq.shape}")
+    raise ValueError(f"q {q.shape} does not match the activations (M, K)={x_shape}")
   g = sw.shape[-1]
   if sw.shape != (*q.shape[:-1], g) or k % g:
     raise ValueError(f"sw {sw.shape} must be (..., N, G) with G dividing K; q {q.shape}")
@@ -321,17 +391,60 @@ def w4a8_matmul(xq, sx, zx, q, sw, zw, *, out_dtype=jnp.float32, tiles: TileConf
   Raises:
     TypeError / ValueError: bad dtypes or shapes. NotImplementedError: tiles that do not divide (N, K/G).
   """
+  m, k, lq, n, g = _check_inputs(xq, sx, zx, q, sw, zw, layer)
+  act_args = [xq, sx.astype(jnp.float32)] + ([] if zx is None else [zx.astype(jnp.float32)])
+  act_widths = [k, 1] + ([] if zx is None else [1])
+  return _call(functools.partial(_kernel, has_zx=zx is not None), act_args, act_widths,
+               pack_int4_pairs(q), sw, zw, m=m, k=k, lq=lq, n=n, g=g, tiles=tiles,
+               out_dtype=out_dtype, interpret=interpret, layer=layer, name="w4a8_matmul")
+
+
+@functools.partial(jax.jit, static_argnames=("out_dtype", "tiles", "interpret"))
+def weight_only_matmul(x, q, sw, zw, *, out_dtype=jnp.float32, tiles: TileConfig | None = None,
+                       interpret: bool = False, layer: jax.Array | None = None):
+  """Weight-only matmul with the Pallas kernel: float x (M, K) times dequant(q) (N, K).
+
+  The same product as `xla.weight_only_matmul` (to float32 summation order): the int4 (or int8)
+  codes are read packed, upcast in registers to x's dtype with the zero points folded in, and
+  multiplied on the tensor cores with float32 accumulation; one kernel, no row sums and no
+  separate epilogue, and with `layer` a stacked weight is read in place.
+
+  Args:
+    x: (M, K) activations (bfloat16 on the GPU; the MMA's input dtype).
+    q: (N, K) int4 or int8 codes, or (L, N, K) stacked with `layer`; sw (N, G) / (L, N, G) float32
+      scales; zw the same shape, zero points, or None.
+    out_dtype, tiles, interpret, layer: as `w4a8_matmul`.
+
+  Returns:
+    (M, N) array of out_dtype.
+  """
+  if x.ndim != 2 or not jnp.issubdtype(x.dtype, jnp.floating):
+    raise TypeError(f"x must be (M, K) float, got {x.dtype} {x.shape}")
+  if q.dtype not in (jnp.int4, jnp.int8):
+    raise TypeError(f"q must be int4 or int8 codes, got {q.dtype} {q.shape}")
+  m, k, lq, n, g = _check_weight(q, sw, zw, layer, x.shape)
+  nibbles = q.dtype == jnp.int4
+  w = pack_int4_pairs(q) if nibbles else q
+  return _call(functools.partial(_weight_only_kernel, nibbles=nibbles), [x], [k], w, sw, zw,
+               m=m, k=k, lq=lq, n=n, g=g, tiles=tiles, out_dtype=out_dtype, interpret=interpret,
+               layer=layer, name="weight_only_matmul")
+
+
+def _call(kernel, act_args, act_widths, w, sw, zw, *, m, k, lq, n, g, tiles, out_dtype, interpret,
+          layer, name):
+  """The pallas_call of either kernel: a grid of (M / bm, N / bn[, split_k]) programs, each
+  reading its rows of the activation arrays (`act_args`, widths `act_widths`) and its output
+  channels of the codes `w` (L, N, K') and scales, at `layer` of a stack."""
   from jax.experimental import pallas as pl
   plgpu = _triton_api()
 
-  m, k, lq, n, g = _check_inputs(xq, sx, zx, q, sw, zw, layer)
   gs = k // g
   tiles = tiles or choose_tiles(m, n, k, gs)
   if not supports(m, n, k, g, tiles):
     raise NotImplementedError(f"tiles {tiles} do not divide N={n}, group size {gs}; use the XLA path")
   bm, bn = tiles.block_m, tiles.block_n
-
-  wp = pack_int4_pairs(q).reshape(lq, n, k // 2)
+  kw = w.shape[-1]
+  w3 = w.reshape(lq, n, kw)
   sw3 = sw.reshape(lq, n, g).astype(jnp.float32)
   zw3 = None if zw is None else zw.reshape(lq, n, g).astype(jnp.float32)
 
@@ -343,13 +456,10 @@ def w4a8_matmul(xq, sx, zx, q, sw, zw, *, out_dtype=jnp.float32, tiles: TileConf
   if layer is not None:
     args.append(jnp.asarray(layer, jnp.int32).reshape(1))
     specs.append(pl.BlockSpec((1,), lambda i, j, *s: (0,)))
-  args += [xq, sx.astype(jnp.float32)]
-  specs += [pl.BlockSpec((bm, k), row_map), pl.BlockSpec((bm, 1), row_map)]
-  if zx is not None:
-    args.append(zx.astype(jnp.float32))
-    specs.append(pl.BlockSpec((bm, 1), row_map))
-  args += [wp, sw3]
-  specs += [pl.BlockSpec((lq, bn, k // 2), w_map), pl.BlockSpec((lq, bn, g), w_map)]
+  args += act_args
+  specs += [pl.BlockSpec((bm, width), row_map) for width in act_widths]
+  args += [w3, sw3]
+  specs += [pl.BlockSpec((lq, bn, kw), w_map), pl.BlockSpec((lq, bn, g), w_map)]
   if zw is not None:
     args.append(zw3)
     specs.append(pl.BlockSpec((lq, bn, g), w_map))
@@ -365,8 +475,8 @@ def w4a8_matmul(xq, sx, zx, q, sw, zw, *, out_dtype=jnp.float32, tiles: TileConf
   else:
     n_groups, group_len = g // sk, gs
   kernel = functools.partial(
-      _kernel, m=m, n_groups=n_groups, steps_per_group=group_len // tiles.block_k,
-      group_size=group_len, scale_groups=g, tiles=tiles, has_zx=zx is not None, has_zw=zw is not None,
+      kernel, m=m, n_groups=n_groups, steps_per_group=group_len // tiles.block_k,
+      group_size=group_len, scale_groups=g, tiles=tiles, has_zw=zw is not None,
       has_layer=layer is not None, interpret=interpret)
   y = pl.pallas_call(
       kernel,
@@ -377,7 +487,7 @@ def w4a8_matmul(xq, sx, zx, q, sw, zw, *, out_dtype=jnp.float32, tiles: TileConf
       input_output_aliases=aliases,
       compiler_params=plgpu.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages),
       interpret=interpret,
-      name="w4a8_matmul",
+      name=name,
   )(*args)
   return y.astype(out_dtype)
 
@@ -390,4 +500,4 @@ def flops_and_bytes(m: int, n: int, k: int, g: int = 1, out_bytes: int = 4) -> t
 
 
 __all__ = ["TileConfig", "choose_tiles", "supports", "pack_int4_pairs", "reference", "w4a8_matmul",
-           "flops_and_bytes"]
+           "weight_only_matmul", "flops_and_bytes"]

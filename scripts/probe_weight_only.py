@@ -1,8 +1,9 @@
 """Weight-only (W8A16 / W4A16) matmul: zero points folded into the GEMM's weight operand against
 subtracted as zw * rowsum(x) after the dot (`xla.weight_only_matmul(..., fold_zero=True / False)`;
 by default it picks by code type and M, `WEIGHT_ONLY_FOLD_MIN_TOKENS`, from this probe), and bf16
-`jnp.dot`, timed side by side in one jitted loop per case (bench_kernels' LoopTimer), with their
-largest difference.
+`jnp.dot`, and the Pallas weight-only kernel (`pallas_gpu.weight_only_matmul`: one kernel, zero
+points folded in registers; `--kernel`), timed side by side in one jitted loop per case
+(bench_kernels' LoopTimer), with their largest differences from the subtract-after form.
 
 Usage (GPU): cd scripts && PYTHONPATH=.. python3 probe_weight_only.py [--ms 51,768]
 """
@@ -15,11 +16,12 @@ import jax
 import jax.numpy as jnp
 
 from bench_kernels import LoopTimer, n_copies
-from duquant_jax.kernels import xla
+from duquant_jax.kernels import pallas_gpu, xla
 
 # (name, K, N, code dtype): pi0's expert attention (q + kv fused as N = 2560, o) and SigLIP's.
 SHAPES = [("300m q+kv", 1024, 2560, jnp.int8), ("300m o", 2048, 1024, jnp.int8),
-          ("siglip q", 1152, 1152, jnp.int8), ("siglip fc1 w4", 1152, 4304, jnp.int4)]
+          ("siglip q", 1152, 1152, jnp.int8), ("siglip fc1 w4", 1152, 4304, jnp.int4),
+          ("300m gate/up w4", 1024, 8192, jnp.int4), ("300m down w4", 4096, 1024, jnp.int4)]
 
 
 def folded(x, q, sw, zw):
@@ -33,11 +35,15 @@ def subtract_after(x, q, sw, zw):
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--ms", default="51,768")
+  ap.add_argument("--kernel", action="store_true", help="also time the Pallas weight-only kernel")
+  ap.add_argument("--shapes", default=None, help="comma list of SHAPES names (default: all)")
   args = ap.parse_args()
+  shapes = SHAPES if args.shapes is None else [s for s in SHAPES if s[0] in args.shapes.split(",")]
   print(f"device={jax.devices()[0].device_kind} jax={jax.__version__}")
-  print("| linear | M | K x N | bf16 dot us | folded us | subtract after us | max rel diff |")
-  print("|---|---|---|---|---|---|---|")
-  for name, k, n, dt in SHAPES:
+  print("| linear | M | K x N | bf16 dot us | folded us | subtract after us | max rel diff | kernel us "
+        "| kernel rel diff |")
+  print("|---|---|---|---|---|---|---|---|---|")
+  for name, k, n, dt in shapes:
     for m in (int(v) for v in args.ms.split(",")):
       keys = jax.random.split(jax.random.key(0), 4)
       x = jax.random.normal(keys[0], (m, k), jnp.bfloat16)
@@ -54,9 +60,14 @@ def main():
       t["folded"] = LoopTimer(lambda c, w: folded(c[0], *w), (x,), ws, y0, 50).time()
       t["after"] = LoopTimer(lambda c, w: subtract_after(c[0], *w), (x,), ws, y0, 50).time()
       a, b = folded(x, *ws[0]), subtract_after(x, *ws[0])
-      rel = float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+      rel = lambda y: float(jnp.max(jnp.abs(y - b)) / jnp.max(jnp.abs(b)))
+      kern = ""
+      if args.kernel:
+        t["kernel"] = LoopTimer(lambda c, w: pallas_gpu.weight_only_matmul(c[0], *w), (x,), ws, y0,
+                                50).time()
+        kern = f" {t['kernel'] * 1e6:.1f} | {rel(pallas_gpu.weight_only_matmul(x, *ws[0])):.1e} |"
       print(f"| {name} | {m} | {k}x{n} | {t['bf16'] * 1e6:.1f} | {t['folded'] * 1e6:.1f} | "
-            f"{t['after'] * 1e6:.1f} | {rel:.1e} |", flush=True)
+            f"{t['after'] * 1e6:.1f} | {rel(a):.1e} |{kern}", flush=True)
 
 
 if __name__ == "__main__":

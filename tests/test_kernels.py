@@ -234,3 +234,17 @@ def test_weight_only_kernel_rejects_bad_inputs():
     kernels.weight_only_matmul(x, q, sw, zw, layer=jnp.int32(0))
   with pytest.raises(ValueError, match="implementation must be"):
     kernels.weight_only_matmul(x, q, sw, zw, implementation="cuda")
+
+
+def test_weight_only_tiles_fit_shared_memory():
+  """A bf16 x tile is twice an int8 one: the 64 x 512, 4-stage pick for N = 1024 overflowed the
+  H100's shared memory (303104 > 232448 bytes) until the stages were cut."""
+  t = pallas_gpu.choose_tiles(51, 1024, 2048, 2048)
+  assert (t.block_m, t.block_k, t.num_stages) == (64, 512, 4)
+  f = pallas_gpu.fit_shared_memory(t, 2, 1.0)
+  assert f.num_stages * (f.block_m * f.block_k * 2 + f.block_n * f.block_k) <= \
+      pallas_gpu.SHARED_MEMORY_BUDGET
+  assert f.block_k == t.block_k and f.num_stages < t.num_stages
+  small = pallas_gpu.choose_tiles(51, 8192, 1024, 1024)  # 4 x (64 x 256 + 64 x 128) bytes fit
+  assert pallas_gpu.fit_shared_memory(small, 2, 0.5) == small
+  assert pallas_gpu.supports(51, 1024, 2048, 1, f)

@@ -119,6 +119,23 @@ def choose_tiles(m: int, n: int, k: int, group_size: int | None = None) -> TileC
   return TileConfig(**cfg)
 
 
+# Shared memory a Triton program may use on Hopper (232448 bytes), less headroom for its epilogue.
+SHARED_MEMORY_BUDGET = 200 * 1024
+
+
+def fit_shared_memory(tiles: TileConfig, x_bytes: int, w_bytes: float) -> TileConfig:
+  """`tiles` with fewer pipeline stages, then a shorter block_k, until the pipelined x and weight
+  tiles fit `SHARED_MEMORY_BUDGET` (choose_tiles' picks assume 1-byte int8 x; a bf16 x tile of
+  the weight-only kernel is twice that: 64 x 512 x 2 bytes x 4 stages overflowed on the H100)."""
+  def smem(t):
+    return t.num_stages * (t.block_m * t.block_k * x_bytes + t.block_n * t.block_k * w_bytes)
+  while smem(tiles) > SHARED_MEMORY_BUDGET and tiles.num_stages > 2:
+    tiles = dataclasses.replace(tiles, num_stages=tiles.num_stages - 1)
+  while smem(tiles) > SHARED_MEMORY_BUDGET and tiles.block_k > 32:
+    tiles = dataclasses.replace(tiles, block_k=tiles.block_k // 2)
+  return tiles
+
+
 def _largest_pow2_divisor(v: int) -> int:
   return v & -v
 
@@ -425,6 +442,9 @@ def weight_only_matmul(x, q, sw, zw, *, out_dtype=jnp.float32, tiles: TileConfig
   m, k, lq, n, g = _check_weight(q, sw, zw, layer, x.shape)
   nibbles = q.dtype == jnp.int4
   w = pack_int4_pairs(q) if nibbles else q
+  if tiles is None:
+    tiles = fit_shared_memory(choose_tiles(m, n, k, k // g), x.dtype.itemsize,
+                              0.5 if nibbles else 1.0)
   return _call(functools.partial(_weight_only_kernel, nibbles=nibbles), [x], [k], w, sw, zw,
                m=m, k=k, lq=lq, n=n, g=g, tiles=tiles, out_dtype=out_dtype, interpret=interpret,
                layer=layer, name="weight_only_matmul")
@@ -499,5 +519,5 @@ def flops_and_bytes(m: int, n: int, k: int, g: int = 1, out_bytes: int = 4) -> t
   return flops, nbytes
 
 
-__all__ = ["TileConfig", "choose_tiles", "supports", "pack_int4_pairs", "reference", "w4a8_matmul",
+__all__ = ["TileConfig", "choose_tiles", "fit_shared_memory", "supports", "pack_int4_pairs", "reference", "w4a8_matmul",
            "weight_only_matmul", "flops_and_bytes"]

@@ -16,6 +16,7 @@ import pytest
 
 from duquant_jax import kernels
 from duquant_jax.config import get_preset
+from duquant_jax.inference import with_implementations
 from duquant_jax.models import get_policy, make_observation
 from duquant_jax.models.gemma import STACKED, LayerIndex, stack_in_place
 from duquant_jax.packed import PackedLinear
@@ -91,8 +92,10 @@ def test_in_place_policy_hands_the_kernel_the_whole_stack_on_cuda(demo):
 
   def cuda_text(flag):
     p = dataclasses.replace(policy, cfg=dataclasses.replace(policy.cfg, stacked_in_place=flag))
+    # The kernels forced: auto-dispatch takes them only at the full-size shapes.
+    tree = with_implementations(packed, matmul="pallas")
     return jax.export.export(jax.jit(p.sample_actions), platforms=["cuda"],
-                             disabled_checks=[triton])(packed, obs, jax.random.key(2)).mlir_module()
+                             disabled_checks=[triton])(tree, obs, jax.random.key(2)).mlir_module()
 
   depth = policy.cfg.llm.depth
   calls = lambda flag: re.findall(r"custom_call @__gpu\$xla\.gpu\.triton\(.*", cuda_text(flag))

@@ -144,9 +144,14 @@ WEIGHT_ONLY_KERNEL_MAX_TOKENS = 64
 
 def weight_only_kernel_preferred(m: int, n: int, k: int, g: int, q_dtype) -> bool:
   """Whether auto-dispatch on CUDA runs a weight-only (M, K) x (N, K) matmul with the Pallas kernel:
-  small M (policy flow steps), int4 / int8 codes, and shapes its tiles divide."""
+  small M (policy flow steps), int4 / int8 codes, N >= 2048, and shapes its tiles divide.
+
+  H100, M = 51 (`probe_weight_only.py --kernel`, BENCHMARKS.md session 7), kernel vs XLA: 8.9 vs
+  9.6 us (expert q + kv, N = 2560), 11.8 vs 13.6 (gate/up, N = 8192); but 11.5 vs 7.9 (o,
+  N = 1024) and 19.5 vs 9.3 (down, K = 4096, N = 1024): narrow N leaves long K loops per program.
+  """
   from duquant_jax.kernels import pallas_gpu
-  if m > WEIGHT_ONLY_KERNEL_MAX_TOKENS or q_dtype not in (jnp.int4, jnp.int8) or k % g:
+  if m > WEIGHT_ONLY_KERNEL_MAX_TOKENS or n < 2048 or q_dtype not in (jnp.int4, jnp.int8) or k % g:
     return False
   return pallas_gpu.supports(m, n, k, g, pallas_gpu.choose_tiles(m, n, k, k // g))
 

@@ -92,7 +92,8 @@ def test_in_place_policy_hands_the_kernel_the_whole_stack_on_cuda(demo):
 
   def cuda_text(flag):
     p = dataclasses.replace(policy, cfg=dataclasses.replace(policy.cfg, stacked_in_place=flag))
-    # The kernels forced: auto-dispatch takes them only at the full-size shapes.
+    # The kernels forced: auto-dispatch takes the W4A8 one only at full-size shapes, and the
+    # weight-only one never.
     tree = with_implementations(packed, matmul="pallas")
     return jax.export.export(jax.jit(p.sample_actions), platforms=["cuda"],
                              disabled_checks=[triton])(tree, obs, jax.random.key(2)).mlir_module()

@@ -19,9 +19,9 @@ GEMMs. Elsewhere it runs the row-major einsums (`InputTransform.apply`), then
 `xla.quantize_per_token`. The fused Pallas kernel (`pallas_transform`) runs only when asked: on the
 H100 it measured 2-60x slower than XLA's chain at every shape (BENCHMARKS.md, "Online transform").
 
-`weight_only_matmul` (float activations times int4 / int8 codes, for weight-only linears) runs the
-Pallas (Triton) weight-only kernel on CUDA up to `WEIGHT_ONLY_KERNEL_MAX_TOKENS` tokens
-(`weight_only_kernel_preferred`), else `xla.weight_only_matmul`.
+`weight_only_matmul` (float activations times int4 / int8 codes, for weight-only linears) runs
+`xla.weight_only_matmul`; the Pallas (Triton) weight-only kernel only when asked ("pallas"): on the
+H100 it lost to XLA in the policy (BENCHMARKS.md, session 7).
 
 `w4a8_matmul(..., layer=i)` takes the stacked (L, N, K) codes of an `nn.scan` layer stack and a
 traced layer index: the Pallas kernel reads that layer in place (auto-dispatch on CUDA for small M,
@@ -138,24 +138,6 @@ def _at_layer(xq, sx, zx, q, sw, zw, layer, out_dtype, implementation):
   return jax.lax.platform_dependent(cuda=kernel, default=sliced)
 
 
-# Auto-dispatch on CUDA runs weight-only matmuls with the Pallas kernel up to this many tokens.
-WEIGHT_ONLY_KERNEL_MAX_TOKENS = 64
-
-
-def weight_only_kernel_preferred(m: int, n: int, k: int, g: int, q_dtype) -> bool:
-  """Whether auto-dispatch on CUDA runs a weight-only (M, K) x (N, K) matmul with the Pallas kernel:
-  small M (policy flow steps), int4 / int8 codes, N >= 2048, and shapes its tiles divide.
-
-  H100, M = 51 (`probe_weight_only.py --kernel`, BENCHMARKS.md session 7), kernel vs XLA: 8.9 vs
-  9.6 us (expert q + kv, N = 2560), 11.8 vs 13.6 (gate/up, N = 8192); but 11.5 vs 7.9 (o,
-  N = 1024) and 19.5 vs 9.3 (down, K = 4096, N = 1024): narrow N leaves long K loops per program.
-  """
-  from duquant_jax.kernels import pallas_gpu
-  if m > WEIGHT_ONLY_KERNEL_MAX_TOKENS or n < 2048 or q_dtype not in (jnp.int4, jnp.int8) or k % g:
-    return False
-  return pallas_gpu.supports(m, n, k, g, pallas_gpu.choose_tiles(m, n, k, k // g))
-
-
 def weight_only_matmul(x: jax.Array, q: jax.Array, sw: jax.Array, zw: jax.Array | None, *,
                        out_dtype=jnp.float32, implementation: str | None = None,
                        layer: jax.Array | None = None) -> jax.Array:
@@ -166,9 +148,10 @@ def weight_only_matmul(x: jax.Array, q: jax.Array, sw: jax.Array, zw: jax.Array 
     q, sw, zw: codes, scales (N, G) and zero points (or None); with `layer`, the stacked
       (L, N, K) / (L, N, G) arrays of an `nn.scan` layer stack.
     out_dtype: dtype of the result.
-    implementation: None (auto: the Pallas kernel on CUDA where `weight_only_kernel_preferred`,
-      else XLA), "pallas" / "pallas_interpret" (the kernel), or any other name of
-      `IMPLEMENTATIONS` (the XLA path: there is no int8 or Mosaic form of a weight-only matmul).
+    implementation: "pallas" / "pallas_interpret" (the Pallas kernel), or None or any other name
+      of `IMPLEMENTATIONS`: the XLA path (there is no int8 or Mosaic form of a weight-only matmul,
+      and auto-dispatch never picks the kernel: in the policy on the H100 it measured slower than
+      XLA's GEMM, in place or sliced; BENCHMARKS.md, session 7).
     layer: None, or a traced int32 scalar: the layer of the stacked arrays to use (the kernel
       reads it in place; XLA gets a slice).
 
@@ -180,22 +163,13 @@ def weight_only_matmul(x: jax.Array, q: jax.Array, sw: jax.Array, zw: jax.Array 
   if layer is not None and (q.ndim != 3 or sw.ndim != 3):
     raise ValueError(f"a layer index needs stacked (L, N, K) codes and (L, N, G) scales, got "
                      f"{q.shape} and {sw.shape}")
-  from duquant_jax.kernels import pallas_gpu
-  kernel = lambda interpret=False: pallas_gpu.weight_only_matmul(
-      x, q, sw, zw, out_dtype=out_dtype, interpret=interpret, layer=layer)
-
-  def xla_fn():
-    qs, sws, zws = (q, sw, zw) if layer is None else (
-        q[layer], sw[layer], None if zw is None else zw[layer])
-    return xla.weight_only_matmul(x, qs, sws, zws).astype(out_dtype)
-
   if implementation in ("pallas", "pallas_interpret"):
-    return kernel(interpret=implementation == "pallas_interpret")
-  m, k = x.shape
-  n, g = sw.shape[-2:]
-  if implementation is not None or not weight_only_kernel_preferred(m, n, k, g, q.dtype):
-    return xla_fn()
-  return jax.lax.platform_dependent(cuda=kernel, default=xla_fn)
+    from duquant_jax.kernels import pallas_gpu
+    return pallas_gpu.weight_only_matmul(x, q, sw, zw, out_dtype=out_dtype, layer=layer,
+                                         interpret=implementation == "pallas_interpret")
+  if layer is not None:
+    q, sw, zw = q[layer], sw[layer], None if zw is None else zw[layer]
+  return xla.weight_only_matmul(x, q, sw, zw).astype(out_dtype)
 
 
 def mosaic_applies(m: int, n: int, k: int, g: int, q_dtype) -> bool:
@@ -367,5 +341,5 @@ def fused_transform_applies(x_shape, transform) -> bool:
   return pallas_transform.supports(k, b)
 
 
-__all__ = ["w4a8_matmul", "weight_only_matmul", "weight_only_kernel_preferred", "transform_quantize", "transform_only", "mosaic_applies", "mosaic_preferred", "TRANSFORM_IMPLEMENTATIONS", "fused_transform_applies", "quantize_per_token",
+__all__ = ["w4a8_matmul", "weight_only_matmul", "transform_quantize", "transform_only", "mosaic_applies", "mosaic_preferred", "TRANSFORM_IMPLEMENTATIONS", "fused_transform_applies", "quantize_per_token",
            "dequantize_per_token", "kernel_preferred", "stacked_preferred", "IMPLEMENTATIONS"]

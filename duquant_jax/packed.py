@@ -54,8 +54,8 @@ class PackedLinear:
     act_min_tokens: static; calls of fewer tokens (M) skip the activation quantizer and run the
       same codes weight-only on the transformed float input (`quantizes`); 0: always quantize.
     mode: static, "int" (integer dot) or "simulate" (the same numerics in float).
-    matmul_impl / transform_impl: static, which implementation of the W4A8 matmul
-      (`kernels.IMPLEMENTATIONS`) and of the online transform + activation quantizer
+    matmul_impl / transform_impl: static, which implementation of the W4A8 (or weight-only)
+      matmul (`kernels.IMPLEMENTATIONS`) and of the online transform + activation quantizer
       (`kernels.TRANSFORM_IMPLEMENTATIONS`) to run; None = auto-dispatch by platform and shape.
       A run-time choice: set with `inference.with_implementations`, not stored in checkpoints.
     input_group: static, set by `quantize_params` on the W4A8 members of a group of linears that

@@ -20,6 +20,11 @@ Design (DESIGN.md section 5: small-M policy steps are bound by reading weights):
 - A stacked (L, N, K) weight (an `nn.scan` layer stack) can be read in place at a traced layer index:
   no per-layer slice copy.
 
+`weight_only_matmul` is the same structure for weight-only linears: float x, int4 or int8 codes
+upcast in registers with the zero points folded in, a bf16 MMA. It is exact to float32 rounding
+but measured slower than XLA's weight-only GEMM in the policy (BENCHMARKS.md, session 7), so it
+runs only when asked.
+
 The Triton backend was chosen over Mosaic GPU because the same kernel source runs in Pallas interpret
 mode on CPU (for CI) and compiles on jax 0.10.x and 0.11.x alike; see BENCHMARKS.md for its H100 numbers.
 

@@ -167,18 +167,18 @@ class PackedLinear:
     one = self if layer is None else self.at_layer(layer)  # slices no path reads are dropped
     dtype = x2.dtype
     quantizes = one.quantizes(x2.shape[0])
+    # Without an output rotation the matmul writes x's dtype: half the bytes of a float32 result
+    # for bf16 activations (prefix gate/up: 107 MB per layer in float32). With a layer index the
+    # matmul gets the stacked codes (a kernel reads that layer in place).
+    out_dtype = jnp.float32 if one.out_rot is not None else dtype
     if quantizes and one.mode == "int":
       xq, sx, zx = one.quantize_input(x2) if quantized is None else quantized
-      # Without an output rotation the kernel's epilogue writes x's dtype: half the bytes of a
-      # float32 result for bf16 activations (prefix gate/up: 107 MB per layer in float32).
-      # With a layer index the kernel gets the stacked codes and reads that layer in place.
       y = _int_matmul(xq, sx, zx, self.codes, self.scale, self.zero, implementation=one.matmul_impl,
-                      out_dtype=jnp.float32 if one.out_rot is not None else dtype, layer=layer)
-    elif one.mode == "int":  # weight-only: codes read packed (in place at a layer index)
+                      out_dtype=out_dtype, layer=layer)
+    elif one.mode == "int":  # weight-only: codes read packed
       x = one.quantize_input(x2) if quantized is None else quantized
       y = _weight_only_matmul(x, self.codes, self.scale, self.zero, implementation=one.matmul_impl,
-                              out_dtype=jnp.float32 if one.out_rot is not None else dtype,
-                              layer=layer)
+                              out_dtype=out_dtype, layer=layer)
     else:
       x = x2.astype(jnp.float32)
       if one.transform is not None:

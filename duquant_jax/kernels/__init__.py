@@ -119,11 +119,16 @@ def stacked_preferred(m: int, n: int, k: int, g: int, q_dtype) -> bool:
   return pallas_gpu.supports(m, n, k, g, pallas_gpu.choose_tiles(m, n, k, k // g))
 
 
-def _at_layer(xq, sx, zx, q, sw, zw, layer, out_dtype, implementation):
-  """`w4a8_matmul` on layer `layer` of stacked q, sw, zw."""
+def _check_stacked(q: jax.Array, sw: jax.Array) -> None:
+  """Refuses a layer index for codes / scales without exactly one stack axis."""
   if q.ndim != 3 or sw.ndim != 3:
     raise ValueError(f"a layer index needs stacked (L, N, K) codes and (L, N, G) scales, got "
                      f"{q.shape} and {sw.shape}")
+
+
+def _at_layer(xq, sx, zx, q, sw, zw, layer, out_dtype, implementation):
+  """`w4a8_matmul` on layer `layer` of stacked q, sw, zw."""
+  _check_stacked(q, sw)
   from duquant_jax.kernels import pallas_gpu
   kernel = lambda interpret=False: pallas_gpu.w4a8_matmul(
       xq, sx, zx, q, sw, zw, out_dtype=out_dtype, interpret=interpret, layer=layer)
@@ -160,9 +165,8 @@ def weight_only_matmul(x: jax.Array, q: jax.Array, sw: jax.Array, zw: jax.Array 
   """
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
-  if layer is not None and (q.ndim != 3 or sw.ndim != 3):
-    raise ValueError(f"a layer index needs stacked (L, N, K) codes and (L, N, G) scales, got "
-                     f"{q.shape} and {sw.shape}")
+  if layer is not None:
+    _check_stacked(q, sw)
   if implementation in ("pallas", "pallas_interpret"):
     from duquant_jax.kernels import pallas_gpu
     return pallas_gpu.weight_only_matmul(x, q, sw, zw, out_dtype=out_dtype, layer=layer,

@@ -59,7 +59,7 @@ FORMAT = "duquant-jax/packed"
 FORMAT_VERSION = 2  # the newest version this library reads; 2 added PackedEmbedding entries
 INFO_FILE = "duquant.json"
 _PL_STATIC = ("w_shape", "w_spec", "bits", "act_bits", "act_symmetric", "act_clip", "mode")
-_PL_OPTIONAL = ("zero", "out_rot")
+_PL_OPTIONAL = ("zero", "out_rot", "act_scale", "act_zero")
 _TF_ARRAYS = ("smooth", "rot1", "perm", "rot2")
 _EMB_STATIC = ("bits", "dtype")
 _ORBAX_DROP = ("commit_success.txt",)
@@ -191,7 +191,8 @@ def _join_packed(arrays: dict, structure: Mapping[str, dict]) -> dict:
     static["input_group"] = desc.get("input_group")
     static["act_min_tokens"] = int(desc.get("act_min_tokens", 0))
     packed = PackedLinear(codes=a["codes"], scale=a["scale"], zero=a.get("zero"),
-                          transform=transform, out_rot=a.get("out_rot"), **static)
+                          transform=transform, out_rot=a.get("out_rot"),
+                          act_scale=a.get("act_scale"), act_zero=a.get("act_zero"), **static)
     try:
       packed.validate()
     except ValueError as e:

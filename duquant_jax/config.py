@@ -61,6 +61,14 @@ class LayerRule:
   act_symmetric: bool = False
   # Per-token activation clip ratio (1.0: no clipping).
   act_clip: float = 1.0
+  # Activation scales: "token" computes each token's range at run time (a reduction over the
+  # input per call); "static" fixes one scale (and zero point) per layer at packing, from the
+  # calibration rows of the transformed input, so quantizing is elementwise and XLA fuses it into
+  # the op producing the input. Tokens beyond the calibrated range are clipped.
+  act_scale: Literal["token", "static"] = "token"
+  # Static scales: the percentile of the calibration rows' per-token ranges that maps to the int8
+  # range (99.9, as the source documents and QuantVLA use).
+  act_percentile: float = 99.9
   # Search the weight clip ratio per output channel on `clip_grid`, minimising output MSE on
   # calibration activations (falls back to weight MSE without activation samples).
   clip_search: bool = True
@@ -81,6 +89,15 @@ class LayerRule:
     if self.act_bits is None and self.act_min_tokens:
       raise ValueError(f"rule {self.pattern!r}: act_min_tokens={self.act_min_tokens} needs act_bits "
                        "(a weight-only rule never quantizes activations)")
+    if self.act_scale not in ("token", "static"):
+      raise ValueError(f"rule {self.pattern!r}: act_scale must be 'token' or 'static', got "
+                       f"{self.act_scale!r}")
+    if self.act_scale == "static" and self.act_bits is None:
+      raise ValueError(f"rule {self.pattern!r}: act_scale='static' needs act_bits (a weight-only "
+                       "rule never quantizes activations)")
+    if not 50.0 <= self.act_percentile <= 100.0:
+      raise ValueError(f"rule {self.pattern!r}: act_percentile must be in [50, 100], got "
+                       f"{self.act_percentile!r}")
     if self.rotation not in ROTATIONS:
       raise ValueError(f"rule {self.pattern!r}: unknown rotation {self.rotation!r}; one of {ROTATIONS}")
     if self.permutation not in PERMUTATIONS:
@@ -159,6 +176,11 @@ class QuantConfig:
   calib_batches: int = 128
   # "int": real int4 / int8 storage and integer matmuls; "simulate": the same numerics in float.
   mode: Literal["int", "simulate"] = "int"
+  # Fold orthogonal rotations into the weights before quantizing (exact in float; QuaRot's
+  # computational invariance, `duquant_jax.model_rotation`): a randomized Hadamard rotation of the
+  # residual stream of every Gemma expert with plain RMSNorm, and a random rotation of the
+  # attention values per layer. Linears then read rotated inputs with no online transform.
+  rotate_residual: bool = False
 
   def __post_init__(self):
     if isinstance(self.rules, list):
@@ -286,6 +308,7 @@ def _presets() -> dict[str, QuantConfig]:
   # Measured on the demo models (EVALUATION.md): block 16 with asymmetric quantizers and clip search
   # gave the lowest action error and the fewest transform bytes.
   best = dict(block_size=16)
+  fast = dict(rotation="none", permutation="none", act_scale="static")
   return {
       "fp": QuantConfig(name="fp", rules=()),
       "w4a8-b16-c32": _documents(16, 32, "w4a8-b16-c32"),
@@ -319,6 +342,19 @@ def _presets() -> dict[str, QuantConfig]:
       # DEPLOY_EXPERT_ACT_MIN_TOKENS tokens per call: below, the same packed weights run
       # weight-only (H100, BENCHMARKS.md session 7: batch-1 flow steps faster; the demo's action
       # error unchanged, EVALUATION.md).
+      # Nothing online (docs/design.md, "The fast design"): the residual streams and attention
+      # values rotated with rotations folded into the weights (`rotate_residual`), the down
+      # projection's smoothing folded into the up projection, and static int8 activation scales,
+      # so every quantizer is an elementwise op fused into its producer. Weights as `deploy`,
+      # except SigLIP (W4 weight-only, no transform).
+      "fast": QuantConfig(name="fast", calib_batches=128, rotate_residual=True, rules=(
+          LayerRule(pattern=LLM, **fast),
+          LayerRule(pattern=EXPERT_MLP, **fast),
+          LayerRule(pattern=EXPERT_ATTN, weight_bits=8, act_bits=None, rotation="none",
+                    permutation="none", smooth_alpha=None),
+          LayerRule(pattern=SIGLIP, act_bits=None, rotation="none", permutation="none",
+                    smooth_alpha=None)),
+          embeddings=(EmbeddingRule(pattern=EMBEDDING, bits=4, group_size=128),)),
       "deploy": QuantConfig(name="deploy", calib_batches=128, rules=(
           LayerRule(pattern=LLM, **best),
           LayerRule(pattern=EXPERT_MLP, act_min_tokens=DEPLOY_EXPERT_ACT_MIN_TOKENS, **best),

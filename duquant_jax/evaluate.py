@@ -42,7 +42,8 @@ from duquant_jax.models import Policy, get_policy
 from duquant_jax.models.rollout import ToyEnv, rollout
 from duquant_jax.models.synthetic import realistic_params
 from duquant_jax.packed import PackedLinear
-from duquant_jax.quantize import quantize_params, summarize, to_2d
+from duquant_jax.quantize import (producer_smoothing, quantize_params, rotated_model, summarize,
+                                  to_2d)
 
 HORIZONS = (1, 5, 10, 25, 50)
 
@@ -189,22 +190,35 @@ def _layer_err(p: PackedLinear, x, w2, lam):
   return jnp.linalg.norm(y_q - y_fp) / jnp.maximum(jnp.linalg.norm(y_fp), 1e-30)
 
 
-def layer_output_errors(params, packed, stats, *, max_rows: int = 64) -> dict[str, float]:
+def layer_output_errors(params, packed, stats, *, max_rows: int = 64,
+                        cfg: QuantConfig | None = None) -> dict[str, float]:
   """||x W_q - x W|| / ||x W|| for every quantized linear and stacked layer, on calibration samples.
+
+  `cfg`: the config `packed` was made with; needed to read back what it folded beyond the norms
+  (rotated residual streams, smoothing folded into producers). Without it only norm folds are
+  undone.
 
   Returns:
     {"<weight path>[<layer>]": relative error}; linears without stats samples are skipped.
   """
+  if cfg is not None:
+    params, stats = rotated_model(params, cfg, stats)
+  layers = getattr(stats, "layers", stats)
   layouts = linear_layouts(params)
   out = {}
   for path, p in _packed_items(packed):
-    st = stats.layers.get(path) if stats is not None else None
+    st = layers.get(path) if stats is not None else None
     if st is None:
       continue
     lay = layouts[path]
-    keep = np.isfinite(np.asarray(st.sample_priority))
-    samples = np.asarray(st.samples)[..., keep, :][..., :max_rows, :]
+    samples = np.asarray(st.samples)
+    if hasattr(st, "sample_priority"):
+      samples = samples[..., np.isfinite(np.asarray(st.sample_priority)), :]
+    samples = samples[..., :max_rows, :]
     lam = folded_smoothing(params, packed, lay)
+    if cfg is not None:
+      lam_producer = producer_smoothing(params, packed, lay, cfg.rule_for(path), layers)
+      lam = lam if lam_producer is None else lam_producer
     w = jnp.asarray(_get(params, path))
     num = lay.stack_shape[0] if lay.num_stack else None
     for l in range(num or 1):
@@ -339,7 +353,7 @@ def evaluate(model: str, variants: Sequence[Variant], cfg: EvalConfig = EvalConf
     step = flow_step_errors(v_q, v_fp)
     _, states_q, _ = rollout(policy, packed, env, roll_key, tasks, cfg.chunks, cfg.num_steps)
     div = state_divergence(states_q, states_fp)
-    layer = layer_output_errors(params, packed, stats, max_rows=cfg.layer_rows)
+    layer = layer_output_errors(params, packed, stats, max_rows=cfg.layer_rows, cfg=v.cfg)
     worst = sorted(layer.items(), key=lambda kv: -kv[1])[:5]
     summ = summarize(packed)
     r = VariantResult(

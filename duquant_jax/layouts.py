@@ -38,22 +38,25 @@ GEMMA_LAYERS = "PaliGemma/llm/layers"
 SIGLIP_BLOCK = "PaliGemma/img/Transformer/encoderblock"
 _SCANNED_PREFIXES = (GEMMA_LAYERS + "/", SIGLIP_BLOCK + "/")
 
-# (path regex, einsum, preceding-norm template or None, head role)
-_TABLE: tuple[tuple[str, str, str | None, str | None], ...] = (
+# (path regex, einsum, preceding-norm template or None, head role, producer template or None)
+_TABLE: tuple[tuple[str, str, str | None, str | None, str | None], ...] = (
     (rf"(?P<pre>{GEMMA_LAYERS})/attn/q_einsum(?P<sfx>_\d+)?/w", "BTD,NDH->BTNH",
-     "{pre}/pre_attention_norm{sfx}", "out"),
+     "{pre}/pre_attention_norm{sfx}", "out", None),
     (rf"(?P<pre>{GEMMA_LAYERS})/attn/kv_einsum(?P<sfx>_\d+)?/w", "BSD,2KDH->2BSKH",
-     "{pre}/pre_attention_norm{sfx}", "out"),
-    (rf"(?P<pre>{GEMMA_LAYERS})/attn/attn_vec_einsum(?P<sfx>_\d+)?/w", "BTNH,NHD->BTD", None, "in"),
+     "{pre}/pre_attention_norm{sfx}", "out", None),
+    (rf"(?P<pre>{GEMMA_LAYERS})/attn/attn_vec_einsum(?P<sfx>_\d+)?/w", "BTNH,NHD->BTD", None,
+     "in", None),
     (rf"(?P<pre>{GEMMA_LAYERS})/mlp(?P<sfx>_\d+)?/gating_einsum", "BTD,2DF->2BTF",
-     "{pre}/pre_ffw_norm{sfx}", None),
-    (rf"(?P<pre>{GEMMA_LAYERS})/mlp(?P<sfx>_\d+)?/linear", "BTF,FD->BTD", None, None),
+     "{pre}/pre_ffw_norm{sfx}", None, None),
+    (rf"(?P<pre>{GEMMA_LAYERS})/mlp(?P<sfx>_\d+)?/linear", "BTF,FD->BTD", None, None,
+     "{pre}/mlp{sfx}/gating_einsum"),
     (rf"(?P<pre>{SIGLIP_BLOCK})/MultiHeadDotProductAttention_0/(query|key|value)/kernel",
-     "BTD,DNH->BTNH", "{pre}/LayerNorm_0", "out"),
+     "BTD,DNH->BTNH", "{pre}/LayerNorm_0", "out", None),
     (rf"(?P<pre>{SIGLIP_BLOCK})/MultiHeadDotProductAttention_0/out/kernel", "BTNH,NHD->BTD", None,
-     "in"),
-    (rf"(?P<pre>{SIGLIP_BLOCK})/MlpBlock_0/Dense_0/kernel", "BTD,DF->BTF", "{pre}/LayerNorm_1", None),
-    (rf"(?P<pre>{SIGLIP_BLOCK})/MlpBlock_0/Dense_1/kernel", "BTF,FD->BTD", None, None),
+     "in", None),
+    (rf"(?P<pre>{SIGLIP_BLOCK})/MlpBlock_0/Dense_0/kernel", "BTD,DF->BTF", "{pre}/LayerNorm_1",
+     None, None),
+    (rf"(?P<pre>{SIGLIP_BLOCK})/MlpBlock_0/Dense_1/kernel", "BTF,FD->BTD", None, None, None),
 )
 DENSE_EQN = "...I,IO->...O"
 # Token embedding tables (V, D), read only by a gather (`Embedder.encode`).
@@ -77,6 +80,11 @@ class LinearLayout:
   norm_kind: Literal["rms", "adarms", "layernorm"] | None
   head_role: Literal["in", "out"] | None  # which side of the weight is split into attention heads
   head_dim: int | None
+  # The weight whose output channels are this linear's input channels up to an elementwise
+  # product that commutes with a per-channel scale (Gemma's down projection reads
+  # gelu(gate) * up: its input channel k scales with column k of the up half of `gating_einsum`),
+  # so smoothing folds there exactly; None where no such weight exists.
+  producer: str | None = None
 
   @property
   def w_spec(self) -> str:
@@ -139,7 +147,7 @@ def linear_layouts(params: Any) -> dict[str, LinearLayout]:
   out = {}
   for path, x in flat.items():
     shape = tuple(getattr(x, "shape", ()))
-    for regex, eqn, norm_t, head_role in _TABLE:
+    for regex, eqn, norm_t, head_role, producer_t in _TABLE:
       m = re.fullmatch(regex, path)
       if m is None:
         continue
@@ -159,8 +167,10 @@ def linear_layouts(params: Any) -> dict[str, LinearLayout]:
       if len(shape) < len(w_spec):
         raise ValueError(f"{path}: weight of shape {shape} has fewer axes than its einsum {eqn!r}")
       head_dim = shape[len(shape) - len(w_spec) + w_spec.index("H")] if head_role else None
+      producer = producer_t.format(**groups) if producer_t else None
       out[path] = LinearLayout(path=path, shape=shape, eqn=eqn, norm=norm, norm_kind=kind,
-                               head_role=head_role, head_dim=head_dim)
+                               head_role=head_role, head_dim=head_dim,
+                               producer=producer if producer in paths else None)
       break
     else:
       lay = _dense_layout(path, shape)

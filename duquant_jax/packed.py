@@ -38,9 +38,11 @@ class PackedLinear:
   Invariant (per stacked layer): for activations x (M, K) in the linear's input layout,
     x @ W2 ~ restore( dequant8(q8(T(x))) @ (scale * (codes - zero))^T )
   where T = `transform.apply` (DuQuant's smoothing, rotation, permutation, rotation), q8 the
-  per-token activation quantizer (skipped when `act_bits` is None, or for calls of fewer than
-  `act_min_tokens` tokens), and `restore` undoes the optional output rotation. Every array may
-  carry leading stack axes (L, ...) for `nn.scan`-ed layers.
+  activation quantizer (skipped when `act_bits` is None, or for calls of fewer than
+  `act_min_tokens` tokens): per token from each row's range, or, with `act_scale`, static
+  (calibrated): xq = clip(round(x / act_scale) + act_zero), an elementwise op that XLA fuses into
+  the op producing x. `restore` undoes the optional output rotation. Every array may carry
+  leading stack axes (L, ...) for `nn.scan`-ed layers.
 
   Attributes:
     codes: (..., N, K) int4 (bits <= 4) or int8 weight codes.
@@ -48,6 +50,8 @@ class PackedLinear:
     zero: (..., N, G) float32 integer-valued zero points, or None (symmetric).
     transform: the online input transform (InputTransform), or None.
     out_rot: (..., N // b, b, b) output rotation to restore after the matmul, or None.
+    act_scale: (..., 1) float32 static activation scale (one per layer), or None: per-token scales.
+    act_zero: (..., 1) float32 integer-valued static zero point (asymmetric static), or None.
     w_shape: static, one layer's original weight shape (the einsum's weight operand).
     w_spec: static, the weight's axis letters as the model's einsum names them.
     bits / act_bits / act_symmetric / act_clip: static quantizer format.
@@ -80,6 +84,8 @@ class PackedLinear:
   matmul_impl: Optional[str] = flax.struct.field(pytree_node=False, default=None)
   transform_impl: Optional[str] = flax.struct.field(pytree_node=False, default=None)
   input_group: Optional[str] = flax.struct.field(pytree_node=False, default=None)
+  act_scale: Optional[jax.Array] = None
+  act_zero: Optional[jax.Array] = None
 
   @property
   def shape(self) -> tuple[int, ...]:
@@ -113,6 +119,17 @@ class PackedLinear:
       raise ValueError(f"PackedLinear: w_shape {self.w_shape} does not hold (N, K) = {(n, k)}")
     if self.transform is not None:
       self.transform.validate()
+    if self.act_zero is not None and self.act_scale is None:
+      raise ValueError("PackedLinear.act_zero is set without act_scale")
+    if self.act_scale is not None:
+      if self.act_bits is None:
+        raise ValueError("PackedLinear.act_scale is set on a weight-only linear (act_bits=None)")
+      if self.act_scale.shape != self.codes.shape[:-2] + (1,):
+        raise ValueError(f"PackedLinear.act_scale {self.act_scale.shape} is not "
+                         f"{self.codes.shape[:-2] + (1,)} (one static scale per layer)")
+      if self.act_zero is not None and self.act_zero.shape != self.act_scale.shape:
+        raise ValueError(f"PackedLinear.act_zero {self.act_zero.shape} != act_scale "
+                         f"{self.act_scale.shape}")
     from duquant_jax import kernels
     if self.matmul_impl not in kernels.IMPLEMENTATIONS:
       raise ValueError(f"PackedLinear.matmul_impl={self.matmul_impl!r} is not one of "
@@ -139,7 +156,7 @@ class PackedLinear:
       return None if self.transform is None else (self.input_group, None, self.transform_impl)
     # (Callers add the input's shape to the key: whether it is quantized depends on M.)
     return (self.input_group, self.act_bits, self.act_symmetric, self.act_clip,
-            self.act_min_tokens, self.transform_impl)
+            self.act_min_tokens, self.transform_impl, self.act_scale is not None)
 
   def quantize_input(self, x2: jax.Array):
     """x2 (M, K) -> what the integer matmul reads: (xq, sx, zx), the online transform and the
@@ -147,6 +164,11 @@ class PackedLinear:
     in x2's dtype."""
     if not self.quantizes(x2.shape[0]):
       return _transform_only(x2, self.transform, implementation=self.transform_impl)
+    if self.act_scale is not None:
+      # Row-major multiply-reduce: with no reduction in the quantizer, XLA can fuse producer,
+      # block products and quantizer into one pass over x.
+      x = _transform_only(x2, self.transform, implementation=self.transform_impl or "xla_reduce")
+      return xla.quantize_static(x, self.act_scale, self.act_zero, self.act_bits)
     return _transform_quantize(x2, self.transform, self.act_bits, symmetric=self.act_symmetric,
                                clip_ratio=self.act_clip, implementation=self.transform_impl)
 
@@ -186,8 +208,11 @@ class PackedLinear:
       if not quantizes:
         y = x @ one.dequantize().T
       else:  # simulate: the same quantizers, in float
-        xq, sx, zx = xla.quantize_per_token(x, one.act_bits, symmetric=one.act_symmetric,
-                                            clip_ratio=one.act_clip)
+        if one.act_scale is not None:
+          xq, sx, zx = xla.quantize_static(x, one.act_scale, one.act_zero, one.act_bits)
+        else:
+          xq, sx, zx = xla.quantize_per_token(x, one.act_bits, symmetric=one.act_symmetric,
+                                              clip_ratio=one.act_clip)
         y = xla.dequantize_per_token(xq, sx, zx) @ one.dequantize().T
     if one.out_rot is not None:
       y = restore_output(y, one.out_rot)

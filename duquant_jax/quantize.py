@@ -33,14 +33,19 @@ import numpy as np
 
 from duquant_jax.config import LayerRule, QuantConfig
 from duquant_jax.embedding import PackedEmbedding, quantize_embedding
+from duquant_jax.kernels import xla
 from duquant_jax.layouts import LinearLayout, embedding_paths, linear_layouts, to_2d_perm
+from duquant_jax.model_rotation import rotate_residual, rotate_stats
 from duquant_jax.packed import PackedLinear, dequantize_weight, tree_nbytes
 from duquant_jax.transforms import (InputTransform, build_duquant_transform, check_block_alignment,
-                                    random_block_rotation, rotate_output)
+                                    random_block_rotation, rotate_output, smoothing_factors)
 
 Params = dict[str, Any]
 # Fields of a rule that define the input transform; linears sharing an input must agree on them.
 _TRANSFORM_FIELDS = ("block_size", "rotation", "permutation", "rotation_steps", "smooth_alpha")
+# Members of one input group that quantize activations must agree on these too (one quantized
+# input serves them all).
+_QUANTIZER_FIELDS = ("act_scale", "act_percentile")
 # Activation rows used by the clip search (output MSE); more rows cost time linearly.
 CLIP_SEARCH_ROWS = 64
 # Bytes of float32 work per vmapped chunk of layers when packing (bounds host/device memory).
@@ -158,7 +163,7 @@ def _w_absmax_in(w: jax.Array, layout: LinearLayout) -> jax.Array:
 
 def _shape_key(layout: LinearLayout) -> LinearLayout:
   """The layout without its path, so weights of equal shape and use share compiled programs."""
-  return dataclasses.replace(layout, path="", norm=None)
+  return dataclasses.replace(layout, path="", norm=None, producer=None)
 
 
 def _layer_key(seed: int, path: str) -> jax.Array:
@@ -238,6 +243,31 @@ def _fold_into_norm(params: Params, layout: LinearLayout, lam: jax.Array) -> Non
     put(f"{norm}/Dense_0/bias", bias)
   else:
     raise AssertionError(layout.norm_kind)
+
+
+def _fold_into_producer(params: Params, layout: LinearLayout, lam: jax.Array) -> None:
+  """Divides the input of Gemma's down projection by lam (stack..., F) through the up half of the
+  producing `gating_einsum` (stack..., 2, D, F): gelu(gate) * (up / lam), exact."""
+  path = layout.producer
+  w = _get(params, path)
+  if not hasattr(w, "dtype"):
+    raise ValueError(f"{layout.path}: its smoothing folds into {path}, which is already packed")
+  w32 = jnp.asarray(w, jnp.float32)
+  w32 = w32.at[..., 1, :, :].divide(lam[..., None, :])
+  _set(params, path, w32.astype(w.dtype))
+
+
+def _static_range(samples, transform, rule: LayerRule, path: str):
+  """(act_scale, act_zero) (stack..., 1) of a static activation quantizer, from the calibration
+  rows as the quantizer will see them (after the whole input transform)."""
+  if samples is None:
+    raise ValueError(f"{path}: act_scale='static' needs calibration stats (sample rows) for this "
+                     "layer; pass stats from duquant_jax.calibrate")
+  x = samples if transform is None else transform.apply(samples, precision=jax.lax.Precision.HIGHEST)
+  scale, zero = xla.static_range(x, rule.act_bits, symmetric=rule.act_symmetric,
+                                 percentile=rule.act_percentile)
+  _check_finite(f"{path}: static activation scale", scale)
+  return scale, zero
 
 
 # ----------------------------------------------------------------------------------------------
@@ -334,6 +364,7 @@ def quantize_params(params: Params, cfg: QuantConfig, stats: Any = None, *,
       the width or head_dim, rules that disagree on a shared input, per-head scales without heads,
       an embedding rule that matches no declared embedding table, group sizes not dividing D.
   """
+  params, stats = rotated_model(params, cfg, stats)
   layouts = linear_layouts(params)
   out = _copy_dicts(params)
   _quantize_embeddings(params, out, cfg)
@@ -344,8 +375,10 @@ def quantize_params(params: Params, cfg: QuantConfig, stats: Any = None, *,
   # pi0.5's adaptive norms are Dense layers (linears a rule may pack) that the smoothing of the
   # group they feed is folded into: pack them last, from the folded weights (`out`), or the fold
   # would be lost (or hit a packed kernel).
-  norm_dense = {f"{lay.norm}/Dense_0/kernel" for lay in layouts.values() if lay.norm_kind == "adarms"}
-  items = sorted(groups.items(), key=lambda kv: (any(m.path in norm_dense for m in kv[1]), kv[0]))
+  # Likewise the producers that a down projection's smoothing folds into (`LinearLayout.producer`).
+  receivers = {f"{lay.norm}/Dense_0/kernel" for lay in layouts.values() if lay.norm_kind == "adarms"}
+  receivers |= {lay.producer for lay in layouts.values() if lay.producer is not None}
+  items = sorted(groups.items(), key=lambda kv: (any(m.path in receivers for m in kv[1]), kv[0]))
   if progress:
     from tqdm import tqdm
     items = tqdm(items, desc="pack", unit="group")
@@ -360,6 +393,11 @@ def quantize_params(params: Params, cfg: QuantConfig, stats: Any = None, *,
       if any(getattr(r, f) != getattr(lead, f) for f in _TRANSFORM_FIELDS):
         raise ValueError(f"{m.path} and {active[0].path} read the same input but their rules "
                          f"differ in the input transform ({', '.join(_TRANSFORM_FIELDS)})")
+    quantizing = [rules[m.path] for m in active if rules[m.path].act_bits is not None]
+    for r in quantizing[1:]:
+      if any(getattr(r, f) != getattr(quantizing[0], f) for f in _QUANTIZER_FIELDS):
+        raise ValueError(f"{group}: linears reading this input quantize it differently "
+                         f"({', '.join(_QUANTIZER_FIELDS)} must agree)")
     weights = {m.path: jnp.asarray(_get(out, m.path)) for m in members}  # folds applied so far
     for m in active:
       _check_finite(m.path, weights[m.path])
@@ -410,10 +448,17 @@ def quantize_params(params: Params, cfg: QuantConfig, stats: Any = None, *,
       # Rotations are stored in float16 (entries in [-1, 1]); folding uses the same rounded values.
       transform = _half_rotations(transform)
 
-    # Smoothing: fold 1/lam into the norm where there is one; every member's weight gets diag(lam).
+    # Smoothing: fold 1/lam into the norm where there is one, or into the producer's columns where
+    # it would otherwise be the only online step; every member's weight gets diag(lam).
     online = transform
     if transform is not None and lam is not None:
-      if layout0.norm is not None:
+      if layout0.norm is None and layout0.producer is not None and transform.perm is None:
+        # What stays online is at most one block rotation, which XLA computes as a per-block
+        # product fused with the producer's elementwise ops. (With a permutation between two
+        # rotations, the smoothing merges into the first rotation at no cost instead.)
+        _fold_into_producer(out, layout0, lam)
+        online = transform.replace(smooth=None)
+      elif layout0.norm is not None:
         _fold_into_norm(out, layout0, lam)
         online = transform.replace(smooth=None)
         for m in members:
@@ -437,15 +482,47 @@ def quantize_params(params: Params, cfg: QuantConfig, stats: Any = None, *,
         x_clip = samples[..., :CLIP_SEARCH_ROWS, :]
       codes, scale, zero = _pack_layers(weights[m.path], transform, out_rot, x_clip,
                                         layout=_shape_key(m), rule=rule, rows=rows, cols=cols)
+      act_scale = act_zero = None
+      if rule.act_bits is not None and rule.act_scale == "static":
+        act_scale, act_zero = _static_range(samples, transform, rule, m.path)
       packed = PackedLinear(
           codes=codes.astype(_codes_dtype(rule.weight_bits)), scale=scale, zero=zero,
           transform=online, out_rot=out_rot, w_shape=m.weight_shape, w_spec=m.w_spec,
           bits=rule.weight_bits, act_bits=rule.act_bits, act_symmetric=rule.act_symmetric,
           act_clip=rule.act_clip, act_min_tokens=rule.act_min_tokens, mode=cfg.mode,
-          input_group=group if len(active) > 1 else None)  # same `online` for every member
+          input_group=group if len(active) > 1 else None,  # same `online` for every member
+          act_scale=act_scale, act_zero=act_zero)
       packed.validate()
       _set(out, m.path, packed)
   return out
+
+
+def rotated_model(params: Params, cfg: QuantConfig, stats: Any = None) -> tuple[Params, Any]:
+  """(params, stats) as `quantize_params` packs them: with `cfg.rotate_residual`, the float model
+  with its residual streams and values rotated (`model_rotation.rotate_residual`, keyed by
+  `cfg.seed`) and the statistics of its rotated inputs; otherwise both unchanged."""
+  if not cfg.rotate_residual:
+    return params, stats
+  rotated, rotations = rotate_residual(params, key=_layer_key(cfg.seed, "rotate_residual"))
+  return rotated, rotate_stats(stats, params, rotations)
+
+
+def producer_smoothing(params: Params, packed: Params, layout: LinearLayout, rule: LayerRule,
+                       stats: Any) -> Optional[jax.Array]:
+  """The smoothing lam (stack..., F) that `quantize_params` folded into this linear's producer
+  (`LinearLayout.producer`), or None if it folded none; from the float producer's up columns
+  when it stayed float, else recomputed from the rule and stats as the packer did."""
+  folds = rule is not None and rule.smooth_alpha is not None and rule.permutation == "none"
+  if layout.producer is None or not folds:
+    return None
+  folded = _get(packed, layout.producer)
+  if not isinstance(folded, PackedLinear):
+    u0 = jnp.asarray(_get(params, layout.producer), jnp.float32)[..., 1, :, :]
+    u1 = jnp.asarray(folded, jnp.float32)[..., 1, :, :]
+    return jnp.sum(u0 * u0, axis=-2) / jnp.sum(u0 * u1, axis=-2)
+  st = _stats_for(stats, layout.path)
+  w_absmax = _w_absmax_in(jnp.asarray(_get(params, layout.path)), _shape_key(layout))
+  return smoothing_factors(jnp.asarray(st.absmax, jnp.float32), w_absmax, rule.smooth_alpha)
 
 
 def _quantize_embeddings(params: Params, out: Params, cfg: QuantConfig) -> None:

@@ -2,6 +2,8 @@
 (`compare_deploy_candidates.py`, EVALUATION.md) and for speed on the GPU (`bench_policy.py
 --presets`, BENCHMARKS.md). Keys not listed in EVALUATION.md are exploratory.
 """
+import dataclasses
+
 from duquant_jax.config import (EXPERT_ATTN, EXPERT_MLP, LLM, EmbeddingRule, LayerRule, QuantConfig,
                                 get_preset, PRESETS)
 
@@ -65,6 +67,61 @@ CANDIDATES = {
  # `deploy` with the expert MLP W4A8 at every call size (`deploy` until session 7).
  "deploya8": C("deploy, expert mlp w4a8 always", (LayerRule(pattern=LLM, **best), LayerRule(pattern=EXPERT_MLP, **best)) + get_preset("deploy").rules[2:]),
  "emw8": C("deploy, expert mlp w8a16 rtn+clip", (LayerRule(pattern=LLM, **best),) + (LayerRule(pattern=EXPERT_MLP, weight_bits=8, act_bits=None, **rtn),) + get_preset("deploy").rules[2:]),
+  # The `fast` design's levers one at a time (docs/design.md, "The fast design"):
+ "fasttok": dataclasses.replace(get_preset("fast"), name="fast, per-token act scales", rules=tuple(
+     dataclasses.replace(r, act_scale="token") for r in get_preset("fast").rules)),
+ "fastnorot": dataclasses.replace(get_preset("fast"), name="fast without rotate_residual",
+                                  rotate_residual=False),
+ "fastdq": dataclasses.replace(get_preset("fast"), name="fast + DuQuant b16 online", rules=tuple(
+     dataclasses.replace(r, rotation="greedy", permutation="zigzag", block_size=16)
+     if r.act_bits else r for r in get_preset("fast").rules)),
+ "fastdown": dataclasses.replace(get_preset("fast"), name="fast + DuQuant b16 online on down", rules=(
+     LayerRule(pattern=r"PaliGemma/llm/layers/mlp(_1)?/linear", act_scale="static", block_size=16),)
+     + get_preset("fast").rules),
+ "fastattn": dataclasses.replace(get_preset("fast"), name="fast + DuQuant b16 online on o-proj", rules=(
+     LayerRule(pattern=r"PaliGemma/llm/layers/attn/attn_vec_einsum/w", act_scale="static", block_size=16),)
+     + get_preset("fast").rules),
+ "fastg": dataclasses.replace(get_preset("fast"), name="fast, weights per group of 128", rules=tuple(
+     dataclasses.replace(r, weight_granularity="group", group_size=128) if r.act_bits else r
+     for r in get_preset("fast").rules)),
+ "fastnosm": dataclasses.replace(get_preset("fast"), name="fast without smoothing", rules=tuple(
+     dataclasses.replace(r, smooth_alpha=None) if r.act_bits else r
+     for r in get_preset("fast").rules)),
+ "fast2": dataclasses.replace(get_preset("fast"), name="fast, readers unsmoothed, down b16 rotation", rules=(
+     LayerRule(pattern=r"PaliGemma/llm/layers/mlp(_1)?/linear", act_scale="static", block_size=16,
+               permutation="none"),
+     LayerRule(pattern=r"PaliGemma/llm/layers/.*", act_scale="static", rotation="none",
+               permutation="none", smooth_alpha=None)) + get_preset("fast").rules[2:]),
+ "fast2b64": dataclasses.replace(get_preset("fast"), name="fast2, down b64 rotation", rules=(
+     LayerRule(pattern=r"PaliGemma/llm/layers/mlp(_1)?/linear", act_scale="static", block_size=64,
+               permutation="none"),
+     LayerRule(pattern=r"PaliGemma/llm/layers/.*", act_scale="static", rotation="none",
+               permutation="none", smooth_alpha=None)) + get_preset("fast").rules[2:]),
+ "fast2dq": dataclasses.replace(get_preset("fast"), name="fast2, down full DuQuant b16", rules=(
+     LayerRule(pattern=r"PaliGemma/llm/layers/mlp(_1)?/linear", act_scale="static", block_size=16),
+     LayerRule(pattern=r"PaliGemma/llm/layers/.*", act_scale="static", rotation="none",
+               permutation="none", smooth_alpha=None)) + get_preset("fast").rules[2:]),
+ "fast2h": dataclasses.replace(get_preset("fast"), name="fast2, down hadamard b64", rules=(
+     LayerRule(pattern=r"PaliGemma/llm/layers/mlp(_1)?/linear", act_scale="static", block_size=64,
+               rotation="hadamard", permutation="none"),
+     LayerRule(pattern=r"PaliGemma/llm/layers/.*", act_scale="static", rotation="none",
+               permutation="none", smooth_alpha=None)) + get_preset("fast").rules[2:]),
+ # Readers of the rotated streams unsmoothed, the down projection smoothed into the up projection.
+ **{k: dataclasses.replace(get_preset("fast"), name=n, rules=(
+     LayerRule(pattern=r"PaliGemma/llm/layers/mlp(_1)?/linear", rotation="none",
+               permutation="none", **kw),
+     LayerRule(pattern=r"PaliGemma/llm/layers/.*", act_scale="static", rotation="none",
+               permutation="none", smooth_alpha=None)) + get_preset("fast").rules[2:])
+    for k, n, kw in (
+        ("fast3", "fast3: readers unsmoothed, down a0.5 folded", dict(act_scale="static")),
+        ("fast3a8", "fast3, down a0.8", dict(act_scale="static", smooth_alpha=0.8)),
+        ("fast3g", "fast3, down a0.8 g128", dict(act_scale="static", smooth_alpha=0.8,
+                                                 weight_granularity="group")),
+        ("fast3g5", "fast3, down a0.5 g128", dict(act_scale="static", weight_granularity="group")),
+        ("fast3tok", "fast3, down per-token", dict()),
+    )},
+ "fastsig8": dataclasses.replace(get_preset("fast"), name="fast, SigLIP as deploy (b8 online)",
+                                 rules=get_preset("fast").rules[:3] + get_preset("deploy").rules[3:]),
 }
 
 

@@ -205,6 +205,7 @@ def layer_output_errors(params, packed, stats, *, max_rows: int = 64,
     params, stats = rotated_model(params, cfg, stats)
   layers = getattr(stats, "layers", stats)
   layouts = linear_layouts(params)
+  consumers = {lay.producer: lay for lay in layouts.values() if lay.producer is not None}
   out = {}
   for path, p in _packed_items(packed):
     st = layers.get(path) if stats is not None else None
@@ -220,6 +221,11 @@ def layer_output_errors(params, packed, stats, *, max_rows: int = 64,
       lam_producer = producer_smoothing(params, packed, lay, cfg.rule_for(path), layers)
       lam = lam if lam_producer is None else lam_producer
     w = jnp.asarray(_get(params, path))
+    if cfg is not None and path in consumers:  # the consumer's smoothing divides the up columns
+      c = consumers[path]
+      lam_c = producer_smoothing(params, packed, c, cfg.rule_for(c.path), layers)
+      if lam_c is not None:
+        w = w.astype(jnp.float32).at[..., 1, :, :].divide(lam_c[..., None, :])
     num = lay.stack_shape[0] if lay.num_stack else None
     for l in range(num or 1):
       sl = (lambda a: a[l]) if num else (lambda a: a)

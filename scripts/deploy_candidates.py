@@ -121,7 +121,17 @@ CANDIDATES = {
         ("fast3tok", "fast3, down per-token", dict()),
     )},
  "fastsig8": dataclasses.replace(get_preset("fast"), name="fast, SigLIP as deploy (b8 online)",
-                                 rules=get_preset("fast").rules[:3] + get_preset("deploy").rules[3:]),
+                                 rules=get_preset("fast").rules[:4] + get_preset("deploy").rules[3:]),
+ "fastsmx": dataclasses.replace(get_preset("fast"), name="fast, expert MLP readers smoothed",
+                                rules=get_preset("fast").rules[:2] + (
+                                    dataclasses.replace(get_preset("fast").rules[2],
+                                                        smooth_alpha=0.5),)
+                                + get_preset("fast").rules[3:]),
+ "fasta8": dataclasses.replace(get_preset("fast"), name="fast, expert attention W8A8 static",
+                               rules=get_preset("fast").rules[:3] + (
+                                   LayerRule(pattern=EXPERT_ATTN, weight_bits=8, act_scale="static",
+                                             rotation="none", permutation="none",
+                                             smooth_alpha=None),) + get_preset("fast").rules[4:]),
 }
 
 

@@ -1,0 +1,136 @@
+"""Static activation scales (`LayerRule.act_scale="static"`), folds into producers, the `fast` preset."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import demo_params, demo_stats, held_out
+from duquant_jax import checkpoint as ck
+from duquant_jax.config import LayerRule, QuantConfig, get_preset
+from duquant_jax.demo import action_rel_err
+from duquant_jax.evaluate import layer_output_errors
+from duquant_jax.kernels.xla import (dequantize_per_token, quantize_per_token, quantize_static,
+                                     static_range)
+from duquant_jax.models import get_policy
+from duquant_jax.packed import PackedLinear
+from duquant_jax.quantize import quantize_params
+
+DOWN = r"PaliGemma/llm/layers/mlp(_1)?/linear"
+is_packed = lambda v: isinstance(v, PackedLinear)
+
+
+def _actions(model, params):
+  return jax.jit(get_policy(model, "demo").sample_actions)(params, held_out(model),
+                                                           jax.random.key(5))
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_static_quantizer_round_trip_and_clipping(symmetric):
+  rows = jax.random.normal(jax.random.key(0), (3, 64, 32)) * jnp.array([1.0, 2.0, 4.0])[:, None, None]
+  scale, zero = static_range(rows, symmetric=symmetric, percentile=100.0)
+  assert scale.shape == (3, 1) and (zero is None) == symmetric
+  # At the 100th percentile every calibration row is inside the range: at most half a step off.
+  for layer in range(3):
+    z = None if zero is None else zero[layer]
+    xq, sx, zx = quantize_static(rows[layer], scale[layer], z)
+    assert xq.dtype == jnp.int8 and sx.shape == (64, 1)
+    err = jnp.abs(dequantize_per_token(xq, sx, zx) - rows[layer])
+    assert float(jnp.max(err)) <= 0.5 * float(scale[layer, 0]) * (1 + 1e-5)
+  # A value beyond the range is clipped to the largest code, not wrapped.
+  xq, *_ = quantize_static(jnp.full((1, 4), 1e6), scale[0], None if zero is None else zero[0])
+  assert int(xq.min()) == 127
+  # A lower percentile gives a smaller range.
+  assert float(static_range(rows, symmetric=symmetric, percentile=50.0)[0][2, 0]) < float(scale[2, 0])
+
+
+def test_static_quantizer_has_no_reduction_over_the_activation():
+  """Elementwise, so XLA can fuse it into the producer (the per-token quantizer reduces)."""
+  x = jnp.ones((8, 16))
+  prims = lambda f: {e.primitive.name for e in jax.make_jaxpr(f)(x).eqns}
+  static = prims(lambda v: quantize_static(v, jnp.ones((1,)), jnp.zeros((1,))))
+  per_token = prims(lambda v: quantize_per_token(v, symmetric=False))
+  assert not {p for p in static if p.startswith("reduce")}, static
+  assert {p for p in per_token if p.startswith("reduce")}, per_token
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(act_scale="minmax"), "act_scale must be"),
+    (dict(act_scale="static", act_bits=None), "needs act_bits"),
+    (dict(act_percentile=20.0), "act_percentile must be in"),
+])
+def test_bad_static_rules_are_refused(kw, match):
+  with pytest.raises(ValueError, match=match):
+    LayerRule(pattern="x", **kw)
+
+
+def test_static_scales_need_stats():
+  cfg = QuantConfig(rules=(LayerRule(pattern=DOWN, rotation="none", permutation="none",
+                                     smooth_alpha=None, act_scale="static"),))
+  with pytest.raises(ValueError, match="act_scale='static' needs calibration stats"):
+    quantize_params(demo_params("pi0"), cfg)
+
+
+def test_group_members_must_agree_on_the_activation_quantizer():
+  rule = dict(rotation="none", permutation="none", smooth_alpha=None)
+  cfg = QuantConfig(rules=(
+      LayerRule(pattern=r".*/q_einsum/w", act_scale="static", **rule),
+      LayerRule(pattern=r".*/kv_einsum/w", **rule)))
+  with pytest.raises(ValueError, match="quantize it differently"):
+    quantize_params(demo_params("pi0"), cfg, demo_stats("pi0"))
+
+
+def test_down_projection_smoothing_folds_into_the_up_projection():
+  """With no permutation the smoothing of gelu(gate) * up goes into up's columns: the packed down
+  projection runs no online division, and at W8 weight-only the actions stay put."""
+  params, stats = demo_params("pi0"), demo_stats("pi0")
+  cfg = QuantConfig(rules=(LayerRule(pattern=DOWN, rotation="none", permutation="none",
+                                     weight_bits=8, act_bits=None),))
+  packed = quantize_params(params, cfg, stats)
+  down = packed["PaliGemma"]["llm"]["layers"]["mlp"]["linear"]
+  assert down.transform is None
+  up0 = np.asarray(params["PaliGemma"]["llm"]["layers"]["mlp"]["gating_einsum"])
+  up1 = np.asarray(packed["PaliGemma"]["llm"]["layers"]["mlp"]["gating_einsum"])
+  np.testing.assert_array_equal(up0[:, 0], up1[:, 0])  # the gate half is untouched
+  assert not np.allclose(up0[:, 1], up1[:, 1])
+  err = action_rel_err(_actions("pi0", packed), _actions("pi0", params))
+  assert err.max() < 0.01, err
+  # The per-layer error reads the fold back (from the float up projection).
+  errs = layer_output_errors(params, packed, stats, cfg=cfg)
+  assert errs and max(errs.values()) < 0.01, errs
+
+
+@pytest.mark.parametrize("model", ["pi0", "pi05"])
+def test_fast_preset_runs_nothing_online_and_bounds_the_error(model):
+  params, stats = demo_params(model), demo_stats(model)
+  cfg = get_preset("fast")
+  packed = quantize_params(params, cfg, stats)
+  linears = [v for v in jax.tree.leaves(packed, is_leaf=is_packed) if is_packed(v)]
+  w4a8 = [v for v in linears if v.act_bits is not None]
+  assert w4a8 and all(v.act_scale is not None and v.transform is None for v in w4a8)
+  if model == "pi0":  # every Gemma linear of pi0 reads a rotated or folded input
+    gemma = packed["PaliGemma"]["llm"]["layers"]
+    assert all(v.transform is None for v in jax.tree.leaves(gemma, is_leaf=is_packed)
+               if is_packed(v))
+  err = action_rel_err(_actions(model, packed), _actions(model, params)).mean()
+  assert err < 0.1, err
+  # Per-layer errors are measured against the rotated float model: all small.
+  errs = layer_output_errors(params, packed, stats, cfg=cfg)
+  assert max(errs.values()) < 0.3, sorted(errs.items(), key=lambda kv: -kv[1])[:3]
+
+
+def test_static_scales_survive_the_checkpoint_round_trip(tmp_path):
+  params, stats = demo_params("pi0"), demo_stats("pi0")
+  cfg = QuantConfig(rules=(LayerRule(pattern=DOWN, rotation="none", permutation="none",
+                                     act_scale="static"),))
+  packed = quantize_params(params, cfg, stats)
+  ck.save_packed(tmp_path / "q", packed, cfg)
+  packed2, cfg2, *_ = ck.load_packed(tmp_path / "q")
+  assert cfg2 == cfg
+  a = packed["PaliGemma"]["llm"]["layers"]["mlp"]["linear"]
+  b = packed2["PaliGemma"]["llm"]["layers"]["mlp"]["linear"]
+  assert a.act_scale is not None and a.act_zero is not None
+  np.testing.assert_array_equal(a.act_scale, b.act_scale)
+  np.testing.assert_array_equal(a.act_zero, b.act_zero)
+  np.testing.assert_array_equal(np.asarray(_actions("pi0", packed)),
+                                np.asarray(_actions("pi0", packed2)))

@@ -84,9 +84,12 @@ def presets():
   """List the presets and their rules."""
   from duquant_jax.config import PRESETS
   for name, cfg in PRESETS.items():
-    typer.echo(f"{name}  (calibration batches {cfg.calib_batches})")
+    rotated = ", residual streams and values rotated" if cfg.rotate_residual else ""
+    typer.echo(f"{name}  (calibration batches {cfg.calib_batches}{rotated})")
     for r in cfg.rules:
       below = f" (A16 below {r.act_min_tokens} tokens)" if r.act_min_tokens else ""
+      if r.act_bits is not None and r.act_scale == "static":
+        below += f" (static act scale, p{r.act_percentile:g})"
       typer.echo(f"    {r.pattern}  W{r.weight_bits}A{r.act_bits or 16}{below} block {r.block_size} "
                  f"rot {r.rotation} perm {r.permutation} smooth {r.smooth_alpha} "
                  f"{r.weight_granularity} {'sym' if r.weight_symmetric else 'asym'} "

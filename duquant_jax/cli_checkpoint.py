@@ -57,6 +57,8 @@ def _summary_lines(packed, cfg, params_fp) -> list[str]:
     tag = "skip (float)" if rule.skip else f"W{rule.weight_bits}A{rule.act_bits or 'fp'}"
     if rule.act_min_tokens and not rule.skip:
       tag += f" (fp below {rule.act_min_tokens} tokens)"
+    if rule.act_bits is not None and rule.act_scale == "static" and not rule.skip:
+      tag += " static"
     lines.append(f"  {len(paths):4d} weights  {tag:10s}  {rule.pattern}")
   if report.unused_rules:
     lines.append(f"  rules that matched nothing: {report.unused_rules}")
@@ -200,7 +202,7 @@ def register(app: typer.Typer) -> None:
         "packed_weights": len(info["structure"]),
         "bits": bits,
         "rules": [{k: r[k] for k in ("pattern", "skip", "weight_bits", "act_bits", "act_min_tokens",
-                                     "block_size", "rotation") if k in r} for r in cfg.get("rules", [])],
+                                     "act_scale", "block_size", "rotation") if k in r} for r in cfg.get("rules", [])],
         "bytes_fp_bf16": meta.get("bytes_fp_bf16"),
         "bytes_packed": meta.get("bytes_packed"),
         "bytes_on_disk": sum(v[0] for v in info["manifest"].values()),
@@ -219,7 +221,9 @@ def register(app: typer.Typer) -> None:
     for r in out["rules"]:
       typer.echo(f"  rule {r.get('pattern')}: "
                  + ("skip" if r.get("skip") else f"W{r.get('weight_bits')}A{r.get('act_bits')}")
-                 + (f" (fp below {r['act_min_tokens']} tokens)" if r.get("act_min_tokens") else ""))
+                 + (f" (fp below {r['act_min_tokens']} tokens)" if r.get("act_min_tokens") else "")
+                 + (" (static act scale)" if r.get("act_scale") == "static" and r.get("act_bits")
+                    else ""))
     if out["bytes_fp_bf16"] is not None:
       typer.echo(f"  quantized weights {_human(out['bytes_fp_bf16'])} (bf16) -> "
                  f"{_human(out['bytes_packed'])}; {_human(out['bytes_on_disk'])} on disk")

@@ -275,7 +275,7 @@ EXPERT_MLP = r"PaliGemma/llm/layers/mlp_1/(gating_einsum|linear)"
 EXPERT_ATTN = r"PaliGemma/llm/layers/attn/(q|kv|attn_vec)_einsum_1/w"
 EXPERT_QK = r"PaliGemma/llm/layers/attn/(q|kv)_einsum_1/w"
 ATTN_PROJ = r"PaliGemma/llm/layers/attn/(q|kv)_einsum(_1)?/w"
-GEMMA_DOWN = r"PaliGemma/llm/layers/mlp(_1)?/linear"  # the down projections of both experts
+ATTN_OUT = r"PaliGemma/llm/layers/attn/attn_vec_einsum/w"  # the LLM's attention output projection
 # SigLIP's transformer linears (q, k, v, out, MLP); the patch conv and the vision head stay float.
 SIGLIP = (r"PaliGemma/img/Transformer/encoderblock/(MultiHeadDotProductAttention_0/"
           r"(query|key|value|out)|MlpBlock_0/Dense_(0|1))/kernel")
@@ -344,16 +344,15 @@ def _presets() -> dict[str, QuantConfig]:
       # weight-only (H100, BENCHMARKS.md session 7: batch-1 flow steps faster; the demo's action
       # error unchanged, EVALUATION.md).
       # Nothing online (docs/design.md, "The fast design"): the residual streams and attention
-      # values rotated with rotations folded into the weights (`rotate_residual`), the linears
-      # reading them unsmoothed (the rotation already spreads their outliers; smoothing on top
-      # cost action error on the demo), the down projection's smoothing folded into the up
-      # projection, and static int8 activation scales, so every quantizer is an elementwise op
-      # fused into its producer. The expert attention W8 and the token table int4 as `deploy`;
-      # SigLIP W4 weight-only with no transform.
+      # values rotated with rotations folded into the weights (`rotate_residual`; the linears
+      # reading a rotated stream skip smoothing), the down projection's smoothing folded into the
+      # up projection, and static int8 activation scales, so every quantizer is an elementwise op
+      # fused into its producer. The expert attention W8 weight-only and the token table int4 as
+      # `deploy`; SigLIP W4 weight-only with no transform.
       "fast": QuantConfig(name="fast", calib_batches=128, rotate_residual=True, rules=(
-          LayerRule(pattern=GEMMA_DOWN, act_scale="static", **plain),
-          LayerRule(pattern=LLM, act_scale="static", smooth_alpha=None, **plain),
-          LayerRule(pattern=EXPERT_MLP, act_scale="static", smooth_alpha=None, **plain),
+          LayerRule(pattern=ATTN_OUT, act_scale="static", smooth_alpha=None, **plain),
+          LayerRule(pattern=LLM, act_scale="static", **plain),
+          LayerRule(pattern=EXPERT_MLP, act_scale="static", **plain),
           LayerRule(pattern=EXPERT_ATTN, weight_bits=8, act_bits=None, smooth_alpha=None, **plain),
           LayerRule(pattern=SIGLIP, act_bits=None, smooth_alpha=None, **plain)),
           embeddings=(EmbeddingRule(pattern=EMBEDDING, bits=4, group_size=128),)),

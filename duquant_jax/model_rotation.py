@@ -154,6 +154,13 @@ def rotated_experts(params: Params) -> list[str]:
           and _has(layers, f"pre_ffw_norm{sfx}/scale")]
 
 
+def rotated_readers(params: Params) -> set[str]:
+  """The norms (paths) whose outputs `rotate_residual` rotates: the input groups of the linears
+  that read a rotated stream."""
+  return {f"{LAYERS}/{norm}{sfx}" for sfx in rotated_experts(params)
+          for norm in ("pre_attention_norm", "pre_ffw_norm")}
+
+
 def rotate_residual(params: Params, *, key: jax.Array) -> tuple[Params, Rotations]:
   """The same function as `params` (exact in float), with rotated residual streams and values.
 

@@ -35,7 +35,7 @@ from duquant_jax.config import LayerRule, QuantConfig
 from duquant_jax.embedding import PackedEmbedding, quantize_embedding
 from duquant_jax.kernels import xla
 from duquant_jax.layouts import LinearLayout, embedding_paths, linear_layouts, to_2d_perm
-from duquant_jax.model_rotation import rotate_residual, rotate_stats
+from duquant_jax.model_rotation import rotate_residual, rotate_stats, rotated_readers
 from duquant_jax.packed import PackedLinear, dequantize_weight, tree_nbytes
 from duquant_jax.transforms import (InputTransform, build_duquant_transform, check_block_alignment,
                                     random_block_rotation, rotate_output, smoothing_factors)
@@ -357,13 +357,22 @@ def quantize_params(params: Params, cfg: QuantConfig, stats: Any = None, *,
     folded smoothing. Run it with `Policy.sample_actions` (or any flax module via
     `duquant_jax.inference`).
 
-  Token embedding tables matching one of `cfg.embeddings` become `PackedEmbedding`s.
+  Token embedding tables matching one of `cfg.embeddings` become `PackedEmbedding`s. With
+  `cfg.rotate_residual` the float model is first rotated (`rotated_model`; the returned tree's
+  float leaves are the rotated ones) and `stats` are mapped to its inputs; linears reading a
+  rotated stream are not smoothed. Rules with `act_scale="static"` get static activation scales
+  from the calibration rows (`PackedLinear.act_scale`).
 
   Raises:
     ValueError: NaN/Inf weights or stats, missing stats where needed, block sizes that do not divide
       the width or head_dim, rules that disagree on a shared input, per-head scales without heads,
-      an embedding rule that matches no declared embedding table, group sizes not dividing D.
+      an embedding rule that matches no declared embedding table, group sizes not dividing D,
+      static activation scales without stats, linears of one input quantizing it differently,
+      `rotate_residual` on a tree it cannot rotate (see `model_rotation.rotate_residual`).
   """
+  # Readers of a rotated residual stream are not smoothed: the rotation has spread their outlier
+  # channels already (smoothing on top measured worse on the demo, EVALUATION.md).
+  unsmoothed = rotated_readers(params) if cfg.rotate_residual else set()
   params, stats = rotated_model(params, cfg, stats)
   layouts = linear_layouts(params)
   out = _copy_dicts(params)
@@ -388,6 +397,10 @@ def quantize_params(params: Params, cfg: QuantConfig, stats: Any = None, *,
     if not active:
       continue
     lead = rules[active[0].path]
+    if group in unsmoothed and lead.smooth_alpha is not None:
+      lead = dataclasses.replace(lead, smooth_alpha=None)
+      rules = {p: None if r is None else dataclasses.replace(r, smooth_alpha=None)
+               for p, r in rules.items()}
     for m in active[1:]:
       r = rules[m.path]
       if any(getattr(r, f) != getattr(lead, f) for f in _TRANSFORM_FIELDS):

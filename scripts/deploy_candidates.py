@@ -19,6 +19,21 @@ best = dict(block_size=16)
 rtn = dict(rotation="none", permutation="none", smooth_alpha=None)
 base = (LayerRule(pattern=LLM, **best), LayerRule(pattern=EXPERT_MLP, **best))
 ea = (LayerRule(pattern=EXPERT_ATTN, **best),)
+def _fast(name, *, down=None, sig=None, eattn=None, **rule_kw):
+  """`fast` with its W4A8 rules changed by `rule_kw`, an extra rule for the down projections
+  (LayerRule fields, taking precedence), or another SigLIP / expert-attention rule."""
+  fast = get_preset("fast")
+  rules = [dataclasses.replace(r, **rule_kw) if r.act_bits else r for r in fast.rules]
+  if sig is not None:
+    rules[-1] = sig
+  if eattn is not None:
+    rules[-2] = eattn
+  if down is not None:
+    rules.insert(0, LayerRule(pattern=r"PaliGemma/llm/layers/mlp(_1)?/linear",
+                              act_scale="static", **down))
+  return dataclasses.replace(fast, name=name, rules=tuple(rules))
+
+
 def C(name, rules, emb=(EMB,)):
   return QuantConfig(name=name, rules=tuple(rules), embeddings=emb)
 CANDIDATES = {
@@ -67,71 +82,18 @@ CANDIDATES = {
  # `deploy` with the expert MLP W4A8 at every call size (`deploy` until session 7).
  "deploya8": C("deploy, expert mlp w4a8 always", (LayerRule(pattern=LLM, **best), LayerRule(pattern=EXPERT_MLP, **best)) + get_preset("deploy").rules[2:]),
  "emw8": C("deploy, expert mlp w8a16 rtn+clip", (LayerRule(pattern=LLM, **best),) + (LayerRule(pattern=EXPERT_MLP, weight_bits=8, act_bits=None, **rtn),) + get_preset("deploy").rules[2:]),
-  # The `fast` design's levers one at a time (docs/design.md, "The fast design"):
- "fasttok": dataclasses.replace(get_preset("fast"), name="fast, per-token act scales", rules=tuple(
-     dataclasses.replace(r, act_scale="token") for r in get_preset("fast").rules)),
- "fastnorot": dataclasses.replace(get_preset("fast"), name="fast without rotate_residual",
-                                  rotate_residual=False),
- "fastdq": dataclasses.replace(get_preset("fast"), name="fast + DuQuant b16 online", rules=tuple(
-     dataclasses.replace(r, rotation="greedy", permutation="zigzag", block_size=16)
-     if r.act_bits else r for r in get_preset("fast").rules)),
- "fastdown": dataclasses.replace(get_preset("fast"), name="fast + DuQuant b16 online on down", rules=(
-     LayerRule(pattern=r"PaliGemma/llm/layers/mlp(_1)?/linear", act_scale="static", block_size=16),)
-     + get_preset("fast").rules),
- "fastattn": dataclasses.replace(get_preset("fast"), name="fast + DuQuant b16 online on o-proj", rules=(
-     LayerRule(pattern=r"PaliGemma/llm/layers/attn/attn_vec_einsum/w", act_scale="static", block_size=16),)
-     + get_preset("fast").rules),
- "fastg": dataclasses.replace(get_preset("fast"), name="fast, weights per group of 128", rules=tuple(
-     dataclasses.replace(r, weight_granularity="group", group_size=128) if r.act_bits else r
-     for r in get_preset("fast").rules)),
- "fastnosm": dataclasses.replace(get_preset("fast"), name="fast without smoothing", rules=tuple(
-     dataclasses.replace(r, smooth_alpha=None) if r.act_bits else r
-     for r in get_preset("fast").rules)),
- "fast2": dataclasses.replace(get_preset("fast"), name="fast, readers unsmoothed, down b16 rotation", rules=(
-     LayerRule(pattern=r"PaliGemma/llm/layers/mlp(_1)?/linear", act_scale="static", block_size=16,
-               permutation="none"),
-     LayerRule(pattern=r"PaliGemma/llm/layers/.*", act_scale="static", rotation="none",
-               permutation="none", smooth_alpha=None)) + get_preset("fast").rules[2:]),
- "fast2b64": dataclasses.replace(get_preset("fast"), name="fast2, down b64 rotation", rules=(
-     LayerRule(pattern=r"PaliGemma/llm/layers/mlp(_1)?/linear", act_scale="static", block_size=64,
-               permutation="none"),
-     LayerRule(pattern=r"PaliGemma/llm/layers/.*", act_scale="static", rotation="none",
-               permutation="none", smooth_alpha=None)) + get_preset("fast").rules[2:]),
- "fast2dq": dataclasses.replace(get_preset("fast"), name="fast2, down full DuQuant b16", rules=(
-     LayerRule(pattern=r"PaliGemma/llm/layers/mlp(_1)?/linear", act_scale="static", block_size=16),
-     LayerRule(pattern=r"PaliGemma/llm/layers/.*", act_scale="static", rotation="none",
-               permutation="none", smooth_alpha=None)) + get_preset("fast").rules[2:]),
- "fast2h": dataclasses.replace(get_preset("fast"), name="fast2, down hadamard b64", rules=(
-     LayerRule(pattern=r"PaliGemma/llm/layers/mlp(_1)?/linear", act_scale="static", block_size=64,
-               rotation="hadamard", permutation="none"),
-     LayerRule(pattern=r"PaliGemma/llm/layers/.*", act_scale="static", rotation="none",
-               permutation="none", smooth_alpha=None)) + get_preset("fast").rules[2:]),
- # Readers of the rotated streams unsmoothed, the down projection smoothed into the up projection.
- **{k: dataclasses.replace(get_preset("fast"), name=n, rules=(
-     LayerRule(pattern=r"PaliGemma/llm/layers/mlp(_1)?/linear", rotation="none",
-               permutation="none", **kw),
-     LayerRule(pattern=r"PaliGemma/llm/layers/.*", act_scale="static", rotation="none",
-               permutation="none", smooth_alpha=None)) + get_preset("fast").rules[2:])
-    for k, n, kw in (
-        ("fast3", "fast3: readers unsmoothed, down a0.5 folded", dict(act_scale="static")),
-        ("fast3a8", "fast3, down a0.8", dict(act_scale="static", smooth_alpha=0.8)),
-        ("fast3g", "fast3, down a0.8 g128", dict(act_scale="static", smooth_alpha=0.8,
-                                                 weight_granularity="group")),
-        ("fast3g5", "fast3, down a0.5 g128", dict(act_scale="static", weight_granularity="group")),
-        ("fast3tok", "fast3, down per-token", dict()),
-    )},
- "fastsig8": dataclasses.replace(get_preset("fast"), name="fast, SigLIP as deploy (b8 online)",
-                                 rules=get_preset("fast").rules[:4] + get_preset("deploy").rules[3:]),
- "fastsmx": dataclasses.replace(get_preset("fast"), name="fast, expert MLP readers smoothed",
-                                rules=get_preset("fast").rules[:2] + (
-                                    dataclasses.replace(get_preset("fast").rules[2],
-                                                        smooth_alpha=0.5),)
-                                + get_preset("fast").rules[3:]),
- "fasta8": dataclasses.replace(get_preset("fast"), name="fast, expert attention W8A8 static",
-                               rules=get_preset("fast").rules[:3] + (
-                                   LayerRule(pattern=EXPERT_ATTN, weight_bits=8, act_scale="static",
-                                             rotation="none", permutation="none",
-                                             smooth_alpha=None),) + get_preset("fast").rules[4:]),
+  # The `fast` design's levers one at a time (docs/design.md, "The fast design"; EVALUATION.md).
+ "fasttok": _fast("fast, per-token activation scales", act_scale="token"),
+ "fastnorot": dataclasses.replace(_fast("fast without rotate_residual"), rotate_residual=False),
+ "fastsig8": _fast("fast, SigLIP as deploy (b8 rotations online)", sig=get_preset("deploy").rules[3]),
+ "fastdown": _fast("fast + DuQuant b16 online on the down projections", down=dict(block_size=16)),
+ "fast2h": _fast("fast + Hadamard b64 online on the down projections",
+                 down=dict(block_size=64, rotation="hadamard", permutation="none")),
+ "fastg": _fast("fast, down projections' weights per group of 128",
+                down=dict(rotation="none", permutation="none", weight_granularity="group")),
+ "fasta8": _fast("fast, expert attention W8A8 static", eattn=LayerRule(
+     pattern=EXPERT_ATTN, weight_bits=8, act_scale="static", rotation="none", permutation="none",
+     smooth_alpha=None)),
 }
 
 

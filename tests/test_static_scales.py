@@ -95,9 +95,12 @@ def test_down_projection_smoothing_folds_into_the_up_projection():
   assert not np.allclose(up0[:, 1], up1[:, 1])
   err = action_rel_err(_actions("pi0", packed), _actions("pi0", params))
   assert err.max() < 0.01, err
-  # The per-layer error reads the fold back (from the float up projection).
+  # The per-layer error reads the fold back (from the float up projection): what is left is W8
+  # rounding, about 1%, where a reference without the fold is off by O(1).
   errs = layer_output_errors(params, packed, stats, cfg=cfg)
-  assert errs and max(errs.values()) < 0.01, errs
+  assert errs and max(errs.values()) < 0.03, errs
+  wrong = layer_output_errors(params, packed, stats)  # without cfg: the fold is not read back
+  assert min(wrong.values()) > 0.1, wrong
 
 
 @pytest.mark.parametrize("model", ["pi0", "pi05"])
@@ -112,8 +115,12 @@ def test_fast_preset_runs_nothing_online_and_bounds_the_error(model):
     gemma = packed["PaliGemma"]["llm"]["layers"]
     assert all(v.transform is None for v in jax.tree.leaves(gemma, is_leaf=is_packed)
                if is_packed(v))
-  err = action_rel_err(_actions(model, packed), _actions(model, params)).mean()
-  assert err < 0.1, err
+  a_fp = _actions(model, params)
+  err = action_rel_err(_actions(model, packed), a_fp).mean()
+  rtn = action_rel_err(_actions(model, quantize_params(params, get_preset("w4a8-rtn"), stats)),
+                       a_fp).mean()
+  # (With these tests' 4 calibration batches; EVALUATION.md has the 128-batch numbers.)
+  assert err < 0.12 and err < 0.6 * rtn, (err, rtn)
   # Per-layer errors are measured against the rotated float model: all small.
   errs = layer_output_errors(params, packed, stats, cfg=cfg)
   assert max(errs.values()) < 0.3, sorted(errs.items(), key=lambda kv: -kv[1])[:3]

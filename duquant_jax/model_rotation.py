@@ -38,13 +38,17 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Mapping, Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from duquant_jax.rotations import random_orthogonal
+from duquant_jax.treepath import copy_dicts as _copy_dicts
+from duquant_jax.treepath import get_path as _get
+from duquant_jax.treepath import has_path as _has
+from duquant_jax.treepath import set_path as _set
 
 Params = dict[str, Any]
 
@@ -104,31 +108,6 @@ def _rotate_axis(w: jax.Array, signs: jax.Array, axis: int) -> jax.Array:
 
 
 _rotate_axis_jit = jax.jit(_rotate_axis, static_argnames="axis")
-
-
-def _get(tree: Params, path: str):
-  for k in path.split("/"):
-    tree = tree[k]
-  return tree
-
-
-def _set(tree: Params, path: str, value) -> None:
-  keys = path.split("/")
-  for k in keys[:-1]:
-    tree = tree[k]
-  tree[keys[-1]] = value
-
-
-def _has(tree: Params, path: str) -> bool:
-  try:
-    _get(tree, path)
-    return True
-  except (KeyError, TypeError):
-    return False
-
-
-def _copy_dicts(tree):
-  return {k: _copy_dicts(v) for k, v in tree.items()} if isinstance(tree, Mapping) else tree
 
 
 def _update(out: Params, path: str, fn) -> None:

@@ -39,6 +39,9 @@ from duquant_jax.model_rotation import rotate_residual, rotate_stats, rotated_re
 from duquant_jax.packed import PackedLinear, dequantize_weight, tree_nbytes
 from duquant_jax.transforms import (InputTransform, build_duquant_transform, check_block_alignment,
                                     random_block_rotation, rotate_output, smoothing_factors)
+from duquant_jax.treepath import copy_dicts as _copy_dicts
+from duquant_jax.treepath import get_path as _get
+from duquant_jax.treepath import set_path as _set
 
 Params = dict[str, Any]
 # Fields of a rule that define the input transform; linears sharing an input must agree on them.
@@ -168,25 +171,6 @@ def _shape_key(layout: LinearLayout) -> LinearLayout:
 
 def _layer_key(seed: int, path: str) -> jax.Array:
   return jax.random.fold_in(jax.random.key(seed), zlib.crc32(path.encode()) & 0x7FFFFFFF)
-
-
-def _get(tree: Params, path: str):
-  for k in path.split("/"):
-    tree = tree[k]
-  return tree
-
-
-def _set(tree: Params, path: str, value) -> None:
-  keys = path.split("/")
-  for k in keys[:-1]:
-    tree = tree[k]
-  tree[keys[-1]] = value
-
-
-def _copy_dicts(tree):
-  if isinstance(tree, Mapping):
-    return {k: _copy_dicts(v) for k, v in tree.items()}
-  return tree
 
 
 def _stats_for(stats, path: str):

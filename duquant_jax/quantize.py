@@ -468,6 +468,10 @@ def quantize_params(params: Params, cfg: QuantConfig, stats: Any = None, *,
         getattr(online, f) is None for f in ("smooth", "rot1", "perm", "rot2")):
       online = None
 
+    # One static activation range per input group: its members quantize the same input.
+    static = (None, None)
+    if quantizing and quantizing[0].act_scale == "static":
+      static = _static_range(samples, transform, quantizing[0], layout0.path)
     for m in active:
       rule = rules[m.path]
       rows, cols = _scale_tile(rule, m)
@@ -479,9 +483,7 @@ def quantize_params(params: Params, cfg: QuantConfig, stats: Any = None, *,
         x_clip = samples[..., :CLIP_SEARCH_ROWS, :]
       codes, scale, zero = _pack_layers(weights[m.path], transform, out_rot, x_clip,
                                         layout=_shape_key(m), rule=rule, rows=rows, cols=cols)
-      act_scale = act_zero = None
-      if rule.act_bits is not None and rule.act_scale == "static":
-        act_scale, act_zero = _static_range(samples, transform, rule, m.path)
+      act_scale, act_zero = static if rule.act_bits is not None else (None, None)
       packed = PackedLinear(
           codes=codes.astype(_codes_dtype(rule.weight_bits)), scale=scale, zero=zero,
           transform=online, out_rot=out_rot, w_shape=m.weight_shape, w_spec=m.w_spec,

@@ -1,5 +1,7 @@
 """Static activation scales (`LayerRule.act_scale="static"`), folds into producers, the `fast` preset."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -141,3 +143,13 @@ def test_static_scales_survive_the_checkpoint_round_trip(tmp_path):
   np.testing.assert_array_equal(a.act_zero, b.act_zero)
   np.testing.assert_array_equal(np.asarray(_actions("pi0", packed)),
                                 np.asarray(_actions("pi0", packed2)))
+
+
+def test_fast_packs_are_bit_identical_for_a_seed_and_differ_across_seeds():
+  params, stats = demo_params("pi0"), demo_stats("pi0")
+  cfg = get_preset("fast")
+  a, b = quantize_params(params, cfg, stats), quantize_params(params, cfg, stats)
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+  c = quantize_params(params, dataclasses.replace(cfg, seed=1), stats)
+  q = lambda t: np.asarray(t["PaliGemma"]["llm"]["layers"]["attn"]["q_einsum"]["w"].codes, np.int8)
+  assert not np.array_equal(q(a), q(c))  # the seed picks the rotations

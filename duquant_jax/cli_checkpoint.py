@@ -220,7 +220,7 @@ def register(app: typer.Typer) -> None:
                f" bits {sorted(set(bits.values()))}")
     for r in out["rules"]:
       typer.echo(f"  rule {r.get('pattern')}: "
-                 + ("skip" if r.get("skip") else f"W{r.get('weight_bits')}A{r.get('act_bits')}")
+                 + ("skip" if r.get("skip") else f"W{r.get('weight_bits')}A{r.get('act_bits') or 16}")
                  + (f" (fp below {r['act_min_tokens']} tokens)" if r.get("act_min_tokens") else "")
                  + (" (static act scale)" if r.get("act_scale") == "static" and r.get("act_bits")
                     else ""))

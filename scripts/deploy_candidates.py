@@ -19,9 +19,10 @@ best = dict(block_size=16)
 rtn = dict(rotation="none", permutation="none", smooth_alpha=None)
 base = (LayerRule(pattern=LLM, **best), LayerRule(pattern=EXPERT_MLP, **best))
 ea = (LayerRule(pattern=EXPERT_ATTN, **best),)
-def _fast(name, *, down=None, sig=None, eattn=None, **rule_kw):
+def _fast(name, *, down=None, sig=None, eattn=None, extra=None, **rule_kw):
   """`fast` with its W4A8 rules changed by `rule_kw`, an extra rule for the down projections
-  (LayerRule fields, taking precedence), or another SigLIP / expert-attention rule."""
+  (LayerRule fields, taking precedence) or any `extra` first rule, or another SigLIP /
+  expert-attention rule."""
   fast = get_preset("fast")
   rules = [dataclasses.replace(r, **rule_kw) if r.act_bits else r for r in fast.rules]
   if sig is not None:
@@ -31,6 +32,8 @@ def _fast(name, *, down=None, sig=None, eattn=None, **rule_kw):
   if down is not None:
     rules.insert(0, LayerRule(pattern=r"PaliGemma/llm/layers/mlp(_1)?/linear",
                               act_scale="static", **down))
+  if extra is not None:
+    rules.insert(0, extra)
   return dataclasses.replace(fast, name=name, rules=tuple(rules))
 
 
@@ -91,6 +94,9 @@ CANDIDATES = {
                  down=dict(block_size=64, rotation="hadamard", permutation="none")),
  "fastg": _fast("fast, down projections' weights per group of 128",
                 down=dict(rotation="none", permutation="none", weight_granularity="group")),
+ "fastw8down": _fast("fast, expert down projection W8", extra=LayerRule(
+     pattern=r"PaliGemma/llm/layers/mlp_1/linear", weight_bits=8, act_scale="static",
+     rotation="none", permutation="none")),
  "fasta8": _fast("fast, expert attention W8A8 static", eattn=LayerRule(
      pattern=EXPERT_ATTN, weight_bits=8, act_scale="static", rotation="none", permutation="none",
      smooth_alpha=None)),

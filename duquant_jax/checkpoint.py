@@ -112,9 +112,9 @@ def _split_packed(tree: Any, prefix: str = "") -> tuple[Any, dict[str, dict]]:
       arrays = {"codes": node.codes, "scale": node.scale}
       desc = {f: getattr(node, f) for f in _PL_STATIC}
       desc["w_shape"] = list(node.w_shape)
-      if node.input_group is not None:  # absent in checkpoints written before session 4
+      if node.input_group is not None:  # an optional key: absent when None
         desc["input_group"] = node.input_group
-      if node.act_min_tokens:  # absent before session 7, and when 0
+      if node.act_min_tokens:  # an optional key: absent when 0
         desc["act_min_tokens"] = node.act_min_tokens
       desc["arrays"] = ["codes", "scale"]
       for f in _PL_OPTIONAL:

@@ -591,8 +591,7 @@ def main():
           if v == v and v < t["kernel"]:
             t["kernel"], best = v, dataclasses.asdict(c)
         t["kernel_tiles"] = best or dataclasses.asdict(kernel_module().choose_tiles(m, n, k))
-        # DESIGN.md's convention: the bytes moved once at the measured copy rate (read + write
-        # counted); sessions 1-3 divided by bw / 2, a floor twice too high (BENCHMARKS.md).
+        # The bytes moved once at the measured copy rate (read + write counted).
         floor = (n * k / 2 + m * k + 2 * m * n) / bw
         row = dict(model=model, linears="/".join(names), m=m, k=k, n=n, floor_s=floor, **t)
         rows.append(row)

@@ -82,7 +82,7 @@ CANDIDATES = {
  "emwot": C("deploy, expert mlp w4a16 b16 transform", (LayerRule(pattern=LLM, **best), LayerRule(pattern=EXPERT_MLP, act_bits=None, **best)) + get_preset("deploy").rules[2:]),
  "llmwot": C("deploy, llm w4a16 b16 transform", (LayerRule(pattern=LLM, act_bits=None, **best), LayerRule(pattern=EXPERT_MLP, **best)) + get_preset("deploy").rules[2:]),
  "allwot": C("deploy, llm + expert mlp w4a16 b16 transform", (LayerRule(pattern=LLM, act_bits=None, **best), LayerRule(pattern=EXPERT_MLP, act_bits=None, **best)) + get_preset("deploy").rules[2:]),
- # `deploy` with the expert MLP W4A8 at every call size (`deploy` until session 7).
+ # `deploy` with the expert MLP W4A8 at every call size (no `act_min_tokens`).
  "deploya8": C("deploy, expert mlp w4a8 always", (LayerRule(pattern=LLM, **best), LayerRule(pattern=EXPERT_MLP, **best)) + get_preset("deploy").rules[2:]),
  "emw8": C("deploy, expert mlp w8a16 rtn+clip", (LayerRule(pattern=LLM, **best),) + (LayerRule(pattern=EXPERT_MLP, weight_bits=8, act_bits=None, **rtn),) + get_preset("deploy").rules[2:]),
   # The `fast` design's levers one at a time (docs/design.md, "The fast design"; EVALUATION.md).

@@ -21,7 +21,7 @@ H100 it measured 2-60x slower than XLA's chain at every shape (BENCHMARKS.md, "O
 
 `weight_only_matmul` (float activations times int4 / int8 codes, for weight-only linears) runs
 `xla.weight_only_matmul`; the Pallas (Triton) weight-only kernel only when asked ("pallas"): on the
-H100 it lost to XLA in the policy (BENCHMARKS.md, session 7).
+H100 it lost to XLA in the policy (docs/journal.md, session 7).
 
 `w4a8_matmul(..., layer=i)` takes the stacked (L, N, K) codes of an `nn.scan` layer stack and a
 traced layer index: the Pallas kernel reads that layer in place (auto-dispatch on CUDA for small M,
@@ -156,7 +156,7 @@ def weight_only_matmul(x: jax.Array, q: jax.Array, sw: jax.Array, zw: jax.Array 
     implementation: "pallas" / "pallas_interpret" (the Pallas kernel), or None or any other name
       of `IMPLEMENTATIONS`: the XLA path (there is no int8 or Mosaic form of a weight-only matmul,
       and auto-dispatch never picks the kernel: in the policy on the H100 it measured slower than
-      XLA's GEMM, in place or sliced; BENCHMARKS.md, session 7).
+      XLA's GEMM, in place or sliced; docs/journal.md, session 7).
     layer: None, or a traced int32 scalar: the layer of the stacked arrays to use (the kernel
       reads it in place; XLA gets a slice).
 
@@ -271,7 +271,7 @@ def transform_quantize(x: jax.Array, transform, bits: int = 8, *, symmetric: boo
   if implementation is None:
     if transform is None:
       return xla_fn("xla")
-    # Measured in the full policy on the H100 (BENCHMARKS.md, session 5): channel-major forms
+    # Measured in the full policy on the H100 (docs/journal.md, session 5): channel-major forms
     # beat the row-major ones (pi0 batch 1: 51.5 vs 58.5 ms; batch 8: 204.5 vs 222.4 ms); the
     # multiply-reduce form wins up to ~1000 tokens, the einsum form at thousands. CPUs keep the
     # row-major einsum form.

@@ -22,7 +22,7 @@ Design (DESIGN.md section 5: small-M policy steps are bound by reading weights):
 
 `weight_only_matmul` is the same structure for weight-only linears: float x, int4 or int8 codes
 upcast in registers with the zero points folded in, a bf16 MMA. It is exact to float32 rounding
-but measured slower than XLA's weight-only GEMM in the policy (BENCHMARKS.md, session 7), so it
+but measured slower than XLA's weight-only GEMM in the policy (docs/journal.md, session 7), so it
 runs only when asked.
 
 The Triton backend was chosen over Mosaic GPU because the same kernel source runs in Pallas interpret

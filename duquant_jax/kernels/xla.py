@@ -245,7 +245,7 @@ def w4a8_matmul(xq: jax.Array, sx: jax.Array, zx: jax.Array | None, q: jax.Array
 
 # Weight-only matmuls of int8 codes with at least this many tokens fold the zero points into the
 # GEMM's weight operand; the others subtract zw * rowsum(x) after the dot. H100,
-# `probe_weight_only.py` (BENCHMARKS.md, session 6): the fold lost at M = 51 on every shape (by
+# `probe_weight_only.py` (docs/journal.md, session 6): the fold lost at M = 51 on every shape (by
 # 0.4-5.8 us) and on int4 codes at every M; on int8 codes it won 2 of 3 shapes at M = 256 and
 # all 3 at M = 768 (by 1.6-3.9 us).
 WEIGHT_ONLY_FOLD_MIN_TOKENS = 512

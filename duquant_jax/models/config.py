@@ -85,7 +85,7 @@ class Pi0Config:
   # Hand packed Gemma layer weights to the layer scan whole, with the layer's index, so that a
   # kernel can read the layer in place instead of a per-layer slice copy (`gemma.stack_in_place`;
   # on CUDA the Pallas kernel takes the flow steps' W4A8 matmuls then). The same numbers either
-  # way. Off by default: on the H100 it measured no faster (BENCHMARKS.md, session 6).
+  # way. Off by default: on the H100 it measured no faster (docs/journal.md, session 6).
   stacked_in_place: bool = False
 
   def __post_init__(self):

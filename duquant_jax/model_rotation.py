@@ -110,12 +110,25 @@ def _rotate_axis(w: jax.Array, signs: jax.Array, axis: int) -> jax.Array:
 _rotate_axis_jit = jax.jit(_rotate_axis, static_argnames="axis")
 
 
-def _update(out: Params, path: str, fn) -> None:
-  """out[path] = fn(float32 array), stored back in the leaf's own dtype."""
+def _float_leaf(out: Params, path: str):
   old = _get(out, path)
   if not hasattr(old, "dtype") or not jnp.issubdtype(old.dtype, jnp.floating):
     raise ValueError(f"{path}: rotate_residual needs a float array here, got {type(old).__name__}")
+  return old
+
+
+def _update(out: Params, path: str, fn) -> None:
+  """out[path] = fn(float32 array), stored back in the leaf's own dtype."""
+  old = _float_leaf(out, path)
   _set(out, path, fn(jnp.asarray(old, jnp.float32)).astype(old.dtype))
+
+
+def _update_layers(out: Params, path: str, fn) -> None:
+  """out[path][l] = fn(float32 layer l, l) for a layer-stacked (L, ...) leaf, one layer at a time
+  (a float32 copy of a whole stack is gigabytes at full size), in the leaf's own dtype."""
+  old = _float_leaf(out, path)
+  _set(out, path, jnp.stack([fn(jnp.asarray(old[l], jnp.float32), l).astype(old.dtype)
+                             for l in range(old.shape[0])]))
 
 
 def _rotate_table(table: jax.Array, signs: jax.Array) -> jax.Array:
@@ -166,27 +179,26 @@ def rotate_residual(params: Params, *, key: jax.Array) -> tuple[Params, Rotation
       raise ValueError(f"rotate_residual: width {d} of expert '{sfx}' is not a power of 2")
     s = jnp.where(jax.random.bernoulli(jax.random.fold_in(k_res, i), 0.5, (d,)), 1.0, -1.0)
     signs[sfx] = s
-    rot = lambda axis: (lambda w: _rotate_axis_jit(w, s, axis=axis))
     for path in _STREAM_WRITERS[sfx]:
       if not _has(out, path):
         raise ValueError(f"rotate_residual: {path} (writes expert '{sfx}''s stream) is missing")
       if path.endswith("input_embedding"):
         _set(out, path, _rotate_table(_get(out, path), s))
       else:
-        _update(out, path, rot(-1))
-    _update(out, f"{layers}attn/attn_vec_einsum{sfx}/w", rot(3))  # (L, N, H, D)
-    _update(out, f"{layers}mlp{sfx}/linear", rot(2))  # (L, F, D)
+        _update(out, path, lambda w: _rotate_axis_jit(w, s, axis=-1))
+    write = lambda axis: (lambda w, l: _rotate_axis_jit(w, s, axis=axis))
+    _update_layers(out, f"{layers}attn/attn_vec_einsum{sfx}/w", write(2))  # (L, N, H, D)
+    _update_layers(out, f"{layers}mlp{sfx}/linear", write(1))  # (L, F, D)
     # Readers: x (1 + scale) w  ->  (x Q) Q^T diag(1 + scale) w; the norm keeps scale 0.
-    for norm, readers in ((f"pre_attention_norm{sfx}", ((f"attn/q_einsum{sfx}/w", 2),
-                                                         (f"attn/kv_einsum{sfx}/w", 3))),
-                          (f"pre_ffw_norm{sfx}", ((f"mlp{sfx}/gating_einsum", 2),))):
+    for norm, readers in ((f"pre_attention_norm{sfx}", ((f"attn/q_einsum{sfx}/w", 1),
+                                                         (f"attn/kv_einsum{sfx}/w", 2))),
+                          (f"pre_ffw_norm{sfx}", ((f"mlp{sfx}/gating_einsum", 1),))):
       g = 1.0 + jnp.asarray(_get(out, f"{layers}{norm}/scale"), jnp.float32)  # (L, D)
-      for path, axis in readers:
-        w = _get(out, layers + path)
-        shape = [g.shape[0]] + [1] * (w.ndim - 1)
+      for path, axis in readers:  # axis: D in one layer's weight
+        shape = [1] * (_get(out, layers + path).ndim - 1)
         shape[axis] = d
-        _update(out, layers + path, lambda w, g=g.reshape(shape), a=axis: _rotate_axis_jit(
-            w * g, s, axis=a))
+        _update_layers(out, layers + path, lambda w, l, a=axis, sh=tuple(shape): _rotate_axis_jit(
+            w * g[l].reshape(sh), s, axis=a))
       _update(out, f"{layers}{norm}/scale", jnp.zeros_like)
     final = f"PaliGemma/llm/final_norm{sfx}/scale"
     if _FINAL_READERS[sfx]:
@@ -215,10 +227,10 @@ def _rotate_values(out: Params, key: jax.Array) -> Optional[jax.Array]:
   r = random_orthogonal(key, (depth, head_dim, head_dim))
   hi = jax.lax.Precision.HIGHEST
   for path in kv_paths:  # (L, 2, K, D, H): index 1 of axis 1 is V
-    _update(out, path, lambda w: w.at[:, 1].set(
-        jnp.einsum("lkdh,lhg->lkdg", w[:, 1], r, precision=hi)))
+    _update_layers(out, path, lambda w, l: w.at[1].set(
+        jnp.einsum("kdh,hg->kdg", w[1], r[l], precision=hi)))
   for path in vec_paths:  # (L, N, H, D)
-    _update(out, path, lambda w: jnp.einsum("lhg,lnhd->lngd", r, w, precision=hi))
+    _update_layers(out, path, lambda w, l: jnp.einsum("hg,nhd->ngd", r[l], w, precision=hi))
   return r
 
 

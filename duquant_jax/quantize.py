@@ -450,9 +450,9 @@ def quantize_params(params: Params, cfg: QuantConfig, stats: Any = None, *,
     online = transform
     if transform is not None and lam is not None:
       if layout0.norm is None and layout0.producer is not None and transform.perm is None:
-        # What stays online is at most one block rotation, which XLA computes as a per-block
-        # product fused with the producer's elementwise ops. (With a permutation between two
-        # rotations, the smoothing merges into the first rotation at no cost instead.)
+        # The smoothing leaves the online side; at most one block rotation stays there. (With a
+        # permutation between two rotations, the smoothing merges into the first rotation at no
+        # cost instead, as `recommended` packs it.)
         _fold_into_producer(out, layout0, lam)
         online = transform.replace(smooth=None)
       elif layout0.norm is not None:

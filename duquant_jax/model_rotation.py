@@ -63,6 +63,14 @@ _STREAM_WRITERS = {
 }
 # Weights reading an expert's final norm (rotated on their first axis, after its scale).
 _FINAL_READERS = {"": (), "_1": ("action_out_proj/kernel",)}
+
+
+def _layer_readers(sfx: str) -> tuple[tuple[str, tuple[tuple[str, int], ...]], ...]:
+  """(norm path, ((weight path, axis of D in one layer's weight), ...)) for the linears reading
+  expert `sfx`'s stream inside the layers."""
+  return ((f"{LAYERS}/pre_attention_norm{sfx}", ((f"{LAYERS}/attn/q_einsum{sfx}/w", 1),
+                                                  (f"{LAYERS}/attn/kv_einsum{sfx}/w", 2))),
+          (f"{LAYERS}/pre_ffw_norm{sfx}", ((f"{LAYERS}/mlp{sfx}/gating_einsum", 1),)))
 # Rows of the token table rotated per jitted call (bounds the float32 working set).
 _TABLE_CHUNK_ROWS = 16384
 
@@ -149,8 +157,7 @@ def rotated_experts(params: Params) -> list[str]:
 def rotated_readers(params: Params) -> set[str]:
   """The norms (paths) whose outputs `rotate_residual` rotates: the input groups of the linears
   that read a rotated stream."""
-  return {f"{LAYERS}/{norm}{sfx}" for sfx in rotated_experts(params)
-          for norm in ("pre_attention_norm", "pre_ffw_norm")}
+  return {norm for sfx in rotated_experts(params) for norm, _ in _layer_readers(sfx)}
 
 
 def rotate_residual(params: Params, *, key: jax.Array) -> tuple[Params, Rotations]:
@@ -170,11 +177,10 @@ def rotate_residual(params: Params, *, key: jax.Array) -> tuple[Params, Rotation
   if not _has(params, LAYERS):
     raise ValueError(f"rotate_residual: no {LAYERS} in these params (not an openpi-layout tree)")
   out = _copy_dicts(params)
-  layers = f"{LAYERS}/"
   signs = {}
   k_res, k_val = jax.random.split(key)
   for i, sfx in enumerate(rotated_experts(params)):
-    d = _get(params, f"{layers}pre_attention_norm{sfx}/scale").shape[-1]
+    d = _get(params, f"{LAYERS}/pre_attention_norm{sfx}/scale").shape[-1]
     if d & (d - 1):
       raise ValueError(f"rotate_residual: width {d} of expert '{sfx}' is not a power of 2")
     s = jnp.where(jax.random.bernoulli(jax.random.fold_in(k_res, i), 0.5, (d,)), 1.0, -1.0)
@@ -187,19 +193,17 @@ def rotate_residual(params: Params, *, key: jax.Array) -> tuple[Params, Rotation
       else:
         _update(out, path, lambda w: _rotate_axis_jit(w, s, axis=-1))
     write = lambda axis: (lambda w, l: _rotate_axis_jit(w, s, axis=axis))
-    _update_layers(out, f"{layers}attn/attn_vec_einsum{sfx}/w", write(2))  # (L, N, H, D)
-    _update_layers(out, f"{layers}mlp{sfx}/linear", write(1))  # (L, F, D)
+    _update_layers(out, f"{LAYERS}/attn/attn_vec_einsum{sfx}/w", write(2))  # (L, N, H, D)
+    _update_layers(out, f"{LAYERS}/mlp{sfx}/linear", write(1))  # (L, F, D)
     # Readers: x (1 + scale) w  ->  (x Q) Q^T diag(1 + scale) w; the norm keeps scale 0.
-    for norm, readers in ((f"pre_attention_norm{sfx}", ((f"attn/q_einsum{sfx}/w", 1),
-                                                         (f"attn/kv_einsum{sfx}/w", 2))),
-                          (f"pre_ffw_norm{sfx}", ((f"mlp{sfx}/gating_einsum", 1),))):
-      g = 1.0 + jnp.asarray(_get(out, f"{layers}{norm}/scale"), jnp.float32)  # (L, D)
-      for path, axis in readers:  # axis: D in one layer's weight
-        shape = [1] * (_get(out, layers + path).ndim - 1)
+    for norm, readers in _layer_readers(sfx):
+      g = 1.0 + jnp.asarray(_get(out, f"{norm}/scale"), jnp.float32)  # (L, D)
+      for path, axis in readers:
+        shape = [1] * (_get(out, path).ndim - 1)
         shape[axis] = d
-        _update_layers(out, layers + path, lambda w, l, a=axis, sh=tuple(shape): _rotate_axis_jit(
+        _update_layers(out, path, lambda w, l, a=axis, sh=tuple(shape): _rotate_axis_jit(
             w * g[l].reshape(sh), s, axis=a))
-      _update(out, f"{layers}{norm}/scale", jnp.zeros_like)
+      _update(out, f"{norm}/scale", jnp.zeros_like)
     final = f"PaliGemma/llm/final_norm{sfx}/scale"
     if _FINAL_READERS[sfx]:
       g = 1.0 + jnp.asarray(_get(out, final), jnp.float32)
@@ -267,18 +271,16 @@ def rotate_stats(stats: Any, params: Params, rotations: Rotations) -> Optional[d
   layers = getattr(stats, "layers", stats)
   out = dict(layers.items())
   kv_paths, vec_paths = _value_paths(params)
-  for sfx, s in rotation_items(rotations):
-    for norm, readers in ((f"pre_attention_norm{sfx}", (f"attn/q_einsum{sfx}/w",
-                                                         f"attn/kv_einsum{sfx}/w")),
-                          (f"pre_ffw_norm{sfx}", (f"mlp{sfx}/gating_einsum",))):
-      g = 1.0 + jnp.asarray(_get(params, f"{LAYERS}/{norm}/scale"), jnp.float32)  # (L, D)
-      for path in (f"{LAYERS}/{p}" for p in readers):
-        if path in out:
-          x = jnp.asarray(out[path].samples, jnp.float32) / g[:, None, :]
-          out[path] = _sample_stats(walsh_hadamard(x * s, -1))
+  for sfx, s in sorted(rotations.residual_signs.items()):
+    # (norm path, [weight paths]); a stacked norm scale (L, D) meets rows (L, R, D), the final
+    # norm's (D,) rows (R, D).
+    norms = [(norm, [p for p, _ in readers]) for norm, readers in _layer_readers(sfx)]
     if _FINAL_READERS[sfx]:
-      g = 1.0 + jnp.asarray(_get(params, f"PaliGemma/llm/final_norm{sfx}/scale"), jnp.float32)
-      for path in _FINAL_READERS[sfx]:
+      norms.append((f"PaliGemma/llm/final_norm{sfx}", list(_FINAL_READERS[sfx])))
+    for norm, paths in norms:
+      g = 1.0 + jnp.asarray(_get(params, f"{norm}/scale"), jnp.float32)
+      g = g[:, None, :] if g.ndim == 2 else g
+      for path in paths:
         if path in out:
           x = jnp.asarray(out[path].samples, jnp.float32) / g
           out[path] = _sample_stats(walsh_hadamard(x * s, -1))
@@ -293,10 +295,6 @@ def rotate_stats(stats: Any, params: Params, rotations: Rotations) -> Optional[d
                        precision=jax.lax.Precision.HIGHEST).reshape(lay, rows, k)
         out[path] = _sample_stats(x)
   return out
-
-
-def rotation_items(rotations: Rotations):
-  return sorted(rotations.residual_signs.items())
 
 
 def _sample_stats(x: jax.Array) -> SampleStats:

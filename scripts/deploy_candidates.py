@@ -97,6 +97,8 @@ CANDIDATES = {
  "fastw8down": _fast("fast, expert down projection W8", extra=LayerRule(
      pattern=r"PaliGemma/llm/layers/mlp_1/linear", weight_bits=8, act_scale="static",
      rotation="none", permutation="none")),
+ "fastw8exp": _fast("fast, expert MLP W8A8", extra=LayerRule(
+     pattern=EXPERT_MLP, weight_bits=8, act_scale="static", rotation="none", permutation="none")),
  "fasta8": _fast("fast, expert attention W8A8 static", eattn=LayerRule(
      pattern=EXPERT_ATTN, weight_bits=8, act_scale="static", rotation="none", permutation="none",
      smooth_alpha=None)),

@@ -15,6 +15,7 @@ Usage (GPU): cd scripts && PYTHONPATH=.. python profile_policy.py [--model pi0] 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import collections
 import glob
 import json
@@ -133,12 +134,17 @@ def main():
   ap.add_argument("--by-op", type=int, default=0,
                   help="also list this many single ops with their result shapes")
   ap.add_argument("--no-bf16", action="store_true", help="skip the bf16 profile")
+  ap.add_argument("--no-clip-search", action="store_true",
+                  help="pack without the weight clip search (same program, other codes)")
   ap.add_argument("--json", default=None)
   args = ap.parse_args()
   policy = get_policy(args.model, args.size)
   params = jax.block_until_ready(random_params(policy))
-  packed = jax.block_until_ready(quantize_params(params, bench_config(args.preset, False),
-                                                 synthetic_stats(params)))
+  cfg = bench_config(args.preset, False)
+  if args.no_clip_search:
+    cfg = dataclasses.replace(cfg, rules=tuple(
+        dataclasses.replace(r, clip_search=False) for r in cfg.rules))
+  packed = jax.block_until_ready(quantize_params(params, cfg, synthetic_stats(params)))
   obs = make_observation(policy.cfg, jax.random.key(1), args.batch)
   fn = jax.jit(policy.sample_actions)
   out = {}

@@ -230,6 +230,44 @@ def _auto(xq, sx, zx, q, sw, zw, out_dtype):
   return jax.lax.platform_dependent(cuda=kernel_fn, default=xla_fn)
 
 
+def gated_w4a8(xq: jax.Array, sx: jax.Array, zx: jax.Array | None, q: jax.Array, sw: jax.Array,
+               zw: jax.Array | None, out_scale: jax.Array, out_zero: jax.Array | None, *,
+               implementation: str | None = None) -> jax.Array:
+  """A gated MLP's hidden activation as int8 codes: quantize_static(gelu(gate) * up).
+
+  gate, up = the two halves of the float32 W4A8 product `xla.w4a8_matmul(xq, sx, zx, q, sw, zw)`
+  with q (2F, K) holding gate rows then up rows; the codes use the down projection's static
+  scale and zero point (`out_scale`, `out_zero`, (1,) float32). On a Hopper GPU the Mosaic kernel
+  computes this in one pass (`mosaic_gpu.gated_w4a8`: the (M, 2F) product stays in registers)
+  where it takes the shape and the plain kernel would run (`mosaic_preferred`); elsewhere the same
+  arithmetic runs as XLA ops (`mosaic_gpu.gated_reference`).
+
+  Args:
+    xq, sx, zx, q, sw, zw: as `w4a8_matmul` (one layer, per-channel weight scales).
+    out_scale, out_zero: the hidden activation's static quantizer (out_zero None: symmetric).
+    implementation: None (auto), "xla" (the reference ops) or "mosaic" (the kernel where it takes
+      the shape, else the reference).
+
+  Returns:
+    (M, F) int8 codes.
+  """
+  from duquant_jax.kernels import mosaic_gpu
+  if implementation not in (None, "xla", "mosaic"):
+    raise ValueError(f"gated_w4a8 implementation must be None, 'xla' or 'mosaic', got "
+                     f"{implementation!r}")
+  m, k = xq.shape
+  n, g = sw.shape
+  ref = lambda: mosaic_gpu.gated_reference(xq, sx, zx, q, sw, zw, out_scale, out_zero)
+  takes = (q.shape == (n, k) and n % 2 == 0 and q.dtype == jnp.int4
+           and mosaic_gpu.supports_gated(m, n // 2, k, g))
+  if implementation == "xla" or not takes or jax.default_backend() != "gpu":
+    return ref()
+  if implementation is None and not (_is_hopper() and mosaic_preferred(m, n, k)):
+    return ref()
+  kernel_fn = lambda: mosaic_gpu.gated_w4a8(xq, sx, zx, q, sw, zw, out_scale, out_zero)
+  return jax.lax.platform_dependent(cuda=kernel_fn, default=ref)
+
+
 def transform_quantize(x: jax.Array, transform, bits: int = 8, *, symmetric: bool = False,
                        clip_ratio: float = 1.0, implementation: str | None = None):
   """q8(transform.apply(x)) per token: (xq (M, K) int8, sx (M, 1) float32, zx (M, 1) or None).

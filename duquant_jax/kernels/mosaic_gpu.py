@@ -73,6 +73,7 @@ class TileConfig:
 
 # H100 SXM: streaming multiprocessors to fill.
 _SMS = 132
+_SQRT_2_OVER_PI = 0.7978845608028654  # float32(sqrt(2 / pi)), as jax.nn.gelu
 
 
 def choose_tiles(m: int, n: int, k: int) -> TileConfig:
@@ -150,8 +151,88 @@ def w4a8_matmul(xq, sx, zx, q, sw, zw, *, out_dtype=jnp.bfloat16, tiles: TileCon
   return (y[:m] if m8 != m else y).astype(out_dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("tiles", "out_dtype", "asym_w", "asym_x"))
-def _kernel(xq, q, sw, zw, cols, *, tiles: TileConfig, out_dtype, asym_w: bool, asym_x: bool):
+def gated_tiles(m: int, f: int, k: int) -> TileConfig:
+  """Tiles of `gated_w4a8`: 64 gate rows and the same 64 up rows per CTA (two int32 accumulators
+  in one warpgroup's registers), token tiles as `choose_tiles`."""
+  t = choose_tiles(m, 2 * f, k)
+  return TileConfig(tile_n=64, tile_m=t.tile_m, stages=4)
+
+
+def supports_gated(m: int, f: int, k: int, g: int) -> bool:
+  """Whether `gated_w4a8` takes (M, K) tokens against a (2F, K) gate/up weight with G groups."""
+  t = gated_tiles(m, f, k)
+  return g == 1 and m >= 1 and f % t.tile_n == 0 and k % t.tile_k == 0
+
+
+def gated_w4a8(xq, sx, zx, q, sw, zw, out_scale, out_zero, *, tiles: TileConfig | None = None):
+  """The gated MLP's hidden activation as int8 codes, from one W4A8 pass over gate and up.
+
+  hq = quantize_static(gelu(y[:, :F]) * y[:, F:], out_scale, out_zero), y the float32 result of
+  `w4a8_matmul(xq, sx, zx, q, sw, zw)`: the gate and up halves of a CTA's tile meet in registers,
+  so the (M, 2F) product never reaches device memory, only the (M, F) int8 codes the down
+  projection reads. gelu is the tanh approximation (flax's and Gemma's default).
+
+  Args:
+    xq, sx, zx: (M, K) int8 token codes, (M, 1) float32 scales and zero points (zx None: symmetric).
+    q: (2F, K) int4 weight codes, gate rows then up rows; sw, zw (2F, 1) float32 (zw None).
+    out_scale, out_zero: (1,) float32 static scale and zero point of the hidden activation's
+      int8 quantizer (out_zero None: symmetric).
+    tiles: a `TileConfig` (tile_n rows of gate and of up per CTA, compute_wgs = 1, splits = 1), or
+      None for `gated_tiles`.
+
+  Returns:
+    (M, F) int8 codes.
+
+  Raises:
+    ValueError: shapes the kernel does not take.
+  """
+  m, k = xq.shape
+  n, g = sw.shape
+  f = n // 2
+  tiles = tiles or gated_tiles(m, f, k)
+  if q.shape != (n, k) or n % 2:
+    raise ValueError(f"gate/up weight codes {q.shape} do not match activations {xq.shape} and "
+                     f"scales {sw.shape} (an even number of rows: gate then up)")
+  if (g != 1 or f % tiles.tile_n or k % tiles.tile_k or tiles.splits != 1
+      or tiles.compute_wgs != 1):
+    raise ValueError(f"the gated Mosaic kernel does not take (M, K)={xq.shape} x (2F, K)={q.shape} "
+                     f"with {g} scale groups and {tiles} (needs G = 1, F % tile_n == 0, "
+                     f"K % tile_k == 0, one warpgroup, no split-K)")
+  mp = -(-m // tiles.tile_m) * tiles.tile_m
+  m8 = -(-m // 8) * 8
+  xq8 = jnp.pad(xq, ((0, m8 - m), (0, 0))) if m8 != m else xq
+  f32 = jnp.float32
+  zeros_m = jnp.zeros((mp,), f32)
+  sw_n = sw.reshape(n).astype(f32)
+  zw_n = sw_n if zw is None else zw.reshape(n).astype(f32)
+  pad = lambda v: jnp.pad(v.reshape(-1).astype(f32), (0, mp - m))
+  rx = pad(jnp.sum(xq.astype(jnp.int32), axis=1)) if zw is not None else zeros_m
+  # The output quantizer's 1 / scale and zero point ride along as per-token rows 4 and 5 (eight
+  # rows keep every TMA copy of a column slice a multiple of 128 bytes).
+  inv = jnp.broadcast_to(1.0 / out_scale.reshape(()).astype(f32), (mp,))
+  zero = zeros_m if out_zero is None else jnp.broadcast_to(out_zero.reshape(()).astype(f32), (mp,))
+  cols = jnp.stack([pad(sx), rx, pad(zx) if zx is not None else zeros_m, zeros_m, inv, zero,
+                    zeros_m, zeros_m])  # (8, Mp)
+  out = _kernel(xq8, q, sw_n, zw_n, cols, tiles=tiles, out_dtype=jnp.dtype(jnp.int8),
+                asym_w=zw is not None, asym_x=zx is not None, gated=True,
+                out_symmetric=out_zero is None)
+  y = out[0]
+  return y[:m] if m8 != m else y
+
+
+def gated_reference(xq, sx, zx, q, sw, zw, out_scale, out_zero):
+  """`gated_w4a8` in plain XLA ops (the same float32 arithmetic, unfused)."""
+  from duquant_jax.kernels import xla
+  f = q.shape[0] // 2
+  y = xla.w4a8_matmul(xq, sx, zx, q, sw, zw, out_dtype=jnp.float32)
+  h = jax.nn.gelu(y[:, :f], approximate=True) * y[:, f:]
+  return xla.quantize_static(h, out_scale, out_zero)[0]
+
+
+@functools.partial(jax.jit, static_argnames=("tiles", "out_dtype", "asym_w", "asym_x", "gated",
+                                             "out_symmetric"))
+def _kernel(xq, q, sw, zw, cols, *, tiles: TileConfig, out_dtype, asym_w: bool, asym_x: bool,
+            gated: bool = False, out_symmetric: bool = True):
   """The Pallas call.
 
   Args:
@@ -162,8 +243,12 @@ def _kernel(xq, q, sw, zw, cols, *, tiles: TileConfig, out_dtype, asym_w: bool, 
     tiles.splits: K is cut into slices run by separate CTAs (more CTAs for a small M x N); each
       writes its scaled float32 partial and the caller sums them.
 
+    gated: q holds gate rows then up rows (2F, K); each CTA multiplies tile_n gate rows and the
+      same tile_n up rows and writes int8 codes of gelu(gate) * up (cols rows 4, 5: the output
+      quantizer's 1 / scale and zero point; out_symmetric: no zero point, codes in +-127).
+
   Returns:
-    (splits, M, N) of out_dtype (float32 when splits > 1).
+    (splits, M, N) of out_dtype (float32 when splits > 1); gated: (1, M, F) int8.
   """
   import jax.experimental.pallas as pl
   from jax import lax
@@ -171,6 +256,7 @@ def _kernel(xq, q, sw, zw, cols, *, tiles: TileConfig, out_dtype, asym_w: bool, 
 
   m, k = xq.shape
   n = q.shape[0]
+  n_out = n // 2 if gated else n
   tn, tm, tk = tiles.tile_n, tiles.tile_m, tiles.tile_k
   mp, splits = cols.shape[1], tiles.splits
   ks = k // splits
@@ -190,35 +276,57 @@ def _kernel(xq, q, sw, zw, cols, *, tiles: TileConfig, out_dtype, asym_w: bool, 
 
   wgs = tiles.compute_wgs
   cta_n = wgs * tn  # weight rows per CTA: tile_n per compute warpgroup
-  in_specs = [plgpu.BlockSpec((cta_n, tk), lambda kk: (0, kk), transforms=w_tr),
-              plgpu.BlockSpec((tm, tk), lambda kk: (0, kk), transforms=x_tr)]
+  w_spec = plgpu.BlockSpec((cta_n, tk), lambda kk: (0, kk), transforms=w_tr)
+  in_specs = [w_spec] * (2 if gated else 1) + [
+      plgpu.BlockSpec((tm, tk), lambda kk: (0, kk), transforms=x_tr)]
 
-  def mma(w_smem, x_smem, ones_smem, acc_ref, csum_ref):
-    w = plgpu.load(w_smem, (), layout=plgpu.Layout.WGMMA_8BIT).astype(jnp.int8)
-    plgpu.wgmma(acc_ref, w, x_smem.T)
-    if asym_x:
-      plgpu.wgmma(csum_ref, w, ones_smem.T)
+  def mma(w_smems, x_smem, ones_smem, acc_refs, csum_refs):
+    for w_smem, acc_ref, csum_ref in zip(w_smems, acc_refs, csum_refs):
+      w = plgpu.load(w_smem, (), layout=plgpu.Layout.WGMMA_8BIT).astype(jnp.int8)
+      plgpu.wgmma(acc_ref, w, x_smem.T)
+      if asym_x:
+        plgpu.wgmma(csum_ref, w, ones_smem.T)
     # The pipeline refills this step's buffers next, so the MMA must be done. (Keeping one wgmma
     # in flight with the buffers released a step late, wgmma_wait(1), gave wrong results on the
     # H100 at most tilings: BENCHMARKS.md, run 10.)
     plgpu.wgmma_wait(0)
 
-  def epilogue(acc, csum, rows_smem, cols_smem, o_smem, first):
-    """int32 acc^T (tn, tm) -> the scaled y tile, stored in o_smem (tm, tn) through a transposed view."""
+  def scaled(acc, csum, row, col, r, first):
+    """int32 acc^T (tn, tm) -> float32 y^T, weight rows' scale / zero point in rows r, r + 1."""
     acc = acc.astype(jnp.float32)
+    if asym_w:
+      acc = acc - (row(r + 1) * first) * col(1)  # slice-independent terms are added once
+    if asym_x:
+      cq = lax.broadcast_in_dim(jnp.max(csum.astype(jnp.float32), axis=1), (tn, tm), [0])
+      if asym_w:
+        cq = cq - float(ks) * row(r + 1)
+      acc = acc - col(2) * cq
+    return (acc * row(r)) * col(0)
+
+  def epilogue(accs, csums, rows_smem, cols_smem, o_smem, first):
+    """int32 acc^T (tn, tm) -> the scaled y tile (gated: the int8 codes of gelu(gate) * up),
+    stored in o_smem (tm, tn) through a transposed view."""
     row = lambda i: lax.broadcast_in_dim(
         plgpu.load(rows_smem.at[i], (), layout=row_layout), (tn, tm), [0])
     col = lambda i: lax.broadcast_in_dim(
         plgpu.load(cols_smem.at[i], (), layout=col_layout), (tn, tm), [1])
-    if asym_w:
-      acc = acc - (row(1) * first) * col(1)  # slice-independent terms are added once
-    if asym_x:
-      cq = lax.broadcast_in_dim(jnp.max(csum.astype(jnp.float32), axis=1), (tn, tm), [0])
-      if asym_w:
-        cq = cq - float(ks) * row(1)
-      acc = acc - col(2) * cq
-    y = ((acc * row(0)) * col(0)).astype(o_smem.dtype)
-    o_smem.T[...] = plgpu.layout_cast(y, plgpu.Layout.WGMMA_TRANSPOSED)
+    y = scaled(accs[0], csums[0], row, col, 0, first)
+    if gated:
+      g = y
+      u = scaled(accs[1], csums[1], row, col, 2, first)
+      # jax.nn.gelu(approximate=True), in its operation order.
+      cdf = 0.5 * (1.0 + jnp.tanh(_SQRT_2_OVER_PI * (g + 0.044715 * (g * g * g))))
+      h = jnp.round((g * cdf) * u * col(4))
+      if out_symmetric:
+        h = jnp.clip(h, -127.0, 127.0)
+      else:
+        h = jnp.clip(h + col(5), -128.0, 127.0)
+      # The transposed register layout exists for 32-bit values; the codes are narrowed after it.
+      h = plgpu.layout_cast(h, plgpu.Layout.WGMMA_TRANSPOSED)
+      o_smem.T[...] = h.astype(jnp.int32).astype(jnp.int8)
+      plgpu.commit_smem()
+      return
+    o_smem.T[...] = plgpu.layout_cast(y.astype(o_smem.dtype), plgpu.Layout.WGMMA_TRANSPOSED)
     plgpu.commit_smem()
 
   def body(x_gmem, w_gmem, sw_gmem, zw_gmem, cols_gmem, ones_gmem, o_gmem, rows_smem, cols_smem,
@@ -227,10 +335,17 @@ def _kernel(xq, q, sw, zw, cols, *, tiles: TileConfig, out_dtype, asym_w: bool, 
     n_sl, m_sl, k_sl = pl.ds(ni * cta_n, cta_n), pl.ds(mi * tm, tm), pl.ds(si * ks, ks)
     first = (si == 0).astype(jnp.float32)
     bar = bar.at[0] if bar.shape else bar  # one barrier: shape (1,) on jax 0.10, () on 0.11
+    # gated: this CTA's gate rows and the same rows of the up half.
+    weights = lambda k_sl: ((w_gmem.at[n_sl, k_sl], w_gmem.at[pl.ds(n_out + ni * cta_n, cta_n), k_sl])
+                            if gated else (w_gmem.at[n_sl, k_sl],))
 
     def copy_vectors():
       plgpu.copy_gmem_to_smem(sw_gmem.at[n_sl], rows_smem.at[0], bar)
       plgpu.copy_gmem_to_smem(zw_gmem.at[n_sl], rows_smem.at[1], bar)
+      if gated:  # the up rows' scales and zero points
+        up_sl = pl.ds(n_out + ni * cta_n, cta_n)
+        plgpu.copy_gmem_to_smem(sw_gmem.at[up_sl], rows_smem.at[2], bar)
+        plgpu.copy_gmem_to_smem(zw_gmem.at[up_sl], rows_smem.at[3], bar)
       plgpu.copy_gmem_to_smem(cols_gmem.at[:, m_sl], cols_smem, bar)
       plgpu.copy_gmem_to_smem(ones_gmem, ones_smem, bar)
 
@@ -239,17 +354,19 @@ def _kernel(xq, q, sw, zw, cols, *, tiles: TileConfig, out_dtype, asym_w: bool, 
       # The ones tile is read by the first MMA. (Waiting inside the first pipeline step instead,
       # so this copy overlaps the first weight tiles', measured ~1 us slower on the H100.)
       plgpu.barrier_wait(bar)
+      n_acc = 2 if gated else 1
 
-      def compute(acc_ref, csum_ref):
+      def compute(*refs):
+        accs, csums = refs[:n_acc], refs[n_acc:]
         plgpu.emit_pipeline(
-            lambda _, w_smem, x_smem: mma(w_smem, x_smem, ones_smem, acc_ref, csum_ref),
+            lambda _, *smems: mma(smems[:-1], smems[-1], ones_smem, accs, csums),
             grid=(ks // tk,), max_concurrent_steps=tiles.stages, in_specs=in_specs,
-        )(w_gmem.at[n_sl, k_sl], x_gmem.at[m_sl, k_sl])
-        return acc_ref[...], csum_ref[...]
+        )(*weights(k_sl), x_gmem.at[m_sl, k_sl])
+        return [r[...] for r in accs], [r[...] for r in csums]
 
-      acc, csum = pl.run_scoped(compute, plgpu.ACC((tn, tm), jnp.int32),
-                                plgpu.ACC((tn, 8), jnp.int32))
-      epilogue(acc, csum, rows_smem, cols_smem, o_smem, first)
+      accs, csums = pl.run_scoped(compute, *[plgpu.ACC((tn, tm), jnp.int32)] * n_acc,
+                                  *[plgpu.ACC((tn, 8), jnp.int32)] * n_acc)
+      epilogue(accs, csums, rows_smem, cols_smem, o_smem, first)
       plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[si, m_sl, n_sl])
       plgpu.wait_smem_to_gmem(0)
       return
@@ -264,14 +381,14 @@ def _kernel(xq, q, sw, zw, cols, *, tiles: TileConfig, out_dtype, asym_w: bool, 
       def scope(acc_ref, csum_ref):
         plgpu.barrier_wait(bar)
         eval_pipeline((acc_ref, csum_ref))
-        epilogue(acc_ref[...], csum_ref[...], rows_smem.at[:, wg_rows], cols_smem,
+        epilogue([acc_ref[...]], [csum_ref[...]], rows_smem.at[:, wg_rows], cols_smem,
                  o_smem.at[wg], first)
         plgpu.copy_smem_to_gmem(o_smem.at[wg], o_gmem.at[si, m_sl, pl.ds(ni * cta_n + wg * tn, tn)])
         plgpu.wait_smem_to_gmem(0)
       pl.run_scoped(scope, plgpu.ACC((tn, tm), jnp.int32), plgpu.ACC((tn, 8), jnp.int32))
 
     def step(_, w_smem, x_smem, carry):
-      mma(w_smem.at[wg_rows], x_smem, ones_smem, *carry)
+      mma([w_smem.at[wg_rows]], x_smem, ones_smem, [carry[0]], [carry[1]])
       return carry
 
     plgpu.emit_pipeline_warp_specialized(
@@ -279,13 +396,16 @@ def _kernel(xq, q, sw, zw, cols, *, tiles: TileConfig, out_dtype, asym_w: bool, 
         num_compute_wgs=wgs, max_concurrent_steps=tiles.stages, compute_context=compute_context,
     )(w_gmem.at[n_sl, k_sl], x_gmem.at[m_sl, k_sl])
 
+  if gated and (wgs != 1 or splits != 1):
+    raise ValueError(f"the gated kernel runs one warpgroup without split-K, got {tiles}")
   kw = dict(num_threads=wgs + 1, thread_name="wg") if wgs > 1 else {}
   dtype = jnp.float32 if splits > 1 else out_dtype
   o_tile = (tm, tn) if wgs == 1 else (wgs, tm, tn)
   return plgpu.kernel(
-      body, out_type=jax.ShapeDtypeStruct((splits, m, n), dtype),
-      grid=(n // cta_n, mp // tm, splits), grid_names=("n", "m", "s"),
-      scratch_types=[plgpu.SMEM((2, cta_n), jnp.float32), plgpu.SMEM((4, tm), jnp.float32),
+      body, out_type=jax.ShapeDtypeStruct((splits, m, n_out), dtype),
+      grid=(n_out // cta_n, mp // tm, splits), grid_names=("n", "m", "s"),
+      scratch_types=[plgpu.SMEM((4 if gated else 2, cta_n), jnp.float32),
+                     plgpu.SMEM((cols.shape[0], tm), jnp.float32),
                      plgpu.SMEM((8, tk), jnp.int8, transforms=x_tr), plgpu.SMEM(o_tile, dtype),
-                     plgpu.Barrier(num_arrivals=4)],
+                     plgpu.Barrier(num_arrivals=6 if gated else 4)],
       **kw)(xq, q, sw, zw, cols, ones)

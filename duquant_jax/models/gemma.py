@@ -246,9 +246,13 @@ class FeedForward(nn.Module):
     w_gating = weight(self, "gating_einsum", nn.initializers.lecun_normal(in_axis=-2, out_axis=-1),
                           (2, self.features, self.hidden_dim))
     self.sow("intermediates", "gating_einsum_input", x)
-    gate, up = linear("BTD,2DF->2BTF", x, w_gating)
     w_linear = weight(self, "linear", nn.initializers.lecun_normal(in_axis=-2, out_axis=-1),
                           (self.hidden_dim, self.features))
+    if hasattr(w_linear, "gated_mlp"):  # packed weights may run the MLP as one fused form
+      y = w_linear.gated_mlp(w_gating, x)
+      if y is not None:
+        return y
+    gate, up = linear("BTD,2DF->2BTF", x, w_gating)
     hidden = nn.gelu(gate) * up
     self.sow("intermediates", "linear_input", hidden)
     return linear("BTF,FD->BTD", hidden, w_linear)

@@ -11,6 +11,7 @@ quantized layers alone.
 """
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import json
@@ -27,6 +28,7 @@ from duquant_jax.quantize import quantize_params, summarize
 from duquant_jax.synthetic_stats import synthetic_stats
 
 from bench_pack import bench_config, random_params
+from duquant_jax import packed as packed_mod
 from duquant_jax.packed import PackedLinear
 from duquant_jax.packed import tree_nbytes as tree_bytes
 
@@ -146,6 +148,18 @@ def _time_bf16(args, policy, params, obs):
   return c_fp, l_fp, l1_fp
 
 
+@contextlib.contextmanager
+def _unfused_mlps(on: bool):
+  """Gemma MLPs run as two packed linears (gate/up, then down) instead of `packed.gated_mlp`."""
+  real = packed_mod.gated_mlp
+  if on:
+    packed_mod.gated_mlp = lambda *a: None
+  try:
+    yield
+  finally:
+    packed_mod.gated_mlp = real
+
+
 def _time_variants(args, variants, policy, bf16, params, packed, obs, cfg, s, pack_s, bound):
   """Rows for one model x batch x unroll setting x preset: each packed dispatch variant against
   the float policy's timing `bf16` (taken once per setting in the same process)."""
@@ -169,7 +183,10 @@ def _time_variants(args, variants, policy, bf16, params, packed, obs, cfg, s, pa
     if "inplace" in share:  # stacked layer weights read in place (Pi0Config.stacked_in_place)
       policy_v = dataclasses.replace(policy, cfg=dataclasses.replace(policy.cfg, stacked_in_place=True))
       transform = f"{transform}/inplace"
-    c_q, l_q = time_policy(policy_v, packed_v, obs, args.repeats)
+    if "unfused" in share:
+      transform = f"{transform}/unfused"
+    with _unfused_mlps("unfused" in share):
+      c_q, l_q = time_policy(policy_v, packed_v, obs, args.repeats)
     row = dict(model=model, batch=b, preset=cfg.name, all_linears=args.all_linears,
                matmul=matmul, transform=transform, permutation=args.permutation, unroll=unroll,
                latency_bf16_ms=l_fp, latency_packed_ms=l_q, speedup=l_fp / l_q,
@@ -178,7 +195,8 @@ def _time_variants(args, variants, policy, bf16, params, packed, obs, cfg, s, pa
                weights_packed_gib=tree_bytes(packed) / 2**30,
                quantized_layers_ratio=s.weight_bytes_packed / max(s.weight_bytes_fp, 1))
     if args.breakdown:
-      l1_q = time_policy(policy_v, packed_v, obs, args.repeats, num_steps=1)[1]
+      with _unfused_mlps("unfused" in share):
+        l1_q = time_policy(policy_v, packed_v, obs, args.repeats, num_steps=1)[1]
       for name, l10, l1 in (("bf16", l_fp, l1_fp), ("packed", l_q, l1_q)):
         step = (l10 - l1) / 9
         row[f"step_{name}_ms"], row[f"prefix_{name}_ms"] = step, l1 - step
@@ -203,7 +221,8 @@ def main():
                        "packed policy (kernels.IMPLEMENTATIONS / kernels.TRANSFORM_IMPLEMENTATIONS, or "
                        "auto for the library's choice; noshare: every linear quantizes its input "
                        "alone, as before shared input groups; inplace: Pi0Config(stacked_in_place="
-                       "True), stacked layer weights read in place at a layer index), "
+                       "True), stacked layer weights read in place at a layer index; unfused: Gemma MLPs as "
+                       "two linears, not the fused gated_mlp), "
                        "e.g. auto/auto,xla_bf16/xla_reduce,auto/auto/noshare,auto/auto/inplace")
   ap.add_argument("--permutation", default=None, help="override the rules' permutation (e.g. none)")
   ap.add_argument("--unroll", default="off",
@@ -225,8 +244,8 @@ def main():
   mm_ok = ["auto"] + [i for i in kernels.IMPLEMENTATIONS if i]
   tr_ok = ["auto"] + [i for i in kernels.TRANSFORM_IMPLEMENTATIONS if i]
   if any(len(v) < 2 or v[0] not in mm_ok or v[1] not in tr_ok
-         or not set(v[2:]) <= {"noshare", "inplace"} for v in variants):
-    ap.error(f"--variants must be MATMUL/TRANSFORM[/noshare][/inplace] ({'|'.join(mm_ok)} / {'|'.join(tr_ok)}), "
+         or not set(v[2:]) <= {"noshare", "inplace", "unfused"} for v in variants):
+    ap.error(f"--variants must be MATMUL/TRANSFORM[/noshare][/inplace][/unfused] ({'|'.join(mm_ok)} / {'|'.join(tr_ok)}), "
              f"got {args.variants!r}")
   rows = []
   for model in args.models.split(","):

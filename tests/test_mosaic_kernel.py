@@ -112,3 +112,54 @@ def test_auto_dispatch_prefers_the_kernel_only_where_it_was_measured_to_win():
   assert kernels.mosaic_preferred(816, 2048, 2048) and not kernels.mosaic_preferred(51, 2048, 2048)
   assert not kernels.mosaic_preferred(816, 256, 2048)
   assert kernels.mosaic_preferred(64, 4096, 1024) and not kernels.mosaic_preferred(50, 4096, 1024)
+
+
+def _gated_specs(m, k, f, *, asym, out_asym):
+  s, f32 = jax.ShapeDtypeStruct, jnp.float32
+  return _specs(m, k, 2 * f, asym=asym) + (s((1,), f32), s((1,), f32) if out_asym else None)
+
+
+@pytest.mark.parametrize("m,k,f,asym,out_asym", [
+    (816, 2048, 16384, True, True),    # gemma_2b's MLP over the prefix
+    (51, 1024, 4096, True, False),     # a flow step of gemma_300m, symmetric hidden codes
+    (408, 1024, 4096, False, True),
+])
+def test_gated_kernel_lowers_for_cuda(m, k, f, asym, out_asym):
+  fn = lambda *a: kernels.gated_w4a8(*a, implementation="mosaic")
+  text = _cuda_module(fn, *_gated_specs(m, k, f, asym=asym, out_asym=out_asym))
+  assert len(re.findall(r"custom_call @mosaic_gpu\w*", text)) == 1
+  # The (M, 2F) product never leaves the kernel: its only output is the (M, F) int8 codes.
+  out = jax.eval_shape(fn, *_gated_specs(m, k, f, asym=asym, out_asym=out_asym))
+  assert out.shape == (m, f) and out.dtype == jnp.int8
+
+
+def test_gated_kernel_refuses_what_it_cannot_run():
+  xq, sx = jnp.zeros((8, 256), jnp.int8), jnp.ones((8, 1))
+  one = jnp.ones((1,))
+  with pytest.raises(ValueError, match="even number of rows"):
+    mosaic_gpu.gated_w4a8(xq, sx, None, jnp.zeros((129, 256), jnp.int4), jnp.ones((129, 1)), None,
+                          one, None)
+  with pytest.raises(ValueError, match="scale groups"):
+    mosaic_gpu.gated_w4a8(xq, sx, None, jnp.zeros((256, 256), jnp.int4), jnp.ones((256, 2)), None,
+                          one, None)
+  assert not mosaic_gpu.supports_gated(8, 4304 // 2, 1152, 1)  # SigLIP's MLP: F not 64-aligned
+  with pytest.raises(ValueError, match="implementation"):
+    kernels.gated_w4a8(xq, sx, None, jnp.zeros((256, 256), jnp.int4), jnp.ones((256, 1)), None,
+                       one, None, implementation="triton")
+
+
+@pytest.mark.parametrize("out_asym", [False, True])
+def test_gated_dispatch_on_cpu_is_the_unfused_arithmetic(out_asym):
+  kx, kq, ks = jax.random.split(jax.random.key(4), 3)
+  m, k, f = 51, 256, 128
+  xq, sx, zx = xla.quantize_per_token(jax.random.normal(kx, (m, k)), symmetric=False)
+  q = jax.random.randint(kq, (2 * f, k), -8, 8).astype(jnp.int4)
+  sw = 0.01 + 0.01 * jax.random.uniform(ks, (2 * f, 1))
+  scale, zero = jnp.array([0.02]), jnp.array([3.0]) if out_asym else None
+  hq = jax.jit(lambda *a: kernels.gated_w4a8(*a, implementation="mosaic"))(
+      xq, sx, zx, q, sw, None, scale, zero)
+  y = xla.w4a8_matmul(xq, sx, zx, q, sw, None, out_dtype=jnp.float32)
+  h = jax.nn.gelu(y[:, :f], approximate=True) * y[:, f:]
+  ref = xla.quantize_static(h, scale, zero)[0]
+  np.testing.assert_array_equal(np.asarray(hq), np.asarray(ref))
+  assert hq.dtype == jnp.int8 and 10 < len(np.unique(np.asarray(hq)))  # not a degenerate range

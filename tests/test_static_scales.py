@@ -153,3 +153,25 @@ def test_fast_packs_are_bit_identical_for_a_seed_and_differ_across_seeds():
   c = quantize_params(params, dataclasses.replace(cfg, seed=1), stats)
   q = lambda t: np.asarray(t["PaliGemma"]["llm"]["layers"]["attn"]["q_einsum"]["w"].codes, np.int8)
   assert not np.array_equal(q(a), q(c))  # the seed picks the rotations
+
+
+@pytest.mark.parametrize("model", ["pi0", "pi05"])
+def test_fast_mlps_run_fused_and_equal_the_unfused_form(model, monkeypatch):
+  """Under `fast` the Gemma MLPs take `packed.gated_mlp` (one pass to the down projection's int8
+  codes); in float32 it is the same arithmetic as gate/up -> gelu * up -> static quantizer."""
+  from duquant_jax import packed as packed_mod
+  packed = quantize_params(demo_params(model), get_preset("fast"), demo_stats(model))
+  fused_calls = []
+  real = packed_mod.gated_mlp
+
+  def counting(*a):
+    y = real(*a)
+    fused_calls.append(y is not None)
+    return y
+
+  monkeypatch.setattr(packed_mod, "gated_mlp", counting)
+  fused = np.asarray(_actions(model, packed))
+  assert fused_calls and all(fused_calls), fused_calls  # both Gemmas' MLPs, prefix and steps
+  monkeypatch.setattr(packed_mod, "gated_mlp", lambda *a: None)
+  unfused = np.asarray(_actions(model, packed))
+  np.testing.assert_allclose(fused, unfused, rtol=1e-5, atol=1e-6)

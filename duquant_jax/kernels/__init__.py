@@ -260,7 +260,7 @@ def gated_w4a8(xq: jax.Array, sx: jax.Array, zx: jax.Array | None, q: jax.Array,
   ref = lambda: mosaic_gpu.gated_reference(xq, sx, zx, q, sw, zw, out_scale, out_zero)
   takes = (q.shape == (n, k) and n % 2 == 0 and q.dtype == jnp.int4
            and mosaic_gpu.supports_gated(m, n // 2, k, g))
-  if implementation == "xla" or not takes or jax.default_backend() != "gpu":
+  if implementation == "xla" or not takes:
     return ref()
   if implementation is None and not (_is_hopper() and mosaic_preferred(m, n, k)):
     return ref()

@@ -1,0 +1,105 @@
+"""Device check of the fused gated W4A8 kernel (`mosaic_gpu.gated_w4a8`): exact, and worth it?
+
+For each Gemma MLP shape and M: the kernel's int8 codes against `gated_reference` (the same
+float32 arithmetic as XLA ops; tanh-gelu and rounding may differ by one code where the two round
+a value on a .5 boundary differently), then the time per call in one jitted loop
+(`bench_kernels`' LoopTimer) of
+- `bf16`: bf16 `jnp.dot` to (M, 2F), gelu(gate) * up in bf16 (the float model's MLP up half);
+- `unfused`: the plain Mosaic W4A8 kernel to bf16 (M, 2F), then gelu * up and the down
+  projection's static int8 quantizer as XLA ops (what the `fast` preset ran before fusion);
+- `fused`: the gated kernel, (M, F) int8 codes straight out of the MMA registers.
+
+Usage (Hopper GPU): python3 scripts/probe_gated_mlp.py [--ms 51,408,816,6528] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from bench_kernels import LoopTimer, n_copies  # noqa: E402
+from probe_mosaic_gpu import _err, record  # noqa: E402
+from probe_mosaic_w4a8 import operands  # noqa: E402
+from duquant_jax.kernels import mosaic_gpu, xla  # noqa: E402
+
+SHAPES = {"2b_mlp": (2048, 16384), "300m_mlp": (1024, 4096)}  # (K = width, F = hidden)
+
+
+def probe(m, k, f, iters=20):
+  n = 2 * f
+  copies = n_copies(n * k // 2)
+  x, xq, sx, zx, qs, sw, zw = operands(m, k, n, jax.random.key(m + k), copies)
+  # The hidden activation's static range, from the float product (as calibration would set it).
+  y = xla.w4a8_matmul(xq, sx, zx, qs[0], sw, zw, out_dtype=jnp.float32)
+  h = jax.nn.gelu(y[:, :f], approximate=True) * y[:, f:]
+  lo, hi = float(jnp.min(h)), float(jnp.max(h))
+  scale = jnp.array([(hi - lo) / 255.0], jnp.float32)
+  zero = jnp.array([round(-128 - lo / float(scale[0]))], jnp.float32)
+  row = dict(m=m, k=k, f=f)
+  try:
+    got = mosaic_gpu.gated_w4a8(xq, sx, zx, qs[0], sw, zw, scale, zero)
+    ref = mosaic_gpu.gated_reference(xq, sx, zx, qs[0], sw, zw, scale, zero)
+    d = jnp.abs(got.astype(jnp.int32) - ref.astype(jnp.int32))
+    row.update(max_code_diff=int(jnp.max(d)), frac_diff=float(jnp.mean(d > 0)),
+               codes_used=int(jnp.unique(ref).size))
+    got_s = mosaic_gpu.gated_w4a8(xq, sx, None, qs[0], sw, None, scale, None)
+    ref_s = mosaic_gpu.gated_reference(xq, sx, None, qs[0], sw, None, scale, None)
+    row["max_code_diff_sym"] = int(jnp.max(jnp.abs(got_s.astype(jnp.int32) - ref_s)))
+  except Exception as e:  # recorded, the probe goes on
+    row["error"] = _err(e)
+    traceback.print_exc()
+    return row
+
+  def timed(name, fn, consts, weights, y0):
+    try:
+      row[f"{name}_us"] = 1e6 * LoopTimer(fn, consts, weights, y0, iters).time(reps=5)
+    except Exception as e:
+      row[f"{name}_error"] = _err(e)
+      traceback.print_exc()
+
+  xb = x.astype(jnp.bfloat16)
+
+  def bf16_mlp(c, w):
+    g = jnp.dot(c[0], w)
+    return jax.nn.gelu(g[:, :f], approximate=True) * g[:, f:]
+
+  timed("bf16", bf16_mlp, (xb,), [q.T.astype(jnp.bfloat16) for q in qs],
+        jnp.zeros((m, f), jnp.bfloat16))
+
+  def unfused(c, w):
+    g = mosaic_gpu.w4a8_matmul(c[0], c[1], c[2], w, sw, zw, out_dtype=jnp.bfloat16)
+    hh = jax.nn.gelu(g[:, :f], approximate=True) * g[:, f:]
+    return xla.quantize_static(hh, scale, zero)[0]
+
+  timed("unfused", unfused, (xq, sx, zx), qs, jnp.zeros((m, f), jnp.int8))
+  timed("fused", lambda c, w: mosaic_gpu.gated_w4a8(c[0], c[1], c[2], w, sw, zw, scale, zero),
+        (xq, sx, zx), qs, jnp.zeros((m, f), jnp.int8))
+  for a, b in (("bf16", "fused"), ("unfused", "fused")):
+    if f"{a}_us" in row and f"{b}_us" in row:
+      row[f"{a}/{b}"] = round(row[f"{a}_us"] / row[f"{b}_us"], 3)
+  return row
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--ms", default="51,408,816,6528")
+  ap.add_argument("--shapes", default=",".join(SHAPES))
+  ap.add_argument("--json", default=None)
+  a = ap.parse_args()
+  rows = []
+  for name in a.shapes.split(","):
+    k, f = SHAPES[name]
+    for m in (int(v) for v in a.ms.split(",")):
+      record(rows, dict(shape=name, **probe(m, k, f)), a.json)
+
+
+if __name__ == "__main__":
+  main()

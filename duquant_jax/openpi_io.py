@@ -217,19 +217,21 @@ def _check_quantiles(stats: NormStats, key: str) -> None:
 def normalize(x: np.ndarray, stats: NormStats, *, quantile: bool, key: str = "") -> np.ndarray:
   """openpi's Normalize on the last axis (stats cut to x's width):
   z-score (x - mean) / (std + 1e-6), or quantile (x - q01) / (q99 - q01 + 1e-6) * 2 - 1.
+  Dims past the stats' width (zero padding a client already added) pass through unchanged, as
+  openpi pads after normalising.
 
   Raises:
-    ValueError: x wider than the stats, or quantile mode without q01 / q99.
+    ValueError: quantile mode without q01 / q99.
   """
-  n = x.shape[-1]
-  if n > stats.mean.shape[0]:
-    raise ValueError(f"{key or 'value'} has {n} dims but its norm stats only "
-                     f"{stats.mean.shape[0]}")
+  n = min(x.shape[-1], stats.mean.shape[0])
+  head, tail = x[..., :n], x[..., n:]
   if quantile:
     _check_quantiles(stats, key)
     q01, q99 = stats.q01[:n], stats.q99[:n]
-    return (x - q01) / (q99 - q01 + _EPS) * 2.0 - 1.0
-  return (x - stats.mean[:n]) / (stats.std[:n] + _EPS)
+    head = (head - q01) / (q99 - q01 + _EPS) * 2.0 - 1.0
+  else:
+    head = (head - stats.mean[:n]) / (stats.std[:n] + _EPS)
+  return np.concatenate([head, tail], axis=-1).astype(x.dtype, copy=False)
 
 
 def unnormalize(x: np.ndarray, stats: NormStats, *, quantile: bool, key: str = "") -> np.ndarray:

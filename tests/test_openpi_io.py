@@ -189,8 +189,10 @@ def test_norm_stats_file_and_formulas(tmp_path):
                                 wide[:, 3:])
   with pytest.raises(ValueError, match="q01"):
     normalize(x[:, :3], stats["actions"], quantile=True)
-  with pytest.raises(ValueError, match="only 5"):
-    normalize(np.zeros((1, 6)), s, quantile=False)
+  padded = np.concatenate([x, np.zeros((2, 3), np.float32)], axis=1)  # wider: the tail passes
+  np.testing.assert_array_equal(normalize(padded, s, quantile=True)[:, :4],
+                                normalize(x, s, quantile=True))
+  np.testing.assert_array_equal(normalize(padded, s, quantile=True)[:, 5:], 0)
   (path.parent / "norm_stats.json").write_text('{"norm_stats": {"state": {"mean": [1, 2], '
                                               '"std": [1]}}}')
   with pytest.raises(ValueError, match="state/std"):

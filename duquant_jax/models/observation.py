@@ -71,13 +71,6 @@ def image_to_float(x: Any) -> Any:
   return x
 
 
-def _as_mask(x: Any) -> Any:
-  """Bool masks stay; integer 0/1 masks (as some writers store them) become bool."""
-  if np.dtype(x.dtype).kind in "iu":
-    return x != 0
-  return x
-
-
 def as_observation(obj: Any, cfg: Pi0Config | None = None) -> Observation:
   """Our `Observation` from openpi's `Observation`, its dict form, or ours.
 
@@ -89,7 +82,7 @@ def as_observation(obj: Any, cfg: Pi0Config | None = None) -> Observation:
     - a mapping in openpi's dict form: {'image': {camera: (B, h, w, 3)}, 'image_mask': {camera: (B,)},
       'state', 'tokenized_prompt', 'tokenized_prompt_mask', ...}.
   Conversions (openpi's): uint8 images -> float32 in [-1, 1]; a camera with an image but no mask gets
-  an all-True mask; integer masks -> bool. Cameras beyond `IMAGE_KEYS` are dropped (openpi's
+  an all-True mask. Masks must be bool, as openpi's are. Cameras beyond `IMAGE_KEYS` are dropped (openpi's
   preprocessing reads only those). Traceable: works on jax tracers inside `jax.jit`.
 
   Args:
@@ -135,12 +128,12 @@ def as_observation(obj: Any, cfg: Pi0Config | None = None) -> Observation:
   out_masks = {}
   for k in IMAGE_KEYS:
     if k in masks:
-      out_masks[k] = _as_mask(masks[k])
+      out_masks[k] = masks[k]
     else:  # openpi's preprocess_observation: no mask means the camera is present
       xp = np if isinstance(state, np.ndarray) else jnp
       out_masks[k] = xp.ones(batch, bool)
   obs = Observation(images=out_images, image_masks=out_masks, state=state,
-                    tokenized_prompt=tokens, tokenized_prompt_mask=_as_mask(token_mask))
+                    tokenized_prompt=tokens, tokenized_prompt_mask=token_mask)
   if cfg is not None:
     validate_observation(obs, cfg)
   return obs

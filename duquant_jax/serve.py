@@ -96,7 +96,8 @@ class PolicyRunner:
     self._recorded = 0
     if self.record_dir is not None:
       self.record_dir.mkdir(parents=True, exist_ok=True)
-      self._recorded = len(list(self.record_dir.glob("obs_*.npz")))
+      taken = [int(p.stem[4:]) for p in self.record_dir.glob("obs_*.npz") if p.stem[4:].isdigit()]
+      self._recorded = max(taken, default=-1) + 1  # continue after an earlier run's files
     c = policy.cfg
     self.metadata = {
         "server": "duquant-jax", "model": c.name, "action_horizon": c.action_horizon,

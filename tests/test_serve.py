@@ -35,7 +35,7 @@ MAX_MB = 1.0
 STATE_DIMS, ACTION_DIMS = 8, 7
 
 _client_python = os.environ.get("DUQUANT_CLIENT_PYTHON")
-pytestmark = pytest.mark.skipif(
+needs_client = pytest.mark.skipif(
     not _client_python,
     reason="DUQUANT_CLIENT_PYTHON is unset: these tests need a python with openpi-client installed "
            "(python3 -m venv .venv-client && .venv-client/bin/pip install openpi-client "
@@ -188,6 +188,7 @@ def session(demo_ckpt):
   return out, want, seen
 
 
+@needs_client
 def test_roundtrip_matches_in_process_policy(session):
   out, want, _ = session
   results = out["roundtrip"]["results"]
@@ -203,6 +204,7 @@ def test_roundtrip_matches_in_process_policy(session):
   assert results[0]["policy_timing"]["infer_ms"] > 0
 
 
+@needs_client
 def test_metadata_on_connect(session):
   meta = session[0]["roundtrip"]["metadata"]
   assert meta["server"] == "duquant-jax" and meta["model"] == "pi0" and meta["size"] == "demo"
@@ -212,12 +214,14 @@ def test_metadata_on_connect(session):
   assert meta["tokenizer"] is True and meta["preset"] == "w4a8-rtn"
 
 
+@needs_client
 def test_api_key_is_required(session):
   auth = session[0]["auth"]
   for case in ("wrong_key", "no_key"):
     assert auth[case] != "connected" and "401" in auth[case], auth
 
 
+@needs_client
 def test_bad_requests_get_errors_and_serving_goes_on(session):
   bad = session[0]["bad"]
   for case, msg in [("garbage", "not a msgpack"), ("truncated", "not a msgpack"),
@@ -228,6 +232,7 @@ def test_bad_requests_get_errors_and_serving_goes_on(session):
   np.testing.assert_allclose(bad["good_after"]["actions"], session[1][0], rtol=1e-5, atol=1e-5)
 
 
+@needs_client
 def test_concurrent_clients_are_serialised(session):
   out, want, seen = session
   for slot, results in enumerate(out["concurrent"]):
@@ -237,6 +242,7 @@ def test_concurrent_clients_are_serialised(session):
   assert max(seen) == 1 and len(seen) >= 6  # never two model calls at once
 
 
+@needs_client
 def test_cli_serve_record_then_calibrate_on_recordings(demo_ckpt, tmp_path, capsys):
   """`duquant-jax serve --record` as a process, an unchanged client, then `convert --calib-from`."""
   root, path, policy, packed, stats, sample = demo_ckpt
@@ -293,3 +299,18 @@ def test_cli_serve_record_then_calibrate_on_recordings(demo_ckpt, tmp_path, caps
   assert e.value.code in (0, None), captured.err
   assert ck.read_info(tmp_path / "q")["metadata"]["calibration"] == f"recordings {rec}"
   assert ck.read_info(tmp_path / "q")["has_stats"]
+
+
+def test_cli_serve_refusals(demo_ckpt, tmp_path, capsys):
+  """Failures before serving are one `error:` line, exit code 2 (no client needed)."""
+  path = demo_ckpt[1]
+  for args, msg in [([tmp_path / "nothing"], "no such"),
+                    ([path, "--tokenizer", tmp_path / "nothing.model"], "no such SentencePiece"),
+                    ([path, "--norm-stats", tmp_path / "nothing.json"], "no such norm stats"),
+                    ([path, "--norm-mode", "minmax"], "--norm-mode"),
+                    ([path, "--norm-mode", "quantile"], "q01")]:
+    with pytest.raises(SystemExit) as e:
+      main(["serve", *map(str, args), "--port", "0"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and msg in err, (args, err)
+    assert len(err.strip().splitlines()) == 1

@@ -22,7 +22,8 @@ def _fail(message: str) -> None:
 def build_runner(ckpt: str, *, model: Optional[str] = None, size: Optional[str] = None,
                  tokenizer: Optional[str] = None, norm_stats: Optional[str] = None,
                  norm_mode: str = "auto", num_steps: int = 10, action_dims: Optional[int] = None,
-                 record: Optional[str] = None, seed: int = 0):
+                 record: Optional[str] = None, seed: int = 0,
+                 discrete_state: Optional[bool] = None):
   """The `PolicyRunner` that `serve` runs, from a packed checkpoint and the command's flags.
 
   Args:
@@ -33,7 +34,8 @@ def build_runner(ckpt: str, *, model: Optional[str] = None, size: Optional[str] 
       (`CKPT/norm_stats.json` or `CKPT/assets/**/norm_stats.json`), else those of the openpi
       checkpoint it was converted from (its metadata's `source`), if any; "none": off.
     norm_mode: "auto" (openpi's: quantile for pi0.5, z-score for pi0), "zscore" or "quantile".
-    num_steps, action_dims, record, seed: as in `PolicyRunner` / `RequestAdapter`.
+    num_steps, action_dims, record, seed, discrete_state: as in `PolicyRunner` /
+      `RequestAdapter`.
 
   Raises:
     ValueError, FileNotFoundError (CheckpointError is a ValueError) with one clear message.
@@ -66,7 +68,7 @@ def build_runner(ckpt: str, *, model: Optional[str] = None, size: Optional[str] 
   quantile = policy.cfg.pi05 if norm_mode == "auto" else norm_mode == "quantile"
   tok = None if tokenizer is None else PaligemmaTokenizer(tokenizer, policy.cfg.max_token_len)
   adapter = RequestAdapter(cfg=policy.cfg, norm_stats=stats, quantile=quantile, tokenizer=tok,
-                           action_dims=action_dims)
+                           action_dims=action_dims, discrete_state=discrete_state)
   return PolicyRunner(policy, params, adapter, num_steps=num_steps, seed=seed, record_dir=record,
                       metadata={"preset": cfg.name, "size": size,
                                 "checkpoint": pathlib.Path(ckpt).name})
@@ -101,6 +103,9 @@ def register(app: typer.Typer) -> None:
       max_message_mb: float = typer.Option(64.0, help="larger requests get an error reply"),
       record: Optional[str] = typer.Option(
           None, help="save every served observation here (npz), for `convert --calib-from`"),
+      discrete_state: Optional[bool] = typer.Option(
+          None, "--discrete-state/--no-discrete-state",
+          help="state in the prompt (openpi's discrete_state_input; default: on for pi05)"),
       model: Optional[str] = typer.Option(None, help="pi0 or pi05 (default: the checkpoint's)"),
       size: Optional[str] = typer.Option(None, help="full, dummy or demo (default: the checkpoint's)"),
       seed: int = typer.Option(0, help="seed of the sampling noise")):
@@ -113,7 +118,8 @@ def register(app: typer.Typer) -> None:
                         max_message_bytes=int(max_message_mb * (1 << 20)))
       runner = build_runner(ckpt, model=model, size=size, tokenizer=tokenizer,
                             norm_stats=norm_stats, norm_mode=norm_mode, num_steps=num_steps,
-                            action_dims=action_dims, record=record, seed=seed)
+                            action_dims=action_dims, record=record, seed=seed,
+                            discrete_state=discrete_state)
       typer.echo(f"compiling {runner.metadata['model']} ({runner.metadata['size']}) ...")
       seconds = runner.warmup()
     except (ValueError, FileNotFoundError, TypeError) as e:

@@ -235,8 +235,9 @@ def normalize(x: np.ndarray, stats: NormStats, *, quantile: bool, key: str = "")
 
 
 def unnormalize(x: np.ndarray, stats: NormStats, *, quantile: bool, key: str = "") -> np.ndarray:
-  """openpi's Unnormalize on the last axis. Dims past the stats' width pass through unchanged
-  (openpi pads mean with 0 and std with 1, which is the same up to the 1e-6 term)."""
+  """openpi's Unnormalize on the last axis: x * (std + 1e-6) + mean, or (x + 1) / 2 *
+  (q99 - q01 + 1e-6) + q01. Dims past the stats' width: z-score treats them as mean 0, std 1
+  (openpi's padding), quantile mode passes them through."""
   n = min(x.shape[-1], stats.mean.shape[0])
   head, tail = x[..., :n], x[..., n:]
   if quantile:
@@ -244,6 +245,7 @@ def unnormalize(x: np.ndarray, stats: NormStats, *, quantile: bool, key: str = "
     head = (head + 1.0) / 2.0 * (stats.q99[:n] - stats.q01[:n] + _EPS) + stats.q01[:n]
   else:
     head = head * (stats.std[:n] + _EPS) + stats.mean[:n]
+    tail = tail * np.float32(1.0 + _EPS)
   return np.concatenate([head, tail], axis=-1).astype(x.dtype, copy=False)
 
 
@@ -327,12 +329,15 @@ class RequestAdapter:
     tokenizer: tokenises a request's 'prompt'; None: requests must carry tokenized_prompt.
     action_dims: reply with the first `action_dims` action dims only (what openpi's robot output
       transforms do); None: all of action_dim.
+    discrete_state: put the discretised state into the prompt (openpi's `discrete_state_input`);
+      None: openpi's default, True for pi0.5 (its pi05_libero config turns it off).
   """
   cfg: Pi0Config
   norm_stats: Mapping[str, NormStats] = dataclasses.field(default_factory=dict)
   quantile: bool = False
   tokenizer: Optional[PaligemmaTokenizer] = None
   action_dims: Optional[int] = None
+  discrete_state: Optional[bool] = None
 
   def __post_init__(self):
     if self.quantile:
@@ -457,7 +462,8 @@ class RequestAdapter:
       texts = [_prompt_text(p) for p in prompts]
     else:
       texts = [_prompt_text(prompts)]
-    out = [self.tokenizer.tokenize(t, state[i] if c.pi05 else None) for i, t in enumerate(texts)]
+    discrete = c.pi05 if self.discrete_state is None else self.discrete_state
+    out = [self.tokenizer.tokenize(t, state[i] if discrete else None) for i, t in enumerate(texts)]
     tokens = np.stack([t for t, _ in out])
     if tokens.max() >= c.vocab_size:
       raise RequestError(f"prompt: the tokenizer gave token id {int(tokens.max())}, outside the "

@@ -184,9 +184,9 @@ def test_norm_stats_file_and_formulas(tmp_path):
   for quantile in (False, True):
     np.testing.assert_allclose(unnormalize(normalize(x, s, quantile=quantile), s, quantile=quantile),
                                x, atol=1e-5)
-  wide = rng.normal(size=(2, 6)).astype(np.float32)  # wider than the stats: the tail passes
-  np.testing.assert_array_equal(unnormalize(wide, stats["actions"], quantile=False)[:, 3:],
-                                wide[:, 3:])
+  wide = rng.normal(size=(2, 6)).astype(np.float32)  # wider than the stats: mean 0, std 1
+  np.testing.assert_allclose(unnormalize(wide, stats["actions"], quantile=False)[:, 3:],
+                             wide[:, 3:] * (1 + 1e-6), rtol=1e-7)
   with pytest.raises(ValueError, match="q01"):
     normalize(x[:, :3], stats["actions"], quantile=True)
   padded = np.concatenate([x, np.zeros((2, 3), np.float32)], axis=1)  # wider: the tail passes
@@ -256,6 +256,9 @@ def test_request_adapter_paths_and_errors(tmp_path):
   for req, msg in bad:
     with pytest.raises(RequestError, match=msg):
       adapter.to_model(req)
+  plain = dataclasses.replace(adapter, discrete_state=False)  # openpi's pi05_libero: pi0's form
+  want, _ = adapter.tokenizer.tokenize("open the top drawer")
+  np.testing.assert_array_equal(plain.to_model(request)[0].tokenized_prompt[0], want)
   no_tok = dataclasses.replace(adapter, tokenizer=None)
   with pytest.raises(RequestError, match="no tokenizer"):
     no_tok.to_model(request)

@@ -136,6 +136,7 @@ def expected_actions(sample, packed, policy, request, stats, sp=None):
   actions = np.array(sample(packed, obs, request["noise"][None]))[0]
   mean, std = (np.asarray(stats["actions"][f], np.float32) for f in ("mean", "std"))
   actions[:, :ACTION_DIMS] = actions[:, :ACTION_DIMS] * (std + np.float32(1e-6)) + mean
+  actions[:, ACTION_DIMS:] *= np.float32(1 + 1e-6)  # openpi pads mean 0, std 1
   return actions
 
 

@@ -51,7 +51,8 @@ def build_runner(ckpt: str, *, model: Optional[str] = None, size: Optional[str] 
   model = model or meta.get("model")
   size = size or meta.get("size")
   if model is None or size is None:
-    raise ValueError(f"{ckpt}: its metadata does not name the model and size; pass --model and --size")
+    raise ValueError(f"{ckpt}: its metadata does not name the model and size; "
+                     "pass --model and --size")
   policy = get_policy(model, size)
   params, cfg, _, _ = ck.load_packed(ckpt)
   if norm_stats is None:  # the packed checkpoint's own, else those of the checkpoint it came from
@@ -96,7 +97,7 @@ def register(app: typer.Typer) -> None:
       tokenizer: Optional[str] = typer.Option(
           None, help="PaliGemma SentencePiece model file, to tokenise requests' 'prompt'"),
       norm_stats: Optional[str] = typer.Option(
-          None, help="openpi norm_stats.json (file or dir); default: the checkpoint's; 'none': off"),
+          None, help="openpi norm_stats.json (file or dir); default: the checkpoint's; none: off"),
       norm_mode: str = typer.Option("auto", help="auto (quantile for pi05), zscore or quantile"),
       num_steps: int = typer.Option(10, help="flow-matching steps per request"),
       action_dims: Optional[int] = typer.Option(None, help="reply with the first N action dims"),
@@ -107,7 +108,7 @@ def register(app: typer.Typer) -> None:
           None, "--discrete-state/--no-discrete-state",
           help="state in the prompt (openpi's discrete_state_input; default: on for pi05)"),
       model: Optional[str] = typer.Option(None, help="pi0 or pi05 (default: the checkpoint's)"),
-      size: Optional[str] = typer.Option(None, help="full, dummy or demo (default: the checkpoint's)"),
+      size: Optional[str] = typer.Option(None, help="full, dummy or demo (default: checkpoint's)"),
       seed: int = typer.Option(0, help="seed of the sampling noise")):
     """Serves a packed checkpoint to openpi clients (openpi-client's WebsocketClientPolicy)."""
     from duquant_jax.serve import ServeConfig, serve_forever
@@ -124,7 +125,8 @@ def register(app: typer.Typer) -> None:
       seconds = runner.warmup()
     except (ValueError, FileNotFoundError, TypeError) as e:
       _fail(str(e))
-    typer.echo(f"compiled in {seconds:.1f} s; norm stats {runner.metadata['norm_stats'] or 'none'}, "
+    stats = runner.metadata["norm_stats"] or "none"
+    typer.echo(f"compiled in {seconds:.1f} s; norm stats {stats}, "
                f"tokenizer {'yes' if runner.metadata['tokenizer'] else 'no'}"
                + (f", recording to {record}" if record else ""))
 

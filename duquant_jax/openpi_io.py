@@ -38,8 +38,8 @@ from duquant_jax.models.config import IMAGE_KEYS, Pi0Config
 from duquant_jax.models.observation import Observation, as_observation, image_to_float
 
 __all__ = ["NORM_STATS_FILE", "NormStats", "OpenpiModel", "PaligemmaTokenizer", "RequestAdapter",
-           "RequestError", "find_norm_stats", "load_norm_stats", "normalize", "packb", "unnormalize",
-           "unpackb"]
+           "RequestError", "find_norm_stats", "load_norm_stats", "normalize", "packb",
+           "unnormalize", "unpackb"]
 
 NORM_STATS_FILE = "norm_stats.json"
 _EPS = 1e-6  # openpi's: (x - mean) / (std + 1e-6), (x - q01) / (q99 - q01 + 1e-6)
@@ -159,7 +159,7 @@ class NormStats:
 
 def find_norm_stats(ckpt: Union[str, os.PathLike]) -> Optional[pathlib.Path]:
   """The norm_stats.json of a checkpoint directory: `CKPT/norm_stats.json`, else the one file under
-  `CKPT/assets/` (where openpi keeps it, `assets/<asset_id>/norm_stats.json`); None if there is none.
+  `CKPT/assets/` (where openpi keeps it, `assets/<asset_id>/norm_stats.json`); None if none.
 
   Raises:
     ValueError: several under assets/ (pass one explicitly).
@@ -274,8 +274,9 @@ class PaligemmaTokenizer:
     self.max_len = max_len
     self.vocab_size = int(self._sp.get_piece_size())
 
-  def tokenize(self, prompt: str, state: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
-    """-> tokens (max_len,) int32, mask (max_len,) bool. `state` (s,): pi0.5's discrete-state form."""
+  def tokenize(self, prompt: str,
+               state: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
+    """-> tokens (max_len,) int32, mask (max_len,) bool; with `state` (s,): the discrete-state form."""
     text = prompt.strip().replace("_", " ").replace("\n", " ")
     if state is not None:
       bins = np.digitize(state, bins=np.linspace(-1, 1, 256 + 1)[:-1]) - 1
@@ -347,7 +348,7 @@ class RequestAdapter:
       raise ValueError(f"action_dims {self.action_dims} must be in 1..{self.cfg.action_dim}")
 
   def to_model(self, request: Any) -> tuple[Observation, dict[str, Any]]:
-    """One request -> (model Observation of numpy arrays with a batch axis, context for `from_model`).
+    """One request -> (model Observation of numpy arrays with a batch axis, `from_model`'s context).
 
     Raises:
       RequestError naming the key for anything the model cannot take.
@@ -423,8 +424,9 @@ class RequestAdapter:
     if "noise" in request:  # duquant-jax extension, as openpi's Policy.infer(obs, noise=...)
       noise = _array(request["noise"], "noise").astype(np.float32)
       want = (c.action_horizon, c.action_dim)
-      if noise.shape != ((b,) + want if batched else want):
-        raise RequestError(f"noise: expected {want if not batched else (b,) + want}, got {noise.shape}")
+      want = (b,) + want if batched else want
+      if noise.shape != want:
+        raise RequestError(f"noise: expected {want}, got {noise.shape}")
       noise = noise if batched else noise[None]
     obs = Observation(images=out_images, image_masks=out_masks, state=padded,
                       tokenized_prompt=tokens, tokenized_prompt_mask=token_mask)
@@ -441,7 +443,8 @@ class RequestAdapter:
       mask = _array(request["tokenized_prompt_mask"], "tokenized_prompt_mask")
       want = (b, c.max_token_len) if batched else (c.max_token_len,)
       if tokens.shape != want or tokens.dtype.kind not in "iu":
-        raise RequestError(f"tokenized_prompt: expected {want} ints, got {tokens.shape} {tokens.dtype}")
+        raise RequestError(f"tokenized_prompt: expected {want} ints, got {tokens.shape} "
+                           f"{tokens.dtype}")
       if mask.shape != want or mask.dtype.kind not in "biu":
         raise RequestError(f"tokenized_prompt_mask: expected {want} bools, got {mask.shape} "
                            f"{mask.dtype}")

@@ -3,7 +3,7 @@
 Protocol (openpi's `serving/websocket_policy_server.py`, as its client package `openpi-client`
 expects it; every binary frame is msgpack-numpy, `openpi_io.packb` / `unpackb`):
   1. The client connects (optionally with the header `Authorization: Api-Key KEY`; a plain
-     `Api-Key: KEY` header is accepted too). A wrong or missing key when the server has one: HTTP 401.
+     `Api-Key: KEY` header is accepted too). A wrong or missing key where the server has one: 401.
   2. The server sends its metadata dict (`PolicyRunner.metadata`).
   3. Each binary frame from the client is one observation dict (`openpi_io.RequestAdapter`); the
      reply is the action dict {"actions": (A, d), "state", "policy_timing": {"infer_ms"},
@@ -105,7 +105,8 @@ class PolicyRunner:
         "max_token_len": c.max_token_len, "image_keys": list(IMAGE_KEYS),
         "image_resolution": [c.vision.image_size, c.vision.image_size], "num_steps": num_steps,
         "norm_stats": sorted(adapter.norm_stats),
-        "norm_mode": ("quantile" if adapter.quantile else "z-score") if adapter.norm_stats else None,
+        "norm_mode": (("quantile" if adapter.quantile else "z-score") if adapter.norm_stats
+                      else None),
         "tokenizer": adapter.tokenizer is not None, **dict(metadata or {})}
 
   def warmup(self) -> float:

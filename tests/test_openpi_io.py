@@ -7,7 +7,6 @@ import json
 from typing import Any, Optional
 
 import jax
-import jax.numpy as jnp
 import msgpack
 import numpy as np
 import pytest

@@ -56,11 +56,6 @@ class Observation:
             "tokenized_prompt_mask": self.tokenized_prompt_mask}
 
 
-_OPENPI_ATTRS = ("images", "image_masks", "state", "tokenized_prompt", "tokenized_prompt_mask")
-# Fields of openpi's Observation that only its pi0-FAST model reads; accepted and dropped here.
-_FAST_ONLY = ("token_ar_mask", "token_loss_mask")
-
-
 def image_to_float(x: Any) -> Any:
   """uint8 image values [0, 255] -> float32 [-1, 1] (openpi's x / 255 * 2 - 1); float images as is.
 
@@ -79,11 +74,11 @@ def as_observation(obj: Any, cfg: Pi0Config | None = None) -> Observation:
     - any object with openpi's attribute names (`images`, `image_masks`, `state`,
       `tokenized_prompt`, `tokenized_prompt_mask`; `token_ar_mask` / `token_loss_mask`, used only by
       pi0-FAST, are ignored), e.g. `openpi.models.model.Observation`;
-    - a mapping in openpi's dict form: {'image': {camera: (B, h, w, 3)}, 'image_mask': {camera: (B,)},
-      'state', 'tokenized_prompt', 'tokenized_prompt_mask', ...}.
-  Conversions (openpi's): uint8 images -> float32 in [-1, 1]; a camera with an image but no mask gets
-  an all-True mask. Masks must be bool, as openpi's are. Cameras beyond `IMAGE_KEYS` are dropped (openpi's
-  preprocessing reads only those). Traceable: works on jax tracers inside `jax.jit`.
+    - a mapping in openpi's dict form: {'image': {camera: (B, h, w, 3)},
+      'image_mask': {camera: (B,)}, 'state', 'tokenized_prompt', 'tokenized_prompt_mask', ...}.
+  Conversions (openpi's): uint8 images -> float32 in [-1, 1]; a camera with an image but no mask
+  gets an all-True mask. Masks must be bool, as openpi's are. Cameras beyond `IMAGE_KEYS` are
+  dropped (openpi's preprocessing reads only those). Traceable: works on tracers inside `jax.jit`.
 
   Args:
     obj: the observation.

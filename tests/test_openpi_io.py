@@ -255,6 +255,12 @@ def test_request_adapter_paths_and_errors(tmp_path):
   for req, msg in bad:
     with pytest.raises(RequestError, match=msg):
       adapter.to_model(req)
+  batched = {**request, "image": {k: np.stack([v, v]) for k, v in request["image"].items()},
+             "image_mask": {}, "state": np.zeros((2, 6), np.float32), "prompt": ["a", "b"]}
+  obs, ctx = adapter.to_model(batched)
+  assert obs.state.shape == (2, c.action_dim) and obs.tokenized_prompt.shape == (2, c.max_token_len)
+  reply = adapter.from_model(np.zeros((2, c.action_horizon, c.action_dim), np.float32), ctx)
+  assert reply["actions"].shape == (2, c.action_horizon, 7)
   plain = dataclasses.replace(adapter, discrete_state=False)  # openpi's pi05_libero: pi0's form
   want, _ = adapter.tokenizer.tokenize("open the top drawer")
   np.testing.assert_array_equal(plain.to_model(request)[0].tokenized_prompt[0], want)

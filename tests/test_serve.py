@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 
 import jax
 import numpy as np
@@ -181,6 +182,8 @@ def session(demo_ckpt):
   try:
     out = run_client(server.port, root / "requests.npz", root / "out.json",
                      "roundtrip,bad,concurrent,auth", api_key=KEY)
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/healthz", timeout=10) as r:
+      out["healthz"] = r.status
   finally:
     server.close()
   sp = spm.SentencePieceProcessor(model_file=tok)
@@ -217,6 +220,7 @@ def test_metadata_on_connect(session):
 
 @needs_client
 def test_api_key_is_required(session):
+  assert session[0]["healthz"] == 200  # health checks need no key
   auth = session[0]["auth"]
   for case in ("wrong_key", "no_key"):
     assert auth[case] != "connected" and "401" in auth[case], auth

@@ -12,8 +12,9 @@ What an openpi deployment exchanges, written for this package from openpi's docu
   "state": (s,) float, "prompt": str} or with "tokenized_prompt" / "tokenized_prompt_mask" instead
   of "prompt". A leading batch axis on every array is accepted too. The adapter does what openpi's
   input transforms do for such a dict: normalise the state with the norm stats, tokenise the prompt
-  (pi0.5: with the discretised state in the text), pad the state to the model's action_dim, convert
-  uint8 images to [-1, 1]; on the way out it unnormalises the actions.
+  (pi0.5: with the discretised state in the text), resize uint8 images of another size with padding,
+  pad the state to the model's action_dim, convert uint8 images to [-1, 1]; on the way out it
+  unnormalises the actions.
 - Norm stats (`load_norm_stats`): openpi's `norm_stats.json`, {"norm_stats": {"state": {"mean",
   "std", "q01", "q99"}, "actions": {...}}}; z-score or quantile (q01 / q99 -> [-1, 1]) modes.
 - `OpenpiModel`: openpi's model call, `sample_actions(rng, observation, num_steps=10, noise=None)`,
@@ -39,7 +40,7 @@ from duquant_jax.models.observation import Observation, as_observation, image_to
 
 __all__ = ["NORM_STATS_FILE", "NormStats", "OpenpiModel", "PaligemmaTokenizer", "RequestAdapter",
            "RequestError", "find_norm_stats", "load_norm_stats", "normalize", "packb",
-           "unnormalize", "unpackb"]
+           "resize_with_pad", "unnormalize", "unpackb"]
 
 NORM_STATS_FILE = "norm_stats.json"
 _EPS = 1e-6  # openpi's: (x - mean) / (std + 1e-6), (x - q01) / (q99 - q01 + 1e-6)
@@ -294,6 +295,24 @@ class PaligemmaTokenizer:
 # Requests <-> model observations.
 
 
+def resize_with_pad(image: np.ndarray, size: int) -> np.ndarray:
+  """(h, w, 3) uint8 -> (size, size, 3) uint8: scaled to fit with its aspect ratio kept (PIL
+  bilinear, sizes rounded down), centred on black; what openpi's ResizeImages transform does
+  (tf.image.resize_with_pad's geometry)."""
+  from PIL import Image
+  h, w = image.shape[:2]
+  if (h, w) == (size, size):
+    return image
+  scale = max(h / size, w / size)
+  nh, nw = max(int(h / scale), 1), max(int(w / scale), 1)
+  resized = np.asarray(Image.fromarray(np.ascontiguousarray(image)).resize(
+      (nw, nh), resample=Image.BILINEAR))
+  out = np.zeros((size, size, 3), np.uint8)
+  top, left = (size - nh) // 2, (size - nw) // 2
+  out[top:top + nh, left:left + nw] = resized
+  return out
+
+
 def _array(x: Any, key: str) -> np.ndarray:
   if isinstance(x, (np.ndarray, np.generic, bool, int, float)) and not isinstance(x, str):
     return np.asarray(x)
@@ -391,9 +410,12 @@ class RequestAdapter:
       img = _array(images[cam], f"image/{cam}")
       if not batched:
         img = img[None]
+      if (img.dtype == np.uint8 and img.ndim == 4 and len(img) == b and img.shape[-1] == 3
+          and img.shape[1:3] != (size, size) and min(img.shape[1:3]) > 0):
+        img = np.stack([resize_with_pad(x, size) for x in img])  # openpi's ResizeImages
       if img.shape != (b, size, size, 3) or not (img.dtype == np.uint8 or img.dtype.kind == "f"):
         want = f"({size}, {size}, 3)" if not batched else f"({b}, {size}, {size}, 3)"
-        raise RequestError(f"image/{cam}: expected {want} uint8 or float, got "
+        raise RequestError(f"image/{cam}: expected {want} float or (h, w, 3) uint8, got "
                            f"{img.shape[1:] if not batched else img.shape} {img.dtype}")
       if img.dtype != np.uint8:
         img = img.astype(np.float32)

@@ -17,6 +17,7 @@ import threading
 import traceback
 
 import numpy as np
+from openpi_client import image_tools
 from openpi_client import msgpack_numpy
 from openpi_client import websocket_client_policy
 
@@ -64,7 +65,7 @@ def scenario_bad(args, requests):
   client = websocket_client_policy.WebsocketClientPolicy("127.0.0.1", args.port, api_key=args.api_key)
   good = requests[0]
   wrong_state = dict(good, state=np.zeros((good["state"].shape[0] + 100,), np.float32))
-  wrong_image = dict(good, image=dict(good["image"], base_0_rgb=np.zeros((7, 9, 3), np.uint8)))
+  wrong_image = dict(good, image=dict(good["image"], base_0_rgb=np.zeros((7, 9, 3), np.float32)))
   no_prompt = {k: v for k, v in good.items() if k not in ("prompt", "tokenized_prompt",
                                                           "tokenized_prompt_mask")}
   big = int(args.max_message_mb * (1 << 20)) + 1024
@@ -112,7 +113,20 @@ def scenario_auth(args, requests):
   return out
 
 
-SCENARIOS = {"roundtrip": scenario_roundtrip, "bad": scenario_bad,
+def scenario_resize(args, requests):
+  """Raw camera frames (another size, uint8) vs the same frames resized here by openpi-client's
+  own resize_with_pad, as openpi's example clients do: the server must give the same actions."""
+  client = websocket_client_policy.WebsocketClientPolicy("127.0.0.1", args.port, api_key=args.api_key)
+  good = requests[0]
+  size = good["image"]["base_0_rgb"].shape[0]
+  rng = np.random.default_rng(7)
+  raw = {k: rng.integers(0, 256, (size + 21, size - 9, 3), dtype=np.uint8) for k in good["image"]}
+  resized = {k: image_tools.resize_with_pad(v, size, size) for k, v in raw.items()}
+  return {"raw": infer_or_error(client, dict(good, image=raw)),
+          "resized": infer_or_error(client, dict(good, image=resized))}
+
+
+SCENARIOS = {"resize": scenario_resize, "roundtrip": scenario_roundtrip, "bad": scenario_bad,
              "concurrent": scenario_concurrent, "auth": scenario_auth}
 
 

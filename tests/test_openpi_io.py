@@ -15,7 +15,7 @@ from conftest import demo_params
 from duquant_jax.models import IMAGE_KEYS, as_observation, get_policy
 from duquant_jax.openpi_io import (NormStats, OpenpiModel, PaligemmaTokenizer, RequestAdapter,
                                    RequestError, find_norm_stats, load_norm_stats, normalize, packb,
-                                   unnormalize, unpackb)
+                                   resize_with_pad, unnormalize, unpackb)
 
 
 @dataclasses.dataclass
@@ -200,6 +200,19 @@ def test_norm_stats_file_and_formulas(tmp_path):
     load_norm_stats(tmp_path / "nothing")
 
 
+@pytest.mark.parametrize("shape", [(30, 40), (80, 20), (56, 56), (5, 200)])
+def test_resize_with_pad_geometry(shape):
+  """Aspect ratio kept, centred on black; a constant image stays constant inside its box."""
+  h, w = shape
+  out = resize_with_pad(np.full((h, w, 3), 200, np.uint8), 56)
+  assert out.shape == (56, 56, 3) and out.dtype == np.uint8
+  rows, cols = np.nonzero(out[..., 0])
+  nh, nw = rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
+  assert max(nh, nw) == 56 and abs(nh / nw - h / w) <= 2 / min(nh, nw) + 1e-9
+  assert abs(rows.min() - (56 - rows.max() - 1)) <= 1 and abs(cols.min() - (56 - cols.max() - 1)) <= 1
+  assert (out[rows.min():rows.max() + 1, cols.min():cols.max() + 1] == 200).all()
+
+
 def test_tokenizer_formats(tmp_path):
   import sentencepiece as spm
   path = tiny_tokenizer_file(tmp_path / "tok.model")
@@ -246,7 +259,8 @@ def test_request_adapter_paths_and_errors(tmp_path):
   bad = [({**request, "state": np.zeros(40)}, "at most 32"),
          ({**request, "state": "x"}, "expected an array"),
          ({**request, "image": {}}, "missing camera"),
-         ({**request, "image": {k: np.zeros((3, 3, 3), np.uint8) for k in IMAGE_KEYS}}, "expected"),
+         ({**request, "image": {k: np.zeros((3, 3, 3), np.float32) for k in IMAGE_KEYS}}, "expected"),
+         ({**request, "image": {k: np.zeros((9, 9, 4), np.uint8) for k in IMAGE_KEYS}}, "expected"),
          ({k: v for k, v in request.items() if k != "prompt"}, "needs 'prompt'"),
          ({**request, "prompt": 5}, "expected a string"),
          ({**request, "tokenized_prompt": np.zeros(3, np.int32)}, "together"),

@@ -181,7 +181,7 @@ def session(demo_ckpt):
   write_requests(root / "requests.npz", requests)
   try:
     out = run_client(server.port, root / "requests.npz", root / "out.json",
-                     "roundtrip,bad,concurrent,auth", api_key=KEY)
+                     "roundtrip,bad,concurrent,auth,resize", api_key=KEY)
     with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/healthz", timeout=10) as r:
       out["healthz"] = r.status
   finally:
@@ -231,13 +231,19 @@ def test_bad_requests_get_errors_and_serving_goes_on(session):
   bad = session[0]["bad"]
   for case, msg in [("garbage", "not a msgpack"), ("truncated", "not a msgpack"),
                     ("text", "text frame"), ("not_a_dict", "expected a dict"),
-                    ("wrong_state", "at most 32"), ("wrong_image", "(56, 56, 3)"),
+                    ("wrong_state", "at most 32"), ("wrong_image", "(56, 56, 3) float"),
                     ("no_prompt", "needs 'prompt'"), ("oversized", "over the server's limit")]:
     assert msg in bad[case].get("error", ""), (case, bad[case])
   np.testing.assert_allclose(bad["good_after"]["actions"], session[1][0], rtol=1e-5, atol=1e-5)
 
 
 @needs_client
+def test_raw_frames_are_resized_as_openpi_does(session):
+  resize = session[0]["resize"]
+  assert "error" not in resize["raw"] and "error" not in resize["resized"], resize
+  np.testing.assert_array_equal(resize["raw"]["actions"], resize["resized"]["actions"])
+
+
 def test_concurrent_clients_are_serialised(session):
   out, want, seen = session
   for slot, results in enumerate(out["concurrent"]):

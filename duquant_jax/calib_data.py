@@ -9,11 +9,17 @@ The .npz format (`load_npz_batches` / `save_npz_batches`) holds one array per ke
 axes (G, B): `image/<camera>` (G, B, h, w, 3) float in [-1, 1] for every camera of `IMAGE_KEYS`,
 `image_mask/<camera>` (G, B) bool, `state` (G, B, action_dim) float, `tokenized_prompt` (G, B,
 max_token_len) int, `tokenized_prompt_mask` (G, B, max_token_len) bool.
+
+Recordings (`load_recordings`, written by `duquant-jax serve --record DIR`): a folder of
+`obs_<n>.npz` files, each one served request with the same keys and one leading axis (B, ...);
+images may be uint8 (converted to [-1, 1] on loading, as openpi does). They are the model's inputs:
+the state normalised and padded, the prompt tokenised.
 """
 
 from __future__ import annotations
 
 import os
+import pathlib
 from typing import Any
 
 import jax
@@ -21,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from duquant_jax.models.config import IMAGE_KEYS, Pi0Config
-from duquant_jax.models.observation import Observation
+from duquant_jax.models.observation import Observation, image_to_float
 from duquant_jax.models.pi0 import Policy
 from duquant_jax.models.rollout import ToyEnv, rollout_batches
 
@@ -146,6 +152,58 @@ def load_npz_batches(path: str | os.PathLike, cfg: Pi0Config) -> Observation:
     flat = {k: _as_bool_mask(k, data[k]) for k in data.files}
   validate_flat(flat, cfg)
   return from_flat(flat)
+
+
+def load_recordings(path: str | os.PathLike, cfg: Pi0Config, *, batch_size: int = 4,
+                    max_batches: int | None = None) -> Observation:
+  """Loads a folder of recorded observations (`duquant-jax serve --record`) as calibration batches.
+
+  The files are read in name order, their observations concatenated and grouped into G batches of
+  B = min(batch_size, N) observations (a remainder of fewer than B is left out).
+
+  Args:
+    path: the folder of `*.npz` recordings. cfg: the model config the data must fit.
+    batch_size: B. max_batches: read at most this many batches (None: all).
+
+  Returns:
+    an Observation of numpy arrays with leading axes (G, B), images float32 in [-1, 1].
+
+  Raises:
+    FileNotFoundError: no such folder. ValueError naming the file and key for an empty folder, a
+    missing / unknown key, a wrong shape or dtype, or NaN / Inf.
+  """
+  root = pathlib.Path(path)
+  if not root.is_dir():
+    raise FileNotFoundError(f"{root}: no such recordings folder")
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  files = sorted(root.glob("*.npz"))
+  if not files:
+    raise ValueError(f"{root}: no recorded observations (*.npz) in this folder")
+  parts: dict[str, list[np.ndarray]] = {}
+  count = 0
+  limit = None if max_batches is None else max_batches * batch_size
+  for f in files:
+    with np.load(f, allow_pickle=False) as data:
+      flat = {k: _as_bool_mask(k, data[k]) for k in data.files}
+    flat = {k: image_to_float(v) if k.startswith("image/") else v for k, v in flat.items()}
+    try:
+      validate_flat({k: v[None] for k, v in flat.items()}, cfg)
+    except ValueError as e:
+      raise ValueError(f"{f}: {e}") from None
+    for k, v in flat.items():
+      parts.setdefault(k, []).append(v)
+    count += len(flat["state"])
+    if limit is not None and count >= limit:
+      break
+  b = min(batch_size, count)
+  g = count // b
+  if max_batches is not None:
+    g = min(g, max_batches)
+  stacked = {k: np.concatenate(v)[:g * b].reshape((g, b) + v[0].shape[1:])
+             for k, v in parts.items()}
+  validate_flat(stacked, cfg)
+  return from_flat(stacked)
 
 
 def save_npz_batches(path: str | os.PathLike, batches: Observation) -> None:

@@ -52,6 +52,8 @@ from duquant_jax.cli_checkpoint import register as _register_checkpoint  # noqa:
 _register_checkpoint(app)
 from duquant_jax.cli_eval import register as _register_eval  # noqa: E402
 _register_eval(app)
+from duquant_jax.cli_serve import register as _register_serve  # noqa: E402
+_register_serve(app)
 
 
 @app.command()

@@ -111,6 +111,8 @@ def register(app: typer.Typer) -> None:
       model: str = typer.Option("pi0", help="pi0 or pi05"),
       size: str = typer.Option("demo", help="full, dummy or demo"),
       calib: Optional[str] = typer.Option(None, help=".npz of calibration observations (G, B, ...)"),
+      calib_from: Optional[str] = typer.Option(
+          None, help="folder of observations recorded by `serve --record` (batches of --batch-size)"),
       calib_batches: int = typer.Option(16, help="toy-env batches when no --calib (capped by the preset)"),
       batch_size: int = typer.Option(4, help="observations per toy-env calibration batch"),
       seed: int = typer.Option(0, help="calibration seed"),
@@ -141,11 +143,14 @@ def register(app: typer.Typer) -> None:
       stats = None
       needs_stats = any(not r.skip and (r.smooth_alpha is not None or r.rotation == "greedy")
                         for r in cfg.rules)
-      if needs_stats or calib is not None:
+      if needs_stats or calib is not None or calib_from is not None:
         t = time.perf_counter()
         if calib is not None:
           batches = calib_data.load_npz_batches(calib, policy.cfg)
           source = calib
+        elif calib_from is not None:
+          batches = calib_data.load_recordings(calib_from, policy.cfg, batch_size=batch_size)
+          source = f"recordings {calib_from}"
         else:
           g = max(1, min(calib_batches, cfg.calib_batches))
           batches = calib_data.calibration_batches(policy, params, jax.random.key(seed),

@@ -20,7 +20,8 @@ import jax.numpy as jnp
 
 from duquant_jax.models.config import IMAGE_KEYS, Pi0Config
 from duquant_jax.models.gemma import Gemma, packed_dense_interceptor, stack_in_place
-from duquant_jax.models.observation import Observation, make_observation, validate_observation
+from duquant_jax.models.observation import (Observation, as_observation, make_observation,
+                                            validate_observation)
 from duquant_jax.models.siglip import SigLIP
 
 Params = dict[str, Any]
@@ -206,10 +207,12 @@ class Policy:
                      return_trajectory: bool = False) -> jax.Array:
     """Samples an action chunk (B, action_horizon, action_dim) by `num_steps` Euler flow steps.
 
-    The prefix is encoded once into a KV cache; the steps run as a `lax.scan`. With
+    `observation` is ours, openpi's `Observation` or its dict form (uint8 or float images; see
+    `as_observation`). The prefix is encoded once into a KV cache; the steps run as a `lax.scan`. With
     `return_trajectory`, also returns the per-step velocities (num_steps, B, A, action_dim).
     `noise` overrides the x_1 ~ N(0, I) drawn from `rng`.
     """
+    observation = as_observation(observation)
     self._check(params, observation)
     b = observation.batch_size
     c = self.cfg
@@ -238,6 +241,7 @@ class Policy:
   def sample_actions_no_cache(self, params: Params, observation: Observation, rng: jax.Array,
                               num_steps: int = 10, *, noise: jax.Array | None = None) -> jax.Array:
     """Reference `sample_actions` that re-runs the whole prefix with the suffix at every step."""
+    observation = as_observation(observation)
     self._check(params, observation)
     b = observation.batch_size
     c = self.cfg

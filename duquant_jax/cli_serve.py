@@ -23,7 +23,7 @@ def build_runner(ckpt: str, *, model: Optional[str] = None, size: Optional[str] 
                  tokenizer: Optional[str] = None, norm_stats: Optional[str] = None,
                  norm_mode: str = "auto", num_steps: int = 10, action_dims: Optional[int] = None,
                  record: Optional[str] = None, seed: int = 0,
-                 discrete_state: Optional[bool] = None):
+                 discrete_state: Optional[bool] = None, unroll_layers: bool = False):
   """The `PolicyRunner` that `serve` runs, from a packed checkpoint and the command's flags.
 
   Args:
@@ -36,6 +36,8 @@ def build_runner(ckpt: str, *, model: Optional[str] = None, size: Optional[str] 
     norm_mode: "auto" (openpi's: quantile for pi0.5, z-score for pi0), "zscore" or "quantile".
     num_steps, action_dims, record, seed, discrete_state: as in `PolicyRunner` /
       `RequestAdapter`.
+    unroll_layers: compile each layer on its own instead of scanning the layer stack
+      (`Pi0Config.unroll_layers`): a longer compile for fewer, fuller kernels per call.
 
   Raises:
     ValueError, FileNotFoundError (CheckpointError is a ValueError) with one clear message.
@@ -53,7 +55,7 @@ def build_runner(ckpt: str, *, model: Optional[str] = None, size: Optional[str] 
   if model is None or size is None:
     raise ValueError(f"{ckpt}: its metadata does not name the model and size; "
                      "pass --model and --size")
-  policy = get_policy(model, size)
+  policy = get_policy(model, size, unroll_layers=unroll_layers)
   params, cfg, _, _ = ck.load_packed(ckpt)
   if norm_stats is None:  # the packed checkpoint's own, else those of the checkpoint it came from
     found = None
@@ -109,9 +111,20 @@ def register(app: typer.Typer) -> None:
           help="state in the prompt (openpi's discrete_state_input; default: on for pi05)"),
       model: Optional[str] = typer.Option(None, help="pi0 or pi05 (default: the checkpoint's)"),
       size: Optional[str] = typer.Option(None, help="full, dummy or demo (default: checkpoint's)"),
-      seed: int = typer.Option(0, help="seed of the sampling noise")):
+      seed: int = typer.Option(0, help="seed of the sampling noise"),
+      unroll_layers: bool = typer.Option(
+          False, "--unroll-layers/--scan-layers",
+          help="compile every layer on its own: a longer compile (pair it with --compile-cache), "
+               "fewer, fuller kernels per call (BENCHMARKS.md)"),
+      compile_cache: Optional[str] = typer.Option(
+          None, help="directory for jax's persistent compilation cache: a restarted server "
+                     "loads the compiled policy instead of compiling it again")):
     """Serves a packed checkpoint to openpi clients (openpi-client's WebsocketClientPolicy)."""
+    import jax
     from duquant_jax.serve import ServeConfig, serve_forever
+    if compile_cache:  # process-wide, so set here at the command's edge, not in the library
+      jax.config.update("jax_compilation_cache_dir", compile_cache)
+      jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("absl").setLevel(logging.ERROR)
     try:
@@ -120,7 +133,7 @@ def register(app: typer.Typer) -> None:
       runner = build_runner(ckpt, model=model, size=size, tokenizer=tokenizer,
                             norm_stats=norm_stats, norm_mode=norm_mode, num_steps=num_steps,
                             action_dims=action_dims, record=record, seed=seed,
-                            discrete_state=discrete_state)
+                            discrete_state=discrete_state, unroll_layers=unroll_layers)
       typer.echo(f"compiling {runner.metadata['model']} ({runner.metadata['size']}) ...")
       seconds = runner.warmup()
     except (ValueError, FileNotFoundError, TypeError) as e:

@@ -257,11 +257,11 @@ def test_concurrent_clients_are_serialised(session):
 def test_cli_serve_record_then_calibrate_on_recordings(demo_ckpt, tmp_path, capsys):
   """`duquant-jax serve --record` as a process, an unchanged client, then `convert --calib-from`."""
   root, path, policy, packed, stats, sample = demo_ckpt
-  rec = tmp_path / "rec"
+  rec, cache = tmp_path / "rec", tmp_path / "xla_cache"
   log = open(tmp_path / "server.log", "w")
   proc = subprocess.Popen(
       [sys.executable, "-m", "duquant_jax.cli", "serve", str(path), "--port", "0", "--record",
-       str(rec)], stdout=subprocess.PIPE, stderr=log, text=True,
+       str(rec), "--unroll-layers", "--compile-cache", str(cache)], stdout=subprocess.PIPE, stderr=log, text=True,
       env=dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1"))
   try:
     port, lines = None, []
@@ -288,6 +288,7 @@ def test_cli_serve_record_then_calibrate_on_recordings(demo_ckpt, tmp_path, caps
                              expected_actions(sample, packed, policy, requests[0], stats),
                              rtol=1e-5, atol=1e-5)
 
+  assert any(cache.iterdir())  # the compiled policy, for the next start
   assert len(list(rec.glob("obs_*.npz"))) == 3  # the warm-up is not recorded
   batches = load_recordings(rec, policy.cfg, batch_size=2)
   assert batches.state.shape == (1, 2, 32)  # 3 observations: one batch of 2

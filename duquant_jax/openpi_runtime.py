@@ -234,7 +234,7 @@ def load_into_openpi(config_or_model: Any, params: Any, *, remove_extra_params: 
   if not isinstance(model, nnx.Module):
     model = nnx.eval_shape(config_or_model.create, jax.random.key(0))
   graphdef, state = nnx.split(model)
-  expected = _flat(state.to_pure_dict())
+  expected = _flat(nnx.to_pure_dict(state) if hasattr(nnx, "to_pure_dict") else state.to_pure_dict())
   got = _flat(params)
   linen = ["/".join(p) + "/" for p in _linen_prefixes(model)]
   for path in sorted(set(got) - set(expected)):

@@ -9,6 +9,7 @@ contract (`lora.Einsum`: param `w`, `__call__(eqn, x)`, optional LoRA `lora_a` /
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import flax.linen as nn
@@ -25,7 +26,8 @@ from duquant_jax.models import gemma as our_gemma
 from duquant_jax.openpi_runtime import load_into_openpi, openpi_interceptor, run_packed_in_openpi
 
 D, F, N, H, L, V = 32, 64, 2, 16, 2, 50  # width, MLP hidden, heads, head dim, layers, vocabulary
-ACT = dict(rotation="hadamard", permutation="none", smooth_alpha=None)  # no calibration needed
+ACT = dict(rotation="hadamard", permutation="none", smooth_alpha=None,  # no calibration needed
+           clip_search=False)
 
 
 def _cfg(bits: int) -> QuantConfig:
@@ -179,7 +181,7 @@ TOKENS = jax.random.randint(jax.random.key(1), (2, 12), 0, V)
 
 @pytest.fixture(scope="module")
 def float_params():
-  return _model().init(jax.random.key(0), TOKENS)["params"]
+  return jax.jit(_model().init)(jax.random.key(0), TOKENS)["params"]  # eager init: 2x slower
 
 
 @pytest.fixture(scope="module")
@@ -208,3 +210,100 @@ def test_contract_modules_run_packed_leaves(float_params, packed):
   with run_packed_in_openpi():
     w8 = _model().apply({"params": quantize_params(float_params, _cfg(8))}, TOKENS)
   assert _rel(w8, ref) < 0.03
+
+
+def test_float_leaves_run_their_own_code(float_params):
+  """(d) float leaves, alone or beside packed ones, run the modules' own code."""
+  ref = _model().apply({"params": float_params}, TOKENS)
+  with run_packed_in_openpi():
+    np.testing.assert_array_equal(_model().apply({"params": float_params}, TOKENS), ref)
+    # Only the MLPs packed: the attention einsums and the table stay float.
+    mlp_only = quantize_params(float_params, QuantConfig(rules=(
+        LayerRule(pattern=r"PaliGemma/llm/layers/mlp/.*", block_size=16, **ACT),)))
+    got = _model().apply({"params": mlp_only}, TOKENS)
+  np.testing.assert_allclose(got, _model(ours=True).apply({"params": mlp_only}, TOKENS),
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_lora_beside_a_packed_weight_is_refused(packed):
+  """(c) LoRA must be merged before quantizing: a packed w with lora_a / lora_b is an error."""
+  params = jax.eval_shape(_model(lora_rank=2).init, jax.random.key(0), TOKENS)["params"]
+  lora = params["PaliGemma"]["llm"]["layers"]["attn"]["q_einsum"]
+  assert set(lora) == {"w", "lora_a", "lora_b"}
+  with_lora = jax.tree.map(lambda x: x, packed)  # copies the dicts
+  q = with_lora["PaliGemma"]["llm"]["layers"]["attn"]["q_einsum"]
+  q.update(lora_a=jnp.zeros(lora["lora_a"].shape), lora_b=jnp.zeros(lora["lora_b"].shape))
+  with run_packed_in_openpi(), pytest.raises(
+      ValueError, match=r"layers/attn/q_einsum: LoRA params \['lora_a', 'lora_b'\] beside packed"):
+    _model(lora_rank=2).apply({"params": with_lora}, TOKENS)
+
+
+def test_unsupported_methods_and_calls_are_refused(packed):
+  class Tied(Embedder):  # a tied-embedding decode of a packed table is not built
+    def decode(self, x):
+      return jnp.dot(x, self.input_embedding_table.T)
+
+  class Decode(nn.Module):
+    def setup(self):
+      self.embedder = Tied(V, D)
+
+    def __call__(self, x):
+      return self.embedder.decode(x)
+
+  table = {"embedder": packed["PaliGemma"]["llm"]["embedder"]}
+  with run_packed_in_openpi(), pytest.raises(NotImplementedError, match=r"embedder.decode"):
+    Decode().apply({"params": table}, jnp.ones((1, D)))
+
+  w = jax.tree.map(lambda a: a[0], packed["PaliGemma"]["llm"]["layers"]["mlp"]["linear"])
+  class NoEqn(nn.Module):  # a packed `w` called without an einsum string
+    @nn.compact
+    def __call__(self, x):
+      return Einsum((F, D), name="e")(x)
+  with nn.intercept_methods(openpi_interceptor), pytest.raises(ValueError, match="e/w is packed"):
+    NoEqn().apply({"params": {"e": {"w": w}}}, jnp.ones((1, 2, F)))
+
+
+class TinyPi(nnx.Module):
+  """An NNX model as openpi's Pi0 is built: linen LLM through `nnx_bridge.ToNNX`, NNX head."""
+
+  def __init__(self, rngs: nnx.Rngs):
+    llm = nnx_bridge.ToNNX(Llm(), rngs=rngs)
+    llm.lazy_init(TOKENS)
+    self.PaliGemma = nnx.Dict(llm=llm)
+    self.action_out_proj = nnx.Linear(D, 4, rngs=rngs)
+
+  def __call__(self, tokens):
+    return self.action_out_proj(self.PaliGemma["llm"](tokens))
+
+
+@dataclasses.dataclass(frozen=True)
+class TinyPiConfig:
+  def create(self, rng):
+    return TinyPi(nnx.Rngs(rng))
+
+
+def test_nnx_bridge_model_loads_and_runs_packed_params():
+  """openpi's load path (eval_shape, structure check, replace_by_pure_dict) with packed leaves;
+  the loaded model under `nnx.jit` matches the linen contract model on the same leaves."""
+  params = nnx.to_pure_dict(nnx.state(TinyPiConfig().create(jax.random.key(0))))
+  packed = quantize_params(params, _cfg(4))
+  model = load_into_openpi(TinyPiConfig(), packed)
+  with run_packed_in_openpi():
+    got = nnx.jit(lambda m, t: m(t))(model, TOKENS)
+    llm = Llm().apply({"params": packed["PaliGemma"]["llm"]}, TOKENS)
+  head = packed["action_out_proj"]
+  np.testing.assert_allclose(got, llm @ head["kernel"] + head["bias"], rtol=1e-5, atol=1e-5)
+
+  bad = quantize_params(params, QuantConfig(rules=(
+      LayerRule(pattern="action_out_proj/kernel", block_size=16, **ACT),)))
+  with pytest.raises(ValueError, match=r"action_out_proj/kernel: a packed weight in an NNX module"):
+    load_into_openpi(TinyPiConfig(), bad)
+  missing = {**packed, "action_out_proj": {"kernel": head["kernel"]}}
+  with pytest.raises(ValueError, match=r"action_out_proj/bias: missing from params"):
+    load_into_openpi(TinyPiConfig(), missing)
+  wrong = {**packed, "action_out_proj": {**head, "bias": jnp.zeros(5)}}
+  with pytest.raises(ValueError, match=r"action_out_proj/bias: shape \(5,\) but the openpi model"):
+    load_into_openpi(TinyPiConfig(), wrong)
+  extra = {**packed, "extra": packed["PaliGemma"]["llm"]["layers"]["mlp"]["linear"]}
+  with pytest.raises(ValueError, match=r"extra: not a param of the openpi model"):
+    load_into_openpi(TinyPiConfig(), extra)

@@ -200,9 +200,9 @@ def test_contract_modules_run_packed_leaves(float_params, packed):
   assert sum(isinstance(x, PackedEmbedding) for x in leaves) == 1
   with pytest.raises(Exception):  # what openpi users hit today (shape check, or a table gather)
     _model().apply({"params": packed}, TOKENS)
-  ours = jax.jit(_model(ours=True).apply)({"params": packed}, TOKENS)
+  ours = _model(ours=True).apply({"params": packed}, TOKENS)
   with run_packed_in_openpi():
-    got = jax.jit(_model().apply)({"params": packed}, TOKENS)
+    got = _model().apply({"params": packed}, TOKENS)
   np.testing.assert_allclose(got, ours, rtol=1e-5, atol=1e-5)
   # Near the float model: W8A8 with an int8 table within 3% (measured 1.1%; at W4A8 and an int4
   # table this random 2-layer model is 42% off, 31% of it the table, too coarse a check).
@@ -307,3 +307,27 @@ def test_nnx_bridge_model_loads_and_runs_packed_params():
   extra = {**packed, "extra": packed["PaliGemma"]["llm"]["layers"]["mlp"]["linear"]}
   with pytest.raises(ValueError, match=r"extra: not a param of the openpi model"):
     load_into_openpi(TinyPiConfig(), extra)
+
+
+def test_our_policy_with_contract_modules_matches_its_packed_actions(monkeypatch):
+  """Our demo pi0 with its Gemma's einsum, MLP and embedder modules swapped for the contract
+  ones (which know nothing of packed weights), run under the interceptor, samples the same
+  actions from the packed tree as the policy itself (SigLIP's Dense layers packed too)."""
+  from conftest import demo_params
+  from duquant_jax.config import EMBEDDING, EXPERT_ATTN, EXPERT_MLP, LLM, SIGLIP
+  from duquant_jax.models import get_policy
+  policy = get_policy("pi0", "demo")
+  rule = dict(block_size=16, **ACT)
+  cfg = QuantConfig(rules=tuple(LayerRule(pattern=p, **rule)
+                                for p in (LLM, EXPERT_MLP, EXPERT_ATTN, SIGLIP)),
+                    embeddings=(EmbeddingRule(pattern=EMBEDDING, bits=4, group_size=64),))
+  packed = quantize_params(demo_params("pi0"), cfg)
+  obs = policy.example_observation(jax.random.key(1), batch_size=1)
+  ours = jax.jit(policy.sample_actions)(packed, obs, jax.random.key(2))
+  for name, cls in (("Einsum", Einsum), ("FeedForward", FeedForward), ("Embedder", Embedder)):
+    monkeypatch.setattr(our_gemma, name, cls)
+  with pytest.raises(TypeError):  # the contract modules alone cannot read packed leaves
+    jax.jit(policy.sample_actions)(packed, obs, jax.random.key(2))
+  with run_packed_in_openpi():
+    got = jax.jit(policy.sample_actions)(packed, obs, jax.random.key(2))
+  np.testing.assert_allclose(got, ours, rtol=1e-5, atol=1e-5)  # measured: identical

@@ -5,14 +5,16 @@ flax checks an existing param against that shape, so a packed leaf (codes, scale
 stops the model at the first `self.param`. This module routes those modules' methods to the
 packed weights instead, by module contract (the param names a module owns), never by class:
 
-| contract (openpi module)        | params (packed leaf = a PackedLinear / PackedEmbedding) | runs as                     |
-|---------------------------------|------------------------------------|-------------------------------------|
-| einsum (`lora.Einsum`)          | w; LoRA: lora_a, lora_b            | `__call__(eqn, x)`: w.einsum(eqn, x)|
-| gated MLP (`lora.FeedForward`)  | gating_einsum (2, D, F), linear (F, D); LoRA: *_lora_a / *_lora_b | `__call__(x)`: linear(gelu(x gate) * x up) |
-| embedder (`gemma.Embedder`)     | input_embedding (V, D)             | `encode(tokens)`: rows * sqrt(D)    |
-| flax `Dense` / `DenseGeneral`   | kernel, bias (SigLIP, adaRMSNorm)  | `inference.packed_interceptor`      |
+| contract (openpi module)        | its params                              | runs, when packed   |
+|---------------------------------|-----------------------------------------|---------------------|
+| einsum (`lora.Einsum`)          | w; LoRA: lora_a, lora_b                 | w.einsum(eqn, x)    |
+| gated MLP (`lora.FeedForward`)  | gating_einsum (2, D, F), linear (F, D)  | linear(gelu(x gate) |
+|                                 | LoRA: {gating_einsum,linear}_lora_{a,b} |   * (x up))         |
+| embedder (`gemma.Embedder`)     | input_embedding (V, D), read by encode  | lookup * sqrt(D)    |
+| flax `Dense` / `DenseGeneral`   | kernel, bias (SigLIP, adaRMSNorm)       | packed_interceptor  |
 
-Axes (openpi's legend): B batch, T tokens, N heads, K kv heads, H head dim, D width, F MLP hidden,
+A packed weight is a `PackedLinear` (a `PackedEmbedding` for the token table). Axes (openpi's
+legend): B batch, T tokens, N heads, K kv heads, H head dim, D width, F MLP hidden,
 V vocabulary. A module whose contract param is packed skips its `setup()` (which would create the
 params by shape) and runs here; modules with float params run their own code. The model itself is
 NNX holding the linen Gemma and SigLIP through `nnx_bridge.ToNNX`, whose variables carry packed
@@ -157,8 +159,8 @@ def openpi_interceptor(next_fun, args, kwargs, context, memo: InputMemo | None =
       return packed_dense_interceptor(next_fun, args, kwargs, context,
                                       memo=None if memo is None else memo.for_input(x))
     return next_fun(*args, **kwargs)
+  _refuse_lora(module, packed)
   if method == "setup":
-    _refuse_lora(module, packed)
     return None
   path = _path(module)
   if "w" in packed and method == "__call__":
@@ -234,7 +236,9 @@ def load_into_openpi(config_or_model: Any, params: Any, *, remove_extra_params: 
   if not isinstance(model, nnx.Module):
     model = nnx.eval_shape(config_or_model.create, jax.random.key(0))
   graphdef, state = nnx.split(model)
-  expected = _flat(nnx.to_pure_dict(state) if hasattr(nnx, "to_pure_dict") else state.to_pure_dict())
+  # flax >= 0.11 has nnx.to_pure_dict; openpi pins 0.10.2, which has only the State method.
+  pure = nnx.to_pure_dict(state) if hasattr(nnx, "to_pure_dict") else state.to_pure_dict()
+  expected = _flat(pure)
   got = _flat(params)
   linen = ["/".join(p) + "/" for p in _linen_prefixes(model)]
   for path in sorted(set(got) - set(expected)):
@@ -258,6 +262,8 @@ def load_into_openpi(config_or_model: Any, params: Any, *, remove_extra_params: 
     for k in parents:
       node = node.setdefault(k, {})
     node[last] = x
-  nnx.replace_by_pure_dict(state, nested) if hasattr(nnx, "replace_by_pure_dict") \
-      else state.replace_by_pure_dict(nested)
+  if hasattr(nnx, "replace_by_pure_dict"):
+    nnx.replace_by_pure_dict(state, nested)
+  else:
+    state.replace_by_pure_dict(nested)
   return nnx.merge(graphdef, state)

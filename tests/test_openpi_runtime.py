@@ -88,7 +88,7 @@ class FeedForward(nn.Module):
 
 
 class Embedder(nn.Module):
-  """openpi's embedder contract: `input_embedding` (V, D) created in setup(), `encode` scales rows."""
+  """openpi's embedder contract: `input_embedding` (V, D) created in setup(); `encode`."""
 
   vocab_size: int
   embed_dim: int
@@ -194,7 +194,7 @@ def _rel(a, b):
 
 
 def test_contract_modules_run_packed_leaves(float_params, packed):
-  """(a) the contract model on packed leaves == our own modules on them; (b) near the float model."""
+  """(a) contract modules on packed leaves == our own modules on them; (b) near the float model."""
   leaves = jax.tree.leaves(packed, is_leaf=lambda x: isinstance(x, (PackedLinear, PackedEmbedding)))
   assert sum(isinstance(x, PackedLinear) for x in leaves) == 5
   assert sum(isinstance(x, PackedEmbedding) for x in leaves) == 1

@@ -285,14 +285,17 @@ class TinyPiConfig:
 def test_nnx_bridge_model_loads_and_runs_packed_params():
   """openpi's load path (eval_shape, structure check, replace_by_pure_dict) with packed leaves;
   the loaded model under `nnx.jit` matches the linen contract model on the same leaves."""
-  params = nnx.to_pure_dict(nnx.state(TinyPiConfig().create(jax.random.key(0))))
+  fresh = TinyPiConfig().create(jax.random.key(0))
+  params = nnx.to_pure_dict(nnx.state(fresh))
   packed = quantize_params(params, _cfg(4))
-  model = load_into_openpi(TinyPiConfig(), packed)
+  run = nnx.jit(lambda m, t: m(t))
   with run_packed_in_openpi():
-    got = nnx.jit(lambda m, t: m(t))(model, TOKENS)
+    got = run(load_into_openpi(TinyPiConfig(), packed), TOKENS)
+    again = run(load_into_openpi(fresh, packed), TOKENS)  # a built model's params replaced
     llm = Llm().apply({"params": packed["PaliGemma"]["llm"]}, TOKENS)
   head = packed["action_out_proj"]
   np.testing.assert_allclose(got, llm @ head["kernel"] + head["bias"], rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(again, got)
 
   bad = quantize_params(params, QuantConfig(rules=(
       LayerRule(pattern="action_out_proj/kernel", block_size=16, **ACT),)))

@@ -21,7 +21,7 @@ from flax import nnx
 from flax.nnx import bridge as nnx_bridge
 
 from duquant_jax import (EmbeddingRule, LayerRule, PackedEmbedding, PackedLinear, QuantConfig,
-                         quantize_params)
+                         quantize_params, quantized_apply)
 from duquant_jax.models import gemma as our_gemma
 from duquant_jax.openpi_runtime import load_into_openpi, openpi_interceptor, run_packed_in_openpi
 
@@ -31,10 +31,10 @@ ACT = dict(rotation="hadamard", permutation="none", smooth_alpha=None,  # no cal
 
 
 def _cfg(bits: int) -> QuantConfig:
-  """W{bits}A8 on every Gemma linear, the token table weight-only at `bits`."""
+  """W{bits}A8 on every Gemma linear and the Dense head, the token table weight-only at `bits`."""
   return QuantConfig(
-      rules=(LayerRule(pattern=r"PaliGemma/llm/layers/.*", weight_bits=bits, block_size=16,
-                       **ACT),),
+      rules=(LayerRule(pattern=r"PaliGemma/(llm/layers/.*|head/kernel)", weight_bits=bits,
+                       block_size=16, **ACT),),
       embeddings=(EmbeddingRule(pattern=r"PaliGemma/llm/embedder/input_embedding", bits=bits,
                                 group_size=16),))
 
@@ -156,7 +156,7 @@ class Llm(nn.Module):
 
 
 class PaliGemma(nn.Module):
-  """tokens (B, T) -> (B, T, 8); params under PaliGemma/llm/... and a float Dense `head`."""
+  """tokens (B, T) -> (B, T, 8); params under PaliGemma/llm/... and a Dense `head`."""
 
   lora_rank: int = 0
   ours: bool = False
@@ -164,7 +164,7 @@ class PaliGemma(nn.Module):
   @nn.compact
   def __call__(self, tokens: jax.Array) -> jax.Array:
     y = Llm(self.lora_rank, self.ours, name="llm")(tokens)
-    return nn.Dense(8, name="head")(y)
+    return nn.Dense(8, name="head")(y)  # a flax Dense, as SigLIP's
 
 
 def _model(**kw):
@@ -196,11 +196,11 @@ def _rel(a, b):
 def test_contract_modules_run_packed_leaves(float_params, packed):
   """(a) contract modules on packed leaves == our own modules on them; (b) near the float model."""
   leaves = jax.tree.leaves(packed, is_leaf=lambda x: isinstance(x, (PackedLinear, PackedEmbedding)))
-  assert sum(isinstance(x, PackedLinear) for x in leaves) == 5
+  assert sum(isinstance(x, PackedLinear) for x in leaves) == 6
   assert sum(isinstance(x, PackedEmbedding) for x in leaves) == 1
   with pytest.raises(Exception):  # what openpi users hit today (shape check, or a table gather)
     _model().apply({"params": packed}, TOKENS)
-  ours = _model(ours=True).apply({"params": packed}, TOKENS)
+  ours = quantized_apply(_model(ours=True), {"params": packed}, TOKENS)
   with run_packed_in_openpi():
     got = _model().apply({"params": packed}, TOKENS)
   np.testing.assert_allclose(got, ours, rtol=1e-5, atol=1e-5)

@@ -13,6 +13,7 @@ from duquant_jax.config import PRESETS, EmbeddingRule, LayerRule, QuantConfig, g
 from duquant_jax.embedding import PackedEmbedding, quantize_embedding
 from duquant_jax.inference import packed_interceptor, quantized_apply, with_implementations
 from duquant_jax.layouts import LinearLayout, linear_layouts
+from duquant_jax.openpi_runtime import load_into_openpi, openpi_interceptor, run_packed_in_openpi
 from duquant_jax.model_rotation import rotate_residual, rotate_stats
 from duquant_jax.models.observation import as_observation
 from duquant_jax.openpi_io import OpenpiModel, load_norm_stats
@@ -27,6 +28,7 @@ __all__ = [
     "PRESETS", "EmbeddingRule", "LayerRule", "QuantConfig", "get_preset", "match_rules",
     "PackedEmbedding", "quantize_embedding",
     "packed_interceptor", "quantized_apply", "with_implementations",
+    "load_into_openpi", "openpi_interceptor", "run_packed_in_openpi",
     "LinearLayout", "linear_layouts", "PackedLinear", "rotate_residual", "rotate_stats",
     "quantize_params", "rotated_model", "summarize", "InputTransform", "build_duquant_transform",
     "as_observation", "OpenpiModel", "load_norm_stats",

@@ -108,6 +108,28 @@ def supports(m: int, n: int, k: int, g: int, tiles: TileConfig | None = None) ->
           and k % (tiles.tile_k * tiles.splits) == 0)
 
 
+def _operands(xq, sx, zx, sw, zw, tile_m: int):
+  """The kernel's operands: (xq padded to M8 rows, sw (N,), zw (N,), cols (4, Mp) float32).
+
+  cols holds per-token (sx, rx, zx, 0), rx the row sums of xq, zero-padded to Mp = M rounded up
+  to tile_m; a fourth zero row keeps every TMA copy of a column slice a multiple of 128 bytes.
+  """
+  m, n = xq.shape[0], sw.shape[0]
+  mp = -(-m // tile_m) * tile_m
+  # Tokens are padded only to a multiple of 8 (TMA's row tiling); past that, the TMA copies
+  # zero-fill the token tile and clip the output store.
+  m8 = -(-m // 8) * 8
+  xq8 = jnp.pad(xq, ((0, m8 - m), (0, 0))) if m8 != m else xq
+  f32 = jnp.float32
+  zeros_m = jnp.zeros((mp,), f32)
+  sw_n = sw.reshape(n).astype(f32)
+  zw_n = sw_n if zw is None else zw.reshape(n).astype(f32)  # (unread when zw is None)
+  pad = lambda v: jnp.pad(v.reshape(-1).astype(f32), (0, mp - m))
+  rx = pad(jnp.sum(xq.astype(jnp.int32), axis=1)) if zw is not None else zeros_m
+  cols = jnp.stack([pad(sx), rx, pad(zx) if zx is not None else zeros_m, zeros_m])
+  return xq8, sw_n, zw_n, cols
+
+
 def w4a8_matmul(xq, sx, zx, q, sw, zw, *, out_dtype=jnp.bfloat16, tiles: TileConfig | None = None):
   """W4A8 matmul on Hopper; arguments as `xla.w4a8_matmul` (per-channel scales only, G = 1).
 
@@ -132,23 +154,11 @@ def w4a8_matmul(xq, sx, zx, q, sw, zw, *, out_dtype=jnp.bfloat16, tiles: TileCon
     raise ValueError(f"the Mosaic W4A8 kernel does not take (M, K)={xq.shape} x (N, K)={q.shape} "
                      f"with {g} scale groups and {tiles} (needs G = 1, N % (tile_n * compute_wgs) == 0, "
                      f"K % (tile_k * splits) == 0)")
-  mp = -(-m // tiles.tile_m) * tiles.tile_m
-  # Tokens are padded only to a multiple of 8 (TMA's row tiling); past that, the TMA copies
-  # zero-fill the token tile and clip the output store.
-  m8 = -(-m // 8) * 8
-  xq8 = jnp.pad(xq, ((0, m8 - m), (0, 0))) if m8 != m else xq
-  f32 = jnp.float32
-  zeros_m = jnp.zeros((mp,), f32)
-  sw_n = sw.reshape(n).astype(f32)
-  zw_n = sw_n if zw is None else zw.reshape(n).astype(f32)  # (unread when zw is None)
-  pad = lambda v: jnp.pad(v.reshape(-1).astype(f32), (0, mp - m))
-  rx = pad(jnp.sum(xq.astype(jnp.int32), axis=1)) if zw is not None else zeros_m
-  # A fourth zero row keeps every TMA copy of a column slice a multiple of 128 bytes.
-  cols = jnp.stack([pad(sx), rx, pad(zx) if zx is not None else zeros_m, zeros_m])  # (4, Mp)
+  xq8, sw_n, zw_n, cols = _operands(xq, sx, zx, sw, zw, tiles.tile_m)
   out = _kernel(xq8, q, sw_n, zw_n, cols, tiles=tiles, out_dtype=jnp.dtype(out_dtype),
                 asym_w=zw is not None, asym_x=zx is not None)
   y = jnp.sum(out, axis=0) if tiles.splits > 1 else out[0]
-  return (y[:m] if m8 != m else y).astype(out_dtype)
+  return (y[:m] if y.shape[0] != m else y).astype(out_dtype)
 
 
 def gated_tiles(m: int, f: int, k: int) -> TileConfig:
@@ -198,26 +208,19 @@ def gated_w4a8(xq, sx, zx, q, sw, zw, out_scale, out_zero, *, tiles: TileConfig 
     raise ValueError(f"the gated Mosaic kernel does not take (M, K)={xq.shape} x (2F, K)={q.shape} "
                      f"with {g} scale groups and {tiles} (needs G = 1, F % tile_n == 0, "
                      f"K % tile_k == 0, one warpgroup, no split-K)")
-  mp = -(-m // tiles.tile_m) * tiles.tile_m
-  m8 = -(-m // 8) * 8
-  xq8 = jnp.pad(xq, ((0, m8 - m), (0, 0))) if m8 != m else xq
-  f32 = jnp.float32
-  zeros_m = jnp.zeros((mp,), f32)
-  sw_n = sw.reshape(n).astype(f32)
-  zw_n = sw_n if zw is None else zw.reshape(n).astype(f32)
-  pad = lambda v: jnp.pad(v.reshape(-1).astype(f32), (0, mp - m))
-  rx = pad(jnp.sum(xq.astype(jnp.int32), axis=1)) if zw is not None else zeros_m
+  xq8, sw_n, zw_n, cols = _operands(xq, sx, zx, sw, zw, tiles.tile_m)
   # The output quantizer's 1 / scale and zero point ride along as per-token rows 4 and 5 (eight
   # rows keep every TMA copy of a column slice a multiple of 128 bytes).
+  f32, mp = jnp.float32, cols.shape[1]
   inv = jnp.broadcast_to(1.0 / out_scale.reshape(()).astype(f32), (mp,))
-  zero = zeros_m if out_zero is None else jnp.broadcast_to(out_zero.reshape(()).astype(f32), (mp,))
-  cols = jnp.stack([pad(sx), rx, pad(zx) if zx is not None else zeros_m, zeros_m, inv, zero,
-                    zeros_m, zeros_m])  # (8, Mp)
+  zero = (jnp.zeros((mp,), f32) if out_zero is None
+          else jnp.broadcast_to(out_zero.reshape(()).astype(f32), (mp,)))
+  cols = jnp.concatenate([cols, jnp.stack([inv, zero]), jnp.zeros((2, mp), f32)])  # (8, Mp)
   out = _kernel(xq8, q, sw_n, zw_n, cols, tiles=tiles, out_dtype=jnp.dtype(jnp.int8),
                 asym_w=zw is not None, asym_x=zx is not None, gated=True,
                 out_symmetric=out_zero is None)
   y = out[0]
-  return y[:m] if m8 != m else y
+  return y[:m] if y.shape[0] != m else y
 
 
 def gated_reference(xq, sx, zx, q, sw, zw, out_scale, out_zero):

@@ -27,6 +27,7 @@ import dataclasses
 import os
 import pathlib
 import re
+import time
 from typing import Any, Mapping, Optional, Union
 
 import jax
@@ -186,6 +187,7 @@ class _Reader:
 
   def __init__(self, d: pathlib.Path, meta: Any, wrapped: bool, dtype: Any):
     self.d, self.wrapped, self.dtype = d, wrapped, dtype
+    self._whole = None
     self.meta = {p: m for p, m in flat_items(meta)}  # stored paths (with /value if wrapped)
 
   def stored(self, path: str) -> str:
@@ -200,12 +202,29 @@ class _Reader:
       _nested_set(item, self.stored(p), m)
       _nested_set(args, self.stored(p), ocp.RestoreArgs(restore_type=np.ndarray, dtype=cast))
     try:
+      restore_args = ocp.args.PyTreeRestore(item=item, restore_args=args, partial_restore=True)
+    except TypeError:  # an orbax without partial restores: read the whole tree once, keep it
+      if self._whole is None:
+        self._whole = self._restore_whole()
+      return {p: _nested_get(self._whole, self.stored(p)) for p in paths}
+    try:
       with _quiet_orbax(), ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ck:
-        got = ck.restore(self.d.absolute(), args=ocp.args.PyTreeRestore(
-            item=item, restore_args=args, partial_restore=True))
+        got = ck.restore(self.d.absolute(), args=restore_args)
     except Exception as e:  # orbax / tensorstore raise many types for damaged files
       raise CheckpointError(f"{self.d}: corrupt or truncated checkpoint ({_first_line(e)})") from None
     return {p: _nested_get(got, self.stored(p)) for p in paths}
+
+  def _restore_whole(self) -> Any:
+    ocp = _orbax()
+    meta = _orbax_metadata_quiet(self.d)
+    args = jax.tree.map(lambda m: ocp.RestoreArgs(
+        restore_type=np.ndarray,
+        dtype=self.dtype if self.dtype is not None and jnp.issubdtype(m.dtype, jnp.floating)
+        else None), meta)
+    try:
+      return _orbax_restore(self.d, args)
+    except Exception as e:
+      raise CheckpointError(f"{self.d}: corrupt or truncated checkpoint ({_first_line(e)})") from None
 
 
 def _nested_set(tree: dict, path: str, value: Any) -> None:
@@ -391,7 +410,8 @@ def load_openpi_params(path: Union[str, os.PathLike], policy: Any = None, *, dty
 def convert_checkpoint(src: Union[str, os.PathLike], dst: Union[str, os.PathLike], cfg: Any,
                        stats: Any = None, *, lora: LoraSpec = LoraSpec(),
                        metadata: Optional[Mapping[str, Any]] = None, overwrite: bool = False,
-                       save_stats: bool = True, progress: bool = False) -> pathlib.Path:
+                       save_stats: bool = True, progress: bool = False,
+                       timings: Optional[dict] = None) -> pathlib.Path:
   """openpi checkpoint in, packed checkpoint out, streamed a layer group at a time.
 
   The source tree is opened lazily (`OpenpiCheckpoint.lazy_tree`): `quantize_params` reads each
@@ -406,6 +426,7 @@ def convert_checkpoint(src: Union[str, os.PathLike], dst: Union[str, os.PathLike
     lora: scaling of LoRA branches. metadata: extra metadata (model, size and source are added).
     overwrite: replace an existing `dst`. save_stats: store `stats` in the checkpoint.
     progress: a progress bar over layer groups.
+    timings: a dict to receive the seconds of each phase ("open", "quantize", "save").
 
   Returns:
     the absolute path written.
@@ -418,10 +439,18 @@ def convert_checkpoint(src: Union[str, os.PathLike], dst: Union[str, os.PathLike
   from duquant_jax.quantize import quantize_params
   if pathlib.Path(dst).exists() and not overwrite:
     raise FileExistsError(f"{dst} already exists (pass overwrite / --overwrite to replace it)")
+  timings = {} if timings is None else timings
+  t = time.perf_counter()
   ck = open_openpi(src)
   params = ck.lazy_tree(lora=lora)
-  packed = quantize_params(params, cfg, stats, progress=progress)
+  timings["open"] = time.perf_counter() - t
+  t = time.perf_counter()
+  packed = jax.block_until_ready(quantize_params(params, cfg, stats, progress=progress))
+  timings["quantize"] = time.perf_counter() - t
+  t = time.perf_counter()
   meta = {"source": str(pathlib.Path(src).absolute()), "preset": cfg.name, "model": ck.model,
           "size": ck.size, "lora_merged": sorted(ck.lora), "training_state": ck.wrapped}
   meta.update(metadata or {})
-  return save_packed(dst, packed, cfg, stats if save_stats else None, meta, force=overwrite)
+  out = save_packed(dst, packed, cfg, stats if save_stats else None, meta, force=overwrite)
+  timings["save"] = time.perf_counter() - t
+  return out

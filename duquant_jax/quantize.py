@@ -226,8 +226,10 @@ def _check_finite(name: str, x) -> None:
   # On the host, one stacked layer at a time: one device program per check would cost more than the
   # check, and a float32 copy of a whole stacked weight can be gigabytes.
   x = np.asarray(x)
+  # bfloat16 / float16 are checked as they are (ml_dtypes' isfinite), without a float32 copy.
+  cast = not jnp.issubdtype(x.dtype, jnp.floating)
   for part in (x if x.ndim >= 3 else (x,)):
-    if not np.isfinite(np.asarray(part, np.float32)).all():
+    if not np.isfinite(np.asarray(part, np.float32) if cast else part).all():
       raise ValueError(f"{name}: contains NaN or Inf")
 
 

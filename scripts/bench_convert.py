@@ -79,14 +79,41 @@ def convert(src: str, dst: str, preset: str, all_linears: bool, overwrite: bool)
   stats = jax.block_until_ready(synthetic_stats(info.shapes, select))
   t_stats = time.perf_counter() - t
   t = time.perf_counter()
+  phases, peak = {}, _PeakRss()
   out = convert_checkpoint(src, dst, cfg, stats, overwrite=overwrite, save_stats=False,
-                           progress=sys.stderr.isatty())
+                           progress=sys.stderr.isatty(), timings=phases)
   t_conv = time.perf_counter() - t
+  peak.stop()
   size = sum(p.stat().st_size for p in pathlib.Path(out).rglob("*") if p.is_file())
   print(f"{info.model} {info.size} preset={cfg.name} all_linears={all_linears} "
         f"backend={jax.default_backend()} jax={jax.__version__}")
   print(f"open {t_open:.1f} s; synthetic stats {t_stats:.1f} s; convert_checkpoint {t_conv:.1f} s; "
         f"total {time.perf_counter() - t0:.1f} s; wrote {size / 2**30:.2f} GiB to {out}")
+  print("phases: " + ", ".join(f"{k} {v:.1f} s" for k, v in phases.items())
+        + f"; peak RSS {peak.peak / 2**30:.2f} GiB, {peak.when:.0f} s into convert_checkpoint")
+
+
+class _PeakRss:
+  """Samples this process's resident memory every 50 ms in a thread: the peak and when it was."""
+
+  def __init__(self):
+    import threading
+    self.peak, self.when, self._t0, self._stop = 0, 0.0, time.perf_counter(), threading.Event()
+    self._thread = threading.Thread(target=self._run, daemon=True)
+    self._thread.start()
+
+  def _run(self):
+    import os
+    page = os.sysconf("SC_PAGE_SIZE")
+    while not self._stop.wait(0.05):
+      with open("/proc/self/statm") as f:
+        rss = int(f.read().split()[1]) * page
+      if rss > self.peak:
+        self.peak, self.when = rss, time.perf_counter() - self._t0
+
+  def stop(self):
+    self._stop.set()
+    self._thread.join()
 
 
 def main():

@@ -58,6 +58,25 @@ def _load_rules(path: str):
   return QuantConfig.from_dict(d)
 
 
+def _load_stats(path: str):
+  """CalibStats from a packed checkpoint's stats/ or a `calibrate.save_stats` directory."""
+  from duquant_jax import calibrate
+  from duquant_jax.checkpoint import INFO_FILE, _quiet_orbax
+  p = pathlib.Path(path)
+  if not p.exists():
+    raise FileNotFoundError(f"{p}: no such stats directory or checkpoint")
+  if (p / INFO_FILE).is_file():
+    if not (p / "stats").is_dir():
+      raise ValueError(f"{p}: a packed checkpoint without calibration stats")
+    p = p / "stats"
+  try:
+    with _quiet_orbax():
+      return calibrate.load_stats(p)
+  except Exception as e:  # orbax raises many types for a directory that is not stats
+    raise ValueError(f"{p}: not readable as calibration stats ({type(e).__name__}: "
+                     f"{str(e).splitlines()[0] if str(e) else ''})"[:300]) from None
+
+
 def _summary_lines(packed, cfg, params_fp) -> list[str]:
   from duquant_jax.config import match_rules
   from duquant_jax.layouts import linear_layouts
@@ -129,6 +148,10 @@ def register(app: typer.Typer) -> None:
       calib_batches: int = typer.Option(16, help="toy-env batches when no --calib (capped by the preset)"),
       batch_size: int = typer.Option(4, help="observations per toy-env calibration batch"),
       seed: int = typer.Option(0, help="calibration seed"),
+      stats_from: Optional[str] = typer.Option(
+          None, "--stats", help="calibration stats to use instead of calibrating: a packed "
+          "checkpoint holding stats/ (e.g. converted on a GPU machine) or a calibrate.save_stats "
+          "directory; the conversion then streams the weights"),
       lora_alpha: Optional[float] = typer.Option(
           None, help="LoRA alpha of a LoRA fine-tune's attention (default: the rank, as openpi's "
           "gemma_2b_lora / gemma_300m_lora; openpi's MLP LoRA is unscaled)"),
@@ -177,7 +200,9 @@ def register(app: typer.Typer) -> None:
       stats = None
       needs_stats = any(not r.skip and (r.smooth_alpha is not None or r.rotation == "greedy")
                         for r in cfg.rules)
-      calibrating = needs_stats or calib is not None
+      calibrating = (needs_stats or calib is not None) and stats_from is None
+      if stats_from is not None:
+        stats = _load_stats(stats_from)
       if calibrating:  # a forward pass needs the whole model in memory
         params = oc.load_openpi_params(src, policy, lora=lora)
       else:  # streamed: each weight is read when it is packed
@@ -201,7 +226,7 @@ def register(app: typer.Typer) -> None:
                           rng=jax.random.key(seed + 1))
         times["calibrate"] = time.perf_counter() - t
       else:
-        calib_source = None
+        calib_source = None if stats_from is None else f"stats of {stats_from}"
 
       t = time.perf_counter()
       packed = jax.block_until_ready(quantize_params(params, cfg, stats, progress=bar))
@@ -216,6 +241,8 @@ def register(app: typer.Typer) -> None:
       times["save"] = time.perf_counter() - t
     except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError) as e:
       _fail(str(e))
+    except KeyboardInterrupt:  # the temporary output is gone already (checkpoint.atomic_dir)
+      _fail(f"interrupted; {dst} was not written")
     for line in _summary_lines(packed, cfg, params):
       typer.echo(line)
     typer.echo("time: " + ", ".join(f"{k} {v:.1f} s" for k, v in times.items()))

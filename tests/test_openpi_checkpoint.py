@@ -52,6 +52,20 @@ def bf16_ckpts(tmp_path_factory):
   return root, params
 
 
+MLP_RULE = LayerRule(pattern=r"PaliGemma/llm/layers/mlp/(gating_einsum|linear)", block_size=16,
+                     rotation_steps=4)
+
+
+@pytest.fixture(scope="module")
+def mlp_pack(bf16_ckpts):
+  """DuQuant on the LLM MLP (smoothing folded into the norm, greedy rotations, clip search) with
+  synthetic stats, packed in memory: what every streamed conversion below must equal."""
+  _, params = bf16_ckpts
+  cfg = QuantConfig(name="t", rules=(MLP_RULE,))
+  stats = synthetic_stats(params, MLP_RULE.pattern, rows=16)
+  return cfg, stats, quantize_params(jax.tree.map(jnp.asarray, params), cfg, stats)
+
+
 def test_training_state_unwrapped_dtype_kept_size_inferred(bf16_ckpts):
   root, params = bf16_ckpts
   plain = oc.load_openpi_params(root / "plain")
@@ -79,17 +93,13 @@ def test_layout_mismatch_is_named(bf16_ckpts):
     oc.infer_model(shapes)
 
 
-def test_streamed_conversion_equals_in_memory_pack(bf16_ckpts, tmp_path):
+def test_streamed_conversion_equals_in_memory_pack(bf16_ckpts, mlp_pack, tmp_path):
   """convert_checkpoint (lazy leaves, one weight read at a time) writes exactly what
   quantize_params gives on the loaded tree; float leaves stay bf16."""
-  root, params = bf16_ckpts
-  # DuQuant on the LLM MLP (smoothing folded into the norm, greedy rotations, clip search).
-  cfg = QuantConfig(name="t", rules=(LayerRule(pattern=r"PaliGemma/llm/layers/mlp/.*",
-                                               block_size=16, rotation_steps=4),))
-  stats = synthetic_stats(params, rows=16)
+  root, _ = bf16_ckpts
+  cfg, stats, want = mlp_pack
   oc.convert_checkpoint(root / "run" / "1000", tmp_path / "q", cfg, stats, save_stats=False)
   packed, _, _, meta = ck.load_packed(tmp_path / "q")
-  want = quantize_params(jax.tree.map(jnp.asarray, params), cfg, stats)
   from duquant_jax.checkpoint import _split_packed
   _leaves_equal(_split_packed(packed)[0], _split_packed(want)[0])
   assert packed["PaliGemma"]["img"]["embedding"]["kernel"].dtype == jnp.bfloat16
@@ -151,3 +161,32 @@ def test_corrupt_file_is_one_line(bf16_ckpts, tmp_path, damaged, preset):
       proc.stderr[-2000:])
   assert not (tmp_path / "q").exists()
   assert not [p for p in tmp_path.iterdir() if p.name.startswith(".q.")]
+
+
+def test_cli_streams_with_stats_from_another_run(bf16_ckpts, mlp_pack, tmp_path, capsys):
+  """--stats: calibration stats from elsewhere (as `calibrate.save_stats` stores them); the
+  conversion streams and equals the in-memory pack with those stats."""
+  import json
+  from duquant_jax import stats as st
+  from duquant_jax.calibrate import CalibStats, save_stats
+  root, _ = bf16_ckpts
+  cfg, syn, want = mlp_pack
+  layers = {}
+  for path, s in syn.items():  # the synthetic stats in calibrate's own container
+    empty = st.init_channel_stats(num_layers=s.absmax.shape[0], num_channels=s.absmax.shape[-1],
+                                  num_samples=16, spec=st.HistSpec())
+    layers[path] = empty.replace(absmax=s.absmax, samples=s.samples,
+                                 sample_priority=jnp.zeros((16,)), count=jnp.asarray(16, jnp.int32))
+  save_stats(tmp_path / "stats", CalibStats(layers=layers, num_batches=jnp.asarray(1, jnp.int32)))
+  (tmp_path / "rules.json").write_text(json.dumps(cfg.to_dict()))
+  code, out, err = _cli(["convert", root / "plain", tmp_path / "q", "--rules", tmp_path / "rules.json",
+                         "--stats", tmp_path / "stats"], capsys)
+  assert code == 0, err
+  assert "calibrate" not in out.split("time:")[-1]
+  packed, _, got_stats, meta = ck.load_packed(tmp_path / "q")
+  assert meta["calibration"].startswith("stats of") and got_stats is not None
+  from duquant_jax.checkpoint import _split_packed
+  _leaves_equal(_split_packed(packed)[0], _split_packed(want)[0])
+  code, _, err = _cli(["convert", root / "plain", tmp_path / "q2", "--preset", "recommended",
+                       "--stats", root / "plain"], capsys)
+  assert code == 2 and "not readable as calibration stats" in err and len(err.splitlines()) == 1

@@ -8,7 +8,10 @@ __version__ = "0.1.0"
 # `calibrate` (the function) is not re-exported: it would shadow the module `duquant_jax.calibrate`.
 from duquant_jax.calibrate import CalibConfig, CalibStats
 from duquant_jax.calib_data import calibration_batches, load_npz_batches, load_recordings
-from duquant_jax.checkpoint import load_openpi_params, load_packed, save_openpi_params, save_packed
+from duquant_jax.checkpoint import load_packed, save_packed
+from duquant_jax.lora import LoraSpec, merge_lora
+from duquant_jax.openpi_checkpoint import (convert_checkpoint, infer_model, load_openpi_params,
+                                          save_openpi_params)
 from duquant_jax.config import PRESETS, EmbeddingRule, LayerRule, QuantConfig, get_preset, match_rules
 from duquant_jax.embedding import PackedEmbedding, quantize_embedding
 from duquant_jax.inference import packed_interceptor, quantized_apply, with_implementations
@@ -25,6 +28,7 @@ __all__ = [
     "__version__",
     "CalibConfig", "CalibStats", "calibration_batches", "load_npz_batches", "load_recordings",
     "load_openpi_params", "load_packed", "save_openpi_params", "save_packed",
+    "LoraSpec", "merge_lora", "convert_checkpoint", "infer_model",
     "PRESETS", "EmbeddingRule", "LayerRule", "QuantConfig", "get_preset", "match_rules",
     "PackedEmbedding", "quantize_embedding",
     "packed_interceptor", "quantized_apply", "with_implementations",

@@ -25,8 +25,8 @@ Determinism: the same packed tree, config, stats and metadata (including `metada
 byte-identical files. orbax's own timestamps (`_CHECKPOINT_METADATA`) are set to the `created` time and
 its `commit_success.txt` (which names the temporary directory) is dropped.
 
-openpi's float checkpoint: an orbax PyTree checkpoint at `<ckpt>/params` holding {"params": tree}
-(`save_openpi_params` / `load_openpi_params`).
+openpi's float checkpoints (an orbax PyTree checkpoint at `<ckpt>/params` holding {"params": tree})
+are read and written by `duquant_jax.openpi_checkpoint`; its names stay importable from here.
 """
 
 from __future__ import annotations
@@ -77,17 +77,62 @@ def _orbax():
   return ocp
 
 
+# Loggers that orbax and its asyncio / tensorstore machinery write to: every save / restore logs at
+# WARNING through absl, and a damaged file makes asyncio log one ERROR traceback per failed read
+# (dozens, hundreds of KB). The caller turns the exception into one line instead.
+_NOISY_LOGGERS = ("absl", "asyncio", "orbax", "jax._src.distributed", "concurrent.futures")
+
+
 @contextlib.contextmanager
 def _quiet_orbax():
-  """orbax logs every save/restore at WARNING through absl; keep the CLI quiet."""
+  """Silences orbax's loggers, and stderr (Python's and file descriptor 2: tensorstore's threads
+  and handlers bound to the old stream write there) for the duration of the block.
+
+  A failed read makes tensorstore's threads print tracebacks ("Event loop is closed") for a short
+  while after the exception: when anything was written, or the block raised, stderr stays
+  silenced until that output has stopped (at most a few seconds).
+  """
+  import io
   import logging
-  logger = logging.getLogger("absl")
-  old = logger.level
-  logger.setLevel(logging.ERROR)
-  try:
-    yield
-  finally:
-    logger.setLevel(old)
+  import sys
+  import tempfile
+  import time
+  loggers = [logging.getLogger(n) for n in _NOISY_LOGGERS]
+  old_levels = [lg.level for lg in loggers]
+  for lg in loggers:
+    lg.setLevel(logging.CRITICAL + 1)
+  saved_fd, saved_stderr, py_sink = None, sys.stderr, io.StringIO()
+  failed = False
+  with tempfile.TemporaryFile() as sink:
+    try:
+      sys.stderr.flush()
+      saved_fd = os.dup(2)
+      os.dup2(sink.fileno(), 2)
+    except (OSError, ValueError, AttributeError):  # no real fd 2 (e.g. captured by a test runner)
+      saved_fd = None
+    sys.stderr = py_sink
+    try:
+      yield
+    except BaseException:
+      failed = True
+      raise
+    finally:
+      size = lambda: os.fstat(sink.fileno()).st_size + py_sink.tell()
+      if failed or size():
+        deadline, last, quiet_since = time.monotonic() + 3.0, -1, time.monotonic()
+        while time.monotonic() < deadline:
+          now = size()
+          if now != last:
+            last, quiet_since = now, time.monotonic()
+          elif time.monotonic() - quiet_since > 0.3:
+            break
+          time.sleep(0.05)
+      sys.stderr = saved_stderr
+      if saved_fd is not None:
+        os.dup2(saved_fd, 2)
+        os.close(saved_fd)
+      for lg, lvl in zip(loggers, old_levels):
+        lg.setLevel(lvl)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -507,85 +552,14 @@ def load_packed(path: Union[str, os.PathLike], *, sharding: ShardingLike = None,
 
 
 # ----------------------------------------------------------------------------------------------
-# openpi float checkpoints.
+# openpi float checkpoints live in `duquant_jax.openpi_checkpoint`; these names stay importable here.
+
+_OPENPI_NAMES = ("check_layout", "load_openpi_params", "resolve_openpi_params_dir",
+                 "save_openpi_params")
 
 
-def save_openpi_params(path: Union[str, os.PathLike], params: Params, *,
-                       force: bool = False) -> pathlib.Path:
-  """Writes `params` the way openpi does: an orbax PyTree checkpoint at `<path>/params` holding
-  {"params": params}. Atomic (temporary sibling, renamed at the end).
-
-  Raises:
-    FileExistsError: `path` exists and not `force`.
-  """
-  with atomic_dir(path, force=force) as tmp:
-    _orbax_save(tmp / "params", {"params": jax.tree.map(np.asarray, params)}, ocdbt=True)
-  return pathlib.Path(path).absolute()
-
-
-def resolve_openpi_params_dir(path: Union[str, os.PathLike]) -> pathlib.Path:
-  """The orbax directory of an openpi checkpoint: `<ckpt>/params`, or `path` if it is that dir.
-
-  Raises:
-    FileNotFoundError: no such path. CheckpointError: neither holds an orbax checkpoint.
-  """
-  root = pathlib.Path(path)
-  if not root.exists():
-    raise FileNotFoundError(f"{root}: no such checkpoint")
-  if (root / "params" / "_METADATA").is_file():
-    return root / "params"
-  if (root / "_METADATA").is_file():
-    return root
-  if (root / INFO_FILE).is_file():
-    raise CheckpointError(f"{root}: a duquant-jax packed checkpoint, not an openpi float one")
-  raise CheckpointError(f"{root}: not an orbax checkpoint (no params/_METADATA or _METADATA)")
-
-
-def load_openpi_params(path: Union[str, os.PathLike], policy: Any = None, *,
-                       dtype: Any = jnp.float32, sharding: ShardingLike = None) -> Params:
-  """Reads openpi params (the checkpoint dir holding params/, or the params dir itself).
-
-  Args:
-    path: checkpoint directory.
-    policy: a `duquant_jax.models.Policy`; when given, every path and shape is checked against
-      `policy.param_shapes()`.
-    dtype: floating dtype to restore as (float32 by default; openpi itself uses bfloat16).
-    sharding: as in `load_packed`.
-
-  Returns:
-    the param tree (the dict holding 'PaliGemma', ...).
-
-  Raises:
-    FileNotFoundError, CheckpointError; ValueError naming the first path whose shape differs from
-    the model layout (expected vs got), or a path missing / unexpected.
-  """
-  d = resolve_openpi_params_dir(path)
-  try:
-    meta = _orbax_metadata(d)
-  except Exception as e:
-    raise CheckpointError(f"{d}: corrupt or unreadable orbax metadata ({_first_line(e)})") from None
-  if not isinstance(meta, Mapping) or "params" not in meta:
-    keys = list(meta)[:5] if isinstance(meta, Mapping) else type(meta).__name__
-    raise CheckpointError(f"{d}: expected an item {{'params': tree}}, got keys {keys}")
-  if policy is not None:
-    check_layout(meta["params"], policy.param_shapes(), where=str(d))
-  try:
-    restored = _orbax_restore(d, _restore_args(meta, sharding, dtype))
-  except Exception as e:
-    raise CheckpointError(f"{d}: corrupt or truncated checkpoint ({_first_line(e)})") from None
-  return restored["params"]
-
-
-def check_layout(got: Any, expected: Any, *, where: str = "checkpoint") -> None:
-  """Raises ValueError naming the first path (sorted) whose presence or shape differs."""
-  g = {p: tuple(x.shape) for p, x in flat_items(got)}
-  e = {p: tuple(x.shape) for p, x in flat_items(expected)}
-  for p in sorted(set(g) | set(e)):
-    if p not in g:
-      raise ValueError(f"{where}: does not match the model layout: {p} is missing "
-                       f"(expected shape {e[p]})")
-    if p not in e:
-      raise ValueError(f"{where}: does not match the model layout: unexpected {p} {g[p]}")
-    if g[p] != e[p]:
-      raise ValueError(f"{where}: does not match the model layout: {p}: expected shape {e[p]}, "
-                       f"got {g[p]}")
+def __getattr__(name: str):
+  if name in _OPENPI_NAMES:
+    from duquant_jax import openpi_checkpoint
+    return getattr(openpi_checkpoint, name)
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

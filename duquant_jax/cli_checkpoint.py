@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import sys
 import time
 from typing import Optional
 
@@ -16,8 +17,21 @@ import typer
 
 
 def _fail(message: str) -> None:
+  """One `error:` line, then stderr closed: orbax's threads may still print tracebacks of a failed
+  read while the process exits."""
+  import os
+  import sys
   from duquant_jax.cli import fail
-  fail(message)
+  try:
+    fail(message)
+  finally:
+    sys.stderr.flush()
+    try:
+      devnull = os.open(os.devnull, os.O_WRONLY)
+      os.dup2(devnull, 2)
+      os.close(devnull)
+    except OSError:
+      pass
 
 
 def _human(n: int) -> str:
@@ -42,6 +56,25 @@ def _load_rules(path: str):
     d = {"rules": d}
   d.setdefault("name", p.stem)
   return QuantConfig.from_dict(d)
+
+
+def _load_stats(path: str):
+  """CalibStats from a packed checkpoint's stats/ or a `calibrate.save_stats` directory."""
+  from duquant_jax import calibrate
+  from duquant_jax.checkpoint import INFO_FILE, _quiet_orbax
+  p = pathlib.Path(path)
+  if not p.exists():
+    raise FileNotFoundError(f"{p}: no such stats directory or checkpoint")
+  if (p / INFO_FILE).is_file():
+    if not (p / "stats").is_dir():
+      raise ValueError(f"{p}: a packed checkpoint without calibration stats")
+    p = p / "stats"
+  try:
+    with _quiet_orbax():
+      return calibrate.load_stats(p)
+  except Exception as e:  # orbax raises many types for a directory that is not stats
+    raise ValueError(f"{p}: not readable as calibration stats ({type(e).__name__}: "
+                     f"{str(e).splitlines()[0] if str(e) else ''})"[:300]) from None
 
 
 def _summary_lines(packed, cfg, params_fp) -> list[str]:
@@ -87,7 +120,7 @@ def register(app: typer.Typer) -> None:
       model: str = typer.Option("pi0", help="pi0 or pi05"),
       size: str = typer.Option("demo", help="demo or dummy"),
       seed: int = typer.Option(0, help="seed of the synthetic weights"),
-      force: bool = typer.Option(False, "--force", help="overwrite DST")):
+      force: bool = typer.Option(False, "--overwrite", "--force", help="replace DST")):
     """Writes the demo model's realistic float params in openpi's checkpoint format."""
     from duquant_jax import checkpoint as ck
     from duquant_jax.models import get_policy
@@ -104,28 +137,41 @@ def register(app: typer.Typer) -> None:
 
   @app.command()
   def convert(
-      src: str = typer.Argument(..., help="openpi checkpoint dir (holding params/) or its params dir"),
+      src: str = typer.Argument(..., help="openpi checkpoint: <ckpt>, <ckpt>/params, a training "
+                                "step <run>/<step>, or a run (its last step)"),
       dst: str = typer.Argument(..., help="packed checkpoint directory to create"),
       preset: Optional[str] = typer.Option(None, help="named QuantConfig preset"),
       rules: Optional[str] = typer.Option(None, help="JSON file with a QuantConfig (overrides --preset)"),
-      model: str = typer.Option("pi0", help="pi0 or pi05"),
-      size: str = typer.Option("demo", help="full, dummy or demo"),
+      model: Optional[str] = typer.Option(None, help="pi0 or pi05 (default: inferred from the shapes)"),
+      size: Optional[str] = typer.Option(None, help="full, dummy or demo (default: inferred)"),
       calib: Optional[str] = typer.Option(None, help=".npz of calibration observations (G, B, ...)"),
       calib_from: Optional[str] = typer.Option(
           None, help="folder of observations recorded by `serve --record` (batches of --batch-size)"),
       calib_batches: int = typer.Option(16, help="toy-env batches when no --calib (capped by the preset)"),
       batch_size: int = typer.Option(4, help="observations per toy-env calibration batch"),
       seed: int = typer.Option(0, help="calibration seed"),
-      force: bool = typer.Option(False, "--force", help="overwrite DST")):
-    """Quantizes an openpi float checkpoint to a packed W4A8 checkpoint (atomic write)."""
+      stats_from: Optional[str] = typer.Option(
+          None, "--stats", help="calibration stats to use instead of calibrating: a packed "
+          "checkpoint holding stats/ (e.g. converted on a GPU machine) or a calibrate.save_stats "
+          "directory; the conversion then streams the weights"),
+      lora_alpha: Optional[float] = typer.Option(
+          None, help="LoRA alpha of a LoRA fine-tune's attention (default: the rank, as openpi's "
+          "gemma_2b_lora / gemma_300m_lora; openpi's MLP LoRA is unscaled)"),
+      lora_rslora: bool = typer.Option(False, "--lora-rslora",
+                                       help="rank-stabilised LoRA: scaling alpha / sqrt(rank)"),
+      overwrite: bool = typer.Option(False, "--overwrite", "--force", help="replace DST")):
+    """Quantizes an openpi float checkpoint (released, training state or LoRA fine-tune) to a
+    packed W4A8 checkpoint. Written to a temporary sibling and renamed: never half-written."""
     import jax
-    from duquant_jax import calib_data, checkpoint as ck
+    from duquant_jax import calib_data, checkpoint as ck, openpi_checkpoint as oc
     from duquant_jax.calibrate import CalibConfig, calibrate, select_for
     from duquant_jax.config import get_preset
+    from duquant_jax.lora import LoraSpec
     from duquant_jax.models import get_policy
     from duquant_jax.quantize import quantize_params
 
     times = {}
+    bar = sys.stderr.isatty()  # progress bars only on a terminal: logs and pipes get clean lines
     try:
       if rules is not None:
         cfg = _load_rules(rules)
@@ -133,48 +179,75 @@ def register(app: typer.Typer) -> None:
         cfg = get_preset(preset)
       else:
         raise ValueError("give --preset NAME or --rules FILE.json")
-      if pathlib.Path(dst).exists() and not force:
-        raise FileExistsError(f"{dst} already exists (pass --force to overwrite)")
-      policy = get_policy(model, size)
+      lora = LoraSpec(alpha=lora_alpha, rslora=lora_rslora)
+      if pathlib.Path(dst).exists() and not overwrite:
+        raise FileExistsError(f"{dst} already exists (pass --overwrite to replace it)")
       t = time.perf_counter()
-      params = ck.load_openpi_params(src, policy)
-      times["load"] = time.perf_counter() - t
+      source = oc.open_openpi(src, infer=False)
+      if model is None or size is None:
+        inferred = oc.infer_model(source.shapes)
+        model, size = model or inferred[0], size or inferred[1]
+      policy = get_policy(model, size)
+      oc.check_layout(source.shapes, policy.param_shapes(), where=str(source.params_dir))
+      found = [f"{model} {size}"]
+      if source.wrapped:
+        found.append("training state (nnx.State) unwrapped")
+      if source.lora:
+        ranks = sorted({lw.rank for lw in source.lora.values()})
+        found.append(f"LoRA merged into {len(source.lora)} weights (rank {ranks}, "
+                     f"alpha {lora_alpha if lora_alpha is not None else 'rank'}"
+                     f"{', rslora' if lora_rslora else ''})")
+      typer.echo("source: " + "; ".join(found))
 
       stats = None
       needs_stats = any(not r.skip and (r.smooth_alpha is not None or r.rotation == "greedy")
                         for r in cfg.rules)
-      if needs_stats or calib is not None or calib_from is not None:
+      calibrating = (needs_stats or calib is not None or calib_from is not None) and stats_from is None
+      if stats_from is not None:
+        stats = _load_stats(stats_from)
+      if calibrating:  # a forward pass needs the whole model in memory
+        params = oc.load_openpi_params(src, policy, lora=lora)
+      else:  # streamed: each weight is read when it is packed
+        params = source.lazy_tree(lora=lora)
+      times["load"] = time.perf_counter() - t
+
+      if calibrating:
         t = time.perf_counter()
         if calib is not None:
           batches = calib_data.load_npz_batches(calib, policy.cfg)
-          source = calib
+          calib_source = calib
         elif calib_from is not None:
           batches = calib_data.load_recordings(calib_from, policy.cfg, batch_size=batch_size)
-          source = f"recordings {calib_from}"
+          calib_source = f"recordings {calib_from}"
         else:
           g = max(1, min(calib_batches, cfg.calib_batches))
           batches = calib_data.calibration_batches(policy, params, jax.random.key(seed),
                                                    num_batches=g, batch_size=batch_size)
-          source = f"toy-env rollouts ({g} x {batch_size})"
+          calib_source = f"toy-env rollouts ({g} x {batch_size})"
         times["calibration data"] = time.perf_counter() - t
         t = time.perf_counter()
         stats = calibrate(policy, params, batches,
-                          CalibConfig(select=select_for(cfg, params), progress=True),
+                          CalibConfig(select=select_for(cfg, params), progress=bar),
                           rng=jax.random.key(seed + 1))
         times["calibrate"] = time.perf_counter() - t
       else:
-        source = None
+        calib_source = None if stats_from is None else f"stats of {stats_from}"
 
       t = time.perf_counter()
-      packed = jax.block_until_ready(quantize_params(params, cfg, stats, progress=True))
+      packed = jax.block_until_ready(quantize_params(params, cfg, stats, progress=bar))
       times["quantize"] = time.perf_counter() - t
       t = time.perf_counter()
       meta = {"source": str(pathlib.Path(src).absolute()), "preset": cfg.name, "model": model,
-              "size": size, "calibration": source}
-      out = ck.save_packed(dst, packed, cfg, stats, meta, force=force)
+              "size": size, "calibration": calib_source, "training_state": source.wrapped,
+              "lora_merged": sorted(source.lora)}
+      if source.lora:
+        meta["lora"] = {"alpha": lora_alpha, "rslora": lora_rslora}
+      out = ck.save_packed(dst, packed, cfg, stats, meta, force=overwrite)
       times["save"] = time.perf_counter() - t
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError) as e:
       _fail(str(e))
+    except KeyboardInterrupt:  # the temporary output is gone already (checkpoint.atomic_dir)
+      _fail(f"interrupted; {dst} was not written")
     for line in _summary_lines(packed, cfg, params):
       typer.echo(line)
     typer.echo("time: " + ", ".join(f"{k} {v:.1f} s" for k, v in times.items()))

@@ -322,7 +322,8 @@ def atomic_dir(dst: Union[str, os.PathLike], *, force: bool = False):
   """
   dst = pathlib.Path(dst).absolute()
   if dst.exists() and not force:
-    raise FileExistsError(f"{dst} already exists (pass force / --force to overwrite)")
+    raise FileExistsError(f"{dst} already exists (force=True, or --overwrite on the command "
+                          "line, replaces it)")
   dst.parent.mkdir(parents=True, exist_ok=True)
   tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
   shutil.rmtree(tmp, ignore_errors=True)

@@ -50,3 +50,12 @@ def held_out(model: str = "pi0", batch: int = 4):
   obs = calibration_batches(policy, demo_params(model), jax.random.key(1000), num_batches=1,
                             batch_size=batch, num_chunks=4)
   return jax.tree.map(lambda x: x[0], obs)
+
+
+def run_cli(args, capsys):
+  """`duquant-jax ARGS` in this process: (exit code, stdout, stderr)."""
+  from duquant_jax.cli import main
+  with pytest.raises(SystemExit) as e:
+    main([str(a) for a in args])
+  out = capsys.readouterr()
+  return e.value.code, out.out, out.err

@@ -13,10 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import demo_params
+from conftest import demo_params, run_cli
 from duquant_jax import checkpoint as ck
 from duquant_jax.calibrate import CalibConfig, calibrate
-from duquant_jax.cli import main
 from duquant_jax.config import LayerRule, QuantConfig, get_preset
 from duquant_jax.models import get_policy
 from duquant_jax.quantize import quantize_params
@@ -182,21 +181,14 @@ def test_openpi_params_roundtrip_and_layout_check(tmp_path):
     ck.load_packed(tmp_path / "fp")
 
 
-def _cli(args, capsys):
-  with pytest.raises(SystemExit) as e:
-    main([str(a) for a in args])
-  out = capsys.readouterr()
-  return e.value.code, out.out, out.err
-
-
 def test_cli_end_to_end(tmp_path, capsys):
   fp, q = tmp_path / "fp", tmp_path / "q"
-  code, out, _ = _cli(["export-demo-fp", fp, "--model", "pi0"], capsys)
+  code, out, _ = run_cli(["export-demo-fp", fp, "--model", "pi0"], capsys)
   assert code == 0 and (fp / "params").is_dir()
-  code, out, err = _cli(["convert", fp, q, "--preset", "w4a8-rtn"], capsys)
+  code, out, err = run_cli(["convert", fp, q, "--preset", "w4a8-rtn"], capsys)
   assert code == 0, err
   assert "layers per rule" in out and "packed" in out and "time:" in out
-  code, out, _ = _cli(["inspect", q, "--json"], capsys)
+  code, out, _ = run_cli(["inspect", q, "--json"], capsys)
   assert code == 0
   info = json.loads(out)
   assert info["verified"] and info["preset"] == "w4a8-rtn" and set(info["bits"].values()) == {4}
@@ -214,7 +206,7 @@ def test_cli_end_to_end(tmp_path, capsys):
       (["inspect", tmp_path / "nothing"], "no such checkpoint"),
       (["export-demo-fp", fp], "already exists"),
   ]:
-    code, _, err = _cli(args, capsys)
+    code, _, err = run_cli(args, capsys)
     assert code == 2 and err.startswith("error: ") and msg in err, (args, err)
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
   assert not (tmp_path / "x").exists()
@@ -222,9 +214,9 @@ def test_cli_end_to_end(tmp_path, capsys):
   chunk = next(p for p in sorted((q / "params").rglob("*"))
                if p.is_file() and "codes" in p.as_posix() and not p.name.startswith("."))
   chunk.write_bytes(chunk.read_bytes()[:-3])
-  code, _, err = _cli(["inspect", q], capsys)
+  code, _, err = run_cli(["inspect", q], capsys)
   assert code == 2 and "truncated" in err
-  code, _, _ = _cli(["inspect", q, "--quick"], capsys)
+  code, _, _ = run_cli(["inspect", q, "--quick"], capsys)
   assert code == 0
 
 

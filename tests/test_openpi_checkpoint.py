@@ -11,10 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import demo_params
+from conftest import demo_params, run_cli
 from duquant_jax import checkpoint as ck
 from duquant_jax import openpi_checkpoint as oc
-from duquant_jax.cli import main
 from duquant_jax.config import LayerRule, QuantConfig, get_preset
 from duquant_jax.lora import LoraSpec, merge_lora
 from duquant_jax.models import get_policy
@@ -108,18 +107,11 @@ def test_streamed_conversion_equals_in_memory_pack(bf16_ckpts, mlp_pack, tmp_pat
     oc.convert_checkpoint(root / "plain", tmp_path / "q", cfg, stats)
 
 
-def _cli(args, capsys):
-  with pytest.raises(SystemExit) as e:
-    main([str(a) for a in args])
-  out = capsys.readouterr()
-  return e.value.code, out.out, out.err
-
-
 def test_cli_converts_lora_fine_tune(tmp_path, capsys):
   """A LoRA training checkpoint: merged with --lora-alpha / --lora-rslora, then quantized."""
   params = _bf16(_add_lora(demo_params("pi0")))
   oc.save_openpi_params(tmp_path / "ft", params, as_state=True)
-  code, out, err = _cli(["convert", tmp_path / "ft", tmp_path / "q", "--preset", "w4a8-rtn",
+  code, out, err = run_cli(["convert", tmp_path / "ft", tmp_path / "q", "--preset", "w4a8-rtn",
                          "--lora-alpha", "8", "--lora-rslora"], capsys)
   assert code == 0, err
   assert "pi0 demo" in out and "training state" in out and "LoRA merged into 10 weights" in out
@@ -130,9 +122,9 @@ def test_cli_converts_lora_fine_tune(tmp_path, capsys):
   from duquant_jax.checkpoint import _split_packed
   _leaves_equal(_split_packed(packed)[0], _split_packed(jax.tree.map(jnp.asarray, want))[0])
   # Never over an existing output unless asked; nothing half-written on failure.
-  code, _, err = _cli(["convert", tmp_path / "ft", tmp_path / "q", "--preset", "w4a8-rtn"], capsys)
+  code, _, err = run_cli(["convert", tmp_path / "ft", tmp_path / "q", "--preset", "w4a8-rtn"], capsys)
   assert code == 2 and "already exists" in err and "--overwrite" in err
-  code, _, err = _cli(["convert", tmp_path / "ft", tmp_path / "q", "--preset", "w4a8-rtn",
+  code, _, err = run_cli(["convert", tmp_path / "ft", tmp_path / "q", "--preset", "w4a8-rtn",
                        "--overwrite"], capsys)
   assert code == 0, err
   assert sorted(p.name for p in tmp_path.iterdir()) == ["ft", "q"]
@@ -179,7 +171,7 @@ def test_cli_streams_with_stats_from_another_run(bf16_ckpts, mlp_pack, tmp_path,
                                  sample_priority=jnp.zeros((16,)), count=jnp.asarray(16, jnp.int32))
   save_stats(tmp_path / "stats", CalibStats(layers=layers, num_batches=jnp.asarray(1, jnp.int32)))
   (tmp_path / "rules.json").write_text(json.dumps(cfg.to_dict()))
-  code, out, err = _cli(["convert", root / "plain", tmp_path / "q", "--rules", tmp_path / "rules.json",
+  code, out, err = run_cli(["convert", root / "plain", tmp_path / "q", "--rules", tmp_path / "rules.json",
                          "--stats", tmp_path / "stats"], capsys)
   assert code == 0, err
   assert "calibrate" not in out.split("time:")[-1]
@@ -187,6 +179,6 @@ def test_cli_streams_with_stats_from_another_run(bf16_ckpts, mlp_pack, tmp_path,
   assert meta["calibration"].startswith("stats of") and got_stats is not None
   from duquant_jax.checkpoint import _split_packed
   _leaves_equal(_split_packed(packed)[0], _split_packed(want)[0])
-  code, _, err = _cli(["convert", root / "plain", tmp_path / "q2", "--preset", "recommended",
+  code, _, err = run_cli(["convert", root / "plain", tmp_path / "q2", "--preset", "recommended",
                        "--stats", root / "plain"], capsys)
   assert code == 2 and "not readable as calibration stats" in err and len(err.splitlines()) == 1

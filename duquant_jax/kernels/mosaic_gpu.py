@@ -289,9 +289,10 @@ def _kernel(xq, q, sw, zw, cols, *, tiles: TileConfig, out_dtype, asym_w: bool, 
       plgpu.wgmma(acc_ref, w, x_smem.T)
       if asym_x:
         plgpu.wgmma(csum_ref, w, ones_smem.T)
-    # The pipeline refills this step's buffers next, so the MMA must be done. (Keeping one wgmma
-    # in flight with the buffers released a step late, wgmma_wait(1), gave wrong results on the
-    # H100 at most tilings: BENCHMARKS.md, run 10.)
+    # The pipeline refills this step's buffers next, so the MMA must be done. Keeping one wgmma
+    # in flight needs the register fragment of its weight tile kept live until it completes, not
+    # only its shared-memory buffers (docs/journal.md, "Warp specialisation and the failed
+    # register-fragment MMA overlap").
     plgpu.wgmma_wait(0)
 
   def scaled(acc, csum, row, col, r, first):

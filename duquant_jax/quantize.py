@@ -609,7 +609,7 @@ def _store(t: InputTransform, rule: LayerRule) -> InputTransform:
   if not rule.compact:
     return _half_rotations(t)
   if rule.rotation == "hadamard" and not t.merged_smooth:
-    return t.generate_hadamard(rule.block_size)
+    t = t.generate_hadamard(rule.block_size)
   return t.compact()
 
 

@@ -41,6 +41,7 @@ def _capture(apply_fn: Callable, params: Any, batch: Any, cfg: QuantConfig,
   shared-input group (`QuantConfig.input_group`) share the site of the first one called.
   """
   rows: dict[str, list[jax.Array]] = {}
+  inputs: dict[str, Any] = {}  # site -> the array its group was last called with
 
   def hook(next_fun, args, kwargs, context):
     module = context.module
@@ -57,6 +58,10 @@ def _capture(apply_fn: Callable, params: Any, batch: Any, cfg: QuantConfig,
                                         and cfg.input_group(p) == group), path))
     if site == path:  # one group member's rows stand for all of them
       rows.setdefault(site, []).append(x2)
+      inputs[site] = x
+    elif inputs.get(site) is not x:
+      raise ValueError(f"{path} and {site} are declared to share an input ({group!r}) but read "
+                       "different arrays (cross-attention?); narrow QuantConfig.shared_inputs")
     return next_fun(*args, **kwargs)
 
   with nn.intercept_methods(hook):

@@ -75,6 +75,8 @@ class LayerRule:
   # calibration activations (falls back to weight MSE without activation samples).
   clip_search: bool = True
   clip_grid: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65)
+  # Calibration rows the clip search's output MSE is measured on (its time grows linearly).
+  clip_rows: int = 64
   # Narrow storage: weight scales float16, zero points int8 (integer-valued: exact), rotations int8
   # codes with float16 row scales (folded with their exact inverse), Hadamard blocks generated
   # instead of stored, permutations int16. Off: float32 scales and zero points, float16
@@ -115,6 +117,8 @@ class LayerRule:
     if self.weight_granularity not in GRANULARITIES:
       raise ValueError(f"rule {self.pattern!r}: unknown weight_granularity "
                        f"{self.weight_granularity!r}; one of {GRANULARITIES}")
+    if not isinstance(self.clip_rows, int) or self.clip_rows < 1:
+      raise ValueError(f"rule {self.pattern!r}: clip_rows must be an int >= 1, got {self.clip_rows!r}")
     if self.block_size < 1 or self.group_size < 1 or self.rotation_steps < 0:
       raise ValueError(f"rule {self.pattern!r}: block_size, group_size must be >= 1")
     if self.smooth_alpha is not None and not 0.0 <= self.smooth_alpha <= 1.0:
@@ -316,7 +320,8 @@ SIGLIP = (r"PaliGemma/img/Transformer/encoderblock/(MultiHeadDotProductAttention
 EMBEDDING = r"PaliGemma/llm/embedder/input_embedding"
 
 
-# Generic models: every flax Dense / DenseGeneral / Einsum (and NNX Linear) kernel, root-level included.
+# Generic models: every flax Dense / DenseGeneral / Einsum kernel, root-level included (kernels of
+# more than two axes with their calibration stats, which measure the contraction).
 GENERIC_KERNEL = r"(.*/)?kernel"
 # q / k / v of an attention, and gate / up of a gated MLP, under the names common flax models use.
 SHARED_INPUTS = (

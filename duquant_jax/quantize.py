@@ -51,8 +51,6 @@ _TRANSFORM_FIELDS = ("block_size", "rotation", "permutation", "rotation_steps", 
 # Members of one input group that quantize activations must agree on these too (one quantized
 # input serves them all).
 _QUANTIZER_FIELDS = ("act_scale", "act_percentile")
-# Activation rows used by the clip search (output MSE); more rows cost time linearly.
-CLIP_SEARCH_ROWS = 64
 # Bytes of float32 work per vmapped chunk of layers when packing (bounds host/device memory).
 _CHUNK_BYTES = 1 << 30
 
@@ -365,7 +363,7 @@ def quantize_params(params: Params, cfg: QuantConfig, stats: Any = None, *,
   # channels already (smoothing on top measured worse on the demo, EVALUATION.md).
   unsmoothed = rotated_readers(params) if cfg.rotate_residual else set()
   params, stats = rotated_model(params, cfg, stats)
-  layouts = _declare_shared_inputs(linear_layouts(params), cfg)
+  layouts = _declare_shared_inputs(_measured_layouts(params, linear_layouts(params), stats), cfg)
   check_rules(cfg, layouts)
   out = _copy_dicts(params)
   _quantize_embeddings(params, out, cfg)
@@ -490,7 +488,7 @@ def quantize_params(params: Params, cfg: QuantConfig, stats: Any = None, *,
       # what went into the norm.
       x_clip = None
       if samples is not None and rule.clip_search:
-        x_clip = samples[..., :CLIP_SEARCH_ROWS, :]
+        x_clip = samples[..., :rule.clip_rows, :]
       codes, scale, zero = _pack_layers(weights[m.path], fold, out_rot, x_clip,
                                         layout=_shape_key(m), rule=rule, rows=rows, cols=cols)
       if rule.compact and rule.weight_bits is not None:
@@ -506,6 +504,34 @@ def quantize_params(params: Params, cfg: QuantConfig, stats: Any = None, *,
           act_scale=act_scale, act_zero=act_zero)
       packed.validate()
       _set(out, m.path, packed)
+  return out
+
+
+def _measured_layouts(params: Params, layouts: dict[str, LinearLayout],
+                      stats: Any) -> dict[str, LinearLayout]:
+  """The layouts plus flax kernels of more than two axes (DenseGeneral, Einsum) that calibration
+  saw: their contraction is not in the params, but their stats' width K is the contraction
+  measured at the call (`calibrate_apply`), which the kernel's leading axes must make up.
+
+  Raises:
+    ValueError: no leading axes of the kernel multiply to the measured K.
+  """
+  from duquant_jax.models.layout_table import flat_items
+  out = dict(layouts)
+  for path, x in flat_items(params):
+    shape = tuple(getattr(x, "shape", ()))
+    st = _stats_for(stats, path)
+    if (path in layouts or len(shape) < 3 or st is None
+        or not (path == "kernel" or path.endswith("/kernel"))):
+      continue
+    k = np.shape(st.absmax)[-1]
+    n = next((i for i in range(1, len(shape)) if math.prod(shape[:i]) == k), None)
+    if n is None or np.ndim(st.absmax) != 1:
+      raise ValueError(f"{path}: kernel of shape {shape} has no leading axes of size K={k}, the "
+                       "width its calibration stats measured (stacked kernels are not supported)")
+    c, o = "ACEGIJ"[:n], "NOPQRS"[:len(shape) - n]
+    out[path] = LinearLayout(path=path, shape=shape, eqn=f"B{c},{c}{o}->B{o}", norm=None,
+                             norm_kind=None, head_role=None, head_dim=None)
   return out
 
 

@@ -50,11 +50,12 @@ D, HEADS, F, LAYERS = 64, 4, 256, 2
 class _Layer(nn.Module):
   @nn.compact
   def __call__(self, x):
-    heads = lambda y: y.reshape(*y.shape[:-1], HEADS, D // HEADS)
-    q, k, v = (heads(nn.Dense(D, name=n)(x)) for n in ("query", "key", "value"))
+    # q / k / v kernels (D, N, H) and the output kernel (N, H, D), as flax's attention has them.
+    q, k, v = (nn.DenseGeneral((HEADS, D // HEADS), name=n)(x) for n in ("query", "key", "value"))
     a = nn.softmax(jnp.einsum("BTNH,BSNH->BNTS", q, k) / np.sqrt(D // HEADS), axis=-1)
-    z = jnp.einsum("BNTS,BSNH->BTNH", a, v).reshape(*x.shape[:-1], D)
-    x = nn.LayerNorm(name="attention_norm")(x + nn.Dense(D, name="attention_out")(z))
+    z = jnp.einsum("BNTS,BSNH->BTNH", a, v)
+    out = nn.DenseGeneral(D, axis=(-2, -1), name="attention_out")(z)
+    x = nn.LayerNorm(name="attention_norm")(x + out)
     h = nn.gelu(nn.Dense(F, name="intermediate")(x))
     return nn.LayerNorm(name="output_norm")(x + nn.Dense(D, name="output")(h))
 
@@ -177,10 +178,12 @@ def test_a_bert_style_encoder_beats_round_to_nearest():
   stats = calibrate_apply(apply, params, tokens[:-1], cfg, num_samples=64)
   run = jax.jit(lambda p, t: quantized_apply(model, {"params": p}, t))
   err = {}
+  # The stats also declare the 3-axis kernels' contraction (RTN needs no more of them).
   for name, packed in (("duquant", quantize_params(params, cfg, stats)),
-                       ("rtn", quantize_params(params, generic_config(**rtn)))):  # no stats needed
+                       ("rtn", quantize_params(params, generic_config(**rtn), stats))):
     assert summarize(packed).layers_quantized == 6 * LAYERS
     q, v = packed["layer_0"]["query"]["kernel"], packed["layer_0"]["value"]["kernel"]
+    assert q.w_shape == (D, HEADS, D // HEADS) and q.in_features == D
     assert q.input_group == v.input_group is not None  # q, k, v: one transform, one quantizer
     y = run(packed, tokens[-1])
     err[name] = float(jnp.linalg.norm(y - ref) / jnp.linalg.norm(ref))
@@ -210,3 +213,29 @@ def test_compact_packs_round_trip_through_checkpoints(rotation, tmp_path):
     assert json.loads((path / "duquant.json").read_text())["format_version"] == version
     back = load_packed(path)[0]
     np.testing.assert_array_equal(np.asarray(back["up"]["kernel"](x)), np.asarray(w(x)))
+
+
+def test_rule_fields_of_generic_configs_are_checked():
+  with pytest.raises(ValueError, match="clip_rows"):
+    LayerRule(pattern="x", clip_rows=0)
+  with pytest.raises(ValueError, match="needs a named group"):
+    QuantConfig(shared_inputs=(r".*/(q|k|v)/kernel",))
+  cfg = QuantConfig(shared_inputs=(r".*/(?P<member>q|k|v)/kernel",))
+  assert cfg.input_group("enc/attn/k/kernel") == "enc/attn/*/kernel"
+  assert cfg.input_group("enc/mlp/kernel") is None
+  assert QuantConfig.from_dict(get_preset("generic-w4a8").to_dict()) == get_preset("generic-w4a8")
+
+
+def test_declared_shared_inputs_that_read_different_arrays_are_refused():
+  from duquant_jax.capture import calibrate_apply
+
+  class Cross(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(8, name="query")(x) + nn.Dense(8, name="key")(2.0 * x)
+
+  params = Cross().init(jax.random.key(0), jnp.zeros((1, 16)))["params"]
+  cfg = QuantConfig(rules=(LayerRule(pattern=".*kernel", **_PLAIN),),
+                    shared_inputs=(r"(?P<member>query|key)/kernel",))
+  with pytest.raises(ValueError, match="read different arrays"):
+    calibrate_apply(lambda p, b: Cross().apply({"params": p}, b), params, jnp.ones((2, 3, 16)), cfg)

@@ -8,11 +8,13 @@ __version__ = "0.1.0"
 # `calibrate` (the function) is not re-exported: it would shadow the module `duquant_jax.calibrate`.
 from duquant_jax.calibrate import CalibConfig, CalibStats
 from duquant_jax.calib_data import calibration_batches, load_npz_batches, load_recordings
+from duquant_jax.capture import calibrate_apply
 from duquant_jax.checkpoint import load_packed, save_packed
 from duquant_jax.lora import LoraSpec, merge_lora
 from duquant_jax.openpi_checkpoint import (convert_checkpoint, infer_model, load_openpi_params,
                                           save_openpi_params)
-from duquant_jax.config import PRESETS, EmbeddingRule, LayerRule, QuantConfig, get_preset, match_rules
+from duquant_jax.config import (PRESETS, EmbeddingRule, LayerRule, QuantConfig, generic_config,
+                                get_preset, match_rules, transforms_only)
 from duquant_jax.embedding import PackedEmbedding, quantize_embedding
 from duquant_jax.inference import packed_interceptor, quantized_apply, with_implementations
 from duquant_jax.layouts import LinearLayout, linear_layouts
@@ -20,20 +22,23 @@ from duquant_jax.openpi_runtime import load_into_openpi, openpi_interceptor, run
 from duquant_jax.model_rotation import rotate_residual, rotate_stats
 from duquant_jax.models.observation import as_observation
 from duquant_jax.openpi_io import OpenpiModel, load_norm_stats
-from duquant_jax.packed import PackedLinear
+from duquant_jax.packed import PackedLinear, apply_packed
 from duquant_jax.quantize import quantize_params, rotated_model, summarize
 from duquant_jax.transforms import InputTransform, build_duquant_transform
 
 __all__ = [
     "__version__",
-    "CalibConfig", "CalibStats", "calibration_batches", "load_npz_batches", "load_recordings",
+    "CalibConfig", "CalibStats", "calibrate_apply", "calibration_batches", "load_npz_batches",
+    "load_recordings",
     "load_openpi_params", "load_packed", "save_openpi_params", "save_packed",
     "LoraSpec", "merge_lora", "convert_checkpoint", "infer_model",
-    "PRESETS", "EmbeddingRule", "LayerRule", "QuantConfig", "get_preset", "match_rules",
+    "PRESETS", "EmbeddingRule", "LayerRule", "QuantConfig", "generic_config", "get_preset",
+    "match_rules", "transforms_only",
     "PackedEmbedding", "quantize_embedding",
     "packed_interceptor", "quantized_apply", "with_implementations",
     "load_into_openpi", "openpi_interceptor", "run_packed_in_openpi",
-    "LinearLayout", "linear_layouts", "PackedLinear", "rotate_residual", "rotate_stats",
+    "LinearLayout", "linear_layouts", "PackedLinear", "apply_packed", "rotate_residual",
+    "rotate_stats",
     "quantize_params", "rotated_model", "summarize", "InputTransform", "build_duquant_transform",
     "as_observation", "OpenpiModel", "load_norm_stats",
 ]

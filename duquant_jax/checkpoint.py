@@ -56,11 +56,14 @@ __all__ = ["CheckpointError", "FORMAT", "FORMAT_VERSION", "load_openpi_params", 
            "verify_files"]
 
 FORMAT = "duquant-jax/packed"
-FORMAT_VERSION = 2  # the newest version this library reads; 2 added PackedEmbedding entries
+# The newest version this library reads; 2 added PackedEmbedding entries, 3 compact storage (int8
+# rotations with row scales, generated Hadamard blocks, float16 scales / int8 zero points) and
+# float (transforms-only, bits None) weights.
+FORMAT_VERSION = 3
 INFO_FILE = "duquant.json"
 _PL_STATIC = ("w_shape", "w_spec", "bits", "act_bits", "act_symmetric", "act_clip", "mode")
 _PL_OPTIONAL = ("zero", "out_rot", "act_scale", "act_zero")
-_TF_ARRAYS = ("smooth", "rot1", "perm", "rot2")
+_TF_ARRAYS = ("smooth", "rot1", "perm", "rot2", "rot1_scale", "rot2_scale")
 _EMB_STATIC = ("bits", "dtype")
 _ORBAX_DROP = ("commit_success.txt",)
 
@@ -171,6 +174,9 @@ def _split_packed(tree: Any, prefix: str = "") -> tuple[Any, dict[str, dict]]:
         tarr = {f: getattr(t, f) for f in _TF_ARRAYS if getattr(t, f) is not None}
         arrays["transform"] = tarr
         desc["transform"] = {"arrays": sorted(tarr), "merged_smooth": bool(t.merged_smooth)}
+        if any(t.hadamard):  # optional keys: absent for stored blocks
+          desc["transform"]["hadamard"] = list(t.hadamard)
+          desc["transform"]["width"] = t.width
       else:
         desc["transform"] = None
       structure[path] = desc
@@ -230,7 +236,9 @@ def _join_packed(arrays: dict, structure: Mapping[str, dict]) -> dict:
     if desc["transform"] is not None:
       ta = a.get("transform", {})
       transform = InputTransform(**{f: ta.get(f) for f in _TF_ARRAYS},
-                                 merged_smooth=bool(desc["transform"]["merged_smooth"]))
+                                 merged_smooth=bool(desc["transform"]["merged_smooth"]),
+                                 hadamard=tuple(desc["transform"].get("hadamard", (0, 0))),
+                                 width=int(desc["transform"].get("width", 0)))
     static = {f: desc[f] for f in _PL_STATIC}
     static["w_shape"] = tuple(int(v) for v in desc["w_shape"])
     static["input_group"] = desc.get("input_group")
@@ -412,8 +420,9 @@ def save_packed(path: Union[str, os.PathLike], packed: Params, cfg: QuantConfig,
       _orbax_save(tmp / "stats", jax.tree.map(np.asarray, to_tree(stats)), ocdbt=False)
       _normalize_orbax_dir(tmp / "stats", created_ns)
       subdirs += ("stats",)
-    # Version 1 readers cannot rebuild embedding entries: mark only such checkpoints as version 2.
-    version = 2 if any(d.get("kind") == "embedding" for d in structure.values()) else 1
+    # Older readers cannot rebuild newer entries: mark a checkpoint with the oldest version that
+    # reads it, so they refuse it by name.
+    version = _format_version(packed, structure)
     info = {"format": FORMAT, "format_version": version, "config": cfg.to_dict(),
             "metadata": meta, "structure": structure, "has_stats": stats is not None,
             "manifest": _manifest(tmp, subdirs)}
@@ -421,6 +430,21 @@ def save_packed(path: Union[str, os.PathLike], packed: Params, cfg: QuantConfig,
     if _before_rename is not None:  # test hook: simulate an interruption before the rename
       _before_rename(tmp)
   return pathlib.Path(path).absolute()
+
+
+def _format_version(packed: Params, structure: Mapping[str, dict]) -> int:
+  """3 with compact storage or float (transforms-only) weights, 2 with packed embeddings, else 1."""
+  linears = [leaf for leaf in jax.tree.leaves(packed, is_leaf=lambda n: isinstance(n, PackedLinear))
+             if isinstance(leaf, PackedLinear)]
+  def compact(w):
+    t = w.transform
+    return w.bits is None or w.scale.dtype != jnp.float32 or (w.zero is not None and (
+        w.zero.dtype != jnp.float32)) or (t is not None and (
+            any(t.hadamard) or t.rot1_scale is not None or t.rot2_scale is not None
+            or (t.perm is not None and t.perm.dtype != jnp.int32)))
+  if any(compact(w) for w in linears):
+    return 3
+  return 2 if any(d.get("kind") == "embedding" for d in structure.values()) else 1
 
 
 def _json_default(x):

@@ -105,7 +105,8 @@ def _summary_lines(packed, cfg, params_fp) -> list[str]:
                f"weight bits {bits}")
   ratio = s.weight_bytes_fp / max(s.weight_bytes_packed, 1)
   lines.append(f"bytes of quantized weights: {_human(s.weight_bytes_fp)} (bf16) -> "
-               f"{_human(s.weight_bytes_packed)} packed ({ratio:.2f}x smaller)")
+               f"{_human(s.weight_bytes_packed)} packed ({ratio:.2f}x smaller), "
+               f"{s.bits_per_weight:.2f} stored bits per weight")
   lines.append(f"bytes of all weights (float leaves as bf16): {_human(s.tree_bytes_bf16)} -> "
                f"{_human(s.tree_bytes_packed)} ({s.tree_ratio:.3f}x)")
   return lines

@@ -31,7 +31,9 @@ class LayerRule:
   # Leave matched layers in floating point (a rule that shields layers from later rules).
   skip: bool = False
   # Weight bits, 2..8: 4 is W4; 6 or 8 for mixed precision. Codes are int4 up to 4 bits, else int8.
-  weight_bits: int = 4
+  # None: no weight quantization (the transformed weight is stored in float32); with act_bits=None
+  # too, a transforms-only pack that equals the float model to float32 rounding (`transforms_only`).
+  weight_bits: int | None = 4
   # Activation bits (8), or None for weight-only quantization (float activations).
   act_bits: int | None = 8
   # Quantize activations only in calls of at least this many tokens (M, batch included); smaller
@@ -73,13 +75,20 @@ class LayerRule:
   # calibration activations (falls back to weight MSE without activation samples).
   clip_search: bool = True
   clip_grid: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65)
+  # Calibration rows the clip search's output MSE is measured on (its time grows linearly).
+  clip_rows: int = 64
+  # Narrow storage: weight scales float16, zero points int8 (integer-valued: exact), rotations int8
+  # codes with float16 row scales (folded with their exact inverse), Hadamard blocks generated
+  # instead of stored, permutations int16. Off: float32 scales and zero points, float16
+  # rotations, as the openpi presets were measured (EVALUATION.md).
+  compact: bool = False
 
   def __post_init__(self):
     try:
       re.compile(self.pattern)
     except re.error as e:
       raise ValueError(f"rule pattern {self.pattern!r} is not a valid regex: {e}") from None
-    if not 2 <= self.weight_bits <= 8:
+    if self.weight_bits is not None and not 2 <= self.weight_bits <= 8:
       raise ValueError(f"rule {self.pattern!r}: weight_bits must be in 2..8, got {self.weight_bits}")
     if self.act_bits not in (None, 8):
       raise ValueError(f"rule {self.pattern!r}: act_bits must be 8 or None, got {self.act_bits}")
@@ -108,6 +117,8 @@ class LayerRule:
     if self.weight_granularity not in GRANULARITIES:
       raise ValueError(f"rule {self.pattern!r}: unknown weight_granularity "
                        f"{self.weight_granularity!r}; one of {GRANULARITIES}")
+    if not isinstance(self.clip_rows, int) or self.clip_rows < 1:
+      raise ValueError(f"rule {self.pattern!r}: clip_rows must be an int >= 1, got {self.clip_rows!r}")
     if self.block_size < 1 or self.group_size < 1 or self.rotation_steps < 0:
       raise ValueError(f"rule {self.pattern!r}: block_size, group_size must be >= 1")
     if self.smooth_alpha is not None and not 0.0 <= self.smooth_alpha <= 1.0:
@@ -181,12 +192,28 @@ class QuantConfig:
   # residual stream of every Gemma expert with plain RMSNorm, and a random rotation of the
   # attention values per layer. Linears then read rotated inputs with no online transform.
   rotate_residual: bool = False
+  # Shared-input groups of generic models: regexes with a named group `member`. Linears whose
+  # paths fully match one and agree outside the `member` span read the same input (q, k and v of
+  # one attention): they get one input transform, and one activation quantization per call.
+  # openpi's groups are declared by their layouts (`duquant_jax.layouts`) and need none.
+  shared_inputs: tuple[str, ...] = ()
 
   def __post_init__(self):
     if isinstance(self.rules, list):
       object.__setattr__(self, "rules", tuple(self.rules))
     if isinstance(self.embeddings, list):
       object.__setattr__(self, "embeddings", tuple(self.embeddings))
+    if isinstance(self.shared_inputs, (list, str)):
+      object.__setattr__(self, "shared_inputs", tuple(
+          [self.shared_inputs] if isinstance(self.shared_inputs, str) else self.shared_inputs))
+    for p in self.shared_inputs:
+      try:
+        rx = re.compile(p)
+      except re.error as e:
+        raise ValueError(f"shared_inputs pattern {p!r} is not a valid regex: {e}") from None
+      if "member" not in rx.groupindex:
+        raise ValueError(f"shared_inputs pattern {p!r} needs a named group (?P<member>...) marking "
+                         "the part of the path that differs between the linears sharing an input")
     for r in self.rules:
       if not isinstance(r, LayerRule):
         raise TypeError(f"rules must be LayerRule instances, got {type(r).__name__}")
@@ -201,6 +228,15 @@ class QuantConfig:
     for r in self.rules:
       if r.matches(path):
         return None if r.skip else r
+    return None
+
+  def input_group(self, path: str) -> str | None:
+    """The shared-input group of `path` (its path with the `member` span replaced by '*'), or None
+    if no `shared_inputs` pattern matches it."""
+    for p in self.shared_inputs:
+      m = re.fullmatch(p, path)
+      if m is not None and m.start("member") >= 0:
+        return path[:m.start("member")] + "*" + path[m.end("member"):]
     return None
 
   def embedding_rule_for(self, path: str) -> EmbeddingRule | None:
@@ -235,6 +271,8 @@ class QuantConfig:
     unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
     if unknown:
       raise ValueError(f"unknown QuantConfig fields {sorted(unknown)}")
+    if "shared_inputs" in d:
+      d["shared_inputs"] = tuple(d["shared_inputs"])
     return cls(rules=tuple(rules), embeddings=tuple(embeddings), **d)
 
 
@@ -280,6 +318,52 @@ ATTN_OUT = r"PaliGemma/llm/layers/attn/attn_vec_einsum/w"  # the LLM's attention
 SIGLIP = (r"PaliGemma/img/Transformer/encoderblock/(MultiHeadDotProductAttention_0/"
           r"(query|key|value|out)|MlpBlock_0/Dense_(0|1))/kernel")
 EMBEDDING = r"PaliGemma/llm/embedder/input_embedding"
+
+
+# Generic models: every flax Dense / DenseGeneral / Einsum kernel, root-level included (kernels of
+# more than two axes with their calibration stats, which measure the contraction).
+GENERIC_KERNEL = r"(.*/)?kernel"
+# q / k / v of an attention, and gate / up of a gated MLP, under the names common flax models use.
+SHARED_INPUTS = (
+    r".*/(?P<member>query|key|value|q|k|v|q_proj|k_proj|v_proj)/kernel",
+    r".*/(?P<member>gate_proj|up_proj|wi_0|wi_1)/kernel",
+)
+
+
+def generic_config(*, name: str = "generic-w4a8", skip: tuple[str, ...] = (),
+                   shared_inputs: tuple[str, ...] = SHARED_INPUTS, **rule) -> QuantConfig:
+  """A config for any flax model: one rule for every Dense / DenseGeneral / Einsum kernel.
+
+  Args:
+    name: the config's name.
+    skip: path regexes of kernels to keep in floating point (e.g. a classifier head); they are
+      matched before the generic rule.
+    shared_inputs: `QuantConfig.shared_inputs` (default: q / k / v and gate / up by common names).
+    **rule: `LayerRule` fields for the quantized kernels; the default is `recommended`'s DuQuant
+      W4A8 at block 16 (greedy rotations, zigzag, smoothing, asymmetric quantizers, clip search)
+      with `compact` storage.
+
+  Returns:
+    The QuantConfig.
+
+  Example:
+    cfg = generic_config(skip=(r"classifier/.*",), block_size=32)
+  """
+  fields = dict(block_size=16, compact=True)
+  fields.update(rule)
+  return QuantConfig(name=name, shared_inputs=tuple(shared_inputs), rules=(
+      *(LayerRule(pattern=p, skip=True) for p in skip),
+      LayerRule(pattern=GENERIC_KERNEL, **fields)))
+
+
+def transforms_only(cfg: QuantConfig) -> QuantConfig:
+  """`cfg` with quantization off: every rule keeps its transforms (smoothing, rotations,
+  permutation, output rotation) but stores float32 weights and leaves activations float, so the
+  packed model equals the float one to float32 rounding (a check of the folds); embedding rules
+  are dropped."""
+  off = dict(weight_bits=None, act_bits=None, act_scale="token", act_min_tokens=0)
+  return dataclasses.replace(cfg, name=f"{cfg.name}-transforms-only", embeddings=(), rules=tuple(
+      r if r.skip else dataclasses.replace(r, **off) for r in cfg.rules))
 
 
 def _documents(block: int, calib: int, name: str, **kw) -> QuantConfig:
@@ -356,6 +440,9 @@ def _presets() -> dict[str, QuantConfig]:
           LayerRule(pattern=EXPERT_ATTN, weight_bits=8, act_bits=None, smooth_alpha=None, **plain),
           LayerRule(pattern=SIGLIP, act_bits=None, smooth_alpha=None, **plain)),
           embeddings=(EmbeddingRule(pattern=EMBEDDING, bits=4, group_size=128),)),
+      # Any flax model: every Dense / DenseGeneral / Einsum kernel at `recommended`'s settings,
+      # q / k / v and gate / up sharing their input by common names (`generic_config`).
+      "generic-w4a8": generic_config(),
       "deploy": QuantConfig(name="deploy", calib_batches=128, rules=(
           LayerRule(pattern=LLM, **best),
           LayerRule(pattern=EXPERT_MLP, act_min_tokens=DEPLOY_EXPERT_ACT_MIN_TOKENS, **best),

@@ -85,6 +85,8 @@ class LinearLayout:
   # gelu(gate) * up: its input channel k scales with column k of the up half of `gating_einsum`),
   # so smoothing folds there exactly; None where no such weight exists.
   producer: str | None = None
+  # The shared-input group declared by the config (`QuantConfig.shared_inputs`), or None.
+  shared: str | None = None
 
   @property
   def w_spec(self) -> str:
@@ -120,7 +122,10 @@ class LinearLayout:
 
   @property
   def group(self) -> str:
-    """Linears with the same group read the same input (q / kv; SigLIP q / k / v)."""
+    """Linears with the same group read the same input (q / kv; SigLIP q / k / v; a generic
+    model's groups declared in `QuantConfig.shared_inputs`)."""
+    if self.shared is not None:
+      return self.shared
     return self.norm if self.norm is not None else self.path
 
 
@@ -132,7 +137,8 @@ def to_2d_perm(w_spec: str, contract: str) -> tuple[int, ...]:
 
 def _dense_layout(path: str, shape: tuple[int, ...]) -> LinearLayout | None:
   scanned = path.startswith(_SCANNED_PREFIXES)
-  if not path.endswith("/kernel") or len(shape) != 2 + scanned:
+  # A root-level Dense (the module itself is the Dense) has the bare path `kernel`.
+  if not (path == "kernel" or path.endswith("/kernel")) or len(shape) != 2 + scanned:
     return None
   if path.endswith("embedding/kernel"):  # the SigLIP patch conv is not a linear
     return None

@@ -45,9 +45,11 @@ class PackedLinear:
   leading stack axes (L, ...) for `nn.scan`-ed layers.
 
   Attributes:
-    codes: (..., N, K) int4 (bits <= 4) or int8 weight codes.
-    scale: (..., N, G) float32 weight scales; G groups of K // G input channels.
-    zero: (..., N, G) float32 integer-valued zero points, or None (symmetric).
+    codes: (..., N, K) int4 (bits <= 4) or int8 weight codes; float32 weights when `bits` is
+      None (transforms only: no weight quantization, scale 1, no zero point).
+    scale: (..., N, G) float32 (float16 under `LayerRule.compact`) weight scales; G groups of
+      K // G input channels.
+    zero: (..., N, G) float32 (int8 under `compact`) integer-valued zero points, or None.
     transform: the online input transform (InputTransform), or None.
     out_rot: (..., N // b, b, b) output rotation to restore after the matmul, or None.
     act_scale: (..., 1) float32 static activation scale (one per layer), or None: per-token scales.
@@ -75,7 +77,7 @@ class PackedLinear:
   out_rot: Optional[jax.Array]
   w_shape: tuple[int, ...] = flax.struct.field(pytree_node=False)
   w_spec: str = flax.struct.field(pytree_node=False)
-  bits: int = flax.struct.field(pytree_node=False, default=4)
+  bits: Optional[int] = flax.struct.field(pytree_node=False, default=4)
   act_bits: Optional[int] = flax.struct.field(pytree_node=False, default=8)
   act_symmetric: bool = flax.struct.field(pytree_node=False, default=False)
   act_clip: float = flax.struct.field(pytree_node=False, default=1.0)
@@ -107,9 +109,13 @@ class PackedLinear:
   def validate(self) -> None:
     """Checks shapes and dtypes agree; raises ValueError naming the field."""
     n, k = self.codes.shape[-2:]
-    if self.codes.dtype not in (jnp.int4, jnp.int8):
+    if self.bits is None:
+      if self.codes.dtype != jnp.float32 or self.zero is not None:
+        raise ValueError(f"PackedLinear with bits=None (float weights) needs float32 codes and no "
+                         f"zero point, got {self.codes.dtype}")
+    elif self.codes.dtype not in (jnp.int4, jnp.int8):
       raise ValueError(f"PackedLinear.codes must be int4 or int8, got {self.codes.dtype}")
-    if self.bits <= 4 and self.codes.dtype != jnp.int4:
+    elif self.bits <= 4 and self.codes.dtype != jnp.int4:
       raise ValueError(f"{self.bits}-bit codes must be stored as int4, got {self.codes.dtype}")
     if self.scale.shape[-2] != n or k % self.scale.shape[-1]:
       raise ValueError(f"PackedLinear.scale {self.scale.shape} does not match codes {self.codes.shape}")
@@ -138,6 +144,15 @@ class PackedLinear:
       raise ValueError(f"PackedLinear.transform_impl={self.transform_impl!r} is not one of "
                        f"{kernels.TRANSFORM_IMPLEMENTATIONS}")
 
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x (..., K) -> (..., N): this linear on a raw array, jitted (`apply_packed`)."""
+    return apply_packed(self, x)
+
+  @property
+  def kernel_transform(self) -> Optional[InputTransform]:
+    """The online transform in the form kernels read (`InputTransform.materialized`)."""
+    return None if self.transform is None else self.transform.materialized()
+
   def dequantize(self) -> jax.Array:
     """W2^T (..., N, K) float32, in the transformed basis (for diagnostics)."""
     return dequantize_weight(self.codes, self.scale, self.zero)
@@ -150,7 +165,7 @@ class PackedLinear:
     """A hashable key equal for linears whose `quantize_input` gives the same result for the same
     input (one shared-input group: one online transform, one activation quantizer), or None if
     this one shares nothing."""
-    if self.input_group is None or self.mode != "int":
+    if self.input_group is None or self.mode != "int" or self.bits is None:
       return None
     if self.act_bits is None:  # weight-only: what is shared is the transformed input, if any
       return None if self.transform is None else (self.input_group, None, self.transform_impl)
@@ -163,14 +178,15 @@ class PackedLinear:
     per-token int8 quantizer; for a weight-only linear (or call: `quantizes`), the transformed x2
     in x2's dtype."""
     if not self.quantizes(x2.shape[0]):
-      return _transform_only(x2, self.transform, implementation=self.transform_impl)
+      return _transform_only(x2, self.kernel_transform, implementation=self.transform_impl)
     if self.act_scale is not None:
       # Any remaining block rotation as the row-major multiply-reduce form (no transposes); the
       # quantizer after it is elementwise. (On the GPU an online rotation here measured far
       # slower than the whole gain of static scales: docs/design.md.)
-      x = _transform_only(x2, self.transform, implementation=self.transform_impl or "xla_reduce")
+      x = _transform_only(x2, self.kernel_transform,
+                          implementation=self.transform_impl or "xla_reduce")
       return xla.quantize_static(x, self.act_scale, self.act_zero, self.act_bits)
-    return _transform_quantize(x2, self.transform, self.act_bits, symmetric=self.act_symmetric,
+    return _transform_quantize(x2, self.kernel_transform, self.act_bits, symmetric=self.act_symmetric,
                                clip_ratio=self.act_clip, implementation=self.transform_impl)
 
   def at_layer(self, layer: jax.Array) -> "PackedLinear":
@@ -194,20 +210,25 @@ class PackedLinear:
     # for bf16 activations (prefix gate/up: 107 MB per layer in float32). With a layer index the
     # matmul gets the stacked codes (a kernel reads that layer in place).
     out_dtype = jnp.float32 if one.out_rot is not None else dtype
-    if quantizes and one.mode == "int":
+    integer = one.mode == "int" and one.bits is not None  # bits None: float weights, float path
+    if quantizes and integer:
       xq, sx, zx = one.quantize_input(x2) if quantized is None else quantized
-      y = _int_matmul(xq, sx, zx, self.codes, self.scale, self.zero, implementation=one.matmul_impl,
+      y = _int_matmul(xq, sx, zx, self.codes, _f32(self.scale), _f32(self.zero),
+                      implementation=one.matmul_impl,
                       out_dtype=out_dtype, layer=layer)
-    elif one.mode == "int":  # weight-only: codes read packed
+    elif integer:  # weight-only: codes read packed
       x = one.quantize_input(x2) if quantized is None else quantized
-      y = _weight_only_matmul(x, self.codes, self.scale, self.zero, implementation=one.matmul_impl,
+      y = _weight_only_matmul(x, self.codes, _f32(self.scale), _f32(self.zero),
+                              implementation=one.matmul_impl,
                               out_dtype=out_dtype, layer=layer)
     else:
       x = x2.astype(jnp.float32)
+      # Float weights (bits None) are a check of exactness: no TF32 on the GPU there.
+      prec = jax.lax.Precision.HIGHEST if one.bits is None else None
       if one.transform is not None:
-        x = one.transform.apply(x)
+        x = one.transform.apply(x, precision=prec)
       if not quantizes:
-        y = x @ one.dequantize().T
+        y = jnp.matmul(x, one.dequantize().T, precision=prec)
       else:  # simulate: the same quantizers, in float
         if one.act_scale is not None:
           xq, sx, zx = xla.quantize_static(x, one.act_scale, one.act_zero, one.act_bits)
@@ -251,6 +272,30 @@ class PackedLinear:
     return jnp.einsum(f"{batch}{outs}->{y_spec}", y)
 
 
+@jax.jit
+def apply_packed(w: PackedLinear, x: jax.Array) -> jax.Array:
+  """y = x W for one (unstacked) packed linear on a raw array, jitted once per shape and format.
+
+  Args:
+    w: a PackedLinear without stack axes.
+    x: (..., K) in the linear's flattened input layout (K = `w.in_features`).
+
+  Returns:
+    (..., N) in x's dtype, N = `w.out_features` (the weight's non-contracted axes, flattened in the
+    weight's order; for a flax Dense kernel (K, N) just N).
+
+  Raises:
+    ValueError: a stacked weight, or x whose last axis is not K.
+  """
+  if w.codes.ndim != 2:
+    raise ValueError(f"apply_packed: weight has stack axes {w.codes.shape[:-2]}; slice a layer "
+                     "first (`PackedLinear.at_layer`)")
+  if x.shape[-1] != w.in_features:
+    raise ValueError(f"apply_packed: {x.shape=} does not end in K={w.in_features}")
+  y = w.matmul(x.reshape(-1, w.in_features))
+  return y.reshape(*x.shape[:-1], w.out_features)
+
+
 def gated_mlp(w_gating: Any, w_linear: Any, x: jax.Array) -> Optional[jax.Array]:
   """A Gemma MLP `linear(gelu(gate) * up)` ("BTD,2DF->2BTF", then "BTF,FD->BTD") on packed
   weights with its hidden activation never in float memory, or None where that form does not apply.
@@ -284,13 +329,13 @@ def gated_mlp(w_gating: Any, w_linear: Any, x: jax.Array) -> Optional[jax.Array]
   from duquant_jax import kernels
   xq, sx, zx = g.quantize_input(x.reshape(m, d))
   impl = g.matmul_impl if g.matmul_impl in (None, "mosaic") else "xla"
-  hq = kernels.gated_w4a8(xq, sx, zx, g.codes, g.scale, g.zero, l.act_scale, l.act_zero,
-                          implementation=impl)
+  hq = kernels.gated_w4a8(xq, sx, zx, g.codes, _f32(g.scale), _f32(g.zero), l.act_scale,
+                          l.act_zero, implementation=impl)
   sh = jnp.broadcast_to(l.act_scale.reshape(1, 1).astype(jnp.float32), (m, 1))
   zh = None if l.act_zero is None else jnp.broadcast_to(
       l.act_zero.reshape(1, 1).astype(jnp.float32), (m, 1))
   out_dtype = jnp.float32 if l.out_rot is not None else x.dtype
-  y = _int_matmul(hq, sh, zh, l.codes, l.scale, l.zero, implementation=l.matmul_impl,
+  y = _int_matmul(hq, sh, zh, l.codes, _f32(l.scale), _f32(l.zero), implementation=l.matmul_impl,
                   out_dtype=out_dtype)
   if l.out_rot is not None:
     y = restore_output(y, l.out_rot)
@@ -313,6 +358,11 @@ def shared_matmul(w: "PackedLinear", x2: jax.Array, memo: Optional[dict], source
     one = w if layer is None else w.at_layer(layer)
     memo[key] = (source, one.quantize_input(x2))
   return w.matmul(x2, quantized=memo[key][1], layer=layer)
+
+
+def _f32(a: Optional[jax.Array]) -> Optional[jax.Array]:
+  """Scales / zero points as the kernels read them (`compact` storage keeps float16 / int8)."""
+  return None if a is None else a.astype(jnp.float32)
 
 
 def tree_nbytes(tree) -> int:

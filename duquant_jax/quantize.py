@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import warnings
 import zlib
 from typing import Any, Mapping, Optional
 
@@ -31,14 +32,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from duquant_jax.config import LayerRule, QuantConfig
+from duquant_jax.config import LayerRule, QuantConfig, match_rules
 from duquant_jax.embedding import PackedEmbedding, quantize_embedding
 from duquant_jax.kernels import xla
 from duquant_jax.layouts import LinearLayout, embedding_paths, linear_layouts, to_2d_perm
 from duquant_jax.model_rotation import rotate_residual, rotate_stats, rotated_readers
 from duquant_jax.packed import PackedLinear, dequantize_weight, tree_nbytes
-from duquant_jax.transforms import (InputTransform, build_duquant_transform, check_block_alignment,
-                                    random_block_rotation, rotate_output, smoothing_factors)
+from duquant_jax.transforms import (InputTransform, block_inverse, build_duquant_transform,
+                                    check_block_alignment, random_block_rotation, rotate_output,
+                                    smoothing_factors)
 from duquant_jax.treepath import copy_dicts as _copy_dicts
 from duquant_jax.treepath import get_path as _get
 from duquant_jax.treepath import set_path as _set
@@ -49,8 +51,6 @@ _TRANSFORM_FIELDS = ("block_size", "rotation", "permutation", "rotation_steps", 
 # Members of one input group that quantize activations must agree on these too (one quantized
 # input serves them all).
 _QUANTIZER_FIELDS = ("act_scale", "act_percentile")
-# Activation rows used by the clip search (output MSE); more rows cost time linearly.
-CLIP_SEARCH_ROWS = 64
 # Float32 bytes of weight rows per block of the clip search (cache-sized; `quantize_weight`).
 _ROW_BLOCK_BYTES = 1 << 21
 
@@ -206,7 +206,7 @@ def _weight_array(w: Any) -> Any:
 
 def _shape_key(layout: LinearLayout) -> LinearLayout:
   """The layout without its path, so weights of equal shape and use share compiled programs."""
-  return dataclasses.replace(layout, path="", norm=None, producer=None)
+  return dataclasses.replace(layout, path="", norm=None, producer=None, shared=None)
 
 
 def _layer_key(seed: int, path: str) -> jax.Array:
@@ -302,7 +302,7 @@ def _static_range(samples, transform, rule: LayerRule, path: str):
 
 def _scale_tile(rule: LayerRule, layout: LinearLayout) -> tuple[int, int]:
   k = layout.in_features
-  if rule.weight_granularity == "channel":
+  if rule.weight_granularity == "channel" or rule.weight_bits is None:
     return 1, k
   if rule.weight_granularity == "head":
     if layout.head_role != "out":
@@ -327,7 +327,10 @@ def _pack_one(w_l, t_l, r_l, x_l, *, layout, rule, rows, cols):
   elif x_l is not None:
     x2 = x_l
   if r_l is not None:
-    w2 = rotate_output(w2, r_l)
+    # restore() multiplies by the stored R^T; fold its exact inverse (R^T)^{-1} = (R^{-1})^T.
+    w2 = rotate_output(w2, jnp.swapaxes(block_inverse(r_l), -1, -2))
+  if rule.weight_bits is None:  # transforms only: the folded float weight, scale 1
+    return w2.T, jnp.ones((w2.shape[1], 1), jnp.float32), None
   # The output MSE is the same in the rotated output basis (the rotation is orthogonal).
   clip_grid = rule.clip_grid if rule.clip_search else (1.0,)
   codes, scale, zero = quantize_weight(w2.T, x2, bits=rule.weight_bits,
@@ -355,7 +358,9 @@ def _pack_layers(w, transform, out_rot, samples, *, layout, rule, rows, cols):
   return tuple(None if parts[0] is None else jnp.stack(parts) for parts in zip(*outs))
 
 
-def _codes_dtype(bits: int):
+def _codes_dtype(bits: Optional[int]):
+  if bits is None:  # transforms only: float weights
+    return jnp.float32
   return jnp.int4 if bits <= 4 else jnp.int8
 
 
@@ -410,7 +415,8 @@ def quantize_params(params: Params, cfg: QuantConfig, stats: Any = None, *,
   # channels already (smoothing on top measured worse on the demo, EVALUATION.md).
   unsmoothed = rotated_readers(params) if cfg.rotate_residual else set()
   params, stats = rotated_model(params, cfg, stats)
-  layouts = linear_layouts(params)
+  layouts = _declare_shared_inputs(_measured_layouts(params, linear_layouts(params), stats), cfg)
+  check_rules(cfg, layouts)
   out = _copy_dicts(params)
   _quantize_embeddings(params, out, cfg)
   groups: dict[str, list[LinearLayout]] = {}
@@ -494,12 +500,13 @@ def quantize_params(params: Params, cfg: QuantConfig, stats: Any = None, *,
           rotation=lead.rotation, permutation=lead.permutation,
           head_dim=head_dim, w=w_cat, max_steps=lead.rotation_steps)
       lam = transform.smooth
-      # Rotations are stored in float16 (entries in [-1, 1]); folding uses the same rounded values.
-      transform = _half_rotations(transform)
+      # Rotations are stored rounded (float16, or int8 under `compact`); folding inverts the same
+      # rounded values exactly (`InputTransform.fold`).
+      transform = _store(transform, lead)
 
     # Smoothing: fold 1/lam into the norm where there is one, or into the producer's columns where
     # it would otherwise be the only online step; every member's weight gets diag(lam).
-    online = transform
+    online = fold = transform  # `fold`: the transform folded into W (online + what went offline)
     if transform is not None and lam is not None:
       if layout0.norm is None and layout0.producer is not None and transform.perm is None:
         # The smoothing leaves the online side; at most one block rotation stays there. (With a
@@ -514,9 +521,10 @@ def quantize_params(params: Params, cfg: QuantConfig, stats: Any = None, *,
           if rules[m.path] is None:  # a float member of the group sees the smoothed input too
             w = weights[m.path]
             _set(out, m.path, _scale_input_rows(w, m, lam).astype(w.dtype))
-      else:
-        online = _half_rotations(transform.merged())
-    if online is not None and all(
+      elif not (lead.compact and lead.rotation == "hadamard"):  # (generated blocks stay unmerged)
+        # The online transform is the whole one: fold exactly what runs (its rotations rounded).
+        online = fold = _store(transform.merged(), lead)
+    if online is not None and not any(online.hadamard) and all(
         getattr(online, f) is None for f in ("smooth", "rot1", "perm", "rot2")):
       online = None
 
@@ -532,9 +540,12 @@ def quantize_params(params: Params, cfg: QuantConfig, stats: Any = None, *,
       # what went into the norm.
       x_clip = None
       if samples is not None and rule.clip_search:
-        x_clip = samples[..., :CLIP_SEARCH_ROWS, :]
-      codes, scale, zero = _pack_layers(weights[m.path], transform, out_rot, x_clip,
+        x_clip = samples[..., :rule.clip_rows, :]
+      codes, scale, zero = _pack_layers(weights[m.path], fold, out_rot, x_clip,
                                         layout=_shape_key(m), rule=rule, rows=rows, cols=cols)
+      if rule.compact and rule.weight_bits is not None:
+        scale = scale.astype(jnp.float16)  # 2^-11 relative: far below a 4-bit step
+        zero = None if zero is None else zero.astype(jnp.int8)  # integer-valued in the code range
       act_scale, act_zero = static if rule.act_bits is not None else (None, None)
       packed = PackedLinear(
           codes=codes.astype(_codes_dtype(rule.weight_bits)), scale=scale, zero=zero,
@@ -546,6 +557,82 @@ def quantize_params(params: Params, cfg: QuantConfig, stats: Any = None, *,
       packed.validate()
       _set(out, m.path, packed)
   return out
+
+
+def _measured_layouts(params: Params, layouts: dict[str, LinearLayout],
+                      stats: Any) -> dict[str, LinearLayout]:
+  """The layouts plus flax kernels of more than two axes (DenseGeneral, Einsum) that calibration
+  saw: their contraction is not in the params, but their stats' width K is the contraction
+  measured at the call (`calibrate_apply`), which the kernel's leading axes must make up.
+
+  Raises:
+    ValueError: no leading axes of the kernel multiply to the measured K.
+  """
+  from duquant_jax.models.layout_table import flat_items
+  out = dict(layouts)
+  for path, x in flat_items(params):
+    shape = tuple(getattr(x, "shape", ()))
+    st = _stats_for(stats, path)
+    if (path in layouts or len(shape) < 3 or st is None
+        or not (path == "kernel" or path.endswith("/kernel"))):
+      continue
+    k = np.shape(st.absmax)[-1]
+    n = next((i for i in range(1, len(shape)) if math.prod(shape[:i]) == k), None)
+    if n is None or np.ndim(st.absmax) != 1:
+      raise ValueError(f"{path}: kernel of shape {shape} has no leading axes of size K={k}, the "
+                       "width its calibration stats measured (stacked kernels are not supported)")
+    c, o = "ACEGIJ"[:n], "NOPQRS"[:len(shape) - n]
+    out[path] = LinearLayout(path=path, shape=shape, eqn=f"B{c},{c}{o}->B{o}", norm=None,
+                             norm_kind=None, head_role=None, head_dim=None)
+  return out
+
+
+def _declare_shared_inputs(layouts: dict[str, LinearLayout],
+                           cfg: QuantConfig) -> dict[str, LinearLayout]:
+  """The layouts with `cfg.shared_inputs` groups set (`LinearLayout.shared`).
+
+  Raises:
+    ValueError: linears of one declared group that cannot share an input (input widths or stack
+      shapes differ).
+  """
+  if not cfg.shared_inputs:
+    return layouts
+  out = dict(layouts)
+  first: dict[str, LinearLayout] = {}
+  for path, lay in layouts.items():
+    group = cfg.input_group(path)
+    if group is None:
+      continue
+    lead = first.setdefault(group, lay)
+    if (lay.in_features, lay.stack_shape) != (lead.in_features, lead.stack_shape):
+      raise ValueError(f"{path} and {lead.path} are declared to share an input ({group!r}) but "
+                       f"read different widths: K={lay.in_features} {lay.stack_shape=} vs "
+                       f"K={lead.in_features} {lead.stack_shape}")
+    out[path] = dataclasses.replace(lay, shared=group)
+  return out
+
+
+def check_rules(cfg: QuantConfig, layouts: Mapping[str, LinearLayout]) -> None:
+  """Warns once per rule that matches no linear layer, naming its pattern; raises where the config
+  asks to quantize but no linear matches any of its (non-skip) rules.
+
+  Presets name openpi's paths: on another model they match nothing, which would otherwise give a
+  float model with no sign of it (`generic_config` matches any Dense / Einsum kernel).
+
+  Raises:
+    ValueError: the config has quantizing rules and none of them matches a linear of `layouts`.
+  """
+  report = match_rules(cfg, layouts)
+  some = ", ".join(sorted(layouts)[:4]) + (", ..." if len(layouts) > 4 else "") or "none"
+  for pattern in report.unused_rules:
+    warnings.warn(f"rule {pattern!r} matches no linear layer of these params (linears: {some}); "
+                  "patterns are matched with re.fullmatch on '/'-joined param paths",
+                  UserWarning, stacklevel=3)
+  if any(not r.skip for r in cfg.rules) and not any(cfg.rule_for(p) for p in layouts):
+    patterns = [r.pattern for r in cfg.rules if not r.skip]
+    raise ValueError(f"config {cfg.name!r} quantizes nothing: no linear layer matches its rules "
+                     f"{patterns}; the linears of these params: {some}. Presets name openpi's "
+                     "paths; for other models use duquant_jax.generic_config()")
 
 
 def rotated_model(params: Params, cfg: QuantConfig, stats: Any = None) -> tuple[Params, Any]:
@@ -594,6 +681,16 @@ def _quantize_embeddings(params: Params, out: Params, cfg: QuantConfig) -> None:
         symmetric=r.symmetric, scale_dtype=r.scale_dtype, clip_grid=r.clip_grid, name=path))
 
 
+def _store(t: InputTransform, rule: LayerRule) -> InputTransform:
+  """The transform as stored: generated Hadamard blocks or int8 rotations under `rule.compact`,
+  float16 rotations otherwise (entries in [-1, 1])."""
+  if not rule.compact:
+    return _half_rotations(t)
+  if rule.rotation == "hadamard" and not t.merged_smooth:
+    t = t.generate_hadamard(rule.block_size)
+  return t.compact()
+
+
 def _half_rotations(t: InputTransform) -> InputTransform:
   half = lambda r: None if r is None else r.astype(jnp.float16)
   return t.replace(rot1=half(t.rot1), rot2=half(t.rot2))
@@ -627,6 +724,12 @@ class PackSummary:
   tree_bytes_packed: int = 0
 
   @property
+  def bits_per_weight(self) -> float:
+    """Stored bits per quantized weight: codes, scales, zero points and transforms (int4 codes
+    alone are 4.0)."""
+    return 16.0 * self.weight_bytes_packed / self.weight_bytes_fp if self.weight_bytes_fp else 0.0
+
+  @property
   def tree_ratio(self) -> float:
     """Whole-tree packed / bf16 bytes (the device-memory ratio of all weights)."""
     return self.tree_bytes_packed / self.tree_bytes_bf16 if self.tree_bytes_bf16 else float("nan")
@@ -649,7 +752,7 @@ def summarize(packed: Params) -> PackSummary:
       layers += _logical_linears(path, leaf.shape, leaf.codes.ndim - 2)
     fp += 2 * math.prod(leaf.shape)
     pk += leaf.nbytes()
-    bits[path] = leaf.bits
+    bits[path] = 32 if leaf.bits is None else leaf.bits  # None: a transforms-only float32 weight
   # Everything else: float leaves at bf16 (2 bytes), integer / bool leaves as they are.
   packed_ids = {id(leaf) for _, leaf in _packed_items(packed)}
   rest = [x for x in jax.tree.leaves(packed, is_leaf=lambda n: id(n) in packed_ids)

@@ -51,6 +51,7 @@ __all__ = [
     "PERMUTATIONS",
     "apply_block_rotation",
     "block_hadamard",
+    "block_inverse",
     "build_duquant_transform",
     "check_block_alignment",
     "greedy_rotation",
@@ -237,9 +238,11 @@ def _gather_channels(x: jax.Array, perm: jax.Array, axis: int) -> jax.Array:
 class InputTransform:
   """DuQuant's online input transform of one linear (or a stack of them), as a pytree.
 
-  Invariant: apply(x) @ fold(w) == x @ w in exact arithmetic (float32 rounding otherwise), with
+  Invariant: apply(x) @ fold(w) == x @ w up to float32 rounding, with
     apply(x) = ((x / smooth) R1)[perm] R2      (each step skipped when its field is None)
-    fold(w)  = R2^T P^T R1^{-1} diag(smooth) w (R1^{-1} = R1^T unless `merged`).
+    fold(w)  = R2^{-1} P^T R1^{-1} diag(smooth) w,
+  where R^{-1} is the exact inverse of the block as stored (`block_inverse`): a rotation rounded
+  to float16 is not orthogonal, so its transpose would leave ~1e-3 relative error.
   Leading axes `...` broadcast with those of x (..., M, K) and w (..., K, N), e.g. a per-layer
   transform (L, ...) with x (L, M, K).
 
@@ -249,16 +252,78 @@ class InputTransform:
       (rows scaled, still block diagonal, no longer orthogonal).
     perm: (..., K) int32, x' = x[..., perm], or None.
     rot2: (..., K // b, b, b) second block rotation, or None.
+    rot1_scale / rot2_scale: (..., K // b, b, 1) float16 row scales of a rotation stored as int8
+      codes (block row i = codes[i] * scale[i]; `compact`), or None for a float rotation.
     merged_smooth: static; True when rot1 carries the smoothing (see `merged()`).
+    hadamard: static (b1, b2): block size of a generated normalized Hadamard rot1 / rot2 (not
+      stored; rot1 / rot2 are then None), or 0.
+    width: static K, set when generated blocks leave no array to read it from.
+  Storage forms (int8 rotations, generated Hadamard blocks, int16 perm) are what `materialized()`
+  turns into the plain float32 / int32 form that kernels read.
   """
   smooth: Optional[jax.Array] = None
   rot1: Optional[jax.Array] = None
   perm: Optional[jax.Array] = None
   rot2: Optional[jax.Array] = None
   merged_smooth: bool = flax.struct.field(pytree_node=False, default=False)
+  rot1_scale: Optional[jax.Array] = None
+  rot2_scale: Optional[jax.Array] = None
+  hadamard: tuple[int, int] = flax.struct.field(pytree_node=False, default=(0, 0))
+  width: int = flax.struct.field(pytree_node=False, default=0)
+
+  def materialized(self) -> "InputTransform":
+    """The same transform with float32 rotations (int8 codes dequantized, Hadamard blocks
+    generated) and an int32 perm; itself when already in that form."""
+    compact = (self.rot1_scale is not None or self.rot2_scale is not None or any(self.hadamard)
+               or (self.perm is not None and self.perm.dtype != jnp.int32))
+    if not compact:
+      return self
+    k = self.num_channels
+
+    def rot(r, scale, b):
+      if b:
+        return hadamard_block_rotation((), k, b)
+      if r is not None and scale is not None:
+        return r.astype(jnp.float32) * scale.astype(jnp.float32)
+      return r
+
+    perm = None if self.perm is None else self.perm.astype(jnp.int32)
+    return InputTransform(smooth=self.smooth, rot1=rot(self.rot1, self.rot1_scale, self.hadamard[0]),
+                          perm=perm, rot2=rot(self.rot2, self.rot2_scale, self.hadamard[1]),
+                          merged_smooth=self.merged_smooth)
+
+  def compact(self) -> "InputTransform":
+    """Narrow storage: rotations as int8 codes with float16 row scales (the fold inverts the
+    stored blocks exactly, so only the spreading of outliers sees the 0.4% rounding), Hadamard
+    blocks not stored (`generate_hadamard` marks them), perm as int16 when K < 2**15."""
+    def q8(r):
+      if r is None:
+        return None, None
+      r = r.astype(jnp.float32)
+      scale = (jnp.max(jnp.abs(r), axis=-1, keepdims=True) / 127.0).astype(jnp.float16)
+      safe = jnp.maximum(scale.astype(jnp.float32), 1e-30)
+      return jnp.clip(jnp.round(r / safe), -127, 127).astype(jnp.int8), scale
+
+    (r1, s1), (r2, s2) = q8(self.rot1), q8(self.rot2)
+    perm = self.perm
+    if perm is not None and perm.shape[-1] < 2 ** 15:
+      perm = perm.astype(jnp.int16)
+    return self.replace(rot1=r1, rot1_scale=s1, perm=perm, rot2=r2, rot2_scale=s2)
+
+  def generate_hadamard(self, block_size: int) -> "InputTransform":
+    """The transform with its (Hadamard, unmerged) rot1 / rot2 dropped and marked generated."""
+    if self.merged_smooth:
+      raise ValueError("generate_hadamard: rot1 carries the smoothing; it is not a Hadamard block")
+    k = self.num_channels
+    b1 = block_size if self.rot1 is not None else 0
+    b2 = block_size if self.rot2 is not None else 0
+    return self.replace(rot1=None, rot2=None, rot1_scale=None, rot2_scale=None, hadamard=(b1, b2),
+                        width=k)
 
   @property
   def num_channels(self) -> Optional[int]:
+    if self.width:
+      return self.width
     for a in (self.smooth, self.perm):
       if a is not None:
         return a.shape[-1]
@@ -274,6 +339,13 @@ class InputTransform:
       ValueError: inconsistent shapes or dtypes.
     """
     k = self.num_channels
+    for name in ("rot1", "rot2"):
+      scale = getattr(self, f"{name}_scale")
+      r = getattr(self, name)
+      if scale is not None and (r is None or r.dtype != jnp.int8 or scale.shape != r.shape[:-1] + (1,)):
+        raise ValueError(f"InputTransform.{name}_scale {getattr(scale, 'shape', None)} needs int8 "
+                         f"{name} codes of shape (..., G, b, b)")
+    self = self.materialized()
     for name in ("smooth", "perm"):
       a = getattr(self, name)
       if a is not None and a.shape[-1] != k:
@@ -299,6 +371,7 @@ class InputTransform:
     Returns:
       x' with the leading axes of x and of the transform broadcast.
     """
+    self = self.materialized()
     if self.smooth is not None:
       x = x / self.smooth[..., None, :]
     if self.rot1 is not None:
@@ -319,20 +392,18 @@ class InputTransform:
     Returns:
       (..., K, N) float32 (or w's dtype if wider), leading axes broadcast.
     """
+    self = self.materialized()
     w = w.astype(jnp.promote_types(w.dtype, jnp.float32))
     if self.smooth is not None:
       w = w * self.smooth[..., :, None]
+    # apply_block_rotation_transposed(w, X) is X^T w per block; X = (R^{-1})^T gives R^{-1} w.
+    inv_t = lambda r: jnp.swapaxes(block_inverse(r), -1, -2)
     if self.rot1 is not None:
-      r1 = self.rot1
-      if self.merged_smooth:
-        # rot1 = D R1 with D = diag(1/lam) and R1 orthogonal, so its row i has norm 1/lam_i and
-        # (D R1)^{-1} = R1^T D^{-1} = (D R1)^T D^{-2} = rot1^T diag(1 / rownorm^2).
-        w = w / jnp.sum(r1 * r1, axis=-1).reshape(*r1.shape[:-3], -1)[..., :, None]
-      w = apply_block_rotation_transposed(w, r1, precision=precision)
+      w = apply_block_rotation_transposed(w, inv_t(self.rot1), precision=precision)
     if self.perm is not None:
       w = _gather_channels(w, self.perm, axis=-2)
     if self.rot2 is not None:
-      w = apply_block_rotation_transposed(w, self.rot2, precision=precision)
+      w = apply_block_rotation_transposed(w, inv_t(self.rot2), precision=precision)
     return w
 
   def merged(self) -> "InputTransform":
@@ -344,11 +415,32 @@ class InputTransform:
     Returns:
       An equivalent `InputTransform` with smooth=None and merged_smooth=True.
     """
-    if self.smooth is None or self.rot1 is None:
+    if self.smooth is None or (self.rot1 is None and not self.hadamard[0]):
       return self
+    self = self.materialized()
     g, b = self.rot1.shape[-3], self.rot1.shape[-1]
     inv = (1.0 / self.smooth).reshape(*self.smooth.shape[:-1], g, b)[..., :, None]
     return self.replace(smooth=None, rot1=inv * self.rot1, merged_smooth=True)
+
+
+@jax.jit
+def block_inverse(rot: jax.Array) -> jax.Array:
+  """The exact inverse (to float32 rounding) of every block of rot (..., G, b, b), as float32.
+
+  The blocks are near-orthogonal up to a row scaling: a rotation rounded to float16, or
+  diag(1/lam) R after `InputTransform.merged` (rows of norm 1/lam_i, however far apart).
+  With r_i the row norms, M = diag(r) Q and Q near-orthogonal, so M^{-1} = Q^{-1} diag(1/r), and
+  Q^{-1} is three Newton-Schulz steps X <- X (2I - Q X) from X = Q^T (each squares the residual
+  I - Q X, ~1e-3 for a float16 rounding): matmuls only, no pivoting, as exact as float32 allows.
+  """
+  m = rot.astype(jnp.float32)
+  r = jnp.sqrt(jnp.sum(m * m, axis=-1, keepdims=True))
+  q = m / r
+  x = jnp.swapaxes(q, -1, -2)
+  eye2 = 2.0 * jnp.eye(m.shape[-1], dtype=jnp.float32)
+  for _ in range(3):
+    x = jnp.matmul(x, eye2 - jnp.matmul(q, x, precision=_HIGHEST), precision=_HIGHEST)
+  return x / jnp.swapaxes(r, -1, -2)
 
 
 @flax.struct.dataclass

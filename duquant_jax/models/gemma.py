@@ -335,8 +335,43 @@ class Gemma(nn.Module):
     return outs, kv_cache
 
 
+# flax modules whose `kernel` is a linear weight that a packed one may replace.
+LINEAR_MODULES = (nn.Dense, nn.DenseGeneral, nn.Einsum)
+
+
+def dense_contraction(module: nn.Module, x: jax.Array, args: tuple = (),
+                      kwargs: dict | None = None) -> tuple[int, tuple[int, ...]]:
+  """(how many trailing axes of x the kernel contracts, the output feature shape) of a call of a
+  flax `Dense`, `DenseGeneral` or `Einsum` (the forms a 2-D packed view (K, N) can run).
+
+  Raises:
+    NotImplementedError: DenseGeneral contracting non-trailing axes (or with batch dims); an
+      Einsum that is not `...I,IO->...O`-shaped (x's trailing axes against the kernel's leading).
+  """
+  if isinstance(module, nn.Dense):
+    return 1, (module.features,)
+  if isinstance(module, nn.DenseGeneral):
+    axis = module.axis if isinstance(module.axis, tuple) else (module.axis,)
+    if sorted(a % x.ndim for a in axis) != list(range(x.ndim - len(axis), x.ndim)) or (
+        module.batch_dims):
+      raise NotImplementedError(f"{module.path}: packed DenseGeneral kernels need trailing "
+                                f"contraction axes and no batch_dims ({module.axis=})")
+    features = module.features if isinstance(module.features, tuple) else (module.features,)
+    return len(axis), features
+  eqn = (kwargs or {}).get("einsum_str") or (args[1] if len(args) > 1 else None) or module.einsum_str
+  from duquant_jax.layouts import split_eqn
+  xs, ws, ys = split_eqn(eqn)
+  contract = "".join(c for c in ws if c in xs and c not in ys)
+  out = ws[len(contract):]
+  if (not xs.endswith(contract) or not ws.startswith(contract) or not ys.endswith(out)
+      or any(c in xs for c in out)):
+    raise NotImplementedError(f"{module.path}: a packed Einsum needs the form '...I,IO->...O' "
+                              f"(trailing x axes against the kernel's leading axes), got {eqn!r}")
+  return len(contract), tuple(module.shape[len(contract):])
+
+
 def packed_dense_interceptor(next_fun, args, kwargs, context, memo: dict | None = None):
-  """`nn.intercept_methods` hook running flax `Dense` / `DenseGeneral` with a packed kernel.
+  """`nn.intercept_methods` hook running flax `Dense` / `DenseGeneral` / `Einsum` with a packed kernel.
 
   A packed kernel (anything with `matmul(x2)` over the flattened contraction axes, such as
   `duquant_jax.PackedLinear`) stands where the float kernel was; the module's own `__call__` would
@@ -347,7 +382,7 @@ def packed_dense_interceptor(next_fun, args, kwargs, context, memo: dict | None 
   quantize it once.
   """
   module = context.module
-  if context.method_name != "__call__" or not isinstance(module, (nn.Dense, nn.DenseGeneral)):
+  if context.method_name != "__call__" or not isinstance(module, LINEAR_MODULES):
     return next_fun(*args, **kwargs)
   if not module.has_variable("params", "kernel"):
     return next_fun(*args, **kwargs)
@@ -355,14 +390,7 @@ def packed_dense_interceptor(next_fun, args, kwargs, context, memo: dict | None 
   if not hasattr(kernel, "matmul"):
     return next_fun(*args, **kwargs)
   x = args[0] if args else kwargs["inputs"]
-  if isinstance(module, nn.Dense):
-    n_contract, features = 1, (module.features,)
-  else:
-    axis = module.axis if isinstance(module.axis, tuple) else (module.axis,)
-    if sorted(a % x.ndim for a in axis) != list(range(x.ndim - len(axis), x.ndim)):
-      raise NotImplementedError("packed DenseGeneral kernels need trailing contraction axes")
-    n_contract = len(axis)
-    features = module.features if isinstance(module.features, tuple) else (module.features,)
+  n_contract, features = dense_contraction(module, x, args, kwargs)
   batch = x.shape[:x.ndim - n_contract]
   from duquant_jax.packed import shared_matmul
   y = shared_matmul(kernel, x.reshape(-1, kernel.in_features), memo, x).reshape(*batch, *features)

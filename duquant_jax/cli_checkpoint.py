@@ -120,7 +120,7 @@ def register(app: typer.Typer) -> None:
     """Quantizes an openpi float checkpoint to a packed W4A8 checkpoint (atomic write)."""
     import jax
     from duquant_jax import calib_data, checkpoint as ck
-    from duquant_jax.calibrate import CalibConfig, calibrate, select_for
+    from duquant_jax.calibrate import CalibConfig, calibrate, hessian_for, select_for
     from duquant_jax.config import get_preset
     from duquant_jax.models import get_policy
     from duquant_jax.quantize import quantize_params
@@ -159,7 +159,8 @@ def register(app: typer.Typer) -> None:
         times["calibration data"] = time.perf_counter() - t
         t = time.perf_counter()
         stats = calibrate(policy, params, batches,
-                          CalibConfig(select=select_for(cfg, params), progress=True),
+                          CalibConfig(select=select_for(cfg, params), progress=True,
+                                      hessian=hessian_for(cfg, params)),
                           rng=jax.random.key(seed + 1))
         times["calibrate"] = time.perf_counter() - t
       else:

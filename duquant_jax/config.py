@@ -21,6 +21,7 @@ from typing import Iterable, Literal
 ROTATIONS = ("greedy", "random", "hadamard", "weight_svd", "weight_qr", "none")
 PERMUTATIONS = ("zigzag", "head_zigzag", "none")
 GRANULARITIES = ("channel", "head", "group")
+ROUNDINGS = ("nearest", "gptq")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -73,6 +74,15 @@ class LayerRule:
   # calibration activations (falls back to weight MSE without activation samples).
   clip_search: bool = True
   clip_grid: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65)
+  # How the int4 / int8 codes are chosen once the scales are fixed (by the clip search): "nearest"
+  # rounds each weight; "gptq" rounds column by column and pushes each column's output error onto
+  # the columns not yet rounded through the inverse Hessian of the transformed input
+  # (`duquant_jax.gptq`). GPTQ needs the Hessian in the stats (`calibrate.hessian_for`).
+  rounding: Literal["nearest", "gptq"] = "nearest"
+  # GPTQ's dampening: this fraction of the mean Hessian diagonal is added to the diagonal.
+  gptq_damp: float = 0.01
+  # GPTQ's lazy-batch width (columns rounded before one matmul updates the rest).
+  gptq_block: int = 128
 
   def __post_init__(self):
     try:
@@ -114,6 +124,14 @@ class LayerRule:
       raise ValueError(f"rule {self.pattern!r}: smooth_alpha must be in [0, 1] or None")
     if not 0.0 < self.act_clip <= 1.0 or not all(0.0 < c <= 1.0 for c in self.clip_grid):
       raise ValueError(f"rule {self.pattern!r}: clip ratios must be in (0, 1]")
+    if self.rounding not in ROUNDINGS:
+      raise ValueError(f"rule {self.pattern!r}: unknown rounding {self.rounding!r}; one of "
+                       f"{ROUNDINGS}")
+    if not 0.0 < self.gptq_damp <= 1.0:
+      raise ValueError(f"rule {self.pattern!r}: gptq_damp must be in (0, 1], got {self.gptq_damp!r}")
+    if not isinstance(self.gptq_block, int) or self.gptq_block < 1:
+      raise ValueError(f"rule {self.pattern!r}: gptq_block must be an int >= 1, got "
+                       f"{self.gptq_block!r}")
 
   def matches(self, path: str) -> bool:
     return re.fullmatch(self.pattern, path) is not None

@@ -348,10 +348,13 @@ def evaluate(model: str, variants: Sequence[Variant], cfg: EvalConfig = EvalConf
       log(f"calibrated on {n} batches of {cfg.batch_size} in {stats_cache[key][1]:.1f} s")
     return stats_cache[key]
 
+  # One Hessian selection for all variants: the Hessians change no other statistic, so variants
+  # with and without GPTQ share one calibration.
+  hessian = "|".join(h for v in variants if (h := hessian_for(v.cfg, params))) or None
   results = []
   for v in variants:
     n = v.calib_batches or cfg.calib_batches or v.cfg.calib_batches
-    stats, calib_s = stats_for(n, select_for(v.cfg, params), hessian_for(v.cfg, params)) if v.cfg.rules else (None, 0.0)
+    stats, calib_s = stats_for(n, select_for(v.cfg, params), hessian) if v.cfg.rules else (None, 0.0)
     t = time.perf_counter()
     packed = quantize_params(params, v.cfg, stats)
     jax.block_until_ready(packed)

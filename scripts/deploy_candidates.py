@@ -113,3 +113,21 @@ def resolve(name: str) -> QuantConfig:
     return CANDIDATES[name]
   raise SystemExit(f"unknown preset / candidate {name!r}; presets: {', '.join(PRESETS)}; "
                    f"candidates: {', '.join(CANDIDATES)}")
+
+
+def gptq(cfg: QuantConfig, name: str | None = None, **rule_kw) -> QuantConfig:
+  """`cfg` with GPTQ rounding (`LayerRule.rounding="gptq"`) on every quantizing rule."""
+  rules = tuple(r if r.skip else dataclasses.replace(r, rounding="gptq", **rule_kw)
+                for r in cfg.rules)
+  return dataclasses.replace(cfg, name=name or f"{cfg.name}+gptq", rules=rules)
+
+
+# GPTQ rounding (issue 20): the presets with GPTQ on every rule, and every Gemma linear at W4A8
+# (the expert attention too, as `recommended`'s b16 DuQuant), with and without GPTQ.
+CANDIDATES.update({
+    "recgptq": gptq(get_preset("recommended")),
+    "fastgptq": gptq(get_preset("fast")),
+    "deploygptq": gptq(get_preset("deploy")),
+    "recea": C("recommended + expert attention W4A8 b16", base + ea, emb=()),
+    "receagptq": gptq(C("recommended + expert attention W4A8 b16", base + ea, emb=())),
+})

@@ -64,6 +64,7 @@ _OVERRIDES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "abits": ("act_bits", lambda v: None if v.lower() in ("none", "off", "16") else int(v)),
     "wsym": ("weight_symmetric", lambda v: {"on": True, "off": False}[v.lower()]),
     "asym": ("act_symmetric", lambda v: {"on": True, "off": False}[v.lower()]),
+    "round": ("rounding", lambda v: {"nearest": "nearest", "gptq": "gptq"}[v.lower()]),
 }
 VARIANT_SYNTAX = ("<preset>[+key=value]...[@c<N>]; keys: " + ", ".join(
     f"{k} ({f})" for k, (f, _) in _OVERRIDES.items()) + "; @cN: calibrate on N batches")

@@ -6,11 +6,12 @@ The public surface; internals live in modules named for one idea each (see READM
 __version__ = "0.1.0"
 
 # `calibrate` (the function) is not re-exported: it would shadow the module `duquant_jax.calibrate`.
-from duquant_jax.calibrate import CalibConfig, CalibStats
+from duquant_jax.calibrate import CalibConfig, CalibStats, hessian_for, select_for
 from duquant_jax.calib_data import calibration_batches, load_npz_batches, load_recordings
 from duquant_jax.checkpoint import load_openpi_params, load_packed, save_openpi_params, save_packed
 from duquant_jax.config import PRESETS, EmbeddingRule, LayerRule, QuantConfig, get_preset, match_rules
 from duquant_jax.embedding import PackedEmbedding, quantize_embedding
+from duquant_jax.gptq import gptq_codes
 from duquant_jax.inference import packed_interceptor, quantized_apply, with_implementations
 from duquant_jax.layouts import LinearLayout, linear_layouts
 from duquant_jax.model_rotation import rotate_residual, rotate_stats
@@ -22,10 +23,10 @@ from duquant_jax.transforms import InputTransform, build_duquant_transform
 
 __all__ = [
     "__version__",
-    "CalibConfig", "CalibStats", "calibration_batches", "load_npz_batches", "load_recordings",
+    "CalibConfig", "CalibStats", "hessian_for", "select_for", "calibration_batches", "load_npz_batches", "load_recordings",
     "load_openpi_params", "load_packed", "save_openpi_params", "save_packed",
     "PRESETS", "EmbeddingRule", "LayerRule", "QuantConfig", "get_preset", "match_rules",
-    "PackedEmbedding", "quantize_embedding",
+    "PackedEmbedding", "quantize_embedding", "gptq_codes",
     "packed_interceptor", "quantized_apply", "with_implementations",
     "LinearLayout", "linear_layouts", "PackedLinear", "rotate_residual", "rotate_stats",
     "quantize_params", "rotated_model", "summarize", "InputTransform", "build_duquant_transform",

@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import pathlib
 import re
 import time
@@ -39,6 +38,7 @@ from tqdm.auto import tqdm
 
 from duquant_jax import stats as st
 from duquant_jax.calib_data import validate_batches
+from duquant_jax.gptq import hessian_block_for
 from duquant_jax.models.config import IMAGE_KEYS
 from duquant_jax.models.layout_table import path_str
 from duquant_jax.models.pi0 import Pi0, Policy, flow_times
@@ -94,7 +94,7 @@ class CalibConfig:
   hessian: str | None = None
   # HB: inputs wider than this keep only the Hessian's diagonal blocks of HB channels (memory per
   # layer K * HB * 4 bytes: 128 MiB for gemma_2b's 16384-wide down projection, against 1 GiB dense).
-  # Where HB does not divide K, the block is gcd(K, HB).
+  # Where HB does not divide K, the block is K's largest divisor below HB (`hessian_block_for`).
   hessian_block: int = 2048
 
   def __post_init__(self):
@@ -390,8 +390,8 @@ def _hessian_block(e: _Entry, plan: _Plan, cfg: CalibConfig) -> int | None:
   readers = [x.path for x in plan.entries if e.path in (x.path, x.same_input_as)]
   if not any(re.fullmatch(cfg.hessian, p) for p in readers):
     return None
-  k = e.channels
-  return k if k <= cfg.hessian_block else math.gcd(k, cfg.hessian_block)
+  return hessian_block_for(e.channels, cfg.hessian_block)
+
 
 
 def _init_stats(plan: _Plan, cfg: CalibConfig) -> dict[str, st.ChannelStats]:

@@ -80,6 +80,12 @@ def inverse_cholesky(h: jax.Array, damp: float) -> jax.Array:
   return jnp.where(jnp.all(jnp.isfinite(u)), u, eye)
 
 
+def hessian_block_for(k: int, limit: int) -> int:
+  """HB of a K-wide input's Hessian: K up to `limit`, else K's largest divisor <= limit (2048 for
+  16384; SigLIP's 4304 -> 1076)."""
+  return max(d for d in range(1, min(k, limit) + 1) if k % d == 0)
+
+
 def _lazy_block(k: int, block: int) -> int:
   """The largest lazy-batch width <= block that divides K (K need not be a multiple of 128)."""
   return max(d for d in range(1, min(block, k) + 1) if k % d == 0)

@@ -8,11 +8,10 @@ accuracy.
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 
+from duquant_jax.gptq import hessian_block_for
 from duquant_jax.layouts import linear_layouts
 
 
@@ -27,7 +26,7 @@ class SyntheticStats:
   @property
   def hessian(self):
     k = self.samples.shape[-1]
-    hb = k if k <= HESSIAN_BLOCK else math.gcd(k, HESSIAN_BLOCK)
+    hb = hessian_block_for(k, HESSIAN_BLOCK)
     x = self.samples.reshape(*self.samples.shape[:-1], k // hb, hb)
     return jnp.einsum("...RBI,...RBJ->...BIJ", x, x)
 

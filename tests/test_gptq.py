@@ -11,7 +11,7 @@ import pytest
 from duquant_jax import stats as st
 from duquant_jax.config import LayerRule, QuantConfig
 from duquant_jax.evaluate import layer_output_errors
-from duquant_jax.gptq import gptq_codes, transform_hessian
+from duquant_jax.gptq import gptq_codes, hessian_block_for, transform_hessian
 from duquant_jax.packed import dequantize_weight
 from duquant_jax.quantize import quantize_params, quantize_weight
 
@@ -80,6 +80,8 @@ def test_hessian_accumulates_block_diagonal_xtx():
   np.testing.assert_allclose(st.merge(s, s).hessian, 2 * s.hessian, rtol=1e-6)
   back = st.from_tree(st.to_tree(s))
   np.testing.assert_array_equal(back.hessian, s.hessian)
+  # Blocks: the full width up to the limit, else its largest divisor below it.
+  assert [hessian_block_for(k, 2048) for k in (512, 16384, 4304)] == [512, 2048, 1076]
   with pytest.raises(ValueError, match="does not divide"):
     st.init_channel_stats(num_layers=1, num_channels=8, num_samples=4, spec=st.HistSpec(),
                           hessian_block=3)

@@ -19,7 +19,7 @@ from duquant_jax.layouts import LinearLayout
 from duquant_jax.quantize import _pack_layers
 from duquant_jax.transforms import build_duquant_transform
 
-# name -> (param path, weight shape (stack, ...), einsum), from the gemma_2b / gemma_300m layouts.
+# name -> (K, N) of one layer's weight, from the gemma_2b / gemma_300m layouts.
 SHAPES = {
     "gate": (2048, 16384 * 2),  # gemma_2b gate/up: K = 2048, N = 2 x 16384
     "down": (16384, 2048),  # gemma_2b down: K = 16384 (Hessian blocks of 2048)

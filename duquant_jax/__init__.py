@@ -6,7 +6,7 @@ The public surface; internals live in modules named for one idea each (see READM
 __version__ = "0.1.0"
 
 # `calibrate` (the function) is not re-exported: it would shadow the module `duquant_jax.calibrate`.
-from duquant_jax.calibrate import CalibConfig, CalibStats
+from duquant_jax.calibrate import CalibConfig, CalibStats, hessian_for, select_for
 from duquant_jax.calib_data import calibration_batches, load_npz_batches, load_recordings
 from duquant_jax.capture import calibrate_apply
 from duquant_jax.checkpoint import load_packed, save_packed
@@ -16,6 +16,7 @@ from duquant_jax.openpi_checkpoint import (convert_checkpoint, infer_model, load
 from duquant_jax.config import (PRESETS, EmbeddingRule, LayerRule, QuantConfig, generic_config,
                                 get_preset, match_rules, transforms_only)
 from duquant_jax.embedding import PackedEmbedding, quantize_embedding
+from duquant_jax.gptq import gptq_codes
 from duquant_jax.inference import packed_interceptor, quantized_apply, with_implementations
 from duquant_jax.layouts import LinearLayout, linear_layouts
 from duquant_jax.openpi_runtime import load_into_openpi, openpi_interceptor, run_packed_in_openpi
@@ -28,13 +29,13 @@ from duquant_jax.transforms import InputTransform, build_duquant_transform
 
 __all__ = [
     "__version__",
-    "CalibConfig", "CalibStats", "calibrate_apply", "calibration_batches", "load_npz_batches",
-    "load_recordings",
+    "CalibConfig", "CalibStats", "calibrate_apply", "calibration_batches", "hessian_for",
+    "load_npz_batches", "load_recordings", "select_for",
     "load_openpi_params", "load_packed", "save_openpi_params", "save_packed",
     "LoraSpec", "merge_lora", "convert_checkpoint", "infer_model",
     "PRESETS", "EmbeddingRule", "LayerRule", "QuantConfig", "generic_config", "get_preset",
     "match_rules", "transforms_only",
-    "PackedEmbedding", "quantize_embedding",
+    "PackedEmbedding", "quantize_embedding", "gptq_codes",
     "packed_interceptor", "quantized_apply", "with_implementations",
     "load_into_openpi", "openpi_interceptor", "run_packed_in_openpi",
     "LinearLayout", "linear_layouts", "PackedLinear", "apply_packed", "rotate_residual",

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from duquant_jax import stats as st
 from duquant_jax.calib_data import validate_batches
+from duquant_jax.gptq import hessian_block_for
 from duquant_jax.models.config import IMAGE_KEYS
 from duquant_jax.models.layout_table import path_str
 from duquant_jax.models.pi0 import Pi0, Policy, flow_times
@@ -63,6 +64,19 @@ def select_for(cfg: Any, params: Any) -> str:
   return "|".join([DEFAULT_SELECT, *(re.escape(p) for p in sorted(extra))])
 
 
+def hessian_for(cfg: Any, params: Any) -> str | None:
+  """The `CalibConfig.hessian` regex: the exact paths of the linears whose rule rounds with GPTQ
+  (`LayerRule.rounding == "gptq"`), or None when no rule does (no Hessian is accumulated).
+
+  Args:
+    cfg: a `duquant_jax.QuantConfig`. params: the float param tree (arrays or ShapeDtypeStructs).
+  """
+  from duquant_jax.layouts import linear_layouts
+  paths = [p for p in linear_layouts(params)
+           if (r := cfg.rule_for(p)) is not None and r.rounding == "gptq"]
+  return "|".join(re.escape(p) for p in sorted(paths)) or None
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class CalibConfig:
   """What to capture and how much to keep. Hashable: a static argument of the jitted program."""
@@ -74,6 +88,14 @@ class CalibConfig:
   hist: st.HistSpec = st.HistSpec()  # histogram bins
   chunk_size: int = 16  # batches per jitted scan call (progress granularity)
   progress: bool = True  # tqdm bar over chunks with throughput
+  # Regex of weight paths whose input Hessian X^T X (float32, per stacked layer) is accumulated,
+  # for GPTQ rounding (`hessian_for`); None: none. A linear sharing another's input gets it when
+  # either path matches.
+  hessian: str | None = None
+  # HB: inputs wider than this keep only the Hessian's diagonal blocks of HB channels (memory per
+  # layer K * HB * 4 bytes: 128 MiB for gemma_2b's 16384-wide down projection, against 1 GiB dense).
+  # Where HB does not divide K, the block is K's largest divisor below HB (`hessian_block_for`).
+  hessian_block: int = 2048
 
   def __post_init__(self):
     try:
@@ -83,6 +105,13 @@ class CalibConfig:
     for name in ("num_steps", "num_samples", "chunk_size"):
       if int(getattr(self, name)) < 1:
         raise ValueError(f"CalibConfig.{name} must be >= 1, got {getattr(self, name)}")
+    if self.hessian is not None:
+      try:
+        re.compile(self.hessian)
+      except re.error as e:
+        raise ValueError(f"CalibConfig.hessian {self.hessian!r} is not a valid regex: {e}") from None
+    if int(self.hessian_block) < 1:
+      raise ValueError(f"CalibConfig.hessian_block must be >= 1, got {self.hessian_block}")
     if not isinstance(self.hist, st.HistSpec):
       raise TypeError(f"CalibConfig.hist must be a HistSpec, got {type(self.hist).__name__}")
 
@@ -354,10 +383,22 @@ def _is_unstacked(params, path: str) -> bool:
   return path.endswith("/kernel") and node.ndim == 2
 
 
+def _hessian_block(e: _Entry, plan: _Plan, cfg: CalibConfig) -> int | None:
+  """HB for entry e's Hessian, or None if no linear reading its input asks for one."""
+  if cfg.hessian is None:
+    return None
+  readers = [x.path for x in plan.entries if e.path in (x.path, x.same_input_as)]
+  if not any(re.fullmatch(cfg.hessian, p) for p in readers):
+    return None
+  return hessian_block_for(e.channels, cfg.hessian_block)
+
+
+
 def _init_stats(plan: _Plan, cfg: CalibConfig) -> dict[str, st.ChannelStats]:
   return {e.path: st.init_channel_stats(
       num_layers=max(e.layers, 1), num_channels=e.channels, num_samples=cfg.num_samples,
-      spec=cfg.hist, num_steps=cfg.num_steps if (cfg.per_step and e.phase == SUFFIX) else None)
+      spec=cfg.hist, num_steps=cfg.num_steps if (cfg.per_step and e.phase == SUFFIX) else None,
+      hessian_block=_hessian_block(e, plan, cfg))
           for e in plan.computed()}
 
 

@@ -165,7 +165,7 @@ def register(app: typer.Typer) -> None:
     packed W4A8 checkpoint. Written to a temporary sibling and renamed: never half-written."""
     import jax
     from duquant_jax import calib_data, checkpoint as ck, openpi_checkpoint as oc
-    from duquant_jax.calibrate import CalibConfig, calibrate, select_for
+    from duquant_jax.calibrate import CalibConfig, calibrate, hessian_for, select_for
     from duquant_jax.config import get_preset
     from duquant_jax.lora import LoraSpec
     from duquant_jax.models import get_policy
@@ -228,7 +228,8 @@ def register(app: typer.Typer) -> None:
         times["calibration data"] = time.perf_counter() - t
         t = time.perf_counter()
         stats = calibrate(policy, params, batches,
-                          CalibConfig(select=select_for(cfg, params), progress=bar),
+                          CalibConfig(select=select_for(cfg, params), progress=bar,
+                                      hessian=hessian_for(cfg, params)),
                           rng=jax.random.key(seed + 1))
         times["calibrate"] = time.perf_counter() - t
       else:

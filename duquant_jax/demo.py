@@ -9,7 +9,7 @@ import jax
 import numpy as np
 
 from duquant_jax.calib_data import calibration_batches
-from duquant_jax.calibrate import CalibConfig, calibrate, select_for
+from duquant_jax.calibrate import CalibConfig, calibrate, hessian_for, select_for
 from duquant_jax.config import QuantConfig, match_rules
 from duquant_jax.layouts import linear_layouts
 from duquant_jax.models import Policy, get_policy
@@ -68,7 +68,8 @@ def run_demo(model: str, cfg: QuantConfig, *, calib_batches: int | None = None, 
     batches = calibration_batches(policy, params, jax.random.key(seed + 1), num_batches=n_calib,
                                   batch_size=batch_size)
     stats = calibrate(policy, params, batches,
-                      CalibConfig(select=select_for(cfg, params), progress=progress),
+                      CalibConfig(select=select_for(cfg, params), progress=progress,
+                                  hessian=hessian_for(cfg, params)),
                       rng=jax.random.key(seed + 2))
     jax.block_until_ready(stats)
   calib_s = time.perf_counter() - t0

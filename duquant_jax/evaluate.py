@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from duquant_jax.calib_data import calibration_batches
-from duquant_jax.calibrate import CalibConfig, calibrate, select_for
+from duquant_jax.calibrate import CalibConfig, calibrate, hessian_for, select_for
 from duquant_jax.config import QuantConfig, get_preset
 from duquant_jax.demo import action_rel_err
 from duquant_jax.layouts import LinearLayout, linear_layouts
@@ -64,6 +64,7 @@ _OVERRIDES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "abits": ("act_bits", lambda v: None if v.lower() in ("none", "off", "16") else int(v)),
     "wsym": ("weight_symmetric", lambda v: {"on": True, "off": False}[v.lower()]),
     "asym": ("act_symmetric", lambda v: {"on": True, "off": False}[v.lower()]),
+    "round": ("rounding", lambda v: {"nearest": "nearest", "gptq": "gptq"}[v.lower()]),
 }
 VARIANT_SYNTAX = ("<preset>[+key=value]...[@c<N>]; keys: " + ", ".join(
     f"{k} ({f})" for k, (f, _) in _OVERRIDES.items()) + "; @cN: calibrate on N batches")
@@ -330,26 +331,31 @@ def evaluate(model: str, variants: Sequence[Variant], cfg: EvalConfig = EvalConf
   log(f"FP rollout: {cfg.episodes} episodes x {cfg.chunks} chunks; "
       f"{held.batch_size} held-out observations")
 
-  stats_cache: dict[tuple[int, str], tuple[Any, float]] = {}
+  stats_cache: dict[tuple[int, str, Optional[str]], tuple[Any, float]] = {}
 
-  def stats_for(n: int, select: str):
-    # Keyed by the selection too: a variant quantizing SigLIP needs its linears captured as well.
-    if (n, select) not in stats_cache:
+  def stats_for(n: int, select: str, hessian: Optional[str]):
+    # Keyed by the selection too: a variant quantizing SigLIP needs its linears captured as well,
+    # one rounding with GPTQ their Hessians.
+    key = (n, select, hessian)
+    if key not in stats_cache:
       t = time.perf_counter()
       batches = calibration_batches(policy, params, jax.random.key(cfg.seed + 1), num_batches=n,
                                     batch_size=cfg.batch_size)
       st = calibrate(policy, params, batches,
-                     CalibConfig(select=select, progress=progress, per_step=True),
+                     CalibConfig(select=select, progress=progress, per_step=True, hessian=hessian),
                      rng=jax.random.key(cfg.seed + 2))
       jax.block_until_ready(st)
-      stats_cache[n, select] = (st, time.perf_counter() - t)
-      log(f"calibrated on {n} batches of {cfg.batch_size} in {stats_cache[n, select][1]:.1f} s")
-    return stats_cache[n, select]
+      stats_cache[key] = (st, time.perf_counter() - t)
+      log(f"calibrated on {n} batches of {cfg.batch_size} in {stats_cache[key][1]:.1f} s")
+    return stats_cache[key]
 
+  # One Hessian selection for all variants: the Hessians change no other statistic, so variants
+  # with and without GPTQ share one calibration.
+  hessian = "|".join(h for v in variants if (h := hessian_for(v.cfg, params))) or None
   results = []
   for v in variants:
     n = v.calib_batches or cfg.calib_batches or v.cfg.calib_batches
-    stats, calib_s = stats_for(n, select_for(v.cfg, params)) if v.cfg.rules else (None, 0.0)
+    stats, calib_s = stats_for(n, select_for(v.cfg, params), hessian) if v.cfg.rules else (None, 0.0)
     t = time.perf_counter()
     packed = quantize_params(params, v.cfg, stats)
     jax.block_until_ready(packed)

@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from duquant_jax.gptq import densify
 from duquant_jax.rotations import random_orthogonal
 from duquant_jax.treepath import copy_dicts as _copy_dicts
 from duquant_jax.treepath import get_path as _get
@@ -244,11 +245,12 @@ def _rotate_values(out: Params, key: jax.Array) -> Optional[jax.Array]:
 
 @dataclasses.dataclass(frozen=True)
 class SampleStats:
-  """What `quantize_params` reads of a linear's input statistics: `absmax` (stack..., K) and
-  `samples` (stack..., R, K) calibration rows."""
+  """What `quantize_params` reads of a linear's input statistics: `absmax` (stack..., K),
+  `samples` (stack..., R, K) calibration rows and, for GPTQ, `hessian` (stack..., 1, K, K)."""
 
   absmax: jax.Array
   samples: jax.Array
+  hessian: Optional[jax.Array] = None
 
 
 def rotate_stats(stats: Any, params: Params, rotations: Rotations) -> Optional[dict]:
@@ -282,20 +284,32 @@ def rotate_stats(stats: Any, params: Params, rotations: Rotations) -> Optional[d
       g = g[:, None, :] if g.ndim == 2 else g
       for path in paths:
         if path in out:
-          x = jnp.asarray(out[path].samples, jnp.float32) / g
-          out[path] = _sample_stats(walsh_hadamard(x * s, -1))
+          f = lambda x, g=g, s=s: walsh_hadamard(x / g * s, -1)
+          out[path] = _sample_stats(f(jnp.asarray(out[path].samples, jnp.float32)),
+                                    _map_hessian(getattr(out[path], "hessian", None), f))
   if rotations.values is not None:
     r = rotations.values
     for path in vec_paths:
       if path in out:
-        x = jnp.asarray(out[path].samples, jnp.float32)  # (L, R, N * H), (N, H) order
-        lay, rows, k = x.shape
-        h = r.shape[-1]
-        x = jnp.einsum("lrnh,lhg->lrng", x.reshape(lay, rows, k // h, h), r,
-                       precision=jax.lax.Precision.HIGHEST).reshape(lay, rows, k)
-        out[path] = _sample_stats(x)
+        def f(x, r=r):  # (L, R, N * H), (N, H) order
+          lay, rows, k = x.shape
+          h = r.shape[-1]
+          return jnp.einsum("lrnh,lhg->lrng", x.reshape(lay, rows, k // h, h), r,
+                            precision=jax.lax.Precision.HIGHEST).reshape(lay, rows, k)
+        out[path] = _sample_stats(f(jnp.asarray(out[path].samples, jnp.float32)),
+                                  _map_hessian(getattr(out[path], "hessian", None), f))
   return out
 
 
-def _sample_stats(x: jax.Array) -> SampleStats:
-  return SampleStats(absmax=jnp.max(jnp.abs(x), axis=-2), samples=x)
+def _sample_stats(x: jax.Array, hessian: Optional[jax.Array] = None) -> SampleStats:
+  return SampleStats(absmax=jnp.max(jnp.abs(x), axis=-2), samples=x, hessian=hessian)
+
+
+def _map_hessian(h: Optional[jax.Array], f) -> Optional[jax.Array]:
+  """The Hessian (stack..., NB, HB, HB) of x M from that of x, for a linear row map f(x) = x M:
+  M^T H M = f(f(H)^T)^T, made dense -> (stack..., 1, K, K)."""
+  if h is None:
+    return None
+  dense = densify(h) if h.ndim == 3 else jax.vmap(densify)(h)
+  m = f(jnp.swapaxes(f(dense), -1, -2))
+  return (0.5 * (m + jnp.swapaxes(m, -1, -2)))[..., None, :, :]

@@ -10,7 +10,9 @@ Stronger Quantized LLMs", NeurIPS 2024) with the corrections of DESIGN.md sectio
      permutation, block rotation R2, all batched over layers and blocks;
   3. the weight W' = T^T diag(lam) W is quantized per output channel / head / group to int4,
      symmetric or asymmetric, with a per-channel clip searched to minimise output MSE on the
-     transformed calibration activations;
+     transformed calibration activations; the codes are then rounded to nearest or, where the
+     rule asks (`rounding="gptq"`), by GPTQ against the Hessian of the transformed input
+     (`duquant_jax.gptq`);
   4. the result is a `PackedLinear` at the weight's path; activations are quantized per token to
      int8 at run time.
 Token embedding tables matching an `EmbeddingRule` become `PackedEmbedding`s (weight-only, row-wise;
@@ -34,6 +36,7 @@ import numpy as np
 
 from duquant_jax.config import LayerRule, QuantConfig, match_rules
 from duquant_jax.embedding import PackedEmbedding, quantize_embedding
+from duquant_jax.gptq import gptq_codes, transform_hessian
 from duquant_jax.kernels import xla
 from duquant_jax.layouts import LinearLayout, embedding_paths, linear_layouts, to_2d_perm
 from duquant_jax.model_rotation import rotate_residual, rotate_stats, rotated_readers
@@ -316,9 +319,9 @@ def _scale_tile(rule: LayerRule, layout: LinearLayout) -> tuple[int, int]:
 
 
 @functools.partial(jax.jit, static_argnames=("layout", "rule", "rows", "cols"))
-def _pack_one(w_l, t_l, r_l, x_l, *, layout, rule, rows, cols):
+def _pack_one(w_l, t_l, r_l, x_l, h_l, *, layout, rule, rows, cols):
   """Folds the transform into one layer's weight and quantizes it: codes (N, K) (int4 up to 4 bits,
-  else int8), scale, zero."""
+  else int8), scale, zero. `h_l` (NB, HB, HB): the untransformed input's Hessian, for GPTQ."""
   w2 = to_2d(w_l, layout)
   x2 = None
   if t_l is not None:
@@ -336,26 +339,54 @@ def _pack_one(w_l, t_l, r_l, x_l, *, layout, rule, rows, cols):
   codes, scale, zero = quantize_weight(w2.T, x2, bits=rule.weight_bits,
                                        symmetric=rule.weight_symmetric, rows=rows, cols=cols,
                                        clip_grid=clip_grid)
+  if h_l is not None:
+    # GPTQ keeps the scales the clip search chose and re-chooses the codes, in the basis they live
+    # in: the Hessian of the transformed input x M is M^T H M. (The output rotation acts on rows,
+    # which GPTQ treats independently.)
+    if t_l is not None:
+      apply = functools.partial(t_l.apply, precision=jax.lax.Precision.HIGHEST)
+      h_l = transform_hessian(h_l, apply, h_l.shape[0])
+    qmin, qmax = _qrange(rule.weight_bits, rule.weight_symmetric)
+    codes = gptq_codes(w2.T, h_l, scale, zero, qmin=qmin, qmax=qmax, damp=rule.gptq_damp,
+                       block=rule.gptq_block)
   return codes.astype(_codes_dtype(rule.weight_bits)), scale, zero
 
 
-def _pack_layers(w, transform, out_rot, samples, *, layout, rule, rows, cols):
+def _pack_layers(w, transform, out_rot, samples, hessian, *, layout, rule, rows, cols):
   """`_pack_one` on every stacked layer of w: (codes (stack..., N, K), scale, zero).
 
   A Python loop over the stack, one jitted call per layer: the float32 working set is one layer's
   (a whole-stack program let XLA keep float32 copies of the stack: gigabytes at full size), and
-  `w` may be a host array, read a layer at a time.
+  `w` may be a host array, read a layer at a time. `hessian` (stack..., NB, HB, HB) of the
+  untransformed input, for `rule.rounding == "gptq"`, else None.
   """
   ns = layout.num_stack
   pack = functools.partial(_pack_one, layout=layout, rule=rule, rows=rows, cols=cols)
   if ns == 0:
-    return pack(jnp.asarray(w), transform, out_rot, samples)
+    return pack(jnp.asarray(w), transform, out_rot, samples, hessian)
   if ns != 1:
     raise NotImplementedError(f"weights with {ns} stack axes ({layout.shape}) are not supported")
   take = lambda t, i: None if t is None else jax.tree.map(lambda a: a[i], t)
-  outs = [pack(jnp.asarray(w[i]), take(transform, i), take(out_rot, i), take(samples, i))
+  outs = [pack(jnp.asarray(w[i]), take(transform, i), take(out_rot, i), take(samples, i),
+               take(hessian, i))
           for i in range(layout.shape[0])]
   return tuple(None if parts[0] is None else jnp.stack(parts) for parts in zip(*outs))
+
+
+def _checked_hessian(hessian, layout: LinearLayout) -> jax.Array:
+  """The stats' Hessian (stack..., NB, HB, HB) as float32, checked against the layout."""
+  if hessian is None:
+    raise ValueError(f"{layout.path}: rounding='gptq' needs the input Hessian in the calibration "
+                     "stats; calibrate with CalibConfig(hessian=calibrate.hessian_for(cfg, params))")
+  hessian = jnp.asarray(hessian, jnp.float32)
+  k = layout.in_features
+  ok = (hessian.ndim == layout.num_stack + 3 and hessian.shape[:-3] == layout.stack_shape
+        and hessian.shape[-1] == hessian.shape[-2] and hessian.shape[-3] * hessian.shape[-1] == k)
+  if not ok:
+    raise ValueError(f"{layout.path}: Hessian of shape {hessian.shape} does not match the input "
+                     f"(expected {layout.stack_shape} + (NB, HB, HB) with NB * HB = K = {k})")
+  _check_finite(f"{layout.path}: Hessian", hessian)
+  return hessian
 
 
 def _codes_dtype(bits: Optional[int]):
@@ -468,7 +499,7 @@ def quantize_params(params: Params, cfg: QuantConfig, stats: Any = None, *,
                        f"{'smoothing' if lead.smooth_alpha is not None else 'the greedy rotation'}; "
                        "pass stats from duquant_jax.calibrate (or use rotation='random'/'none' and "
                        "smooth_alpha=None)")
-    absmax = samples = None
+    absmax = samples = hessian = None
     if st is not None:
       absmax = jnp.asarray(st.absmax, jnp.float32)
       samples = jnp.asarray(st.samples, jnp.float32)
@@ -477,6 +508,9 @@ def quantize_params(params: Params, cfg: QuantConfig, stats: Any = None, *,
       expect = layout0.stack_shape + (layout0.in_features,)
       if absmax.shape != expect:
         raise ValueError(f"stats[{layout0.path}].absmax has shape {absmax.shape}, expected {expect}")
+      hessian = getattr(st, "hessian", None)
+    if any(rules[m.path].rounding == "gptq" for m in active):
+      hessian = _checked_hessian(hessian, layout0)
 
     head_dim = layout0.head_dim if layout0.head_role == "in" else None
     if head_dim is not None and lead.rotation != "none":
@@ -541,7 +575,8 @@ def quantize_params(params: Params, cfg: QuantConfig, stats: Any = None, *,
       x_clip = None
       if samples is not None and rule.clip_search:
         x_clip = samples[..., :rule.clip_rows, :]
-      codes, scale, zero = _pack_layers(weights[m.path], fold, out_rot, x_clip,
+      h = hessian if rule.rounding == "gptq" else None
+      codes, scale, zero = _pack_layers(weights[m.path], fold, out_rot, x_clip, h,
                                         layout=_shape_key(m), rule=rule, rows=rows, cols=cols)
       if rule.compact and rule.weight_bits is not None:
         scale = scale.astype(jnp.float16)  # 2^-11 relative: far below a 4-bit step

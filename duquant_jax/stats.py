@@ -16,11 +16,14 @@ stream of batches in constant memory:
                              without replacement of all valid rows, identical across the L layers;
   sample_priority (R,)       the reservoir's keys (-inf for a slot not filled yet);
   count         ()           valid rows (tokens) seen;
-  step_absmax   (S, L, K)    optional: max |x| per flow step (action expert only), else None.
+  step_absmax   (S, L, K)    optional: max |x| per flow step (action expert only), else None;
+  hessian       (L, NB, HB, HB) optional: X^T X in float32, for GPTQ rounding (`duquant_jax.gptq`),
+                             as NB diagonal blocks of HB channels (K = NB * HB; NB = 1 is the full
+                             Hessian), so its memory is L * K * HB * 4 bytes, not L * K^2 * 4.
 
 Axes: L layers (the `nn.scan` depth axis; absent for an unstacked linear), K the flattened contraction
 size of the linear's input (attention output: K = N * H in (N, H) order), N rows (tokens), R reservoir
-rows, S flow steps, NB histogram bins.
+rows, S flow steps, NB histogram bins (and Hessian blocks), HB channels per Hessian block.
 
 Counts are int32: a stream of at most 2**31 - 1 tokens per linear.
 """
@@ -86,6 +89,7 @@ class ChannelStats:
   sample_priority: jax.Array
   count: jax.Array
   step_absmax: jax.Array | None = None
+  hessian: jax.Array | None = None
   spec: HistSpec = flax.struct.field(pytree_node=False, default=HistSpec())
   stacked: bool = flax.struct.field(pytree_node=False, default=True)  # leading L axis present
 
@@ -100,9 +104,18 @@ class ChannelStats:
 
 
 def init_channel_stats(*, num_layers: int, num_channels: int, num_samples: int, spec: HistSpec,
-                       num_steps: int | None = None) -> ChannelStats:
-  """Empty stats with an explicit L axis (use L = 1 and `squeeze_layers` for an unstacked linear)."""
+                       num_steps: int | None = None,
+                       hessian_block: int | None = None) -> ChannelStats:
+  """Empty stats with an explicit L axis (use L = 1 and `squeeze_layers` for an unstacked linear).
+
+  `hessian_block` HB (must divide K): keep the Hessian as K / HB diagonal blocks; None: no Hessian.
+  """
   l, k, r = num_layers, num_channels, num_samples
+  hessian = None
+  if hessian_block is not None:
+    if k % hessian_block:
+      raise ValueError(f"hessian_block {hessian_block} does not divide the input width K={k}")
+    hessian = jnp.zeros((l, k // hessian_block, hessian_block, hessian_block), jnp.float32)
   return ChannelStats(
       absmax=jnp.zeros((l, k), jnp.float32), sum_sq=jnp.zeros((l, k), jnp.float32),
       hist=jnp.zeros((l, k, spec.num_bins), jnp.int32),
@@ -110,7 +123,7 @@ def init_channel_stats(*, num_layers: int, num_channels: int, num_samples: int, 
       samples=jnp.zeros((l, r, k), jnp.float32),
       sample_priority=jnp.full((r,), -jnp.inf, jnp.float32), count=jnp.zeros((), jnp.int32),
       step_absmax=None if num_steps is None else jnp.zeros((num_steps, l, k), jnp.float32),
-      spec=spec, stacked=True)
+      hessian=hessian, spec=spec, stacked=True)
 
 
 def masked_absmax(rows: jax.Array, mask: jax.Array) -> jax.Array:
@@ -160,8 +173,14 @@ def accumulate(stats: ChannelStats, rows: jax.Array, mask: jax.Array,
   cand = jnp.concatenate([stats.sample_priority, jnp.where(mask, priority, -jnp.inf)])
   keep_priority, keep = jax.lax.top_k(cand, r)
   samples = jnp.take(jnp.concatenate([stats.samples, x], axis=1), keep, axis=1)
+  hessian = stats.hessian
+  if hessian is not None:
+    l, n, k = x.shape
+    nb, hb = hessian.shape[1:3]
+    xb = jnp.where(mask[None, :, None], x, 0.0).reshape(l, n, nb, hb)
+    hessian = hessian + jnp.einsum("LNBI,LNBJ->LBIJ", xb, xb, precision=jax.lax.Precision.HIGHEST)
   return stats.replace(absmax=absmax, sum_sq=sum_sq, hist=hist, token_hist=token_hist,
-                       samples=samples, sample_priority=keep_priority,
+                       samples=samples, sample_priority=keep_priority, hessian=hessian,
                        count=stats.count + jnp.sum(mask, dtype=jnp.int32))
 
 
@@ -182,7 +201,11 @@ def merge(a: ChannelStats, b: ChannelStats) -> ChannelStats:
   keep_priority, keep = jax.lax.top_k(jnp.concatenate([a.sample_priority, b.sample_priority]), r)
   samples = jnp.take(jnp.concatenate([a.samples, b.samples], axis=s_axis), keep, axis=s_axis)
   step = None if a.step_absmax is None else jnp.maximum(a.step_absmax, b.step_absmax)
-  return a.replace(absmax=jnp.maximum(a.absmax, b.absmax), sum_sq=a.sum_sq + b.sum_sq,
+  if (a.hessian is None) != (b.hessian is None) or (
+      a.hessian is not None and a.hessian.shape != b.hessian.shape):
+    raise ValueError("cannot merge stats with and without a Hessian (or of other Hessian blocks)")
+  hessian = None if a.hessian is None else a.hessian + b.hessian
+  return a.replace(hessian=hessian, absmax=jnp.maximum(a.absmax, b.absmax), sum_sq=a.sum_sq + b.sum_sq,
                    hist=a.hist + b.hist, token_hist=a.token_hist + b.token_hist, samples=samples,
                    sample_priority=keep_priority, count=a.count + b.count, step_absmax=step)
 
@@ -193,6 +216,7 @@ def squeeze_layers(stats: ChannelStats) -> ChannelStats:
   step = None if stats.step_absmax is None else stats.step_absmax[:, 0]
   return stats.replace(absmax=sq(stats.absmax), sum_sq=sq(stats.sum_sq), hist=sq(stats.hist),
                        token_hist=sq(stats.token_hist), samples=sq(stats.samples), step_absmax=step,
+                       hessian=sq(stats.hessian),
                        stacked=False)
 
 
@@ -262,6 +286,8 @@ def to_tree(stats: ChannelStats) -> dict[str, Any]:
                                           "sample_priority", "count")}
   if stats.step_absmax is not None:
     tree["step_absmax"] = stats.step_absmax
+  if stats.hessian is not None:
+    tree["hessian"] = stats.hessian
   s = stats.spec
   tree["spec"] = np.array([s.min_exp, s.max_exp, s.bins_per_octave], np.int32)
   tree["stacked"] = np.array(int(stats.stacked), np.int32)
@@ -274,6 +300,8 @@ def from_tree(tree: dict[str, Any]) -> ChannelStats:
   fields = {f: jnp.asarray(tree[f]) for f in ("absmax", "sum_sq", "hist", "token_hist", "samples",
                                               "sample_priority", "count")}
   step = tree.get("step_absmax")
+  hessian = tree.get("hessian")
   return ChannelStats(**fields, step_absmax=None if step is None else jnp.asarray(step),
+                      hessian=None if hessian is None else jnp.asarray(hessian),
                       spec=HistSpec(min_exp=min_exp, max_exp=max_exp, bins_per_octave=bpo),
                       stacked=bool(int(np.asarray(tree["stacked"]))))

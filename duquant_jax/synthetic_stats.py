@@ -11,14 +11,27 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from duquant_jax.gptq import hessian_block_for
 from duquant_jax.layouts import linear_layouts
 
 
 class SyntheticStats:
-  """`absmax` (stack..., K) and `samples` (stack..., R, K) per linear, sharing inputs like the model."""
+  """`absmax` (stack..., K) and `samples` (stack..., R, K) per linear, sharing inputs like the model,
+  and for GPTQ rules `hessian` (stack..., NB, HB, HB): X^T X of the samples in diagonal blocks of at
+  most `HESSIAN_BLOCK` channels, computed when read (as `calibrate` keeps it)."""
 
   def __init__(self, absmax, samples):
     self.absmax, self.samples = absmax, samples
+
+  @property
+  def hessian(self):
+    k = self.samples.shape[-1]
+    hb = hessian_block_for(k, HESSIAN_BLOCK)
+    x = self.samples.reshape(*self.samples.shape[:-1], k // hb, hb)
+    return jnp.einsum("...RBI,...RBJ->...BIJ", x, x)
+
+
+HESSIAN_BLOCK = 2048  # as `CalibConfig.hessian_block`
 
 
 def synthetic_stats(params, select: str | None = None, *, rows: int = 64,

@@ -234,8 +234,9 @@ def main():
                        "activation side made free (GemmOnlyLinear: no transform, int8 by a cast): "
                        "the floor of fusing transforms and quantizers into these matmuls (first preset only)")
   ap.add_argument("--no-clip-search", action="store_true",
-                  help="speed only: pack without the weight clip search (the same program and "
-                       "bytes with other codes; full-size packing takes ~90 s with it)")
+                  help="speed only: pack without the weight clip search and with round-to-nearest "
+                       "in place of GPTQ (the same program and bytes with other codes; "
+                       "full-size packing takes ~90 s with the search)")
   ap.add_argument("--breakdown", action="store_true",
                   help="also time 1-step calls: prefix ~ t(1) - step, step = (t(10) - t(1)) / 9")
   args = ap.parse_args()
@@ -257,7 +258,7 @@ def main():
       cfg = bench_config(preset, args.all_linears)
       if args.no_clip_search:
         cfg = dataclasses.replace(cfg, rules=tuple(
-            dataclasses.replace(r, clip_search=False) for r in cfg.rules))
+            dataclasses.replace(r, clip_search=False, rounding="nearest") for r in cfg.rules))
       if args.permutation is not None:
         cfg = dataclasses.replace(cfg, rules=tuple(
             dataclasses.replace(r, permutation=args.permutation) for r in cfg.rules))

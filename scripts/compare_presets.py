@@ -16,7 +16,8 @@ from duquant_jax.quantize import quantize_params, summarize
 m = sys.argv[1] if len(sys.argv) > 1 else 'pi0'
 pol = get_policy(m, 'demo'); params = realistic_params(pol, 0)
 batches = calibration_batches(pol, params, jax.random.key(0), num_batches=16, batch_size=2)
-stats = calibrate(pol, params, batches, CalibConfig(progress=False), rng=jax.random.key(1))
+# Hessians of every Gemma linear: `recommended` and `fast` round with GPTQ.
+stats = calibrate(pol, params, batches, CalibConfig(progress=False, hessian=".*"), rng=jax.random.key(1))
 obs = pol.example_observation(jax.random.key(99), 8)
 f = jax.jit(pol.sample_actions)
 a_fp = f(params, obs, jax.random.key(5))

@@ -113,3 +113,24 @@ def resolve(name: str) -> QuantConfig:
     return CANDIDATES[name]
   raise SystemExit(f"unknown preset / candidate {name!r}; presets: {', '.join(PRESETS)}; "
                    f"candidates: {', '.join(CANDIDATES)}")
+
+
+
+def rounded(cfg: QuantConfig, rounding: str, name: str | None = None) -> QuantConfig:
+  """`cfg` with `LayerRule.rounding` set on every quantizing rule ("nearest" or "gptq")."""
+  rules = tuple(r if r.skip else dataclasses.replace(r, rounding=rounding) for r in cfg.rules)
+  return dataclasses.replace(cfg, name=name or f"{cfg.name}+{rounding}", rules=rules)
+
+
+# GPTQ rounding (issue 20; EVALUATION.md, "GPTQ rounding"). `recommended` and `fast` round with
+# GPTQ since; `*nearest` are them as before, `*gptq` the same configs as the presets. Every Gemma
+# linear at W4A8 (the expert attention too, as `recommended`'s b16 DuQuant), with either rounding.
+CANDIDATES.update({
+    "recnearest": rounded(get_preset("recommended"), "nearest"),
+    "recgptq": rounded(get_preset("recommended"), "gptq"),
+    "fastnearest": rounded(get_preset("fast"), "nearest"),
+    "fastgptq": rounded(get_preset("fast"), "gptq"),
+    "deploygptq": rounded(get_preset("deploy"), "gptq"),
+    "recea": C("recommended + expert attention W4A8 b16", base + ea, emb=()),
+    "receagptq": rounded(C("recommended + expert attention W4A8 b16", base + ea, emb=()), "gptq"),
+})

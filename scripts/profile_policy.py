@@ -135,7 +135,8 @@ def main():
                   help="also list this many single ops with their result shapes")
   ap.add_argument("--no-bf16", action="store_true", help="skip the bf16 profile")
   ap.add_argument("--no-clip-search", action="store_true",
-                  help="pack without the weight clip search (same program, other codes)")
+                  help="pack without the weight clip search, rounding to nearest in place of GPTQ "
+                       "(same program, other codes)")
   ap.add_argument("--json", default=None)
   args = ap.parse_args()
   policy = get_policy(args.model, args.size)
@@ -143,7 +144,7 @@ def main():
   cfg = bench_config(args.preset, False)
   if args.no_clip_search:
     cfg = dataclasses.replace(cfg, rules=tuple(
-        dataclasses.replace(r, clip_search=False) for r in cfg.rules))
+        dataclasses.replace(r, clip_search=False, rounding="nearest") for r in cfg.rules))
   packed = jax.block_until_ready(quantize_params(params, cfg, synthetic_stats(params)))
   obs = make_observation(policy.cfg, jax.random.key(1), args.batch)
   fn = jax.jit(policy.sample_actions)

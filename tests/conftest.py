@@ -32,15 +32,21 @@ def demo_obs(demo):
 
 @functools.cache
 def demo_stats(model: str = "pi0", num_batches: int = 4):
-  """Calibration stats of the demo model from a few rollout batches, built once per session."""
+  """Calibration stats of the demo model from a few rollout batches, built once per session.
+
+  Every linear a preset quantizes is captured (SigLIP's too, for `fast`), with its input Hessian
+  (GPTQ rules: `recommended`, `fast`).
+  """
   from duquant_jax.calib_data import calibration_batches
-  from duquant_jax.calibrate import CalibConfig, calibrate
+  from duquant_jax.calibrate import CalibConfig, calibrate, select_for
+  from duquant_jax.config import get_preset
   policy = get_policy(model, "demo")
   params = demo_params(model)
   batches = calibration_batches(policy, params, jax.random.key(0), num_batches=num_batches,
                                 batch_size=2, num_chunks=4)
-  return calibrate(policy, params, batches, CalibConfig(progress=False, chunk_size=num_batches),
-                   rng=jax.random.key(1))
+  cfg = CalibConfig(progress=False, chunk_size=num_batches, hessian=".*",
+                    select=select_for(get_preset("fast"), params))
+  return calibrate(policy, params, batches, cfg, rng=jax.random.key(1))
 
 
 @functools.cache

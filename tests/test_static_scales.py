@@ -1,6 +1,7 @@
 """Static activation scales (`LayerRule.act_scale="static"`), folds into producers, the `fast` preset."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -105,11 +106,17 @@ def test_down_projection_smoothing_folds_into_the_up_projection():
   assert min(wrong.values()) > 0.1, wrong
 
 
+@functools.cache
+def _fast_packed(model):
+  """The demo model packed with `fast`, once per session (GPTQ makes the pack a few seconds)."""
+  return quantize_params(demo_params(model), get_preset("fast"), demo_stats(model))
+
+
 @pytest.mark.parametrize("model", ["pi0", "pi05"])
 def test_fast_preset_runs_nothing_online_and_bounds_the_error(model):
   params, stats = demo_params(model), demo_stats(model)
   cfg = get_preset("fast")
-  packed = quantize_params(params, cfg, stats)
+  packed = _fast_packed(model)
   linears = [v for v in jax.tree.leaves(packed, is_leaf=is_packed) if is_packed(v)]
   w4a8 = [v for v in linears if v.act_bits is not None]
   assert w4a8 and all(v.act_scale is not None and v.transform is None for v in w4a8)
@@ -148,7 +155,7 @@ def test_static_scales_survive_the_checkpoint_round_trip(tmp_path):
 def test_fast_packs_are_bit_identical_for_a_seed_and_differ_across_seeds():
   params, stats = demo_params("pi0"), demo_stats("pi0")
   cfg = get_preset("fast")
-  a, b = quantize_params(params, cfg, stats), quantize_params(params, cfg, stats)
+  a, b = _fast_packed("pi0"), quantize_params(params, cfg, stats)
   jax.tree.map(np.testing.assert_array_equal, a, b)
   c = quantize_params(params, dataclasses.replace(cfg, seed=1), stats)
   q = lambda t: np.asarray(t["PaliGemma"]["llm"]["layers"]["attn"]["q_einsum"]["w"].codes, np.int8)
@@ -160,7 +167,7 @@ def test_fast_mlps_run_fused_and_equal_the_unfused_form(model, monkeypatch):
   """Under `fast` the Gemma MLPs take `packed.gated_mlp` (one pass to the down projection's int8
   codes); in float32 it is the same arithmetic as gate/up -> gelu * up -> static quantizer."""
   from duquant_jax import packed as packed_mod
-  packed = quantize_params(demo_params(model), get_preset("fast"), demo_stats(model))
+  packed = _fast_packed(model)
   fused_calls = []
   real = packed_mod.gated_mlp
 

@@ -7,6 +7,7 @@ one `error: ...` line on stderr with exit code 2.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 import sys
@@ -160,6 +161,9 @@ def register(app: typer.Typer) -> None:
           "gemma_2b_lora / gemma_300m_lora; openpi's MLP LoRA is unscaled)"),
       lora_rslora: bool = typer.Option(False, "--lora-rslora",
                                        help="rank-stabilised LoRA: scaling alpha / sqrt(rank)"),
+      rounding: Optional[str] = typer.Option(
+          None, help="nearest or gptq for every rule (default: the preset's; gptq needs "
+          "calibration and costs packing time, BENCHMARKS.md)"),
       overwrite: bool = typer.Option(False, "--overwrite", "--force", help="replace DST")):
     """Quantizes an openpi float checkpoint (released, training state or LoRA fine-tune) to a
     packed W4A8 checkpoint. Written to a temporary sibling and renamed: never half-written."""
@@ -180,6 +184,11 @@ def register(app: typer.Typer) -> None:
         cfg = get_preset(preset)
       else:
         raise ValueError("give --preset NAME or --rules FILE.json")
+      if rounding is not None:
+        if rounding not in ("nearest", "gptq"):
+          raise ValueError(f"--rounding must be nearest or gptq, got {rounding!r}")
+        cfg = dataclasses.replace(cfg, rules=tuple(dataclasses.replace(r, rounding=rounding)
+                                                   for r in cfg.rules))
       lora = LoraSpec(alpha=lora_alpha, rslora=lora_rslora)
       if pathlib.Path(dst).exists() and not overwrite:
         raise FileExistsError(f"{dst} already exists (pass --overwrite to replace it)")
@@ -201,7 +210,8 @@ def register(app: typer.Typer) -> None:
       typer.echo("source: " + "; ".join(found))
 
       stats = None
-      needs_stats = any(not r.skip and (r.smooth_alpha is not None or r.rotation == "greedy")
+      needs_stats = any(not r.skip and (r.smooth_alpha is not None or r.rotation == "greedy"
+                                        or r.rounding == "gptq" or r.act_scale == "static")
                         for r in cfg.rules)
       calibrating = (needs_stats or calib is not None or calib_from is not None) and stats_from is None
       if stats_from is not None:

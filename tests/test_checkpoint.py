@@ -200,6 +200,7 @@ def test_cli_end_to_end(tmp_path, capsys):
   for args, msg in [
       (["convert", fp, q, "--preset", "w4a8-rtn"], "already exists"),
       (["convert", fp, tmp_path / "x", "--preset", "nope"], "unknown preset"),
+      (["convert", fp, tmp_path / "x", "--preset", "w4a8-rtn", "--rounding", "up"], "--rounding"),
       (["convert", tmp_path / "nothing", tmp_path / "x", "--preset", "w4a8-rtn"], "no such"),
       (["convert", fp, tmp_path / "x", "--preset", "w4a8-rtn", "--size", "dummy"], "layout"),
       (["inspect", fp], "not a duquant-jax packed one"),

@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 
 from duquant_jax.embedding import PackedEmbedding
-from duquant_jax.models.gemma import packed_dense_interceptor
+from duquant_jax.models.gemma import linear, packed_dense_interceptor
 from duquant_jax.models.layout_table import path_str
 from duquant_jax.packed import PackedLinear, gated_mlp
 
@@ -100,13 +100,6 @@ def _refuse_lora(module: nn.Module, packed: dict[str, Any]) -> None:
         f"{sorted(packed)}; merge LoRA into the base weights before quantizing")
 
 
-def _apply(eqn: str, x: jax.Array, w: Any) -> jax.Array:
-  """einsum(eqn, x, w): packed through its own W4A8 einsum, float cast to x's dtype (openpi)."""
-  if isinstance(w, PackedLinear):
-    return w.einsum(eqn, x)
-  return jnp.einsum(eqn, x, jnp.asarray(w).astype(x.dtype))
-
-
 def _run_einsum(module, packed, args, kwargs, memo: InputMemo | None) -> jax.Array:
   w = packed["w"]
   if not isinstance(w, PackedLinear):
@@ -131,8 +124,8 @@ def _run_gated_mlp(module, params: dict[str, Any], x: jax.Array) -> jax.Array:
   x3 = x.reshape(1, math.prod(x.shape[:-1]), d)  # BTD with all leading axes as T
   y = gated_mlp(w_gating, w_linear, x3)  # the fused form where the packed format allows it
   if y is None:
-    gate, up = _apply(_GATING_EQN, x3, w_gating)
-    y = _apply(_DOWN_EQN, nn.gelu(gate) * up, w_linear)
+    gate, up = linear(_GATING_EQN, x3, w_gating)
+    y = linear(_DOWN_EQN, nn.gelu(gate) * up, w_linear)
   return y.reshape(x.shape[:-1] + (y.shape[-1],))
 
 

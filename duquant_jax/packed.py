@@ -322,6 +322,7 @@ def gated_mlp(w_gating: Any, w_linear: Any, x: jax.Array) -> Optional[jax.Array]
   g, l = w_gating, w_linear
   if not (g.w_spec == "2DF" and l.w_spec == "FD" and g.codes.ndim == 2 and l.codes.ndim == 2
           and g.mode == "int" and l.mode == "int" and g.codes.dtype == jnp.int4
+          and l.codes.dtype in (jnp.int4, jnp.int8)
           and g.out_rot is None and g.scale.shape[-1] == 1 and g.act_bits == 8 and g.quantizes(m)
           and l.act_scale is not None and l.act_bits == 8 and l.transform is None
           and l.quantizes(m) and 2 * l.in_features == g.out_features and g.in_features == d):

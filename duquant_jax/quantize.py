@@ -583,7 +583,7 @@ def quantize_params(params: Params, cfg: QuantConfig, stats: Any = None, *,
         zero = None if zero is None else zero.astype(jnp.int8)  # integer-valued in the code range
       act_scale, act_zero = static if rule.act_bits is not None else (None, None)
       packed = PackedLinear(
-          codes=codes.astype(_codes_dtype(rule.weight_bits)), scale=scale, zero=zero,
+          codes=codes, scale=scale, zero=zero,
           transform=online, out_rot=out_rot, w_shape=m.weight_shape, w_spec=m.w_spec,
           bits=rule.weight_bits, act_bits=rule.act_bits, act_symmetric=rule.act_symmetric,
           act_clip=rule.act_clip, act_min_tokens=rule.act_min_tokens, mode=cfg.mode,

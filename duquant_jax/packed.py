@@ -240,9 +240,10 @@ class PackedLinear:
       y = restore_output(y, one.out_rot)
     return y.astype(dtype)
 
-  def gated_mlp(self, w_gating: Any, x: jax.Array) -> Optional[jax.Array]:
+  def gated_mlp(self, w_gating: Any, x: jax.Array,
+                layer: Optional[jax.Array] = None) -> Optional[jax.Array]:
     """This down projection's Gemma MLP in one fused form (`gated_mlp`), or None."""
-    return gated_mlp(w_gating, self, x)
+    return gated_mlp(w_gating, self, x, layer)
 
   def einsum(self, eqn: str, x: jax.Array, memo: Optional[dict] = None,
              layer: Optional[jax.Array] = None) -> jax.Array:
@@ -296,7 +297,8 @@ def apply_packed(w: PackedLinear, x: jax.Array) -> jax.Array:
   return y.reshape(*x.shape[:-1], w.out_features)
 
 
-def gated_mlp(w_gating: Any, w_linear: Any, x: jax.Array) -> Optional[jax.Array]:
+def gated_mlp(w_gating: Any, w_linear: Any, x: jax.Array,
+              layer: Optional[jax.Array] = None) -> Optional[jax.Array]:
   """A Gemma MLP `linear(gelu(gate) * up)` ("BTD,2DF->2BTF", then "BTF,FD->BTD") on packed
   weights with its hidden activation never in float memory, or None where that form does not apply.
 
@@ -311,6 +313,8 @@ def gated_mlp(w_gating: Any, w_linear: Any, x: jax.Array) -> Optional[jax.Array]
   Args:
     w_gating: the (2, D, F) gate/up weight; w_linear: the (F, D) down projection.
     x: (..., D) input of the MLP.
+    layer: None, or a traced int32 scalar: both weights are stacked over one leading layer axis
+      and this layer is applied (the kernels read it in place).
 
   Returns:
     (..., D) in x's dtype, or None.
@@ -319,7 +323,13 @@ def gated_mlp(w_gating: Any, w_linear: Any, x: jax.Array) -> Optional[jax.Array]
     return None
   d = x.shape[-1]
   m = math.prod(x.shape[:-1])
-  g, l = w_gating, w_linear
+  ndim = 2 if layer is None else 3
+  stacked_g, stacked_l = w_gating, w_linear
+  if not (stacked_g.codes.ndim == ndim and stacked_l.codes.ndim == ndim):
+    return None
+  # The per-layer fields (static scales, flags); the stacked codes and scales go to the kernels.
+  g, l = (w_gating, w_linear) if layer is None else (w_gating.at_layer(layer),
+                                                      w_linear.at_layer(layer))
   if not (g.w_spec == "2DF" and l.w_spec == "FD" and g.codes.ndim == 2 and l.codes.ndim == 2
           and g.mode == "int" and l.mode == "int" and g.codes.dtype == jnp.int4
           and l.codes.dtype in (jnp.int4, jnp.int8)
@@ -330,14 +340,15 @@ def gated_mlp(w_gating: Any, w_linear: Any, x: jax.Array) -> Optional[jax.Array]
   from duquant_jax import kernels
   xq, sx, zx = g.quantize_input(x.reshape(m, d))
   impl = g.matmul_impl if g.matmul_impl in (None, "mosaic") else "xla"
-  hq = kernels.gated_w4a8(xq, sx, zx, g.codes, _f32(g.scale), _f32(g.zero), l.act_scale,
-                          l.act_zero, implementation=impl)
+  hq = kernels.gated_w4a8(xq, sx, zx, stacked_g.codes, _f32(stacked_g.scale),
+                          _f32(stacked_g.zero), l.act_scale, l.act_zero, implementation=impl,
+                          layer=layer)
   sh = jnp.broadcast_to(l.act_scale.reshape(1, 1).astype(jnp.float32), (m, 1))
   zh = None if l.act_zero is None else jnp.broadcast_to(
       l.act_zero.reshape(1, 1).astype(jnp.float32), (m, 1))
   out_dtype = jnp.float32 if l.out_rot is not None else x.dtype
-  y = _int_matmul(hq, sh, zh, l.codes, _f32(l.scale), _f32(l.zero), implementation=l.matmul_impl,
-                  out_dtype=out_dtype)
+  y = _int_matmul(hq, sh, zh, stacked_l.codes, _f32(stacked_l.scale), _f32(stacked_l.zero),
+                  implementation=l.matmul_impl, out_dtype=out_dtype, layer=layer)
   if l.out_rot is not None:
     y = restore_output(y, l.out_rot)
   return y.astype(x.dtype).reshape(*x.shape[:-1], l.out_features)

@@ -180,9 +180,11 @@ def _time_variants(args, variants, policy, bf16, params, packed, obs, cfg, s, pa
     if "noshare" in share:
       packed_v = unshared_inputs(packed_v)
       transform = f"{transform}/noshare"
-    if "inplace" in share:  # stacked layer weights read in place (Pi0Config.stacked_in_place)
-      policy_v = dataclasses.replace(policy, cfg=dataclasses.replace(policy.cfg, stacked_in_place=True))
-      transform = f"{transform}/inplace"
+    for flag, name in ((True, "inplace"), (False, "sliced")):
+      if name in share:  # stacked layer weights read in place or sliced (Pi0Config.stacked_in_place)
+        policy_v = dataclasses.replace(policy, cfg=dataclasses.replace(policy.cfg,
+                                                                       stacked_in_place=flag))
+        transform = f"{transform}/{name}"
     if "unfused" in share:
       transform = f"{transform}/unfused"
     with _unfused_mlps("unfused" in share):
@@ -217,13 +219,14 @@ def main():
   ap.add_argument("--repeats", type=int, default=20)
   ap.add_argument("--json", default=None)
   ap.add_argument("--variants", default="auto/auto",
-                  help="comma list of MATMUL/TRANSFORM[/noshare][/inplace] dispatch choices for the "
-                       "packed policy (kernels.IMPLEMENTATIONS / kernels.TRANSFORM_IMPLEMENTATIONS, or "
-                       "auto for the library's choice; noshare: every linear quantizes its input "
-                       "alone, as before shared input groups; inplace: Pi0Config(stacked_in_place="
-                       "True), stacked layer weights read in place at a layer index; unfused: Gemma MLPs as "
-                       "two linears, not the fused gated_mlp), "
-                       "e.g. auto/auto,xla_bf16/xla_reduce,auto/auto/noshare,auto/auto/inplace")
+                  help="comma list of MATMUL/TRANSFORM[/noshare][/inplace|/sliced][/unfused] "
+                       "dispatch choices for the packed policy (kernels.IMPLEMENTATIONS / "
+                       "kernels.TRANSFORM_IMPLEMENTATIONS, or auto for the library's choice; "
+                       "noshare: every linear quantizes its input alone; inplace / sliced: "
+                       "Pi0Config(stacked_in_place=True / False), stacked layer weights read in "
+                       "place at a layer index (the default) or sliced per layer; unfused: Gemma "
+                       "MLPs as two linears, not the fused gated_mlp), "
+                       "e.g. auto/auto,auto/auto/sliced,auto/auto/unfused")
   ap.add_argument("--permutation", default=None, help="override the rules' permutation (e.g. none)")
   ap.add_argument("--unroll", default="off",
                   help="comma list of off,on: layer scans as while loops (openpi) or unrolled; both "
@@ -245,8 +248,8 @@ def main():
   mm_ok = ["auto"] + [i for i in kernels.IMPLEMENTATIONS if i]
   tr_ok = ["auto"] + [i for i in kernels.TRANSFORM_IMPLEMENTATIONS if i]
   if any(len(v) < 2 or v[0] not in mm_ok or v[1] not in tr_ok
-         or not set(v[2:]) <= {"noshare", "inplace", "unfused"} for v in variants):
-    ap.error(f"--variants must be MATMUL/TRANSFORM[/noshare][/inplace][/unfused] ({'|'.join(mm_ok)} / {'|'.join(tr_ok)}), "
+         or not set(v[2:]) <= {"noshare", "inplace", "sliced", "unfused"} for v in variants):
+    ap.error(f"--variants must be MATMUL/TRANSFORM[/noshare][/inplace|/sliced][/unfused] ({'|'.join(mm_ok)} / {'|'.join(tr_ok)}), "
              f"got {args.variants!r}")
   rows = []
   for model in args.models.split(","):

@@ -43,12 +43,23 @@ def operands(m, k, n, key, copies):
 
 
 def check(m, k, n, tiles):
-  """Max |kernel - XLA| / max |XLA| (float32 out), symmetric and asymmetric."""
+  """Max |kernel - XLA| / max |XLA| (float32 out), symmetric and asymmetric.
+
+  Tilings whose float32 output tile does not fit shared memory are checked with bf16 output
+  against the reference rounded to bf16 (`bf16_sym`, `bf16_asym`: 0.0 when every element agrees).
+  """
   x, xq, sx, zx, qs, sw, zw = operands(m, k, n, jax.random.key(m + k), 1)
   out = {}
   for name, (zx_, zw_) in {"sym": (None, None), "asym": (zx, zw)}.items():
     ref = xla.w4a8_matmul(xq, sx, zx_, qs[0], sw, zw_)
-    y = mosaic_gpu.w4a8_matmul(xq, sx, zx_, qs[0], sw, zw_, out_dtype=jnp.float32, tiles=tiles)
+    try:
+      y = mosaic_gpu.w4a8_matmul(xq, sx, zx_, qs[0], sw, zw_, out_dtype=jnp.float32, tiles=tiles)
+    except ValueError as e:
+      if "shared memory" not in str(e):
+        raise
+      y = mosaic_gpu.w4a8_matmul(xq, sx, zx_, qs[0], sw, zw_, out_dtype=jnp.bfloat16, tiles=tiles)
+      ref, name = ref.astype(jnp.bfloat16).astype(jnp.float32), f"bf16_{name}"
+      y = y.astype(jnp.float32)
     out[name] = float(jnp.max(jnp.abs(y - ref)) / jnp.max(jnp.abs(ref)))
   return out
 
@@ -106,8 +117,7 @@ _SPEC_FIELDS = {"n": "tile_n", "m": "tile_m", "s": "stages", "k": "splits", "w":
 
 def parse_tiles(spec, m, n, k):
   """'auto', 'auto+s8+k2' (choose_tiles with fields replaced: n tile_n, m tile_m, s stages,
-  k splits, w compute warpgroups; +e waits for the vectors before the pipeline) or
-  'NxM[sS][kK][wW][e]'."""
+  k splits, w compute warpgroups) or 'NxM[sS][kK][wW]'."""
   import dataclasses
   import re
   if spec.startswith("auto"):

@@ -8,7 +8,7 @@ per call: wall time, summed GPU kernel time, kernel count, and the ops with the 
 single HLO ops with the most GPU time, with their result shapes from the compiled HLO, which says
 which layer a fusion belongs to.
 
-Usage (GPU): cd scripts && PYTHONPATH=.. python profile_policy.py [--model pi0] [--batch 1] [--top 25]
+Usage (GPU): cd scripts && PYTHONPATH=.. python profile_policy.py [--model pi0] [--batch 1,8] [--top 25]
              [--preset deploy] [--matmuls auto,xla] [--transform auto] [--no-bf16] [--by-op 40]
 """
 
@@ -120,7 +120,7 @@ def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--model", default="pi0")
   ap.add_argument("--size", default="full")
-  ap.add_argument("--batch", type=int, default=1)
+  ap.add_argument("--batch", default="1", help="batch size, or a comma list (one pack for all)")
   ap.add_argument("--preset", default="recommended")
   ap.add_argument("--calls", type=int, default=3)
   ap.add_argument("--top", type=int, default=25)
@@ -146,7 +146,6 @@ def main():
     cfg = dataclasses.replace(cfg, rules=tuple(
         dataclasses.replace(r, clip_search=False, rounding="nearest") for r in cfg.rules))
   packed = jax.block_until_ready(quantize_params(params, cfg, synthetic_stats(params)))
-  obs = make_observation(policy.cfg, jax.random.key(1), args.batch)
   fn = jax.jit(policy.sample_actions)
   out = {}
   trees = [] if args.no_bf16 else [("bf16", params)]
@@ -154,15 +153,18 @@ def main():
     trees.append((f"packed ({mm} / {args.transform})", with_implementations(
         packed, matmul=None if mm == "auto" else mm,
         transform=None if args.transform == "auto" else args.transform)))
-  for name, p in trees:
-    print(f"{name}:", flush=True)
-    fargs = (p, obs, jax.random.key(0))
-    compiled = fn.lower(*fargs).compile()  # profiled, and read for --by-op's shapes
-    wall, events = profile(compiled, fargs, args.calls)
-    out[name] = summarize(wall, events, args.calls, args.top, not args.no_group)
-    if args.by_op:
-      types = hlo_result_types(compiled.as_text())
-      out[name]["top_ops"] = top_ops(events, args.calls, args.by_op, types)
+  for batch in (int(b) for b in str(args.batch).split(",")):
+    obs = make_observation(policy.cfg, jax.random.key(1), batch)
+    for name, p in trees:
+      print(f"{name}, batch {batch}:", flush=True)
+      fargs = (p, obs, jax.random.key(0))
+      compiled = fn.lower(*fargs).compile()  # profiled, and read for --by-op's shapes
+      wall, events = profile(compiled, fargs, args.calls)
+      key = f"{name}, batch {batch}"
+      out[key] = summarize(wall, events, args.calls, args.top, not args.no_group)
+      if args.by_op:
+        types = hlo_result_types(compiled.as_text())
+        out[key]["top_ops"] = top_ops(events, args.calls, args.by_op, types)
   print(f"\ndevice={jax.devices()[0].device_kind} jax={jax.__version__}")
   if args.json:
     with open(args.json, "w") as f:

@@ -50,6 +50,14 @@ def demo_stats(model: str = "pi0", num_batches: int = 4):
 
 
 @functools.cache
+def fast_packed(model: str = "pi0"):
+  """The demo model packed with the `fast` preset (GPTQ: a few seconds), once per session."""
+  from duquant_jax.config import get_preset
+  from duquant_jax.quantize import quantize_params
+  return quantize_params(demo_params(model), get_preset("fast"), demo_stats(model))
+
+
+@functools.cache
 def held_out(model: str = "pi0", batch: int = 4):
   from duquant_jax.calib_data import calibration_batches
   policy = get_policy(model, "demo")

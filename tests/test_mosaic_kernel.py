@@ -163,3 +163,66 @@ def test_gated_dispatch_on_cpu_is_the_unfused_arithmetic(out_asym):
   ref = xla.quantize_static(h, scale, zero)[0]
   np.testing.assert_array_equal(np.asarray(hq), np.asarray(ref))
   assert hq.dtype == jnp.int8 and 10 < len(np.unique(np.asarray(hq)))  # not a degenerate range
+
+
+def _stacked_specs(m, k, n, layers, *, asym):
+  s, f32 = jax.ShapeDtypeStruct, jnp.float32
+  return _specs(m, k, n, asym=asym)[:3] + (
+      s((layers, n, k), jnp.int4), s((layers, n, 1), f32), s((layers, n, 1), f32) if asym else None,
+      s((), jnp.int32))
+
+
+@pytest.mark.parametrize("m,k,n", [(51, 1024, 4096), (51, 16384, 2048), (816, 16384, 2048),
+                                   (816, 2048, 16384)])
+def test_kernel_reading_a_stacked_layer_in_place_lowers_for_cuda(m, k, n):
+  """Every tiling regime (plain, split-K, warp-specialised, 128 x 128) takes the whole (L, N, K)
+  stack and the layer index: no slice of the codes or scales before the kernel."""
+  fn = lambda xq, sx, zx, q, sw, zw, i: mosaic_gpu.w4a8_matmul(xq, sx, zx, q, sw, zw, layer=i)
+  text = _cuda_module(fn, *_stacked_specs(m, k, n, 18, asym=True))
+  [call] = re.findall(r"custom_call @mosaic_gpu\w*\(.*", text)
+  assert re.search(rf"tensor<18x{n}x{k}xi4>", call) and not re.search(r"dynamic_slice", text)
+  gated = lambda xq, sx, zx, q, sw, zw, i: mosaic_gpu.gated_w4a8(
+      xq, sx, zx, q, sw, zw, jnp.ones((1,)), jnp.zeros((1,)), layer=i)
+  if n % 128 == 0:
+    assert re.search(rf"tensor<18x{n}x{k}xi4>", _cuda_module(gated, *_stacked_specs(m, k, n, 18, asym=True)))
+
+
+def test_kernel_refuses_a_layer_index_without_a_stack():
+  xq, sx = jnp.zeros((8, 256), jnp.int8), jnp.ones((8, 1))
+  with pytest.raises(ValueError, match="stacked"):
+    mosaic_gpu.w4a8_matmul(xq, sx, None, jnp.zeros((128, 256), jnp.int4), jnp.ones((128, 1)), None,
+                           layer=jnp.int32(0))
+  with pytest.raises(ValueError, match="pass the layer"):
+    mosaic_gpu.w4a8_matmul(xq, sx, None, jnp.zeros((2, 128, 256), jnp.int4),
+                           jnp.ones((2, 128, 1)), None)
+
+
+def _on_hopper():
+  return jax.default_backend() == "gpu" and str(
+      getattr(jax.devices()[0], "compute_capability", "")).startswith("9")
+
+
+@pytest.mark.skipif(not _on_hopper(), reason="runs the Mosaic GPU kernels: Hopper only")
+@pytest.mark.parametrize("m,k,n", [(51, 1024, 4096), (51, 4096, 1024), (408, 1024, 4096),
+                                   (816, 16384, 2048), (816, 2048, 16384)])
+def test_in_place_kernels_equal_the_reference_on_hopper(m, k, n):
+  layers, i = 4, 2
+  kx, kq, ks, kz = jax.random.split(jax.random.key(m + k), 4)
+  xq, sx, zx = xla.quantize_per_token(jax.random.normal(kx, (m, k)), symmetric=False)
+  q = jax.random.randint(kq, (layers, n, k), -8, 8).astype(jnp.int4)
+  sw = 0.01 + 0.01 * jax.random.uniform(ks, (layers, n, 1))
+  zw = jnp.round(4 * jax.random.uniform(kz, (layers, n, 1)) - 2)
+  y = jax.jit(lambda l: mosaic_gpu.w4a8_matmul(xq, sx, zx, q, sw, zw, out_dtype=jnp.float32,
+                                               layer=l))(jnp.int32(i))
+  ref = xla.w4a8_matmul(xq, sx, zx, q[i], sw[i], zw[i])
+  # Exact but for split-K, whose float32 partials are summed in another order.
+  tol = 0.0 if mosaic_gpu.choose_tiles(m, n, k).splits == 1 else 1e-6
+  assert float(jnp.max(jnp.abs(y - ref)) / jnp.max(jnp.abs(ref))) <= tol
+  if n % 128 == 0:
+    scale, zero = jnp.array([0.05]), jnp.array([3.0])
+    h = jax.jit(lambda l: mosaic_gpu.gated_w4a8(xq, sx, zx, q, sw, zw, scale, zero, layer=l))(
+        jnp.int32(i))
+    h_ref = mosaic_gpu.gated_reference(xq, sx, zx, q[i], sw[i], zw[i], scale, zero)
+    # tanh-gelu and rounding may put a value on the other side of a .5 boundary: one code.
+    d = jnp.abs(h.astype(jnp.int32) - h_ref.astype(jnp.int32))
+    assert int(jnp.max(d)) <= 1 and float(jnp.mean(d > 0)) < 1e-5

@@ -23,6 +23,8 @@ from duquant_jax.packed import PackedLinear
 from duquant_jax.quantize import quantize_params
 from duquant_jax.synthetic_stats import synthetic_stats
 
+from conftest import fast_packed
+
 
 @pytest.fixture(scope="module")
 def demo():
@@ -116,3 +118,57 @@ def test_in_place_policy_hands_the_kernel_the_whole_stack_on_cuda(demo):
   assert flow(in_place) and all(stacked_codes.search(c) for c in flow(in_place))
   assert len(flow(sliced)) == len(flow(in_place))
   assert sliced and not any(stacked_codes.search(c) for c in sliced)
+
+
+@pytest.fixture(scope="module")
+def fast_demo():
+  return get_policy("pi0", "demo"), fast_packed("pi0")
+
+
+def _in_place(policy, flag):
+  return dataclasses.replace(policy, cfg=dataclasses.replace(policy.cfg, stacked_in_place=flag))
+
+
+def test_in_place_fused_mlp_actions_equal_sliced_actions(fast_demo, monkeypatch):
+  policy, packed = fast_demo
+  obs = make_observation(policy.cfg, jax.random.key(1), 2)
+  from duquant_jax import packed as packed_mod
+  layers_seen = []
+  real = packed_mod.gated_mlp
+
+  def spy(w_gating, w_linear, x, layer=None):
+    y = real(w_gating, w_linear, x, layer)
+    layers_seen.append((layer is not None, y is not None))
+    return y
+
+  monkeypatch.setattr(packed_mod, "gated_mlp", spy)
+  run = lambda flag: np.asarray(jax.jit(_in_place(policy, flag).sample_actions)(
+      packed, obs, jax.random.key(2)))
+  sliced = run(False)
+  assert layers_seen and all(not stacked and fused for stacked, fused in layers_seen)
+  layers_seen.clear()
+  in_place = run(True)
+  # In place, every Gemma MLP still takes the fused form, now at a layer index of the stack.
+  assert layers_seen and all(stacked and fused for stacked, fused in layers_seen)
+  np.testing.assert_array_equal(in_place, sliced)
+
+
+def test_in_place_fast_policy_hands_the_mosaic_kernels_the_whole_stack_on_cuda(fast_demo):
+  policy, packed = fast_demo
+  obs = make_observation(policy.cfg, jax.random.key(1), 1)
+  tree = with_implementations(packed, matmul="mosaic")
+  triton = jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
+
+  def mosaic_calls(flag):
+    text = jax.export.export(jax.jit(_in_place(policy, flag).sample_actions), platforms=["cuda"],
+                             disabled_checks=[triton])(tree, obs, jax.random.key(2)).mlir_module()
+    return re.findall(r"custom_call @mosaic_gpu\w*\(.*", text)
+
+  depth = policy.cfg.llm.depth
+  stacked_codes = re.compile(rf"tensor<{depth}x\d+x\d+xi4>")
+  in_place, sliced = mosaic_calls(True), mosaic_calls(False)
+  # Every W4A8 Gemma linear (gate/up fused with gelu, down, attention output) gets the whole
+  # (L, N, K) stack and reads its layer in place; sliced, each gets one layer's copy.
+  assert in_place and len(in_place) == len(sliced)
+  assert all(stacked_codes.search(c) for c in in_place)
+  assert not any(stacked_codes.search(c) for c in sliced)

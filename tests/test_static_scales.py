@@ -1,14 +1,13 @@
 """Static activation scales (`LayerRule.act_scale="static"`), folds into producers, the `fast` preset."""
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import demo_params, demo_stats, held_out
+from conftest import demo_params, demo_stats, fast_packed, held_out
 from duquant_jax import checkpoint as ck
 from duquant_jax.config import LayerRule, QuantConfig, get_preset
 from duquant_jax.demo import action_rel_err
@@ -106,10 +105,7 @@ def test_down_projection_smoothing_folds_into_the_up_projection():
   assert min(wrong.values()) > 0.1, wrong
 
 
-@functools.cache
-def _fast_packed(model):
-  """The demo model packed with `fast`, once per session (GPTQ makes the pack a few seconds)."""
-  return quantize_params(demo_params(model), get_preset("fast"), demo_stats(model))
+_fast_packed = fast_packed
 
 
 @pytest.mark.parametrize("model", ["pi0", "pi05"])

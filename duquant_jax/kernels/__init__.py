@@ -23,9 +23,10 @@ H100 it measured 2-60x slower than XLA's chain at every shape (BENCHMARKS.md, "O
 `xla.weight_only_matmul`; the Pallas (Triton) weight-only kernel only when asked ("pallas"): on the
 H100 it lost to XLA in the policy (docs/journal.md, session 7).
 
-`w4a8_matmul(..., layer=i)` takes the stacked (L, N, K) codes of an `nn.scan` layer stack and a
-traced layer index: the Pallas kernel reads that layer in place (auto-dispatch on CUDA for small M,
-`stacked_preferred`), every other path slices it. `transform_only` is the online transform without
+`w4a8_matmul(..., layer=i)` and `gated_w4a8(..., layer=i)` take the stacked (L, N, K) codes of an
+`nn.scan` layer stack and a traced layer index: on Hopper the Mosaic kernels read that layer in
+place (`mosaic_in_place_preferred`), on other CUDA GPUs the Pallas kernel for small M
+(`stacked_preferred`); every other path slices it. `transform_only` is the online transform without
 the quantizer, for weight-only linears behind DuQuant's rotations (same forms and dispatch).
 
 Importing this package imports no GPU-only module: the Pallas modules are loaded when first traced.
@@ -78,9 +79,10 @@ def w4a8_matmul(xq: jax.Array, sx: jax.Array, zx: jax.Array | None, q: jax.Array
     implementation: None (auto), "xla" (int8 dot), "xla_bf16" (the same integer dot on bf16
       tensor cores, bit-identical), "mosaic" (Hopper kernel where it takes the shape, else XLA),
       "pallas" or "pallas_interpret".
-    layer: None, or a traced int32 scalar: which layer of the stacked arrays to use. The Pallas
-      kernel reads that layer in place; the other paths take a slice of it (which XLA copies when
-      its consumer is a GEMM). Auto-dispatch reads in place on CUDA where `stacked_preferred`.
+    layer: None, or a traced int32 scalar: which layer of the stacked arrays to use. The Mosaic
+      and Pallas kernels read that layer in place; the other paths take a slice of it (which XLA
+      copies when its consumer is a GEMM). Auto-dispatch reads in place on Hopper where
+      `mosaic_in_place_preferred`, on other CUDA GPUs where `stacked_preferred`.
 
   Returns:
     (M, N) array of out_dtype.
@@ -138,6 +140,12 @@ def _at_layer(xq, sx, zx, q, sw, zw, layer, out_dtype, implementation):
                                out_dtype=out_dtype, implementation=implementation)
   m, k = xq.shape
   n, g = sw.shape[-2:]
+  if mosaic_applies(m, n, k, g, q.dtype) and (implementation == "mosaic" or (
+      implementation is None and _is_hopper() and mosaic_in_place_preferred(m, n, k))):
+    from duquant_jax.kernels import mosaic_gpu
+    in_place = lambda: mosaic_gpu.w4a8_matmul(xq, sx, zx, q, sw, zw, out_dtype=out_dtype,
+                                              layer=layer)
+    return jax.lax.platform_dependent(cuda=in_place, default=sliced)
   if implementation is not None or not stacked_preferred(m, n, k, g, q.dtype):
     return sliced()
   return jax.lax.platform_dependent(cuda=kernel, default=sliced)
@@ -194,6 +202,14 @@ def mosaic_preferred(m: int, n: int, k: int) -> bool:
   return n * k >= 2**24 or (m >= 64 and n >= 1024 and n * k >= 2**21)
 
 
+def mosaic_in_place_preferred(m: int, n: int, k: int) -> bool:
+  """Whether auto-dispatch on a Hopper GPU runs a layer of a stacked weight with the Mosaic kernel,
+  reading it in place: where the kernel is preferred anyway (`mosaic_preferred`), and for any
+  weight of >= 2M codes, whose slice (a copy of >= 1 MB per layer and call, which XLA makes for
+  its own GEMM too) costs more than the kernel's fixed cost saves."""
+  return mosaic_preferred(m, n, k) or n * k >= 2**21
+
+
 def _is_hopper() -> bool:
   """Whether the default device is an NVIDIA GPU of compute capability 9.x (trace-time fact)."""
   if jax.default_backend() != "gpu":
@@ -232,7 +248,7 @@ def _auto(xq, sx, zx, q, sw, zw, out_dtype):
 
 def gated_w4a8(xq: jax.Array, sx: jax.Array, zx: jax.Array | None, q: jax.Array, sw: jax.Array,
                zw: jax.Array | None, out_scale: jax.Array, out_zero: jax.Array | None, *,
-               implementation: str | None = None) -> jax.Array:
+               implementation: str | None = None, layer: jax.Array | None = None) -> jax.Array:
   """A gated MLP's hidden activation as int8 codes: quantize_static(gelu(gate) * up).
 
   gate, up = the two halves of the float32 W4A8 product `xla.w4a8_matmul(xq, sx, zx, q, sw, zw)`
@@ -247,6 +263,9 @@ def gated_w4a8(xq: jax.Array, sx: jax.Array, zx: jax.Array | None, q: jax.Array,
     out_scale, out_zero: the hidden activation's static quantizer (out_zero None: symmetric).
     implementation: None (auto), "xla" (the reference ops) or "mosaic" (the kernel where it takes
       the shape, else the reference).
+    layer: None, or a traced int32 scalar: q, sw, zw are the stacked (L, 2F, K) / (L, 2F, 1)
+      arrays of an `nn.scan` layer stack, and the kernel reads this layer in place (auto-dispatch:
+      where `mosaic_in_place_preferred`); the reference takes a slice.
 
   Returns:
     (M, F) int8 codes.
@@ -255,16 +274,21 @@ def gated_w4a8(xq: jax.Array, sx: jax.Array, zx: jax.Array | None, q: jax.Array,
   if implementation not in (None, "xla", "mosaic"):
     raise ValueError(f"gated_w4a8 implementation must be None, 'xla' or 'mosaic', got "
                      f"{implementation!r}")
+  if layer is not None:
+    _check_stacked(q, sw)
   m, k = xq.shape
-  n, g = sw.shape
-  ref = lambda: mosaic_gpu.gated_reference(xq, sx, zx, q, sw, zw, out_scale, out_zero)
-  takes = (q.shape == (n, k) and n % 2 == 0 and q.dtype == jnp.int4
+  n, g = sw.shape[-2:]
+  one = (lambda a: a) if layer is None else (lambda a: None if a is None else a[layer])
+  ref = lambda: mosaic_gpu.gated_reference(xq, sx, zx, one(q), one(sw), one(zw), out_scale, out_zero)
+  takes = (q.shape[-2:] == (n, k) and n % 2 == 0 and q.dtype == jnp.int4
            and mosaic_gpu.supports_gated(m, n // 2, k, g))
   if implementation == "xla" or not takes:
     return ref()
-  if implementation is None and not (_is_hopper() and mosaic_preferred(m, n, k)):
+  preferred = mosaic_preferred if layer is None else mosaic_in_place_preferred
+  if implementation is None and not (_is_hopper() and preferred(m, n, k)):
     return ref()
-  kernel_fn = lambda: mosaic_gpu.gated_w4a8(xq, sx, zx, q, sw, zw, out_scale, out_zero)
+  kernel_fn = lambda: mosaic_gpu.gated_w4a8(xq, sx, zx, q, sw, zw, out_scale, out_zero,
+                                            layer=layer)
   return jax.lax.platform_dependent(cuda=kernel_fn, default=ref)
 
 
@@ -383,5 +407,5 @@ def fused_transform_applies(x_shape, transform) -> bool:
   return pallas_transform.supports(k, b)
 
 
-__all__ = ["w4a8_matmul", "weight_only_matmul", "transform_quantize", "transform_only", "mosaic_applies", "mosaic_preferred", "TRANSFORM_IMPLEMENTATIONS", "fused_transform_applies", "quantize_per_token",
+__all__ = ["w4a8_matmul", "weight_only_matmul", "transform_quantize", "transform_only", "mosaic_applies", "mosaic_preferred", "mosaic_in_place_preferred", "TRANSFORM_IMPLEMENTATIONS", "fused_transform_applies", "quantize_per_token",
            "dequantize_per_token", "kernel_preferred", "stacked_preferred", "IMPLEMENTATIONS"]

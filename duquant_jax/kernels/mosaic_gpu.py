@@ -109,12 +109,14 @@ def supports(m: int, n: int, k: int, g: int, tiles: TileConfig | None = None) ->
 
 
 def _operands(xq, sx, zx, sw, zw, tile_m: int):
-  """The kernel's operands: (xq padded to M8 rows, sw (N,), zw (N,), cols (4, Mp) float32).
+  """The kernel's operands: (xq padded to M8 rows, sw (L, N), zw (L, N), cols (4, Mp) float32).
 
+  sw, zw: (L, N, 1) stacked or (N, 1) per-channel scales and zero points (L = 1).
   cols holds per-token (sx, rx, zx, 0), rx the row sums of xq, zero-padded to Mp = M rounded up
   to tile_m; a fourth zero row keeps every TMA copy of a column slice a multiple of 128 bytes.
   """
-  m, n = xq.shape[0], sw.shape[0]
+  m, n = xq.shape[0], sw.shape[-2]
+  stack = sw.shape[:-2] or (1,)
   mp = -(-m // tile_m) * tile_m
   # Tokens are padded only to a multiple of 8 (TMA's row tiling); past that, the TMA copies
   # zero-fill the token tile and clip the output store.
@@ -122,22 +124,27 @@ def _operands(xq, sx, zx, sw, zw, tile_m: int):
   xq8 = jnp.pad(xq, ((0, m8 - m), (0, 0))) if m8 != m else xq
   f32 = jnp.float32
   zeros_m = jnp.zeros((mp,), f32)
-  sw_n = sw.reshape(n).astype(f32)
-  zw_n = sw_n if zw is None else zw.reshape(n).astype(f32)  # (unread when zw is None)
+  sw_n = sw.reshape(*stack, n).astype(f32)
+  zw_n = sw_n if zw is None else zw.reshape(*stack, n).astype(f32)  # (unread when zw is None)
   pad = lambda v: jnp.pad(v.reshape(-1).astype(f32), (0, mp - m))
   rx = pad(jnp.sum(xq.astype(jnp.int32), axis=1)) if zw is not None else zeros_m
   cols = jnp.stack([pad(sx), rx, pad(zx) if zx is not None else zeros_m, zeros_m])
   return xq8, sw_n, zw_n, cols
 
 
-def w4a8_matmul(xq, sx, zx, q, sw, zw, *, out_dtype=jnp.bfloat16, tiles: TileConfig | None = None):
+def w4a8_matmul(xq, sx, zx, q, sw, zw, *, out_dtype=jnp.bfloat16, tiles: TileConfig | None = None,
+                layer=None):
   """W4A8 matmul on Hopper; arguments as `xla.w4a8_matmul` (per-channel scales only, G = 1).
 
   Args:
     xq: (M, K) int8 activation codes; sx (M, 1) float32 scales; zx (M, 1) zero points or None.
     q: (N, K) int4 weight codes; sw (N, 1) float32 scales; zw (N, 1) zero points or None.
+      With `layer`: the stacked (L, N, K) / (L, N, 1) arrays of an `nn.scan` layer stack.
     out_dtype: dtype of the (M, N) result.
     tiles: a `TileConfig`, or None for `choose_tiles`.
+    layer: None, or an int32 scalar (traced): the layer of the stacked arrays to multiply. The
+      kernel reads that layer's codes and scales in place, where a slice would be a copy of the
+      weight per call (XLA materialises a custom call's operands).
 
   (No interpret mode: Mosaic GPU's interpreter in jax 0.10.2 fails on this kernel's transformed
   shared-memory loads; CPU tests check its CUDA lowering instead, the device probe its numbers.)
@@ -146,8 +153,9 @@ def w4a8_matmul(xq, sx, zx, q, sw, zw, *, out_dtype=jnp.bfloat16, tiles: TileCon
     ValueError: shapes the kernel does not take (G > 1, N or K not a multiple of the tiles).
   """
   m, k = xq.shape
-  n, g = sw.shape
-  if q.shape != (n, k):
+  n, g = sw.shape[-2:]
+  q, sw, zw, layer = _stacked(q, sw, zw, layer)
+  if q.shape[-2:] != (n, k):
     raise ValueError(f"weight codes {q.shape} do not match activations {xq.shape} and scales {sw.shape}")
   tiles = tiles or choose_tiles(m, n, k)
   if not supports(m, n, k, g, tiles):
@@ -155,10 +163,23 @@ def w4a8_matmul(xq, sx, zx, q, sw, zw, *, out_dtype=jnp.bfloat16, tiles: TileCon
                      f"with {g} scale groups and {tiles} (needs G = 1, N % (tile_n * compute_wgs) == 0, "
                      f"K % (tile_k * splits) == 0)")
   xq8, sw_n, zw_n, cols = _operands(xq, sx, zx, sw, zw, tiles.tile_m)
-  out = _kernel(xq8, q, sw_n, zw_n, cols, tiles=tiles, out_dtype=jnp.dtype(out_dtype),
+  out = _kernel(xq8, q, sw_n, zw_n, cols, layer, tiles=tiles, out_dtype=jnp.dtype(out_dtype),
                 asym_w=zw is not None, asym_x=zx is not None)
   y = jnp.sum(out, axis=0) if tiles.splits > 1 else out[0]
   return (y[:m] if y.shape[0] != m else y).astype(out_dtype)
+
+
+def _stacked(q, sw, zw, layer):
+  """(q, sw, zw) with one leading stack axis, and the (1,) int32 layer index to read."""
+  if layer is None:
+    if q.ndim != 2:
+      raise ValueError(f"weight codes {q.shape} have stack axes; pass the layer to read")
+    q, sw, zw = q[None], sw[None], None if zw is None else zw[None]
+    layer = 0
+  elif q.ndim != 3 or sw.ndim != 3:
+    raise ValueError(f"a layer index needs stacked (L, N, K) codes and (L, N, 1) scales, got "
+                     f"{q.shape} and {sw.shape}")
+  return q, sw, zw, jnp.asarray(layer, jnp.int32).reshape(1)
 
 
 def gated_tiles(m: int, f: int, k: int) -> TileConfig:
@@ -174,7 +195,8 @@ def supports_gated(m: int, f: int, k: int, g: int) -> bool:
   return g == 1 and m >= 1 and f % t.tile_n == 0 and k % t.tile_k == 0
 
 
-def gated_w4a8(xq, sx, zx, q, sw, zw, out_scale, out_zero, *, tiles: TileConfig | None = None):
+def gated_w4a8(xq, sx, zx, q, sw, zw, out_scale, out_zero, *, tiles: TileConfig | None = None,
+               layer=None):
   """The gated MLP's hidden activation as int8 codes, from one W4A8 pass over gate and up.
 
   hq = quantize_static(gelu(y[:, :F]) * y[:, F:], out_scale, out_zero), y the float32 result of
@@ -189,6 +211,8 @@ def gated_w4a8(xq, sx, zx, q, sw, zw, out_scale, out_zero, *, tiles: TileConfig 
       int8 quantizer (out_zero None: symmetric).
     tiles: a `TileConfig` (tile_n rows of gate and of up per CTA, compute_wgs = 1, splits = 1), or
       None for `gated_tiles`.
+    layer: None, or an int32 scalar: q, sw, zw are stacked (L, 2F, K) / (L, 2F, 1) and the
+      kernel reads this layer in place.
 
   Returns:
     (M, F) int8 codes.
@@ -197,10 +221,11 @@ def gated_w4a8(xq, sx, zx, q, sw, zw, out_scale, out_zero, *, tiles: TileConfig 
     ValueError: shapes the kernel does not take.
   """
   m, k = xq.shape
-  n, g = sw.shape
+  n, g = sw.shape[-2:]
   f = n // 2
   tiles = tiles or gated_tiles(m, f, k)
-  if q.shape != (n, k) or n % 2:
+  q, sw, zw, layer = _stacked(q, sw, zw, layer)
+  if q.shape[-2:] != (n, k) or n % 2:
     raise ValueError(f"gate/up weight codes {q.shape} do not match activations {xq.shape} and "
                      f"scales {sw.shape} (an even number of rows: gate then up)")
   if (g != 1 or f % tiles.tile_n or k % tiles.tile_k or tiles.splits != 1
@@ -216,7 +241,7 @@ def gated_w4a8(xq, sx, zx, q, sw, zw, out_scale, out_zero, *, tiles: TileConfig 
   zero = (jnp.zeros((mp,), f32) if out_zero is None
           else jnp.broadcast_to(out_zero.reshape(()).astype(f32), (mp,)))
   cols = jnp.concatenate([cols, jnp.stack([inv, zero]), jnp.zeros((2, mp), f32)])  # (8, Mp)
-  out = _kernel(xq8, q, sw_n, zw_n, cols, tiles=tiles, out_dtype=jnp.dtype(jnp.int8),
+  out = _kernel(xq8, q, sw_n, zw_n, cols, layer, tiles=tiles, out_dtype=jnp.dtype(jnp.int8),
                 asym_w=zw is not None, asym_x=zx is not None, gated=True,
                 out_symmetric=out_zero is None)
   y = out[0]
@@ -234,13 +259,14 @@ def gated_reference(xq, sx, zx, q, sw, zw, out_scale, out_zero):
 
 @functools.partial(jax.jit, static_argnames=("tiles", "out_dtype", "asym_w", "asym_x", "gated",
                                              "out_symmetric"))
-def _kernel(xq, q, sw, zw, cols, *, tiles: TileConfig, out_dtype, asym_w: bool, asym_x: bool,
-            gated: bool = False, out_symmetric: bool = True):
+def _kernel(xq, q, sw, zw, cols, layer, *, tiles: TileConfig, out_dtype, asym_w: bool,
+            asym_x: bool, gated: bool = False, out_symmetric: bool = True):
   """The Pallas call.
 
   Args:
-    xq: (M, K) int8 tokens, M a multiple of 8; q: (N, K) int4 weight codes.
-    sw, zw: (N,) float32 per-channel scales and zero points (zw unread unless asym_w).
+    xq: (M, K) int8 tokens, M a multiple of 8; q: (L, N, K) int4 weight codes of L stacked layers.
+    sw, zw: (L, N) float32 per-channel scales and zero points (zw unread unless asym_w).
+    layer: (1,) int32, the layer of q, sw, zw to multiply (read by every CTA before its copies).
     cols: (4, Mp) float32 per-token (sx, rx, zx, 0), rx the row sums of xq, zero-padded to
       Mp = M rounded up to tile_m. (The weight's code sums, for zx, come out of the kernel's MMA.)
     tiles.splits: K is cut into slices run by separate CTAs (more CTAs for a small M x N); each
@@ -258,7 +284,7 @@ def _kernel(xq, q, sw, zw, cols, *, tiles: TileConfig, out_dtype, asym_w: bool, 
   from jax.experimental.pallas import mosaic_gpu as plgpu
 
   m, k = xq.shape
-  n = q.shape[0]
+  n = q.shape[1]
   n_out = n // 2 if gated else n
   tn, tm, tk = tiles.tile_n, tiles.tile_m, tiles.tile_k
   mp, splits = cols.shape[1], tiles.splits
@@ -333,9 +359,11 @@ def _kernel(xq, q, sw, zw, cols, *, tiles: TileConfig, out_dtype, asym_w: bool, 
     o_smem.T[...] = plgpu.layout_cast(y.astype(o_smem.dtype), plgpu.Layout.WGMMA_TRANSPOSED)
     plgpu.commit_smem()
 
-  def body(x_gmem, w_gmem, sw_gmem, zw_gmem, cols_gmem, ones_gmem, o_gmem, rows_smem, cols_smem,
-           ones_smem, o_smem, bar):
+  def body(x_gmem, w_gmem, sw_gmem, zw_gmem, cols_gmem, ones_gmem, layer_gmem, o_gmem, rows_smem,
+           cols_smem, ones_smem, o_smem, bar):
     ni, mi, si = lax.axis_index("n"), lax.axis_index("m"), lax.axis_index("s")
+    li = layer_gmem[0]
+    w_gmem, sw_gmem, zw_gmem = w_gmem.at[li], sw_gmem.at[li], zw_gmem.at[li]
     n_sl, m_sl, k_sl = pl.ds(ni * cta_n, cta_n), pl.ds(mi * tm, tm), pl.ds(si * ks, ks)
     first = (si == 0).astype(jnp.float32)
     bar = bar.at[0] if bar.shape else bar  # one barrier: shape (1,) on jax 0.10, () on 0.11
@@ -412,4 +440,4 @@ def _kernel(xq, q, sw, zw, cols, *, tiles: TileConfig, out_dtype, asym_w: bool, 
                      plgpu.SMEM((cols.shape[0], tm), jnp.float32),
                      plgpu.SMEM((8, tk), jnp.int8, transforms=x_tr), plgpu.SMEM(o_tile, dtype),
                      plgpu.Barrier(num_arrivals=6 if gated else 4)],
-      **kw)(xq, q, sw, zw, cols, ones)
+      **kw)(xq, q, sw, zw, cols, ones, layer)

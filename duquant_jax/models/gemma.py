@@ -67,6 +67,12 @@ class _LayerOf:
   def einsum(self, eqn: str, x: jax.Array, memo: dict | None = None) -> jax.Array:
     return self.stacked.einsum(eqn, x, memo, layer=self.index)
 
+  def gated_mlp(self, w_gating: Any, x: jax.Array) -> jax.Array | None:
+    """The fused Gemma MLP (`PackedLinear.gated_mlp`) on this layer of both stacked weights."""
+    if not (isinstance(w_gating, _LayerOf) and hasattr(self.stacked, "gated_mlp")):
+      return None
+    return self.stacked.gated_mlp(w_gating.stacked, x, layer=self.index)
+
 
 def stack_in_place(params: Any) -> dict:
   """`{"params": params}`, except that the packed weights of Gemma's scanned layers move, whole,

@@ -351,29 +351,46 @@ def dense_contraction(module: nn.Module, x: jax.Array, args: tuple = (),
   flax `Dense`, `DenseGeneral` or `Einsum` (the forms a 2-D packed view (K, N) can run).
 
   Raises:
-    NotImplementedError: DenseGeneral contracting non-trailing axes (or with batch dims); an
-      Einsum that is not `...I,IO->...O`-shaped (x's trailing axes against the kernel's leading).
+    NotImplementedError: DenseGeneral contracting other than x's trailing axes in order (or with
+      batch dims); an Einsum that is not `...I,IO->...O`-shaped (`einsum_contraction`).
   """
   if isinstance(module, nn.Dense):
     return 1, (module.features,)
   if isinstance(module, nn.DenseGeneral):
     axis = module.axis if isinstance(module.axis, tuple) else (module.axis,)
-    if sorted(a % x.ndim for a in axis) != list(range(x.ndim - len(axis), x.ndim)) or (
-        module.batch_dims):
-      raise NotImplementedError(f"{module.path}: packed DenseGeneral kernels need trailing "
-                                f"contraction axes and no batch_dims ({module.axis=})")
+    if not trailing_axes(axis, x.ndim) or module.batch_dims:
+      raise NotImplementedError(f"{module.path}: packed DenseGeneral kernels need x's trailing "
+                                f"axes contracted in order and no batch_dims ({module.axis=})")
     features = module.features if isinstance(module.features, tuple) else (module.features,)
     return len(axis), features
   eqn = (kwargs or {}).get("einsum_str") or (args[1] if len(args) > 1 else None) or module.einsum_str
+  return einsum_contraction(eqn, tuple(module.shape), "/".join(module.path))
+
+
+def trailing_axes(axis: Sequence[int], ndim: int) -> bool:
+  """Whether `axis` names the trailing axes of an ndim-axis input, in order (so that x's flattened
+  trailing axes line up with the kernel's flattened contraction axes)."""
+  return [a % ndim for a in axis] == list(range(ndim - len(axis), ndim))
+
+
+def einsum_contraction(eqn: str, kernel_shape: tuple[int, ...],
+                       where: str) -> tuple[int, tuple[int, ...]]:
+  """(how many trailing axes of x the kernel contracts, the output feature shape) of
+  `einsum(eqn, x, kernel)`, for the form a 2-D packed view runs: `...I,IO->...O`.
+
+  Raises:
+    NotImplementedError: other forms (x's trailing axes against the kernel's leading ones, and the
+      kernel's other axes trailing the output in order), naming `where`.
+  """
   from duquant_jax.layouts import split_eqn
   xs, ws, ys = split_eqn(eqn)
   contract = "".join(c for c in ws if c in xs and c not in ys)
   out = ws[len(contract):]
   if (not xs.endswith(contract) or not ws.startswith(contract) or not ys.endswith(out)
       or any(c in xs for c in out)):
-    raise NotImplementedError(f"{module.path}: a packed Einsum needs the form '...I,IO->...O' "
+    raise NotImplementedError(f"{where}: a packed Einsum needs the form '...I,IO->...O' "
                               f"(trailing x axes against the kernel's leading axes), got {eqn!r}")
-  return len(contract), tuple(module.shape[len(contract):])
+  return len(contract), tuple(kernel_shape[len(contract):])
 
 
 def packed_dense_interceptor(next_fun, args, kwargs, context, memo: dict | None = None):

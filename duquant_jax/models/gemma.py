@@ -351,16 +351,16 @@ def dense_contraction(module: nn.Module, x: jax.Array, args: tuple = (),
   flax `Dense`, `DenseGeneral` or `Einsum` (the forms a 2-D packed view (K, N) can run).
 
   Raises:
-    NotImplementedError: DenseGeneral contracting other than x's trailing axes in order (or with
-      batch dims); an Einsum that is not `...I,IO->...O`-shaped (`einsum_contraction`).
+    NotImplementedError: DenseGeneral contracting non-trailing axes (or with batch dims); an
+      Einsum that is not `...I,IO->...O`-shaped (`einsum_contraction`).
   """
   if isinstance(module, nn.Dense):
     return 1, (module.features,)
   if isinstance(module, nn.DenseGeneral):
     axis = module.axis if isinstance(module.axis, tuple) else (module.axis,)
     if not trailing_axes(axis, x.ndim) or module.batch_dims:
-      raise NotImplementedError(f"{module.path}: packed DenseGeneral kernels need x's trailing "
-                                f"axes contracted in order and no batch_dims ({module.axis=})")
+      raise NotImplementedError(f"{module.path}: packed DenseGeneral kernels need trailing "
+                                f"contraction axes and no batch_dims ({module.axis=})")
     features = module.features if isinstance(module.features, tuple) else (module.features,)
     return len(axis), features
   eqn = (kwargs or {}).get("einsum_str") or (args[1] if len(args) > 1 else None) or module.einsum_str
@@ -368,9 +368,10 @@ def dense_contraction(module: nn.Module, x: jax.Array, args: tuple = (),
 
 
 def trailing_axes(axis: Sequence[int], ndim: int) -> bool:
-  """Whether `axis` names the trailing axes of an ndim-axis input, in order (so that x's flattened
-  trailing axes line up with the kernel's flattened contraction axes)."""
-  return [a % ndim for a in axis] == list(range(ndim - len(axis), ndim))
+  """Whether `axis` names the trailing axes of an ndim-axis input (flax's DenseGeneral and NNX's
+  LinearGeneral contract their axes sorted, so x's flattened trailing axes then line up with the
+  kernel's flattened contraction axes)."""
+  return sorted(a % ndim for a in axis) == list(range(ndim - len(axis), ndim))
 
 
 def einsum_contraction(eqn: str, kernel_shape: tuple[int, ...],

@@ -21,6 +21,7 @@ from duquant_jax.inference import packed_interceptor, quantized_apply, with_impl
 from duquant_jax.layouts import LinearLayout, linear_layouts
 from duquant_jax.openpi_runtime import load_into_openpi, openpi_interceptor, run_packed_in_openpi
 from duquant_jax.model_rotation import rotate_residual, rotate_stats
+from duquant_jax.nnx_models import calibrate_nnx, nnx_params, quantized_nnx_apply
 from duquant_jax.models.observation import as_observation
 from duquant_jax.openpi_io import OpenpiModel, load_norm_stats
 from duquant_jax.packed import PackedLinear, apply_packed
@@ -37,6 +38,7 @@ __all__ = [
     "match_rules", "transforms_only",
     "PackedEmbedding", "quantize_embedding", "gptq_codes",
     "packed_interceptor", "quantized_apply", "with_implementations",
+    "calibrate_nnx", "nnx_params", "quantized_nnx_apply",
     "load_into_openpi", "openpi_interceptor", "run_packed_in_openpi",
     "LinearLayout", "linear_layouts", "PackedLinear", "apply_packed", "rotate_residual",
     "rotate_stats",

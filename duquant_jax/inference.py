@@ -4,7 +4,8 @@ Our openpi-layout model needs nothing: its einsums go through `models.gemma.line
 packed weight's own `einsum`, and `Policy.sample_actions` installs the Dense hook below. For other
 flax modules, put packed leaves where the float kernels were and apply the module under
 `packed_interceptor` (flax `nn.intercept_methods`): `Dense` and `DenseGeneral` calls whose kernel is
-packed run the W4A8 matmul at trace time, everything else is untouched.
+packed run the W4A8 matmul at trace time, everything else is untouched. Flax NNX modules run
+packed trees through `duquant_jax.nnx_models.quantized_nnx_apply`.
 
 Which kernels run is chosen per call by platform and shape (`duquant_jax.kernels`);
 `with_implementations` overrides that for a whole tree, e.g. to force the XLA path on a GPU.

@@ -40,24 +40,26 @@ import jax.numpy as jnp
 import numpy as np
 
 from duquant_jax.calib_data import validate_batches
-from duquant_jax.config import AttentionBalance
+from duquant_jax.config import QuantConfig
 from duquant_jax.layouts import GEMMA_LAYERS, linear_layouts
 from duquant_jax.models.gemma import packed_dense_interceptor
 from duquant_jax.models.pi0 import Pi0, Policy, flow_times
 from duquant_jax.packed import PackedLinear
+from duquant_jax.quantize import rotated_model
 from duquant_jax.treepath import copy_dicts, get_path, has_path, set_path
 
 Params = dict[str, Any]
 
 
+def _suffix(expert: int) -> str:
+  """The param-name suffix of Gemma expert `expert` (openpi's: none for the LLM, `_1`, ...)."""
+  return "" if expert == 0 else f"_{expert}"
+
+
 def attention_paths(expert: int) -> tuple[str, str]:
   """(q weight path, attention output weight path) of Gemma expert `expert` (0: the LLM)."""
-  sfx = "" if expert == 0 else f"_{expert}"
+  sfx = _suffix(expert)
   return (f"{GEMMA_LAYERS}/attn/q_einsum{sfx}/w", f"{GEMMA_LAYERS}/attn/attn_vec_einsum{sfx}/w")
-
-
-def _suffix(expert: int) -> str:
-  return "" if expert == 0 else f"_{expert}"
 
 
 def _check_experts(params: Params, experts) -> None:
@@ -320,15 +322,16 @@ def _scales(moments: dict, paths: list[str], fit: str) -> dict[str, jax.Array]:
   return out
 
 
-def balance_attention(policy: Policy, params: Params, packed: Params, batches,
-                      cfg: AttentionBalance = AttentionBalance(), *,
-                      rng: jax.Array) -> tuple[Params, dict[str, jax.Array]]:
+def balance_attention(policy: Policy, params: Params, packed: Params, batches, cfg: QuantConfig,
+                      *, rng: jax.Array) -> tuple[Params, dict[str, jax.Array]]:
   """Attention temperature matching and output balancing of a packed policy (module docstring).
 
   Args:
-    policy: the `Policy`. params: the FP param tree. packed: `quantize_params(params, ...)`.
+    policy: the `Policy`. params: the FP param tree. packed: `quantize_params(params, cfg, ...)`.
     batches: calibration observations with leading axes (stream, B, ...), as for `calibrate`.
-    cfg: which levers, for which experts.
+    cfg: the QuantConfig `packed` was made with; `cfg.attention_balance` says which levers, for
+      which experts (None: nothing to do). Under `rotate_residual` the FP reference is the rotated
+      float model (`quantize.rotated_model`), in the basis of the packed outputs.
     rng: key of the flow noise (batch g: fold_in(rng, g)); the same for every pass.
 
   Returns:
@@ -337,20 +340,29 @@ def balance_attention(policy: Policy, params: Params, packed: Params, batches,
 
   Raises:
     ValueError: bad batches, an expert the model lacks, a statistic that is zero or not finite.
+
+  Example:
+    cfg = dataclasses.replace(get_preset("recommended"), attention_balance=AttentionBalance())
+    packed = quantize_params(params, cfg, stats)
+    packed, scalars = balance_attention(policy, params, packed, batches, cfg, rng=key)
   """
-  _check_experts(params, cfg.experts)
-  _check_experts(packed, cfg.experts)
-  stat = functools.partial(attention_moments, policy, reference=params, batches=batches, rng=rng,
-                           experts=cfg.experts, num_steps=cfg.num_steps)
-  q_paths = [attention_paths(e)[0] for e in cfg.experts]
-  o_paths = [attention_paths(e)[1] for e in cfg.experts]
+  ab = cfg.attention_balance
+  if ab is None:
+    return packed, {}
+  _check_experts(params, ab.experts)
+  _check_experts(packed, ab.experts)
+  reference, _ = rotated_model(params, cfg)
+  stat = functools.partial(attention_moments, policy, reference=reference, batches=batches,
+                           rng=rng, experts=ab.experts, num_steps=ab.num_steps)
+  q_paths = [attention_paths(e)[0] for e in ab.experts]
+  o_paths = [attention_paths(e)[1] for e in ab.experts]
   folded: dict[str, jax.Array] = {}
-  if cfg.temperature:
-    tau = _scales(stat(packed), q_paths, cfg.fit)
+  if ab.temperature:
+    tau = _scales(stat(packed), q_paths, ab.fit)
     packed = scale_outputs(packed, tau)
     folded.update(tau)
-  if cfg.output:  # measured with the temperatures folded
-    beta = _scales(stat(packed), o_paths, cfg.fit)
+  if ab.output:  # measured with the temperatures folded
+    beta = _scales(stat(packed), o_paths, ab.fit)
     packed = scale_outputs(packed, beta)
     folded.update(beta)
   return packed, folded

@@ -256,7 +256,7 @@ def register(app: typer.Typer) -> None:
       if balancing:
         from duquant_jax.attention_balance import balance_attention
         t = time.perf_counter()
-        packed, _ = balance_attention(policy, params, packed, batches, cfg.attention_balance,
+        packed, _ = balance_attention(policy, params, packed, batches, cfg,
                                       rng=jax.random.key(seed + 1))
         times["attention balance"] = time.perf_counter() - t
       t = time.perf_counter()

@@ -78,7 +78,7 @@ def run_demo(model: str, cfg: QuantConfig, *, calib_batches: int | None = None, 
   t0 = time.perf_counter()
   packed = quantize_params(params, cfg, stats, progress=progress)
   if cfg.attention_balance is not None and cfg.rules:
-    packed, _ = balance_attention(policy, params, packed, batches, cfg.attention_balance,
+    packed, _ = balance_attention(policy, params, packed, batches, cfg,
                                   rng=jax.random.key(seed + 2))
   jax.block_until_ready(packed)
   pack_s = time.perf_counter() - t0

@@ -409,7 +409,7 @@ def evaluate(model: str, variants: Sequence[Variant], cfg: EvalConfig = EvalConf
     balance_s = 0.0
     if v.cfg.attention_balance is not None and batches is not None:
       t_b = time.perf_counter()
-      packed, scalars = balance_attention(policy, params, packed, batches, v.cfg.attention_balance,
+      packed, scalars = balance_attention(policy, params, packed, batches, v.cfg,
                                           rng=jax.random.key(cfg.seed + 2))
       jax.block_until_ready(packed)
       balance_s = time.perf_counter() - t_b

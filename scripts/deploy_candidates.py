@@ -154,4 +154,10 @@ CANDIDATES.update({
                               fit="least_squares"),
     "receagptqTOllm": balanced(_ALL, "every Gemma linear W4A8 + both, LLM too", experts=(0, 1)),
     "recTO": balanced(get_preset("recommended"), "recommended + temperature + output balance"),
+    # The same levers where the expert attention's error is larger (round to nearest).
+    "receaT": balanced(CANDIDATES["recea"], "every Gemma linear W4A8, nearest + temperature",
+                       output=False),
+    "receaO": balanced(CANDIDATES["recea"], "every Gemma linear W4A8, nearest + output balance",
+                       temperature=False),
+    "receaTO": balanced(CANDIDATES["recea"], "every Gemma linear W4A8, nearest + both"),
 })

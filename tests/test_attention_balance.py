@@ -12,7 +12,6 @@ import pytest
 from duquant_jax import evaluate as ev
 from duquant_jax.attention_balance import (attention_moments, attention_paths, balance_attention,
                                            scale_outputs)
-from duquant_jax.calib_data import calibration_batches
 from duquant_jax.config import EXPERT_ATTN, AttentionBalance, LayerRule, QuantConfig
 from duquant_jax.models import get_policy
 from duquant_jax.packed import apply_packed
@@ -40,10 +39,18 @@ def _get(tree, path):
 
 @functools.cache
 def _packed():
-  """Both weights W4A8 with random input rotations and a head-aligned output rotation."""
-  rule = dict(rotation="random", smooth_alpha=None, block_size=16, output_rotation="restore",
-              clip_search=False)
-  return quantize_params(_tree(), QuantConfig(rules=(LayerRule(pattern=EXPERT_ATTN, **rule),)))
+  """Both weights W4A8 (round to nearest, no input transform: the fold is on the output side),
+  then given a random output rotation of blocks of 16 channels (inside q's heads; packing one with
+  `output_rotation` compiles slowly on the CPU)."""
+  rule = dict(rotation="none", permutation="none", smooth_alpha=None, clip_search=False)
+  packed = quantize_params(_tree(), QuantConfig(rules=(LayerRule(pattern=EXPERT_ATTN, **rule),)))
+  rng = np.random.default_rng(0)
+  attn = packed["PaliGemma"]["llm"]["layers"]["attn"]
+  for v in attn.values():
+    w = v["w"]
+    blocks = np.linalg.qr(rng.normal(size=(L, w.out_features // 16, 16, 16)))[0]
+    v["w"] = w.replace(out_rot=jnp.asarray(blocks, jnp.float16))
+  return packed
 
 
 def _compact(packed):
@@ -134,18 +141,22 @@ def test_variant_overrides():
 @pytest.fixture(scope="module")
 def coarse_pi0():
   """The pi0 demo with only the expert attention quantized, coarsely (3-bit symmetric RTN with
-  a 0.8 clip: it shrinks the logits and outputs visibly), and one calibration batch."""
+  a 0.8 clip: it shrinks the logits and outputs visibly), and one calibration batch of one
+  observation."""
   policy = get_policy("pi0", "demo")
   params = demo_params("pi0")
   cfg = QuantConfig(rules=(LayerRule(pattern=EXPERT_ATTN, weight_bits=3, act_bits=None,
                                      rotation="none", permutation="none", smooth_alpha=None,
                                      weight_symmetric=True, clip_search=False, clip_grid=(0.8,)),))
-  batches = calibration_batches(policy, params, jax.random.key(5), num_batches=1, batch_size=1,
-                                num_chunks=1)
+  batches = jax.tree.map(lambda x: x[None], policy.example_observation(jax.random.key(5), 1))
   return policy, params, quantize_params(params, cfg), batches
 
 
 STEPS = 2  # flow steps of the calibration in these tests (one compiled program for all)
+
+
+def _balanced(**fields):
+  return QuantConfig(attention_balance=AttentionBalance(num_steps=STEPS, **fields))
 
 
 def _log_ratio(policy, packed, params, batches):
@@ -159,8 +170,8 @@ def test_balance_moves_attention_statistics_to_fp(coarse_pi0):
   fp = _log_ratio(policy, params, params, batches)
   assert all(np.abs(v).max() < 1e-6 for v in fp.values())  # FP against itself: ratio 1
   assert np.abs(before[Q]).max() > 0.02 and np.abs(before[O]).max() > 0.02
-  balanced, scalars = balance_attention(policy, params, packed, batches,
-                                        AttentionBalance(num_steps=STEPS), rng=jax.random.key(0))
+  balanced, scalars = balance_attention(policy, params, packed, batches, _balanced(),
+                                        rng=jax.random.key(0))
   assert scalars[Q].shape == (3, 4) and scalars[O].shape == (3, 1)
   after = _log_ratio(policy, balanced, params, batches)
   # Layer 0 reads inputs no scalar changed: matched to float rounding; later layers' inputs
@@ -169,7 +180,7 @@ def test_balance_moves_attention_statistics_to_fp(coarse_pi0):
     assert np.abs(after[p][0]).max() < 1e-4, p
     assert np.abs(after[p]).max() < 0.25 * np.abs(before[p]).max(), p
   # Deterministic: the same inputs give the same scalars.
-  _, again = balance_attention(policy, params, packed, batches, AttentionBalance(num_steps=STEPS),
+  _, again = balance_attention(policy, params, packed, batches, _balanced(),
                                rng=jax.random.key(0))
   for p in scalars:
     np.testing.assert_array_equal(scalars[p], again[p])
@@ -177,14 +188,16 @@ def test_balance_moves_attention_statistics_to_fp(coarse_pi0):
 
 def test_balance_refusals(coarse_pi0):
   policy, params, packed, batches = coarse_pi0
+  assert balance_attention(policy, params, packed, batches, QuantConfig(),
+                           rng=jax.random.key(0)) == (packed, {})  # nothing asked: unchanged
   with pytest.raises(ValueError, match="expert 2"):
-    balance_attention(policy, params, packed, batches, AttentionBalance(experts=(2,)),
+    balance_attention(policy, params, packed, batches, _balanced(experts=(2,)),
                       rng=jax.random.key(0))
   with pytest.raises(TypeError, match="Observation"):
-    balance_attention(policy, params, packed, {"state": 1}, rng=jax.random.key(0))
+    balance_attention(policy, params, packed, {"state": 1}, _balanced(), rng=jax.random.key(0))
   nan = dataclasses.replace(batches, state=batches.state * np.nan)
   with pytest.raises(ValueError, match="NaN"):
-    balance_attention(policy, params, packed, nan, rng=jax.random.key(0))
+    balance_attention(policy, params, packed, nan, _balanced(), rng=jax.random.key(0))
 
 
 def test_streamed_conversion_refuses_balancing(tmp_path):

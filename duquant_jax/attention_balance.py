@@ -42,7 +42,7 @@ import numpy as np
 from duquant_jax.calib_data import validate_batches
 from duquant_jax.config import QuantConfig
 from duquant_jax.layouts import GEMMA_LAYERS, linear_layouts
-from duquant_jax.models.gemma import packed_dense_interceptor
+from duquant_jax.models.gemma import packed_dense_interceptor, stack_in_place
 from duquant_jax.models.pi0 import Pi0, Policy, flow_times
 from duquant_jax.packed import PackedLinear
 from duquant_jax.quantize import rotated_model
@@ -152,9 +152,10 @@ def _moments(inter: Mapping, inter_ref: Mapping, experts: tuple[int, ...]) -> di
 
 
 def _apply(policy: Policy, params, *args, method):
-  """module.apply on a float or packed tree with "intermediates" mutable -> (output, intermediates)."""
-  out, state = policy.module.apply({"params": params}, *args, method=method,
-                                   mutable=["intermediates"])
+  """module.apply on a float or packed tree, its variables laid out as `Policy.sample_actions`
+  lays them out, with "intermediates" mutable -> (output, intermediates)."""
+  variables = stack_in_place(params) if policy.cfg.stacked_in_place else {"params": params}
+  out, state = policy.module.apply(variables, *args, method=method, mutable=["intermediates"])
   return out, state.get("intermediates", {})
 
 

@@ -5,6 +5,8 @@ The public surface; internals live in modules named for one idea each (see READM
 
 __version__ = "0.1.0"
 
+from duquant_jax.attention_balance import (AttentionMoments, attention_moments, balance_attention,
+                                           scale_outputs)
 # `calibrate` (the function) is not re-exported: it would shadow the module `duquant_jax.calibrate`.
 from duquant_jax.calibrate import CalibConfig, CalibStats, hessian_for, select_for
 from duquant_jax.calib_data import calibration_batches, load_npz_batches, load_recordings
@@ -13,7 +15,7 @@ from duquant_jax.checkpoint import load_packed, save_packed
 from duquant_jax.lora import LoraSpec, merge_lora
 from duquant_jax.openpi_checkpoint import (convert_checkpoint, infer_model, load_openpi_params,
                                           save_openpi_params)
-from duquant_jax.config import (PRESETS, EmbeddingRule, LayerRule, QuantConfig, generic_config,
+from duquant_jax.config import (PRESETS, AttentionBalance, EmbeddingRule, LayerRule, QuantConfig, generic_config,
                                 get_preset, match_rules, transforms_only)
 from duquant_jax.embedding import PackedEmbedding, quantize_embedding
 from duquant_jax.gptq import gptq_codes
@@ -30,6 +32,8 @@ from duquant_jax.transforms import InputTransform, build_duquant_transform
 
 __all__ = [
     "__version__",
+    "AttentionBalance", "AttentionMoments", "attention_moments", "balance_attention",
+    "scale_outputs",
     "CalibConfig", "CalibStats", "calibrate_apply", "calibration_batches", "hessian_for",
     "load_npz_batches", "load_recordings", "select_for",
     "load_openpi_params", "load_packed", "save_openpi_params", "save_packed",

@@ -213,7 +213,12 @@ def register(app: typer.Typer) -> None:
       needs_stats = any(not r.skip and (r.smooth_alpha is not None or r.rotation == "greedy"
                                         or r.rounding == "gptq" or r.act_scale == "static")
                         for r in cfg.rules)
-      calibrating = (needs_stats or calib is not None or calib_from is not None) and stats_from is None
+      balancing = cfg.attention_balance is not None
+      if balancing and stats_from is not None:
+        raise ValueError("the config balances attention (attention_balance), which runs the FP and "
+                         "the packed policy on calibration batches: drop --stats")
+      calibrating = (needs_stats or balancing or calib is not None
+                     or calib_from is not None) and stats_from is None
       if stats_from is not None:
         stats = _load_stats(stats_from)
       if calibrating:  # a forward pass needs the whole model in memory
@@ -248,6 +253,12 @@ def register(app: typer.Typer) -> None:
       t = time.perf_counter()
       packed = jax.block_until_ready(quantize_params(params, cfg, stats, progress=bar))
       times["quantize"] = time.perf_counter() - t
+      if balancing:
+        from duquant_jax.attention_balance import balance_attention
+        t = time.perf_counter()
+        packed, _ = balance_attention(policy, params, packed, batches, cfg,
+                                      rng=jax.random.key(seed + 1))
+        times["attention balance"] = time.perf_counter() - t
       t = time.perf_counter()
       meta = {"source": str(pathlib.Path(src).absolute()), "preset": cfg.name, "model": model,
               "size": size, "calibration": calib_source, "training_state": source.wrapped,

@@ -192,6 +192,42 @@ class EmbeddingRule:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class AttentionBalance:
+  """Calibrated scalars folded into the attention weights of Gemma experts after packing
+  (`duquant_jax.attention_balance`, following QuantVLA): they cost nothing at inference."""
+
+  # Attention temperature matching: per layer and query head, q's output channels are scaled so
+  # that the spread of the quantized policy's attention logits matches the FP policy's.
+  temperature: bool = True
+  # Output balancing: per layer, the attention output projection's output channels are scaled so
+  # that its output energy matches the FP policy's (measured after the temperature fold).
+  output: bool = True
+  # The Gemma experts whose attention is balanced: 0 the LLM (its prefix pass), 1 the action
+  # expert (its flow steps).
+  experts: tuple[int, ...] = (1,)
+  # How each scalar is fitted to the FP policy on the same inputs: "energy" matches the RMS
+  # (QuantVLA's), "least_squares" minimises the squared difference to the FP values.
+  fit: Literal["energy", "least_squares"] = "energy"
+  # Flow steps per calibration batch, as in `sample_actions`.
+  num_steps: int = 10
+
+  def __post_init__(self):
+    if isinstance(self.experts, (list, int)):
+      object.__setattr__(self, "experts", tuple(
+          [self.experts] if isinstance(self.experts, int) else self.experts))
+    if not (self.temperature or self.output):
+      raise ValueError("AttentionBalance: temperature and output are both off (use "
+                       "attention_balance=None for no balancing)")
+    if not self.experts or len(set(self.experts)) != len(self.experts) or not all(
+        isinstance(e, int) and e >= 0 for e in self.experts):
+      raise ValueError(f"AttentionBalance.experts must be distinct ints >= 0, got {self.experts!r}")
+    if self.fit not in ("energy", "least_squares"):
+      raise ValueError(f"AttentionBalance.fit must be 'energy' or 'least_squares', got {self.fit!r}")
+    if not isinstance(self.num_steps, int) or self.num_steps < 1:
+      raise ValueError(f"AttentionBalance.num_steps must be an int >= 1, got {self.num_steps!r}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class QuantConfig:
   """An ordered set of rules (first match wins) plus run-wide settings."""
 
@@ -215,6 +251,10 @@ class QuantConfig:
   # one attention): they get one input transform, and one activation quantization per call.
   # openpi's groups are declared by their layouts (`duquant_jax.layouts`) and need none.
   shared_inputs: tuple[str, ...] = ()
+  # Attention temperature matching and output balancing, or None. They need forward passes of the
+  # FP and the packed policy, so `quantize_params` does not apply them: `balance_attention` does,
+  # after it (as the CLI's convert, the demo and the evaluation harness do).
+  attention_balance: AttentionBalance | None = None
 
   def __post_init__(self):
     if isinstance(self.rules, list):
@@ -240,6 +280,10 @@ class QuantConfig:
         raise TypeError(f"embeddings must be EmbeddingRule instances, got {type(r).__name__}")
     if self.mode not in ("int", "simulate"):
       raise ValueError(f"mode must be 'int' or 'simulate', got {self.mode!r}")
+    if self.attention_balance is not None and not isinstance(self.attention_balance,
+                                                             AttentionBalance):
+      raise TypeError(f"attention_balance must be an AttentionBalance or None, got "
+                      f"{type(self.attention_balance).__name__}")
 
   def rule_for(self, path: str) -> LayerRule | None:
     """The first rule matching `path` (None: no rule, or a skip rule)."""
@@ -291,6 +335,12 @@ class QuantConfig:
       raise ValueError(f"unknown QuantConfig fields {sorted(unknown)}")
     if "shared_inputs" in d:
       d["shared_inputs"] = tuple(d["shared_inputs"])
+    if d.get("attention_balance") is not None:
+      ab = dict(d["attention_balance"])
+      unknown = set(ab) - {f.name for f in dataclasses.fields(AttentionBalance)}
+      if unknown:
+        raise ValueError(f"unknown attention_balance fields {sorted(unknown)}")
+      d["attention_balance"] = AttentionBalance(**ab)
     return cls(rules=tuple(rules), embeddings=tuple(embeddings), **d)
 
 

@@ -8,6 +8,7 @@ import time
 import jax
 import numpy as np
 
+from duquant_jax.attention_balance import balance_attention
 from duquant_jax.calib_data import calibration_batches
 from duquant_jax.calibrate import CalibConfig, calibrate, hessian_for, select_for
 from duquant_jax.config import QuantConfig, match_rules
@@ -57,7 +58,8 @@ def run_demo(model: str, cfg: QuantConfig, *, calib_batches: int | None = None, 
 
   Calibration uses `calib_batches` (default: the config's) batches of `batch_size` observations
   from toy-environment rollouts; the evaluation uses `eval_batch` held-out observations from
-  rollouts with another seed, the same noise for both policies.
+  rollouts with another seed, the same noise for both policies. A config with
+  `attention_balance` is balanced on the calibration batches after packing (in the pack time).
   """
   policy: Policy = get_policy(model, "demo")
   params = realistic_params(policy, seed)
@@ -75,6 +77,9 @@ def run_demo(model: str, cfg: QuantConfig, *, calib_batches: int | None = None, 
   calib_s = time.perf_counter() - t0
   t0 = time.perf_counter()
   packed = quantize_params(params, cfg, stats, progress=progress)
+  if cfg.attention_balance is not None and cfg.rules:
+    packed, _ = balance_attention(policy, params, packed, batches, cfg,
+                                  rng=jax.random.key(seed + 2))
   jax.block_until_ready(packed)
   pack_s = time.perf_counter() - t0
   held = calibration_batches(policy, params, jax.random.key(seed + 1000), num_batches=1,

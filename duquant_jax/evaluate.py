@@ -16,7 +16,8 @@ policy of the same (synthetic, outlier-realistic) model:
 - packed bytes vs bf16, pack time and calibration time.
 
 Variants are preset names with optional rule overrides (`parse_variant`), e.g.
-`recommended+rot=weight_svd`, `recommended+alpha=none`, `recommended@c128`.
+`recommended+rot=weight_svd`, `recommended+alpha=none`, `recommended@c128`, and attention balancing
+(`recommended+attn=both`), which runs `balance_attention` on the calibration batches after packing.
 
 Axes: B batch (episodes), C chunks, S flow steps, A action horizon, D action dim, L stacked layers,
 R sample rows, K in features, N out features.
@@ -35,7 +36,8 @@ import numpy as np
 
 from duquant_jax.calib_data import calibration_batches
 from duquant_jax.calibrate import CalibConfig, calibrate, hessian_for, select_for
-from duquant_jax.config import QuantConfig, get_preset
+from duquant_jax.attention_balance import balance_attention
+from duquant_jax.config import AttentionBalance, QuantConfig, get_preset
 from duquant_jax.demo import action_rel_err
 from duquant_jax.layouts import LinearLayout, linear_layouts
 from duquant_jax.models import Policy, get_policy
@@ -66,8 +68,18 @@ _OVERRIDES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "asym": ("act_symmetric", lambda v: {"on": True, "off": False}[v.lower()]),
     "round": ("rounding", lambda v: {"nearest": "nearest", "gptq": "gptq"}[v.lower()]),
 }
+# Overrides of the whole config: attention balancing (`duquant_jax.attention_balance`).
+_ATTN_LEVERS = {"temp": dict(temperature=True, output=False),
+                "out": dict(temperature=False, output=True),
+                "both": dict(temperature=True, output=True)}
+_CONFIG_OVERRIDES = {
+    "attn": "attention balance levers: temp, out, both or off",
+    "attnfit": "attention balance fit: energy or least_squares",
+    "attnllm": "attention balance of the LLM too: on or off",
+}
 VARIANT_SYNTAX = ("<preset>[+key=value]...[@c<N>]; keys: " + ", ".join(
-    f"{k} ({f})" for k, (f, _) in _OVERRIDES.items()) + "; @cN: calibrate on N batches")
+    f"{k} ({f})" for k, (f, _) in _OVERRIDES.items()) + ", " + ", ".join(
+    f"{k} ({d})" for k, d in _CONFIG_OVERRIDES.items()) + "; @cN: calibrate on N batches")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,8 +107,12 @@ def parse_variant(spec: str) -> Variant:
   preset, *mods = base.split("+")
   cfg = get_preset(preset)
   changes: dict[str, Any] = {}
+  attn: dict[str, str] = {}
   for mod in mods:
     key, eq, value = mod.partition("=")
+    if eq and key in _CONFIG_OVERRIDES:
+      attn[key] = value.lower()
+      continue
     if not eq or key not in _OVERRIDES:
       raise ValueError(f"variant {spec!r}: bad override {mod!r}; syntax {VARIANT_SYNTAX}")
     field, conv = _OVERRIDES[key]
@@ -109,7 +125,36 @@ def parse_variant(spec: str) -> Variant:
       raise ValueError(f"variant {spec!r}: preset {preset!r} has no rules to override")
     rules = tuple(r if r.skip else dataclasses.replace(r, **changes) for r in cfg.rules)
     cfg = dataclasses.replace(cfg, rules=rules, name=base)
+  if attn:
+    cfg = dataclasses.replace(cfg, attention_balance=_attention_balance(spec, cfg, attn), name=base)
   return Variant(name=spec, cfg=cfg, calib_batches=calib)
+
+
+def _attention_balance(spec: str, cfg: QuantConfig,
+                       attn: dict[str, str]) -> Optional[AttentionBalance]:
+  """The AttentionBalance of a variant's `attn*` overrides (on top of the preset's own)."""
+  base = cfg.attention_balance
+  levers = attn.get("attn")
+  if levers == "off":
+    if len(attn) > 1:
+      raise ValueError(f"variant {spec!r}: attn=off with other attn* overrides")
+    return None
+  if levers is not None and levers not in _ATTN_LEVERS:
+    raise ValueError(f"variant {spec!r}: bad value {levers!r} for attn; one of "
+                     f"{', '.join(_ATTN_LEVERS)}, off")
+  if levers is None and base is None:
+    raise ValueError(f"variant {spec!r}: attnfit / attnllm need attn=temp|out|both (preset "
+                     f"{cfg.name!r} balances no attention)")
+  fields = dict(_ATTN_LEVERS[levers]) if levers else {}
+  if "attnfit" in attn:
+    if attn["attnfit"] not in ("energy", "least_squares"):
+      raise ValueError(f"variant {spec!r}: bad value {attn['attnfit']!r} for attnfit")
+    fields["fit"] = attn["attnfit"]
+  if "attnllm" in attn:
+    if attn["attnllm"] not in ("on", "off"):
+      raise ValueError(f"variant {spec!r}: bad value {attn['attnllm']!r} for attnllm")
+    fields["experts"] = (0, 1) if attn["attnllm"] == "on" else (1,)
+  return dataclasses.replace(base or AttentionBalance(), **fields)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -271,7 +316,7 @@ class VariantResult:
   bytes_fp: int
   bytes_packed: int
   calib_s: float
-  pack_s: float
+  pack_s: float  # attention balancing included (`balance_s`)
   action_err_mean: float
   action_err_p99: float
   step_err_mean: list[float]
@@ -281,6 +326,7 @@ class VariantResult:
   exceeds_at: Optional[int]
   layer_err_mean: float
   layer_err_worst: list[tuple[str, float]]
+  balance_s: float = 0.0  # seconds of attention balancing (`QuantConfig.attention_balance`)
 
 
 @dataclasses.dataclass
@@ -331,7 +377,7 @@ def evaluate(model: str, variants: Sequence[Variant], cfg: EvalConfig = EvalConf
   log(f"FP rollout: {cfg.episodes} episodes x {cfg.chunks} chunks; "
       f"{held.batch_size} held-out observations")
 
-  stats_cache: dict[tuple[int, str, Optional[str]], tuple[Any, float]] = {}
+  stats_cache: dict[tuple[int, str, Optional[str]], tuple[Any, Any, float]] = {}
 
   def stats_for(n: int, select: str, hessian: Optional[str]):
     # Keyed by the selection too: a variant quantizing SigLIP needs its linears captured as well,
@@ -345,8 +391,8 @@ def evaluate(model: str, variants: Sequence[Variant], cfg: EvalConfig = EvalConf
                      CalibConfig(select=select, progress=progress, per_step=True, hessian=hessian),
                      rng=jax.random.key(cfg.seed + 2))
       jax.block_until_ready(st)
-      stats_cache[key] = (st, time.perf_counter() - t)
-      log(f"calibrated on {n} batches of {cfg.batch_size} in {stats_cache[key][1]:.1f} s")
+      stats_cache[key] = (st, batches, time.perf_counter() - t)
+      log(f"calibrated on {n} batches of {cfg.batch_size} in {stats_cache[key][2]:.1f} s")
     return stats_cache[key]
 
   # One Hessian selection for all variants: the Hessians change no other statistic, so variants
@@ -355,10 +401,21 @@ def evaluate(model: str, variants: Sequence[Variant], cfg: EvalConfig = EvalConf
   results = []
   for v in variants:
     n = v.calib_batches or cfg.calib_batches or v.cfg.calib_batches
-    stats, calib_s = stats_for(n, select_for(v.cfg, params), hessian) if v.cfg.rules else (None, 0.0)
+    stats, batches, calib_s = (stats_for(n, select_for(v.cfg, params), hessian) if v.cfg.rules
+                               else (None, None, 0.0))
     t = time.perf_counter()
     packed = quantize_params(params, v.cfg, stats)
     jax.block_until_ready(packed)
+    balance_s = 0.0
+    if v.cfg.attention_balance is not None and batches is not None:
+      t_b = time.perf_counter()
+      packed, scalars = balance_attention(policy, params, packed, batches, v.cfg,
+                                          rng=jax.random.key(cfg.seed + 2))
+      jax.block_until_ready(packed)
+      balance_s = time.perf_counter() - t_b
+      log(f"{v.name}: attention balanced in {balance_s:.1f} s; scalars " + ", ".join(
+          f"{p.rsplit('/', 2)[-2]} {float(jnp.min(s)):.3f}..{float(jnp.max(s)):.3f}"
+          for p, s in scalars.items()))
     pack_s = time.perf_counter() - t
     a_q, v_q = sample(packed, held, act_key, cfg.num_steps, return_trajectory=True)
     act_mean, act_p99 = error_summary(action_rel_err(a_q, a_fp))
@@ -377,7 +434,7 @@ def evaluate(model: str, variants: Sequence[Variant], cfg: EvalConfig = EvalConf
         drift=drift_at(div), drift_curve=[float(x) for x in div],
         exceeds_at=first_exceeding(div, cfg.tolerance),
         layer_err_mean=float(np.mean(list(layer.values()))) if layer else float("nan"),
-        layer_err_worst=worst)
+        layer_err_worst=worst, balance_s=balance_s)
     results.append(r)
     log(f"{v.name}: action err {act_mean:.4f} (p99 {act_p99:.4f}), drift@{cfg.chunks} "
         f"{div[-1]:.4f}, pack {pack_s:.1f} s")

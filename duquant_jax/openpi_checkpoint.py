@@ -434,9 +434,17 @@ def convert_checkpoint(src: Union[str, os.PathLike], dst: Union[str, os.PathLike
   Raises:
     FileExistsError: `dst` exists and not `overwrite`. FileNotFoundError, CheckpointError,
     ValueError: as `open_openpi` and `quantize_params`.
+    NotImplementedError: a config with `attention_balance`, which needs forward passes of the
+      whole model (load it with `load_openpi_params`, then `quantize_params`,
+      `balance_attention` and `save_packed`; the CLI's convert does).
   """
   from duquant_jax.checkpoint import save_packed
   from duquant_jax.quantize import quantize_params
+  if getattr(cfg, "attention_balance", None) is not None:
+    raise NotImplementedError(
+        "convert_checkpoint streams the weights and runs no forward pass, which attention "
+        "balancing needs: load the model (load_openpi_params), then quantize_params, "
+        "balance_attention and save_packed (as `duquant-jax convert` does)")
   if pathlib.Path(dst).exists() and not overwrite:
     raise FileExistsError(f"{dst} already exists (pass overwrite / --overwrite to replace it)")
   timings = {} if timings is None else timings

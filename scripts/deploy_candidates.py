@@ -4,7 +4,8 @@
 """
 import dataclasses
 
-from duquant_jax.config import (EXPERT_ATTN, EXPERT_MLP, LLM, EmbeddingRule, LayerRule, QuantConfig,
+from duquant_jax.config import (EXPERT_ATTN, EXPERT_MLP, LLM, AttentionBalance, EmbeddingRule,
+                                LayerRule, QuantConfig,
                                 get_preset, PRESETS)
 
 EMB = EmbeddingRule(pattern=r"PaliGemma/llm/embedder/input_embedding")
@@ -133,4 +134,30 @@ CANDIDATES.update({
     "deploygptq": rounded(get_preset("deploy"), "gptq"),
     "recea": C("recommended + expert attention W4A8 b16", base + ea, emb=()),
     "receagptq": rounded(C("recommended + expert attention W4A8 b16", base + ea, emb=()), "gptq"),
+})
+
+
+def balanced(cfg: QuantConfig, name: str, **fields) -> QuantConfig:
+  """`cfg` with attention balancing (`config.AttentionBalance` fields; default both levers on the
+  action expert)."""
+  return dataclasses.replace(cfg, name=name, attention_balance=AttentionBalance(**fields))
+
+
+# Attention temperature matching and output balancing (issue 20; EVALUATION.md, "Attention
+# balancing") on every Gemma linear at W4A8 with GPTQ (`receagptq`), and on `recommended`.
+_ALL = CANDIDATES["receagptq"]
+CANDIDATES.update({
+    "receagptqT": balanced(_ALL, "every Gemma linear W4A8 + temperature", output=False),
+    "receagptqO": balanced(_ALL, "every Gemma linear W4A8 + output balance", temperature=False),
+    "receagptqTO": balanced(_ALL, "every Gemma linear W4A8 + temperature + output balance"),
+    "receagptqTOls": balanced(_ALL, "every Gemma linear W4A8 + both, least squares",
+                              fit="least_squares"),
+    "receagptqTOllm": balanced(_ALL, "every Gemma linear W4A8 + both, LLM too", experts=(0, 1)),
+    "recTO": balanced(get_preset("recommended"), "recommended + temperature + output balance"),
+    # The same levers where the expert attention's error is larger (round to nearest).
+    "receaT": balanced(CANDIDATES["recea"], "every Gemma linear W4A8, nearest + temperature",
+                       output=False),
+    "receaO": balanced(CANDIDATES["recea"], "every Gemma linear W4A8, nearest + output balance",
+                       temperature=False),
+    "receaTO": balanced(CANDIDATES["recea"], "every Gemma linear W4A8, nearest + both"),
 })

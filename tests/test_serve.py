@@ -244,6 +244,7 @@ def test_raw_frames_are_resized_as_openpi_does(session):
   np.testing.assert_array_equal(resize["raw"]["actions"], resize["resized"]["actions"])
 
 
+@needs_client
 def test_concurrent_clients_are_serialised(session):
   out, want, seen = session
   for slot, results in enumerate(out["concurrent"]):

@@ -224,6 +224,15 @@ class Attention(nn.Module):
     if attn_mask.shape != (q.shape[0], q.shape[1], k.shape[1]):
       raise ValueError(f"attention mask {attn_mask.shape} does not match (B, T, S) = "
                        f"{(q.shape[0], q.shape[1], k.shape[1])}")
+    # Attention calibration (`duquant_jax.attention_balance`) reads each expert's logits
+    # (B, K, G, T_i, S) and mask (B, T_i, S) here (stored only when "intermediates" is mutable).
+    start = 0
+    for i, x in enumerate(xs):
+      if x is not None:
+        end = start + x.shape[1]
+        self.sow("intermediates", _name("logits", i), logits[:, :, :, start:end])
+        self.sow("intermediates", _name("logits_mask", i), attn_mask[:, start:end])
+        start = end
     logits = jnp.where(attn_mask[:, None, None, :, :], logits, _BIG_NEG)
     probs = jax.nn.softmax(logits, axis=-1).astype(k.dtype)
     encoded = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
@@ -236,7 +245,9 @@ class Attention(nn.Module):
         continue
       end = start + x.shape[1]
       attn_vec = Einsum((cfg.num_heads, cfg.head_dim, cfg.width), name=_name("attn_vec_einsum", i))
-      out.append(attn_vec("BTNH,NHD->BTD", encoded[:, start:end]))
+      y = attn_vec("BTNH,NHD->BTD", encoded[:, start:end])
+      self.sow("intermediates", _name("output", i), y)  # (B, T_i, D), for the same calibration
+      out.append(y)
       start = end
     return out, (k, v)
 

@@ -488,6 +488,11 @@ def _presets() -> dict[str, QuantConfig]:
                                      LayerRule(pattern=EXPERT_MLP, **rtn))),
       "recommended": _ours("recommended", (LayerRule(pattern=LLM, **best, **gptq),
                                            LayerRule(pattern=EXPERT_MLP, **best, **gptq))),
+      # Every Gemma linear at W4A8, the action expert's attention too: with GPTQ its demo action
+      # error equals `recommended`'s (EVALUATION.md, "Attention balancing"), for smaller weights.
+      "recommended-all": _ours("recommended-all", (
+          LayerRule(pattern=LLM, **best, **gptq), LayerRule(pattern=EXPERT_MLP, **best, **gptq),
+          LayerRule(pattern=EXPERT_ATTN, **best, **gptq))),
       # All weights at <= 0.30x bf16 (full size, EVALUATION.md): recommended, plus the expert
       # attention weight-only W8 with no transform (small; W4 cost more action error on the demo,
       # and W8A8 with DuQuant's transform measured the same error but runs an online transform per

@@ -318,8 +318,12 @@ def test_our_policy_with_contract_modules_matches_its_packed_actions(monkeypatch
   actions from the packed tree as the policy itself (SigLIP's Dense layers packed too)."""
   from conftest import demo_params
   from duquant_jax.config import EMBEDDING, EXPERT_ATTN, EXPERT_MLP, LLM, SIGLIP
+  import dataclasses
   from duquant_jax.models import get_policy
   policy = get_policy("pi0", "demo")
+  # openpi's layer scan slices every layer param, and its modules read them in setup(): our model
+  # stands in for it with the packed weights sliced per layer, not read in place.
+  policy = dataclasses.replace(policy, cfg=dataclasses.replace(policy.cfg, stacked_in_place=False))
   rule = dict(block_size=16, **ACT)
   cfg = QuantConfig(rules=tuple(LayerRule(pattern=p, **rule)
                                 for p in (LLM, EXPERT_MLP, EXPERT_ATTN, SIGLIP)),

@@ -88,8 +88,10 @@ def stack_in_place(params: Any) -> dict:
       return tree
     new = {}
     for key, value in tree.items():
-      if in_layers and _is_packed(value) and getattr(value, "codes", None) is not None \
-          and value.codes.ndim == 3:
+      # Only the weights the model reads through `weight()` move; a flax Dense's packed `kernel`
+      # (pi0.5's adaptive-norm modulation) is read by the Dense interceptor, a slice per layer.
+      if in_layers and key != "kernel" and _is_packed(value) \
+          and getattr(value, "codes", None) is not None and value.codes.ndim == 3:
         out[key] = value
         new[key] = LayerIndex(jnp.arange(value.codes.shape[0], dtype=jnp.int32))
       elif isinstance(value, dict):

@@ -14,8 +14,9 @@ a dtype is asked for.
 
 `convert_checkpoint` streams: the tree is opened as `LazyLeaf`s (shapes and dtypes from orbax's
 metadata; the array is read on first use with an orbax partial restore), so `quantize_params`
-reads one layer group's weights at a time and the float32 working set is one stacked layer; only
-the packed weights and the float leaves being written are ever held together.
+reads one group of linears' weights while the group before packs (in its packing thread) and the
+float32 working set is one stacked layer; only the packed weights and the float leaves being
+written are ever held together.
 
 Damaged checkpoints give one `CheckpointError` line; orbax's own logging (one asyncio traceback per
 failed read) is silenced (`checkpoint._quiet_orbax`).
@@ -415,8 +416,9 @@ def convert_checkpoint(src: Union[str, os.PathLike], dst: Union[str, os.PathLike
   """openpi checkpoint in, packed checkpoint out, streamed a layer group at a time.
 
   The source tree is opened lazily (`OpenpiCheckpoint.lazy_tree`): `quantize_params` reads each
-  weight when it packs it (LoRA merged on read) and float leaves are read when written, so peak
-  memory is the packed tree plus one stacked weight and its float32 working set per layer.
+  group's weights (LoRA merged on read) while the group before packs, and float leaves are read
+  when written, so peak memory is the packed tree plus two groups' stacked weights and one
+  layer's float32 working set (full-size pi0: under 9 GB, BENCHMARKS.md "Conversion (CPU)").
 
   Args:
     src: the openpi checkpoint (as `resolve_openpi_params_dir`).

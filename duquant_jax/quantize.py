@@ -456,6 +456,11 @@ def quantize_params(params: Params, cfg: QuantConfig, stats: Any = None, *,
     folded smoothing. Run it with `Policy.sample_actions` (or any flax module via
     `duquant_jax.inference`).
 
+  Groups of linears reading one input are packed in order; each group's stacked layers are packed
+  (one jitted call per layer) in a background thread while this thread reads the next group's
+  weights and builds its transform, so at most two groups' weights are held at once. The result
+  does not depend on that overlap (the same programs on the same inputs).
+
   Token embedding tables matching one of `cfg.embeddings` become `PackedEmbedding`s. With
   `cfg.rotate_residual` the float model is first rotated (`rotated_model`; the returned tree's
   float leaves are the rotated ones) and `stats` are mapped to its inputs; linears reading a

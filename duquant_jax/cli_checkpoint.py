@@ -249,6 +249,7 @@ def register(app: typer.Typer) -> None:
       packed = jax.block_until_ready(quantize_params(params, cfg, stats, progress=bar))
       times["quantize"] = time.perf_counter() - t
       t = time.perf_counter()
+      packed = oc.read_lazy_leaves(packed)  # the float leaves of a streamed conversion
       meta = {"source": str(pathlib.Path(src).absolute()), "preset": cfg.name, "model": model,
               "size": size, "calibration": calib_source, "training_state": source.wrapped,
               "lora_merged": sorted(source.lora)}

@@ -452,7 +452,7 @@ def convert_checkpoint(src: Union[str, os.PathLike], dst: Union[str, os.PathLike
   The source tree is opened lazily (`OpenpiCheckpoint.lazy_tree`): `quantize_params` reads each
   group's weights (LoRA merged on read) while the group before packs, and float leaves are read
   when written, so peak memory is the packed tree plus two groups' stacked weights and one
-  layer's float32 working set (full-size pi0: under 9 GB, BENCHMARKS.md "Conversion (CPU)").
+  layer's float32 working set (full-size pi0: about 9 GB, BENCHMARKS.md "Conversion (CPU)").
 
   Args:
     src: the openpi checkpoint (as `resolve_openpi_params_dir`).

@@ -523,7 +523,8 @@ def quantize_params(params: Params, cfg: QuantConfig, stats: Any = None, *,
           pending = Future()  # abstract evaluation (`jax.eval_shape`): tracers stay in this thread
           pending.set_result(pack())
         else:
-          pending = pool.submit(lambda pack=pack: [(p, jax.block_until_ready(v)) for p, v in pack()])
+          pending = pool.submit(lambda pack=pack: [(p, jax.block_until_ready(v))
+                                                   for p, v in pack()])
         pending_paths = {m.path for m in members}
       if pending is not None:
         finish()
@@ -654,12 +655,17 @@ def _quantize_group(out: Params, cfg: QuantConfig, stats: Any, group: str,
   static = (None, None)
   if quantizing and quantizing[0].act_scale == "static":
     static = _static_range(samples, transform, quantizing[0], layout0.path)
+  # Checked here, in group order, before the packing thread takes over.
+  tiles = {m.path: _scale_tile(rules[m.path], m) for m in active}
+  out_rots = {m.path: _output_rotation(rules[m.path], m, _layer_key(cfg.seed, m.path))
+              for m in active}
+
   def pack() -> list[tuple[str, PackedLinear]]:
     done = []
     for m in active:
       rule = rules[m.path]
-      rows, cols = _scale_tile(rule, m)
-      out_rot = _output_rotation(rule, m, _layer_key(cfg.seed, m.path))
+      rows, cols = tiles[m.path]
+      out_rot = out_rots[m.path]
       # The packing folds the *full* transform (with smoothing) into W; the online part excludes
       # what went into the norm.
       x_clip = None

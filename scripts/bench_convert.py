@@ -93,8 +93,8 @@ def convert(src: str, dst: str, preset: str, all_linears: bool, overwrite: bool,
   peak.stop()
   size = sum(p.stat().st_size for p in pathlib.Path(out).rglob("*") if p.is_file())
   roundings = ",".join(sorted({r.rounding for r in cfg.rules}))
-  print(f"{info.model} {info.size} preset={cfg.name} rounding={roundings} all_linears={all_linears} "
-        f"backend={jax.default_backend()} jax={jax.__version__}")
+  print(f"{info.model} {info.size} preset={cfg.name} rounding={roundings} "
+        f"all_linears={all_linears} backend={jax.default_backend()} jax={jax.__version__}")
   print(f"open {t_open:.1f} s; synthetic stats {t_stats:.1f} s; convert_checkpoint {t_conv:.1f} s; "
         f"total {time.perf_counter() - t0:.1f} s; wrote {size / 2**30:.2f} GiB to {out}")
   print("phases: " + ", ".join(f"{k} {v:.1f} s" for k, v in phases.items())

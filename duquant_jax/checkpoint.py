@@ -267,12 +267,13 @@ def _sha256(path: pathlib.Path) -> str:
 
 
 def _manifest(root: pathlib.Path, subdirs: tuple[str, ...]) -> dict[str, list]:
-  out = {}
-  for sub in subdirs:
-    for p in sorted((root / sub).rglob("*")):
-      if p.is_file():
-        out[p.relative_to(root).as_posix()] = [p.stat().st_size, _sha256(p)]
-  return out
+  """{relative path: [size, sha256]} of every file under `subdirs`, hashed in two threads
+  (hashlib releases the GIL)."""
+  from concurrent.futures import ThreadPoolExecutor
+  files = [p for sub in subdirs for p in sorted((root / sub).rglob("*")) if p.is_file()]
+  with ThreadPoolExecutor(2) as pool:
+    digests = list(pool.map(_sha256, files))
+  return {p.relative_to(root).as_posix(): [p.stat().st_size, d] for p, d in zip(files, digests)}
 
 
 def verify_files(path: Union[str, os.PathLike], *, hashes: bool = True) -> int:
@@ -315,9 +316,18 @@ def _normalize_orbax_dir(d: pathlib.Path, created_ns: int) -> None:
     meta.write_text(json.dumps(m, sort_keys=True))
 
 
-def _orbax_save(d: pathlib.Path, tree: Any, *, ocdbt: bool) -> None:
+def _orbax_save(d: pathlib.Path, tree: Any, *, ocdbt: bool, copy_host_arrays: bool = True) -> None:
+  """Saves `tree` with orbax. `copy_host_arrays=False`: numpy leaves are written from their own
+  buffers (orbax copies them by default, against changes during an asynchronous save; this save
+  is synchronous and the caller does not change them)."""
   ocp = _orbax()
-  with _quiet_orbax(), ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=ocdbt)) as ck:
+  kw = {}
+  if not copy_host_arrays:
+    th = ocp.type_handlers
+    kw["type_handler_registry"] = th.create_type_handler_registry(
+        (np.ndarray, th.NumpyHandler(deepcopy_host_arrays=False)),
+        (jax.Array, th.get_type_handler(jax.Array)))
+  with _quiet_orbax(), ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=ocdbt, **kw)) as ck:
     ck.save(d.absolute(), args=ocp.args.PyTreeSave(tree))
 
 
@@ -412,7 +422,7 @@ def save_packed(path: Union[str, os.PathLike], packed: Params, cfg: QuantConfig,
   created_ns = _created_ns(meta["created"])
 
   with atomic_dir(path, force=force) as tmp:
-    _orbax_save(tmp / "params", {"params": arrays}, ocdbt=False)
+    _orbax_save(tmp / "params", {"params": arrays}, ocdbt=False, copy_host_arrays=False)
     _normalize_orbax_dir(tmp / "params", created_ns)
     subdirs = ("params",)
     if stats is not None:

@@ -260,6 +260,7 @@ def register(app: typer.Typer) -> None:
                                       rng=jax.random.key(seed + 1))
         times["attention balance"] = time.perf_counter() - t
       t = time.perf_counter()
+      packed = oc.read_lazy_leaves(packed)  # the float leaves of a streamed conversion
       meta = {"source": str(pathlib.Path(src).absolute()), "preset": cfg.name, "model": model,
               "size": size, "calibration": calib_source, "training_state": source.wrapped,
               "lora_merged": sorted(source.lora)}

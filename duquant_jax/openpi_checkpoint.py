@@ -14,8 +14,9 @@ a dtype is asked for.
 
 `convert_checkpoint` streams: the tree is opened as `LazyLeaf`s (shapes and dtypes from orbax's
 metadata; the array is read on first use with an orbax partial restore), so `quantize_params`
-reads one layer group's weights at a time and the float32 working set is one stacked layer; only
-the packed weights and the float leaves being written are ever held together.
+reads one group of linears' weights while the group before packs (in its packing thread) and the
+float32 working set is one stacked layer; only the packed weights and the float leaves being
+written are ever held together.
 
 Damaged checkpoints give one `CheckpointError` line; orbax's own logging (one asyncio traceback per
 failed read) is silenced (`checkpoint._quiet_orbax`).
@@ -41,8 +42,8 @@ from duquant_jax.lora import LoraSpec, LoraWeight, find_lora, merge_lora, merge_
 from duquant_jax.models.layout_table import flat_items, path_str
 
 __all__ = ["LazyLeaf", "OpenpiCheckpoint", "check_layout", "convert_checkpoint", "infer_model",
-           "load_openpi_params", "open_openpi", "resolve_openpi_params_dir", "save_openpi_params",
-           "unwrap_values"]
+           "load_openpi_params", "open_openpi", "read_lazy_leaves", "resolve_openpi_params_dir",
+           "save_openpi_params", "unwrap_values"]
 
 Params = dict[str, Any]
 _VALUE = "value"
@@ -284,6 +285,40 @@ class LazyLeaf:
     return f"LazyLeaf({self.path!r}, shape={self.shape}, dtype={np.dtype(self.dtype).name})"
 
 
+def read_lazy_leaves(tree: Any) -> Any:
+  """`tree` (nested dicts) with every `LazyLeaf` replaced by its array: the plain leaves of one
+  checkpoint in one orbax partial restore (which reads them concurrently, instead of one restore
+  per leaf), LoRA-merged ones one at a time. Other leaves are kept as they are."""
+  lazy: dict[str, LazyLeaf] = {}
+
+  def walk(node, prefix):
+    if isinstance(node, Mapping):
+      for k, v in node.items():
+        walk(v, f"{prefix}/{k}" if prefix else k)
+    elif isinstance(node, LazyLeaf):
+      lazy[prefix] = node
+
+  walk(tree, "")
+  got: dict[str, np.ndarray] = {}
+  by_reader: dict[int, list[str]] = {}
+  for path, leaf in lazy.items():
+    if leaf.lora is None:
+      by_reader.setdefault(id(leaf.reader), []).append(path)
+    else:
+      got[path] = leaf.read()
+  for paths in by_reader.values():
+    reader = lazy[paths[0]].reader
+    read = reader.read([lazy[p].path for p in paths])
+    got.update((p, read[lazy[p].path]) for p in paths)
+
+  def rebuild(node, prefix):
+    if isinstance(node, Mapping):
+      return {k: rebuild(v, f"{prefix}/{k}" if prefix else k) for k, v in node.items()}
+    return got.get(prefix, node) if isinstance(node, LazyLeaf) else node
+
+  return rebuild(tree, "")
+
+
 @dataclasses.dataclass(frozen=True)
 class OpenpiCheckpoint:
   """What an openpi checkpoint holds, from its metadata alone (no array read)."""
@@ -415,8 +450,9 @@ def convert_checkpoint(src: Union[str, os.PathLike], dst: Union[str, os.PathLike
   """openpi checkpoint in, packed checkpoint out, streamed a layer group at a time.
 
   The source tree is opened lazily (`OpenpiCheckpoint.lazy_tree`): `quantize_params` reads each
-  weight when it packs it (LoRA merged on read) and float leaves are read when written, so peak
-  memory is the packed tree plus one stacked weight and its float32 working set per layer.
+  group's weights (LoRA merged on read) while the group before packs, and float leaves are read
+  when written, so peak memory is the packed tree plus two groups' stacked weights and one
+  layer's float32 working set (full-size pi0: about 9 GB, BENCHMARKS.md "Conversion (CPU)").
 
   Args:
     src: the openpi checkpoint (as `resolve_openpi_params_dir`).
@@ -456,6 +492,7 @@ def convert_checkpoint(src: Union[str, os.PathLike], dst: Union[str, os.PathLike
   packed = jax.block_until_ready(quantize_params(params, cfg, stats, progress=progress))
   timings["quantize"] = time.perf_counter() - t
   t = time.perf_counter()
+  packed = read_lazy_leaves(packed)
   meta = {"source": str(pathlib.Path(src).absolute()), "preset": cfg.name, "model": ck.model,
           "size": ck.size, "lora_merged": sorted(ck.lora), "training_state": ck.wrapped}
   meta.update(metadata or {})

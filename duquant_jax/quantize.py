@@ -26,13 +26,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import threading
 import warnings
 import zlib
-from typing import Any, Mapping, Optional
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
 from duquant_jax.config import LayerRule, QuantConfig, match_rules
 from duquant_jax.embedding import PackedEmbedding, quantize_embedding
@@ -189,15 +192,28 @@ def to_2d(w: jax.Array, layout: LinearLayout) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames="layout")
 def _w_absmax_one(w: jax.Array, layout: LinearLayout) -> jax.Array:
-  return jnp.max(jnp.abs(to_2d(w, layout)), axis=-1)
+  """max |W| over the output axes of one layer, in the weight's own layout and dtype (exact), then
+  ordered as `to_2d` orders the input channels: (K,) float32."""
+  spec, contract = layout.w_spec, layout.contract_letters
+  m = jnp.max(jnp.abs(w), axis=tuple(i for i, c in enumerate(spec) if c not in contract))
+  kept = sorted(contract, key=spec.index)  # m's axes: the contraction axes in weight order
+  m = jnp.transpose(m, tuple(kept.index(c) for c in contract))
+  return m.reshape(layout.in_features).astype(jnp.float32)
 
 
 def _w_absmax_in(w: Any, layout: LinearLayout) -> jax.Array:
   """Per-input-channel max |W| (stack..., K), one stacked layer at a time (a float32 copy of a
   whole stacked weight can be gigabytes)."""
   if not layout.num_stack:
-    return _w_absmax_one(jnp.asarray(w), layout)
-  return jnp.stack([_w_absmax_one(jnp.asarray(w[i]), layout) for i in range(w.shape[0])])
+    return _w_absmax_one(_on_device(w), layout)
+  return jnp.stack([_w_absmax_one(_on_device(w[i]), layout) for i in range(w.shape[0])])
+
+
+def _on_device(a: Any) -> jax.Array:
+  """A jax array of `a`. Host arrays go through `jax.device_put`, which on the CPU aliases a
+  64-byte aligned numpy buffer instead of copying it (`jnp.asarray` always copies): the packer
+  reads each stacked layer of a host weight without a fresh copy (and its page faults)."""
+  return a if isinstance(a, jax.Array) else jax.device_put(np.asarray(a))
 
 
 def _weight_array(w: Any) -> Any:
@@ -352,24 +368,35 @@ def _pack_one(w_l, t_l, r_l, x_l, h_l, *, layout, rule, rows, cols):
   return codes.astype(_codes_dtype(rule.weight_bits)), scale, zero
 
 
-def _pack_layers(w, transform, out_rot, samples, hessian, *, layout, rule, rows, cols):
+class _Cancelled(Exception):
+  """The packing thread stopped because `quantize_params` failed or was interrupted."""
+
+
+def _pack_layers(w, transform, out_rot, samples, hessian, *, layout, rule, rows, cols,
+                 cancelled: Callable[[], bool] = lambda: False):
   """`_pack_one` on every stacked layer of w: (codes (stack..., N, K), scale, zero).
 
   A Python loop over the stack, one jitted call per layer: the float32 working set is one layer's
   (a whole-stack program let XLA keep float32 copies of the stack: gigabytes at full size), and
   `w` may be a host array, read a layer at a time. `hessian` (stack..., NB, HB, HB) of the
-  untransformed input, for `rule.rounding == "gptq"`, else None.
+  untransformed input, for `rule.rounding == "gptq"`, else None. `cancelled()` is asked before
+  each layer (`_Cancelled` is raised once it is true).
   """
   ns = layout.num_stack
   pack = functools.partial(_pack_one, layout=layout, rule=rule, rows=rows, cols=cols)
   if ns == 0:
-    return pack(jnp.asarray(w), transform, out_rot, samples, hessian)
+    return pack(_on_device(w), transform, out_rot, samples, hessian)
   if ns != 1:
     raise NotImplementedError(f"weights with {ns} stack axes ({layout.shape}) are not supported")
   take = lambda t, i: None if t is None else jax.tree.map(lambda a: a[i], t)
-  outs = [pack(jnp.asarray(w[i]), take(transform, i), take(out_rot, i), take(samples, i),
-               take(hessian, i))
-          for i in range(layout.shape[0])]
+
+  def layer(i):
+    if cancelled():
+      raise _Cancelled
+    return pack(_on_device(w[i]), take(transform, i), take(out_rot, i), take(samples, i),
+                take(hessian, i))
+
+  outs = [layer(i) for i in range(layout.shape[0])]
   return tuple(None if parts[0] is None else jnp.stack(parts) for parts in zip(*outs))
 
 
@@ -429,6 +456,11 @@ def quantize_params(params: Params, cfg: QuantConfig, stats: Any = None, *,
     folded smoothing. Run it with `Policy.sample_actions` (or any flax module via
     `duquant_jax.inference`).
 
+  Groups of linears reading one input are packed in order; each group's stacked layers are packed
+  (one jitted call per layer) in a background thread while this thread reads the next group's
+  weights and builds its transform, so at most two groups' weights are held at once. The result
+  does not depend on that overlap (the same programs on the same inputs).
+
   Token embedding tables matching one of `cfg.embeddings` become `PackedEmbedding`s. With
   `cfg.rotate_residual` the float model is first rotated (`rotated_model`; the returned tree's
   float leaves are the rotated ones) and `stats` are mapped to its inputs; linears reading a
@@ -461,115 +493,179 @@ def quantize_params(params: Params, cfg: QuantConfig, stats: Any = None, *,
   receivers = {f"{lay.norm}/Dense_0/kernel" for lay in layouts.values() if lay.norm_kind == "adarms"}
   receivers |= {lay.producer for lay in layouts.values() if lay.producer is not None}
   items = sorted(groups.items(), key=lambda kv: (any(m.path in receivers for m in kv[1]), kv[0]))
-  if progress:
-    from tqdm import tqdm
-    items = tqdm(items, desc="pack", unit="group")
-  for group, members in items:
-    rules = {m.path: cfg.rule_for(m.path) for m in members}
-    active = [m for m in members if rules[m.path] is not None]
-    if not active:
-      continue
-    lead = rules[active[0].path]
-    if group in unsmoothed and lead.smooth_alpha is not None:
-      lead = dataclasses.replace(lead, smooth_alpha=None)
-      rules = {p: None if r is None else dataclasses.replace(r, smooth_alpha=None)
-               for p, r in rules.items()}
-    for m in active[1:]:
-      r = rules[m.path]
-      if any(getattr(r, f) != getattr(lead, f) for f in _TRANSFORM_FIELDS):
-        raise ValueError(f"{m.path} and {active[0].path} read the same input but their rules "
-                         f"differ in the input transform ({', '.join(_TRANSFORM_FIELDS)})")
-    quantizing = [rules[m.path] for m in active if rules[m.path].act_bits is not None]
-    for r in quantizing[1:]:
-      if any(getattr(r, f) != getattr(quantizing[0], f) for f in _QUANTIZER_FIELDS):
-        raise ValueError(f"{group}: linears reading this input quantize it differently "
-                         f"({', '.join(_QUANTIZER_FIELDS)} must agree)")
-    weights = {m.path: _weight_array(_get(out, m.path)) for m in members}  # folds applied so far
-    for m in active:
-      _check_finite(m.path, weights[m.path])
-      if m.in_features % lead.block_size and lead.rotation != "none":
-        raise ValueError(f"{m.path}: block size {lead.block_size} does not divide the input width "
-                         f"K={m.in_features}")
-    layout0 = active[0]
-    key = _layer_key(cfg.seed, group)
-    st = next((s for s in (_stats_for(stats, m.path) for m in members) if s is not None), None)
-    needs_stats = lead.smooth_alpha is not None or lead.rotation == "greedy"
-    if st is None and needs_stats:
-      raise ValueError(f"{layout0.path}: no calibration stats for this layer, but its rule uses "
-                       f"{'smoothing' if lead.smooth_alpha is not None else 'the greedy rotation'}; "
-                       "pass stats from duquant_jax.calibrate (or use rotation='random'/'none' and "
-                       "smooth_alpha=None)")
-    absmax = samples = hessian = None
-    if st is not None:
-      absmax = jnp.asarray(st.absmax, jnp.float32)
-      samples = jnp.asarray(st.samples, jnp.float32)
-      _check_finite(f"stats[{layout0.path}].absmax", absmax)
-      _check_finite(f"stats[{layout0.path}].samples", samples)
-      expect = layout0.stack_shape + (layout0.in_features,)
-      if absmax.shape != expect:
-        raise ValueError(f"stats[{layout0.path}].absmax has shape {absmax.shape}, expected {expect}")
-      hessian = getattr(st, "hessian", None)
-    if any(rules[m.path].rounding == "gptq" for m in active):
-      hessian = _checked_hessian(hessian, layout0)
+  items = [(g, ms) for g, ms in items if any(cfg.rule_for(m.path) is not None for m in ms)]
+  # Two stages: this thread reads a group's weights and builds its transform (folding smoothing
+  # into norms and producers, in group order), then hands the per-layer packing to one
+  # background thread and goes on to the next group, so reading a streamed checkpoint, building
+  # transforms and compiling overlap the packing of the group before. At most one group packs
+  # at a time; a group whose preparation touches a weight of the packing group waits for it.
+  cancel = threading.Event()
+  bar = tqdm(total=len(items), desc="pack", unit="group", disable=not progress)
+  pending, pending_paths = None, set()
 
-    head_dim = layout0.head_dim if layout0.head_role == "in" else None
-    if head_dim is not None and lead.rotation != "none":
-      check_block_alignment(lead.block_size, head_dim, f"{layout0.path} (input of the attention "
-                            "output projection: rotation blocks must stay inside a head)")
-    transform, lam = None, None
-    if lead.transforms_input:
-      w_absmax = None
-      if lead.smooth_alpha is not None:
-        w_absmax = functools.reduce(jnp.maximum, [_w_absmax_in(weights[m.path], _shape_key(m)) for m in active])
-      if absmax is None:  # activation-free transform: only rotation / permutation by weights
-        absmax = jnp.ones(layout0.stack_shape + (layout0.in_features,), jnp.float32)
-      w_cat = None
-      if lead.rotation.startswith("weight_"):
-        ns = layout0.num_stack
-        w2s = [jax.vmap(lambda a, m=m: to_2d(a, m))(weights[m.path]) if ns else to_2d(
-            weights[m.path], m) for m in active]
-        w_cat = jnp.concatenate(w2s, axis=-1)
-      transform = build_duquant_transform(
-          samples, absmax, w_absmax, block_size=lead.block_size, key=key, alpha=lead.smooth_alpha,
-          rotation=lead.rotation, permutation=lead.permutation,
-          head_dim=head_dim, w=w_cat, max_steps=lead.rotation_steps)
-      lam = transform.smooth
-      # Rotations are stored rounded (float16, or int8 under `compact`); folding inverts the same
-      # rounded values exactly (`InputTransform.fold`).
-      transform = _store(transform, lead)
+  def finish():
+    for path, packed in pending.result():
+      _set(out, path, packed)
+    bar.update(1)
 
-    # Smoothing: fold 1/lam into the norm where there is one, or into the producer's columns where
-    # it would otherwise be the only online step; every member's weight gets diag(lam).
-    online = fold = transform  # `fold`: the transform folded into W (online + what went offline)
-    if transform is not None and lam is not None:
-      if layout0.norm is None and layout0.producer is not None and transform.perm is None:
-        # The smoothing leaves the online side; at most one block rotation stays there. (With a
-        # permutation between two rotations, the smoothing merges into the first rotation at no
-        # cost instead, as `recommended` packs it.)
-        _fold_into_producer(out, layout0, lam)
-        online = transform.replace(smooth=None)
-      elif layout0.norm is not None:
-        _fold_into_norm(out, layout0, lam)
-        online = transform.replace(smooth=None)
-        for m in members:
-          if rules[m.path] is None:  # a float member of the group sees the smoothed input too
-            w = weights[m.path]
-            _set(out, m.path, _scale_input_rows(w, m, lam).astype(w.dtype))
-      elif not (lead.compact and lead.rotation == "hadamard"):  # (generated blocks stay unmerged)
-        # The online transform is the whole one: fold exactly what runs (its rotations rounded).
-        online = fold = _store(transform.merged(), lead)
-    if online is not None and not any(online.hadamard) and all(
-        getattr(online, f) is None for f in ("smooth", "rot1", "perm", "rot2")):
-      online = None
+  with ThreadPoolExecutor(1, thread_name_prefix="duquant-pack") as pool:
+    try:
+      for group, members in items:
+        if pending is not None and _touches(members) & pending_paths:
+          finish()
+          pending = None
+        weights = {m.path: _weight_array(_get(out, m.path)) for m in members}  # folds so far
+        pack = _quantize_group(out, cfg, stats, group, members, weights, unsmoothed=unsmoothed,
+                               cancelled=cancel.is_set)
+        if pending is not None:
+          finish()
+        if any(isinstance(w, jax.core.Tracer) for w in weights.values()):
+          pending = Future()  # abstract evaluation (`jax.eval_shape`): tracers stay in this thread
+          pending.set_result(pack())
+        else:
+          pending = pool.submit(lambda pack=pack: [(p, jax.block_until_ready(v))
+                                                   for p, v in pack()])
+        pending_paths = {m.path for m in members}
+      if pending is not None:
+        finish()
+    except BaseException:
+      cancel.set()  # the packing thread stops at its next layer
+      raise
+    finally:
+      bar.close()
+  return out
 
-    # One static activation range per input group: its members quantize the same input.
-    static = (None, None)
-    if quantizing and quantizing[0].act_scale == "static":
-      static = _static_range(samples, transform, quantizing[0], layout0.path)
+
+def _touches(members: list[LinearLayout]) -> set[str]:
+  """Paths of linears that preparing this group reads or folds into: its members, their
+  producers and their adaptive norms' Dense kernels."""
+  paths = {m.path for m in members}
+  paths |= {m.producer for m in members if m.producer is not None}
+  paths |= {f"{m.norm}/Dense_0/kernel" for m in members if m.norm_kind == "adarms"}
+  return paths
+
+
+def _quantize_group(out: Params, cfg: QuantConfig, stats: Any, group: str,
+                    members: list[LinearLayout], weights: dict[str, Any], *,
+                    unsmoothed: set[str], cancelled: Callable[[], bool]
+                    ) -> Callable[[], list[tuple[str, PackedLinear]]]:
+  """One group of linears reading the same input (`quantize_params`): checks its rules and
+  stats, builds its input transform and folds the smoothing into `out` (norms, producers, float
+  members); returns the packing of its members as a function of no arguments giving
+  [(path, PackedLinear)] (run in the packing thread, which stops early once `cancelled()`).
+
+  `weights`: each member's weight as the group reads it (smoothing folds of earlier groups
+  applied), jax or host arrays.
+  """
+  rules = {m.path: cfg.rule_for(m.path) for m in members}
+  active = [m for m in members if rules[m.path] is not None]
+  lead = rules[active[0].path]
+  if group in unsmoothed and lead.smooth_alpha is not None:
+    lead = dataclasses.replace(lead, smooth_alpha=None)
+    rules = {p: None if r is None else dataclasses.replace(r, smooth_alpha=None)
+             for p, r in rules.items()}
+  for m in active[1:]:
+    r = rules[m.path]
+    if any(getattr(r, f) != getattr(lead, f) for f in _TRANSFORM_FIELDS):
+      raise ValueError(f"{m.path} and {active[0].path} read the same input but their rules "
+                       f"differ in the input transform ({', '.join(_TRANSFORM_FIELDS)})")
+  quantizing = [rules[m.path] for m in active if rules[m.path].act_bits is not None]
+  for r in quantizing[1:]:
+    if any(getattr(r, f) != getattr(quantizing[0], f) for f in _QUANTIZER_FIELDS):
+      raise ValueError(f"{group}: linears reading this input quantize it differently "
+                       f"({', '.join(_QUANTIZER_FIELDS)} must agree)")
+  for m in active:
+    _check_finite(m.path, weights[m.path])
+    if m.in_features % lead.block_size and lead.rotation != "none":
+      raise ValueError(f"{m.path}: block size {lead.block_size} does not divide the input width "
+                       f"K={m.in_features}")
+  layout0 = active[0]
+  key = _layer_key(cfg.seed, group)
+  st = next((s for s in (_stats_for(stats, m.path) for m in members) if s is not None), None)
+  needs_stats = lead.smooth_alpha is not None or lead.rotation == "greedy"
+  if st is None and needs_stats:
+    raise ValueError(f"{layout0.path}: no calibration stats for this layer, but its rule uses "
+                     f"{'smoothing' if lead.smooth_alpha is not None else 'the greedy rotation'}; "
+                     "pass stats from duquant_jax.calibrate (or use rotation='random'/'none' and "
+                     "smooth_alpha=None)")
+  absmax = samples = hessian = None
+  if st is not None:
+    absmax = jnp.asarray(st.absmax, jnp.float32)
+    samples = jnp.asarray(st.samples, jnp.float32)
+    _check_finite(f"stats[{layout0.path}].absmax", absmax)
+    _check_finite(f"stats[{layout0.path}].samples", samples)
+    expect = layout0.stack_shape + (layout0.in_features,)
+    if absmax.shape != expect:
+      raise ValueError(f"stats[{layout0.path}].absmax has shape {absmax.shape}, expected {expect}")
+    hessian = getattr(st, "hessian", None)
+  if any(rules[m.path].rounding == "gptq" for m in active):
+    hessian = _checked_hessian(hessian, layout0)
+
+  head_dim = layout0.head_dim if layout0.head_role == "in" else None
+  if head_dim is not None and lead.rotation != "none":
+    check_block_alignment(lead.block_size, head_dim, f"{layout0.path} (input of the attention "
+                          "output projection: rotation blocks must stay inside a head)")
+  transform, lam = None, None
+  if lead.transforms_input:
+    w_absmax = None
+    if lead.smooth_alpha is not None:
+      w_absmax = functools.reduce(jnp.maximum, [_w_absmax_in(weights[m.path], _shape_key(m)) for m in active])
+    if absmax is None:  # activation-free transform: only rotation / permutation by weights
+      absmax = jnp.ones(layout0.stack_shape + (layout0.in_features,), jnp.float32)
+    w_cat = None
+    if lead.rotation.startswith("weight_"):
+      ns = layout0.num_stack
+      w2s = [jax.vmap(lambda a, m=m: to_2d(a, m))(weights[m.path]) if ns else to_2d(
+          weights[m.path], m) for m in active]
+      w_cat = jnp.concatenate(w2s, axis=-1)
+    transform = build_duquant_transform(
+        samples, absmax, w_absmax, block_size=lead.block_size, key=key, alpha=lead.smooth_alpha,
+        rotation=lead.rotation, permutation=lead.permutation,
+        head_dim=head_dim, w=w_cat, max_steps=lead.rotation_steps)
+    lam = transform.smooth
+    # Rotations are stored rounded (float16, or int8 under `compact`); folding inverts the same
+    # rounded values exactly (`InputTransform.fold`).
+    transform = _store(transform, lead)
+
+  # Smoothing: fold 1/lam into the norm where there is one, or into the producer's columns where
+  # it would otherwise be the only online step; every member's weight gets diag(lam).
+  online = fold = transform  # `fold`: the transform folded into W (online + what went offline)
+  if transform is not None and lam is not None:
+    if layout0.norm is None and layout0.producer is not None and transform.perm is None:
+      # The smoothing leaves the online side; at most one block rotation stays there. (With a
+      # permutation between two rotations, the smoothing merges into the first rotation at no
+      # cost instead, as `recommended` packs it.)
+      _fold_into_producer(out, layout0, lam)
+      online = transform.replace(smooth=None)
+    elif layout0.norm is not None:
+      _fold_into_norm(out, layout0, lam)
+      online = transform.replace(smooth=None)
+      for m in members:
+        if rules[m.path] is None:  # a float member of the group sees the smoothed input too
+          w = weights[m.path]
+          _set(out, m.path, _scale_input_rows(w, m, lam).astype(w.dtype))
+    elif not (lead.compact and lead.rotation == "hadamard"):  # (generated blocks stay unmerged)
+      # The online transform is the whole one: fold exactly what runs (its rotations rounded).
+      online = fold = _store(transform.merged(), lead)
+  if online is not None and not any(online.hadamard) and all(
+      getattr(online, f) is None for f in ("smooth", "rot1", "perm", "rot2")):
+    online = None
+
+  # One static activation range per input group: its members quantize the same input.
+  static = (None, None)
+  if quantizing and quantizing[0].act_scale == "static":
+    static = _static_range(samples, transform, quantizing[0], layout0.path)
+  # Checked here, in group order, before the packing thread takes over.
+  tiles = {m.path: _scale_tile(rules[m.path], m) for m in active}
+  out_rots = {m.path: _output_rotation(rules[m.path], m, _layer_key(cfg.seed, m.path))
+              for m in active}
+
+  def pack() -> list[tuple[str, PackedLinear]]:
+    done = []
     for m in active:
       rule = rules[m.path]
-      rows, cols = _scale_tile(rule, m)
-      out_rot = _output_rotation(rule, m, _layer_key(cfg.seed, m.path))
+      rows, cols = tiles[m.path]
+      out_rot = out_rots[m.path]
       # The packing folds the *full* transform (with smoothing) into W; the online part excludes
       # what went into the norm.
       x_clip = None
@@ -577,7 +673,8 @@ def quantize_params(params: Params, cfg: QuantConfig, stats: Any = None, *,
         x_clip = samples[..., :rule.clip_rows, :]
       h = hessian if rule.rounding == "gptq" else None
       codes, scale, zero = _pack_layers(weights[m.path], fold, out_rot, x_clip, h,
-                                        layout=_shape_key(m), rule=rule, rows=rows, cols=cols)
+                                        layout=_shape_key(m), rule=rule, rows=rows, cols=cols,
+                                        cancelled=cancelled)
       if rule.compact and rule.weight_bits is not None:
         scale = scale.astype(jnp.float16)  # 2^-11 relative: far below a 4-bit step
         zero = None if zero is None else zero.astype(jnp.int8)  # integer-valued in the code range
@@ -590,8 +687,10 @@ def quantize_params(params: Params, cfg: QuantConfig, stats: Any = None, *,
           input_group=group if len(active) > 1 else None,  # same `online` for every member
           act_scale=act_scale, act_zero=act_zero)
       packed.validate()
-      _set(out, m.path, packed)
-  return out
+      done.append((m.path, packed))
+    return done
+
+  return pack
 
 
 def _measured_layouts(params: Params, layouts: dict[str, LinearLayout],

@@ -3,7 +3,8 @@
 Usage:
   PYTHONPATH=. python scripts/bench_convert.py make /tmp/pi0_full_bf16 [--model pi0] [--as-state]
   PYTHONPATH=. /usr/bin/time -v python scripts/bench_convert.py convert /tmp/pi0_full_bf16 \
-      /tmp/pi0_full_w4a8 [--preset recommended] [--all-linears] [--overwrite]
+      /tmp/pi0_full_w4a8 [--preset recommended] [--rounding nearest|gptq] [--all-linears] \
+      [--overwrite]
 
 `make` writes random bf16 params of the full-size model the way openpi saves them (an orbax
 PyTree checkpoint at DIR/params holding {"params": tree}, ocdbt), one stacked layer at a time so
@@ -14,7 +15,9 @@ that only the bf16 tree is ever in memory: Gemma linears ~ N(0, 1/fan_in), every
 `duquant-jax convert` runs when it does not calibrate) with synthetic calibration stats
 (`duquant_jax.synthetic_stats`; a full-size forward pass for real calibration does not fit this
 benchmark's CPU budget), and prints the time of each phase. `--all-linears` applies the preset's
-first rule to all 126 + 126 Gemma linears, as `scripts/bench_pack.py --all-linears` does.
+first rule to all 126 + 126 Gemma linears, as `scripts/bench_pack.py --all-linears` does;
+`--rounding` sets every rule's rounding, as `duquant-jax convert --rounding` does (`recommended`
+rounds with GPTQ: tens of minutes at full size on a CPU, BENCHMARKS.md).
 These random weights measure cost only, never accuracy.
 """
 
@@ -63,7 +66,8 @@ def make(dst: str, model: str, as_state: bool, seed: int = 0) -> None:
         "GiB on disk")
 
 
-def convert(src: str, dst: str, preset: str, all_linears: bool, overwrite: bool) -> None:
+def convert(src: str, dst: str, preset: str, all_linears: bool, overwrite: bool,
+            rounding: str | None = None) -> None:
   import jax
   from duquant_jax.config import get_preset
   from duquant_jax.openpi_checkpoint import convert_checkpoint, open_openpi
@@ -72,6 +76,9 @@ def convert(src: str, dst: str, preset: str, all_linears: bool, overwrite: bool)
   cfg = get_preset(preset)
   if all_linears:
     cfg = dataclasses.replace(cfg, rules=(dataclasses.replace(cfg.rules[0], pattern=ALL_GEMMA),))
+  if rounding is not None:
+    cfg = dataclasses.replace(cfg, rules=tuple(dataclasses.replace(r, rounding=rounding)
+                                               for r in cfg.rules))
   info = open_openpi(src)
   t_open = time.perf_counter() - t0
   t = time.perf_counter()
@@ -85,8 +92,9 @@ def convert(src: str, dst: str, preset: str, all_linears: bool, overwrite: bool)
   t_conv = time.perf_counter() - t
   peak.stop()
   size = sum(p.stat().st_size for p in pathlib.Path(out).rglob("*") if p.is_file())
-  print(f"{info.model} {info.size} preset={cfg.name} all_linears={all_linears} "
-        f"backend={jax.default_backend()} jax={jax.__version__}")
+  roundings = ",".join(sorted({r.rounding for r in cfg.rules}))
+  print(f"{info.model} {info.size} preset={cfg.name} rounding={roundings} "
+        f"all_linears={all_linears} backend={jax.default_backend()} jax={jax.__version__}")
   print(f"open {t_open:.1f} s; synthetic stats {t_stats:.1f} s; convert_checkpoint {t_conv:.1f} s; "
         f"total {time.perf_counter() - t0:.1f} s; wrote {size / 2**30:.2f} GiB to {out}")
   print("phases: " + ", ".join(f"{k} {v:.1f} s" for k, v in phases.items())
@@ -128,13 +136,14 @@ def main():
   c.add_argument("dst")
   c.add_argument("--preset", default="recommended")
   c.add_argument("--all-linears", action="store_true")
+  c.add_argument("--rounding", choices=("nearest", "gptq"), help="every rule's rounding")
   c.add_argument("--overwrite", action="store_true")
   c.add_argument("--remove-output", action="store_true", help="delete DST afterwards")
   args = ap.parse_args()
   if args.cmd == "make":
     make(args.dst, args.model, args.as_state)
   else:
-    convert(args.src, args.dst, args.preset, args.all_linears, args.overwrite)
+    convert(args.src, args.dst, args.preset, args.all_linears, args.overwrite, args.rounding)
     if args.remove_output:
       shutil.rmtree(args.dst)
 

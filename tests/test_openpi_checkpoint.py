@@ -130,6 +130,41 @@ def test_cli_converts_lora_fine_tune(tmp_path, capsys):
   assert sorted(p.name for p in tmp_path.iterdir()) == ["ft", "q"]
 
 
+def test_streamed_conversions_are_byte_identical(bf16_ckpts, mlp_pack, tmp_path):
+  """Two conversions of one checkpoint (groups packed in a background thread while the next is
+  read) write the same bytes, given the same creation time."""
+  root, _ = bf16_ckpts
+  cfg, stats, _ = mlp_pack
+  meta = {"created": "2026-01-01T00:00:00+00:00"}
+  for name in ("a", "b"):
+    oc.convert_checkpoint(root / "plain", tmp_path / name, cfg, stats, metadata=meta,
+                          save_stats=False)
+  files = lambda d: {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*"))
+                     if p.is_file()}
+  fa, fb = files(tmp_path / "a"), files(tmp_path / "b")
+  assert list(fa) == list(fb) and len(fa) > 10
+  assert [name for name in fa if fa[name] != fb[name]] == []
+
+
+def test_failure_while_a_group_packs(bf16_ckpts, mlp_pack, tmp_path):
+  """A bad weight found while the group before it packs in the background: the error names it,
+  the packing thread is gone, and no output (or temporary) directory is left."""
+  import threading
+  _, params = bf16_ckpts
+  cfg, stats, _ = mlp_pack
+  bad = jax.tree.map(lambda x: x, params)
+  gating = np.array(bad["PaliGemma"]["llm"]["layers"]["mlp"]["gating_einsum"])
+  gating[2, 1, 0, 0] = np.nan  # the gate / up group packs after the down projection's
+  bad["PaliGemma"]["llm"]["layers"]["mlp"]["gating_einsum"] = gating
+  with pytest.raises(ValueError, match=r"mlp/gating_einsum: contains NaN"):
+    quantize_params(bad, cfg, stats)
+  oc.save_openpi_params(tmp_path / "fp", bad)
+  with pytest.raises(ValueError, match=r"mlp/gating_einsum: contains NaN"):
+    oc.convert_checkpoint(tmp_path / "fp", tmp_path / "q", cfg, stats)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["fp"]
+  assert not [t for t in threading.enumerate() if t.name.startswith("duquant-pack")]
+
+
 @pytest.mark.parametrize("damaged,preset", [("data", "w4a8-rtn"), ("data", "recommended"),
                                              ("metadata", "w4a8-rtn")])
 def test_corrupt_file_is_one_line(bf16_ckpts, tmp_path, damaged, preset):

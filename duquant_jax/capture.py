@@ -27,6 +27,7 @@ import jax.numpy as jnp
 
 from duquant_jax.config import QuantConfig
 from duquant_jax.models.gemma import LINEAR_MODULES, dense_contraction
+from duquant_jax.gptq import hessian_block_for
 from duquant_jax.stats import ChannelStats, HistSpec, accumulate, init_channel_stats, squeeze_layers
 
 
@@ -111,6 +112,9 @@ def _capture(run: Runner, params: Any, batch: Any, cfg: QuantConfig,
   return recorder.rows()
 
 
+HESSIAN_BLOCK = 2048
+
+
 def calibrate_runner(run: Runner, params: Any, batches: Any, cfg: QuantConfig, *,
                      num_samples: int = 128, rng: Optional[jax.Array] = None,
                      spec: HistSpec = HistSpec(),
@@ -131,9 +135,14 @@ def calibrate_runner(run: Runner, params: Any, batches: Any, cfg: QuantConfig, *
     raise ValueError(f"the model called no linear that config {cfg.name!r} quantizes ({seen} "
                      "whose kernel path matches a rule)")
 
+  # GPTQ rules need each input's Hessian (X^T X), kept as diagonal blocks of at most
+  # HESSIAN_BLOCK channels; kept for every captured input when any rule rounds with GPTQ.
+  gptq = any(r.rounding == "gptq" for r in cfg.rules if not r.skip)
+
   def init(s):
-    return init_channel_stats(num_layers=1, num_channels=s.shape[-1], num_samples=num_samples,
-                              spec=spec)
+    k = s.shape[-1]
+    return init_channel_stats(num_layers=1, num_channels=k, num_samples=num_samples, spec=spec,
+                              hessian_block=hessian_block_for(k, HESSIAN_BLOCK) if gptq else None)
 
   @jax.jit
   def scan(params, batches, rng):
@@ -175,7 +184,8 @@ def calibrate_apply(apply_fn: Callable[[Any, Any], Any], params: Any, batches: A
 
   Returns:
     {kernel path: ChannelStats} (unstacked: absmax (K,), samples (R, K), ...); every member of a
-    shared-input group maps to the same stats.
+    shared-input group maps to the same stats. Where a rule of cfg rounds with GPTQ, each input's
+    Hessian X^T X too (float32 diagonal blocks of at most 2048 channels).
 
   Raises:
     ValueError: no quantized linear was called by apply_fn.

@@ -239,3 +239,26 @@ def test_declared_shared_inputs_that_read_different_arrays_are_refused():
                     shared_inputs=(r"(?P<member>query|key)/kernel",))
   with pytest.raises(ValueError, match="read different arrays"):
     calibrate_apply(lambda p, b: Cross().apply({"params": p}, b), params, jnp.ones((2, 3, 16)), cfg)
+
+
+def test_gptq_rounding_on_a_generic_model_lowers_the_error():
+  """`calibrate_apply` keeps each input's Hessian when a rule rounds with GPTQ, so GPTQ runs on
+  any flax model: on the encoder it lowers the output error against round-to-nearest of the same
+  transforms and scales (measured 0.057 -> 0.034)."""
+  from duquant_jax.capture import calibrate_apply
+  from duquant_jax.config import generic_config
+  from duquant_jax.inference import quantized_apply
+  model, params = Encoder(), _encoder_params()
+  tokens = jax.random.randint(jax.random.key(0), (9, 4, 16), 0, 100)  # 8 batches + 1 held out
+  apply = lambda p, b: model.apply({"params": p}, b)
+  ref = apply(params, tokens[-1])
+  gptq = generic_config(rotation_steps=8, rounding="gptq")
+  stats = calibrate_apply(apply, params, tokens[:-1], gptq, num_samples=64)
+  hessian = stats["layer_0/intermediate/kernel"].hessian
+  assert hessian is not None and hessian.shape == (1, D, D)
+  run = jax.jit(lambda p, t: quantized_apply(model, {"params": p}, t))
+  err = {}
+  for name, cfg in (("nearest", generic_config(rotation_steps=8)), ("gptq", gptq)):
+    y = run(quantize_params(params, cfg, stats), tokens[-1])
+    err[name] = float(jnp.linalg.norm(y - ref) / jnp.linalg.norm(ref))
+  assert err["gptq"] < 0.8 * err["nearest"], err

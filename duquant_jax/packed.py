@@ -324,10 +324,10 @@ def gated_mlp(w_gating: Any, w_linear: Any, x: jax.Array,
   d = x.shape[-1]
   m = math.prod(x.shape[:-1])
   ndim = 2 if layer is None else 3
-  stacked_g, stacked_l = w_gating, w_linear
-  if not (stacked_g.codes.ndim == ndim and stacked_l.codes.ndim == ndim):
+  if not (w_gating.codes.ndim == ndim and w_linear.codes.ndim == ndim):
     return None
-  # The per-layer fields (static scales, flags); the stacked codes and scales go to the kernels.
+  # g, l: this layer's fields (static scales, flags); the kernels get w_gating's and w_linear's
+  # codes and scales whole, with the layer index.
   g, l = (w_gating, w_linear) if layer is None else (w_gating.at_layer(layer),
                                                       w_linear.at_layer(layer))
   if not (g.w_spec == "2DF" and l.w_spec == "FD" and g.codes.ndim == 2 and l.codes.ndim == 2
@@ -340,14 +340,13 @@ def gated_mlp(w_gating: Any, w_linear: Any, x: jax.Array,
   from duquant_jax import kernels
   xq, sx, zx = g.quantize_input(x.reshape(m, d))
   impl = g.matmul_impl if g.matmul_impl in (None, "mosaic") else "xla"
-  hq = kernels.gated_w4a8(xq, sx, zx, stacked_g.codes, _f32(stacked_g.scale),
-                          _f32(stacked_g.zero), l.act_scale, l.act_zero, implementation=impl,
-                          layer=layer)
+  hq = kernels.gated_w4a8(xq, sx, zx, w_gating.codes, _f32(w_gating.scale), _f32(w_gating.zero),
+                          l.act_scale, l.act_zero, implementation=impl, layer=layer)
   sh = jnp.broadcast_to(l.act_scale.reshape(1, 1).astype(jnp.float32), (m, 1))
   zh = None if l.act_zero is None else jnp.broadcast_to(
       l.act_zero.reshape(1, 1).astype(jnp.float32), (m, 1))
   out_dtype = jnp.float32 if l.out_rot is not None else x.dtype
-  y = _int_matmul(hq, sh, zh, stacked_l.codes, _f32(stacked_l.scale), _f32(stacked_l.zero),
+  y = _int_matmul(hq, sh, zh, w_linear.codes, _f32(w_linear.scale), _f32(w_linear.zero),
                   implementation=l.matmul_impl, out_dtype=out_dtype, layer=layer)
   if l.out_rot is not None:
     y = restore_output(y, l.out_rot)

@@ -137,9 +137,11 @@ def main():
   ap.add_argument("--no-clip-search", action="store_true",
                   help="pack without the weight clip search, rounding to nearest in place of GPTQ "
                        "(same program, other codes)")
+  ap.add_argument("--unroll", action="store_true",
+                  help="unrolled layers (Pi0Config(unroll_layers=True)) for bf16 and packed alike")
   ap.add_argument("--json", default=None)
   args = ap.parse_args()
-  policy = get_policy(args.model, args.size)
+  policy = get_policy(args.model, args.size, unroll_layers=args.unroll)
   params = jax.block_until_ready(random_params(policy))
   cfg = bench_config(args.preset, False)
   if args.no_clip_search:

@@ -12,7 +12,7 @@ Both are patched here. A decision is the kernel that the traced function calls: 
 The EXPECTED tables were generated from the dispatch code as it stood before the kernels package
 was split into one module per op (the hard-coded `_auto` / `_at_layer` / `_mosaic_or_xla` of
 `kernels/__init__.py`), by `python tests/test_kernel_dispatch.py`, and pasted here unchanged: the
-dispatch tables of `kernels/w4a8.py`, `gated.py` and `transform_quantize.py` must reproduce them
+dispatch tables of `kernels/w4a8.py`, `gated.py` and `online_transform.py` must reproduce them
 exactly. Rerun that command to regenerate the data only when a threshold changes on purpose (and
 say which measurement moved it in docs/kernels.md).
 """

@@ -6,7 +6,7 @@ quantizer conventions of DuQuant / SmoothQuant W4A8):
   y[m, n] = sx[m] * sum_g sw[n, g] * ( sum_{k in g} xq q  - zw[n, g] * sum_{k in g} xq
                                        - zx[m] * (sum_{k in g} q - group_size * zw[n, g]) )
 
-Design (DESIGN.md section 5: small-M policy steps are bound by reading weights):
+Design (small-M policy steps are bound by reading weights; docs/kernels.md, "Pallas W4A8 kernel"):
 - The weight is the packed format's `jnp.int4` (N, K) array, stored (out, in). It is viewed as
   (N, K/2) int8 nibble pairs with `lax.bitcast_convert_type` (byte j of row n holds k = 2j in its low
   nibble and k = 2j + 1 in its high nibble); on GPU XLA stores int4 two per byte, so the view moves no
@@ -21,12 +21,11 @@ Design (DESIGN.md section 5: small-M policy steps are bound by reading weights):
   no per-layer slice copy.
 
 `weight_only_matmul` is the same structure for weight-only linears: float x, int4 or int8 codes
-upcast in registers with the zero points folded in, a bf16 MMA. It is exact to float32 rounding
-but measured slower than XLA's weight-only GEMM in the policy (docs/journal.md, session 7), so it
-runs only when asked.
+upcast in registers with the zero points folded in, a bf16 MMA. It is exact to float32 rounding;
+auto-dispatch does not pick it (`weight_only.AUTO`).
 
-The Triton backend was chosen over Mosaic GPU because the same kernel source runs in Pallas interpret
-mode on CPU (for CI) and compiles on jax 0.10.x and 0.11.x alike; see BENCHMARKS.md for its H100 numbers.
+The Triton backend runs the same kernel source in Pallas interpret mode on CPU (for CI) and
+compiles on jax 0.10.x and 0.11.x alike.
 
 Pallas' Triton API moved between jax versions; imports are guarded and done lazily so that importing
 this module never fails on a CPU-only install.
@@ -44,7 +43,7 @@ from duquant_jax.kernels import xla as _xla
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class TileConfig:
+class TritonTiles:
   """Static tuning parameters of the kernel (hashable: a static jit argument).
 
   Attributes:
@@ -72,28 +71,28 @@ class TileConfig:
     for name in ("block_m", "block_n", "block_k"):
       v = getattr(self, name)
       if v < 16 or v & (v - 1):
-        raise ValueError(f"TileConfig.{name}={v} must be a power of two >= 16")
+        raise ValueError(f"TritonTiles.{name}={v} must be a power of two >= 16")
     if self.unpack not in ("interleave", "split_x"):
-      raise ValueError(f"TileConfig.unpack={self.unpack!r} must be 'interleave' or 'split_x'")
+      raise ValueError(f"TritonTiles.unpack={self.unpack!r} must be 'interleave' or 'split_x'")
     if self.split_k < 1:
-      raise ValueError(f"TileConfig.split_k={self.split_k} must be >= 1")
+      raise ValueError(f"TritonTiles.split_k={self.split_k} must be >= 1")
     if self.block_k < 32:
-      raise ValueError(f"TileConfig.block_k={self.block_k} must be >= 32 (int8 MMA K step)")
+      raise ValueError(f"TritonTiles.block_k={self.block_k} must be >= 32 (int8 MMA K step)")
 
 
-def choose_tiles(m: int, n: int, k: int, group_size: int | None = None) -> TileConfig:
-  """Tile choice per shape regime (tuned on an H100, see BENCHMARKS.md).
+def choose_tiles(m: int, n: int, k: int, group_size: int | None = None) -> TritonTiles:
+  """Tile choice per shape regime (docs/kernels.md, "Pallas tiles").
 
-  The winners of the H100 sweeps in BENCHMARKS.md. Small M (policy steps, M <= 64) is bound by
-  reading the packed weights: a narrow block_n gives enough programs to occupy every SM, a long
-  block_k gives wide loads, and long-K shapes (down-projection) split K. Larger M uses larger M tiles.
+  Small M (policy steps, M <= 64) is bound by reading the packed weights: a narrow block_n gives
+  enough programs to occupy every SM, a long block_k gives wide loads, and long-K shapes
+  (down-projection) split K. Larger M uses larger M tiles.
 
   Args:
     m, n, k: the matmul's rows (tokens), output channels and input channels.
     group_size: K // G of the weight scales; block_k is capped to divide it.
 
   Returns:
-    A TileConfig; it may not divide (n, k): `supports()` says whether the kernel applies.
+    A TritonTiles; it may not divide (n, k): `supports()` says whether the kernel applies.
   """
   # Small M: enough programs (N / block_n x split_k) to cover 132 SMs; long-K (down-projection)
   # shapes split K instead of narrowing block_n below 16.
@@ -121,17 +120,18 @@ def choose_tiles(m: int, n: int, k: int, group_size: int | None = None) -> TileC
     cfg["split_k"] = 1
   while n % cfg["block_n"] and cfg["block_n"] > 16:
     cfg["block_n"] //= 2
-  return TileConfig(**cfg)
+  return TritonTiles(**cfg)
 
 
 # Shared memory a Triton program may use on Hopper (232448 bytes), less headroom for its epilogue.
 SHARED_MEMORY_BUDGET = 200 * 1024
 
 
-def fit_shared_memory(tiles: TileConfig, x_bytes: int, w_bytes: float) -> TileConfig:
+def fit_shared_memory(tiles: TritonTiles, x_bytes: int, w_bytes: float) -> TritonTiles:
   """`tiles` with fewer pipeline stages, then a shorter block_k, until the pipelined x and weight
   tiles fit `SHARED_MEMORY_BUDGET` (choose_tiles' picks assume 1-byte int8 x; a bf16 x tile of
-  the weight-only kernel is twice that: 64 x 512 x 2 bytes x 4 stages overflowed on the H100)."""
+  the weight-only kernel is twice that, and 64 x 512 x 2 bytes x 4 stages exceed Hopper's shared
+  memory)."""
   def smem(t):
     return t.num_stages * (t.block_m * t.block_k * x_bytes + t.block_n * t.block_k * w_bytes)
   while smem(tiles) > SHARED_MEMORY_BUDGET and tiles.num_stages > 2:
@@ -145,7 +145,7 @@ def _largest_pow2_divisor(v: int) -> int:
   return v & -v
 
 
-def supports(m: int, n: int, k: int, g: int, tiles: TileConfig) -> bool:
+def supports(m: int, n: int, k: int, g: int, tiles: TritonTiles) -> bool:
   """Whether the kernel handles this shape with these tiles (else use the XLA path)."""
   del m
   if k % g or k % tiles.split_k:
@@ -394,7 +394,7 @@ def _check_weight(q, sw, zw, layer, x_shape):
 
 
 @functools.partial(jax.jit, static_argnames=("out_dtype", "tiles", "interpret"))
-def w4a8_matmul(xq, sx, zx, q, sw, zw, *, out_dtype=jnp.float32, tiles: TileConfig | None = None,
+def w4a8_matmul(xq, sx, zx, q, sw, zw, *, out_dtype=jnp.float32, tiles: TritonTiles | None = None,
                 interpret: bool = False, layer: jax.Array | None = None):
   """W4A8 matmul with the Pallas kernel; same result as `xla.w4a8_matmul`.
 
@@ -422,7 +422,7 @@ def w4a8_matmul(xq, sx, zx, q, sw, zw, *, out_dtype=jnp.float32, tiles: TileConf
 
 
 @functools.partial(jax.jit, static_argnames=("out_dtype", "tiles", "interpret"))
-def weight_only_matmul(x, q, sw, zw, *, out_dtype=jnp.float32, tiles: TileConfig | None = None,
+def weight_only_matmul(x, q, sw, zw, *, out_dtype=jnp.float32, tiles: TritonTiles | None = None,
                        interpret: bool = False, layer: jax.Array | None = None):
   """Weight-only matmul with the Pallas kernel: float x (M, K) times dequant(q) (N, K).
 
@@ -524,5 +524,5 @@ def flops_and_bytes(m: int, n: int, k: int, g: int = 1, out_bytes: int = 4) -> t
   return flops, nbytes
 
 
-__all__ = ["TileConfig", "choose_tiles", "fit_shared_memory", "supports", "pack_int4_pairs", "reference", "w4a8_matmul",
+__all__ = ["TritonTiles", "choose_tiles", "fit_shared_memory", "supports", "pack_int4_pairs", "reference", "w4a8_matmul",
            "weight_only_matmul", "flops_and_bytes"]

@@ -399,6 +399,40 @@ def test_explicit_w4a8_implementations_ignore_the_platform(monkeypatch, impl, pl
     assert row == {"pallas": "P" if layered else "p"}.get(impl, "x") * len(MS)
 
 
+def test_choose_takes_the_first_matching_rule_else_the_fallback():
+  from duquant_jax.kernels.dispatch import CPU, HOPPER, OTHER_GPU, Problem, Rule, choose
+  small = lambda p: p.m <= 16
+  table = (Rule(regime="a", platforms=frozenset({HOPPER}), when=small, implementation="a"),
+           Rule(regime="b", platforms=frozenset({HOPPER, OTHER_GPU}), when=lambda p: True,
+                implementation="b"))
+  assert choose(table, Problem(m=8, k=64), on=HOPPER) == "a"
+  assert choose(table, Problem(m=32, k=64), on=HOPPER) == "b"
+  assert choose(table, Problem(m=8, k=64), on=OTHER_GPU) == "b"
+  assert choose(table, Problem(m=8, k=64), on=CPU) == "xla"
+  assert choose((), Problem(m=8, k=64), on=CPU, fallback="ref") == "ref"
+  with pytest.raises(ValueError, match="platforms"):
+    Rule(regime="c", platforms=frozenset({"tpu"}), when=small, implementation="c")
+
+
+def test_platform_classes(monkeypatch):
+  from duquant_jax.kernels import dispatch
+  for name, (backend, cc) in PLATFORMS.items():
+    monkeypatch.setattr(jax, "default_backend", lambda b=backend: b)
+    monkeypatch.setattr(jax, "devices", lambda *a, c=cc: [_FakeDevice(c or "")])
+    assert dispatch.platform() == name
+
+
+def test_every_regime_is_explained_in_the_docs():
+  """Each rule names the regime docs/kernels.md states its thresholds and measurements under."""
+  import pathlib
+  from duquant_jax.kernels import gated, online_transform, w4a8, weight_only
+  docs = (pathlib.Path(__file__).parents[1] / "docs" / "kernels.md").read_text()
+  tables = (w4a8.AUTO, w4a8.AUTO_IN_PLACE, w4a8.MOSAIC, gated.AUTO, gated.AUTO_IN_PLACE,
+            gated.MOSAIC, weight_only.AUTO, online_transform.CUDA_FORMS)
+  regimes = {rule.regime for table in tables for rule in table}
+  assert regimes and not {r for r in regimes if r not in docs}
+
+
 def _print_tables():
   """Prints the EXPECTED tables from the code as it stands (to regenerate them on purpose)."""
   mp = pytest.MonkeyPatch()

@@ -152,12 +152,13 @@ def w4a8_matmul(xq, sx, zx, q, sw, zw, *, out_dtype=jnp.bfloat16, tiles: MosaicT
   n, g = sw.shape[-2:]
   q, sw, zw, layer = _stacked(q, sw, zw, layer)
   if q.shape[-2:] != (n, k):
-    raise ValueError(f"weight codes {q.shape} do not match activations {xq.shape} and scales {sw.shape}")
+    raise ValueError(f"weight codes {q.shape} do not match activations {xq.shape} and scales "
+                     f"{sw.shape}")
   tiles = tiles or choose_tiles(m, n, k)
   if not supports(m, n, k, g, tiles):
     raise ValueError(f"the Mosaic W4A8 kernel does not take (M, K)={xq.shape} x (N, K)={q.shape} "
-                     f"with {g} scale groups and {tiles} (needs G = 1, N % (tile_n * compute_wgs) == 0, "
-                     f"K % (tile_k * splits) == 0)")
+                     f"with {g} scale groups and {tiles} (needs G = 1, "
+                     f"N % (tile_n * compute_wgs) == 0, K % (tile_k * splits) == 0)")
   xq8, sw_n, zw_n, cols = _operands(xq, sx, zx, sw, zw, tiles.tile_m)
   out = _kernel(xq8, q, sw_n, zw_n, cols, layer, tiles=tiles, out_dtype=jnp.dtype(out_dtype),
                 asym_w=zw is not None, asym_x=zx is not None)
@@ -354,7 +355,8 @@ def _kernel(xq, q, sw, zw, cols, layer, *, tiles: MosaicTiles, out_dtype, asym_w
     first = (si == 0).astype(jnp.float32)
     bar = bar.at[0] if bar.shape else bar  # one barrier: shape (1,) on jax 0.10, () on 0.11
     # gated: this CTA's gate rows and the same rows of the up half.
-    weights = lambda k_sl: ((w_gmem.at[n_sl, k_sl], w_gmem.at[pl.ds(n_out + ni * cta_n, cta_n), k_sl])
+    weights = lambda k_sl: ((w_gmem.at[n_sl, k_sl],
+                             w_gmem.at[pl.ds(n_out + ni * cta_n, cta_n), k_sl])
                             if gated else (w_gmem.at[n_sl, k_sl],))
 
     def copy_vectors():

@@ -4,8 +4,9 @@ its kernel and its dispatch.
 Implementations: "pallas" / "pallas_interpret" run the Pallas (Triton) weight-only kernel
 (`pallas_gpu.weight_only_matmul`, reading a stacked weight in place); None and every other name of
 `w4a8.IMPLEMENTATIONS` (the packed weight's matmul choice) run the reference,
-`xla.weight_only_matmul`, there being no int8 or Mosaic form of a weight-only matmul. Auto-dispatch has no rule (`AUTO` is
-empty): the kernel lost to XLA's GEMM in the policy (docs/kernels.md, "Weight-only matmul").
+`xla.weight_only_matmul`, there being no int8 or Mosaic form of a weight-only matmul.
+Auto-dispatch has no rule (`AUTO` is empty): the kernel lost to XLA's GEMM in the policy
+(docs/kernels.md, "Weight-only matmul").
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """W4A8 integer matmul on XLA: per-token int8 activations, int4 weights stored (N, K), int32 dot.
 
-This is the reference integer arithmetic every backend must reproduce, and the portable path used on
-CPU, TPU, and on GPU where no kernel wins. The weight is stored (out, in) = (N, K) so the int8 x int8
--> int32 `dot_general` contracts the last axis of both operands ("TN"), the layout cuBLASLt runs at
-full int8 rate; int4 codes are cast to int8 inside the jitted function because a mixed s8 x s4 dot
-has no fast path.
+This is the reference integer arithmetic every backend must reproduce, and the portable path used
+on CPU, TPU, and on GPU where no kernel wins. The weight is stored (out, in) = (N, K) so the
+int8 x int8 -> int32 `dot_general` contracts the last axis of both operands ("TN"), the layout
+cuBLASLt runs at full int8 rate; int4 codes are cast to int8 inside the jitted function because a
+mixed s8 x s4 dot has no fast path.
 
 Quantizers (DuQuant / SmoothQuant conventions):
   activations  x[m, k] ~ sx[m] * (xq[m, k] - zx[m])      xq int8, per token (row m)
@@ -30,9 +30,10 @@ def quantize_per_token(x: jax.Array, bits: int = 8, *, symmetric: bool = True,
                        clip_ratio: float = 1.0, axis: int = -1):
   """x (M, K) float -> (xq (M, K) int8, sx (M, 1) float32, zx (M, 1) float32 or None).
 
-  Symmetric: xq = round(x / sx) in [-(2^(b-1) - 1), 2^(b-1) - 1], sx = clip * max|x| / (2^(b-1) - 1).
-  Asymmetric: the row's [min, max] * clip maps to [-2^(b-1), 2^(b-1) - 1] with an integer zero point zx,
-  x ~ sx * (xq - zx).
+  Symmetric: xq = round(x / sx) in [-(2^(b-1) - 1), 2^(b-1) - 1],
+  sx = clip * max|x| / (2^(b-1) - 1).
+  Asymmetric: the row's [min, max] * clip maps to [-2^(b-1), 2^(b-1) - 1] with an integer zero
+  point zx, x ~ sx * (xq - zx).
   `axis` is the channel axis reduced over (0 for channel-major x^T (K, M): then sx, zx are (1, M)).
   """
   x = x.astype(jnp.float32)
@@ -75,7 +76,8 @@ def quantize_static(x: jax.Array, scale: jax.Array, zero: jax.Array | None = Non
 
 
 def static_range(x: jax.Array, bits: int = 8, *, symmetric: bool, percentile: float):
-  """(scale (..., 1), zero (..., 1) or None) of `quantize_static` from calibration rows x (..., R, K).
+  """(scale (..., 1), zero (..., 1) or None) of `quantize_static` from calibration rows
+  x (..., R, K).
 
   The range is the `percentile` of the rows' own ranges (per-token max |x|; asymmetric: the
   upper percentile of row maxima and the lower one of row minima), so a few rare tokens beyond
@@ -194,7 +196,8 @@ def w4a8_matmul(xq: jax.Array, sx: jax.Array, zx: jax.Array | None, q: jax.Array
   """Integer W4A8 matmul, XLA path.
 
   Args:
-    xq: (M, K) int8 activation codes; sx (M, 1) float32 scales; zx (M, 1) float32 zero points or None.
+    xq: (M, K) int8 activation codes; sx (M, 1) float32 scales; zx (M, 1) float32 zero points
+      or None.
     q: (N, K) int4 (or int8) weight codes; sw (N, G) float32 scales; zw (N, G) zero points or None.
       G groups of K // G consecutive input channels (G = 1: per output channel).
     out_dtype: dtype of the result.
@@ -279,7 +282,8 @@ def weight_only_matmul(x: jax.Array, q: jax.Array, sw: jax.Array, zw: jax.Array 
 
 
 def _grouped_shapes(x, q, sw):
-  """(M, N, G, K / G) of activations x (M, K), codes q (N, K) and scales sw (N, G); checks they agree."""
+  """(M, N, G, K / G) of activations x (M, K), codes q (N, K) and scales sw (N, G); checks they
+  agree."""
   m, k = x.shape
   n, g = sw.shape
   if q.shape != (n, k) or k % g:
@@ -289,7 +293,8 @@ def _grouped_shapes(x, q, sw):
 
 
 def _minus_weight_zero(acc, xg, zw):
-  """acc (G, M, N) partial sums minus zw[n, g] * sum_{k in g} x[m, k] (xg (M, G, K / G)); zw None: acc."""
+  """acc (G, M, N) partial sums minus zw[n, g] * sum_{k in g} x[m, k] (xg (M, G, K / G));
+  zw None: acc."""
   if zw is None:
     return acc
   rowsum = jnp.sum(xg.astype(jnp.float32), axis=-1)  # (M, G)

@@ -13,7 +13,8 @@ Backends (kernels only, no dispatch): `xla` (the reference arithmetic and the po
 `mosaic_gpu`, `pallas_gpu`, `pallas_transform`. docs/kernels.md states every dispatch rule and
 the measurement behind it.
 
-Importing this package imports no GPU-only module: the Pallas modules are loaded when first traced.
+Importing this package imports no GPU-only module: the backends import jax's Pallas GPU modules
+when a kernel is first traced.
 """
 
 from __future__ import annotations
@@ -49,4 +50,5 @@ __all__ = [
     "transform_quantize",
     "w4a8_matmul",
     "weight_only_matmul",
+    "xla",
 ]

@@ -17,7 +17,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from duquant_jax.kernels import dispatch, xla
+from duquant_jax.kernels import dispatch, mosaic_gpu, xla
 from duquant_jax.kernels.dispatch import HOPPER, PLATFORMS, Problem, Rule
 from duquant_jax.kernels.w4a8 import mosaic_in_place_preferred, mosaic_preferred
 
@@ -38,7 +38,6 @@ def reference(xq, sx, zx, q, sw, zw, out_scale, out_zero) -> jax.Array:
 def mosaic_applies(m: int, n: int, k: int, g: int, q_dtype) -> bool:
   """Whether the gated Mosaic kernel takes (M, K) tokens against a (N = 2F, K) int4 gate/up weight
   with G scale groups."""
-  from duquant_jax.kernels import mosaic_gpu
   return n % 2 == 0 and q_dtype == jnp.int4 and mosaic_gpu.supports_gated(m, n // 2, k, g)
 
 
@@ -94,6 +93,5 @@ def gated_w4a8(xq: jax.Array, sx: jax.Array, zx: jax.Array | None, q: jax.Array,
                            Problem(m=m, k=k, n=n, g=g, codes=q.dtype))
   if choice == "xla":
     return ref()
-  from duquant_jax.kernels import mosaic_gpu
   return dispatch.on_cuda(
       lambda: mosaic_gpu.gated_w4a8(xq, sx, zx, q, sw, zw, out_scale, out_zero, layer=layer), ref)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from duquant_jax.kernels import dispatch, xla
+from duquant_jax.kernels import dispatch, pallas_transform, xla
 from duquant_jax.kernels.dispatch import PLATFORMS, Problem, Rule
 from duquant_jax.kernels.xla import quantize_per_token
 
@@ -104,8 +104,6 @@ def transform_quantize(x: jax.Array, transform, bits: int = 8, *, symmetric: boo
   if not fused_transform_applies(x.shape, transform):
     raise ValueError(f"the fused transform kernel does not take x {x.shape} with this transform "
                      "(needs rot1 with smoothing merged, no stack axes, power-of-two K and block)")
-  from duquant_jax.kernels import pallas_transform
-
   return pallas_transform.transform_quantize(
       x, transform.rot1, transform.perm, transform.rot2, bits=bits,
       interpret=implementation == "pallas_interpret", **quantizer)
@@ -156,7 +154,6 @@ def _one_layer(x: jax.Array, transform) -> bool:
 
 def fused_transform_applies(x_shape, transform) -> bool:
   """Whether `pallas_transform` can run this transform on (M, K) activations."""
-  from duquant_jax.kernels import pallas_transform
   if transform is None or transform.rot1 is None or transform.smooth is not None:
     return False
   if len(x_shape) != 2 or transform.rot1.ndim != 3:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from duquant_jax.kernels import dispatch, xla
+from duquant_jax.kernels import dispatch, mosaic_gpu, pallas_gpu, xla
 from duquant_jax.kernels.dispatch import HOPPER, OTHER_GPU, PLATFORMS, Problem, Rule
 
 IMPLEMENTATIONS = (None, "xla", "xla_bf16", "mosaic", "pallas", "pallas_interpret")
@@ -56,7 +56,6 @@ def reference(xq: jax.Array, sx: jax.Array, zx: jax.Array | None, q: jax.Array, 
 
 def mosaic_applies(m: int, n: int, k: int, g: int, q_dtype) -> bool:
   """Whether the Mosaic GPU kernel takes an (M, K) x (N, K) int4 matmul with G scale groups."""
-  from duquant_jax.kernels import mosaic_gpu
   return q_dtype == jnp.int4 and mosaic_gpu.supports(m, n, k, g)
 
 
@@ -78,7 +77,6 @@ def mosaic_in_place_preferred(m: int, n: int, k: int) -> bool:
 
 def _pallas_takes(m: int, n: int, k: int, g: int) -> bool:
   """Whether the Pallas kernel takes the shape with its automatic tiles."""
-  from duquant_jax.kernels import pallas_gpu
   if k % g:
     return False
   return pallas_gpu.supports(m, n, k, g, pallas_gpu.choose_tiles(m, n, k, k // g))
@@ -134,9 +132,7 @@ IN_PLACE_TABLES = {None: AUTO_IN_PLACE, "mosaic": MOSAIC}
 def _kernel(name: str, xq, sx, zx, q, sw, zw, out_dtype, layer, interpret: bool = False):
   """Runs backend kernel `name` ("mosaic" or "pallas")."""
   if name == "mosaic":
-    from duquant_jax.kernels import mosaic_gpu
     return mosaic_gpu.w4a8_matmul(xq, sx, zx, q, sw, zw, out_dtype=out_dtype, layer=layer)
-  from duquant_jax.kernels import pallas_gpu
   return pallas_gpu.w4a8_matmul(xq, sx, zx, q, sw, zw, out_dtype=out_dtype, interpret=interpret,
                                 layer=layer)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from duquant_jax.kernels import dispatch, xla
+from duquant_jax.kernels import dispatch, pallas_gpu, xla
 from duquant_jax.kernels.dispatch import Problem
 from duquant_jax.kernels.w4a8 import IMPLEMENTATIONS
 
@@ -30,7 +30,6 @@ def reference(x: jax.Array, q: jax.Array, sw: jax.Array, zw: jax.Array | None, *
 
 
 def _kernel(x, q, sw, zw, out_dtype, layer, interpret: bool = False):
-  from duquant_jax.kernels import pallas_gpu
   return pallas_gpu.weight_only_matmul(x, q, sw, zw, out_dtype=out_dtype, layer=layer,
                                        interpret=interpret)
 

@@ -165,7 +165,7 @@ def make_case(key, m, k, n, copies, symmetric=True):
 
 
 def _tc(bm, bn, bk, w=4, st=4, sk=1, unpack="interleave"):
-  return pallas_gpu.TileConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=w, num_stages=st,
+  return pallas_gpu.TritonTiles(block_m=bm, block_n=bn, block_k=bk, num_warps=w, num_stages=st,
                                split_k=sk, unpack=unpack)
 
 
@@ -340,7 +340,7 @@ def check(key):
   shapes = [(1, 2048, 256, 1), (50, 1024, 4096, 1), (51, 2048, 2048, 1), (64, 16384, 2048, 1),
             (816, 2048, 2048, 1), (968, 1024, 256, 1), (4096, 2048, 2048, 1), (50, 2048, 2048, 16),
             (100, 1024, 1024, 8)]
-  tiles_extra = [None, pallas_gpu.TileConfig(block_m=16, block_n=32, block_k=256, split_k=4)]
+  tiles_extra = [None, pallas_gpu.TritonTiles(block_m=16, block_n=32, block_k=256, split_k=4)]
   for (m, k, n, g) in shapes:
     for sym in (True, False):
       for tiles in tiles_extra:
@@ -453,19 +453,19 @@ def probe(key, layers=18, m=64, k=2048, n=16384, use_kernel=True):
 
 # ------------------------------------------------------------------------------------------ sweep
 SWEEP_TILES = {
-    "small": [pallas_gpu.TileConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=w, num_stages=st,
+    "small": [pallas_gpu.TritonTiles(block_m=bm, block_n=bn, block_k=bk, num_warps=w, num_stages=st,
                                     split_k=sk)
               for (bm, bn, bk, w, st, sk) in [
                   (16, 16, 512, 4, 4, 1), (16, 32, 512, 4, 4, 1), (16, 64, 256, 4, 4, 1),
                   (16, 32, 1024, 4, 3, 1), (16, 32, 256, 4, 4, 2), (16, 64, 512, 4, 3, 4),
                   (16, 128, 256, 4, 3, 4), (16, 32, 512, 2, 4, 1)]],
-    "mid": [pallas_gpu.TileConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=w, num_stages=st,
+    "mid": [pallas_gpu.TritonTiles(block_m=bm, block_n=bn, block_k=bk, num_warps=w, num_stages=st,
                                   split_k=sk)
             for (bm, bn, bk, w, st, sk) in [
                 (64, 32, 256, 4, 4, 1), (64, 64, 256, 4, 4, 1), (64, 16, 512, 4, 4, 1),
                 (32, 32, 512, 4, 4, 1), (64, 64, 256, 4, 3, 2), (64, 128, 128, 4, 4, 1),
                 (16, 64, 256, 4, 4, 1), (64, 128, 256, 8, 3, 2)]],
-    "large": [pallas_gpu.TileConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=w, num_stages=st)
+    "large": [pallas_gpu.TritonTiles(block_m=bm, block_n=bn, block_k=bk, num_warps=w, num_stages=st)
               for (bm, bn, bk, w, st) in [
                   (128, 128, 128, 8, 4), (128, 128, 256, 8, 3), (128, 256, 128, 8, 3),
                   (64, 128, 128, 4, 4), (128, 64, 128, 4, 4), (256, 128, 128, 8, 3),

@@ -1,6 +1,6 @@
 """Device check of the fused gated W4A8 kernel (`mosaic_gpu.gated_w4a8`): exact, and worth it?
 
-For each Gemma MLP shape and M: the kernel's int8 codes against `gated_reference` (the same
+For each Gemma MLP shape and M: the kernel's int8 codes against `gated.reference` (the same
 float32 arithmetic as XLA ops; tanh-gelu and rounding may differ by one code where the two round
 a value on a .5 boundary differently), then the time per call in one jitted loop
 (`bench_kernels`' LoopTimer) of
@@ -28,7 +28,7 @@ import jax.numpy as jnp  # noqa: E402
 from bench_kernels import LoopTimer, n_copies  # noqa: E402
 from probe_mosaic_gpu import _err, record  # noqa: E402
 from probe_mosaic_w4a8 import operands  # noqa: E402
-from duquant_jax.kernels import mosaic_gpu, xla  # noqa: E402
+from duquant_jax.kernels import gated, mosaic_gpu, xla  # noqa: E402
 
 SHAPES = {"2b_mlp": (2048, 16384), "300m_mlp": (1024, 4096)}  # (K = width, F = hidden)
 
@@ -46,12 +46,12 @@ def probe(m, k, f, iters=20):
   row = dict(m=m, k=k, f=f)
   try:
     got = mosaic_gpu.gated_w4a8(xq, sx, zx, qs[0], sw, zw, scale, zero)
-    ref = mosaic_gpu.gated_reference(xq, sx, zx, qs[0], sw, zw, scale, zero)
+    ref = gated.reference(xq, sx, zx, qs[0], sw, zw, scale, zero)
     d = jnp.abs(got.astype(jnp.int32) - ref.astype(jnp.int32))
     row.update(max_code_diff=int(jnp.max(d)), frac_diff=float(jnp.mean(d > 0)),
                codes_used=int(jnp.unique(ref).size))
     got_s = mosaic_gpu.gated_w4a8(xq, sx, None, qs[0], sw, None, scale, None)
-    ref_s = mosaic_gpu.gated_reference(xq, sx, None, qs[0], sw, None, scale, None)
+    ref_s = gated.reference(xq, sx, None, qs[0], sw, None, scale, None)
     row["max_code_diff_sym"] = int(jnp.max(jnp.abs(got_s.astype(jnp.int32) - ref_s)))
   except Exception as e:  # recorded, the probe goes on
     row["error"] = _err(e)

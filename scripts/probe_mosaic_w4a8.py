@@ -131,7 +131,7 @@ def parse_tiles(spec, m, n, k):
   g = re.fullmatch(r"(\d+)x(\d+)(?:s(\d+))?(?:k(\d+))?(?:w(\d+))?", spec)
   if not g:
     raise SystemExit(f"bad tile spec {spec!r}")
-  return mosaic_gpu.TileConfig(tile_n=int(g[1]), tile_m=int(g[2]), stages=int(g[3] or 4),
+  return mosaic_gpu.MosaicTiles(tile_n=int(g[1]), tile_m=int(g[2]), stages=int(g[3] or 4),
                                splits=int(g[4] or 1), compute_wgs=int(g[5] or 1))
 
 

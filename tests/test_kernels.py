@@ -51,7 +51,7 @@ def _rel(y, ref):
   return np.max(np.abs(y - ref)) / np.max(np.abs(ref))
 
 
-SMALL = pallas_gpu.TileConfig(block_m=16, block_n=32, block_k=64)
+SMALL = pallas_gpu.TritonTiles(block_m=16, block_n=32, block_k=64)
 
 
 @pytest.mark.parametrize("m,n,k,g,sym_x,sym_w", [
@@ -68,9 +68,9 @@ def test_kernel_matches_xla(m, n, k, g, sym_x, sym_w):
 
 
 @pytest.mark.parametrize("tiles,m,g", [
-    (pallas_gpu.TileConfig(block_m=32, block_n=32, block_k=64, unpack="split_x"), 50, 1),
-    (pallas_gpu.TileConfig(block_m=16, block_n=32, block_k=64, split_k=2), 50, 1),
-    (pallas_gpu.TileConfig(block_m=64, block_n=16, block_k=32, split_k=4, unpack="split_x"), 33, 4),
+    (pallas_gpu.TritonTiles(block_m=32, block_n=32, block_k=64, unpack="split_x"), 50, 1),
+    (pallas_gpu.TritonTiles(block_m=16, block_n=32, block_k=64, split_k=2), 50, 1),
+    (pallas_gpu.TritonTiles(block_m=64, block_n=16, block_k=32, split_k=4, unpack="split_x"), 33, 4),
 ], ids=["split_x", "split_k2", "split_k4_split_x_groups"])
 def test_kernel_variants(tiles, m, g):
   args = _case(m, 64, 512, g, False, False, seed=g)
@@ -108,9 +108,9 @@ def test_kernel_rejects_bad_inputs():
     pallas_gpu.w4a8_matmul(xq[:, :64], sx, zx, q, sw, zw, interpret=True)
   with pytest.raises(NotImplementedError):  # N = 32 not a multiple of block_n = 64
     pallas_gpu.w4a8_matmul(xq, sx, zx, q, sw, zw, interpret=True,
-                           tiles=pallas_gpu.TileConfig(block_m=16, block_n=64, block_k=64))
+                           tiles=pallas_gpu.TritonTiles(block_m=16, block_n=64, block_k=64))
   with pytest.raises(ValueError):
-    pallas_gpu.TileConfig(block_m=24, block_n=32, block_k=64)
+    pallas_gpu.TritonTiles(block_m=24, block_n=32, block_k=64)
 
 
 @pytest.mark.parametrize("impl", [None, "xla", "pallas_interpret"])
@@ -216,7 +216,7 @@ def test_weight_only_kernel_matches_xla(m, n, k, g, codes, symmetric, layers):
 
 def test_weight_only_kernel_split_k_and_bf16_output():
   x, q, sw, zw = _weight_only_case(8, 32, 1024, 1, jnp.int4, False)
-  tiles = pallas_gpu.TileConfig(block_m=16, block_n=32, block_k=256, split_k=2)
+  tiles = pallas_gpu.TritonTiles(block_m=16, block_n=32, block_k=256, split_k=2)
   y = pallas_gpu.weight_only_matmul(x, q, sw, zw, interpret=True, tiles=tiles,
                                     out_dtype=jnp.bfloat16)
   ref = xla.weight_only_matmul(x, q, sw, zw)

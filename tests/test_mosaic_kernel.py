@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from duquant_jax import kernels
-from duquant_jax.kernels import mosaic_gpu, xla
+from duquant_jax.kernels import gated, mosaic_gpu, xla
 
 GEMMA_SHAPES = [(2048, 2048), (2048, 256), (2048, 16384), (16384, 2048), (1024, 4096), (4096, 1024)]
 
@@ -44,15 +44,15 @@ def test_choose_tiles_takes_every_gemma_shape(m, k, n):
 
 def test_tile_config_rejects_what_wgmma_cannot_run():
   with pytest.raises(ValueError, match="tile_n"):
-    mosaic_gpu.TileConfig(tile_n=96)
+    mosaic_gpu.MosaicTiles(tile_n=96)
   with pytest.raises(ValueError, match="tile_m"):
-    mosaic_gpu.TileConfig(tile_m=40)  # int8 wgmma's N: multiples of 16 above 32
+    mosaic_gpu.MosaicTiles(tile_m=40)  # int8 wgmma's N: multiples of 16 above 32
   with pytest.raises(ValueError, match="tile_k"):
-    mosaic_gpu.TileConfig(tile_k=64)
+    mosaic_gpu.MosaicTiles(tile_k=64)
   with pytest.raises(ValueError, match="splits"):
-    mosaic_gpu.TileConfig(splits=0)
+    mosaic_gpu.MosaicTiles(splits=0)
   with pytest.raises(ValueError, match="compute_wgs"):
-    mosaic_gpu.TileConfig(compute_wgs=3)
+    mosaic_gpu.MosaicTiles(compute_wgs=3)
 
 
 def test_unsupported_shapes_raise_a_clear_error():
@@ -74,8 +74,8 @@ def test_unsupported_shapes_raise_a_clear_error():
     (1, 2048, 2048, False, None),                       # M = 1: an 8-token tile
     (51, 16384, 2048, True, None),                      # split-K (8 slices), float32 partials
     (816, 16384, 2048, True, None),                     # warp-specialised: 2 MMA + 1 TMA warpgroups
-    (816, 2048, 16384, True, mosaic_gpu.TileConfig(tile_n=128, tile_m=128, stages=3)),
-    (816, 4096, 1024, False, mosaic_gpu.TileConfig(tile_n=64, tile_m=256)),
+    (816, 2048, 16384, True, mosaic_gpu.MosaicTiles(tile_n=128, tile_m=128, stages=3)),
+    (816, 4096, 1024, False, mosaic_gpu.MosaicTiles(tile_n=64, tile_m=256)),
 ])
 def test_kernel_lowers_for_cuda(m, k, n, asym, tiles):
   text = _cuda_module(lambda *a: mosaic_gpu.w4a8_matmul(*a, out_dtype=jnp.bfloat16, tiles=tiles),
@@ -222,7 +222,7 @@ def test_in_place_kernels_equal_the_reference_on_hopper(m, k, n):
     scale, zero = jnp.array([0.05]), jnp.array([3.0])
     h = jax.jit(lambda l: mosaic_gpu.gated_w4a8(xq, sx, zx, q, sw, zw, scale, zero, layer=l))(
         jnp.int32(i))
-    h_ref = mosaic_gpu.gated_reference(xq, sx, zx, q[i], sw[i], zw[i], scale, zero)
+    h_ref = gated.reference(xq, sx, zx, q[i], sw[i], zw[i], scale, zero)
     # tanh-gelu and rounding may put a value on the other side of a .5 boundary: one code.
     d = jnp.abs(h.astype(jnp.int32) - h_ref.astype(jnp.int32))
     assert int(jnp.max(d)) <= 1 and float(jnp.mean(d > 0)) < 1e-5

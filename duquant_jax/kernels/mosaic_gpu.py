@@ -6,10 +6,9 @@ with the same float32 epilogue order:
   y[m, n] = ((acc[m, n] - zw[n] * rx[m] - zx[m] * (cq[n] - K zw[n])) * sw[n]) * sx[m]
   acc = xq @ q.T (int32),  rx[m] = sum_k xq[m, k],  cq[n] = sum_k q[n, k]
 
-Why this shape of kernel (DESIGN.md section 5, BENCHMARKS.md "anatomy"): XLA's W4A8 loses to bf16
-at prefix sizes because it casts int4 to int8 in a separate pass and round-trips the int32 product
-through memory before the epilogue. Hopper's wgmma takes its A operand from registers, so the kernel
-computes the transposed product
+Why this shape of kernel (docs/kernels.md, "Mosaic W4A8 kernel"): XLA's W4A8 path casts int4 to
+int8 in a separate pass and round-trips the int32 product through memory before the epilogue.
+Hopper's wgmma takes its A operand from registers, so the kernel computes the transposed product
 
   acc^T (tile_n, tile_m) += W (tile_n, tile_k) @ x^T (tile_k, tile_m)
 
@@ -36,7 +35,7 @@ import jax.numpy as jnp
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class TileConfig:
+class MosaicTiles:
   """Static tiling of the kernel (hashable: a static jit argument).
 
   Attributes:
@@ -59,49 +58,46 @@ class TileConfig:
 
   def __post_init__(self):
     if self.tile_n % 64 or self.tile_n < 64:
-      raise ValueError(f"TileConfig.tile_n={self.tile_n} must be a positive multiple of 64")
+      raise ValueError(f"MosaicTiles.tile_n={self.tile_n} must be a positive multiple of 64")
     if not 8 <= self.tile_m <= 256 or self.tile_m % (8 if self.tile_m <= 32 else 16):
-      raise ValueError(f"TileConfig.tile_m={self.tile_m} must be a multiple of 8 up to 32, "
+      raise ValueError(f"MosaicTiles.tile_m={self.tile_m} must be a multiple of 8 up to 32, "
                        "then of 16, up to 256 (int8 wgmma's N)")
     if self.tile_k != 128:
-      raise ValueError(f"TileConfig.tile_k={self.tile_k} must be 128")
+      raise ValueError(f"MosaicTiles.tile_k={self.tile_k} must be 128")
     if self.compute_wgs not in (1, 2):
-      raise ValueError(f"TileConfig.compute_wgs={self.compute_wgs} must be 1 or 2")
+      raise ValueError(f"MosaicTiles.compute_wgs={self.compute_wgs} must be 1 or 2")
     if self.stages < 1 or self.splits < 1:
-      raise ValueError(f"TileConfig.stages={self.stages} and splits={self.splits} must be >= 1")
+      raise ValueError(f"MosaicTiles.stages={self.stages} and splits={self.splits} must be >= 1")
 
 
-# H100 SXM: streaming multiprocessors to fill.
+# Streaming multiprocessors to fill (H100 SXM).
 _SMS = 132
 _SQRT_2_OVER_PI = 0.7978845608028654  # float32(sqrt(2 / pi)), as jax.nn.gelu
 
 
-def choose_tiles(m: int, n: int, k: int) -> TileConfig:
-  """Tiles per shape regime (H100 measurements in BENCHMARKS.md).
+def choose_tiles(m: int, n: int, k: int) -> MosaicTiles:
+  """Tiles per shape regime (docs/kernels.md, "Mosaic tiles").
 
   Tokens are rounded up to int8 wgmma's N granule for a small M; below a full wave of CTAs,
   64-row weight tiles and then split-K add CTAs (a 50-token step is bound by reading the weight,
-  which needs every SM streaming).
+  which needs every SM streaming). Long K at prefix sizes runs the warp-specialised variant.
   """
   if m <= 256:
     tile_m = -(-m // 8) * 8 if m <= 32 else -(-m // 16) * 16
   else:
     tile_m = 128
   if 256 < m <= 1024 and k >= 8192 and n % 128 == 0:
-    # Long K at prefix sizes (gemma_2b's down-projection): the warp-specialised variant measured
-    # 87 us against 114-116 us for the plain pipeline at M = 816 (BENCHMARKS.md, runs 9-11); at
-    # M = 4096 the plain 128 x 128 tiles were faster (269 vs 342 us).
-    return TileConfig(tile_n=64, tile_m=128, stages=4, compute_wgs=2)
+    return MosaicTiles(tile_n=64, tile_m=128, stages=4, compute_wgs=2)
   tile_n = 128 if n % 128 == 0 and (n // 128) * -(-m // tile_m) >= _SMS else 64
   stages = 3 if tile_n == 128 and m > 256 else 4  # 3: two 128 x 128 CTAs fit one SM's smem
   ctas = (n // tile_n) * -(-m // tile_m)
   splits = 1
   while ctas * splits * 2 <= 2 * _SMS and k % (2 * splits * 128) == 0 and k // (2 * splits) >= 1024:
     splits *= 2
-  return TileConfig(tile_n=tile_n, tile_m=tile_m, stages=stages, splits=splits)
+  return MosaicTiles(tile_n=tile_n, tile_m=tile_m, stages=stages, splits=splits)
 
 
-def supports(m: int, n: int, k: int, g: int, tiles: TileConfig | None = None) -> bool:
+def supports(m: int, n: int, k: int, g: int, tiles: MosaicTiles | None = None) -> bool:
   """Whether the kernel takes (M, K) x (N, K) with G scale groups."""
   tiles = tiles or choose_tiles(m, n, k)
   return (g == 1 and m >= 1 and n % (tiles.tile_n * tiles.compute_wgs) == 0
@@ -132,7 +128,7 @@ def _operands(xq, sx, zx, sw, zw, tile_m: int):
   return xq8, sw_n, zw_n, cols
 
 
-def w4a8_matmul(xq, sx, zx, q, sw, zw, *, out_dtype=jnp.bfloat16, tiles: TileConfig | None = None,
+def w4a8_matmul(xq, sx, zx, q, sw, zw, *, out_dtype=jnp.bfloat16, tiles: MosaicTiles | None = None,
                 layer=None):
   """W4A8 matmul on Hopper; arguments as `xla.w4a8_matmul` (per-channel scales only, G = 1).
 
@@ -141,12 +137,12 @@ def w4a8_matmul(xq, sx, zx, q, sw, zw, *, out_dtype=jnp.bfloat16, tiles: TileCon
     q: (N, K) int4 weight codes; sw (N, 1) float32 scales; zw (N, 1) zero points or None.
       With `layer`: the stacked (L, N, K) / (L, N, 1) arrays of an `nn.scan` layer stack.
     out_dtype: dtype of the (M, N) result.
-    tiles: a `TileConfig`, or None for `choose_tiles`.
+    tiles: a `MosaicTiles`, or None for `choose_tiles`.
     layer: None, or an int32 scalar (traced): the layer of the stacked arrays to multiply. The
       kernel reads that layer's codes and scales in place, where a slice would be a copy of the
       weight per call (XLA materialises a custom call's operands).
 
-  (No interpret mode: Mosaic GPU's interpreter in jax 0.10.2 fails on this kernel's transformed
+  (No interpret mode: Mosaic GPU's interpreter does not run this kernel's transformed
   shared-memory loads; CPU tests check its CUDA lowering instead, the device probe its numbers.)
 
   Raises:
@@ -156,12 +152,13 @@ def w4a8_matmul(xq, sx, zx, q, sw, zw, *, out_dtype=jnp.bfloat16, tiles: TileCon
   n, g = sw.shape[-2:]
   q, sw, zw, layer = _stacked(q, sw, zw, layer)
   if q.shape[-2:] != (n, k):
-    raise ValueError(f"weight codes {q.shape} do not match activations {xq.shape} and scales {sw.shape}")
+    raise ValueError(f"weight codes {q.shape} do not match activations {xq.shape} and scales "
+                     f"{sw.shape}")
   tiles = tiles or choose_tiles(m, n, k)
   if not supports(m, n, k, g, tiles):
     raise ValueError(f"the Mosaic W4A8 kernel does not take (M, K)={xq.shape} x (N, K)={q.shape} "
-                     f"with {g} scale groups and {tiles} (needs G = 1, N % (tile_n * compute_wgs) == 0, "
-                     f"K % (tile_k * splits) == 0)")
+                     f"with {g} scale groups and {tiles} (needs G = 1, "
+                     f"N % (tile_n * compute_wgs) == 0, K % (tile_k * splits) == 0)")
   xq8, sw_n, zw_n, cols = _operands(xq, sx, zx, sw, zw, tiles.tile_m)
   out = _kernel(xq8, q, sw_n, zw_n, cols, layer, tiles=tiles, out_dtype=jnp.dtype(out_dtype),
                 asym_w=zw is not None, asym_x=zx is not None)
@@ -182,11 +179,11 @@ def _stacked(q, sw, zw, layer):
   return q, sw, zw, jnp.asarray(layer, jnp.int32).reshape(1)
 
 
-def gated_tiles(m: int, f: int, k: int) -> TileConfig:
+def gated_tiles(m: int, f: int, k: int) -> MosaicTiles:
   """Tiles of `gated_w4a8`: 64 gate rows and the same 64 up rows per CTA (two int32 accumulators
   in one warpgroup's registers), token tiles as `choose_tiles`."""
   t = choose_tiles(m, 2 * f, k)
-  return TileConfig(tile_n=64, tile_m=t.tile_m, stages=4)
+  return MosaicTiles(tile_n=64, tile_m=t.tile_m, stages=4)
 
 
 def supports_gated(m: int, f: int, k: int, g: int) -> bool:
@@ -195,7 +192,7 @@ def supports_gated(m: int, f: int, k: int, g: int) -> bool:
   return g == 1 and m >= 1 and f % t.tile_n == 0 and k % t.tile_k == 0
 
 
-def gated_w4a8(xq, sx, zx, q, sw, zw, out_scale, out_zero, *, tiles: TileConfig | None = None,
+def gated_w4a8(xq, sx, zx, q, sw, zw, out_scale, out_zero, *, tiles: MosaicTiles | None = None,
                layer=None):
   """The gated MLP's hidden activation as int8 codes, from one W4A8 pass over gate and up.
 
@@ -209,7 +206,7 @@ def gated_w4a8(xq, sx, zx, q, sw, zw, out_scale, out_zero, *, tiles: TileConfig 
     q: (2F, K) int4 weight codes, gate rows then up rows; sw, zw (2F, 1) float32 (zw None).
     out_scale, out_zero: (1,) float32 static scale and zero point of the hidden activation's
       int8 quantizer (out_zero None: symmetric).
-    tiles: a `TileConfig` (tile_n rows of gate and of up per CTA, compute_wgs = 1, splits = 1), or
+    tiles: a `MosaicTiles` (tile_n rows of gate and of up per CTA, compute_wgs = 1, splits = 1), or
       None for `gated_tiles`.
     layer: None, or an int32 scalar: q, sw, zw are stacked (L, 2F, K) / (L, 2F, 1) and the
       kernel reads this layer in place.
@@ -248,18 +245,9 @@ def gated_w4a8(xq, sx, zx, q, sw, zw, out_scale, out_zero, *, tiles: TileConfig 
   return y[:m] if y.shape[0] != m else y
 
 
-def gated_reference(xq, sx, zx, q, sw, zw, out_scale, out_zero):
-  """`gated_w4a8` in plain XLA ops (the same float32 arithmetic, unfused)."""
-  from duquant_jax.kernels import xla
-  f = q.shape[0] // 2
-  y = xla.w4a8_matmul(xq, sx, zx, q, sw, zw, out_dtype=jnp.float32)
-  h = jax.nn.gelu(y[:, :f], approximate=True) * y[:, f:]
-  return xla.quantize_static(h, out_scale, out_zero)[0]
-
-
 @functools.partial(jax.jit, static_argnames=("tiles", "out_dtype", "asym_w", "asym_x", "gated",
                                              "out_symmetric"))
-def _kernel(xq, q, sw, zw, cols, layer, *, tiles: TileConfig, out_dtype, asym_w: bool,
+def _kernel(xq, q, sw, zw, cols, layer, *, tiles: MosaicTiles, out_dtype, asym_w: bool,
             asym_x: bool, gated: bool = False, out_symmetric: bool = True):
   """The Pallas call.
 
@@ -300,7 +288,7 @@ def _kernel(xq, q, sw, zw, cols, layer, *, tiles: TileConfig, out_dtype, asym_w:
   col_layout = plgpu.Layout.WGMMA.reduce(0)  # one value per accumulator column (token m)
   # Eight rows of ones as a second B operand: W @ ones^T gives the weight's code sums per row
   # (the asymmetric-activation correction) from the tile already in registers, where XLA would
-  # re-read the whole weight (measured 40-75 us per call on gemma shapes).
+  # re-read the whole weight.
   ones = jnp.ones((8, tk), jnp.int8)
 
   wgs = tiles.compute_wgs
@@ -317,8 +305,7 @@ def _kernel(xq, q, sw, zw, cols, layer, *, tiles: TileConfig, out_dtype, asym_w:
         plgpu.wgmma(csum_ref, w, ones_smem.T)
     # The pipeline refills this step's buffers next, so the MMA must be done. Keeping one wgmma
     # in flight needs the register fragment of its weight tile kept live until it completes, not
-    # only its shared-memory buffers (docs/journal.md, "Warp specialisation and the failed
-    # register-fragment MMA overlap").
+    # only its shared-memory buffers (docs/kernels.md, "Mosaic W4A8 kernel").
     plgpu.wgmma_wait(0)
 
   def scaled(acc, csum, row, col, r, first):
@@ -368,7 +355,8 @@ def _kernel(xq, q, sw, zw, cols, layer, *, tiles: TileConfig, out_dtype, asym_w:
     first = (si == 0).astype(jnp.float32)
     bar = bar.at[0] if bar.shape else bar  # one barrier: shape (1,) on jax 0.10, () on 0.11
     # gated: this CTA's gate rows and the same rows of the up half.
-    weights = lambda k_sl: ((w_gmem.at[n_sl, k_sl], w_gmem.at[pl.ds(n_out + ni * cta_n, cta_n), k_sl])
+    weights = lambda k_sl: ((w_gmem.at[n_sl, k_sl],
+                             w_gmem.at[pl.ds(n_out + ni * cta_n, cta_n), k_sl])
                             if gated else (w_gmem.at[n_sl, k_sl],))
 
     def copy_vectors():
@@ -383,8 +371,7 @@ def _kernel(xq, q, sw, zw, cols, layer, *, tiles: TileConfig, out_dtype, asym_w:
 
     if wgs == 1:
       copy_vectors()
-      # The ones tile is read by the first MMA. (Waiting inside the first pipeline step instead,
-      # so this copy overlaps the first weight tiles', measured ~1 us slower on the H100.)
+      # The ones tile is read by the first MMA.
       plgpu.barrier_wait(bar)
       n_acc = 2 if gated else 1
 

@@ -1,4 +1,5 @@
-"""W4A8 matmul as a Pallas GPU kernel (Triton backend): packed int4 weights, int8 MMA, fused dequant.
+"""W4A8 matmul as a Pallas GPU kernel (Triton backend): packed int4 weights, int8 MMA, fused
+dequantization.
 
 Computes exactly what `duquant_jax.kernels.xla.w4a8_matmul` computes (see its docstring for the
 quantizer conventions of DuQuant / SmoothQuant W4A8):
@@ -6,27 +7,26 @@ quantizer conventions of DuQuant / SmoothQuant W4A8):
   y[m, n] = sx[m] * sum_g sw[n, g] * ( sum_{k in g} xq q  - zw[n, g] * sum_{k in g} xq
                                        - zx[m] * (sum_{k in g} q - group_size * zw[n, g]) )
 
-Design (DESIGN.md section 5: small-M policy steps are bound by reading weights):
+Design (small-M policy steps are bound by reading weights; docs/kernels.md, "Pallas W4A8 kernel"):
 - The weight is the packed format's `jnp.int4` (N, K) array, stored (out, in). It is viewed as
-  (N, K/2) int8 nibble pairs with `lax.bitcast_convert_type` (byte j of row n holds k = 2j in its low
-  nibble and k = 2j + 1 in its high nibble); on GPU XLA stores int4 two per byte, so the view moves no
-  data. The kernel reads only these packed bytes from device memory.
+  (N, K/2) int8 nibble pairs with `lax.bitcast_convert_type` (byte j of row n holds k = 2j in its
+  low nibble and k = 2j + 1 in its high nibble); on GPU XLA stores int4 two per byte, so the view
+  moves no data. The kernel reads only these packed bytes from device memory.
 - Each program owns a (block_m, block_n) output tile and walks K in steps of block_k: it loads
   (block_n, block_k / 2) packed bytes, unpacks both nibbles with arithmetic shifts on int8 in
   registers, interleaves them back to (block_n, block_k) and runs an int8 x int8 -> int32 dot.
 - Zero-point corrections (row sums of xq, column sums of q) are accumulated beside the dot, and the
   float32 epilogue (per-token x per-channel or per-group scales) runs before the single store.
 - Rows of the last M tile past M are masked on load and store (M need not divide block_m).
-- A stacked (L, N, K) weight (an `nn.scan` layer stack) can be read in place at a traced layer index:
-  no per-layer slice copy.
+- A stacked (L, N, K) weight (an `nn.scan` layer stack) can be read in place at a traced layer
+  index: no per-layer slice copy.
 
 `weight_only_matmul` is the same structure for weight-only linears: float x, int4 or int8 codes
-upcast in registers with the zero points folded in, a bf16 MMA. It is exact to float32 rounding
-but measured slower than XLA's weight-only GEMM in the policy (docs/journal.md, session 7), so it
-runs only when asked.
+upcast in registers with the zero points folded in, a bf16 MMA. It is exact to float32 rounding;
+auto-dispatch does not pick it (`weight_only.AUTO`).
 
-The Triton backend was chosen over Mosaic GPU because the same kernel source runs in Pallas interpret
-mode on CPU (for CI) and compiles on jax 0.10.x and 0.11.x alike; see BENCHMARKS.md for its H100 numbers.
+The Triton backend runs the same kernel source in Pallas interpret mode on CPU (for CI) and
+compiles on jax 0.10.x and 0.11.x alike.
 
 Pallas' Triton API moved between jax versions; imports are guarded and done lazily so that importing
 this module never fails on a CPU-only install.
@@ -44,13 +44,14 @@ from duquant_jax.kernels import xla as _xla
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class TileConfig:
+class TritonTiles:
   """Static tuning parameters of the kernel (hashable: a static jit argument).
 
   Attributes:
     block_m: rows of x (tokens) per program; a power of two >= 16 (the MMA's minimum).
     block_n: output channels per program; a power of two >= 16 dividing N.
-    block_k: input channels (unpacked) per K step; a power of two >= 32 dividing K (and the group size).
+    block_k: input channels (unpacked) per K step; a power of two >= 32 dividing K (and the group
+      size).
     num_warps: Triton warps per program.
     num_stages: Triton software-pipelining depth of the K loop.
     split_k: programs sharing one output tile along K (more programs for small M); partial results
@@ -72,28 +73,28 @@ class TileConfig:
     for name in ("block_m", "block_n", "block_k"):
       v = getattr(self, name)
       if v < 16 or v & (v - 1):
-        raise ValueError(f"TileConfig.{name}={v} must be a power of two >= 16")
+        raise ValueError(f"TritonTiles.{name}={v} must be a power of two >= 16")
     if self.unpack not in ("interleave", "split_x"):
-      raise ValueError(f"TileConfig.unpack={self.unpack!r} must be 'interleave' or 'split_x'")
+      raise ValueError(f"TritonTiles.unpack={self.unpack!r} must be 'interleave' or 'split_x'")
     if self.split_k < 1:
-      raise ValueError(f"TileConfig.split_k={self.split_k} must be >= 1")
+      raise ValueError(f"TritonTiles.split_k={self.split_k} must be >= 1")
     if self.block_k < 32:
-      raise ValueError(f"TileConfig.block_k={self.block_k} must be >= 32 (int8 MMA K step)")
+      raise ValueError(f"TritonTiles.block_k={self.block_k} must be >= 32 (int8 MMA K step)")
 
 
-def choose_tiles(m: int, n: int, k: int, group_size: int | None = None) -> TileConfig:
-  """Tile choice per shape regime (tuned on an H100, see BENCHMARKS.md).
+def choose_tiles(m: int, n: int, k: int, group_size: int | None = None) -> TritonTiles:
+  """Tile choice per shape regime (docs/kernels.md, "Pallas tiles").
 
-  The winners of the H100 sweeps in BENCHMARKS.md. Small M (policy steps, M <= 64) is bound by
-  reading the packed weights: a narrow block_n gives enough programs to occupy every SM, a long
-  block_k gives wide loads, and long-K shapes (down-projection) split K. Larger M uses larger M tiles.
+  Small M (policy steps, M <= 64) is bound by reading the packed weights: a narrow block_n gives
+  enough programs to occupy every SM, a long block_k gives wide loads, and long-K shapes
+  (down-projection) split K. Larger M uses larger M tiles.
 
   Args:
     m, n, k: the matmul's rows (tokens), output channels and input channels.
     group_size: K // G of the weight scales; block_k is capped to divide it.
 
   Returns:
-    A TileConfig; it may not divide (n, k): `supports()` says whether the kernel applies.
+    A TritonTiles; it may not divide (n, k): `supports()` says whether the kernel applies.
   """
   # Small M: enough programs (N / block_n x split_k) to cover 132 SMs; long-K (down-projection)
   # shapes split K instead of narrowing block_n below 16.
@@ -117,21 +118,23 @@ def choose_tiles(m: int, n: int, k: int, group_size: int | None = None) -> TileC
   if group_size is not None:
     bk = min(bk, _largest_pow2_divisor(group_size))
   cfg["block_k"] = max(bk, 32)
-  if cfg.get("split_k", 1) > 1 and (group_size not in (None, k) or (k // cfg["split_k"]) % cfg["block_k"]):
+  if cfg.get("split_k", 1) > 1 and (group_size not in (None, k)
+                                    or (k // cfg["split_k"]) % cfg["block_k"]):
     cfg["split_k"] = 1
   while n % cfg["block_n"] and cfg["block_n"] > 16:
     cfg["block_n"] //= 2
-  return TileConfig(**cfg)
+  return TritonTiles(**cfg)
 
 
 # Shared memory a Triton program may use on Hopper (232448 bytes), less headroom for its epilogue.
 SHARED_MEMORY_BUDGET = 200 * 1024
 
 
-def fit_shared_memory(tiles: TileConfig, x_bytes: int, w_bytes: float) -> TileConfig:
+def fit_shared_memory(tiles: TritonTiles, x_bytes: int, w_bytes: float) -> TritonTiles:
   """`tiles` with fewer pipeline stages, then a shorter block_k, until the pipelined x and weight
   tiles fit `SHARED_MEMORY_BUDGET` (choose_tiles' picks assume 1-byte int8 x; a bf16 x tile of
-  the weight-only kernel is twice that: 64 x 512 x 2 bytes x 4 stages overflowed on the H100)."""
+  the weight-only kernel is twice that, and 64 x 512 x 2 bytes x 4 stages exceed Hopper's shared
+  memory)."""
   def smem(t):
     return t.num_stages * (t.block_m * t.block_k * x_bytes + t.block_n * t.block_k * w_bytes)
   while smem(tiles) > SHARED_MEMORY_BUDGET and tiles.num_stages > 2:
@@ -145,7 +148,7 @@ def _largest_pow2_divisor(v: int) -> int:
   return v & -v
 
 
-def supports(m: int, n: int, k: int, g: int, tiles: TileConfig) -> bool:
+def supports(m: int, n: int, k: int, g: int, tiles: TritonTiles) -> bool:
   """Whether the kernel handles this shape with these tiles (else use the XLA path)."""
   del m
   if k % g or k % tiles.split_k:
@@ -193,7 +196,8 @@ def _kernel(*refs, m, n_groups, steps_per_group, group_size, scale_groups, tiles
   """One (block_m, block_n) output tile.
 
   Refs (in order; optional ones present per the static flags):
-    layer_ref (1,) int32 [has_layer]; x_ref (bm, K) int8; sx_ref (bm, 1) f32; zx_ref (bm, 1) f32 [has_zx];
+    layer_ref (1,) int32 [has_layer]; x_ref (bm, K) int8; sx_ref (bm, 1) f32;
+    zx_ref (bm, 1) f32 [has_zx];
     w_ref (L, bn, K/2) int8; sw_ref (L, bn, G) f32; zw_ref (L, bn, G) f32 [has_zw];
     [split_k > 1: init_ref (bm, bn) f32, the zeroed output it aliases]; o_ref (bm, bn).
   Program (i, j, s) covers rows i, output channels j, and groups [s * n_groups, (s + 1) * n_groups)
@@ -394,13 +398,15 @@ def _check_weight(q, sw, zw, layer, x_shape):
 
 
 @functools.partial(jax.jit, static_argnames=("out_dtype", "tiles", "interpret"))
-def w4a8_matmul(xq, sx, zx, q, sw, zw, *, out_dtype=jnp.float32, tiles: TileConfig | None = None,
+def w4a8_matmul(xq, sx, zx, q, sw, zw, *, out_dtype=jnp.float32, tiles: TritonTiles | None = None,
                 interpret: bool = False, layer: jax.Array | None = None):
   """W4A8 matmul with the Pallas kernel; same result as `xla.w4a8_matmul`.
 
   Args:
-    xq: (M, K) int8 activation codes; sx (M, 1) float32 scales; zx (M, 1) float32 zero points or None.
-    q: (N, K) int4 weight codes, stored (out, in); or (L, N, K) stacked layers when `layer` is given.
+    xq: (M, K) int8 activation codes; sx (M, 1) float32 scales; zx (M, 1) float32 zero points
+      or None.
+    q: (N, K) int4 weight codes, stored (out, in); or (L, N, K) stacked layers when `layer` is
+      given.
     sw: (N, G) (or (L, N, G)) float32 scales; zw the same shape, zero points, or None.
     out_dtype: dtype of the result.
     tiles: static tile choice; default `choose_tiles(M, N, K, K // G)`.
@@ -411,7 +417,8 @@ def w4a8_matmul(xq, sx, zx, q, sw, zw, *, out_dtype=jnp.float32, tiles: TileConf
     (M, N) array of out_dtype.
 
   Raises:
-    TypeError / ValueError: bad dtypes or shapes. NotImplementedError: tiles that do not divide (N, K/G).
+    TypeError / ValueError: bad dtypes or shapes. NotImplementedError: tiles that do not divide
+      (N, K/G).
   """
   m, k, lq, n, g = _check_inputs(xq, sx, zx, q, sw, zw, layer)
   act_args = [xq, sx.astype(jnp.float32)] + ([] if zx is None else [zx.astype(jnp.float32)])
@@ -422,7 +429,7 @@ def w4a8_matmul(xq, sx, zx, q, sw, zw, *, out_dtype=jnp.float32, tiles: TileConf
 
 
 @functools.partial(jax.jit, static_argnames=("out_dtype", "tiles", "interpret"))
-def weight_only_matmul(x, q, sw, zw, *, out_dtype=jnp.float32, tiles: TileConfig | None = None,
+def weight_only_matmul(x, q, sw, zw, *, out_dtype=jnp.float32, tiles: TritonTiles | None = None,
                        interpret: bool = False, layer: jax.Array | None = None):
   """Weight-only matmul with the Pallas kernel: float x (M, K) times dequant(q) (N, K).
 
@@ -466,7 +473,8 @@ def _call(kernel, act_args, act_widths, w, sw, zw, *, m, k, lq, n, g, tiles, out
   gs = k // g
   tiles = tiles or choose_tiles(m, n, k, gs)
   if not supports(m, n, k, g, tiles):
-    raise NotImplementedError(f"tiles {tiles} do not divide N={n}, group size {gs}; use the XLA path")
+    raise NotImplementedError(f"tiles {tiles} do not divide N={n}, group size {gs}; use the XLA "
+                              "path")
   bm, bn = tiles.block_m, tiles.block_n
   kw = w.shape[-1]
   w3 = w.reshape(lq, n, kw)
@@ -524,5 +532,5 @@ def flops_and_bytes(m: int, n: int, k: int, g: int = 1, out_bytes: int = 4) -> t
   return flops, nbytes
 
 
-__all__ = ["TileConfig", "choose_tiles", "fit_shared_memory", "supports", "pack_int4_pairs", "reference", "w4a8_matmul",
-           "weight_only_matmul", "flops_and_bytes"]
+__all__ = ["TritonTiles", "choose_tiles", "fit_shared_memory", "supports", "pack_int4_pairs",
+           "reference", "w4a8_matmul", "weight_only_matmul", "flops_and_bytes"]

@@ -8,7 +8,7 @@ with R1, R2 block-diagonal (G, b, b) rotations (the smoothing already merged int
 `InputTransform.merged`) and perm DuQuant's zigzag permutation. On XLA this is a chain of about ten
 small kernels per linear (cast, transposes around two batched (M, b) x (b, b) matmuls, a gather, a
 row reduction, the quantizer); at policy batch sizes (M = 1..64 tokens) each is launch- and
-latency-bound, and BENCHMARKS.md measured the chain at about 25 ms of pi0's 65 ms `sample_actions`.
+latency-bound. Auto-dispatch does not pick this kernel (docs/kernels.md, "Transform + quantize").
 
 Design: one program per token row (M programs). No intermediate goes to memory:
 - the permutation is applied by *gathering*: output channel o = g * b + i of (x R1)[perm] is

@@ -1,9 +1,9 @@
 """W4A8 integer matmul on XLA: per-token int8 activations, int4 weights stored (N, K), int32 dot.
 
-This is the reference integer arithmetic every backend must reproduce, and the portable path used on
-CPU, TPU, and on GPU where no kernel wins. The weight is stored (out, in) = (N, K) so the int8 x int8
--> int32 `dot_general` contracts the last axis of both operands ("TN"), the layout cuBLASLt runs at
-full int8 rate (DESIGN.md section 5); int4 codes are cast to int8 inside the jitted function because a
+This is the reference integer arithmetic every backend must reproduce, and the portable path used
+on CPU, TPU, and on GPU where no kernel wins. The weight is stored (out, in) = (N, K) so the
+int8 x int8 -> int32 `dot_general` contracts the last axis of both operands ("TN"), the layout
+cuBLASLt runs at full int8 rate; int4 codes are cast to int8 inside the jitted function because a
 mixed s8 x s4 dot has no fast path.
 
 Quantizers (DuQuant / SmoothQuant conventions):
@@ -30,9 +30,10 @@ def quantize_per_token(x: jax.Array, bits: int = 8, *, symmetric: bool = True,
                        clip_ratio: float = 1.0, axis: int = -1):
   """x (M, K) float -> (xq (M, K) int8, sx (M, 1) float32, zx (M, 1) float32 or None).
 
-  Symmetric: xq = round(x / sx) in [-(2^(b-1) - 1), 2^(b-1) - 1], sx = clip * max|x| / (2^(b-1) - 1).
-  Asymmetric: the row's [min, max] * clip maps to [-2^(b-1), 2^(b-1) - 1] with an integer zero point zx,
-  x ~ sx * (xq - zx).
+  Symmetric: xq = round(x / sx) in [-(2^(b-1) - 1), 2^(b-1) - 1],
+  sx = clip * max|x| / (2^(b-1) - 1).
+  Asymmetric: the row's [min, max] * clip maps to [-2^(b-1), 2^(b-1) - 1] with an integer zero
+  point zx, x ~ sx * (xq - zx).
   `axis` is the channel axis reduced over (0 for channel-major x^T (K, M): then sx, zx are (1, M)).
   """
   x = x.astype(jnp.float32)
@@ -75,7 +76,8 @@ def quantize_static(x: jax.Array, scale: jax.Array, zero: jax.Array | None = Non
 
 
 def static_range(x: jax.Array, bits: int = 8, *, symmetric: bool, percentile: float):
-  """(scale (..., 1), zero (..., 1) or None) of `quantize_static` from calibration rows x (..., R, K).
+  """(scale (..., 1), zero (..., 1) or None) of `quantize_static` from calibration rows
+  x (..., R, K).
 
   The range is the `percentile` of the rows' own ranges (per-token max |x|; asymmetric: the
   upper percentile of row maxima and the lower one of row minima), so a few rare tokens beyond
@@ -95,8 +97,8 @@ def static_range(x: jax.Array, bits: int = 8, *, symmetric: bool, percentile: fl
 def _min_max(x: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
   """(min, max) of x over `axis`, kept as a size-1 axis, from ONE variadic reduction.
 
-  jnp.min and jnp.max are two reductions; on the H100 XLA ran them as two kernels that each read
-  the whole activation (gemma_2b's down-projection input, 53 MB in float32, 20-25 us per pass).
+  jnp.min and jnp.max are two reductions, which XLA runs as two kernels that each read the whole
+  activation (docs/kernels.md, "Transform + quantize").
   """
   axis = axis % x.ndim
   lo, hi = jax.lax.reduce(
@@ -130,8 +132,8 @@ def transform_channel_major(x: jax.Array, transform, *, reduce: bool = False) ->
 
 def _transform_cm(x: jax.Array, transform, reduce: bool) -> jax.Array:
   """The transform's steps on x^T: (K, M) float32."""
-  # HIGHEST: at the GPU's default float32 precision (TF32) the einsum form flipped 0.2-6% of the
-  # codes by 1-2 on the H100 (BENCHMARKS.md); the multiply-reduce form is exact float32.
+  # HIGHEST: at the GPU's default float32 precision (TF32) the einsum form flips codes
+  # (docs/kernels.md, "Transform + quantize"); the multiply-reduce form is exact float32.
   rotate = _rotate_blocks_cm_reduce if reduce else (
       lambda v, r: apply_block_rotation_transposed(v, r.astype(jnp.float32),
                                                    precision=jax.lax.Precision.HIGHEST))
@@ -167,8 +169,7 @@ def transform_reduce(x: jax.Array, transform) -> jax.Array:
   XLA lowers the einsum form of a block rotation to a batched (G, M, b) x (G, b, b) GEMM with
   transposes on both sides; as an elementwise product reduced over b it fuses with its producer
   (the cast, the gather) into one reduction kernel per rotation. Same sums, another order: equal
-  to float32 rounding. (Two other dot-free forms measured slower on the H100 and were dropped:
-  b unrolled multiply-adds, and the product reduced over a major axis; BENCHMARKS.md.)
+  to float32 rounding.
   """
   return _apply_steps(x.astype(jnp.float32), transform, _rotate_blocks_reduce, channel_axis=-1)
 
@@ -177,7 +178,6 @@ def _rotate_blocks_reduce(x: jax.Array, rot: jax.Array) -> jax.Array:
   """x (M, K) times block-diagonal rot (G, b, b), as a product reduced over b (no GEMM)."""
   m, k = x.shape
   g, b = rot.shape[0], rot.shape[-1]
-  # (Reducing over the minor axis instead, with rot transposed, measured slower on the H100.)
   return jnp.sum(x.reshape(m, g, b, 1) * rot.astype(jnp.float32)[None], axis=2).reshape(m, k)
 
 
@@ -196,15 +196,15 @@ def w4a8_matmul(xq: jax.Array, sx: jax.Array, zx: jax.Array | None, q: jax.Array
   """Integer W4A8 matmul, XLA path.
 
   Args:
-    xq: (M, K) int8 activation codes; sx (M, 1) float32 scales; zx (M, 1) float32 zero points or None.
+    xq: (M, K) int8 activation codes; sx (M, 1) float32 scales; zx (M, 1) float32 zero points
+      or None.
     q: (N, K) int4 (or int8) weight codes; sw (N, G) float32 scales; zw (N, G) zero points or None.
       G groups of K // G consecutive input channels (G = 1: per output channel).
     out_dtype: dtype of the result.
     dot: "int8": int8 x int8 -> int32 dot. "bf16": the same integer codes as bf16 operands with
       float32 accumulation, on bf16 tensor cores: every code is exact in bf16, every product
       (|xq q| <= 1024) and every partial sum (|sum| <= 2^24 for K / G <= 16384) exact in float32,
-      so the result equals the int8 dot bit for bit. Faster where XLA's int8 GEMM is not (see
-      BENCHMARKS.md).
+      so the result equals the int8 dot bit for bit (docs/kernels.md, "W4A8 matmul").
 
   Returns:
     (M, N) `dequant(xq) @ dequant(q).T`, computed as exact integer dots and a float32 epilogue.
@@ -244,10 +244,8 @@ def w4a8_matmul(xq: jax.Array, sx: jax.Array, zx: jax.Array | None, q: jax.Array
 
 
 # Weight-only matmuls of int8 codes with at least this many tokens fold the zero points into the
-# GEMM's weight operand; the others subtract zw * rowsum(x) after the dot. H100,
-# `probe_weight_only.py` (docs/journal.md, session 6): the fold lost at M = 51 on every shape (by
-# 0.4-5.8 us) and on int4 codes at every M; on int8 codes it won 2 of 3 shapes at M = 256 and
-# all 3 at M = 768 (by 1.6-3.9 us).
+# GEMM's weight operand; the others subtract zw * rowsum(x) after the dot (docs/kernels.md,
+# "Weight-only matmul").
 WEIGHT_ONLY_FOLD_MIN_TOKENS = 512
 
 
@@ -284,7 +282,8 @@ def weight_only_matmul(x: jax.Array, q: jax.Array, sw: jax.Array, zw: jax.Array 
 
 
 def _grouped_shapes(x, q, sw):
-  """(M, N, G, K / G) of activations x (M, K), codes q (N, K) and scales sw (N, G); checks they agree."""
+  """(M, N, G, K / G) of activations x (M, K), codes q (N, K) and scales sw (N, G); checks they
+  agree."""
   m, k = x.shape
   n, g = sw.shape
   if q.shape != (n, k) or k % g:
@@ -294,7 +293,8 @@ def _grouped_shapes(x, q, sw):
 
 
 def _minus_weight_zero(acc, xg, zw):
-  """acc (G, M, N) partial sums minus zw[n, g] * sum_{k in g} x[m, k] (xg (M, G, K / G)); zw None: acc."""
+  """acc (G, M, N) partial sums minus zw[n, g] * sum_{k in g} x[m, k] (xg (M, G, K / G));
+  zw None: acc."""
   if zw is None:
     return acc
   rowsum = jnp.sum(xg.astype(jnp.float32), axis=-1)  # (M, G)

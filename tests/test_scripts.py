@@ -54,7 +54,7 @@ def test_anatomy_formulations_agree_on_a_tiny_shape():
 
 
 def test_mosaic_w4a8_probe_parses_tile_specs():
-  """The device probe's tile specs map to the kernel's TileConfig (its timings need a Hopper GPU)."""
+  """The device probe's tile specs map to the kernel's MosaicTiles (its timings need a Hopper GPU)."""
   import pytest
   import probe_mosaic_w4a8
   from duquant_jax.kernels import mosaic_gpu

@@ -64,7 +64,7 @@ def demo(model: str = typer.Option("pi0", help="pi0 or pi05"),
          quiet: bool = typer.Option(False, help="no progress bar")):
   """Quantize the built-in demo model and compare it with the FP policy (the main job)."""
   from duquant_jax.config import get_preset
-  from duquant_jax.demo import format_result, run_demo
+  from duquant_jax.lab.demo import format_result, run_demo
   import dataclasses
   try:
     cfg = get_preset(preset)

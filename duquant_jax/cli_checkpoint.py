@@ -126,7 +126,7 @@ def register(app: typer.Typer) -> None:
     """Writes the demo model's realistic float params in openpi's checkpoint format."""
     from duquant_jax import checkpoint as ck
     from duquant_jax.models import get_policy
-    from duquant_jax.models.synthetic import realistic_params
+    from duquant_jax.lab.synthetic import realistic_params
     if size == "full":
       _fail("export-demo-fp writes synthetic weights for the demo or dummy sizes only")
     try:

@@ -39,7 +39,7 @@ def register(app: typer.Typer) -> None:
       seed: int = typer.Option(0),
       quiet: bool = typer.Option(False, help="no progress lines")):
     """Measure presets and variants against the FP policy: action error, drift, per-layer error."""
-    from duquant_jax import evaluate as ev
+    from duquant_jax.lab import evaluate as ev
     if model not in ("pi0", "pi05"):
       _fail(f"unknown model {model!r}; expected pi0 or pi05")
     try:
@@ -70,7 +70,7 @@ def register(app: typer.Typer) -> None:
                                         "greedy rotation and the attention-logit error)"),
       seed: int = typer.Option(0)):
     """Per-head structure of the attention projections and what quantization does to it."""
-    from duquant_jax import diagnose as dg
+    from duquant_jax.lab import diagnose as dg
     if model not in ("pi0", "pi05"):
       _fail(f"unknown model {model!r}; expected pi0 or pi05")
     try:

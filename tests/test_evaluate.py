@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from duquant_jax import evaluate as ev
+from duquant_jax.lab import evaluate as ev
 from duquant_jax.cli import main
-from duquant_jax.demo import action_rel_err
+from duquant_jax.lab.demo import action_rel_err
 
 
 def test_identical_gives_zero_error_and_drift():
@@ -77,7 +77,7 @@ def test_eval_command_bad_variant(capsys):
 
 
 def test_diagnose_writes_files(tmp_path):
-  from duquant_jax.diagnose import head_structure, run_diagnose
+  from duquant_jax.lab.diagnose import head_structure, run_diagnose
   # Known case: 2 heads whose channels are orthogonal within and across heads.
   m = np.eye(4).reshape(4, 2, 2).transpose(1, 0, 2)[None]  # (L=1, N=2, D=4, H=2)
   hs = head_structure(m)

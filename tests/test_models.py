@@ -13,7 +13,7 @@ import pytest
 from duquant_jax.models import Observation, get_config, get_policy
 from duquant_jax.models.layout_table import describe
 from duquant_jax.models.rollout import ToyEnv, rollout, rollout_batches
-from duquant_jax.models.synthetic import outlier_channels, realistic_params
+from duquant_jax.lab.synthetic import outlier_channels, realistic_params
 
 from conftest import demo_params
 

@@ -73,7 +73,7 @@ def test_mosaic_w4a8_probe_parses_tile_specs():
 
 def test_unshared_inputs_clears_every_input_group():
   import bench_policy
-  from duquant_jax.synthetic_stats import synthetic_stats
+  from duquant_jax.lab.synthetic_stats import synthetic_stats
   params = demo_params("pi0")
   packed = quantize_params(params, get_preset("deploy"), synthetic_stats(params))
   is_packed = lambda v: isinstance(v, PackedLinear)
@@ -98,7 +98,7 @@ def test_gemm_only_linears_skip_the_activation_side_but_run_the_same_matmul():
   packed weight's own matmul; weight-only linears get x as is."""
   import bench_policy
   from duquant_jax.kernels import xla
-  from duquant_jax.synthetic_stats import synthetic_stats
+  from duquant_jax.lab.synthetic_stats import synthetic_stats
   params = demo_params("pi0")
   packed = quantize_params(params, get_preset("deploy"), synthetic_stats(params))
   gemm = bench_policy.gemm_only_linears(packed)
@@ -139,7 +139,7 @@ def test_bench_policy_derives_a_weight_only_candidate_from_an_earlier_pack():
   reuses the earlier pack; the derived tree equals packing the candidate itself."""
   import bench_policy
   import deploy_candidates
-  from duquant_jax.synthetic_stats import synthetic_stats
+  from duquant_jax.lab.synthetic_stats import synthetic_stats
   params = demo_params("pi0")
   stats = synthetic_stats(params)
   deploy, allwot = deploy_candidates.resolve("deploy"), deploy_candidates.resolve("allwot")

@@ -37,10 +37,10 @@ import numpy as np
 from duquant_jax.calib_data import calibration_batches
 from duquant_jax.calibrate import CalibConfig, calibrate
 from duquant_jax.config import LayerRule, QuantConfig
-from duquant_jax.evaluate import folded_smoothing
+from duquant_jax.lab.evaluate import folded_smoothing
+from duquant_jax.lab.synthetic import realistic_params
 from duquant_jax.layouts import LinearLayout, linear_layouts, to_2d_perm
 from duquant_jax.models import get_policy
-from duquant_jax.models.synthetic import realistic_params
 from duquant_jax.packed import PackedLinear
 from duquant_jax.quantize import quantize_params
 from duquant_jax.transforms import restore_output

@@ -22,7 +22,7 @@ def _fail(message: str) -> None:
   read while the process exits."""
   import os
   import sys
-  from duquant_jax.cli import fail
+  from duquant_jax.cli.app import fail
   try:
     fail(message)
   finally:

@@ -48,11 +48,11 @@ def layout(model: str = typer.Option("pi0", help="pi0 or pi05"),
   typer.echo(f"# {len(rows)} arrays, {total:,} parameters ({model}, {size})")
 
 
-from duquant_jax.cli_checkpoint import register as _register_checkpoint  # noqa: E402
+from duquant_jax.cli.checkpoint import register as _register_checkpoint  # noqa: E402
 _register_checkpoint(app)
-from duquant_jax.cli_eval import register as _register_eval  # noqa: E402
+from duquant_jax.cli.lab import register as _register_eval  # noqa: E402
 _register_eval(app)
-from duquant_jax.cli_serve import register as _register_serve  # noqa: E402
+from duquant_jax.cli.serve import register as _register_serve  # noqa: E402
 _register_serve(app)
 
 
@@ -119,7 +119,7 @@ def bench(ctx: typer.Context,
   from pathlib import Path
   if which not in BENCHMARKS:
     fail(f"unknown benchmark {which!r}; choose one of {', '.join(BENCHMARKS)}")
-  scripts = Path(__file__).resolve().parents[1] / "scripts"
+  scripts = Path(__file__).resolve().parents[2] / "scripts"
   script = scripts / BENCHMARKS[which]
   if not script.is_file():
     fail(f"{script} not found: the benchmarks run from a source checkout (pip install -e .)")

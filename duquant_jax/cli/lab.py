@@ -14,7 +14,7 @@ import typer
 
 
 def _fail(message: str) -> None:
-  from duquant_jax.cli import fail
+  from duquant_jax.cli.app import fail
   fail(message)
 
 

@@ -1,8 +1,7 @@
 """`duquant-jax serve CKPT`: a packed checkpoint behind openpi's websocket policy protocol.
 
-Registered on the main typer app by `register(app)` (called at the bottom of cli.py). Flags map to
-`duquant_jax.serve` / `openpi_io`; every expected failure before serving is one `error: ...` line on
-stderr with exit code 2.
+Mounted on the typer app by `duquant_jax.cli.app`. Flags map to `duquant_jax.serve` / `openpi_io`;
+every expected failure before serving is one `error: ...` line on stderr with exit code 2.
 """
 
 from __future__ import annotations
@@ -11,12 +10,15 @@ import logging
 import pathlib
 from typing import Optional
 
+import jax
 import typer
 
-
-def _fail(message: str) -> None:
-  from duquant_jax.cli.app import fail
-  fail(message)
+from duquant_jax import checkpoint as ck
+from duquant_jax.cli.errors import fail
+from duquant_jax.models import get_policy
+from duquant_jax.openpi_io import (PaligemmaTokenizer, RequestAdapter, find_norm_stats,
+                                   load_norm_stats)
+from duquant_jax.serve import PolicyRunner, ServeConfig, serve_forever
 
 
 def build_runner(ckpt: str, *, model: Optional[str] = None, size: Optional[str] = None,
@@ -42,11 +44,6 @@ def build_runner(ckpt: str, *, model: Optional[str] = None, size: Optional[str] 
   Raises:
     ValueError, FileNotFoundError (CheckpointError is a ValueError) with one clear message.
   """
-  from duquant_jax import checkpoint as ck
-  from duquant_jax.models import get_policy
-  from duquant_jax.openpi_io import (PaligemmaTokenizer, RequestAdapter, find_norm_stats,
-                                     load_norm_stats)
-  from duquant_jax.serve import PolicyRunner
   if norm_mode not in ("auto", "zscore", "quantile"):
     raise ValueError(f"--norm-mode must be auto, zscore or quantile, got {norm_mode!r}")
   meta = ck.read_info(ckpt)["metadata"]
@@ -85,70 +82,64 @@ def _norm_stats_dirs(ckpt: str, source: Optional[str]) -> list[pathlib.Path]:
   return [d for d in dirs if d.is_dir()]
 
 
-def register(app: typer.Typer) -> None:
-  """Adds the `serve` command to `app`."""
+def serve(
+    ckpt: str = typer.Argument(..., help="packed checkpoint directory (from `convert`)"),
+    host: str = typer.Option("127.0.0.1", help="address to listen on (0.0.0.0: every interface)"),
+    port: int = typer.Option(8000, help="TCP port (openpi's default 8000; 0 picks a free one)"),
+    api_key: Optional[str] = typer.Option(
+        None, envvar="DUQUANT_API_KEY",
+        help="require this key (clients send `Authorization: Api-Key KEY`); env DUQUANT_API_KEY"),
+    tokenizer: Optional[str] = typer.Option(
+        None, help="PaliGemma SentencePiece model file, to tokenise requests' 'prompt'"),
+    norm_stats: Optional[str] = typer.Option(
+        None, help="openpi norm_stats.json (file or dir); default: the checkpoint's; none: off"),
+    norm_mode: str = typer.Option("auto", help="auto (quantile for pi05), zscore or quantile"),
+    num_steps: int = typer.Option(10, help="flow-matching steps per request"),
+    action_dims: Optional[int] = typer.Option(None, help="reply with the first N action dims"),
+    max_message_mb: float = typer.Option(64.0, help="larger requests get an error reply"),
+    record: Optional[str] = typer.Option(
+        None, help="save every served observation here (npz), for `convert --calib-from`"),
+    discrete_state: Optional[bool] = typer.Option(
+        None, "--discrete-state/--no-discrete-state",
+        help="state in the prompt (openpi's discrete_state_input; default: on for pi05)"),
+    model: Optional[str] = typer.Option(None, help="pi0 or pi05 (default: the checkpoint's)"),
+    size: Optional[str] = typer.Option(None, help="full, dummy or demo (default: checkpoint's)"),
+    seed: int = typer.Option(0, help="seed of the sampling noise"),
+    unroll_layers: bool = typer.Option(
+        False, "--unroll-layers/--scan-layers",
+        help="compile every layer on its own: a longer compile (pair it with --compile-cache), "
+             "fewer, fuller kernels per call (BENCHMARKS.md)"),
+    compile_cache: Optional[str] = typer.Option(
+        None, help="directory for jax's persistent compilation cache: a restarted server "
+                   "loads the compiled policy instead of compiling it again")):
+  """Serves a packed checkpoint to openpi clients (openpi-client's WebsocketClientPolicy)."""
+  if compile_cache:  # process-wide, so set here at the command's edge, not in the library
+    jax.config.update("jax_compilation_cache_dir", compile_cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+  logging.getLogger("absl").setLevel(logging.ERROR)
+  try:
+    cfg = ServeConfig(host=host, port=port, api_key=api_key,
+                      max_message_bytes=int(max_message_mb * (1 << 20)))
+    runner = build_runner(ckpt, model=model, size=size, tokenizer=tokenizer,
+                          norm_stats=norm_stats, norm_mode=norm_mode, num_steps=num_steps,
+                          action_dims=action_dims, record=record, seed=seed,
+                          discrete_state=discrete_state, unroll_layers=unroll_layers)
+    typer.echo(f"compiling {runner.metadata['model']} ({runner.metadata['size']}) ...")
+    seconds = runner.warmup()
+  except (ValueError, FileNotFoundError, TypeError) as e:
+    fail(str(e))
+  stats = runner.metadata["norm_stats"] or "none"
+  typer.echo(f"compiled in {seconds:.1f} s; norm stats {stats}, "
+             f"tokenizer {'yes' if runner.metadata['tokenizer'] else 'no'}"
+             + (f", recording to {record}" if record else ""))
 
-  @app.command()
-  def serve(
-      ckpt: str = typer.Argument(..., help="packed checkpoint directory (from `convert`)"),
-      host: str = typer.Option("127.0.0.1", help="address to listen on (0.0.0.0: every interface)"),
-      port: int = typer.Option(8000, help="TCP port (openpi's default 8000; 0 picks a free one)"),
-      api_key: Optional[str] = typer.Option(
-          None, envvar="DUQUANT_API_KEY",
-          help="require this key (clients send `Authorization: Api-Key KEY`); env DUQUANT_API_KEY"),
-      tokenizer: Optional[str] = typer.Option(
-          None, help="PaliGemma SentencePiece model file, to tokenise requests' 'prompt'"),
-      norm_stats: Optional[str] = typer.Option(
-          None, help="openpi norm_stats.json (file or dir); default: the checkpoint's; none: off"),
-      norm_mode: str = typer.Option("auto", help="auto (quantile for pi05), zscore or quantile"),
-      num_steps: int = typer.Option(10, help="flow-matching steps per request"),
-      action_dims: Optional[int] = typer.Option(None, help="reply with the first N action dims"),
-      max_message_mb: float = typer.Option(64.0, help="larger requests get an error reply"),
-      record: Optional[str] = typer.Option(
-          None, help="save every served observation here (npz), for `convert --calib-from`"),
-      discrete_state: Optional[bool] = typer.Option(
-          None, "--discrete-state/--no-discrete-state",
-          help="state in the prompt (openpi's discrete_state_input; default: on for pi05)"),
-      model: Optional[str] = typer.Option(None, help="pi0 or pi05 (default: the checkpoint's)"),
-      size: Optional[str] = typer.Option(None, help="full, dummy or demo (default: checkpoint's)"),
-      seed: int = typer.Option(0, help="seed of the sampling noise"),
-      unroll_layers: bool = typer.Option(
-          False, "--unroll-layers/--scan-layers",
-          help="compile every layer on its own: a longer compile (pair it with --compile-cache), "
-               "fewer, fuller kernels per call (BENCHMARKS.md)"),
-      compile_cache: Optional[str] = typer.Option(
-          None, help="directory for jax's persistent compilation cache: a restarted server "
-                     "loads the compiled policy instead of compiling it again")):
-    """Serves a packed checkpoint to openpi clients (openpi-client's WebsocketClientPolicy)."""
-    import jax
-    from duquant_jax.serve import ServeConfig, serve_forever
-    if compile_cache:  # process-wide, so set here at the command's edge, not in the library
-      jax.config.update("jax_compilation_cache_dir", compile_cache)
-      jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    logging.getLogger("absl").setLevel(logging.ERROR)
-    try:
-      cfg = ServeConfig(host=host, port=port, api_key=api_key,
-                        max_message_bytes=int(max_message_mb * (1 << 20)))
-      runner = build_runner(ckpt, model=model, size=size, tokenizer=tokenizer,
-                            norm_stats=norm_stats, norm_mode=norm_mode, num_steps=num_steps,
-                            action_dims=action_dims, record=record, seed=seed,
-                            discrete_state=discrete_state, unroll_layers=unroll_layers)
-      typer.echo(f"compiling {runner.metadata['model']} ({runner.metadata['size']}) ...")
-      seconds = runner.warmup()
-    except (ValueError, FileNotFoundError, TypeError) as e:
-      _fail(str(e))
-    stats = runner.metadata["norm_stats"] or "none"
-    typer.echo(f"compiled in {seconds:.1f} s; norm stats {stats}, "
-               f"tokenizer {'yes' if runner.metadata['tokenizer'] else 'no'}"
-               + (f", recording to {record}" if record else ""))
+  def ready(bound: int) -> None:
+    typer.echo(f"serving on ws://{host}:{bound}" + (" (API key required)" if api_key else ""))
 
-    def ready(bound: int) -> None:
-      typer.echo(f"serving on ws://{host}:{bound}" + (" (API key required)" if api_key else ""))
-
-    try:
-      serve_forever(runner, cfg, ready, warmup=False)
-    except OSError as e:  # e.g. the port is taken
-      _fail(f"cannot listen on {host}:{port}: {e}")
-    except KeyboardInterrupt:
-      typer.echo("stopped")
+  try:
+    serve_forever(runner, cfg, ready, warmup=False)
+  except OSError as e:  # e.g. the port is taken
+    fail(f"cannot listen on {host}:{port}: {e}")
+  except KeyboardInterrupt:
+    typer.echo("stopped")

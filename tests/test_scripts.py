@@ -6,14 +6,18 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
+from conftest import demo_params
+from duquant_jax.config import get_preset
+from duquant_jax.lab.synthetic_stats import synthetic_stats
+from duquant_jax.models import get_policy
+from duquant_jax.packed import PackedLinear
+from duquant_jax.quantize import quantize_params
+
+# The scripts are imported inside each test, from the checkout's scripts/ folder: one script that
+# fails to import fails only its own tests.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-
-from conftest import demo_params  # noqa: E402
-from duquant_jax.config import get_preset  # noqa: E402
-from duquant_jax.models import get_policy  # noqa: E402
-from duquant_jax.packed import PackedLinear  # noqa: E402
-from duquant_jax.quantize import quantize_params  # noqa: E402
 
 
 def test_free_linears_replace_every_packed_linear_and_the_policy_still_runs():
@@ -55,7 +59,6 @@ def test_anatomy_formulations_agree_on_a_tiny_shape():
 
 def test_mosaic_w4a8_probe_parses_tile_specs():
   """The device probe's tile specs map to the kernel's TileConfig (its timings need a Hopper GPU)."""
-  import pytest
   import probe_mosaic_w4a8
   from duquant_jax.kernels import mosaic_gpu
   assert probe_mosaic_w4a8.parse_tiles("auto", 51, 2048, 16384) == mosaic_gpu.choose_tiles(51, 2048, 16384)
@@ -71,9 +74,9 @@ def test_mosaic_w4a8_probe_parses_tile_specs():
   with pytest.raises(SystemExit):
     probe_mosaic_w4a8.parse_tiles("128by128", 816, 2048, 2048)
 
+
 def test_unshared_inputs_clears_every_input_group():
   import bench_policy
-  from duquant_jax.lab.synthetic_stats import synthetic_stats
   params = demo_params("pi0")
   packed = quantize_params(params, get_preset("deploy"), synthetic_stats(params))
   is_packed = lambda v: isinstance(v, PackedLinear)
@@ -98,7 +101,6 @@ def test_gemm_only_linears_skip_the_activation_side_but_run_the_same_matmul():
   packed weight's own matmul; weight-only linears get x as is."""
   import bench_policy
   from duquant_jax.kernels import xla
-  from duquant_jax.lab.synthetic_stats import synthetic_stats
   params = demo_params("pi0")
   packed = quantize_params(params, get_preset("deploy"), synthetic_stats(params))
   gemm = bench_policy.gemm_only_linears(packed)
@@ -124,7 +126,6 @@ def test_gemm_only_linears_skip_the_activation_side_but_run_the_same_matmul():
 
 
 def test_deploy_candidates_resolve_presets_and_keys():
-  import pytest
   import deploy_candidates
   assert deploy_candidates.resolve("deploy") == get_preset("deploy")
   wot = deploy_candidates.resolve("allwot")
@@ -139,7 +140,6 @@ def test_bench_policy_derives_a_weight_only_candidate_from_an_earlier_pack():
   reuses the earlier pack; the derived tree equals packing the candidate itself."""
   import bench_policy
   import deploy_candidates
-  from duquant_jax.lab.synthetic_stats import synthetic_stats
   params = demo_params("pi0")
   stats = synthetic_stats(params)
   deploy, allwot = deploy_candidates.resolve("deploy"), deploy_candidates.resolve("allwot")

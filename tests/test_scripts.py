@@ -6,7 +6,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from conftest import demo_params
 from duquant_jax.config import get_preset
@@ -59,6 +58,7 @@ def test_anatomy_formulations_agree_on_a_tiny_shape():
 
 def test_mosaic_w4a8_probe_parses_tile_specs():
   """The device probe's tile specs map to the kernel's TileConfig (its timings need a Hopper GPU)."""
+  import pytest
   import probe_mosaic_w4a8
   from duquant_jax.kernels import mosaic_gpu
   assert probe_mosaic_w4a8.parse_tiles("auto", 51, 2048, 16384) == mosaic_gpu.choose_tiles(51, 2048, 16384)
@@ -126,6 +126,7 @@ def test_gemm_only_linears_skip_the_activation_side_but_run_the_same_matmul():
 
 
 def test_deploy_candidates_resolve_presets_and_keys():
+  import pytest
   import deploy_candidates
   assert deploy_candidates.resolve("deploy") == get_preset("deploy")
   wot = deploy_candidates.resolve("allwot")

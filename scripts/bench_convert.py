@@ -13,7 +13,7 @@ that only the bf16 tree is ever in memory: Gemma linears ~ N(0, 1/fan_in), every
 
 `convert` runs `duquant_jax.openpi_checkpoint.convert_checkpoint` (the streamed conversion that
 `duquant-jax convert` runs when it does not calibrate) with synthetic calibration stats
-(`duquant_jax.synthetic_stats`; a full-size forward pass for real calibration does not fit this
+(`duquant_jax.lab.synthetic_stats`; a full-size forward pass for real calibration does not fit this
 benchmark's CPU budget), and prints the time of each phase. `--all-linears` applies the preset's
 first rule to all 126 + 126 Gemma linears, as `scripts/bench_pack.py --all-linears` does;
 `--rounding` sets every rule's rounding, as `duquant-jax convert --rounding` does (`recommended`
@@ -71,7 +71,7 @@ def convert(src: str, dst: str, preset: str, all_linears: bool, overwrite: bool,
   import jax
   from duquant_jax.config import get_preset
   from duquant_jax.openpi_checkpoint import convert_checkpoint, open_openpi
-  from duquant_jax.synthetic_stats import synthetic_stats
+  from duquant_jax.lab.synthetic_stats import synthetic_stats
   t0 = time.perf_counter()
   cfg = get_preset(preset)
   if all_linears:

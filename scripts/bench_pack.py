@@ -3,7 +3,7 @@
 Usage: PYTHONPATH=. python scripts/bench_pack.py [--model pi0] [--size full] [--preset recommended]
        [--all-linears] [--abstract]
 
-Random weights and synthetic stats (duquant_jax.synthetic_stats): this measures the packer's cost,
+Random weights and synthetic stats (duquant_jax.lab.synthetic_stats): this measures the packer's cost,
 not accuracy. `--all-linears` quantizes every Gemma linear of both experts (126 + 126) with the
 preset's first rule.
 
@@ -25,7 +25,7 @@ from duquant_jax.layouts import linear_layouts
 from duquant_jax.models import get_policy
 from duquant_jax.packed import tree_nbytes
 from duquant_jax.quantize import quantize_params, summarize
-from duquant_jax.synthetic_stats import synthetic_stats
+from duquant_jax.lab.synthetic_stats import synthetic_stats
 
 ALL_GEMMA = r"PaliGemma/llm/layers/(attn/.*_einsum(_1)?/w|mlp(_1)?/(gating_einsum|linear))"
 

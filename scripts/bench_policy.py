@@ -25,7 +25,7 @@ import numpy as np
 from duquant_jax.inference import with_implementations
 from duquant_jax.models import get_policy, make_observation
 from duquant_jax.quantize import quantize_params, summarize
-from duquant_jax.synthetic_stats import synthetic_stats
+from duquant_jax.lab.synthetic_stats import synthetic_stats
 
 from bench_pack import bench_config, random_params
 from duquant_jax import packed as packed_mod

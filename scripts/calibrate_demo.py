@@ -23,7 +23,7 @@ import numpy as np
 
 from duquant_jax import calib_data, calibrate as cal, stats as st
 from duquant_jax.models import get_policy
-from duquant_jax.models.synthetic import realistic_params
+from duquant_jax.lab.synthetic import realistic_params
 
 
 def _rss_mb() -> float:

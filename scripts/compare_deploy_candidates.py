@@ -9,7 +9,7 @@ import pathlib
 import sys
 import time
 
-from duquant_jax.evaluate import evaluate, EvalConfig, Variant, format_markdown
+from duquant_jax.lab.evaluate import evaluate, EvalConfig, Variant, format_markdown
 
 from deploy_candidates import resolve
 

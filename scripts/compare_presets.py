@@ -8,7 +8,7 @@ import time
 import jax
 import numpy as np
 from duquant_jax.models import get_policy
-from duquant_jax.models.synthetic import realistic_params
+from duquant_jax.lab.synthetic import realistic_params
 from duquant_jax.calibrate import calibrate, CalibConfig
 from duquant_jax.calib_data import calibration_batches
 from duquant_jax.config import get_preset, LayerRule, QuantConfig, LLM, EXPERT_MLP

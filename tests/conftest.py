@@ -4,7 +4,7 @@ import jax
 import pytest
 
 from duquant_jax.models import get_policy
-from duquant_jax.models.synthetic import realistic_params
+from duquant_jax.lab.synthetic import realistic_params
 
 
 @functools.cache

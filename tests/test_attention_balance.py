@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from duquant_jax import evaluate as ev
+from duquant_jax.lab import evaluate as ev
 from duquant_jax.attention_balance import (attention_moments, attention_paths, balance_attention,
                                            scale_outputs)
 from duquant_jax.config import EXPERT_ATTN, AttentionBalance, LayerRule, QuantConfig

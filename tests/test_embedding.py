@@ -9,7 +9,7 @@ from conftest import demo_params, held_out
 from duquant_jax import checkpoint as ck
 from duquant_jax.calibrate import CalibConfig, calibrate, select_for
 from duquant_jax.config import EmbeddingRule, LayerRule, QuantConfig, get_preset
-from duquant_jax.demo import action_rel_err
+from duquant_jax.lab.demo import action_rel_err
 from duquant_jax.embedding import PackedEmbedding, quantize_embedding
 from duquant_jax.models import get_policy
 from duquant_jax.models.gemma import Embedder
@@ -203,7 +203,7 @@ def test_weight_only_group_transforms_its_input_once():
   same actions as one per linear."""
   from duquant_jax.config import get_preset
   from duquant_jax.quantize import quantize_params
-  from duquant_jax.synthetic_stats import synthetic_stats
+  from duquant_jax.lab.synthetic_stats import synthetic_stats
   policy = get_policy("pi0", "demo")
   params = policy.init(jax.random.key(0))
   packed = quantize_params(params, get_preset("deploy"), synthetic_stats(params))

@@ -1,4 +1,4 @@
-"""The pi0 / pi0.5 model: openpi's param layout, sample_actions, input validation, synthetic weights."""
+"""The pi0 / pi0.5 model: openpi's param layout, sample_actions, input validation, rollouts."""
 
 import ast
 import json
@@ -13,7 +13,6 @@ import pytest
 from duquant_jax.models import Observation, get_config, get_policy
 from duquant_jax.models.layout_table import describe
 from duquant_jax.models.rollout import ToyEnv, rollout, rollout_batches
-from duquant_jax.models.synthetic import outlier_channels, realistic_params
 
 from conftest import demo_params
 
@@ -150,29 +149,6 @@ def test_variables_dict_instead_of_params_is_refused():
     policy.sample_actions({"params": demo_params("pi0")}, obs, jax.random.key(0))
 
 
-def test_realistic_params_deterministic_and_have_outliers(model_name):
-  policy = get_policy(model_name, "demo")
-  a = demo_params(model_name)
-  b = realistic_params(policy, seed=0)
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-    np.testing.assert_array_equal(x, y)
-  c = realistic_params(policy, seed=1)
-  assert not np.array_equal(a["action_in_proj"]["kernel"], c["action_in_proj"]["kernel"])
-  # Non-zero vision head and (pi0.5) adaptive norms, which openpi zero-initialises.
-  assert np.abs(a["PaliGemma"]["img"]["head"]["kernel"]).max() > 0
-  if model_name == "pi05":
-    assert np.abs(a["PaliGemma"]["llm"]["layers"]["pre_attention_norm_1"]["Dense_0"]["kernel"]).max() > 0
-  # Residual-stream outlier channels: tens to hundreds of times the median channel.
-  emb = np.abs(a["PaliGemma"]["llm"]["embedder"]["input_embedding"][3:])
-  ch = emb.max(axis=0)
-  ratio = ch[outlier_channels(policy.cfg.llm.width, 0)] / np.median(ch)
-  assert np.all(ratio > 20) and np.all(ratio < 1000), ratio
-  # Heavy tails: excess kurtosis well above a Gaussian's 0.
-  w = a["PaliGemma"]["llm"]["layers"]["mlp"]["linear"].ravel()
-  kurt = np.mean((w - w.mean()) ** 4) / np.var(w) ** 2 - 3
-  assert kurt > 1.0
-
-
 def test_rollout_is_deterministic_and_closed_loop():
   policy = get_policy("pi0", "demo")
   params = demo_params("pi0")
@@ -188,21 +164,3 @@ def test_rollout_is_deterministic_and_closed_loop():
   batches = rollout_batches(policy, params, jax.random.key(0), num_episodes=2, num_chunks=2,
                             batch_size=2, num_steps=2)
   assert batches.state.shape == (1, 2, 2, policy.cfg.action_dim)
-
-
-def test_cli_layout_json(capsys):
-  from duquant_jax.cli import main
-  with pytest.raises(SystemExit) as e:
-    main(["layout", "--model", "pi05", "--size", "full", "--json"])
-  assert e.value.code == 0
-  rows = json.loads(capsys.readouterr().out)
-  assert len(rows) == len(_openpi_layout()["pi05"])
-  assert {"path": "time_mlp_in/kernel", "shape": [1024, 1024], "dtype": "float32"} in rows
-
-
-def test_cli_unknown_model_is_one_clear_line(capsys):
-  from duquant_jax.cli import main
-  with pytest.raises(SystemExit) as e:
-    main(["layout", "--model", "pi9"])
-  assert e.value.code == 2
-  assert "unknown model 'pi9'" in capsys.readouterr().err

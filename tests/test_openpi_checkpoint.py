@@ -18,7 +18,7 @@ from duquant_jax.config import LayerRule, QuantConfig, get_preset
 from duquant_jax.lora import LoraSpec, merge_lora
 from duquant_jax.models import get_policy
 from duquant_jax.quantize import quantize_params
-from duquant_jax.synthetic_stats import synthetic_stats
+from duquant_jax.lab.synthetic_stats import synthetic_stats
 from test_lora import _add_lora
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from duquant_jax.config import PRESETS, LayerRule, QuantConfig, get_preset, match_rules
-from duquant_jax.demo import action_rel_err
+from duquant_jax.lab.demo import action_rel_err
 from duquant_jax.inference import quantized_apply
 from duquant_jax.kernels.xla import (quantize_per_token, w4a8_matmul,
                                      w4a8_matmul_reference_f64)
@@ -139,7 +139,7 @@ def test_packing_an_adaptive_norm_keeps_the_smoothing_folded_into_it():
   them: packing them too (weight-only W8, next to W8 everything else) must pack the folded kernel,
   so the policy stays as close to FP as without it. (Packing the unfolded kernel, as before the
   fix, moved the actions by 0.05.)"""
-  from duquant_jax.evaluate import folded_smoothing
+  from duquant_jax.lab.evaluate import folded_smoothing
   params, stats = demo_params("pi05"), demo_stats("pi05")
   adarms = LayerRule(pattern=r"PaliGemma/llm/(layers/)?\w+_norm_1/Dense_0/kernel", weight_bits=8,
                      act_bits=None, rotation="none", permutation="none", smooth_alpha=None,
@@ -293,7 +293,7 @@ def test_folded_norms_keep_the_param_dtype():
   """Smoothing folded into pi0.5's adaptive norms (and the RMS norms) must not widen bf16 leaves:
   whole-tree bytes on the device equal the summary's count (float leaves at 2 bytes)."""
   from duquant_jax.packed import tree_nbytes
-  from duquant_jax.synthetic_stats import synthetic_stats
+  from duquant_jax.lab.synthetic_stats import synthetic_stats
   policy = get_policy("pi05", "demo")
   shapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.bfloat16),
                         policy.param_shapes())
@@ -311,7 +311,7 @@ def test_folded_norms_keep_the_param_dtype():
 
 def test_act_min_tokens_small_calls_run_weight_only_and_large_calls_w4a8():
   from duquant_jax.config import EXPERT_MLP
-  from duquant_jax.synthetic_stats import synthetic_stats
+  from duquant_jax.lab.synthetic_stats import synthetic_stats
   params = demo_params("pi0")
   cfg = QuantConfig(rules=(LayerRule(pattern=EXPERT_MLP, block_size=16, act_min_tokens=8),))
   packed = quantize_params(params, cfg, synthetic_stats(params))

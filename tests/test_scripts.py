@@ -7,13 +7,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from conftest import demo_params
+from duquant_jax.config import get_preset
+from duquant_jax.lab.synthetic_stats import synthetic_stats
+from duquant_jax.models import get_policy
+from duquant_jax.packed import PackedLinear
+from duquant_jax.quantize import quantize_params
 
-from conftest import demo_params  # noqa: E402
-from duquant_jax.config import get_preset  # noqa: E402
-from duquant_jax.models import get_policy  # noqa: E402
-from duquant_jax.packed import PackedLinear  # noqa: E402
-from duquant_jax.quantize import quantize_params  # noqa: E402
+# The scripts are imported inside each test, from the checkout's scripts/ folder: one script that
+# fails to import fails only its own tests.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 
 def test_free_linears_replace_every_packed_linear_and_the_policy_still_runs():
@@ -71,9 +74,9 @@ def test_mosaic_w4a8_probe_parses_tile_specs():
   with pytest.raises(SystemExit):
     probe_mosaic_w4a8.parse_tiles("128by128", 816, 2048, 2048)
 
+
 def test_unshared_inputs_clears_every_input_group():
   import bench_policy
-  from duquant_jax.synthetic_stats import synthetic_stats
   params = demo_params("pi0")
   packed = quantize_params(params, get_preset("deploy"), synthetic_stats(params))
   is_packed = lambda v: isinstance(v, PackedLinear)
@@ -98,7 +101,6 @@ def test_gemm_only_linears_skip_the_activation_side_but_run_the_same_matmul():
   packed weight's own matmul; weight-only linears get x as is."""
   import bench_policy
   from duquant_jax.kernels import xla
-  from duquant_jax.synthetic_stats import synthetic_stats
   params = demo_params("pi0")
   packed = quantize_params(params, get_preset("deploy"), synthetic_stats(params))
   gemm = bench_policy.gemm_only_linears(packed)
@@ -139,7 +141,6 @@ def test_bench_policy_derives_a_weight_only_candidate_from_an_earlier_pack():
   reuses the earlier pack; the derived tree equals packing the candidate itself."""
   import bench_policy
   import deploy_candidates
-  from duquant_jax.synthetic_stats import synthetic_stats
   params = demo_params("pi0")
   stats = synthetic_stats(params)
   deploy, allwot = deploy_candidates.resolve("deploy"), deploy_candidates.resolve("allwot")

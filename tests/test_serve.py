@@ -23,7 +23,7 @@ from test_openpi_io import tiny_tokenizer_file
 from duquant_jax import checkpoint as ck
 from duquant_jax.calib_data import load_recordings
 from duquant_jax.cli import main
-from duquant_jax.cli_serve import build_runner
+from duquant_jax.cli.serve import build_runner
 from duquant_jax.config import get_preset
 from duquant_jax.models import IMAGE_KEYS, Observation, get_policy
 from duquant_jax.quantize import quantize_params

@@ -21,7 +21,7 @@ from duquant_jax.models import get_policy, make_observation
 from duquant_jax.models.gemma import STACKED, LayerIndex, stack_in_place
 from duquant_jax.packed import PackedLinear
 from duquant_jax.quantize import quantize_params
-from duquant_jax.synthetic_stats import synthetic_stats
+from duquant_jax.lab.synthetic_stats import synthetic_stats
 
 from conftest import fast_packed
 

@@ -12,9 +12,9 @@ from duquant_jax.attention_balance import balance_attention
 from duquant_jax.calib_data import calibration_batches
 from duquant_jax.calibrate import CalibConfig, calibrate, hessian_for, select_for
 from duquant_jax.config import QuantConfig, match_rules
+from duquant_jax.lab.synthetic import realistic_params
 from duquant_jax.layouts import linear_layouts
 from duquant_jax.models import Policy, get_policy
-from duquant_jax.models.synthetic import realistic_params
 from duquant_jax.quantize import quantize_params, summarize
 
 

@@ -38,11 +38,12 @@ from duquant_jax.calib_data import calibration_batches
 from duquant_jax.calibrate import CalibConfig, calibrate, hessian_for, select_for
 from duquant_jax.attention_balance import balance_attention
 from duquant_jax.config import AttentionBalance, QuantConfig, get_preset
-from duquant_jax.demo import action_rel_err
+from duquant_jax.lab.demo import action_rel_err
+from duquant_jax.lab.plots import pyplot
+from duquant_jax.lab.synthetic import realistic_params
 from duquant_jax.layouts import LinearLayout, linear_layouts
 from duquant_jax.models import Policy, get_policy
 from duquant_jax.models.rollout import ToyEnv, rollout
-from duquant_jax.models.synthetic import realistic_params
 from duquant_jax.packed import PackedLinear
 from duquant_jax.quantize import (producer_smoothing, quantize_params, rotated_model, summarize,
                                   to_2d)
@@ -481,9 +482,7 @@ def format_markdown(report: EvalReport) -> str:
 
 def plot_drift(report: EvalReport, path: str) -> None:
   """PNG: state divergence vs chunks, one line per variant, with the tolerance."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = pyplot()
   fig, ax = plt.subplots(figsize=(7, 4.5))
   colors = plt.get_cmap("tab20").colors
   for i, r in enumerate(report.results):  # distinct colour and dash per variant (> 10 lines)

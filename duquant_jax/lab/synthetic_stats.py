@@ -8,6 +8,9 @@ accuracy.
 
 from __future__ import annotations
 
+import re
+import zlib
+
 import jax
 import jax.numpy as jnp
 
@@ -47,8 +50,6 @@ def synthetic_stats(params, select: str | None = None, *, rows: int = 64,
   Returns:
     {weight path: SyntheticStats with absmax (stack..., K) and samples (stack..., R, K)}.
   """
-  import re
-  import zlib
   out = {}
   for path, lay in linear_layouts(params).items():
     if select is not None and not re.fullmatch(select, path):

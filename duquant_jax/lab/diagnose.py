@@ -37,10 +37,11 @@ import numpy as np
 from duquant_jax.calib_data import calibration_batches
 from duquant_jax.calibrate import CalibConfig, calibrate
 from duquant_jax.config import LayerRule, QuantConfig
-from duquant_jax.evaluate import folded_smoothing
+from duquant_jax.lab.evaluate import folded_smoothing
+from duquant_jax.lab.plots import pyplot
+from duquant_jax.lab.synthetic import realistic_params
 from duquant_jax.layouts import LinearLayout, linear_layouts, to_2d_perm
 from duquant_jax.models import get_policy
-from duquant_jax.models.synthetic import realistic_params
 from duquant_jax.packed import PackedLinear
 from duquant_jax.quantize import quantize_params
 from duquant_jax.transforms import restore_output
@@ -213,9 +214,7 @@ def run_diagnose(model: str, *, size: str = "demo", out: str = "diagnose_out",
 
 
 def _plot(path, title, hs, labels, errs):
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = pyplot()
   fig, (a0, a1) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [1, 2.2]})
   im = a0.imshow(hs["inter"].mean(0), vmin=0, vmax=1, cmap="viridis")
   a0.set_xticks(range(len(labels)), labels, fontsize=7)

@@ -29,7 +29,7 @@ def layout(model: str = typer.Option("pi0", help="pi0 or pi05"),
            as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table")):
   """Every param path of the model with shape and dtype (jax.eval_shape: nothing is allocated)."""
   from duquant_jax.models import get_config, Policy
-  from duquant_jax.models.layout_table import describe
+  from duquant_jax.treepath import describe
   try:
     policy = Policy(get_config(model, size))
   except ValueError as e:

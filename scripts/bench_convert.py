@@ -38,7 +38,7 @@ def make(dst: str, model: str, as_state: bool, seed: int = 0) -> None:
   import ml_dtypes
   from duquant_jax.layouts import linear_layouts
   from duquant_jax.models import get_policy
-  from duquant_jax.models.layout_table import path_str
+  from duquant_jax.treepath import path_str
   from duquant_jax.openpi_checkpoint import save_openpi_params
   shapes = get_policy(model, "full").param_shapes()
   layouts = linear_layouts(shapes)

@@ -35,7 +35,7 @@ def random_params(policy, seed=0, dtype=jnp.bfloat16):
   shapes = policy.param_shapes()
   layouts = linear_layouts(shapes)
   flat, treedef = jax.tree_util.tree_flatten_with_path(shapes)
-  from duquant_jax.models.layout_table import path_str
+  from duquant_jax.treepath import path_str
   leaves = []
   for i, (p, s) in enumerate(flat):
     path = path_str(p)

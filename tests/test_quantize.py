@@ -141,7 +141,7 @@ def test_packing_an_adaptive_norm_keeps_the_smoothing_folded_into_it():
   them: packing them too (weight-only W8, next to W8 everything else) must pack the folded kernel,
   so the policy stays as close to FP as without it. (Packing the unfolded kernel, as before the
   fix, moved the actions by 0.05.)"""
-  from duquant_jax.evaluate import folded_smoothing
+  from duquant_jax.quantize import folded_smoothing
   params, stats = demo_params("pi05"), demo_stats("pi05")
   adarms = LayerRule(pattern=r"PaliGemma/llm/(layers/)?\w+_norm_1/Dense_0/kernel", weight_bits=8,
                      act_bits=None, rotation="none", permutation="none", smooth_alpha=None,

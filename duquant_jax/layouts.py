@@ -145,7 +145,7 @@ def linear_layouts(params: Any) -> dict[str, LinearLayout]:
         kind = "layernorm"
       elif f"{norm}/scale" in paths:
         kind = "rms"
-      elif f"{norm}/Dense_0/kernel" in paths:
+      elif f"{norm}/{openpi_paths.ADARMS_DENSE}/kernel" in paths:
         kind = "adarms"
       else:
         norm = None

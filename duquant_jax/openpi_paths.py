@@ -6,27 +6,28 @@ selection, shared-input owners and vision token masks (`duquant_jax.calibrate`),
 rotation (`duquant_jax.model_rotation`), diagnostics and the packer's accounting.
 
 Axis letters (openpi's legend, `src/openpi/models/gemma.py`): B batch, T / S query / key tokens,
-N query heads, K kv heads, G query heads per kv head, H head dim, D width, F MLP hidden, V vocabulary,
-plus L the layer axis of `nn.scan` (the leading axis of every weight in the table) and '2' for the
-stacked (k, v) or (gate, up) pair.
+N query heads, K kv heads, G query heads per kv head, H head dim, D width, F MLP hidden,
+V vocabulary, plus L the layer axis of `nn.scan` (the leading axis of every weight in the table)
+and '2' for the stacked (k, v) or (gate, up) pair.
 
-| site     | weight (under its block)           | shape           | einsum          | input from   |
-|----------|------------------------------------|-----------------|-----------------|--------------|
-| q        | attn/q_einsum{sfx}/w               | (L, N, D, H)    | BTD,NDH->BTNH   | pre_attn {a} |
-| kv       | attn/kv_einsum{sfx}/w              | (L, 2, K, D, H) | BSD,2KDH->2BSKH | pre_attn {a} |
-| attn_vec | attn/attn_vec_einsum{sfx}/w        | (L, N, H, D)    | BTNH,NHD->BTD   | attention    |
-| gating   | mlp{sfx}/gating_einsum             | (L, 2, D, F)    | BTD,2DF->2BTF   | pre_ffw      |
-| linear   | mlp{sfx}/linear                    | (L, F, D)       | BTF,FD->BTD     | gelu(g) * up |
-| query    | MultiHeadDotProductAttention_0/query/kernel | (L, D, N, H) | BTD,DNH->BTNH | LN_0 {a} |
-| key      | MultiHeadDotProductAttention_0/key/kernel   | (L, D, N, H) | BTD,DNH->BTNH | LN_0 {a} |
-| value    | MultiHeadDotProductAttention_0/value/kernel | (L, D, N, H) | BTD,DNH->BTNH | LN_0 {a} |
-| out      | MultiHeadDotProductAttention_0/out/kernel   | (L, N, H, D) | BTNH,NHD->BTD | attention |
-| fc1      | MlpBlock_0/Dense_0/kernel          | (L, D, F)       | BTD,DF->BTF     | LayerNorm_1  |
-| fc2      | MlpBlock_0/Dense_1/kernel          | (L, F, D)       | BTF,FD->BTD     | gelu(fc1)    |
+| site     | weight (under its block)    | shape           | einsum          | input from      |
+|----------|-----------------------------|-----------------|-----------------|-----------------|
+| q        | attn/q_einsum{sfx}/w        | (L, N, D, H)    | BTD,NDH->BTNH   | pre_attn (a)    |
+| kv       | attn/kv_einsum{sfx}/w       | (L, 2, K, D, H) | BSD,2KDH->2BSKH | pre_attn (a)    |
+| attn_vec | attn/attn_vec_einsum{sfx}/w | (L, N, H, D)    | BTNH,NHD->BTD   | attention       |
+| gating   | mlp{sfx}/gating_einsum      | (L, 2, D, F)    | BTD,2DF->2BTF   | pre_ffw         |
+| linear   | mlp{sfx}/linear             | (L, F, D)       | BTF,FD->BTD     | gelu(gate) * up |
+| query    | MHDPA_0/query/kernel        | (L, D, N, H)    | BTD,DNH->BTNH   | LayerNorm_0 (a) |
+| key      | MHDPA_0/key/kernel          | (L, D, N, H)    | BTD,DNH->BTNH   | LayerNorm_0 (a) |
+| value    | MHDPA_0/value/kernel        | (L, D, N, H)    | BTD,DNH->BTNH   | LayerNorm_0 (a) |
+| out      | MHDPA_0/out/kernel          | (L, N, H, D)    | BTNH,NHD->BTD   | attention       |
+| fc1      | MlpBlock_0/Dense_0/kernel   | (L, D, F)       | BTD,DF->BTF     | LayerNorm_1     |
+| fc2      | MlpBlock_0/Dense_1/kernel   | (L, F, D)       | BTF,FD->BTD     | gelu(fc1)       |
 
-pre_attn: `pre_attention_norm{sfx}`, pre_ffw: `pre_ffw_norm{sfx}`, LN_0: `LayerNorm_0`; {a}: the
-sites of the `attention` shared-input group. Heads: the outputs of q / kv / query / key / value
-are split into heads (`head_role` "out"), the inputs of attn_vec / out ("in").
+pre_attn: `pre_attention_norm{sfx}`, pre_ffw: `pre_ffw_norm{sfx}`, MHDPA_0:
+`MultiHeadDotProductAttention_0`; (a): the sites of the `attention` shared-input group. Heads:
+the outputs of q / kv / query / key / value are split into heads (`head_role` "out"), the inputs
+of attn_vec / out ("in").
 
 Gemma's block is `PaliGemma/llm/layers` (its sites carry the expert suffix `{sfx}`: '' the PaliGemma
 LLM, '_1' the action expert); SigLIP's is `PaliGemma/img/Transformer/encoderblock`. Sites of one
@@ -50,6 +51,9 @@ VISION_PREFIX = "PaliGemma/img/"
 EMBEDDING = "PaliGemma/llm/embedder/input_embedding"
 # Token embedding tables (V, D) as path regexes, read only by a gather (`Embedder.encode`).
 EMBEDDING_TABLES: tuple[str, ...] = (EMBEDDING,)
+# pi0.5's adaptive RMSNorm: the Dense under a norm module that gives its (scale, shift, gate)
+# modulation, kernel (D_cond, 3 D) and bias (3 D).
+ADARMS_DENSE = "Dense_0"
 # Gemma expert suffixes: '' the PaliGemma LLM (expert 0), '_1' the action expert.
 LLM_SUFFIX, EXPERT_SUFFIX = "", "_1"
 EXPERTS = (LLM_SUFFIX, EXPERT_SUFFIX)
@@ -221,7 +225,8 @@ def pattern(names: Iterable[str], experts: Iterable[str] = (LLM_SUFFIX,)) -> str
   sites = [site(n) for n in names]
   blocks = {s.block for s in sites}
   if len(blocks) != 1:
-    raise ValueError(f"pattern: sites {list(names)} span {len(blocks)} blocks; one regex covers one")
+    raise ValueError(f"pattern: sites {[s.name for s in sites]} span {len(blocks)} blocks; one "
+                     "regex covers one")
   experts = tuple(experts)
   if len(experts) == 1:
     sfx = re.escape(experts[0])

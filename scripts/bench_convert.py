@@ -30,7 +30,10 @@ import time
 
 import numpy as np
 
-ALL_GEMMA = r"PaliGemma/llm/layers/(attn/.*_einsum(_1)?/w|mlp(_1)?/(gating_einsum|linear))"
+from duquant_jax.openpi_paths import EXPERTS, pattern
+
+# Every Gemma linear of both experts.
+ALL_GEMMA = pattern(("q", "kv", "attn_vec", "gating", "linear"), EXPERTS)
 
 
 def make(dst: str, model: str, as_state: bool, seed: int = 0) -> None:

@@ -1,8 +1,9 @@
 """`quantize_params`: DuQuant W4A8 as a pure pytree transform of an openpi-layout param tree.
 
 For each group of linears that read the same input (q / kv after one RMSNorm; gate / up are one
-weight), following DuQuant (Lin et al., "DuQuant: Distributing Outliers via Dual Transformation Makes
-Stronger Quantized LLMs", NeurIPS 2024) with the corrections of docs/design.md, in four steps:
+weight), following DuQuant (Lin et al., "DuQuant: Distributing Outliers via Dual Transformation
+Makes Stronger Quantized LLMs", NeurIPS 2024) with the corrections of docs/design.md, in four
+steps:
   1. plan (`plan`): group the linears by shared input, order the groups, check rules, weights and
      stats;
   2. transform (`transform`): smoothing lam = max|x|^a / max|W|^(1-a) from calibration stats,

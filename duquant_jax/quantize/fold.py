@@ -25,6 +25,7 @@ import jax.numpy as jnp
 
 from duquant_jax.config import LayerRule
 from duquant_jax.layouts import LinearLayout
+from duquant_jax.openpi_paths import ADARMS_DENSE
 from duquant_jax.packed import PackedLinear
 from duquant_jax.quantize.plan import GroupPlan, stats_for
 from duquant_jax.quantize.transform import shape_key, store, w_absmax_in, weight_array
@@ -113,15 +114,15 @@ def fold_into_norm(tree: Params, layout: LinearLayout, lam: jax.Array) -> dict[s
       put(f"{norm}/{leaf}", get(f"{norm}/{leaf}") / lam)
   elif layout.norm_kind == "adarms":  # y = n * (1 + scale) + shift, with (scale, shift, gate) = Dense
     d = lam.shape[-1]
-    kern = get(f"{norm}/Dense_0/kernel")
-    bias = get(f"{norm}/Dense_0/bias")
+    kern = get(f"{norm}/{ADARMS_DENSE}/kernel")
+    bias = get(f"{norm}/{ADARMS_DENSE}/bias")
     inv = 1.0 / lam
     kern = jnp.concatenate([kern[..., :2 * d] * jnp.concatenate([inv, inv], -1)[..., None, :],
                             kern[..., 2 * d:]], axis=-1)
     bias = jnp.concatenate([(1.0 + bias[..., :d]) * inv - 1.0, bias[..., d:2 * d] * inv,
                             bias[..., 2 * d:]], axis=-1)
-    put(f"{norm}/Dense_0/kernel", kern)
-    put(f"{norm}/Dense_0/bias", bias)
+    put(f"{norm}/{ADARMS_DENSE}/kernel", kern)
+    put(f"{norm}/{ADARMS_DENSE}/bias", bias)
   else:
     raise AssertionError(layout.norm_kind)
   return out
@@ -175,11 +176,12 @@ def folded_smoothing(params: Params, packed: Params, layout: LinearLayout) -> ja
     return f(params, "scale") / f(packed, "scale")
   if layout.norm_kind == "adarms":
     d = layout.in_features
-    if isinstance(get_path(packed, f"{layout.norm}/Dense_0/kernel"), PackedLinear):
+    kernel, bias = f"{ADARMS_DENSE}/kernel", f"{ADARMS_DENSE}/bias"
+    if isinstance(get_path(packed, f"{layout.norm}/{kernel}"), PackedLinear):
       # The Dense itself was packed after the fold; its float bias carries lam too:
       # (1 + b) -> (1 + b) / lam.
-      return (1.0 + f(params, "Dense_0/bias")[..., :d]) / (1.0 + f(packed, "Dense_0/bias")[..., :d])
-    k0, k1 = f(params, "Dense_0/kernel")[..., :d], f(packed, "Dense_0/kernel")[..., :d]
+      return (1.0 + f(params, bias)[..., :d]) / (1.0 + f(packed, bias)[..., :d])
+    k0, k1 = f(params, kernel)[..., :d], f(packed, kernel)[..., :d]
     return jnp.sum(k0 * k0, axis=-2) / jnp.sum(k0 * k1, axis=-2)
   raise AssertionError(layout.norm_kind)
 

@@ -36,15 +36,18 @@ import numpy as np
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
+from duquant_jax import openpi_paths
 from duquant_jax import stats as st
 from duquant_jax.calib_data import validate_batches
 from duquant_jax.gptq import hessian_block_for
+from duquant_jax.layouts import linear_layouts
 from duquant_jax.models.config import IMAGE_KEYS
-from duquant_jax.models.layout_table import path_str
 from duquant_jax.models.pi0 import Pi0, Policy, flow_times
+from duquant_jax.treepath import get_path, path_str
 
-DEFAULT_SELECT = (r"PaliGemma/llm/layers/(attn/(q_einsum|kv_einsum|attn_vec_einsum)(_1)?/w"
-                  r"|mlp(_1)?/(gating_einsum|linear))")
+# Every Gemma linear of both experts (`duquant_jax.openpi_paths`).
+DEFAULT_SELECT = openpi_paths.pattern(("q", "kv", "attn_vec", "gating", "linear"),
+                                      openpi_paths.EXPERTS)
 PREFIX, SUFFIX = "prefix", "suffix"
 
 
@@ -58,7 +61,6 @@ def select_for(cfg: Any, params: Any) -> str:
   Args:
     cfg: a `duquant_jax.QuantConfig`. params: the float param tree (arrays or ShapeDtypeStructs).
   """
-  from duquant_jax.layouts import linear_layouts
   extra = [p for p in linear_layouts(params)
            if cfg.rule_for(p) is not None and not re.fullmatch(DEFAULT_SELECT, p)]
   return "|".join([DEFAULT_SELECT, *(re.escape(p) for p in sorted(extra))])
@@ -71,7 +73,6 @@ def hessian_for(cfg: Any, params: Any) -> str | None:
   Args:
     cfg: a `duquant_jax.QuantConfig`. params: the float param tree (arrays or ShapeDtypeStructs).
   """
-  from duquant_jax.layouts import linear_layouts
   paths = [p for p in linear_layouts(params)
            if (r := cfg.rule_for(p)) is not None and r.rounding == "gptq"]
   return "|".join(re.escape(p) for p in sorted(paths)) or None
@@ -243,7 +244,7 @@ def _token_masks(path: str, values: list[tuple[jax.Array, int]], phase: str, obs
     b, t = x.shape[x.ndim - k_axes - 2: x.ndim - k_axes]
     if phase == SUFFIX:
       out.append(jnp.ones((b, t), bool))
-    elif path.startswith("PaliGemma/img/"):
+    elif openpi_paths.is_vision(path):
       # One call over all cameras' images, camera-major in IMAGE_KEYS order (the model's), or
       # one call per camera.
       cams = [obs.image_masks[key] for key in IMAGE_KEYS]
@@ -326,13 +327,6 @@ def capture_single_batch(policy: Policy, params, obs, *, rng: jax.Array,
 # ---------------------------------------------------------------------------------------------------
 # The accumulating program.
 
-# Linears that read the very same input tensor: their stats are computed once, for the first one.
-_SHARED_INPUT = (
-    (r"(.*)/kv_einsum(_\d+)?/w", r"\1/q_einsum\2/w"),  # q and kv: the same pre-attention-normed x
-    (r"(.*/MultiHeadDotProductAttention_\d+)/(key|value)/kernel", r"\1/query/kernel"),  # self-attention
-)
-
-
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class _Entry:
   path: str
@@ -352,14 +346,6 @@ class _Plan:
     return [e for e in self.entries if e.same_input_as is None and phase in (None, e.phase)]
 
 
-def _input_owner(path: str, selected: set[str]) -> str | None:
-  for pattern, owner in _SHARED_INPUT:
-    if re.fullmatch(pattern, path):
-      other = re.sub(pattern, owner, path)
-      return other if other in selected else None
-  return None
-
-
 def _make_plan(policy: Policy, params, obs, cfg: CalibConfig) -> _Plan:
   shapes = jax.eval_shape(
       lambda p, o: _capture(policy, p, o, _noise(policy, jax.random.key(0), o.batch_size),
@@ -371,16 +357,13 @@ def _make_plan(policy: Policy, params, obs, cfg: CalibConfig) -> _Plan:
   for path, cap in sorted(shapes.items()):
     l, _, k = cap.rows.shape[-3:]
     entries.append(_Entry(path=path, phase=cap.phase, layers=0 if _is_unstacked(params, path) else l,
-                          channels=k, same_input_as=_input_owner(path, set(shapes))))
+                          channels=k, same_input_as=openpi_paths.input_owner(path, shapes)))
   return _Plan(tuple(entries))
 
 
 def _is_unstacked(params, path: str) -> bool:
   """Only flax Dense kernels outside `nn.scan` lack the depth axis: kernel ndim == 2 there."""
-  node = params
-  for part in path.split("/"):
-    node = node[part]
-  return path.endswith("/kernel") and node.ndim == 2
+  return path.endswith("/kernel") and get_path(params, path).ndim == 2
 
 
 def _hessian_block(e: _Entry, plan: _Plan, cfg: CalibConfig) -> int | None:

@@ -47,7 +47,7 @@ import numpy as np
 import duquant_jax
 from duquant_jax.config import QuantConfig
 from duquant_jax.embedding import PackedEmbedding
-from duquant_jax.models.layout_table import flat_items
+from duquant_jax.treepath import flat_items
 from duquant_jax.packed import PackedLinear
 from duquant_jax.transforms import InputTransform
 
@@ -505,7 +505,7 @@ def _restore_args(meta_tree: Any, sharding: ShardingLike, dtype: Any = None):
   default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
   def one(kp, m):
-    from duquant_jax.models.layout_table import path_str
+    from duquant_jax.treepath import path_str
     s = sharding
     if s is None:
       s = default

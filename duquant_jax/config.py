@@ -18,6 +18,9 @@ import dataclasses
 import re
 from typing import Iterable, Literal
 
+from duquant_jax import openpi_paths
+from duquant_jax.openpi_paths import EXPERT_SUFFIX, EXPERTS, pattern
+
 ROTATIONS = ("greedy", "random", "hadamard", "weight_svd", "weight_qr", "none")
 PERMUTATIONS = ("zigzag", "head_zigzag", "none")
 GRANULARITIES = ("channel", "head", "group")
@@ -375,17 +378,17 @@ def match_rules(cfg: QuantConfig, linear_paths: Iterable[str]) -> RuleReport:
 
 
 # ----------------------------------------------------------------------------------------------
-# Presets. Layer groups by path:
-LLM = r"PaliGemma/llm/layers/(attn/(q|kv|attn_vec)_einsum/w|mlp/(gating_einsum|linear))"
-EXPERT_MLP = r"PaliGemma/llm/layers/mlp_1/(gating_einsum|linear)"
-EXPERT_ATTN = r"PaliGemma/llm/layers/attn/(q|kv|attn_vec)_einsum_1/w"
-EXPERT_QK = r"PaliGemma/llm/layers/attn/(q|kv)_einsum_1/w"
-ATTN_PROJ = r"PaliGemma/llm/layers/attn/(q|kv)_einsum(_1)?/w"
-ATTN_OUT = r"PaliGemma/llm/layers/attn/attn_vec_einsum/w"  # the LLM's attention output projection
+# Presets. Layer groups by path, from the openpi path table (`duquant_jax.openpi_paths`):
+_GEMMA = ("q", "kv", "attn_vec", "gating", "linear")
+LLM = pattern(_GEMMA)
+EXPERT_MLP = pattern(("gating", "linear"), (EXPERT_SUFFIX,))
+EXPERT_ATTN = pattern(("q", "kv", "attn_vec"), (EXPERT_SUFFIX,))
+EXPERT_QK = pattern(("q", "kv"), (EXPERT_SUFFIX,))
+ATTN_PROJ = pattern(("q", "kv"), EXPERTS)
+ATTN_OUT = pattern(("attn_vec",))  # the LLM's attention output projection
 # SigLIP's transformer linears (q, k, v, out, MLP); the patch conv and the vision head stay float.
-SIGLIP = (r"PaliGemma/img/Transformer/encoderblock/(MultiHeadDotProductAttention_0/"
-          r"(query|key|value|out)|MlpBlock_0/Dense_(0|1))/kernel")
-EMBEDDING = r"PaliGemma/llm/embedder/input_embedding"
+SIGLIP = pattern(("query", "key", "value", "out", "fc1", "fc2"))
+EMBEDDING = openpi_paths.EMBEDDING
 
 
 # Generic models: every flax Dense / DenseGeneral / Einsum kernel, root-level included (kernels of

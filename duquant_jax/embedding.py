@@ -18,6 +18,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from duquant_jax.numerics import quantize_weight
 from duquant_jax.packed import dequantize_weight, tree_nbytes
 
 # Rows quantized per step of `quantize_embedding` (bounds float32 work to ~rows x D x 4 bytes x a
@@ -125,8 +126,6 @@ def quantize_embedding(table: jax.Array, *, bits: int = 4, group_size: Optional[
     ValueError: a table that is not (V, D) float, NaN / Inf entries, a group size that does not
       divide D, bad bits or scale dtype.
   """
-  # quantize.py imports this module, so its quantizer is imported at call time.
-  from duquant_jax.quantize import quantize_weight
   if getattr(table, "ndim", None) != 2 or not jnp.issubdtype(table.dtype, jnp.floating):
     raise ValueError(f"{name}: an embedding table must be a (V, D) float array, got "
                      f"{getattr(table, 'shape', None)} {getattr(table, 'dtype', type(table).__name__)}")

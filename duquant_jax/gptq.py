@@ -9,7 +9,7 @@ pushed onto the not yet rounded columns through the upper Cholesky factor of the
 ||W - Q|| entrywise.
 
 Here the scales (and zero points) are fixed beforehand, by the clip search of
-`quantize.quantize_weight`; GPTQ only chooses the codes. This is GPTQ with "static groups": every
+`numerics.quantize_weight`; GPTQ only chooses the codes. This is GPTQ with "static groups": every
 granularity (per channel, per head, per group) works the same way.
 
 Everything is float32 jax (traceable, so it runs inside the packing's `lax.map` over stacked
@@ -151,7 +151,7 @@ def gptq_codes(w: jax.Array, h: jax.Array, scale: jax.Array, zero: Optional[jax.
     w: (N, K) float32 weight in the quantized basis.
     h: (NB, HB, HB) block-diagonal Hessian X^T X of the input in the same basis; NB > 1 runs GPTQ
       independently per block of HB columns (error feedback stays inside a block).
-    scale, zero: (N, G) as from `quantize.quantize_weight`; group g covers columns
+    scale, zero: (N, G) as from `numerics.quantize_weight`; group g covers columns
       [g K/G, (g+1) K/G).
     qmin, qmax: the integer range; damp: GPTQ's percdamp; block: lazy-batch width.
 

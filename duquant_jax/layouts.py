@@ -1,28 +1,17 @@
 """Declared layouts of every linear weight: which axes are stacked, contracted, output, and heads.
 
 Layouts are declared from openpi's param paths and the einsum each weight is used with, never guessed
-from shapes (D may equal F). Axis letters (openpi's legend): B batch, T/S tokens, N query heads,
-K kv heads, H head dim, D width, F MLP hidden, plus '2' for the stacked (k, v) or (gate, up) pair.
+from shapes (D may equal F): the table is `duquant_jax.openpi_paths` (with the axis-letter legend).
 Leading axes of a weight beyond the einsum's weight spec are stack axes: L, the `nn.scan` depth axis.
 
 A linear's 2-D view: W2 (K_in, N_out) with K_in = product of the contraction axes and N_out = product
 of the weight's other axes, both in the weight's own axis order; the packed weight stores W2.T as
 (N_out, K_in) so the integer dot contracts the last axis of both operands.
 
-| weight (under PaliGemma/llm/layers/)  | einsum            | input from            | heads        |
-|---------------------------------------|-------------------|-----------------------|--------------|
-| attn/q_einsum{_1}/w   (L, N, D, H)    | BTD,NDH->BTNH     | pre_attention_norm{_1}| output (H)   |
-| attn/kv_einsum{_1}/w  (L, 2, K, D, H) | BSD,2KDH->2BSKH   | pre_attention_norm{_1}| output (H)   |
-| attn/attn_vec_einsum{_1}/w (L, N, H, D)| BTNH,NHD->BTD    | attention             | input (H)    |
-| mlp{_1}/gating_einsum (L, 2, D, F)    | BTD,2DF->2BTF     | pre_ffw_norm{_1}      |              |
-| mlp{_1}/linear        (L, F, D)       | BTF,FD->BTD       | gelu(gate) * up       |              |
-SigLIP (under PaliGemma/img/Transformer/encoderblock/): query/key/value kernels (L, D, N, H) as
-BTD,DNH->BTNH after LayerNorm_0; out kernel (L, N, H, D) as BTNH,NHD->BTD; MlpBlock_0 Dense_0 after
-LayerNorm_1 and Dense_1. Any other `.../kernel` of rank 2 (or rank 3 under a scanned prefix) is a
-flax `Dense` / NNX `Linear` kernel (in, out): `...I,IO->...O`.
-
-Token embedding tables (V vocabulary, D width) are declared separately (`EMBEDDING_TABLES`): they are
-read by a gather, not a matmul, and take weight-only `EmbeddingRule`s.
+Any other `.../kernel` of rank 2 (or rank 3 under a scanned prefix) is a flax `Dense` / NNX `Linear`
+kernel (in, out): `...I,IO->...O`. Token embedding tables (V vocabulary, D width) are declared
+separately (`EMBEDDING_TABLES`): they are read by a gather, not a matmul, and take weight-only
+`EmbeddingRule`s.
 """
 
 from __future__ import annotations
@@ -32,35 +21,18 @@ import math
 import re
 from typing import Any, Literal
 
-from duquant_jax.models.layout_table import flat_items
+import jax
+import jax.numpy as jnp
 
-GEMMA_LAYERS = "PaliGemma/llm/layers"
-SIGLIP_BLOCK = "PaliGemma/img/Transformer/encoderblock"
+from duquant_jax import openpi_paths
+from duquant_jax.openpi_paths import EMBEDDING_TABLES, GEMMA_LAYERS, SIGLIP_BLOCK
+from duquant_jax.treepath import flat_items
+
+__all__ = ["DENSE_EQN", "EMBEDDING_TABLES", "GEMMA_LAYERS", "SIGLIP_BLOCK", "LinearLayout",
+           "embedding_paths", "linear_layouts", "split_eqn", "to_2d", "to_2d_perm"]
+
 _SCANNED_PREFIXES = (GEMMA_LAYERS + "/", SIGLIP_BLOCK + "/")
-
-# (path regex, einsum, preceding-norm template or None, head role, producer template or None)
-_TABLE: tuple[tuple[str, str, str | None, str | None, str | None], ...] = (
-    (rf"(?P<pre>{GEMMA_LAYERS})/attn/q_einsum(?P<sfx>_\d+)?/w", "BTD,NDH->BTNH",
-     "{pre}/pre_attention_norm{sfx}", "out", None),
-    (rf"(?P<pre>{GEMMA_LAYERS})/attn/kv_einsum(?P<sfx>_\d+)?/w", "BSD,2KDH->2BSKH",
-     "{pre}/pre_attention_norm{sfx}", "out", None),
-    (rf"(?P<pre>{GEMMA_LAYERS})/attn/attn_vec_einsum(?P<sfx>_\d+)?/w", "BTNH,NHD->BTD", None,
-     "in", None),
-    (rf"(?P<pre>{GEMMA_LAYERS})/mlp(?P<sfx>_\d+)?/gating_einsum", "BTD,2DF->2BTF",
-     "{pre}/pre_ffw_norm{sfx}", None, None),
-    (rf"(?P<pre>{GEMMA_LAYERS})/mlp(?P<sfx>_\d+)?/linear", "BTF,FD->BTD", None, None,
-     "{pre}/mlp{sfx}/gating_einsum"),
-    (rf"(?P<pre>{SIGLIP_BLOCK})/MultiHeadDotProductAttention_0/(query|key|value)/kernel",
-     "BTD,DNH->BTNH", "{pre}/LayerNorm_0", "out", None),
-    (rf"(?P<pre>{SIGLIP_BLOCK})/MultiHeadDotProductAttention_0/out/kernel", "BTNH,NHD->BTD", None,
-     "in", None),
-    (rf"(?P<pre>{SIGLIP_BLOCK})/MlpBlock_0/Dense_0/kernel", "BTD,DF->BTF", "{pre}/LayerNorm_1",
-     None, None),
-    (rf"(?P<pre>{SIGLIP_BLOCK})/MlpBlock_0/Dense_1/kernel", "BTF,FD->BTD", None, None, None),
-)
 DENSE_EQN = "...I,IO->...O"
-# Token embedding tables (V, D), read only by a gather (`Embedder.encode`).
-EMBEDDING_TABLES: tuple[str, ...] = (r"PaliGemma/llm/embedder/input_embedding",)
 
 
 def split_eqn(eqn: str) -> tuple[str, str, str]:
@@ -135,6 +107,12 @@ def to_2d_perm(w_spec: str, contract: str) -> tuple[int, ...]:
       i for i, c in enumerate(w_spec) if c not in contract)
 
 
+def to_2d(w: jax.Array, layout: LinearLayout) -> jax.Array:
+  """One layer's weight (as in the param tree, no stack axes) -> W2 (K, N) float32."""
+  perm = to_2d_perm(layout.w_spec, layout.contract_letters)
+  return jnp.transpose(w, perm).reshape(layout.in_features, layout.out_features).astype(jnp.float32)
+
+
 def _dense_layout(path: str, shape: tuple[int, ...]) -> LinearLayout | None:
   scanned = path.startswith(_SCANNED_PREFIXES)
   # A root-level Dense (the module itself is the Dense) has the bare path `kernel`.
@@ -153,35 +131,33 @@ def linear_layouts(params: Any) -> dict[str, LinearLayout]:
   out = {}
   for path, x in flat.items():
     shape = tuple(getattr(x, "shape", ()))
-    for regex, eqn, norm_t, head_role, producer_t in _TABLE:
-      m = re.fullmatch(regex, path)
-      if m is None:
-        continue
-      groups = {k: v or "" for k, v in m.groupdict().items()}
-      norm = norm_t.format(**groups) if norm_t else None
-      kind = None
-      if norm is not None:
-        if f"{norm}/scale" in paths and f"{norm}/bias" in paths:
-          kind = "layernorm"
-        elif f"{norm}/scale" in paths:
-          kind = "rms"
-        elif f"{norm}/Dense_0/kernel" in paths:
-          kind = "adarms"
-        else:
-          norm = None
-      w_spec = split_eqn(eqn)[1]
-      if len(shape) < len(w_spec):
-        raise ValueError(f"{path}: weight of shape {shape} has fewer axes than its einsum {eqn!r}")
-      head_dim = shape[len(shape) - len(w_spec) + w_spec.index("H")] if head_role else None
-      producer = producer_t.format(**groups) if producer_t else None
-      out[path] = LinearLayout(path=path, shape=shape, eqn=eqn, norm=norm, norm_kind=kind,
-                               head_role=head_role, head_dim=head_dim,
-                               producer=producer if producer in paths else None)
-      break
-    else:
+    found = openpi_paths.match(path)
+    if found is None:
       lay = _dense_layout(path, shape)
       if lay is not None:
         out[path] = lay
+      continue
+    site, groups = found
+    norm = f"{groups['pre']}/{site.norm.format(sfx=groups['sfx'])}" if site.norm else None
+    kind = None
+    if norm is not None:
+      if f"{norm}/scale" in paths and f"{norm}/bias" in paths:
+        kind = "layernorm"
+      elif f"{norm}/scale" in paths:
+        kind = "rms"
+      elif f"{norm}/{openpi_paths.ADARMS_DENSE}/kernel" in paths:
+        kind = "adarms"
+      else:
+        norm = None
+    w_spec = split_eqn(site.eqn)[1]
+    if len(shape) < len(w_spec):
+      raise ValueError(f"{path}: weight of shape {shape} has fewer axes than its einsum {site.eqn!r}")
+    head_dim = shape[len(shape) - len(w_spec) + w_spec.index("H")] if site.head_role else None
+    producer = (f"{groups['pre']}/{site.producer.format(sfx=groups['sfx'])}" if site.producer
+                else None)
+    out[path] = LinearLayout(path=path, shape=shape, eqn=site.eqn, norm=norm, norm_kind=kind,
+                             head_role=site.head_role, head_dim=head_dim,
+                             producer=producer if producer in paths else None)
   return out
 
 

@@ -36,7 +36,7 @@ from typing import Any, Mapping, Optional
 import numpy as np
 
 from duquant_jax.layouts import linear_layouts, split_eqn
-from duquant_jax.models.layout_table import flat_items
+from duquant_jax.treepath import copy_dicts, flat_items, get_path, set_path
 
 __all__ = ["LoraSpec", "LoraWeight", "find_lora", "lora_delta", "merge_lora"]
 
@@ -183,7 +183,6 @@ def merge_lora(params: Mapping, spec: LoraSpec = LoraSpec()) -> dict:
   Raises:
     ValueError: as `find_lora`.
   """
-  from duquant_jax.treepath import copy_dicts, get_path, set_path
   found = find_lora(params)
   out = copy_dicts(params)
   for base, lw in found.items():

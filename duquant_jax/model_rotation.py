@@ -37,14 +37,15 @@ Calibration statistics of the rotated inputs follow from the unrotated ones' sam
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from duquant_jax import openpi_paths
 from duquant_jax.gptq import densify
+from duquant_jax.openpi_paths import FINAL_READERS, STREAM_WRITERS, final_norm, stream_readers
 from duquant_jax.rotations import random_orthogonal
 from duquant_jax.treepath import copy_dicts as _copy_dicts
 from duquant_jax.treepath import get_path as _get
@@ -53,25 +54,12 @@ from duquant_jax.treepath import set_path as _set
 
 Params = dict[str, Any]
 
-LAYERS = "PaliGemma/llm/layers"
-# Weights writing into each expert's residual stream outside the layers (rotated on their last
-# axis, with their bias), by expert suffix.
-_STREAM_WRITERS = {
-    "": ("PaliGemma/llm/embedder/input_embedding", "PaliGemma/img/head/kernel",
-         "PaliGemma/img/head/bias"),
-    "_1": ("state_proj/kernel", "state_proj/bias", "action_time_mlp_out/kernel",
-           "action_time_mlp_out/bias"),
-}
-# Weights reading an expert's final norm (rotated on their first axis, after its scale).
-_FINAL_READERS = {"": (), "_1": ("action_out_proj/kernel",)}
-
-
-def _layer_readers(sfx: str) -> tuple[tuple[str, tuple[tuple[str, int], ...]], ...]:
-  """(norm path, ((weight path, axis of D in one layer's weight), ...)) for the linears reading
-  expert `sfx`'s stream inside the layers."""
-  return ((f"{LAYERS}/pre_attention_norm{sfx}", ((f"{LAYERS}/attn/q_einsum{sfx}/w", 1),
-                                                  (f"{LAYERS}/attn/kv_einsum{sfx}/w", 2))),
-          (f"{LAYERS}/pre_ffw_norm{sfx}", ((f"{LAYERS}/mlp{sfx}/gating_einsum", 1),)))
+LAYERS = openpi_paths.GEMMA_LAYERS
+# The paths come from `duquant_jax.openpi_paths`: weights writing into each expert's residual
+# stream outside the layers (`STREAM_WRITERS`, rotated on their last axis, with their bias),
+# weights reading an expert's final norm (`FINAL_READERS`, rotated on their first axis, after its
+# scale), and inside the layers the norms with the linears reading them (`stream_readers`) and the
+# linears writing the stream (`openpi_paths.stream_writers`).
 # Rows of the token table rotated per jitted call (bounds the float32 working set).
 _TABLE_CHUNK_ROWS = 16384
 
@@ -150,15 +138,15 @@ def _rotate_table(table: jax.Array, signs: jax.Array) -> jax.Array:
 def rotated_experts(params: Params) -> list[str]:
   """Suffixes ('' the LLM, '_1' the action expert) of the experts whose stream can be rotated:
   those with plain RMSNorms (`pre_attention_norm{sfx}/scale`)."""
-  layers = _get(params, LAYERS)
-  return [sfx for sfx in ("", "_1") if _has(layers, f"pre_attention_norm{sfx}/scale")
-          and _has(layers, f"pre_ffw_norm{sfx}/scale")]
+  _get(params, LAYERS)  # KeyError naming it where the tree has no Gemma layers
+  return [sfx for sfx in openpi_paths.EXPERTS
+          if all(_has(params, f"{norm}/scale") for norm, _ in stream_readers(sfx))]
 
 
 def rotated_readers(params: Params) -> set[str]:
   """The norms (paths) whose outputs `rotate_residual` rotates: the input groups of the linears
   that read a rotated stream."""
-  return {norm for sfx in rotated_experts(params) for norm, _ in _layer_readers(sfx)}
+  return {norm for sfx in rotated_experts(params) for norm, _ in stream_readers(sfx)}
 
 
 def rotate_residual(params: Params, *, key: jax.Array) -> tuple[Params, Rotations]:
@@ -181,23 +169,22 @@ def rotate_residual(params: Params, *, key: jax.Array) -> tuple[Params, Rotation
   signs = {}
   k_res, k_val = jax.random.split(key)
   for i, sfx in enumerate(rotated_experts(params)):
-    d = _get(params, f"{LAYERS}/pre_attention_norm{sfx}/scale").shape[-1]
+    d = _get(params, f"{stream_readers(sfx)[0][0]}/scale").shape[-1]
     if d & (d - 1):
       raise ValueError(f"rotate_residual: width {d} of expert '{sfx}' is not a power of 2")
     s = jnp.where(jax.random.bernoulli(jax.random.fold_in(k_res, i), 0.5, (d,)), 1.0, -1.0)
     signs[sfx] = s
-    for path in _STREAM_WRITERS[sfx]:
+    for path in STREAM_WRITERS[sfx]:
       if not _has(out, path):
         raise ValueError(f"rotate_residual: {path} (writes expert '{sfx}''s stream) is missing")
       if path.endswith("input_embedding"):
         _set(out, path, _rotate_table(_get(out, path), s))
       else:
         _update(out, path, lambda w: _rotate_axis_jit(w, s, axis=-1))
-    write = lambda axis: (lambda w, l: _rotate_axis_jit(w, s, axis=axis))
-    _update_layers(out, f"{LAYERS}/attn/attn_vec_einsum{sfx}/w", write(2))  # (L, N, H, D)
-    _update_layers(out, f"{LAYERS}/mlp{sfx}/linear", write(1))  # (L, F, D)
+    for path, axis in openpi_paths.stream_writers(sfx):  # attn_vec (L, N, H, D), linear (L, F, D)
+      _update_layers(out, path, lambda w, l, a=axis: _rotate_axis_jit(w, s, axis=a))
     # Readers: x (1 + scale) w  ->  (x Q) Q^T diag(1 + scale) w; the norm keeps scale 0.
-    for norm, readers in _layer_readers(sfx):
+    for norm, readers in stream_readers(sfx):
       g = 1.0 + jnp.asarray(_get(out, f"{norm}/scale"), jnp.float32)  # (L, D)
       for path, axis in readers:
         shape = [1] * (_get(out, path).ndim - 1)
@@ -205,10 +192,10 @@ def rotate_residual(params: Params, *, key: jax.Array) -> tuple[Params, Rotation
         _update_layers(out, path, lambda w, l, a=axis, sh=tuple(shape): _rotate_axis_jit(
             w * g[l].reshape(sh), s, axis=a))
       _update(out, f"{norm}/scale", jnp.zeros_like)
-    final = f"PaliGemma/llm/final_norm{sfx}/scale"
-    if _FINAL_READERS[sfx]:
+    final = f"{final_norm(sfx)}/scale"
+    if FINAL_READERS[sfx]:
       g = 1.0 + jnp.asarray(_get(out, final), jnp.float32)
-      for path in _FINAL_READERS[sfx]:
+      for path in FINAL_READERS[sfx]:
         _update(out, path, lambda w: _rotate_axis_jit(w * g[:, None], s, axis=0))
       _update(out, final, jnp.zeros_like)
 
@@ -217,10 +204,10 @@ def rotate_residual(params: Params, *, key: jax.Array) -> tuple[Params, Rotation
 
 
 def _value_paths(params: Params) -> tuple[list[str], list[str]]:
-  layers = _get(params, LAYERS)["attn"]
-  kv = sorted(k for k in layers if re.fullmatch(r"kv_einsum(_\d+)?", k))
-  vec = sorted(k for k in layers if re.fullmatch(r"attn_vec_einsum(_\d+)?", k))
-  return [f"{LAYERS}/attn/{k}/w" for k in kv], [f"{LAYERS}/attn/{k}/w" for k in vec]
+  """The (kv_einsum, attn_vec_einsum) weight paths of every Gemma expert, each sorted."""
+  paths = [f"{LAYERS}/attn/{k}/w" for k in _get(params, LAYERS)["attn"]]
+  of = lambda name: sorted(p for p in paths if (m := openpi_paths.match(p)) and m[0].name == name)
+  return of("kv"), of("attn_vec")
 
 
 def _rotate_values(out: Params, key: jax.Array) -> Optional[jax.Array]:
@@ -276,9 +263,9 @@ def rotate_stats(stats: Any, params: Params, rotations: Rotations) -> Optional[d
   for sfx, s in sorted(rotations.residual_signs.items()):
     # (norm path, [weight paths]); a stacked norm scale (L, D) meets rows (L, R, D), the final
     # norm's (D,) rows (R, D).
-    norms = [(norm, [p for p, _ in readers]) for norm, readers in _layer_readers(sfx)]
-    if _FINAL_READERS[sfx]:
-      norms.append((f"PaliGemma/llm/final_norm{sfx}", list(_FINAL_READERS[sfx])))
+    norms = [(norm, [p for p, _ in readers]) for norm, readers in stream_readers(sfx)]
+    if FINAL_READERS[sfx]:
+      norms.append((final_norm(sfx), list(FINAL_READERS[sfx])))
     for norm, paths in norms:
       g = 1.0 + jnp.asarray(_get(params, f"{norm}/scale"), jnp.float32)
       g = g[:, None, :] if g.ndim == 2 else g

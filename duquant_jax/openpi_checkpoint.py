@@ -39,7 +39,8 @@ from duquant_jax.checkpoint import (INFO_FILE, CheckpointError, ShardingLike, _f
                                     _orbax, _orbax_metadata, _orbax_restore, _orbax_save,
                                     _quiet_orbax, _restore_args, atomic_dir)
 from duquant_jax.lora import LoraSpec, LoraWeight, find_lora, merge_lora, merge_one
-from duquant_jax.models.layout_table import flat_items, path_str
+from duquant_jax import openpi_paths
+from duquant_jax.treepath import flat_items, get_path, path_str, replace_paths, set_path
 
 __all__ = ["LazyLeaf", "OpenpiCheckpoint", "check_layout", "convert_checkpoint", "infer_model",
            "load_openpi_params", "open_openpi", "read_lazy_leaves", "resolve_openpi_params_dir",
@@ -143,13 +144,14 @@ def infer_model(shapes: Any) -> tuple[str, str]:
   else:
     raise ValueError("not a pi0 / pi0.5 param tree: neither state_proj (pi0) nor time_mlp_in "
                      "(pi0.5) is there")
-  q = flat.get("PaliGemma/llm/layers/attn/q_einsum/w")
+  q_path = openpi_paths.site("q").path()
+  q = flat.get(q_path)
   if q is None:
-    raise ValueError("not a pi0 / pi0.5 param tree: PaliGemma/llm/layers/attn/q_einsum/w is missing")
+    raise ValueError(f"not a pi0 / pi0.5 param tree: {q_path} is missing")
   errors = []
   for size in SIZES:
     expected = get_policy(model, size).param_shapes()
-    e_q = tuple(expected["PaliGemma"]["llm"]["layers"]["attn"]["q_einsum"]["w"].shape)
+    e_q = tuple(get_path(expected, q_path).shape)
     if e_q != q:
       continue
     try:
@@ -160,8 +162,7 @@ def infer_model(shapes: Any) -> tuple[str, str]:
     return model, size
   if errors:
     raise ValueError(errors[0])
-  raise ValueError(f"no known {model} size has a query projection of shape {q} "
-                   "(PaliGemma/llm/layers/attn/q_einsum/w)")
+  raise ValueError(f"no known {model} size has a query projection of shape {q} ({q_path})")
 
 
 def check_layout(got: Any, expected: Any, *, where: str = "checkpoint") -> None:
@@ -200,20 +201,21 @@ class _Reader:
     for p in paths:
       m = self.meta[self.stored(p)]
       cast = self.dtype if self.dtype is not None and jnp.issubdtype(m.dtype, jnp.floating) else None
-      _nested_set(item, self.stored(p), m)
-      _nested_set(args, self.stored(p), ocp.RestoreArgs(restore_type=np.ndarray, dtype=cast))
+      set_path(item, self.stored(p), m, create=True)
+      set_path(args, self.stored(p), ocp.RestoreArgs(restore_type=np.ndarray, dtype=cast),
+               create=True)
     try:
       restore_args = ocp.args.PyTreeRestore(item=item, restore_args=args, partial_restore=True)
     except TypeError:  # an orbax without partial restores: read the whole tree once, keep it
       if self._whole is None:
         self._whole = self._restore_whole()
-      return {p: _nested_get(self._whole, self.stored(p)) for p in paths}
+      return {p: get_path(self._whole, self.stored(p)) for p in paths}
     try:
       with _quiet_orbax(), ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ck:
         got = ck.restore(self.d.absolute(), args=restore_args)
     except Exception as e:  # orbax / tensorstore raise many types for damaged files
       raise CheckpointError(f"{self.d}: corrupt or truncated checkpoint ({_first_line(e)})") from None
-    return {p: _nested_get(got, self.stored(p)) for p in paths}
+    return {p: get_path(got, self.stored(p)) for p in paths}
 
   def _restore_whole(self) -> Any:
     ocp = _orbax()
@@ -226,19 +228,6 @@ class _Reader:
       return _orbax_restore(self.d, args)
     except Exception as e:
       raise CheckpointError(f"{self.d}: corrupt or truncated checkpoint ({_first_line(e)})") from None
-
-
-def _nested_set(tree: dict, path: str, value: Any) -> None:
-  *parents, last = path.split("/")
-  for k in parents:
-    tree = tree.setdefault(k, {})
-  tree[last] = value
-
-
-def _nested_get(tree: Mapping, path: str) -> Any:
-  for k in path.split("/"):
-    tree = tree[k]
-  return tree
 
 
 class LazyLeaf:
@@ -289,16 +278,7 @@ def read_lazy_leaves(tree: Any) -> Any:
   """`tree` (nested dicts) with every `LazyLeaf` replaced by its array: the plain leaves of one
   checkpoint in one orbax partial restore (which reads them concurrently, instead of one restore
   per leaf), LoRA-merged ones one at a time. Other leaves are kept as they are."""
-  lazy: dict[str, LazyLeaf] = {}
-
-  def walk(node, prefix):
-    if isinstance(node, Mapping):
-      for k, v in node.items():
-        walk(v, f"{prefix}/{k}" if prefix else k)
-    elif isinstance(node, LazyLeaf):
-      lazy[prefix] = node
-
-  walk(tree, "")
+  lazy = {p: x for p, x in flat_items(tree) if isinstance(x, LazyLeaf)}
   got: dict[str, np.ndarray] = {}
   by_reader: dict[int, list[str]] = {}
   for path, leaf in lazy.items():
@@ -310,13 +290,7 @@ def read_lazy_leaves(tree: Any) -> Any:
     reader = lazy[paths[0]].reader
     read = reader.read([lazy[p].path for p in paths])
     got.update((p, read[lazy[p].path]) for p in paths)
-
-  def rebuild(node, prefix):
-    if isinstance(node, Mapping):
-      return {k: rebuild(v, f"{prefix}/{k}" if prefix else k) for k, v in node.items()}
-    return got.get(prefix, node) if isinstance(node, LazyLeaf) else node
-
-  return rebuild(tree, "")
+  return replace_paths(tree, got)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -381,7 +355,7 @@ def open_openpi(path: Union[str, os.PathLike], *, infer: bool = True) -> OpenpiC
     plain = {}
     for p, s in flat_items(shapes):
       if p not in drop:
-        _nested_set(plain, p, s)
+        set_path(plain, p, s, create=True)
   model = size = None
   if infer:
     model, size = infer_model(plain)
@@ -419,7 +393,7 @@ def load_openpi_params(path: Union[str, os.PathLike], policy: Any = None, *, dty
     plain = {}
     for p, s in flat_items(tree):
       if p not in drop:
-        _nested_set(plain, p, s)
+        set_path(plain, p, s, create=True)
     check_layout(plain, policy.param_shapes(), where=str(d))
   with _quiet_orbax():
     try:

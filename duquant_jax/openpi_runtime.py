@@ -42,7 +42,7 @@ import jax.numpy as jnp
 
 from duquant_jax.embedding import PackedEmbedding
 from duquant_jax.models.gemma import linear, packed_dense_interceptor
-from duquant_jax.models.layout_table import path_str
+from duquant_jax.treepath import path_str
 from duquant_jax.packed import PackedLinear, gated_mlp
 
 # Contract params: a module owning one of these as a packed leaf runs here.

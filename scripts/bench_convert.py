@@ -30,7 +30,10 @@ import time
 
 import numpy as np
 
-ALL_GEMMA = r"PaliGemma/llm/layers/(attn/.*_einsum(_1)?/w|mlp(_1)?/(gating_einsum|linear))"
+from duquant_jax.openpi_paths import EXPERTS, pattern
+
+# Every Gemma linear of both experts.
+ALL_GEMMA = pattern(("q", "kv", "attn_vec", "gating", "linear"), EXPERTS)
 
 
 def make(dst: str, model: str, as_state: bool, seed: int = 0) -> None:
@@ -38,7 +41,7 @@ def make(dst: str, model: str, as_state: bool, seed: int = 0) -> None:
   import ml_dtypes
   from duquant_jax.layouts import linear_layouts
   from duquant_jax.models import get_policy
-  from duquant_jax.models.layout_table import path_str
+  from duquant_jax.treepath import path_str
   from duquant_jax.openpi_checkpoint import save_openpi_params
   shapes = get_policy(model, "full").param_shapes()
   layouts = linear_layouts(shapes)

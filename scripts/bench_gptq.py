@@ -3,7 +3,7 @@
 Usage: PYTHONPATH=. python scripts/bench_gptq.py [--shapes gate,down,expert_down] [--repeats 1]
 
 Times, per weight of one stacked layer (random weights, a random block-16 DuQuant transform, a
-Hessian from random correlated rows), `_pack_layers` with `rounding="nearest"` and with
+Hessian from random correlated rows), `pack_layers` with `rounding="nearest"` and with
 `rounding="gptq"` (clip search on in both): the difference is GPTQ's cost (the Hessian's transform
 to the quantized basis, the inverse Cholesky factors, the column loop). Multiply by the layer count
 (18 per expert) for a whole model. Compile time is excluded (one warm-up call).
@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from duquant_jax.config import LayerRule
 from duquant_jax.layouts import LinearLayout
-from duquant_jax.quantize import _pack_layers
+from duquant_jax.quantize import pack_layers
 from duquant_jax.transforms import build_duquant_transform
 
 # name -> (K, N) of one layer's weight, from the gemma_2b / gemma_300m layouts.
@@ -51,7 +51,7 @@ def main():
                        head_role=None, head_dim=None)
     for rounding in ("nearest", "gptq"):
       rule = LayerRule(pattern=".*", block_size=16, rounding=rounding)
-      run = lambda: jax.block_until_ready(_pack_layers(
+      run = lambda: jax.block_until_ready(pack_layers(
           w, t, None, samples, h if rounding == "gptq" else None, layout=lay, rule=rule, rows=1,
           cols=k))
       t0 = time.perf_counter()

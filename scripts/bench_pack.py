@@ -23,11 +23,13 @@ import jax.numpy as jnp
 
 from duquant_jax.layouts import linear_layouts
 from duquant_jax.models import get_policy
+from duquant_jax.openpi_paths import EXPERTS, pattern
 from duquant_jax.packed import tree_nbytes
 from duquant_jax.quantize import quantize_params, summarize
 from duquant_jax.lab.synthetic_stats import synthetic_stats
 
-ALL_GEMMA = r"PaliGemma/llm/layers/(attn/.*_einsum(_1)?/w|mlp(_1)?/(gating_einsum|linear))"
+# Every Gemma linear of both experts.
+ALL_GEMMA = pattern(("q", "kv", "attn_vec", "gating", "linear"), EXPERTS)
 
 
 def random_params(policy, seed=0, dtype=jnp.bfloat16):
@@ -35,7 +37,7 @@ def random_params(policy, seed=0, dtype=jnp.bfloat16):
   shapes = policy.param_shapes()
   layouts = linear_layouts(shapes)
   flat, treedef = jax.tree_util.tree_flatten_with_path(shapes)
-  from duquant_jax.models.layout_table import path_str
+  from duquant_jax.treepath import path_str
   leaves = []
   for i, (p, s) in enumerate(flat):
     path = path_str(p)

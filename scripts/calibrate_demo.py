@@ -24,6 +24,7 @@ import numpy as np
 from duquant_jax import calib_data, calibrate as cal, stats as st
 from duquant_jax.models import get_policy
 from duquant_jax.lab.synthetic import realistic_params
+from duquant_jax.openpi_paths import site
 
 
 def _rss_mb() -> float:
@@ -43,7 +44,7 @@ def _timing(args, policy, params) -> dict:
   t0 = time.perf_counter()
   cal.calibrate(policy, params, batches, cfg, rng=jax.random.key(3))
   t_warm = time.perf_counter() - t0
-  q = stats["PaliGemma/llm/layers/mlp/linear"]
+  q = stats[site("linear").path()]
   return {"num_batches": args.num_batches, "batch_size": args.batch_size, "sampling": args.sampling,
           "data_seconds": round(t_data, 2), "calibrate_seconds": round(t_cal, 2),
           "calibrate_seconds_warm": round(t_warm, 2),
@@ -63,7 +64,7 @@ def _memory_one(args, policy, params, groups: int) -> dict:
   stats_mb = sum(x.nbytes for x in jax.tree.leaves(stats)) / 2**20
   return {"groups": groups, "peak_rss_mb_before": round(before, 1), "peak_rss_mb": round(_rss_mb(), 1),
           "stats_mb": round(stats_mb, 1), "seconds": round(seconds, 1),
-          "count_expert_mlp": int(stats["PaliGemma/llm/layers/mlp_1/linear"].count)}
+          "count_expert_mlp": int(stats[site("linear").path("_1")].count)}
 
 
 def _compare_sampling(args, policy, params) -> dict:

@@ -4,17 +4,18 @@
 """
 import dataclasses
 
-from duquant_jax.config import (EXPERT_ATTN, EXPERT_MLP, LLM, AttentionBalance, EmbeddingRule,
-                                LayerRule, QuantConfig,
+from duquant_jax.config import (EMBEDDING, EXPERT_ATTN, EXPERT_MLP, LLM, SIGLIP, AttentionBalance,
+                                EmbeddingRule, LayerRule, QuantConfig,
                                 get_preset, PRESETS)
+from duquant_jax.openpi_paths import EXPERTS, pattern
 
-EMB = EmbeddingRule(pattern=r"PaliGemma/llm/embedder/input_embedding")
-SIG = r"PaliGemma/img/Transformer/encoderblock/(MultiHeadDotProductAttention_0/(query|key|value|out)|MlpBlock_0/Dense_(0|1))/kernel"
-SIG_ATT = r"PaliGemma/img/Transformer/encoderblock/MultiHeadDotProductAttention_0/(query|key|value|out)/kernel"
-SIG_MLP = r"PaliGemma/img/Transformer/encoderblock/MlpBlock_0/Dense_(0|1)/kernel"
-SIG_OUT = r"PaliGemma/img/Transformer/encoderblock/MultiHeadDotProductAttention_0/out/kernel"
+EMB = EmbeddingRule(pattern=EMBEDDING)
+SIG = SIGLIP
+SIG_ATT = pattern(("query", "key", "value", "out"))
+SIG_MLP = pattern(("fc1", "fc2"))
+SIG_OUT = pattern(("out",))
 HEAD = r"PaliGemma/img/head/kernel"
-SIG_FC1 = r"PaliGemma/img/Transformer/encoderblock/MlpBlock_0/Dense_0/kernel"
+SIG_FC1 = pattern(("fc1",))
 ADARMS = r"PaliGemma/llm/(layers/)?(pre_attention_norm_1|pre_ffw_norm_1|final_norm_1)/Dense_0/kernel"
 best = dict(block_size=16)
 rtn = dict(rotation="none", permutation="none", smooth_alpha=None)
@@ -31,7 +32,7 @@ def _fast(name, *, down=None, sig=None, eattn=None, extra=None, **rule_kw):
   if eattn is not None:
     rules[-2] = eattn
   if down is not None:
-    rules.insert(0, LayerRule(pattern=r"PaliGemma/llm/layers/mlp(_1)?/linear",
+    rules.insert(0, LayerRule(pattern=pattern(("linear",), EXPERTS),
                               act_scale="static", **down))
   if extra is not None:
     rules.insert(0, extra)
@@ -96,7 +97,7 @@ CANDIDATES = {
  "fastg": _fast("fast, down projections' weights per group of 128",
                 down=dict(rotation="none", permutation="none", weight_granularity="group")),
  "fastw8down": _fast("fast, expert down projection W8", extra=LayerRule(
-     pattern=r"PaliGemma/llm/layers/mlp_1/linear", weight_bits=8, act_scale="static",
+     pattern=pattern(("linear",), ("_1",)), weight_bits=8, act_scale="static",
      rotation="none", permutation="none")),
  "fastw8exp": _fast("fast, expert MLP W8A8", extra=LayerRule(
      pattern=EXPERT_MLP, weight_bits=8, act_scale="static", rotation="none", permutation="none")),

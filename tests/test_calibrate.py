@@ -11,7 +11,7 @@ import pytest
 from duquant_jax import calib_data, calibrate as cal, stats as st
 from duquant_jax.models import get_policy
 from duquant_jax.models.config import IMAGE_KEYS
-from duquant_jax.models.layout_table import flat_items
+from duquant_jax.treepath import flat_items
 
 from conftest import demo_params
 

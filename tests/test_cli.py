@@ -15,7 +15,7 @@ import pytest
 from duquant_jax.cli import main
 from duquant_jax.cli.app import COMMANDS
 from duquant_jax.models import Policy, get_config
-from duquant_jax.models.layout_table import describe
+from duquant_jax.treepath import describe
 
 
 def test_commands_in_help_order(capsys):

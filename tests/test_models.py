@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from duquant_jax.models import Observation, get_config, get_policy
-from duquant_jax.models.layout_table import describe
+from duquant_jax.treepath import describe
 from duquant_jax.models.rollout import ToyEnv, rollout, rollout_batches
 
 from conftest import demo_params

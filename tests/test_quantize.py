@@ -1,6 +1,7 @@
 """quantize_params: rules, layouts, int4 packing, exactness of folds, error bounds, refusals."""
 
 import dataclasses
+import json
 
 import flax.linen as nn
 import jax
@@ -18,6 +19,7 @@ from duquant_jax.models import get_policy
 from duquant_jax.packed import PackedLinear
 from duquant_jax.quantize import quantize_params, quantize_weight, summarize
 
+import golden
 from conftest import demo_params, demo_stats, held_out
 
 ALL_GEMMA = r"PaliGemma/llm/layers/(attn/.*_einsum(_1)?/w|mlp(_1)?/(gating_einsum|linear))"
@@ -139,7 +141,7 @@ def test_packing_an_adaptive_norm_keeps_the_smoothing_folded_into_it():
   them: packing them too (weight-only W8, next to W8 everything else) must pack the folded kernel,
   so the policy stays as close to FP as without it. (Packing the unfolded kernel, as before the
   fix, moved the actions by 0.05.)"""
-  from duquant_jax.lab.evaluate import folded_smoothing
+  from duquant_jax.quantize import folded_smoothing
   params, stats = demo_params("pi05"), demo_stats("pi05")
   adarms = LayerRule(pattern=r"PaliGemma/llm/(layers/)?\w+_norm_1/Dense_0/kernel", weight_bits=8,
                      act_bits=None, rotation="none", permutation="none", smooth_alpha=None,
@@ -349,3 +351,23 @@ def test_act_min_tokens_small_calls_run_weight_only_and_large_calls_w4a8():
 def test_act_min_tokens_refuses_bad_values(kw, match):
   with pytest.raises(ValueError, match=match):
     LayerRule(pattern="x", **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bit-identical packs: digests of quantize_params on the demo models (tests/golden.py).
+
+
+@pytest.mark.parametrize("case", ["stats"] + [f"{m}/{p}" for m, p in golden.CASES])
+def test_packed_trees_are_bit_identical_to_the_recorded_digests(case):
+  """Every array leaf (and every packed weight's format fields) of `quantize_params` on the demo
+  models, for presets covering every fold, rounding and storage path, equals the recorded
+  digests; and so do the calibration stats they were packed with."""
+  want = json.loads(golden.GOLDEN.read_text())[case]
+  if case == "stats":
+    got = {m: golden.digests(dict(demo_stats(m).items())) for m in want}
+  else:
+    model, preset = case.split("/")
+    got = golden.digests(quantize_params(demo_params(model), get_preset(preset),
+                                         demo_stats(model)))
+  for key in sorted(set(want) | set(got)):
+    assert got.get(key) == want.get(key), key

@@ -31,7 +31,7 @@ from duquant_jax.lab.synthetic import realistic_params
 from duquant_jax.layouts import linear_layouts
 from duquant_jax.lora import LoraSpec
 from duquant_jax.models import get_policy
-from duquant_jax.quantize import _packed_items, quantize_params, summarize
+from duquant_jax.quantize import packed_items, quantize_params, summarize
 
 
 def _fail(message: str) -> None:
@@ -105,7 +105,7 @@ def _summary_lines(packed, cfg, params_fp) -> list[str]:
     lines.append(f"  rules that matched nothing: {report.unused_rules}")
   lines.append(f"  {len(report.unmatched_layers):4d} linear weights matched no rule "
                "(kept in float)")
-  tables = [p for p, leaf in _packed_items(packed) if isinstance(leaf, PackedEmbedding)]
+  tables = [p for p, leaf in packed_items(packed) if isinstance(leaf, PackedEmbedding)]
   for e in cfg.embeddings:
     n = sum(1 for p in tables if cfg.embedding_rule_for(p) is e)
     lines.append(f"  {n:4d} tables   W{e.bits} emb    {e.pattern}")

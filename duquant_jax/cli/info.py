@@ -9,7 +9,7 @@ import typer
 from duquant_jax.cli.errors import fail
 from duquant_jax.config import PRESETS
 from duquant_jax.models import Policy, get_config
-from duquant_jax.models.layout_table import describe
+from duquant_jax.treepath import describe
 
 
 def layout(model: str = typer.Option("pi0", help="pi0 or pi05"),

@@ -37,19 +37,20 @@ import numpy as np
 from duquant_jax.calib_data import calibration_batches
 from duquant_jax.calibrate import CalibConfig, calibrate
 from duquant_jax.config import LayerRule, QuantConfig
-from duquant_jax.lab.evaluate import folded_smoothing
 from duquant_jax.lab.plots import pyplot
 from duquant_jax.lab.synthetic import realistic_params
 from duquant_jax.layouts import LinearLayout, linear_layouts, to_2d_perm
 from duquant_jax.models import get_policy
+from duquant_jax.openpi_paths import EXPERTS, GEMMA_LAYERS, pattern
 from duquant_jax.packed import PackedLinear
-from duquant_jax.quantize import quantize_params
+from duquant_jax.quantize import folded_smoothing, quantize_params
 from duquant_jax.transforms import restore_output
+from duquant_jax.treepath import get_path
 
-PRE = "PaliGemma/llm/layers/attn"
+PRE = f"{GEMMA_LAYERS}/attn"
 PROJECTIONS = ("q_einsum", "kv_einsum", "attn_vec_einsum")
-QKV = rf"{PRE}/(q|kv)_einsum(_1)?/w"
-OUT = rf"{PRE}/attn_vec_einsum(_1)?/w"
+QKV = pattern(("q", "kv"), EXPERTS)
+OUT = pattern(("attn_vec",), EXPERTS)
 
 
 def head_matrices(w: np.ndarray, name: str) -> tuple[np.ndarray, list[str]]:
@@ -120,8 +121,7 @@ def effective_weight(params, packed, layout: LinearLayout) -> np.ndarray:
 
 
 def packed_leaf(tree, path: str):
-  for key in path.split("/"):
-    tree = tree[key]
+  tree = get_path(tree, path)
   if not isinstance(tree, PackedLinear):
     raise ValueError(f"{path}: not quantized in this setting")
   return tree
@@ -132,7 +132,7 @@ def settings(head_dim: int, block_sizes=(16, 64, 0)) -> dict[str, QuantConfig]:
   docs = dict(weight_symmetric=True, act_symmetric=True, clip_search=False,
               output_rotation="restore", act_bits=None)
   out = {"rtn": QuantConfig(name="rtn", rules=(LayerRule(
-      pattern=rf"{PRE}/(q|kv|attn_vec)_einsum(_1)?/w", rotation="none", permutation="none",
+      pattern=pattern(("q", "kv", "attn_vec"), EXPERTS), rotation="none", permutation="none",
       smooth_alpha=None, weight_symmetric=True, clip_search=False, act_bits=None),))}
   for b in sorted({b or head_dim for b in block_sizes}):  # 0 stands for head_dim
     if head_dim % b:
@@ -175,7 +175,7 @@ def run_diagnose(model: str, *, size: str = "demo", out: str = "diagnose_out",
   head_dim = layouts[f"{PRE}/q_einsum/w"].head_dim
   cfgs = settings(head_dim, block_sizes)
   names = [f"{p}{s}" for s in ("", "_1") for p in PROJECTIONS]
-  fp = {n: np.asarray(params["PaliGemma"]["llm"]["layers"]["attn"][n]["w"], np.float64)
+  fp = {n: np.asarray(get_path(params, f"{PRE}/{n}/w"), np.float64)
         for n in names}
   q_err: dict[str, dict[str, np.ndarray]] = {n: {} for n in names}
   logit_err: dict[str, dict[str, np.ndarray]] = {s: {} for s in ("", "_1")}

@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -41,12 +41,14 @@ from duquant_jax.config import AttentionBalance, QuantConfig, get_preset
 from duquant_jax.lab.demo import action_rel_err
 from duquant_jax.lab.plots import pyplot
 from duquant_jax.lab.synthetic import realistic_params
-from duquant_jax.layouts import LinearLayout, linear_layouts
+from duquant_jax.layouts import linear_layouts
 from duquant_jax.models import Policy, get_policy
 from duquant_jax.models.rollout import ToyEnv, rollout
 from duquant_jax.packed import PackedLinear
-from duquant_jax.quantize import (producer_smoothing, quantize_params, rotated_model, summarize,
-                                  to_2d)
+from duquant_jax.openpi_paths import GEMMA_LAYERS
+from duquant_jax.quantize import (folded_smoothing, packed_items, producer_smoothing,
+                                  quantize_params, rotated_model, summarize, to_2d)
+from duquant_jax.treepath import get_path
 
 HORIZONS = (1, 5, 10, 25, 50)
 
@@ -191,45 +193,6 @@ def first_exceeding(divergence: np.ndarray, tolerance: float) -> Optional[int]:
   return int(over[0]) + 1 if len(over) else None
 
 
-def _packed_items(tree, prefix=""):
-  if isinstance(tree, PackedLinear):
-    yield prefix, tree
-  elif isinstance(tree, Mapping):
-    for k in sorted(tree):
-      yield from _packed_items(tree[k], f"{prefix}/{k}" if prefix else k)
-
-
-def _get(tree, path: str):
-  for k in path.split("/"):
-    tree = tree[k]
-  return tree
-
-
-def folded_smoothing(params, packed, layout: LinearLayout) -> jax.Array:
-  """The smoothing lam (stack..., K) that quantize_params folded into this linear's norm (else 1).
-
-  Read back from the norm params: rms (1 + s) -> (1 + s) / lam; layernorm scale -> scale / lam;
-  adaptive rms: the scale columns of the Dense kernel -> kernel / lam.
-  """
-  ones = jnp.ones(layout.stack_shape + (layout.in_features,), jnp.float32)
-  if layout.norm is None:
-    return ones
-  f = lambda t, leaf: jnp.asarray(_get(t, f"{layout.norm}/{leaf}"), jnp.float32)
-  if layout.norm_kind == "rms":
-    return (1.0 + f(params, "scale")) / (1.0 + f(packed, "scale"))
-  if layout.norm_kind == "layernorm":
-    return f(params, "scale") / f(packed, "scale")
-  if layout.norm_kind == "adarms":
-    d = layout.in_features
-    if isinstance(_get(packed, f"{layout.norm}/Dense_0/kernel"), PackedLinear):
-      # The Dense itself was packed after the fold; its float bias carries lam too:
-      # (1 + b) -> (1 + b) / lam.
-      return (1.0 + f(params, "Dense_0/bias")[..., :d]) / (1.0 + f(packed, "Dense_0/bias")[..., :d])
-    k0, k1 = f(params, "Dense_0/kernel")[..., :d], f(packed, "Dense_0/kernel")[..., :d]
-    return jnp.sum(k0 * k0, axis=-2) / jnp.sum(k0 * k1, axis=-2)
-  raise AssertionError(layout.norm_kind)
-
-
 @jax.jit
 def _layer_err(p: PackedLinear, x, w2, lam):
   y_fp = jnp.matmul(x, w2, precision=jax.lax.Precision.HIGHEST)
@@ -254,7 +217,9 @@ def layer_output_errors(params, packed, stats, *, max_rows: int = 64,
   layouts = linear_layouts(params)
   consumers = {lay.producer: lay for lay in layouts.values() if lay.producer is not None}
   out = {}
-  for path, p in _packed_items(packed):
+  for path, p in packed_items(packed):
+    if not isinstance(p, PackedLinear):
+      continue
     st = layers.get(path) if stats is not None else None
     if st is None:
       continue
@@ -267,7 +232,7 @@ def layer_output_errors(params, packed, stats, *, max_rows: int = 64,
     if cfg is not None:
       lam_producer = producer_smoothing(params, packed, lay, cfg.rule_for(path), layers)
       lam = lam if lam_producer is None else lam_producer
-    w = jnp.asarray(_get(params, path))
+    w = jnp.asarray(get_path(params, path))
     if cfg is not None and path in consumers:  # the consumer's smoothing divides the up columns
       c = consumers[path]
       lam_c = producer_smoothing(params, packed, c, cfg.rule_for(c.path), layers)
@@ -474,7 +439,7 @@ def format_markdown(report: EvalReport) -> str:
   lines += ["", "Worst layers (output error on calibration samples):", "",
             "| variant | 5 worst layers |", "|---|---|"]
   for r in report.results:
-    short = ", ".join(f"{n.replace('PaliGemma/llm/layers/', '')} {e:.3f}"
+    short = ", ".join(f"{n.replace(GEMMA_LAYERS + '/', '')} {e:.3f}"
                       for n, e in r.layer_err_worst)
     lines.append(f"| {r.name} | {short} |")
   return "\n".join(lines)

@@ -29,7 +29,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from duquant_jax.models.layout_table import path_str
+from duquant_jax.treepath import path_str
 from duquant_jax.models.pi0 import Policy
 
 Params = dict[str, Any]

@@ -2,7 +2,7 @@
 
 A weight w (N, K) (stored out x in) is quantized per tile of `rows` outputs x `cols` inputs (one
 output channel, one attention head, or one input group): codes q in the `bits` grid with
-w ~ scale * (q - zero) (`packed.dequantize_weight`), zero None for symmetric grids. The clip search
+w ~ scale * (q - zero) (`dequantize_weight`), zero None for symmetric grids. The clip search
 (DuQuant, Lin et al., NeurIPS 2024, following AWQ / OmniQuant's weight clipping) shrinks each
 tile's range by the ratio of `clip_grid` that minimises the output error on calibration rows.
 
@@ -18,10 +18,37 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from duquant_jax.packed import dequantize_weight
-
 # Float32 bytes of weight rows per block of the clip search (cache-sized; `quantize_weight`).
 _ROW_BLOCK_BYTES = 1 << 21
+
+
+def dequantize_weight(codes: jax.Array, scale: jax.Array, zero: Optional[jax.Array]) -> jax.Array:
+  """codes (..., N, K), scale / zero (..., N, G) -> W2^T (..., N, K) float32 = scale * (codes - zero)."""
+  g = scale.shape[-1]
+  q = codes.astype(jnp.float32)
+  q = q.reshape(*q.shape[:-1], g, q.shape[-1] // g)
+  if zero is not None:
+    q = q - zero[..., None]
+  return (q * scale[..., None]).reshape(codes.shape)
+
+
+def static_range(x: jax.Array, bits: int = 8, *, symmetric: bool, percentile: float):
+  """(scale (..., 1), zero (..., 1) or None) of `quantize_static` from calibration rows
+  x (..., R, K).
+
+  The range is the `percentile` of the rows' own ranges (per-token max |x|; asymmetric: the
+  upper percentile of row maxima and the lower one of row minima), so a few rare tokens beyond
+  it are clipped rather than coarsening every other token's codes.
+  """
+  x = x.astype(jnp.float32)
+  if symmetric:
+    hi = jnp.percentile(jnp.max(jnp.abs(x), axis=-1), percentile, axis=-1)[..., None]
+    return jnp.maximum(hi, 1e-8) / (2 ** (bits - 1) - 1), None
+  qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+  hi = jnp.maximum(jnp.percentile(jnp.max(x, axis=-1), percentile, axis=-1), 0.0)[..., None]
+  lo = jnp.minimum(jnp.percentile(jnp.min(x, axis=-1), 100.0 - percentile, axis=-1), 0.0)[..., None]
+  scale = jnp.maximum(hi - lo, 1e-8) / (qmax - qmin)
+  return scale, jnp.round(qmin - lo / scale)
 
 
 def qrange(bits: int, symmetric: bool) -> tuple[int, int]:

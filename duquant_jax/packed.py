@@ -18,17 +18,8 @@ import jax.numpy as jnp
 
 from duquant_jax.kernels import xla
 from duquant_jax.layouts import split_eqn
+from duquant_jax.numerics import dequantize_weight
 from duquant_jax.transforms import InputTransform, restore_output
-
-
-def dequantize_weight(codes: jax.Array, scale: jax.Array, zero: Optional[jax.Array]) -> jax.Array:
-  """codes (..., N, K), scale / zero (..., N, G) -> W2^T (..., N, K) float32 = scale * (codes - zero)."""
-  g = scale.shape[-1]
-  q = codes.astype(jnp.float32)
-  q = q.reshape(*q.shape[:-1], g, q.shape[-1] // g)
-  if zero is not None:
-    q = q - zero[..., None]
-  return (q * scale[..., None]).reshape(codes.shape)
 
 
 @flax.struct.dataclass

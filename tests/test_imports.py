@@ -61,14 +61,10 @@ KNOWN_VIOLATIONS: frozenset[tuple[str, str]] = frozenset({
     # helper A (runtime): the model code reads packed weights and declared layouts.
     ("duquant_jax.models.gemma", "duquant_jax.packed"),
     ("duquant_jax.models.gemma", "duquant_jax.layouts"),
-    # helpers A and P: the embedding table's quantizer lives in quantize.py (a circle).
-    ("duquant_jax.embedding", "duquant_jax.quantize"),
     # helper A (checkpoint.py): the library version read from the package's __init__ (a circle).
     ("duquant_jax.checkpoint", ROOT),
     # helper A (checkpoint.py): openpi checkpoint names re-exported from checkpoint (a circle).
     ("duquant_jax.checkpoint", "duquant_jax.openpi_checkpoint"),
-    # helpers P and D: quantize computes static activation ranges with a kernel module's helper.
-    ("duquant_jax.quantize", "duquant_jax.kernels.xla"),
 })
 
 

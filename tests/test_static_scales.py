@@ -12,8 +12,8 @@ from duquant_jax import checkpoint as ck
 from duquant_jax.config import LayerRule, QuantConfig, get_preset
 from duquant_jax.lab.demo import action_rel_err
 from duquant_jax.lab.evaluate import layer_output_errors
-from duquant_jax.kernels.xla import (dequantize_per_token, quantize_per_token, quantize_static,
-                                     static_range)
+from duquant_jax.kernels.xla import dequantize_per_token, quantize_per_token, quantize_static
+from duquant_jax.numerics import static_range
 from duquant_jax.models import get_policy
 from duquant_jax.packed import PackedLinear
 from duquant_jax.quantize import quantize_params

@@ -75,25 +75,6 @@ def quantize_static(x: jax.Array, scale: jax.Array, zero: jax.Array | None = Non
           jnp.broadcast_to(zero.reshape(1, 1), (m, 1)))
 
 
-def static_range(x: jax.Array, bits: int = 8, *, symmetric: bool, percentile: float):
-  """(scale (..., 1), zero (..., 1) or None) of `quantize_static` from calibration rows
-  x (..., R, K).
-
-  The range is the `percentile` of the rows' own ranges (per-token max |x|; asymmetric: the
-  upper percentile of row maxima and the lower one of row minima), so a few rare tokens beyond
-  it are clipped rather than coarsening every other token's codes.
-  """
-  x = x.astype(jnp.float32)
-  if symmetric:
-    hi = jnp.percentile(jnp.max(jnp.abs(x), axis=-1), percentile, axis=-1)[..., None]
-    return jnp.maximum(hi, 1e-8) / (2 ** (bits - 1) - 1), None
-  qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-  hi = jnp.maximum(jnp.percentile(jnp.max(x, axis=-1), percentile, axis=-1), 0.0)[..., None]
-  lo = jnp.minimum(jnp.percentile(jnp.min(x, axis=-1), 100.0 - percentile, axis=-1), 0.0)[..., None]
-  scale = jnp.maximum(hi - lo, 1e-8) / (qmax - qmin)
-  return scale, jnp.round(qmin - lo / scale)
-
-
 def _min_max(x: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
   """(min, max) of x over `axis`, kept as a size-1 axis, from ONE variadic reduction.
 

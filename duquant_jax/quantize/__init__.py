@@ -49,7 +49,7 @@ from duquant_jax.quantize.transform import build_transform, weight_array
 from duquant_jax.treepath import copy_dicts, get_path, set_path
 
 __all__ = ["Folded", "GroupPlan", "PackJob", "PackSummary", "build_transform", "check_rules",
-           "fold_smoothing", "folded_smoothing", "pack_group", "packed_items", "plan_group",
+           "fold_smoothing", "folded_smoothing", "pack_group", "pack_layers", "packed_items", "plan_group",
            "prepare_pack", "producer_smoothing", "quantize_params", "quantize_weight",
            "rotated_model", "summarize", "to_2d"]
 

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from duquant_jax.config import LayerRule, QuantConfig
 from duquant_jax.embedding import PackedEmbedding, quantize_embedding
 from duquant_jax.gptq import gptq_codes, transform_hessian
-from duquant_jax.kernels import xla
+from duquant_jax import numerics
 from duquant_jax.layouts import LinearLayout, embedding_paths, to_2d
 from duquant_jax.numerics import codes_dtype, qrange, quantize_weight
 from duquant_jax.packed import PackedLinear
@@ -178,7 +178,7 @@ def static_range(samples, transform, rule: LayerRule, path: str):
     raise ValueError(f"{path}: act_scale='static' needs calibration stats (sample rows) for this "
                      "layer; pass stats from duquant_jax.calibrate")
   x = samples if transform is None else transform.apply(samples, precision=jax.lax.Precision.HIGHEST)
-  scale, zero = xla.static_range(x, rule.act_bits, symmetric=rule.act_symmetric,
+  scale, zero = numerics.static_range(x, rule.act_bits, symmetric=rule.act_symmetric,
                                  percentile=rule.act_percentile)
   check_finite(f"{path}: static activation scale", scale)
   return scale, zero

@@ -43,7 +43,7 @@ class LayerRule:
   # Quantize activations only in calls of at least this many tokens (M, batch included); smaller
   # calls multiply the same packed weights by the transformed float input, weight-only (more
   # precise; on the H100 faster at policy flow-step sizes, where the int8 quantizer costs more
-  # kernels than int8 MMA saves: docs/journal.md, session 7). 0: always quantize.
+  # kernels than int8 MMA saves: docs/design.md, "Thresholds in the code"). 0: always quantize.
   act_min_tokens: int = 0
   # DuQuant block size b of the input rotations (must divide the input width; within heads where
   # the input is head-structured, it must divide head_dim).
@@ -451,8 +451,8 @@ def _ours(name: str, rules: tuple[LayerRule, ...], calib: int = 128) -> QuantCon
   return QuantConfig(name=name, calib_batches=calib, rules=rules)
 
 
-# Flow-step calls of the action expert have 51 tokens per observation. On the H100 (docs/journal.md,
-# session 7) its MLP ran faster weight-only at batch 1 (51 tokens: 40.7 vs 42.1 ms per call) and
+# Flow-step calls of the action expert have 51 tokens per observation. On the H100 (docs/design.md,
+# "Thresholds in the code") its MLP ran faster weight-only at batch 1 (51 tokens: 40.7 vs 42.1 ms per call) and
 # slower at batch 4 (204 tokens: 94.3 vs 86.9 ms); so under `deploy` batch 1 runs it weight-only.
 DEPLOY_EXPERT_ACT_MIN_TOKENS = 64
 
@@ -464,7 +464,7 @@ def _presets() -> dict[str, QuantConfig]:
   # Measured on the demo models (EVALUATION.md): block 16 with asymmetric quantizers and clip search
   # gave the lowest action error and the fewest transform bytes.
   best = dict(block_size=16)
-  # GPTQ rounding after the transform took 31-47% off `recommended`'s and 32% off `fast`'s demo
+  # GPTQ rounding after the transform takes 33-41% off `recommended`'s and 32-40% off `fast`'s demo
   # action error (EVALUATION.md, "GPTQ rounding"); calibration must then keep the Hessians
   # (`calibrate.hessian_for`).
   gptq = dict(rounding="gptq")
@@ -502,10 +502,10 @@ def _presets() -> dict[str, QuantConfig]:
       # flow step), SigLIP at W4 behind DuQuant's b8 transform (block 8 divides SigLIP's head_dim
       # 72, width 1152 and MLP width 4304; it measured better than block 16, RTN, or W8 MLP on the
       # demo), weight-only: the same action error as W4A8 there and 2.3 ms less prefix on the H100
-      # (no activation quantizer, a bf16 GEMM; docs/journal.md, session 6), and the token table
+      # (no activation quantizer, a bf16 GEMM; docs/journal.md, "weight-only SigLIP"), and the token table
       # weight-only int4. The expert MLP quantizes its activations only from
       # DEPLOY_EXPERT_ACT_MIN_TOKENS tokens per call: below, the same packed weights run
-      # weight-only (H100, docs/journal.md, session 7: batch-1 flow steps faster; the demo's action
+      # weight-only (H100: batch-1 flow steps faster, docs/design.md "Thresholds in the code"; the demo's action
       # error unchanged, EVALUATION.md).
       # Nothing online (docs/design.md, "The fast design"): the residual streams and attention
       # values rotated with rotations folded into the weights (`rotate_residual`; the linears

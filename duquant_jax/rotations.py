@@ -177,7 +177,7 @@ def weight_svd_rotation(w: jax.Array, block_size: int) -> jax.Array:
 
   Comparison only: it IGNORES ACTIVATIONS, so it does nothing targeted about activation outliers.
   Folded as W' = R^T W, block g becomes U^T W_g = S V^T: the block's energy is concentrated into its
-  first rows, which is what made the seed's per-channel int4 weights worse (DESIGN.md section 3).
+  first rows, which is what made the seed's per-channel int4 weights worse (docs/design.md, "DuQuant, as published and as the seeds coded it").
 
   Args:
     w: (..., K, N) weight of y = x W.

@@ -1,8 +1,9 @@
 """DuQuant's input transform: smoothing, block rotation, zigzag permutation, block rotation.
 
 Follows DuQuant (Lin et al., "DuQuant: Distributing Outliers via Dual Transformation Makes Stronger
-Quantized LLMs", NeurIPS 2024, arXiv:2406.01721), section 3 and DESIGN.md section 3. For a linear
-y = x W (W: (K, N), in x out) the input transform is
+Quantized LLMs", NeurIPS 2024, arXiv:2406.01721), section 3, with the corrections of docs/design.md
+("DuQuant, as published and as the seeds coded it"). For a linear y = x W (W: (K, N), in x out)
+the input transform is
 
     x' = ((x / lam) R1)[perm] R2 = (x / lam) T,     T = R1 P R2 orthogonal,
     W' = T^T diag(lam) W,                           so x' W' = x W exactly (in exact arithmetic).
@@ -508,7 +509,7 @@ def build_duquant_transform(samples: Optional[jax.Array], absmax: jax.Array,
                             rotation: str = "greedy", permutation: str = "zigzag",
                             head_dim: Optional[int] = None, w: Optional[jax.Array] = None,
                             max_steps: int = 256) -> InputTransform:
-  """DuQuant's full input transform: smoothing, R1, zigzag, R2 (paper section 3, DESIGN.md 3).
+  """DuQuant's full input transform: smoothing, R1, zigzag, R2 (paper section 3; docs/design.md).
 
   1. lam = smoothing_factors(absmax, w_absmax, alpha) (skipped when alpha is None);
   2. R1 built on samples / lam (greedy: activation-aware; or a comparison baseline);

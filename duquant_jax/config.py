@@ -452,8 +452,8 @@ def _ours(name: str, rules: tuple[LayerRule, ...], calib: int = 128) -> QuantCon
 
 
 # Flow-step calls of the action expert have 51 tokens per observation. On the H100 (docs/design.md,
-# "Thresholds in the code") its MLP ran faster weight-only at batch 1 (51 tokens: 40.7 vs 42.1 ms per call) and
-# slower at batch 4 (204 tokens: 94.3 vs 86.9 ms); so under `deploy` batch 1 runs it weight-only.
+# "Thresholds in the code") its MLP ran faster weight-only at batch 1 (51 tokens: 40.7 vs 42.1 ms
+# per call) and slower at batch 4 (204 tokens: 94.3 vs 86.9 ms); so under `deploy` batch 1 runs it weight-only.
 DEPLOY_EXPERT_ACT_MIN_TOKENS = 64
 
 
@@ -502,11 +502,11 @@ def _presets() -> dict[str, QuantConfig]:
       # flow step), SigLIP at W4 behind DuQuant's b8 transform (block 8 divides SigLIP's head_dim
       # 72, width 1152 and MLP width 4304; it measured better than block 16, RTN, or W8 MLP on the
       # demo), weight-only: the same action error as W4A8 there and 2.3 ms less prefix on the H100
-      # (no activation quantizer, a bf16 GEMM; docs/journal.md, "weight-only SigLIP"), and the token table
-      # weight-only int4. The expert MLP quantizes its activations only from
+      # (no activation quantizer, a bf16 GEMM; docs/journal.md, "weight-only SigLIP"), and the
+      # token table weight-only int4. The expert MLP quantizes its activations only from
       # DEPLOY_EXPERT_ACT_MIN_TOKENS tokens per call: below, the same packed weights run
-      # weight-only (H100: batch-1 flow steps faster, docs/design.md "Thresholds in the code"; the demo's action
-      # error unchanged, EVALUATION.md).
+      # weight-only (H100: batch-1 flow steps faster, docs/design.md "Thresholds in the code";
+      # the demo's action error unchanged, EVALUATION.md).
       # Nothing online (docs/design.md, "The fast design"): the residual streams and attention
       # values rotated with rotations folded into the weights (`rotate_residual`; the linears
       # reading a rotated stream skip smoothing), the down projection's smoothing folded into the

@@ -44,6 +44,7 @@ from duquant_jax.models import Policy, get_policy
 from duquant_jax.models.rollout import ToyEnv, rollout
 from duquant_jax.models.synthetic import realistic_params
 from duquant_jax.packed import PackedLinear
+from duquant_jax import runtime
 from duquant_jax.quantize import (producer_smoothing, quantize_params, rotated_model, summarize,
                                   to_2d)
 
@@ -232,7 +233,7 @@ def folded_smoothing(params, packed, layout: LinearLayout) -> jax.Array:
 @jax.jit
 def _layer_err(p: PackedLinear, x, w2, lam):
   y_fp = jnp.matmul(x, w2, precision=jax.lax.Precision.HIGHEST)
-  y_q = p.matmul(x / lam).astype(jnp.float32)
+  y_q = runtime.matmul(p, x / lam).astype(jnp.float32)
   return jnp.linalg.norm(y_q - y_fp) / jnp.maximum(jnp.linalg.norm(y_fp), 1e-30)
 
 
@@ -363,7 +364,7 @@ def evaluate(model: str, variants: Sequence[Variant], cfg: EvalConfig = EvalConf
   Returns:
     EvalReport with one VariantResult per variant (in order).
   """
-  policy: Policy = get_policy(model, size)
+  policy: Policy = get_policy(model, size, runtime=runtime.PackedRuntime())
   if params is None:
     params = realistic_params(policy, cfg.seed)
   env = ToyEnv(policy.cfg)

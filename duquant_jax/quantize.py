@@ -453,8 +453,8 @@ def quantize_params(params: Params, cfg: QuantConfig, stats: Any = None, *,
 
   Returns:
     A tree of the same structure where each quantized weight is a `PackedLinear` and norms carry the
-    folded smoothing. Run it with `Policy.sample_actions` (or any flax module via
-    `duquant_jax.inference`).
+    folded smoothing. Run it with `Policy(cfg, runtime=PackedRuntime()).sample_actions` (or any
+    flax module via `duquant_jax.runtime.quantized_apply`).
 
   Groups of linears reading one input are packed in order; each group's stacked layers are packed
   (one jitted call per layer) in a background thread while this thread reads the next group's

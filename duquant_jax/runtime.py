@@ -342,7 +342,7 @@ class LayerIndex:
 
 @dataclasses.dataclass(frozen=True)
 class LayerView:
-  """Layer `index` of a stacked packed weight, applied without slicing it first (trace-time only)."""
+  """Layer `index` of a stacked packed weight, applied without slicing it first (at trace time)."""
 
   stacked: PackedLinear
   index: jax.Array
@@ -396,7 +396,7 @@ def stack_in_place(params: Any) -> dict:
 
 def packed_interceptor(next_fun, args, kwargs, context, memo: Optional[dict] = None,
                        execution: Execution = AUTO):
-  """`nn.intercept_methods` hook running flax `Dense` / `DenseGeneral` / `Einsum` with a packed kernel.
+  """`nn.intercept_methods` hook: flax `Dense` / `DenseGeneral` / `Einsum` with a packed kernel.
 
   A `PackedLinear` stands where the float kernel was; the module's own `__call__` would reject
   it, so the call is computed here: flatten the contracted trailing axes of x, run the packed

@@ -68,7 +68,8 @@ class FloatRuntime:
 
   def weight(self, stored: Any, broadcast: Any) -> Any:
     raise TypeError(f"a param of type {type(stored).__name__} where a float weight was expected; "
-                    "run packed trees with `Policy(cfg, runtime=duquant_jax.runtime.PackedRuntime())`")
+                    "run packed trees with "
+                    "`Policy(cfg, runtime=duquant_jax.runtime.PackedRuntime())`")
 
   def einsum(self, eqn: str, x: jax.Array, w: Any, memo: dict | None = None) -> jax.Array:
     return jnp.einsum(eqn, x, jnp.asarray(w).astype(x.dtype))

@@ -198,6 +198,7 @@ def test_compact_packs_round_trip_through_checkpoints(rotation, tmp_path):
   non-compact pack stays version 1, as older readers read it."""
   import json
   from duquant_jax.checkpoint import load_packed, save_packed
+  from duquant_jax.runtime import apply_packed
   params = _mlp_params()
   rule = dict(pattern=".*kernel", rotation=rotation, permutation="zigzag", smooth_alpha=None,
               block_size=16, clip_search=False)
@@ -213,7 +214,8 @@ def test_compact_packs_round_trip_through_checkpoints(rotation, tmp_path):
     path = save_packed(tmp_path / f"{rotation}-{compact}", packed, cfg)
     assert json.loads((path / "duquant.json").read_text())["format_version"] == version
     back = load_packed(path)[0]
-    np.testing.assert_array_equal(np.asarray(back["up"]["kernel"](x)), np.asarray(w(x)))
+    np.testing.assert_array_equal(np.asarray(apply_packed(back["up"]["kernel"], x)),
+                                  np.asarray(apply_packed(w, x)))
 
 
 def test_rule_fields_of_generic_configs_are_checked():

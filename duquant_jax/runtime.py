@@ -29,7 +29,6 @@ model's einsums name them. DuQuant: Lin et al., NeurIPS 2024.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import math

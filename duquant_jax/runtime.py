@@ -4,7 +4,8 @@ A `PackedLinear` / `PackedEmbedding` (`duquant_jax.packed`, `duquant_jax.embeddi
 module runs it. What to run is an `Execution` (which W4A8 / weight-only matmul and which online
 transform implementation, `duquant_jax.kernels`; whether stacked layer weights are read in place),
 a frozen, hashable config that never goes into the weights or a checkpoint. The same packed tree
-runs under any execution; the XLA paths give the same numbers whichever is chosen on the CPU.
+runs under any execution; on the CPU, forcing the XLA paths or slicing the stacked layers gives
+the actions automatic dispatch gives, bit for bit.
 
 Entry points:
   - `PackedRuntime(execution)`: the `models.runtime.Runtime` of our pi0 / pi0.5 model, so

@@ -19,15 +19,16 @@ from duquant_jax.config import (PRESETS, AttentionBalance, EmbeddingRule, LayerR
                                 get_preset, match_rules, transforms_only)
 from duquant_jax.embedding import PackedEmbedding, quantize_embedding
 from duquant_jax.gptq import gptq_codes
-from duquant_jax.inference import packed_interceptor, quantized_apply, with_implementations
 from duquant_jax.layouts import LinearLayout, linear_layouts
 from duquant_jax.openpi_runtime import load_into_openpi, openpi_interceptor, run_packed_in_openpi
 from duquant_jax.model_rotation import rotate_residual, rotate_stats
 from duquant_jax.nnx_models import calibrate_nnx, nnx_params, quantized_nnx_apply
 from duquant_jax.models.observation import as_observation
 from duquant_jax.openpi_io import OpenpiModel, load_norm_stats
-from duquant_jax.packed import PackedLinear, apply_packed
+from duquant_jax.packed import PackedLinear
 from duquant_jax.quantize import quantize_params, rotated_model, summarize
+from duquant_jax.runtime import (Execution, PackedRuntime, apply_packed, packed_interceptor,
+                                 quantized_apply)
 from duquant_jax.transforms import InputTransform, build_duquant_transform
 
 __all__ = [
@@ -41,7 +42,7 @@ __all__ = [
     "PRESETS", "EmbeddingRule", "LayerRule", "QuantConfig", "generic_config", "get_preset",
     "match_rules", "transforms_only",
     "PackedEmbedding", "quantize_embedding", "gptq_codes",
-    "packed_interceptor", "quantized_apply", "with_implementations",
+    "Execution", "PackedRuntime", "packed_interceptor", "quantized_apply",
     "calibrate_nnx", "nnx_params", "quantized_nnx_apply",
     "load_into_openpi", "openpi_interceptor", "run_packed_in_openpi",
     "LinearLayout", "linear_layouts", "PackedLinear", "apply_packed", "rotate_residual",

@@ -29,11 +29,11 @@ heads, H head dim, D width, L layers, A action horizon, P scale groups of a line
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Any, Mapping
 
-import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -42,10 +42,10 @@ import numpy as np
 from duquant_jax.calib_data import validate_batches
 from duquant_jax.config import QuantConfig
 from duquant_jax.layouts import GEMMA_LAYERS, linear_layouts
-from duquant_jax.models.gemma import packed_dense_interceptor, stack_in_place
 from duquant_jax.models.pi0 import Pi0, Policy, flow_times
 from duquant_jax.packed import PackedLinear
 from duquant_jax.quantize import rotated_model
+from duquant_jax.runtime import PackedRuntime
 from duquant_jax.treepath import copy_dicts, get_path, has_path, set_path
 
 Params = dict[str, Any]
@@ -151,10 +151,18 @@ def _moments(inter: Mapping, inter_ref: Mapping, experts: tuple[int, ...]) -> di
   return out
 
 
+def _packed_runtime(policy: Policy) -> Policy:
+  """The policy with a runtime that runs packed trees: its own if it has one (its execution
+  choices), else `PackedRuntime()`."""
+  if isinstance(policy.runtime, PackedRuntime):
+    return policy
+  return dataclasses.replace(policy, runtime=PackedRuntime())
+
+
 def _apply(policy: Policy, params, *args, method):
   """module.apply on a float or packed tree, its variables laid out as `Policy.sample_actions`
   lays them out, with "intermediates" mutable -> (output, intermediates)."""
-  variables = stack_in_place(params) if policy.cfg.stacked_in_place else {"params": params}
+  variables = policy.runtime.variables(params)
   out, state = policy.module.apply(variables, *args, method=method, mutable=["intermediates"])
   return out, state.get("intermediates", {})
 
@@ -173,8 +181,8 @@ def _batch_moments(policy: Policy, params, reference, obs, noise, *, experts: tu
   the reference's flow trajectory, both trees on the same x_t."""
   b = noise.shape[0]
   dt = -1.0 / num_steps
-  # One memo per trace, as in `Policy.sample_actions` (SigLIP's packed q / k / v share an input).
-  with nn.intercept_methods(functools.partial(packed_dense_interceptor, memo={})):
+  # Entered once per trace, as in `Policy.sample_actions` (one shared-input memo).
+  with policy.runtime.context():
     (kv, prefix_mask), inter = _apply(policy, params, obs, method=Pi0.fill_cache)
     (kv_ref, mask_ref), inter_ref = _apply(policy, reference, obs, method=Pi0.fill_cache)
     prefix = _moments(inter, inter_ref, experts)
@@ -198,7 +206,8 @@ def attention_moments(policy: Policy, params: Params, reference: Params, batches
   observations and the same x_t: the reference's own flow trajectory from x_1 ~ N(0, I).
 
   Args:
-    policy: the `Policy`. params: the float or packed tree measured. reference: the tree compared
+    policy: the `Policy` (run with its `PackedRuntime`, or the default one if its runtime is
+      float). params: the float or packed tree measured. reference: the tree compared
       against, whose trajectory the flow steps follow (the FP params; `params` itself for the FP
       policy's own statistics).
     batches: an `Observation` with leading axes (stream, B, ...), as for `calibrate`.
@@ -216,6 +225,7 @@ def attention_moments(policy: Policy, params: Params, reference: Params, batches
     ValueError: bad batches (as `calibrate`), or an expert the trees do not have.
   """
   g, b = validate_batches(batches, policy.cfg)
+  policy = _packed_runtime(policy)
   first = jax.tree.map(lambda x: jnp.asarray(x[0]), batches)
   policy._check(params, first)
   policy._check(reference, first)

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from duquant_jax.config import QuantConfig
-from duquant_jax.models.gemma import LINEAR_MODULES, dense_contraction
+from duquant_jax.models.flax_linear import LINEAR_MODULES, dense_contraction
 from duquant_jax.gptq import hessian_block_for
 from duquant_jax.stats import ChannelStats, HistSpec, accumulate, init_channel_stats, squeeze_layers
 

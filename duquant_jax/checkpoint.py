@@ -19,7 +19,9 @@ name instead of failing on the unknown entry; checkpoints without one stay versi
 
 Static fields of `PackedLinear` / `InputTransform` are not arrays, so they live in the JSON structure and
 `load_packed` rebuilds the dataclasses; the restored tree runs under `jax.jit(policy.sample_actions)`
-as is, and its arrays are bit-identical to the saved ones.
+(a policy with `runtime.PackedRuntime`) as is, and its arrays are bit-identical to the saved ones.
+Kernel choices are not part of a packed weight (`runtime.Execution`): structure entries that name
+them (`matmul_impl`, `transform_impl`) load with those keys ignored.
 
 Determinism: the same packed tree, config, stats and metadata (including `metadata["created"]`) give
 byte-identical files. orbax's own timestamps (`_CHECKPOINT_METADATA`) are set to the `created` time and

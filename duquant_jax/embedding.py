@@ -4,7 +4,8 @@ The token embedding (V, D) of pi0's LLM (`PaliGemma/llm/embedder/input_embedding
 about 1 GiB in bf16) is the largest single param and is only ever read by a gather
 (`Embedder.encode`). A gather needs no DuQuant transform and no activation quantizer: each row is
 quantized on its own (per row, or per group of `group_size` channels along D) and only the gathered
-rows are dequantized at run time, so the float table never exists on the device.
+rows are dequantized at run time (`duquant_jax.runtime.lookup`), so the float table never exists
+on the device.
 
 Follows qwix's QArray style (arrays as pytree leaves, the format as static fields). Axis letters:
 V vocabulary rows, D width, G scale groups per row (D // group), B batch, T tokens.
@@ -18,8 +19,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from duquant_jax.numerics import quantize_weight
-from duquant_jax.packed import dequantize_weight, tree_nbytes
+from duquant_jax.numerics import dequantize_weight, quantize_weight
+from duquant_jax.packed import tree_nbytes
 
 # Rows quantized per step of `quantize_embedding` (bounds float32 work to ~rows x D x 4 bytes x a
 # few copies: 8192 x 2048 is 64 MiB per copy for the full table).
@@ -31,16 +32,16 @@ class PackedEmbedding:
   """A token embedding table E (V, D) quantized row-wise, weight-only.
 
   Invariant: E[v, d] ~ scale[v, g] * (codes[v, d] - zero[v, g]) with g = d // (D // G); zero is None
-  for symmetric codes. `lookup` gathers codes, scales and zero points of the requested rows and
-  dequantizes only those.
+  for symmetric codes. Data only: `runtime.lookup` gathers codes, scales and zero points of the
+  requested rows and dequantizes only those.
 
   Attributes:
     codes: (V, D) int4 (bits <= 4) or int8 codes.
     scale: (V, G) float16 or float32 scales.
     zero: (V, G) zero points (integer-valued, in the scale dtype), or None (symmetric).
     bits: static, code bits (2..8).
-    dtype: static, the float table's dtype name: `lookup` returns rows in it, as the float table
-      would (so the model's dtypes do not change when the table is packed).
+    dtype: static, the float table's dtype name: `runtime.lookup` returns rows in it, as the float
+      table would (so the model's dtypes do not change when the table is packed).
   """
 
   codes: jax.Array
@@ -86,18 +87,12 @@ class PackedEmbedding:
       raise ValueError(f"PackedEmbedding.dtype must be a float dtype, got {self.dtype!r}")
 
   def dequantize(self) -> jax.Array:
-    """The whole table (V, D) float32 (for tests and diagnostics: this is the memory `lookup` saves)."""
-    return _dequant(self.codes, self.scale, self.zero)
-
-  def lookup(self, tokens: jax.Array) -> jax.Array:
-    """Rows of tokens (...,) int -> (..., D) in `self.dtype`, dequantizing only the gathered rows."""
-    rows = _dequant(self.codes[tokens], self.scale[tokens],
-                    None if self.zero is None else self.zero[tokens])
-    return rows.astype(self.dtype)
+    """The whole table (V, D) float32 (for tests and diagnostics: the memory a gather of rows saves)."""
+    return dequantize_rows(self.codes, self.scale, self.zero)
 
 
-def _dequant(codes, scale, zero):
-  """codes (..., D), scale / zero (..., G) -> (..., D) float32."""
+def dequantize_rows(codes: jax.Array, scale: jax.Array, zero: Optional[jax.Array]) -> jax.Array:
+  """codes (..., D), scale / zero (..., G) of some rows -> (..., D) float32."""
   return dequantize_weight(codes, scale.astype(jnp.float32),
                            None if zero is None else zero.astype(jnp.float32))
 

@@ -19,7 +19,7 @@ Layers routed: `nnx.Linear`, `nnx.LinearGeneral` (x's trailing axes contracted, 
 Axes: M rows of one call (every axis of x but the contracted ones), K the contracted width, N the
 flattened output features.
 
-Follows `duquant_jax.capture` and `duquant_jax.inference` (their linen counterparts, by
+Follows `duquant_jax.capture` and `duquant_jax.runtime` (their linen counterparts, by
 `nn.intercept_methods`); DuQuant: Lin et al., NeurIPS 2024.
 """
 
@@ -36,8 +36,9 @@ from flax import nnx
 from duquant_jax.capture import Recorder, calibrate_runner
 from duquant_jax.config import QuantConfig
 from duquant_jax.layouts import linear_layouts
-from duquant_jax.models.gemma import einsum_contraction, trailing_axes
-from duquant_jax.packed import PackedLinear, shared_matmul
+from duquant_jax.models.flax_linear import einsum_contraction, trailing_axes
+from duquant_jax.packed import PackedLinear
+from duquant_jax.runtime import AUTO, Execution, shared_matmul
 from duquant_jax.stats import ChannelStats, HistSpec
 
 # NNX layers whose kernel a packed one may replace (their own `__call__` is the float reference).
@@ -166,9 +167,9 @@ class _Tap(_Router):
 class _Packed(_Router):
   """Runs the layer with the PackedLinear its kernel Param holds."""
 
-  def __init__(self, layer: nnx.Module, kind: type, path: str, memo: dict):
+  def __init__(self, layer: nnx.Module, kind: type, path: str, memo: dict, execution: Execution):
     super().__init__(layer, kind, path)
-    self.memo = memo
+    self.memo, self.execution = memo, execution
 
   def __call__(self, inputs, *args, **kwargs):
     layer = self.layer
@@ -182,7 +183,8 @@ class _Packed(_Router):
     if k != w.in_features:
       raise ValueError(f"{self.path}: x of shape {x.shape} contracts K={k}, the packed kernel "
                        f"K={w.in_features}")
-    y = shared_matmul(w, x.reshape(-1, k), self.memo, x).reshape(*lead, *features)
+    y = shared_matmul(w, x.reshape(-1, k), self.memo, x, self.execution)
+    y = y.reshape(*lead, *features)
     if layer.bias is not None:
       y = y + jnp.asarray(layer.bias.get_value()).reshape(features).astype(y.dtype)
     return y
@@ -309,7 +311,7 @@ def _with_params(state: nnx.State, params: Mapping) -> nnx.State:
 
 
 def quantized_nnx_apply(model: nnx.Module, params: Mapping, *args, method: Method = "__call__",
-                        **kwargs):
+                        execution: Execution = AUTO, **kwargs):
   """Runs an NNX model with a param tree whose kernels may be packed (`PackedLinear`).
 
   A copy of the model gets `params` in its Params (`nnx_params` paths: the tree `quantize_params`
@@ -324,6 +326,7 @@ def quantized_nnx_apply(model: nnx.Module, params: Mapping, *args, method: Metho
     *args, **kwargs: the call's inputs.
     method: the name of the model's method to call (default `__call__`), or
       `f(model, *args, **kwargs)`.
+    execution: which kernels run the packed layers (`runtime.Execution`).
 
   Returns:
     What the method returns.
@@ -352,6 +355,6 @@ def quantized_nnx_apply(model: nnx.Module, params: Mapping, *args, method: Metho
       raise ValueError(f"{path}: packed, but an nnx {type(node).__name__} cannot run a packed "
                        "kernel (only nnx.Linear / LinearGeneral / Einsum with their own __call__)")
     _check_unstacked(node, kernel.get_value().shape, path)
-    return _Packed(node, kind, path, memo)
+    return _Packed(node, kind, path, memo, execution)
 
   return _caller(method)(nnx.recursive_map(route, copy), *args, **kwargs)

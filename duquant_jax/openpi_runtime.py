@@ -7,7 +7,7 @@ packed weights instead, by module contract (the param names a module owns), neve
 
 | contract (openpi module)        | its params                              | runs, when packed   |
 |---------------------------------|-----------------------------------------|---------------------|
-| einsum (`lora.Einsum`)          | w; LoRA: lora_a, lora_b                 | w.einsum(eqn, x)    |
+| einsum (`lora.Einsum`)          | w; LoRA: lora_a, lora_b                 | runtime.einsum      |
 | gated MLP (`lora.FeedForward`)  | gating_einsum (2, D, F), linear (F, D)  | linear(gelu(x gate) |
 |                                 | LoRA: {gating_einsum,linear}_lora_{a,b} |   * (x up))         |
 | embedder (`gemma.Embedder`)     | input_embedding (V, D), read by encode  | lookup * sqrt(D)    |
@@ -26,7 +26,7 @@ Example:
   with run_packed_in_openpi():                       # around the call that traces
     actions = model.sample_actions(rng, observation)
 
-DuQuant: Lin et al., NeurIPS 2024; the packed math is `PackedLinear`'s (`duquant_jax.packed`).
+DuQuant: Lin et al., NeurIPS 2024; the packed math is `duquant_jax.runtime`'s.
 """
 
 from __future__ import annotations
@@ -40,10 +40,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from duquant_jax import runtime
 from duquant_jax.embedding import PackedEmbedding
-from duquant_jax.models.gemma import linear, packed_dense_interceptor
 from duquant_jax.treepath import path_str
-from duquant_jax.packed import PackedLinear, gated_mlp
+from duquant_jax.packed import PackedLinear
+from duquant_jax.runtime import AUTO, Execution
 
 # Contract params: a module owning one of these as a packed leaf runs here.
 _EINSUM = ("w",)
@@ -60,7 +61,7 @@ class InputMemo:
   """Shares one quantized input among consecutive packed calls on the same array.
 
   openpi's q / kv einsums (and SigLIP's query / key / value) read the same x one after another;
-  a packed input group then quantizes x once (`packed.shared_matmul`). Entries are dropped as soon
+  a packed input group then quantizes x once (`runtime.shared_matmul`). Entries are dropped as soon
   as a call reads another array, so the memo holds at most one input's quantization.
   """
 
@@ -100,7 +101,8 @@ def _refuse_lora(module: nn.Module, packed: dict[str, Any]) -> None:
         f"{sorted(packed)}; merge LoRA into the base weights before quantizing")
 
 
-def _run_einsum(module, packed, args, kwargs, memo: InputMemo | None) -> jax.Array:
+def _run_einsum(module, packed, args, kwargs, memo: InputMemo | None,
+                execution: Execution) -> jax.Array:
   w = packed["w"]
   if not isinstance(w, PackedLinear):
     raise TypeError(f"{_path(module)}/w: a {type(w).__name__} is not an einsum weight")
@@ -111,10 +113,11 @@ def _run_einsum(module, packed, args, kwargs, memo: InputMemo | None) -> jax.Arr
   if not isinstance(eqn, str) or x is None:
     raise ValueError(f"{_path(module)}/w is packed but its module was called without an einsum "
                      f"string and input (args {[type(a).__name__ for a in args]})")
-  return w.einsum(eqn, x, None if memo is None else memo.for_input(x))
+  return runtime.einsum(w, eqn, x, execution, memo=None if memo is None else memo.for_input(x))
 
 
-def _run_gated_mlp(module, params: dict[str, Any], x: jax.Array) -> jax.Array:
+def _run_gated_mlp(module, params: dict[str, Any], x: jax.Array,
+                   execution: Execution) -> jax.Array:
   """x (..., D) -> linear(gelu(x gate) * (x up)) (..., D), each weight packed or float."""
   w_gating, w_linear = params["gating_einsum"], params["linear"]
   for name, w in params.items():
@@ -122,21 +125,24 @@ def _run_gated_mlp(module, params: dict[str, Any], x: jax.Array) -> jax.Array:
       raise TypeError(f"{_path(module)}/{name}: a PackedEmbedding is not an MLP weight")
   d = x.shape[-1]
   x3 = x.reshape(1, math.prod(x.shape[:-1]), d)  # BTD with all leading axes as T
-  y = gated_mlp(w_gating, w_linear, x3)  # the fused form where the packed format allows it
+  ops = runtime.PackedRuntime(execution)
+  y = ops.gated_mlp(w_gating, w_linear, x3)  # the fused form where the packed format allows it
   if y is None:
-    gate, up = linear(_GATING_EQN, x3, w_gating)
-    y = linear(_DOWN_EQN, nn.gelu(gate) * up, w_linear)
+    gate, up = ops.einsum(_GATING_EQN, x3, w_gating)
+    y = ops.einsum(_DOWN_EQN, nn.gelu(gate) * up, w_linear)
   return y.reshape(x.shape[:-1] + (y.shape[-1],))
 
 
-def openpi_interceptor(next_fun, args, kwargs, context, memo: InputMemo | None = None):
+def openpi_interceptor(next_fun, args, kwargs, context, memo: InputMemo | None = None,
+                       execution: Execution = AUTO):
   """`nn.intercept_methods` hook running openpi's linen modules on packed params.
 
   For a module whose contract param (table above) is a packed leaf: `setup` is skipped (it would
   create the params by shape) and `__call__` / `encode` run the packed weights read from the
   module's variables; flax `Dense` / `DenseGeneral` with a packed kernel run as
-  `inference.packed_interceptor`; everything else calls the original method. `memo`: an
+  `runtime.packed_interceptor`; everything else calls the original method. `memo`: an
   `InputMemo` shared by the calls of one traced model (None: each linear quantizes its own input).
+  `execution`: which kernels run the packed weights (`runtime.Execution`).
 
   Raises:
     ValueError: LoRA params beside a packed weight; a packed einsum weight called without an
@@ -149,38 +155,42 @@ def openpi_interceptor(next_fun, args, kwargs, context, memo: InputMemo | None =
   if not packed:
     if method == "__call__" and isinstance(module, (nn.Dense, nn.DenseGeneral)):
       x = args[0] if args else kwargs.get("inputs")
-      return packed_dense_interceptor(next_fun, args, kwargs, context,
-                                      memo=None if memo is None else memo.for_input(x))
+      return runtime.packed_interceptor(next_fun, args, kwargs, context,
+                                        memo=None if memo is None else memo.for_input(x),
+                                        execution=execution)
     return next_fun(*args, **kwargs)
   _refuse_lora(module, packed)
   if method == "setup":
     return None
   path = _path(module)
   if "w" in packed and method == "__call__":
-    return _run_einsum(module, packed, args, kwargs, memo)
+    return _run_einsum(module, packed, args, kwargs, memo, execution)
   if set(packed) & set(_GATED_MLP) and method == "__call__":
     missing = [n for n in _GATED_MLP if not module.has_variable("params", n)]
     if missing:
       raise ValueError(f"{path}: packed {sorted(packed)} without {missing}: not a gated MLP")
     x = args[0] if args else kwargs["x"]
-    return _run_gated_mlp(module, {n: module.get_variable("params", n) for n in _GATED_MLP}, x)
+    return _run_gated_mlp(module, {n: module.get_variable("params", n) for n in _GATED_MLP}, x,
+                          execution)
   if "input_embedding" in packed and method == "encode":
     table = packed["input_embedding"]
     if not isinstance(table, PackedEmbedding):
       raise TypeError(f"{path}/input_embedding: a {type(table).__name__} is not a token table")
-    rows = table.lookup(args[0] if args else kwargs["x"])
+    rows = runtime.lookup(table, args[0] if args else kwargs["x"])
     return rows * jnp.sqrt(table.shape[-1]).astype(rows.dtype)  # openpi's encode scaling
   raise NotImplementedError(f"{path}.{method}: not supported with packed {sorted(packed)}")
 
 
 @contextlib.contextmanager
-def run_packed_in_openpi() -> Iterator[None]:
+def run_packed_in_openpi(execution: Execution = AUTO) -> Iterator[None]:
   """Within this context, openpi's model code runs packed leaves (`openpi_interceptor`).
 
   Wrap the call that traces the model (`model.sample_actions(...)`, or the first call of a jitted
   one): the interceptor acts at trace time, and a compiled function keeps what it traced.
+  `execution`: which kernels run the packed weights (`runtime.Execution`).
   """
-  with nn.intercept_methods(functools.partial(openpi_interceptor, memo=InputMemo())):
+  with nn.intercept_methods(functools.partial(openpi_interceptor, memo=InputMemo(),
+                                              execution=execution)):
     yield
 
 

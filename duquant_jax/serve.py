@@ -74,7 +74,7 @@ class PolicyRunner:
   the server calls `handle` under one lock.
 
   Args:
-    policy: a `duquant_jax.models.Policy`.
+    policy: a `duquant_jax.models.Policy` (with `runtime.PackedRuntime` for packed params).
     params: its param tree (packed or float).
     adapter: the request / reply transforms (norm stats, tokenizer) for this policy.
     num_steps: flow steps per call.

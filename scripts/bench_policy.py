@@ -22,13 +22,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from duquant_jax.inference import with_implementations
-from duquant_jax.models import get_policy, make_observation
+from duquant_jax import runtime
+from duquant_jax.models import Policy, get_policy, make_observation
 from duquant_jax.quantize import quantize_params, summarize
 from duquant_jax.lab.synthetic_stats import synthetic_stats
+from duquant_jax.runtime import Execution, PackedRuntime
 
 from bench_pack import bench_config, random_params
-from duquant_jax import packed as packed_mod
 from duquant_jax.packed import PackedLinear
 from duquant_jax.packed import tree_nbytes as tree_bytes
 
@@ -40,39 +40,56 @@ def _auto_none(choice: str):
 
 @flax.struct.dataclass
 class FreeLinear(PackedLinear):
-  """A packed linear whose matmul costs (almost) nothing: x2 (M, K) -> x2[:, :1] broadcast to (M, N).
+  """A packed linear whose matmul costs (almost) nothing: x2 (M, K) -> x2[:, :1] broadcast to (M, N)
+  (under `bound_linears`).
 
   For `--bound` only: a policy with every packed linear replaced by this one runs everything except
   those linears' transforms, matmuls and weight reads, so its latency is the floor that ANY
   quantization of those layers could reach with the rest of the network unchanged.
   """
 
-  def input_share_key(self):
-    return None  # nothing to share: no transform or quantizer runs
-
-  def matmul(self, x2, quantized=None, layer=None):
-    return x2[:, :1] * jnp.ones((1, self.out_features), x2.dtype)
-
 
 @flax.struct.dataclass
 class GemmOnlyLinear(PackedLinear):
-  """A packed linear whose activation side costs (almost) nothing: no online transform, and for
-  W4A8 int8 codes from a plain cast with unit scales, then the same W4A8 (or weight-only) matmul
-  on the same packed weight.
+  """A packed linear whose activation side costs (almost) nothing (under `bound_linears`): no
+  online transform, and for W4A8 int8 codes from a plain cast with unit scales, then the same W4A8
+  (or weight-only) matmul on the same packed weight.
 
   For `--bound` only: the latency any fusion of the transforms and quantizers into the matmuls
   could reach with the matmul kernels as they are.
   """
 
-  def input_share_key(self):
-    return None
 
-  def quantize_input(self, x2):
-    if not self.quantizes(x2.shape[0]):
+@contextlib.contextmanager
+def bound_linears():
+  """Within this context (around the call that traces), `duquant_jax.runtime` runs FreeLinear and
+  GemmOnlyLinear leaves as their docstrings say; other packed linears run as they do outside."""
+  real = runtime.matmul, runtime.quantize_input, runtime.share_key
+
+  def matmul(w, x2, execution=runtime.AUTO, *, quantized=None, layer=None):
+    if isinstance(w, FreeLinear):
+      return x2[:, :1] * jnp.ones((1, w.out_features), x2.dtype)
+    return real[0](w, x2, execution, quantized=quantized, layer=layer)
+
+  def quantize_input(w, x2, execution=runtime.AUTO):
+    if not isinstance(w, GemmOnlyLinear):
+      return real[1](w, x2, execution)
+    if not w.quantizes(x2.shape[0]):
       return x2
     m = x2.shape[0]
-    zx = None if self.act_symmetric else jnp.zeros((m, 1), jnp.float32)
+    zx = None if w.act_symmetric else jnp.zeros((m, 1), jnp.float32)
     return x2.astype(jnp.int8), jnp.ones((m, 1), jnp.float32), zx
+
+  def share_key(w, execution=runtime.AUTO):
+    if isinstance(w, (FreeLinear, GemmOnlyLinear)):
+      return None  # nothing to share: no transform or quantizer runs
+    return real[2](w, execution)
+
+  runtime.matmul, runtime.quantize_input, runtime.share_key = matmul, quantize_input, share_key
+  try:
+    yield
+  finally:
+    runtime.matmul, runtime.quantize_input, runtime.share_key = real
 
 
 def _swap_linears(tree, cls):
@@ -150,14 +167,14 @@ def _time_bf16(args, policy, params, obs):
 
 @contextlib.contextmanager
 def _unfused_mlps(on: bool):
-  """Gemma MLPs run as two packed linears (gate/up, then down) instead of `packed.gated_mlp`."""
-  real = packed_mod.gated_mlp
+  """Gemma MLPs run as two packed linears (gate/up, then down) instead of `runtime.gated_mlp`."""
+  real = runtime.gated_mlp
   if on:
-    packed_mod.gated_mlp = lambda *a: None
+    runtime.gated_mlp = lambda *a: None
   try:
     yield
   finally:
-    packed_mod.gated_mlp = real
+    runtime.gated_mlp = real
 
 
 def _time_variants(args, variants, policy, bf16, params, packed, obs, cfg, s, pack_s, bound):
@@ -169,25 +186,25 @@ def _time_variants(args, variants, policy, bf16, params, packed, obs, cfg, s, pa
   c_fp, l_fp, l1_fp = bf16
   bounds = [("free", "free"), ("gemm-only", "none")] if args.bound and bound else []
   for matmul, transform, *share in variants + bounds:
+    execution = {}
     if matmul == "free":
       packed_v = free_linears(packed)
     elif matmul == "gemm-only":
       packed_v = gemm_only_linears(packed)
     else:
-      packed_v = with_implementations(packed, matmul=_auto_none(matmul),
-                                      transform=_auto_none(transform))
-    policy_v = policy
+      packed_v = packed
+      execution.update(matmul=_auto_none(matmul), transform=_auto_none(transform))
     if "noshare" in share:
       packed_v = unshared_inputs(packed_v)
       transform = f"{transform}/noshare"
     for flag, name in ((True, "inplace"), (False, "sliced")):
-      if name in share:  # stacked layer weights read in place or sliced (Pi0Config.stacked_in_place)
-        policy_v = dataclasses.replace(policy, cfg=dataclasses.replace(policy.cfg,
-                                                                       stacked_in_place=flag))
+      if name in share:  # stacked layer weights read in place or sliced (Execution.stacked_in_place)
+        execution["stacked_in_place"] = flag
         transform = f"{transform}/{name}"
+    policy_v = Policy(policy.cfg, PackedRuntime(Execution(**execution)))
     if "unfused" in share:
       transform = f"{transform}/unfused"
-    with _unfused_mlps("unfused" in share):
+    with _unfused_mlps("unfused" in share), bound_linears():
       c_q, l_q = time_policy(policy_v, packed_v, obs, args.repeats)
     row = dict(model=model, batch=b, preset=cfg.name, all_linears=args.all_linears,
                matmul=matmul, transform=transform, permutation=args.permutation, unroll=unroll,
@@ -197,7 +214,7 @@ def _time_variants(args, variants, policy, bf16, params, packed, obs, cfg, s, pa
                weights_packed_gib=tree_bytes(packed) / 2**30,
                quantized_layers_ratio=s.weight_bytes_packed / max(s.weight_bytes_fp, 1))
     if args.breakdown:
-      with _unfused_mlps("unfused" in share):
+      with _unfused_mlps("unfused" in share), bound_linears():
         l1_q = time_policy(policy_v, packed_v, obs, args.repeats, num_steps=1)[1]
       for name, l10, l1 in (("bf16", l_fp, l1_fp), ("packed", l_q, l1_q)):
         step = (l10 - l1) / 9
@@ -223,7 +240,7 @@ def main():
                        "dispatch choices for the packed policy (kernels.IMPLEMENTATIONS / "
                        "kernels.TRANSFORM_IMPLEMENTATIONS, or auto for the library's choice; "
                        "noshare: every linear quantizes its input alone; inplace / sliced: "
-                       "Pi0Config(stacked_in_place=True / False), stacked layer weights read in "
+                       "Execution(stacked_in_place=True / False), stacked layer weights read in "
                        "place at a layer index (the default) or sliced per layer; unfused: Gemma "
                        "MLPs as two linears, not the fused gated_mlp), "
                        "e.g. auto/auto,auto/auto/sliced,auto/auto/unfused")

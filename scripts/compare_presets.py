@@ -13,8 +13,9 @@ from duquant_jax.calibrate import calibrate, CalibConfig
 from duquant_jax.calib_data import calibration_batches
 from duquant_jax.config import get_preset, LayerRule, QuantConfig, LLM, EXPERT_MLP
 from duquant_jax.quantize import quantize_params, summarize
+from duquant_jax.runtime import PackedRuntime
 m = sys.argv[1] if len(sys.argv) > 1 else 'pi0'
-pol = get_policy(m, 'demo'); params = realistic_params(pol, 0)
+pol = get_policy(m, 'demo', runtime=PackedRuntime()); params = realistic_params(pol, 0)
 batches = calibration_batches(pol, params, jax.random.key(0), num_batches=16, batch_size=2)
 # Hessians of every Gemma linear: `recommended` and `fast` round with GPTQ.
 stats = calibrate(pol, params, batches, CalibConfig(progress=False, hessian=".*"), rng=jax.random.key(1))

@@ -26,10 +26,10 @@ import time
 import jax
 import numpy as np
 
-from duquant_jax.inference import with_implementations
-from duquant_jax.models import get_policy, make_observation
+from duquant_jax.models import Policy, get_policy, make_observation
 from duquant_jax.quantize import quantize_params
 from duquant_jax.lab.synthetic_stats import synthetic_stats
+from duquant_jax.runtime import Execution, PackedRuntime
 
 from bench_pack import bench_config, random_params
 
@@ -148,16 +148,16 @@ def main():
     cfg = dataclasses.replace(cfg, rules=tuple(
         dataclasses.replace(r, clip_search=False, rounding="nearest") for r in cfg.rules))
   packed = jax.block_until_ready(quantize_params(params, cfg, synthetic_stats(params)))
-  fn = jax.jit(policy.sample_actions)
   out = {}
-  trees = [] if args.no_bf16 else [("bf16", params)]
+  trees = [] if args.no_bf16 else [("bf16", jax.jit(policy.sample_actions), params)]
   for mm in args.matmuls.split(","):
-    trees.append((f"packed ({mm} / {args.transform})", with_implementations(
-        packed, matmul=None if mm == "auto" else mm,
-        transform=None if args.transform == "auto" else args.transform)))
+    execution = Execution(matmul=None if mm == "auto" else mm,
+                          transform=None if args.transform == "auto" else args.transform)
+    trees.append((f"packed ({mm} / {args.transform})",
+                  jax.jit(Policy(policy.cfg, PackedRuntime(execution)).sample_actions), packed))
   for batch in (int(b) for b in str(args.batch).split(",")):
     obs = make_observation(policy.cfg, jax.random.key(1), batch)
-    for name, p in trees:
+    for name, fn, p in trees:
       print(f"{name}, batch {batch}:", flush=True)
       fargs = (p, obs, jax.random.key(0))
       compiled = fn.lower(*fargs).compile()  # profiled, and read for --by-op's shapes

@@ -14,8 +14,8 @@ from duquant_jax.attention_balance import (attention_moments, attention_paths, b
                                            scale_outputs)
 from duquant_jax.config import EXPERT_ATTN, AttentionBalance, LayerRule, QuantConfig
 from duquant_jax.models import get_policy
-from duquant_jax.packed import apply_packed
 from duquant_jax.quantize import quantize_params
+from duquant_jax.runtime import apply_packed
 
 from conftest import demo_params
 

@@ -19,6 +19,7 @@ from duquant_jax.calibrate import CalibConfig, calibrate
 from duquant_jax.config import LayerRule, QuantConfig, get_preset
 from duquant_jax.models import get_policy
 from duquant_jax.quantize import quantize_params
+from duquant_jax.runtime import PackedRuntime
 
 CREATED = "2025-01-01T00:00:00+00:00"
 MLP = r"PaliGemma/llm/layers/mlp/(gating_einsum|linear)"
@@ -27,7 +28,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def rtn():
-  policy = get_policy("pi0", "demo")
+  policy = get_policy("pi0", "demo", runtime=PackedRuntime())
   cfg = get_preset("w4a8-rtn")
   return policy, cfg, quantize_params(demo_params("pi0"), cfg)
 
@@ -35,7 +36,7 @@ def rtn():
 @pytest.fixture(scope="module")
 def duquant():
   """A DuQuant rule (smoothing, greedy rotations, zigzag) with stats from a 2-batch calibration."""
-  policy = get_policy("pi0", "demo")
+  policy = get_policy("pi0", "demo", runtime=PackedRuntime())
   params = demo_params("pi0")
   batches = jax.tree.map(lambda x: jnp.stack([x, x[::-1]]),
                          policy.example_observation(jax.random.key(3), batch_size=2))
@@ -95,6 +96,21 @@ def test_act_min_tokens_survives_the_roundtrip(rtn, tmp_path):
   assert layers["mlp_1"]["linear"].act_min_tokens == 256
   assert layers["mlp_1"]["gating_einsum"].act_min_tokens == 0
   _assert_same_tree(packed, packed2)
+
+
+def test_loads_structure_entries_with_kernel_choices(rtn, tmp_path):
+  """A checkpoint whose structure names kernel choices per linear (`matmul_impl`,
+  `transform_impl`: run-time choices that a packed weight does not hold) loads to the same tree."""
+  _, cfg, packed = rtn
+  path = ck.save_packed(tmp_path / "q", packed, cfg)
+  info = json.loads((path / ck.INFO_FILE).read_text())
+  linears = [d for d in info["structure"].values() if d.get("kind", "linear") == "linear"]
+  assert linears
+  for desc in linears:
+    desc.update(matmul_impl="xla", transform_impl=None)
+  (path / ck.INFO_FILE).write_text(json.dumps(info, indent=1, sort_keys=True))
+  restored, _, _, _ = ck.load_packed(path)
+  _assert_same_tree(packed, restored)
 
 
 def test_duquant_roundtrip_with_stats(duquant, tmp_path):

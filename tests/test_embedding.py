@@ -1,5 +1,7 @@
 """PackedEmbedding: row-wise int4 / int8 token tables, the packed Embedder, the `deploy` preset."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,6 +9,7 @@ import pytest
 
 from conftest import demo_params, held_out
 from duquant_jax import checkpoint as ck
+from duquant_jax import runtime
 from duquant_jax.calibrate import CalibConfig, calibrate, select_for
 from duquant_jax.config import EmbeddingRule, LayerRule, QuantConfig, get_preset
 from duquant_jax.lab.demo import action_rel_err
@@ -15,6 +18,7 @@ from duquant_jax.models import get_policy
 from duquant_jax.models.gemma import Embedder
 from duquant_jax.packed import PackedLinear
 from duquant_jax.quantize import quantize_params, summarize
+from duquant_jax.runtime import PackedRuntime
 
 EMB = "PaliGemma/llm/embedder/input_embedding"
 
@@ -50,7 +54,7 @@ def test_packed_embedder_equals_gather_of_dequantized_table():
   pe = quantize_embedding(table, group_size=16)
   assert pe.dtype == "bfloat16"
   tokens = jnp.array([[0, 5, 63, 5], [1, 2, 3, 62]])
-  module = Embedder(vocab_size=64, embed_dim=32)
+  module = Embedder(vocab_size=64, embed_dim=32, runtime=PackedRuntime())
   enc = lambda t: module.apply({"params": {"input_embedding": t}}, tokens, method=Embedder.encode)
   got = enc(pe)
   want = enc(pe.dequantize().astype(jnp.bfloat16))
@@ -101,7 +105,7 @@ def test_bad_options_are_refused():
 
 def test_summary_and_checkpoint_roundtrip(tmp_path):
   """An embedding-only config: bytes counted, bit-exact save / load, the same actions."""
-  policy = get_policy("pi0", "demo")
+  policy = get_policy("pi0", "demo", runtime=PackedRuntime())
   params = demo_params("pi0")
   cfg = QuantConfig(name="emb", embeddings=(EmbeddingRule(pattern=EMB),))
   packed = quantize_params(params, cfg)
@@ -133,7 +137,7 @@ def test_summary_and_checkpoint_roundtrip(tmp_path):
 @pytest.fixture(scope="module")
 def deploy_pi05():
   """The deploy preset on the pi0.5 demo, calibrated on 2 tiny batches (with SigLIP's linears)."""
-  policy = get_policy("pi05", "demo")
+  policy = get_policy("pi05", "demo", runtime=PackedRuntime())
   params = demo_params("pi05")
   cfg = get_preset("deploy")
   batches = jax.tree.map(lambda x: jnp.stack([x, x[::-1]]),
@@ -173,12 +177,12 @@ def test_shared_input_groups_quantize_their_input_once(deploy_pi05):
   policy, params, cfg, stats, packed = deploy_pi05
   attn = packed["PaliGemma"]["llm"]["layers"]["attn"]
   q, kv = attn["q_einsum"]["w"], attn["kv_einsum"]["w"]
-  assert q.input_share_key() is not None and q.input_share_key() == kv.input_share_key()
-  assert attn["q_einsum_1"]["w"].input_share_key() is None  # the expert's weight-only attention
+  assert runtime.share_key(q) is not None and runtime.share_key(q) == runtime.share_key(kv)
+  assert runtime.share_key(attn["q_einsum_1"]["w"]) is None  # the expert's weight-only attention
   mha = packed["PaliGemma"]["img"]["Transformer"]["encoderblock"]["MultiHeadDotProductAttention_0"]
-  keys = {mha[n]["kernel"].input_share_key() for n in ("query", "key", "value")}
+  keys = {runtime.share_key(mha[n]["kernel"]) for n in ("query", "key", "value")}
   assert len(keys) == 1 and None not in keys
-  assert mha["out"]["kernel"].input_share_key() is None  # reads its input alone
+  assert runtime.share_key(mha["out"]["kernel"]) is None  # reads its input alone
 
   unshared = jax.tree.map(
       lambda l: l.replace(input_group=None) if isinstance(l, PackedLinear) else l, packed,
@@ -191,7 +195,7 @@ def test_shared_input_groups_quantize_their_input_once(deploy_pi05):
   rounds = lambda tree: _count_primitive(
       jax.make_jaxpr(policy.sample_actions)(tree, obs, jax.random.key(7)).jaxpr, "round")
   q0 = jax.tree.map(lambda a: a[0], q)  # one layer of the stack
-  per_quantizer = _count_primitive(jax.make_jaxpr(q0.quantize_input)(
+  per_quantizer = _count_primitive(jax.make_jaxpr(functools.partial(runtime.quantize_input, q0))(
       jnp.ones((4, q.in_features), jnp.float32)).jaxpr, "round")
   saved = rounds(unshared) - rounds(packed)
   assert per_quantizer > 0 and saved > 0 and saved % per_quantizer == 0
@@ -204,11 +208,11 @@ def test_weight_only_group_transforms_its_input_once():
   from duquant_jax.config import get_preset
   from duquant_jax.quantize import quantize_params
   from duquant_jax.lab.synthetic_stats import synthetic_stats
-  policy = get_policy("pi0", "demo")
+  policy = get_policy("pi0", "demo", runtime=PackedRuntime())
   params = policy.init(jax.random.key(0))
   packed = quantize_params(params, get_preset("deploy"), synthetic_stats(params))
   mha = packed["PaliGemma"]["img"]["Transformer"]["encoderblock"]["MultiHeadDotProductAttention_0"]
-  keys = {mha[n]["kernel"].input_share_key() for n in ("query", "key", "value")}
+  keys = {runtime.share_key(mha[n]["kernel"]) for n in ("query", "key", "value")}
   assert len(keys) == 1 and None not in keys and mha["query"]["kernel"].act_bits is None
   img = jax.tree.map(  # SigLIP's linears each transforming their input alone
       lambda l: l.replace(input_group=None) if isinstance(l, PackedLinear) else l,
@@ -222,7 +226,7 @@ def test_weight_only_group_transforms_its_input_once():
   gathers = lambda tree: _count_primitive(
       jax.make_jaxpr(policy.sample_actions)(tree, obs, jax.random.key(7)).jaxpr, "gather")
   q0 = jax.tree.map(lambda a: a[0], mha["query"]["kernel"])
-  per_transform = _count_primitive(jax.make_jaxpr(q0.quantize_input)(
+  per_transform = _count_primitive(jax.make_jaxpr(functools.partial(runtime.quantize_input, q0))(
       jnp.ones((4, q0.in_features), jnp.float32)).jaxpr, "gather")
   assert per_transform > 0 and gathers(unshared) - gathers(packed) == 2 * per_transform
 

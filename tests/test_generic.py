@@ -114,6 +114,7 @@ def test_transforms_only_packs_equal_the_float_model():
   rounding (folding the transpose of a float16-rounded rotation left ~3e-4)."""
   from duquant_jax.capture import calibrate_apply
   from duquant_jax.config import transforms_only
+  from duquant_jax.runtime import apply_packed
   params, x = _mlp_params(), _mlp_batches()
   rules = lambda **kw: (LayerRule(pattern="up/kernel", block_size=16, rotation_steps=4, **kw),)
   stats = calibrate_apply(lambda p, b: _Mlp().apply({"params": p}, b), params, x,
@@ -122,26 +123,26 @@ def test_transforms_only_packs_equal_the_float_model():
   for name, kw in TRANSFORMS.items():
     w = quantize_params(params, transforms_only(QuantConfig(rules=rules(**kw))), stats)["up"]["kernel"]
     assert w.bits is None and w.transform is not None, name
-    err = np.abs(np.asarray(w(x[0])) - ref).max() / np.abs(ref).max()
+    err = np.abs(np.asarray(apply_packed(w, x[0])) - ref).max() / np.abs(ref).max()
     assert err < 2e-6, (name, err)
 
 
 def test_a_packed_linear_runs_on_raw_arrays_jitted_once():
-  from duquant_jax.packed import apply_packed
+  from duquant_jax.runtime import apply_packed
   params = _mlp_params()
   cfg = QuantConfig(rules=(LayerRule(pattern="up/kernel", rotation="hadamard", block_size=16,
                                      permutation="none", smooth_alpha=None, clip_search=False),))
   w = quantize_params(params, cfg)["up"]["kernel"]
   x = jax.random.normal(jax.random.key(0), (2, 3, 32))
   ref = x @ params["up"]["kernel"]
-  y = w(x)
+  y = apply_packed(w, x)
   assert y.shape == (2, 3, 64)
   assert float(jnp.abs(y - ref).max()) < 0.15 * float(jnp.abs(ref).max())
   before = apply_packed._cache_size()
-  w(x + 1.0)  # new values, same shapes and format: no new trace
+  apply_packed(w, x + 1.0)  # new values, same shapes and format: no new trace
   assert apply_packed._cache_size() == before
   with pytest.raises(ValueError, match="does not end in K=32"):
-    w(jnp.zeros((2, 16)))
+    apply_packed(w, jnp.zeros((2, 16)))
 
 
 def _encoder_params():
@@ -166,7 +167,7 @@ def test_a_bert_style_encoder_beats_round_to_nearest():
   encoder's output error against float, DuQuant vs plain round-to-nearest W4A8."""
   from duquant_jax.capture import calibrate_apply
   from duquant_jax.config import generic_config
-  from duquant_jax.inference import quantized_apply
+  from duquant_jax.runtime import quantized_apply
   from duquant_jax.quantize import summarize
   model, params = Encoder(), _encoder_params()
   tokens = jax.random.randint(jax.random.key(0), (5, 4, 16), 0, 100)  # 4 batches + 1 held out
@@ -197,6 +198,7 @@ def test_compact_packs_round_trip_through_checkpoints(rotation, tmp_path):
   non-compact pack stays version 1, as older readers read it."""
   import json
   from duquant_jax.checkpoint import load_packed, save_packed
+  from duquant_jax.runtime import apply_packed
   params = _mlp_params()
   rule = dict(pattern=".*kernel", rotation=rotation, permutation="zigzag", smooth_alpha=None,
               block_size=16, clip_search=False)
@@ -212,7 +214,8 @@ def test_compact_packs_round_trip_through_checkpoints(rotation, tmp_path):
     path = save_packed(tmp_path / f"{rotation}-{compact}", packed, cfg)
     assert json.loads((path / "duquant.json").read_text())["format_version"] == version
     back = load_packed(path)[0]
-    np.testing.assert_array_equal(np.asarray(back["up"]["kernel"](x)), np.asarray(w(x)))
+    np.testing.assert_array_equal(np.asarray(apply_packed(back["up"]["kernel"], x)),
+                                  np.asarray(apply_packed(w, x)))
 
 
 def test_rule_fields_of_generic_configs_are_checked():
@@ -247,7 +250,7 @@ def test_gptq_rounding_on_a_generic_model_lowers_the_error():
   transforms and scales (measured 0.057 -> 0.034)."""
   from duquant_jax.capture import calibrate_apply
   from duquant_jax.config import generic_config
-  from duquant_jax.inference import quantized_apply
+  from duquant_jax.runtime import quantized_apply
   model, params = Encoder(), _encoder_params()
   tokens = jax.random.randint(jax.random.key(0), (9, 4, 16), 0, 100)  # 8 batches + 1 held out
   apply = lambda p, b: model.apply({"params": p}, b)

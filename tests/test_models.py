@@ -84,8 +84,10 @@ def test_unrolled_layers_equal_the_scanned_policy(demo, demo_obs):
   """`unroll_layers` changes only how XLA runs the layer stack: same params, same actions."""
   from duquant_jax.config import get_preset
   from duquant_jax.quantize import quantize_params
-  policy, params = demo
-  unrolled = get_policy(policy.cfg.name, "demo", unroll_layers=True)
+  from duquant_jax.runtime import PackedRuntime
+  float_policy, params = demo
+  policy = get_policy(float_policy.cfg.name, "demo", runtime=PackedRuntime())
+  unrolled = get_policy(policy.cfg.name, "demo", unroll_layers=True, runtime=PackedRuntime())
   packed = quantize_params(params, get_preset("w4a8-rtn"))
   for tree in (params, packed):
     run = lambda p: jax.jit(p.sample_actions, static_argnames="num_steps")(

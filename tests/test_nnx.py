@@ -11,10 +11,10 @@ from flax import nnx
 
 from duquant_jax.capture import calibrate_apply
 from duquant_jax.config import LayerRule, QuantConfig, generic_config, transforms_only
-from duquant_jax.inference import quantized_apply
 from duquant_jax.nnx_models import calibrate_nnx, nnx_params, quantized_nnx_apply
 from duquant_jax.packed import PackedLinear
 from duquant_jax.quantize import quantize_params, summarize
+from duquant_jax.runtime import quantized_apply
 
 # The BERT-style encoder of test_generic.py (widths and config; its packing programs are reused),
 # with an Einsum intermediate projection so that every routed layer kind is in it.

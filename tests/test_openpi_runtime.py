@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -24,8 +25,10 @@ from duquant_jax import (EmbeddingRule, LayerRule, PackedEmbedding, PackedLinear
                          quantize_params, quantized_apply)
 from duquant_jax.models import gemma as our_gemma
 from duquant_jax.openpi_runtime import load_into_openpi, openpi_interceptor, run_packed_in_openpi
+from duquant_jax.runtime import Execution, PackedRuntime
 
 D, F, N, H, L, V = 32, 64, 2, 16, 2, 50  # width, MLP hidden, heads, head dim, layers, vocabulary
+OURS = PackedRuntime()  # what our own modules (`ours`) apply their weights with
 ACT = dict(rotation="hadamard", permutation="none", smooth_alpha=None,  # no calibration needed
            clip_search=False)
 
@@ -118,7 +121,8 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    ein = our_gemma.Einsum if self.ours else functools.partial(Einsum, lora_rank=self.lora_rank)
+    ein = (functools.partial(our_gemma.Einsum, runtime=OURS) if self.ours
+           else functools.partial(Einsum, lora_rank=self.lora_rank))
     q = ein((N, D, H), name="q_einsum")("BTD,NDH->BTNH", x)
     k, v = ein((2, 1, D, H), name="kv_einsum")("BSD,2KDH->2BSKH", x)
     p = jax.nn.softmax(jnp.einsum("BTNH,BSH->BNTS", q, k[:, :, 0]) * H**-0.5, axis=-1)
@@ -136,7 +140,7 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x, _):
     x = x + Attention(self.lora_rank, self.ours, name="attn")(RMSNorm(name="pre_attention_norm")(x))
-    ff = our_gemma.FeedForward if self.ours else FeedForward
+    ff = functools.partial(our_gemma.FeedForward, runtime=OURS) if self.ours else FeedForward
     return x + ff(D, F, name="mlp")(RMSNorm(name="pre_ffw_norm")(x)), None
 
 
@@ -147,7 +151,8 @@ class Llm(nn.Module):
   ours: bool = False
 
   def setup(self):
-    self.embedder = (our_gemma.Embedder if self.ours else Embedder)(V, D)
+    self.embedder = (functools.partial(our_gemma.Embedder, runtime=OURS) if self.ours
+                     else Embedder)(V, D)
     self.layers = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
                           length=L)(self.lora_rank, self.ours)
 
@@ -312,18 +317,23 @@ def test_nnx_bridge_model_loads_and_runs_packed_params():
     load_into_openpi(TinyPiConfig(), extra)
 
 
+def _taking_runtime(cls: type) -> type:
+  """A contract module with the `runtime` field our Gemma hands its modules, unused: the
+  interceptor runs the packed weights."""
+  return type(cls.__name__, (cls,), {"__annotations__": {"runtime": Any}, "runtime": None,
+                                     "__module__": __name__})
+
+
 def test_our_policy_with_contract_modules_matches_its_packed_actions(monkeypatch):
   """Our demo pi0 with its Gemma's einsum, MLP and embedder modules swapped for the contract
   ones (which know nothing of packed weights), run under the interceptor, samples the same
   actions from the packed tree as the policy itself (SigLIP's Dense layers packed too)."""
   from conftest import demo_params
   from duquant_jax.config import EMBEDDING, EXPERT_ATTN, EXPERT_MLP, LLM, SIGLIP
-  import dataclasses
   from duquant_jax.models import get_policy
-  policy = get_policy("pi0", "demo")
   # openpi's layer scan slices every layer param, and its modules read them in setup(): our model
   # stands in for it with the packed weights sliced per layer, not read in place.
-  policy = dataclasses.replace(policy, cfg=dataclasses.replace(policy.cfg, stacked_in_place=False))
+  policy = get_policy("pi0", "demo", runtime=PackedRuntime(Execution(stacked_in_place=False)))
   rule = dict(block_size=16, **ACT)
   cfg = QuantConfig(rules=tuple(LayerRule(pattern=p, **rule)
                                 for p in (LLM, EXPERT_MLP, EXPERT_ATTN, SIGLIP)),
@@ -332,7 +342,7 @@ def test_our_policy_with_contract_modules_matches_its_packed_actions(monkeypatch
   obs = policy.example_observation(jax.random.key(1), batch_size=1)
   ours = jax.jit(policy.sample_actions)(packed, obs, jax.random.key(2))
   for name, cls in (("Einsum", Einsum), ("FeedForward", FeedForward), ("Embedder", Embedder)):
-    monkeypatch.setattr(our_gemma, name, cls)
+    monkeypatch.setattr(our_gemma, name, _taking_runtime(cls))
   with pytest.raises(TypeError):  # the contract modules alone cannot read packed leaves
     jax.jit(policy.sample_actions)(packed, obs, jax.random.key(2))
   with run_packed_in_openpi():

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from duquant_jax import kernels
+from duquant_jax import kernels, runtime
 from duquant_jax.kernels import pallas_transform as pt
 from duquant_jax.packed import PackedLinear
 from duquant_jax.transforms import InputTransform
@@ -90,7 +90,7 @@ def test_dispatch_and_packed_linear_use_the_kernel_identically():
   lin = PackedLinear(codes=jnp.asarray(r.integers(-8, 8, (n, k)), jnp.int4),
                      scale=jnp.asarray(r.uniform(0.01, 0.02, (n, 1)), jnp.float32), zero=None,
                      transform=tr, out_rot=None, w_shape=(k, n), w_spec="ij")
-  y = lin.matmul(x)
+  y = runtime.matmul(lin, x)
   assert y.shape == (4, n) and y.dtype == x.dtype and bool(jnp.all(jnp.isfinite(y)))
 
 
@@ -153,8 +153,7 @@ def test_cli_bench_runs_a_script_and_rejects_unknown_names(capsys):
   assert "unknown benchmark 'nope'" in capsys.readouterr().err
 
 
-def test_with_implementations_overrides_the_dispatch_of_a_tree():
-  from duquant_jax.inference import with_implementations
+def test_execution_overrides_the_dispatch():
   k, n = 64, 32
   r = np.random.default_rng(4)
   lin = PackedLinear(codes=jnp.asarray(r.integers(-8, 8, (n, k)), jnp.int4),
@@ -162,21 +161,16 @@ def test_with_implementations_overrides_the_dispatch_of_a_tree():
                      zero=jnp.asarray(r.integers(-3, 3, (n, 1)), jnp.float32),
                      transform=_transform(k, 16), out_rot=None, w_shape=(k, n), w_spec="ij",
                      act_symmetric=False)
-  tree = {"a": {"w": lin}, "b": jnp.ones(3)}
   x = _x(5, k)
-  forced = with_implementations(tree, matmul="pallas_interpret", transform="pallas_interpret")
-  assert forced["a"]["w"].matmul_impl == "pallas_interpret" and forced["b"] is tree["b"]
-  assert forced["a"]["w"].codes is lin.codes  # arrays shared, not copied
-  forced["a"]["w"].validate()
-  y_auto = lin.matmul(x)
-  y_forced = forced["a"]["w"].matmul(x)
+  forced = runtime.Execution(matmul="pallas_interpret", transform="pallas_interpret")
+  y_auto = runtime.matmul(lin, x)
+  y_forced = runtime.matmul(lin, x, forced)
   # Same codes, same integer sums, same float32 epilogue order: identical outputs.
   np.testing.assert_array_equal(np.asarray(y_forced, np.float32), np.asarray(y_auto, np.float32))
-  assert with_implementations(forced)["a"]["w"].matmul_impl is None
-  with pytest.raises(ValueError, match="matmul implementation"):
-    with_implementations(tree, matmul="cuda")
-  with pytest.raises(ValueError, match="transform_impl"):
-    lin.replace(transform_impl="fast").validate()
+  with pytest.raises(ValueError, match="Execution.matmul"):
+    runtime.Execution(matmul="cuda")
+  with pytest.raises(ValueError, match="Execution.transform"):
+    runtime.Execution(transform="fast")
 
 
 @pytest.mark.parametrize("reduce", [False, True])

@@ -9,15 +9,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from duquant_jax import runtime
 from duquant_jax.config import PRESETS, LayerRule, QuantConfig, get_preset, match_rules
 from duquant_jax.lab.demo import action_rel_err
-from duquant_jax.inference import quantized_apply
 from duquant_jax.kernels.xla import (quantize_per_token, w4a8_matmul,
                                      w4a8_matmul_reference_f64)
 from duquant_jax.layouts import linear_layouts
 from duquant_jax.models import get_policy
 from duquant_jax.packed import PackedLinear
 from duquant_jax.quantize import quantize_params, quantize_weight, summarize
+from duquant_jax.runtime import PackedRuntime, quantized_apply
 
 import golden
 from conftest import demo_params, demo_stats, held_out
@@ -26,7 +27,7 @@ ALL_GEMMA = r"PaliGemma/llm/layers/(attn/.*_einsum(_1)?/w|mlp(_1)?/(gating_einsu
 
 
 def _actions(model, params, obs=None):
-  policy = get_policy(model, "demo")
+  policy = get_policy(model, "demo", runtime=PackedRuntime())
   obs = held_out(model) if obs is None else obs
   return jax.jit(policy.sample_actions)(params, obs, jax.random.key(5))
 
@@ -202,8 +203,8 @@ def test_simulate_mode_has_the_same_numerics():
     leaf_int, leaf_sim = leaf_int[k], leaf_sim[k]
   one = lambda t: jax.tree.map(lambda a: a[1], t)  # layer 1 of the stack
   x = jax.random.normal(jax.random.key(0), (50, leaf_int.in_features)) * 3
-  y_int = one(leaf_int).matmul(x)
-  y_sim = one(leaf_sim).matmul(x)
+  y_int = runtime.matmul(one(leaf_int), x)
+  y_sim = runtime.matmul(one(leaf_sim), x)
   np.testing.assert_allclose(np.asarray(y_int), np.asarray(y_sim), rtol=1e-4,
                              atol=1e-5 * float(jnp.abs(y_sim).max()))
 
@@ -324,12 +325,13 @@ def test_act_min_tokens_small_calls_run_weight_only_and_large_calls_w4a8():
   x = jax.random.normal(jax.random.key(0), (16, w.in_features), jnp.bfloat16)
   small, large = x[:7], x[:8]
   weight_only, w4a8 = w.replace(act_bits=None, act_min_tokens=0), w.replace(act_min_tokens=0)
-  np.testing.assert_array_equal(np.asarray(w.matmul(small), np.float32),
-                                np.asarray(weight_only.matmul(small), np.float32))
-  np.testing.assert_array_equal(np.asarray(w.matmul(large), np.float32),
-                                np.asarray(w4a8.matmul(large), np.float32))
+  np.testing.assert_array_equal(np.asarray(runtime.matmul(w, small), np.float32),
+                                np.asarray(runtime.matmul(weight_only, small), np.float32))
+  np.testing.assert_array_equal(np.asarray(runtime.matmul(w, large), np.float32),
+                                np.asarray(runtime.matmul(w4a8, large), np.float32))
   # The two really differ (the activation quantizer runs in one of them only).
-  assert not np.array_equal(np.asarray(w4a8.matmul(small)), np.asarray(w.matmul(small)))
+  assert not np.array_equal(np.asarray(runtime.matmul(w4a8, small)),
+                            np.asarray(runtime.matmul(w, small)))
   # In the policy: with a threshold above every call's token count the actions equal the
   # weight-only tree's, bit for bit (the same program); with 0 they differ.
   is_packed = lambda v: isinstance(v, PackedLinear)

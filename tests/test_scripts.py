@@ -13,6 +13,7 @@ from duquant_jax.lab.synthetic_stats import synthetic_stats
 from duquant_jax.models import get_policy
 from duquant_jax.packed import PackedLinear
 from duquant_jax.quantize import quantize_params
+from duquant_jax.runtime import PackedRuntime
 
 # The scripts are imported inside each test, from the checkout's scripts/ folder: one script that
 # fails to import fails only its own tests.
@@ -21,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 def test_free_linears_replace_every_packed_linear_and_the_policy_still_runs():
   import bench_policy
-  policy = get_policy("pi0", "demo")
+  from duquant_jax import runtime
+  policy = get_policy("pi0", "demo", runtime=PackedRuntime())
   packed = quantize_params(demo_params("pi0"), get_preset("w4a8-rtn"))
   free = bench_policy.free_linears(packed)
   is_packed = lambda v: isinstance(v, PackedLinear)
@@ -30,11 +32,12 @@ def test_free_linears_replace_every_packed_linear_and_the_policy_still_runs():
   assert leaves and len(swapped) == len(leaves)
   assert all(isinstance(v, bench_policy.FreeLinear) for v in swapped)
   x = jnp.arange(12.0).reshape(3, 4)
-  y = swapped[0].matmul(jnp.zeros((3, swapped[0].in_features)).at[:, 0].set(x[:, 0]))
-  np.testing.assert_array_equal(np.asarray(y), np.broadcast_to(np.asarray(x[:, :1]), y.shape))
   obs = policy.example_observation(jax.random.key(1), batch_size=1)
-  a = jax.jit(policy.sample_actions, static_argnames="num_steps")(free, obs, jax.random.key(2),
-                                                                  num_steps=2)
+  with bench_policy.bound_linears():
+    y = runtime.matmul(swapped[0], jnp.zeros((3, swapped[0].in_features)).at[:, 0].set(x[:, 0]))
+    a = jax.jit(policy.sample_actions, static_argnames="num_steps")(free, obs, jax.random.key(2),
+                                                                    num_steps=2)
+  np.testing.assert_array_equal(np.asarray(y), np.broadcast_to(np.asarray(x[:, :1]), y.shape))
   assert a.shape == (1, policy.cfg.action_horizon, policy.cfg.action_dim)
 
 
@@ -100,6 +103,7 @@ def test_gemm_only_linears_skip_the_activation_side_but_run_the_same_matmul():
   """The `--bound` gemm-only tree: no transform, int8 codes by a cast with unit scales, and the
   packed weight's own matmul; weight-only linears get x as is."""
   import bench_policy
+  from duquant_jax import runtime
   from duquant_jax.kernels import xla
   params = demo_params("pi0")
   packed = quantize_params(params, get_preset("deploy"), synthetic_stats(params))
@@ -110,18 +114,20 @@ def test_gemm_only_linears_skip_the_activation_side_but_run_the_same_matmul():
   w4a8 = next(v for v in swapped if v.act_bits is not None and v.transform is not None)
   w4a8 = w4a8 if w4a8.codes.ndim == 2 else w4a8.at_layer(0)
   x = jnp.round(jax.random.normal(jax.random.key(0), (5, w4a8.in_features)) * 20)
-  xq, sx, zx = w4a8.quantize_input(x)
+  wo = next(v for v in swapped if v.act_bits is None)
+  policy = get_policy("pi0", "demo", runtime=PackedRuntime())
+  obs = policy.example_observation(jax.random.key(1), batch_size=1)
+  with bench_policy.bound_linears():
+    xq, sx, zx = runtime.quantize_input(w4a8, x)
+    y = runtime.matmul(w4a8, x)
+    assert runtime.quantize_input(wo, x[:, :1]) is not None
+    a = jax.jit(policy.sample_actions, static_argnames="num_steps")(gemm, obs, jax.random.key(2),
+                                                                    num_steps=2)
   np.testing.assert_array_equal(np.asarray(xq), np.asarray(x, np.int8))
   assert np.all(np.asarray(sx) == 1.0) and (zx is None or np.all(np.asarray(zx) == 0.0))
   want = xla.w4a8_matmul(xq, sx, zx, w4a8.codes, w4a8.scale, w4a8.zero)
-  np.testing.assert_allclose(np.asarray(w4a8.matmul(x), np.float32), np.asarray(want), rtol=1e-6,
+  np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(want), rtol=1e-6,
                              atol=1e-6 * float(jnp.abs(want).max()))
-  wo = next(v for v in swapped if v.act_bits is None)
-  assert wo.quantize_input(x[:, :1]) is not None
-  policy = get_policy("pi0", "demo")
-  obs = policy.example_observation(jax.random.key(1), batch_size=1)
-  a = jax.jit(policy.sample_actions, static_argnames="num_steps")(gemm, obs, jax.random.key(2),
-                                                                  num_steps=2)
   assert a.shape == (1, policy.cfg.action_horizon, policy.cfg.action_dim)
 
 

@@ -27,6 +27,7 @@ from duquant_jax.cli.serve import build_runner
 from duquant_jax.config import get_preset
 from duquant_jax.models import IMAGE_KEYS, Observation, get_policy
 from duquant_jax.quantize import quantize_params
+from duquant_jax.runtime import PackedRuntime
 from duquant_jax.serve import ServeConfig, start_in_thread
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -145,7 +146,7 @@ def expected_actions(sample, packed, policy, request, stats, sp=None):
 def demo_ckpt(tmp_path_factory):
   """A packed demo pi0 checkpoint (openpi-style norm stats beside it) and its packed tree."""
   root = tmp_path_factory.mktemp("serve")
-  policy = get_policy("pi0", "demo")
+  policy = get_policy("pi0", "demo", runtime=PackedRuntime())
   cfg = get_preset("w4a8-rtn")
   packed = quantize_params(demo_params("pi0"), cfg)
   path = ck.save_packed(root / "packed", packed, cfg, metadata={"model": "pi0", "size": "demo"})

@@ -1,12 +1,11 @@
-"""Reading stacked (L, ...) packed layer weights in place at a layer index (`gemma.stack_in_place`,
-`Pi0Config.stacked_in_place`, `PackedLinear.einsum(..., layer=)`): the same actions as openpi's
-sliced params, the Pallas kernel reading a layer of the stack, and the CUDA lowering that hands the
-kernel the whole stack. (Whether it is faster is measured on the H100: docs/journal.md, session 6.)
+"""Reading stacked (L, ...) packed layer weights in place at a layer index
+(`runtime.stack_in_place`, `Execution.stacked_in_place`, `runtime.einsum(..., layer=)`): the same
+actions as openpi's sliced params, the Pallas kernel reading a layer of the stack, and the CUDA
+lowering that hands the kernel the whole stack. (Whether it is faster is measured on the H100: docs/journal.md, session 6.)
 """
 
 from __future__ import annotations
 
-import dataclasses
 import re
 
 import jax
@@ -14,12 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from duquant_jax import kernels
+from duquant_jax import kernels, runtime
 from duquant_jax.config import get_preset
-from duquant_jax.inference import with_implementations
-from duquant_jax.models import get_policy, make_observation
-from duquant_jax.models.gemma import STACKED, LayerIndex, stack_in_place
+from duquant_jax.models import Policy, get_policy, make_observation
+from duquant_jax.models.runtime import STACKED
 from duquant_jax.packed import PackedLinear
+from duquant_jax.runtime import Execution, LayerIndex, PackedRuntime, stack_in_place
 from duquant_jax.quantize import quantize_params
 from duquant_jax.lab.synthetic_stats import synthetic_stats
 
@@ -32,6 +31,10 @@ def demo():
   params = policy.init(jax.random.key(0))
   packed = quantize_params(params, get_preset("deploy"), synthetic_stats(params))
   return policy, params, packed
+
+
+def _in_place(policy, flag, matmul=None):
+  return Policy(policy.cfg, PackedRuntime(Execution(matmul=matmul, stacked_in_place=flag)))
 
 
 def _packed_leaves(tree):
@@ -58,9 +61,8 @@ def test_stack_in_place_moves_the_llm_layer_weights_only(demo):
 def test_in_place_actions_equal_sliced_actions(demo):
   policy, _, packed = demo
   obs = make_observation(policy.cfg, jax.random.key(1), 2)
-  run = lambda flag: np.asarray(jax.jit(dataclasses.replace(
-      policy, cfg=dataclasses.replace(policy.cfg, stacked_in_place=flag)).sample_actions)(
-          packed, obs, jax.random.key(2)))
+  run = lambda flag: np.asarray(jax.jit(_in_place(policy, flag).sample_actions)(
+      packed, obs, jax.random.key(2)))
   np.testing.assert_array_equal(run(True), run(False))
 
 
@@ -70,14 +72,14 @@ def test_einsum_at_a_layer_with_the_kernel_reading_in_place(demo):
   assert w.codes.ndim == 3 and w.act_bits == 8
   x = jax.random.normal(jax.random.key(3), (1, 51, w.w_shape[1]), jnp.float32)
   layer = jnp.int32(1)
-  y = w.replace(matmul_impl="pallas_interpret").einsum("BTD,2DF->2BTF", x, layer=layer)
+  y = runtime.einsum(w, "BTD,2DF->2BTF", x, Execution(matmul="pallas_interpret"), layer=layer)
   # 51 float32 tokens run weight-only (`act_min_tokens`): a float32 x float32 dot on both sides.
   # The sliced reference runs it at HIGHEST, exact float32 on every backend (the GPU's default
   # is TF32). The kernel runs its own at the default precision, TF32 on the GPU by design: there
   # it is checked to TF32's rounding (10 mantissa bits, 2^-11 relative per operand; measured
   # 2.2e-4 of max |ref| on the H200), on the CPU to float32 rounding as before.
   with jax.default_matmul_precision("highest"):
-    ref = w.at_layer(1).replace(matmul_impl="xla").einsum("BTD,2DF->2BTF", x)
+    ref = runtime.einsum(w.at_layer(1), "BTD,2DF->2BTF", x, Execution(matmul="xla"))
   tol = 2e-3 if jax.default_backend() == "gpu" else 1e-5
   np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=tol,
                              atol=tol * float(jnp.abs(ref).max()))
@@ -88,7 +90,7 @@ def test_layer_index_needs_a_stacked_weight(demo):
   w = packed["PaliGemma"]["llm"]["layers"]["mlp_1"]["gating_einsum"].at_layer(0)
   x = jnp.ones((1, 4, w.w_shape[1]))
   with pytest.raises(ValueError, match="stack axes"):
-    w.einsum("BTD,2DF->2BTF", x, layer=jnp.int32(0))
+    runtime.einsum(w, "BTD,2DF->2BTF", x, layer=jnp.int32(0))
   xq, sx, zx = kernels.quantize_per_token(x[0], symmetric=False)
   with pytest.raises(ValueError, match="stacked"):
     kernels.w4a8_matmul(xq, sx, zx, w.codes, w.scale, w.zero, layer=jnp.int32(0))
@@ -100,12 +102,11 @@ def test_in_place_policy_hands_the_kernel_the_whole_stack_on_cuda(demo):
   triton = jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
 
   def cuda_text(flag):
-    p = dataclasses.replace(policy, cfg=dataclasses.replace(policy.cfg, stacked_in_place=flag))
     # The kernels forced: auto-dispatch takes the W4A8 one only at full-size shapes, and the
     # weight-only one never.
-    tree = with_implementations(packed, matmul="pallas")
+    p = _in_place(policy, flag, matmul="pallas")
     return jax.export.export(jax.jit(p.sample_actions), platforms=["cuda"],
-                             disabled_checks=[triton])(tree, obs, jax.random.key(2)).mlir_module()
+                             disabled_checks=[triton])(packed, obs, jax.random.key(2)).mlir_module()
 
   depth = policy.cfg.llm.depth
   calls = lambda flag: re.findall(r"custom_call @__gpu\$xla\.gpu\.triton\(.*", cuda_text(flag))
@@ -125,23 +126,18 @@ def fast_demo():
   return get_policy("pi0", "demo"), fast_packed("pi0")
 
 
-def _in_place(policy, flag):
-  return dataclasses.replace(policy, cfg=dataclasses.replace(policy.cfg, stacked_in_place=flag))
-
-
 def test_in_place_fused_mlp_actions_equal_sliced_actions(fast_demo, monkeypatch):
   policy, packed = fast_demo
   obs = make_observation(policy.cfg, jax.random.key(1), 2)
-  from duquant_jax import packed as packed_mod
   layers_seen = []
-  real = packed_mod.gated_mlp
+  real = runtime.gated_mlp
 
-  def spy(w_gating, w_linear, x, layer=None):
-    y = real(w_gating, w_linear, x, layer)
+  def spy(w_gating, w_linear, x, execution=runtime.AUTO, layer=None):
+    y = real(w_gating, w_linear, x, execution, layer)
     layers_seen.append((layer is not None, y is not None))
     return y
 
-  monkeypatch.setattr(packed_mod, "gated_mlp", spy)
+  monkeypatch.setattr(runtime, "gated_mlp", spy)
   run = lambda flag: np.asarray(jax.jit(_in_place(policy, flag).sample_actions)(
       packed, obs, jax.random.key(2)))
   sliced = run(False)
@@ -156,12 +152,12 @@ def test_in_place_fused_mlp_actions_equal_sliced_actions(fast_demo, monkeypatch)
 def test_in_place_fast_policy_hands_the_mosaic_kernels_the_whole_stack_on_cuda(fast_demo):
   policy, packed = fast_demo
   obs = make_observation(policy.cfg, jax.random.key(1), 1)
-  tree = with_implementations(packed, matmul="mosaic")
   triton = jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
 
   def mosaic_calls(flag):
-    text = jax.export.export(jax.jit(_in_place(policy, flag).sample_actions), platforms=["cuda"],
-                             disabled_checks=[triton])(tree, obs, jax.random.key(2)).mlir_module()
+    text = jax.export.export(jax.jit(_in_place(policy, flag, "mosaic").sample_actions),
+                             platforms=["cuda"], disabled_checks=[triton])(
+                                 packed, obs, jax.random.key(2)).mlir_module()
     return re.findall(r"custom_call @mosaic_gpu\w*\(.*", text)
 
   depth = policy.cfg.llm.depth

@@ -17,14 +17,15 @@ from duquant_jax.numerics import static_range
 from duquant_jax.models import get_policy
 from duquant_jax.packed import PackedLinear
 from duquant_jax.quantize import quantize_params
+from duquant_jax.runtime import PackedRuntime
 
 DOWN = r"PaliGemma/llm/layers/mlp(_1)?/linear"
 is_packed = lambda v: isinstance(v, PackedLinear)
 
 
 def _actions(model, params):
-  return jax.jit(get_policy(model, "demo").sample_actions)(params, held_out(model),
-                                                           jax.random.key(5))
+  policy = get_policy(model, "demo", runtime=PackedRuntime())
+  return jax.jit(policy.sample_actions)(params, held_out(model), jax.random.key(5))
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
@@ -160,21 +161,21 @@ def test_fast_packs_are_bit_identical_for_a_seed_and_differ_across_seeds():
 
 @pytest.mark.parametrize("model", ["pi0", "pi05"])
 def test_fast_mlps_run_fused_and_equal_the_unfused_form(model, monkeypatch):
-  """Under `fast` the Gemma MLPs take `packed.gated_mlp` (one pass to the down projection's int8
+  """Under `fast` the Gemma MLPs take `runtime.gated_mlp` (one pass to the down projection's int8
   codes); in float32 it is the same arithmetic as gate/up -> gelu * up -> static quantizer."""
-  from duquant_jax import packed as packed_mod
+  from duquant_jax import runtime
   packed = _fast_packed(model)
   fused_calls = []
-  real = packed_mod.gated_mlp
+  real = runtime.gated_mlp
 
   def counting(*a):
     y = real(*a)
     fused_calls.append(y is not None)
     return y
 
-  monkeypatch.setattr(packed_mod, "gated_mlp", counting)
+  monkeypatch.setattr(runtime, "gated_mlp", counting)
   fused = np.asarray(_actions(model, packed))
   assert fused_calls and all(fused_calls), fused_calls  # both Gemmas' MLPs, prefix and steps
-  monkeypatch.setattr(packed_mod, "gated_mlp", lambda *a: None)
+  monkeypatch.setattr(runtime, "gated_mlp", lambda *a: None)
   unfused = np.asarray(_actions(model, packed))
   np.testing.assert_allclose(fused, unfused, rtol=1e-5, atol=1e-6)

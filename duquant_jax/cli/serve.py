@@ -16,6 +16,7 @@ import typer
 from duquant_jax import checkpoint as ck
 from duquant_jax.cli.errors import fail
 from duquant_jax.models import get_policy
+from duquant_jax.runtime import PackedRuntime
 from duquant_jax.openpi_io import (PaligemmaTokenizer, RequestAdapter, find_norm_stats,
                                    load_norm_stats)
 from duquant_jax.serve import PolicyRunner, ServeConfig, serve_forever
@@ -52,7 +53,7 @@ def build_runner(ckpt: str, *, model: Optional[str] = None, size: Optional[str] 
   if model is None or size is None:
     raise ValueError(f"{ckpt}: its metadata does not name the model and size; "
                      "pass --model and --size")
-  policy = get_policy(model, size, unroll_layers=unroll_layers)
+  policy = get_policy(model, size, unroll_layers=unroll_layers, runtime=PackedRuntime())
   params, cfg, _, _ = ck.load_packed(ckpt)
   if norm_stats is None:  # the packed checkpoint's own, else those of the checkpoint it came from
     found = None

@@ -16,6 +16,7 @@ from duquant_jax.lab.synthetic import realistic_params
 from duquant_jax.layouts import linear_layouts
 from duquant_jax.models import Policy, get_policy
 from duquant_jax.quantize import quantize_params, summarize
+from duquant_jax.runtime import PackedRuntime
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,7 +62,7 @@ def run_demo(model: str, cfg: QuantConfig, *, calib_batches: int | None = None, 
   rollouts with another seed, the same noise for both policies. A config with
   `attention_balance` is balanced on the calibration batches after packing (in the pack time).
   """
-  policy: Policy = get_policy(model, "demo")
+  policy: Policy = get_policy(model, "demo", runtime=PackedRuntime())
   params = realistic_params(policy, seed)
   n_calib = calib_batches or cfg.calib_batches
   t0 = time.perf_counter()

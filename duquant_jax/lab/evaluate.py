@@ -45,6 +45,7 @@ from duquant_jax.layouts import linear_layouts
 from duquant_jax.models import Policy, get_policy
 from duquant_jax.models.rollout import ToyEnv, rollout
 from duquant_jax.packed import PackedLinear
+from duquant_jax import runtime
 from duquant_jax.openpi_paths import GEMMA_LAYERS
 from duquant_jax.quantize import (folded_smoothing, packed_items, producer_smoothing,
                                   quantize_params, rotated_model, summarize, to_2d)
@@ -196,7 +197,7 @@ def first_exceeding(divergence: np.ndarray, tolerance: float) -> Optional[int]:
 @jax.jit
 def _layer_err(p: PackedLinear, x, w2, lam):
   y_fp = jnp.matmul(x, w2, precision=jax.lax.Precision.HIGHEST)
-  y_q = p.matmul(x / lam).astype(jnp.float32)
+  y_q = runtime.matmul(p, x / lam).astype(jnp.float32)
   return jnp.linalg.norm(y_q - y_fp) / jnp.maximum(jnp.linalg.norm(y_fp), 1e-30)
 
 
@@ -329,7 +330,7 @@ def evaluate(model: str, variants: Sequence[Variant], cfg: EvalConfig = EvalConf
   Returns:
     EvalReport with one VariantResult per variant (in order).
   """
-  policy: Policy = get_policy(model, size)
+  policy: Policy = get_policy(model, size, runtime=runtime.PackedRuntime())
   if params is None:
     params = realistic_params(policy, cfg.seed)
   env = ToyEnv(policy.cfg)

@@ -5,9 +5,10 @@ from duquant_jax.models.config import (GEMMA, IMAGE_KEYS, MODELS, SIGLIP, SIZES,
 from duquant_jax.models.observation import (Observation, as_observation, make_observation,
                                             validate_observation)
 from duquant_jax.models.pi0 import Pi0, Policy, flow_times, get_policy, make_attn_mask
+from duquant_jax.models.runtime import FloatRuntime, Runtime
 
 __all__ = [
     "GEMMA", "IMAGE_KEYS", "MODELS", "SIGLIP", "SIZES", "GemmaConfig", "Pi0Config", "SiglipConfig",
     "get_config", "Observation", "as_observation", "make_observation", "validate_observation",
-    "Pi0", "Policy", "flow_times", "get_policy", "make_attn_mask",
+    "Pi0", "Policy", "flow_times", "get_policy", "make_attn_mask", "FloatRuntime", "Runtime",
 ]

@@ -82,12 +82,6 @@ class Pi0Config:
   # (L, ...) layout either way; unrolled, each layer reads a static slice of the stack instead of a
   # dynamic slice inside a while loop (see BENCHMARKS.md for what that costs or saves).
   unroll_layers: bool = False
-  # Hand packed Gemma layer weights to the layer scan whole, with the layer's index, so that a
-  # kernel can read the layer in place instead of a per-layer slice copy (`gemma.stack_in_place`;
-  # on Hopper the Mosaic kernels take every W4A8 Gemma linear they apply to, on other CUDA GPUs
-  # the Pallas kernel the flow steps'). The same numbers either way; on the H100 the `fast` pi0
-  # ran 1.2 ms faster at batch 1 and 1.5 ms at batch 8 (BENCHMARKS.md, "Policy latency").
-  stacked_in_place: bool = True
 
   def __post_init__(self):
     if self.llm.depth != self.expert.depth:

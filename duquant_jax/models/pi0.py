@@ -5,6 +5,9 @@ through the Gemma LLM once to fill a KV cache; each of `num_steps` Euler steps o
 (t from 1 to 0) runs only the action expert on the suffix (pi0: state token + action tokens), attending
 to the cache, and predicts the velocity v_t; x_{t+dt} = x_t + dt v_t with dt = -1 / num_steps.
 
+The policy's `runtime` (`models.runtime.Runtime`) applies the weights: float einsums by default;
+`Policy(cfg, runtime=duquant_jax.runtime.PackedRuntime())` runs packed (quantized) param trees.
+
 Axes: B batch, T prefix tokens, A action horizon, S suffix tokens, D width.
 """
 
@@ -12,16 +15,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from duquant_jax.models.config import IMAGE_KEYS, Pi0Config
-from duquant_jax.models.gemma import Gemma, packed_dense_interceptor, stack_in_place
+from duquant_jax.models.gemma import Gemma
 from duquant_jax.models.observation import (Observation, as_observation, make_observation,
                                             validate_observation)
+from duquant_jax.models.runtime import FloatRuntime, Runtime
 from duquant_jax.models.siglip import SigLIP
 
 Params = dict[str, Any]
@@ -46,24 +50,27 @@ def posemb_sincos(pos: jax.Array, dim: int, min_period: float, max_period: float
 
 class PaliGemma(nn.Module):
   cfg: Pi0Config
+  runtime: Runtime = FloatRuntime()
 
   def setup(self):
     c = self.cfg
     self.llm = Gemma(configs=(c.llm, c.expert), vocab_size=c.vocab_size,
-                     unroll_layers=c.unroll_layers, name="llm")
+                     unroll_layers=c.unroll_layers, runtime=self.runtime, name="llm")
     self.img = SigLIP(c.vision, out_dim=c.llm.width, unroll_layers=c.unroll_layers,
                       dtype_mm=c.dtype, name="img")
 
 
 class Pi0(nn.Module):
-  """The policy network. Methods are applied with `Pi0(cfg).apply(..., method=...)`."""
+  """The policy network. Methods are applied with `Pi0(cfg).apply(..., method=...)`; `runtime`
+  applies the Gemma weights (`models.runtime`)."""
 
   cfg: Pi0Config
+  runtime: Runtime = FloatRuntime()
 
   def setup(self):
     c = self.cfg
     w = c.expert.width
-    self.PaliGemma = PaliGemma(c)
+    self.PaliGemma = PaliGemma(c, self.runtime)
     self.action_in_proj = nn.Dense(w, name="action_in_proj")
     self.action_out_proj = nn.Dense(c.action_dim, name="action_out_proj")
     if c.pi05:
@@ -167,6 +174,9 @@ def flow_times(num_steps: int) -> jax.Array:
 class Policy:
   """A pi0 / pi0.5 policy of a given config: init, and jittable `sample_actions`.
 
+  `runtime` applies the weights (`models.runtime.Runtime`): float einsums by default; packed trees
+  run with `duquant_jax.runtime.PackedRuntime` (which runs float trees too).
+
   Example:
     policy = Policy(get_config("pi0", "demo"))
     params = policy.init(jax.random.key(0))
@@ -175,10 +185,11 @@ class Policy:
   """
 
   cfg: Pi0Config
+  runtime: Runtime = FloatRuntime()
 
   @property
   def module(self) -> Pi0:
-    return Pi0(self.cfg)
+    return Pi0(self.cfg, self.runtime)
 
   def example_observation(self, rng: jax.Array, batch_size: int = 1) -> Observation:
     return make_observation(self.cfg, rng, batch_size)
@@ -219,9 +230,8 @@ class Policy:
     if noise is None:
       noise = jax.random.normal(rng, (b, c.action_horizon, c.action_dim))
     module = self.module
-    variables = stack_in_place(params) if c.stacked_in_place else {"params": params}
-    # One memo per call: SigLIP's query / key / value of one packed input group quantize x once.
-    with nn.intercept_methods(functools.partial(packed_dense_interceptor, memo={})):
+    variables = self.runtime.variables(params)
+    with self.runtime.context():  # entered once per traced call
       return self._sample(module, variables, observation, noise, num_steps, return_trajectory)
 
   @staticmethod
@@ -247,17 +257,20 @@ class Policy:
     c = self.cfg
     if noise is None:
       noise = jax.random.normal(rng, (b, c.action_horizon, c.action_dim))
-    module, variables = self.module, {"params": params}
+    module, variables = self.module, self.runtime.variables(params)
     x_t = noise
-    for t in flow_times(num_steps):
-      v_t = module.apply(variables, observation, x_t, jnp.broadcast_to(t, (b,)),
-                         method=Pi0.velocity_no_cache)
-      x_t = x_t + (-1.0 / num_steps) * v_t
+    with self.runtime.context():
+      for t in flow_times(num_steps):
+        v_t = module.apply(variables, observation, x_t, jnp.broadcast_to(t, (b,)),
+                           method=Pi0.velocity_no_cache)
+        x_t = x_t + (-1.0 / num_steps) * v_t
     return x_t
 
 
 @functools.cache
-def get_policy(model: str = "pi0", size: str = "demo", **overrides) -> Policy:
-  """`Policy(get_config(model, size, **overrides))`, e.g. `get_policy("pi0", "full", unroll_layers=True)`."""
+def get_policy(model: str = "pi0", size: str = "demo", *, runtime: Optional[Runtime] = None,
+               **overrides) -> Policy:
+  """`Policy(get_config(model, size, **overrides), runtime)`, e.g.
+  `get_policy("pi0", "full", unroll_layers=True)`; `runtime` None: float einsums."""
   from duquant_jax.models.config import get_config
-  return Policy(get_config(model, size, **overrides))
+  return Policy(get_config(model, size, **overrides), runtime or FloatRuntime())

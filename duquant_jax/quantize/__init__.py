@@ -70,8 +70,8 @@ def quantize_params(params: Params, cfg: QuantConfig, stats: Any = None, *,
 
   Returns:
     A tree of the same structure where each quantized weight is a `PackedLinear` and norms carry the
-    folded smoothing. Run it with `Policy.sample_actions` (or any flax module via
-    `duquant_jax.inference`).
+    folded smoothing. Run it with `Policy(cfg, runtime=PackedRuntime()).sample_actions` (or any
+    flax module via `duquant_jax.runtime.quantized_apply`).
 
   Each group of linears reading one input goes through plan -> transform -> fold -> pack
   (`plan_group`, `build_transform`, `fold_smoothing`, `prepare_pack` then `pack_group`). Groups are

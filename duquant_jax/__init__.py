@@ -3,7 +3,7 @@
 The public surface; internals live in modules named for one idea each (see README, "Layout").
 """
 
-__version__ = "0.1.0"
+from duquant_jax.version import __version__
 
 from duquant_jax.attention_balance import (AttentionMoments, attention_moments, balance_attention,
                                            scale_outputs)

@@ -28,7 +28,7 @@ byte-identical files. orbax's own timestamps (`_CHECKPOINT_METADATA`) are set to
 its `commit_success.txt` (which names the temporary directory) is dropped.
 
 openpi's float checkpoints (an orbax PyTree checkpoint at `<ckpt>/params` holding {"params": tree})
-are read and written by `duquant_jax.openpi_checkpoint`; its names stay importable from here.
+are read and written by `duquant_jax.openpi_checkpoint`.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import duquant_jax
+from duquant_jax.version import __version__
 from duquant_jax.config import QuantConfig
 from duquant_jax.embedding import PackedEmbedding
 from duquant_jax.treepath import flat_items
@@ -415,7 +415,7 @@ def save_packed(path: Union[str, os.PathLike], packed: Params, cfg: QuantConfig,
   arrays = jax.tree.map(_to_numpy, arrays)
   meta = dict(metadata or {})
   meta.setdefault("created", _now_iso())
-  meta.setdefault("library_version", duquant_jax.__version__)
+  meta.setdefault("library_version", __version__)
   summary = summarize(packed)
   meta.setdefault("bits", dict(sorted(summary.bits.items())))
   meta.setdefault("bytes_fp_bf16", summary.weight_bytes_fp)
@@ -586,17 +586,3 @@ def load_packed(path: Union[str, os.PathLike], *, sharding: ShardingLike = None,
     except Exception as e:
       raise CheckpointError(f"{root}/stats: corrupt or truncated ({_first_line(e)})") from None
   return packed, cfg, stats, dict(info["metadata"])
-
-
-# ----------------------------------------------------------------------------------------------
-# openpi float checkpoints live in `duquant_jax.openpi_checkpoint`; these names stay importable here.
-
-_OPENPI_NAMES = ("check_layout", "load_openpi_params", "resolve_openpi_params_dir",
-                 "save_openpi_params")
-
-
-def __getattr__(name: str):
-  if name in _OPENPI_NAMES:
-    from duquant_jax import openpi_checkpoint
-    return getattr(openpi_checkpoint, name)
-  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -15,6 +15,7 @@ import pytest
 
 from conftest import demo_params, run_cli
 from duquant_jax import checkpoint as ck
+from duquant_jax import openpi_checkpoint as oc
 from duquant_jax.calibrate import CalibConfig, calibrate
 from duquant_jax.config import LayerRule, QuantConfig, get_preset
 from duquant_jax.models import get_policy
@@ -183,16 +184,16 @@ def test_not_a_checkpoint(tmp_path):
 
 def test_openpi_params_roundtrip_and_layout_check(tmp_path):
   params = demo_params("pi0")
-  ck.save_openpi_params(tmp_path / "fp", params)
+  oc.save_openpi_params(tmp_path / "fp", params)
   assert (tmp_path / "fp" / "params" / "_METADATA").is_file()
   for where in (tmp_path / "fp", tmp_path / "fp" / "params"):
-    restored = ck.load_openpi_params(where, get_policy("pi0", "demo"))
+    restored = oc.load_openpi_params(where, get_policy("pi0", "demo"))
     _assert_same_tree(jax.tree.map(jnp.asarray, params), restored)
-  bf16 = ck.load_openpi_params(tmp_path / "fp", dtype=jnp.bfloat16)
+  bf16 = oc.load_openpi_params(tmp_path / "fp", dtype=jnp.bfloat16)
   assert bf16["PaliGemma"]["llm"]["layers"]["mlp"]["linear"].dtype == jnp.bfloat16
   with pytest.raises(ValueError, match=r"does not match the model layout: PaliGemma/\S+: expected "
                                        r"shape \(.*\), got \(.*\)|is missing|unexpected"):
-    ck.load_openpi_params(tmp_path / "fp", get_policy("pi0", "dummy"))
+    oc.load_openpi_params(tmp_path / "fp", get_policy("pi0", "dummy"))
   with pytest.raises(ck.CheckpointError, match="float \\(openpi\\) checkpoint"):
     ck.load_packed(tmp_path / "fp")
 
@@ -239,7 +240,7 @@ def test_cli_end_to_end(tmp_path, capsys):
 
 def test_killed_conversion_leaves_dst_absent(tmp_path):
   fp, q = tmp_path / "fp", tmp_path / "q"
-  ck.save_openpi_params(fp, demo_params("pi0"))
+  oc.save_openpi_params(fp, demo_params("pi0"))
   env = dict(os.environ, PYTHONPATH=str(REPO))
   proc = subprocess.Popen([sys.executable, "-m", "duquant_jax.cli", "convert", str(fp), str(q),
                            "--preset", "w4a8-rtn"], env=env, stdout=subprocess.DEVNULL,

@@ -78,8 +78,6 @@ def test_training_state_unwrapped_dtype_kept_size_inferred(bf16_ckpts):
   info = oc.open_openpi(root / "run" / "1000")
   assert (info.model, info.size, info.wrapped, info.lora) == ("pi0", "demo", True, {})
   assert (oc.open_openpi(root / "pi05").model, oc.open_openpi(root / "pi05").size) == ("pi05", "demo")
-  # The old import path still works.
-  assert ck.load_openpi_params is oc.load_openpi_params
 
 
 def test_layout_mismatch_is_named(bf16_ckpts):

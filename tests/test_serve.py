@@ -21,6 +21,7 @@ import pytest
 from conftest import demo_params
 from test_openpi_io import tiny_tokenizer_file
 from duquant_jax import checkpoint as ck
+from duquant_jax import openpi_checkpoint as oc
 from duquant_jax.calib_data import load_recordings
 from duquant_jax.cli import main
 from duquant_jax.cli.serve import build_runner
@@ -305,7 +306,7 @@ def test_cli_serve_record_then_calibrate_on_recordings(demo_ckpt, tmp_path, caps
     load_recordings(tmp_path / "empty", policy.cfg)
 
   fp = tmp_path / "fp"
-  ck.save_openpi_params(fp, demo_params("pi0"))
+  oc.save_openpi_params(fp, demo_params("pi0"))
   with pytest.raises(SystemExit) as e:
     main([str(a) for a in ["convert", fp, tmp_path / "q", "--preset", "w4a8-rtn", "--calib-from",
                            rec, "--batch-size", "2"]])

@@ -133,7 +133,7 @@ def export_demo_fp(
   try:
     policy = get_policy(model, size)
     params = realistic_params(policy, seed)
-    out = ck.save_openpi_params(dst, params, force=force)
+    out = oc.save_openpi_params(dst, params, force=force)
   except (ValueError, FileExistsError, FileNotFoundError) as e:
     _fail(str(e))
   typer.echo(f"wrote {model} {size} float params (seed {seed}) to {out}/params")

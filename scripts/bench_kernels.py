@@ -169,7 +169,7 @@ def _tc(bm, bn, bk, w=4, st=4, sk=1, unpack="interleave"):
                                split_k=sk, unpack=unpack)
 
 
-# Candidate tiles per M regime for --autotune (from the first H100 sweep's winners, BENCHMARKS.md).
+# Candidate tiles per M regime for --autotune (the winners of an H100 sweep, BENCHMARKS.md).
 AUTOTUNE = {
     "small": [_tc(16, 32, 512), _tc(16, 64, 256, unpack="split_x"),
               _tc(16, 32, 256, sk=2, unpack="split_x")],

@@ -124,8 +124,8 @@ def rounded(cfg: QuantConfig, rounding: str, name: str | None = None) -> QuantCo
   return dataclasses.replace(cfg, name=name or f"{cfg.name}+{rounding}", rules=rules)
 
 
-# GPTQ rounding (issue 20; EVALUATION.md, "GPTQ rounding"). `recommended` and `fast` round with
-# GPTQ since; `*nearest` are them as before, `*gptq` the same configs as the presets. Every Gemma
+# GPTQ rounding (EVALUATION.md, "GPTQ rounding"). `recommended` and `fast` round with GPTQ;
+# `*nearest` are them rounding to nearest, `*gptq` the same configs as the presets. Every Gemma
 # linear at W4A8 (the expert attention too, as `recommended`'s b16 DuQuant), with either rounding.
 CANDIDATES.update({
     "recnearest": rounded(get_preset("recommended"), "nearest"),
@@ -144,8 +144,8 @@ def balanced(cfg: QuantConfig, name: str, **fields) -> QuantConfig:
   return dataclasses.replace(cfg, name=name, attention_balance=AttentionBalance(**fields))
 
 
-# Attention temperature matching and output balancing (issue 20; EVALUATION.md, "Attention
-# balancing") on every Gemma linear at W4A8 with GPTQ (`receagptq`), and on `recommended`.
+# Attention temperature matching and output balancing (EVALUATION.md, "Attention balancing")
+# on every Gemma linear at W4A8 with GPTQ (`receagptq`), and on `recommended`.
 _ALL = CANDIDATES["receagptq"]
 CANDIDATES.update({
     "receagptqT": balanced(_ALL, "every Gemma linear W4A8 + temperature", output=False),

@@ -6,7 +6,7 @@ a value on a .5 boundary differently), then the time per call in one jitted loop
 (`bench_kernels`' LoopTimer) of
 - `bf16`: bf16 `jnp.dot` to (M, 2F), gelu(gate) * up in bf16 (the float model's MLP up half);
 - `unfused`: the plain Mosaic W4A8 kernel to bf16 (M, 2F), then gelu * up and the down
-  projection's static int8 quantizer as XLA ops (what the `fast` preset ran before fusion);
+  projection's static int8 quantizer as XLA ops (`fast` with `--variants .../unfused`);
 - `fused`: the gated kernel, (M, F) int8 codes straight out of the MMA registers.
 
 Usage (Hopper GPU): python3 scripts/probe_gated_mlp.py [--ms 51,408,816,6528] [--json out.json]

@@ -1,7 +1,6 @@
 """Probe: do the Mosaic GPU (Pallas) Hopper matmuls that ship with jax beat XLA / bf16 on our shapes?
 
-Issue 7 asks to pick the kernel backend (Mosaic GPU or Triton) by measurement; only Triton was
-measured. This probe calls the two Hopper kernels that jax distributes as
+Which Hopper backend to build on (Mosaic GPU or Triton) is a measurement. This probe calls the two Hopper kernels that jax distributes as
 `jax.experimental.pallas.ops.gpu` (not part of this library; their APIs move between jax versions)
 on gemma_2b's MLP shapes, in the same jitted timing loop as `bench_kernels.py`:
 
@@ -12,8 +11,7 @@ on gemma_2b's MLP shapes, in the same jitted timing loop as `bench_kernels.py`:
                registers, bf16 wgmma, run as y^T = w8^T (N, K) @ x^T (K, M) (the int8 operand must be
                the left one); M is padded to a multiple of 128
 
-Session 3 also tried a first int8 GEMM kernel of ours here (wrong results, BENCHMARKS.md); it is
-superseded by the library's W4A8 kernel `duquant_jax/kernels/mosaic_gpu.py`, measured by
+The library's own W4A8 kernel (`duquant_jax/kernels/mosaic_gpu.py`) is measured by
 `probe_mosaic_w4a8.py` and `bench_kernels.py --kernel mosaic`.
 
 Usage (GPU): python3 scripts/probe_mosaic_gpu.py [--ms 64,816,4096] [--json out.json]

@@ -1,7 +1,8 @@
 """Reading stacked (L, ...) packed layer weights in place at a layer index
 (`runtime.stack_in_place`, `Execution.stacked_in_place`, `runtime.einsum(..., layer=)`): the same
 actions as openpi's sliced params, the Pallas kernel reading a layer of the stack, and the CUDA
-lowering that hands the kernel the whole stack. (Whether it is faster is measured on the H100: BENCHMARKS.md, "Policy latency (H100)".)
+lowering that hands the kernel the whole stack. (Whether it is faster is measured on the H100:
+BENCHMARKS.md, "Policy latency (H100)".)
 """
 
 from __future__ import annotations

@@ -1,8 +1,15 @@
-"""Digests of packed trees and calibration stats, for tests that pin results bit for bit.
+"""Digests of packed trees and calibration stats: a by-hand check that a refactor packs bit for bit.
 
 `tests/data/quantize_golden.json` holds the digests of `quantize_params` on the demo models for a
-few presets (and of the demo calibration stats they were packed with); `python tests/golden.py`
-writes it again (only when a change of numerics is intended, and said so in the commit).
+few presets (and of the demo calibration stats they were packed with).
+
+    python tests/golden.py --check   # compare today's packs with the recorded digests
+    python tests/golden.py           # record them again (a change of numerics, said in the commit)
+
+The digests are of this project's 2-core CPU machine (jax 0.10.2): XLA's CPU code is compiled for
+the host's instruction set and may round differently on another CPU, so the test suite does not
+run this check (the suite pins determinism within one machine instead); run it by hand before and
+after a change that must not move any bit.
 """
 
 import hashlib
@@ -66,8 +73,20 @@ def compute():
   return out
 
 
+def check() -> list[str]:
+  """The '<case>: <leaf path>' entries whose digest differs from the recorded one."""
+  want, got = json.loads(GOLDEN.read_text()), compute()
+  return [f"{case}: {key}" for case in sorted(set(want) | set(got))
+          for key in sorted(set(want.get(case, {})) | set(got.get(case, {})))
+          if want.get(case, {}).get(key) != got.get(case, {}).get(key)]
+
+
 if __name__ == "__main__":
   import sys
   sys.path.insert(0, str(pathlib.Path(__file__).parent))
+  if sys.argv[1:] == ["--check"]:
+    bad = check()
+    print("\n".join(bad[:50]) or f"{GOLDEN.name}: every digest matches")
+    sys.exit(1 if bad else 0)
   GOLDEN.write_text(json.dumps(compute(), indent=0, sort_keys=True) + "\n")
   print(GOLDEN, GOLDEN.stat().st_size)

@@ -49,7 +49,7 @@ import numpy as np
 from duquant_jax.version import __version__
 from duquant_jax.config import QuantConfig
 from duquant_jax.embedding import PackedEmbedding
-from duquant_jax.treepath import flat_items
+from duquant_jax.treepath import flat_items, get_path, path_str, set_path
 from duquant_jax.packed import PackedLinear
 from duquant_jax.transforms import InputTransform
 
@@ -197,26 +197,11 @@ def _split_packed(tree: Any, prefix: str = "") -> tuple[Any, dict[str, dict]]:
   return walk(tree, prefix), structure
 
 
-def _get_path(tree: Mapping, path: str):
-  node = tree
-  for k in path.split("/"):
-    node = node[k]
-  return node
-
-
-def _set_path(tree: dict, path: str, value) -> None:
-  *head, last = path.split("/")
-  node = tree
-  for k in head:
-    node = node[k]
-  node[last] = value
-
-
 def _join_packed(arrays: dict, structure: Mapping[str, dict]) -> dict:
   """Inverse of `_split_packed` (arrays is modified in place and returned)."""
   for path, desc in structure.items():
     try:
-      a = _get_path(arrays, path)
+      a = get_path(arrays, path)
     except (KeyError, TypeError):
       raise CheckpointError(f"structure names {path!r} but the checkpoint has no arrays there") from None
     missing = [f for f in desc["arrays"] if f not in a]
@@ -230,7 +215,7 @@ def _join_packed(arrays: dict, structure: Mapping[str, dict]) -> dict:
         emb.validate()
       except ValueError as e:
         raise CheckpointError(f"{path}: restored packed embedding is inconsistent: {e}") from None
-      _set_path(arrays, path, emb)
+      set_path(arrays, path, emb)
       continue
     if kind != "linear":
       raise CheckpointError(f"{path}: unknown packed entry kind {kind!r}")
@@ -252,7 +237,7 @@ def _join_packed(arrays: dict, structure: Mapping[str, dict]) -> dict:
       packed.validate()
     except ValueError as e:
       raise CheckpointError(f"{path}: restored packed weight is inconsistent: {e}") from None
-    _set_path(arrays, path, packed)
+    set_path(arrays, path, packed)
   return arrays
 
 
@@ -507,7 +492,6 @@ def _restore_args(meta_tree: Any, sharding: ShardingLike, dtype: Any = None):
   default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
   def one(kp, m):
-    from duquant_jax.treepath import path_str
     s = sharding
     if s is None:
       s = default

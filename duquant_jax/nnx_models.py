@@ -40,6 +40,7 @@ from duquant_jax.models.flax_linear import einsum_contraction, trailing_axes
 from duquant_jax.packed import PackedLinear
 from duquant_jax.runtime import AUTO, Execution, shared_matmul
 from duquant_jax.stats import ChannelStats, HistSpec
+from duquant_jax.treepath import flat_items
 
 # NNX layers whose kernel a packed one may replace (their own `__call__` is the float reference).
 LINEAR_LAYERS = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum)
@@ -279,18 +280,9 @@ def calibrate_nnx(model: nnx.Module, batches: Any, cfg: QuantConfig, *,
 # The packed run.
 
 
-def _leaves(tree: Mapping, prefix: str = "") -> dict[str, Any]:
-  """{'/'-joined path: leaf} of a nested-dict tree (packed weights are leaves)."""
-  out = {}
-  for k, v in tree.items():
-    path = f"{prefix}/{k}" if prefix else str(k)
-    out.update(_leaves(v, path) if isinstance(v, Mapping) else {path: v})
-  return out
-
-
 def _with_params(state: nnx.State, params: Mapping) -> nnx.State:
   """The Param state with every value taken from `params` (same paths, same shapes)."""
-  given = _leaves(params)
+  given = dict(flat_items(params, is_leaf=lambda v: not isinstance(v, Mapping)))
   out, seen = [], set()
   for parts, var in nnx.to_flat_state(state):
     path = _join(parts)

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 
 from duquant_jax import runtime
 from duquant_jax.embedding import PackedEmbedding
-from duquant_jax.treepath import path_str
+from duquant_jax.treepath import flat_items
 from duquant_jax.packed import PackedLinear
 from duquant_jax.runtime import AUTO, Execution
 
@@ -204,8 +204,7 @@ def _linen_prefixes(model: Any) -> list[tuple]:
 
 def _flat(tree: Any) -> dict[str, Any]:
   """{'/'-path: leaf} with each packed weight as one leaf."""
-  leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_packed)[0]
-  return {path_str(p): x for p, x in leaves}
+  return dict(flat_items(tree, is_leaf=_is_packed))
 
 
 def load_into_openpi(config_or_model: Any, params: Any, *, remove_extra_params: bool = True):

@@ -94,6 +94,20 @@ CANDIDATES = {
  "fastdown": _fast("fast + DuQuant b16 online on the down projections", down=dict(block_size=16)),
  "fast2h": _fast("fast + Hadamard b64 online on the down projections",
                  down=dict(block_size=64, rotation="hadamard", permutation="none")),
+ "fast64g": _fast("fast + one greedy b64 rotation online on the down projections",
+                  down=dict(block_size=64, permutation="none")),
+ # The same online down-projection transforms with GPTQ rounding, as `fast` rounds every rule.
+ "fast2hq": _fast("fast + Hadamard b64 online on the down projections, GPTQ",
+                  down=dict(block_size=64, rotation="hadamard", permutation="none", rounding="gptq")),
+ "fast64gq": _fast("fast + one greedy b64 rotation online on the down projections, GPTQ",
+                   down=dict(block_size=64, permutation="none", rounding="gptq")),
+ "fastdownq": _fast("fast + DuQuant b16 online on the down projections, GPTQ",
+                    down=dict(block_size=16, rounding="gptq")),
+ # Where `fast`'s error comes from: its SigLIP, or its expert attention, kept float.
+ "fastsigfp": _fast("fast, SigLIP float", sig=LayerRule(pattern=SIG, skip=True)),
+ "fasteafp": _fast("fast, expert attention float", eattn=LayerRule(pattern=EXPERT_ATTN, skip=True)),
+ "fastsig8w": _fast("fast, SigLIP W8 weight-only", sig=dataclasses.replace(
+     get_preset("fast").rules[-1], weight_bits=8)),
  "fastg": _fast("fast, down projections' weights per group of 128",
                 down=dict(rotation="none", permutation="none", weight_granularity="group")),
  "fastw8down": _fast("fast, expert down projection W8", extra=LayerRule(

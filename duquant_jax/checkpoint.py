@@ -49,13 +49,12 @@ import numpy as np
 from duquant_jax.version import __version__
 from duquant_jax.config import QuantConfig
 from duquant_jax.embedding import PackedEmbedding
-from duquant_jax.treepath import flat_items, get_path, path_str, set_path
+from duquant_jax.treepath import get_path, path_str, set_path
 from duquant_jax.packed import PackedLinear
 from duquant_jax.transforms import InputTransform
 
-__all__ = ["CheckpointError", "FORMAT", "FORMAT_VERSION", "load_openpi_params", "load_packed",
-           "read_info", "resolve_openpi_params_dir", "save_openpi_params", "save_packed",
-           "verify_files"]
+__all__ = ["CheckpointError", "FORMAT", "FORMAT_VERSION", "load_packed", "read_info",
+           "save_packed", "verify_files"]
 
 FORMAT = "duquant-jax/packed"
 # The newest version this library reads; 2 added PackedEmbedding entries, 3 compact storage (int8

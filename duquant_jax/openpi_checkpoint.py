@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
-import re
 import time
 from typing import Any, Mapping, Optional, Union
 

@@ -19,6 +19,8 @@ import pathlib
 import jax
 import numpy as np
 
+from duquant_jax.treepath import path_str
+
 GOLDEN = pathlib.Path(__file__).parent / "data" / "quantize_golden.json"
 # (model, preset) pairs: norm folds (RMSNorm, pi0.5's adaptive norm, SigLIP's LayerNorm), producer
 # folds, GPTQ, output rotations with per-head scales, static scales, rotate_residual, embeddings.
@@ -29,13 +31,6 @@ STATIC = ("bits", "w_shape", "w_spec", "act_bits", "act_symmetric", "act_clip", 
           "mode", "group_size", "symmetric", "hadamard", "merged_smooth")
 
 
-def _key(k) -> str:
-  for attr in ("key", "name", "idx"):
-    if hasattr(k, attr):
-      return str(getattr(k, attr))
-  return str(k)
-
-
 def digests(tree) -> dict[str, str]:
   """{'/'-joined leaf path: sha256 of dtype, shape and bytes (16 hex digits)} of every array leaf,
   plus '<path>#static' entries for the format fields of packed leaves and their transforms."""
@@ -44,7 +39,7 @@ def digests(tree) -> dict[str, str]:
     a = np.asarray(x)
     h = hashlib.sha256(f"{a.dtype}{a.shape}".encode())
     h.update(np.ascontiguousarray(a).tobytes())
-    out["/".join(_key(k) for k in kp)] = h.hexdigest()[:16]
+    out[path_str(kp)] = h.hexdigest()[:16]
 
   def statics(node, path):
     if isinstance(node, dict):

@@ -12,8 +12,8 @@ from duquant_jax import stats as st
 from duquant_jax.config import LayerRule, QuantConfig
 from duquant_jax.lab.evaluate import layer_output_errors
 from duquant_jax.gptq import gptq_codes, hessian_block_for, transform_hessian
-from duquant_jax.numerics import dequantize_weight
-from duquant_jax.quantize import quantize_params, quantize_weight
+from duquant_jax.numerics import dequantize_weight, quantize_weight
+from duquant_jax.quantize import quantize_params
 
 from conftest import demo_params, demo_stats
 

@@ -1,7 +1,6 @@
 """The pi0 / pi0.5 model: openpi's param layout, sample_actions, input validation, rollouts."""
 
 import ast
-import json
 import pathlib
 import re
 

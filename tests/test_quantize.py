@@ -16,7 +16,8 @@ from duquant_jax.kernels.xla import (quantize_per_token, w4a8_matmul,
 from duquant_jax.layouts import linear_layouts
 from duquant_jax.models import get_policy
 from duquant_jax.packed import PackedLinear
-from duquant_jax.quantize import quantize_params, quantize_weight, summarize
+from duquant_jax.numerics import quantize_weight
+from duquant_jax.quantize import quantize_params, summarize
 from duquant_jax.runtime import PackedRuntime, quantized_apply
 
 from conftest import demo_params, demo_stats, held_out

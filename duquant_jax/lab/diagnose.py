@@ -96,7 +96,7 @@ def effective_weight(params, packed, layout: LinearLayout) -> np.ndarray:
   """The packed linear as a float weight in the original layout (stack..., weight_shape), weight-only.
 
   W_eff2 (K, N) = restore(T(I / lam) @ dequant^T), lam = smoothing folded into the norm, T the
-  online transform; then un-flattened to the weight's own axes (inverse of `quantize.to_2d`).
+  online transform; then un-flattened to the weight's own axes (inverse of `layouts.to_2d`).
   """
   p: PackedLinear = packed_leaf(packed, layout.path)
   lam = folded_smoothing(params, packed, layout)

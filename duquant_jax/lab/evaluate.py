@@ -41,14 +41,14 @@ from duquant_jax.config import AttentionBalance, QuantConfig, get_preset
 from duquant_jax.lab.demo import action_rel_err
 from duquant_jax.lab.plots import pyplot
 from duquant_jax.lab.synthetic import realistic_params
-from duquant_jax.layouts import linear_layouts
+from duquant_jax.layouts import linear_layouts, to_2d
 from duquant_jax.models import Policy, get_policy
 from duquant_jax.models.rollout import ToyEnv, rollout
 from duquant_jax.packed import PackedLinear
 from duquant_jax import runtime
 from duquant_jax.openpi_paths import GEMMA_LAYERS
 from duquant_jax.quantize import (folded_smoothing, packed_items, producer_smoothing,
-                                  quantize_params, rotated_model, summarize, to_2d)
+                                  quantize_params, rotated_model, summarize)
 from duquant_jax.treepath import get_path
 
 HORIZONS = (1, 5, 10, 25, 50)

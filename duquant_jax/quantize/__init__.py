@@ -35,9 +35,7 @@ import jax
 from tqdm import tqdm
 
 from duquant_jax.config import QuantConfig
-from duquant_jax.layouts import to_2d
 from duquant_jax.model_rotation import rotated_readers
-from duquant_jax.numerics import quantize_weight
 from duquant_jax.quantize.fold import (Folded, fold_smoothing, folded_smoothing,
                                        producer_smoothing)
 from duquant_jax.quantize.pack import (PackJob, pack_embeddings, pack_group, pack_layers,
@@ -50,8 +48,7 @@ from duquant_jax.treepath import copy_dicts, get_path, set_path
 
 __all__ = ["Folded", "GroupPlan", "PackJob", "PackSummary", "build_transform", "check_rules",
            "fold_smoothing", "folded_smoothing", "pack_group", "pack_layers", "packed_items", "plan_group",
-           "prepare_pack", "producer_smoothing", "quantize_params", "quantize_weight",
-           "rotated_model", "summarize", "to_2d"]
+           "prepare_pack", "producer_smoothing", "quantize_params", "rotated_model", "summarize"]
 
 Params = dict[str, Any]
 

@@ -97,8 +97,8 @@ def quantize_input(w: PackedLinear, x2: jax.Array, execution: Execution = AUTO):
 
   Returns:
     (xq, sx, zx): the online transform and the activation quantizer (per token, or static with
-    `w.act_scale`); for a weight-only linear (or call: `w.quantizes`), the transformed x2 in
-    x2's dtype.
+    `w.act_scale`: then sx, zx are (1, 1) and xq has M rounded up to a multiple of 8 rows); for a
+    weight-only linear (or call: `w.quantizes`), the transformed x2 in x2's dtype.
   """
   if not w.quantizes(x2.shape[0]):
     return kernels.transform_only(x2, kernel_transform(w), implementation=execution.transform)
@@ -108,6 +108,10 @@ def quantize_input(w: PackedLinear, x2: jax.Array, execution: Execution = AUTO):
     # slower than the whole gain of static scales: docs/design.md.)
     x = kernels.transform_only(x2, kernel_transform(w),
                                implementation=execution.transform or "xla_reduce")
+    # Rows padded to a multiple of 8, the token tiling of the Mosaic kernels: the pad fuses into
+    # this elementwise quantizer, where padding its int8 output would be an op of its own.
+    # Every row is quantized and multiplied on its own, so the first M rows are unchanged.
+    x = jnp.pad(x, ((0, -x.shape[0] % 8), (0, 0)))
     return xla.quantize_static(x, w.act_scale, w.act_zero, w.act_bits)
   return kernels.transform_quantize(x2, kernel_transform(w), w.act_bits,
                                     symmetric=w.act_symmetric, clip_ratio=w.act_clip,
@@ -152,8 +156,11 @@ def matmul(w: PackedLinear, x2: jax.Array, execution: Execution = AUTO, *, quant
   integer = one.mode == "int" and one.bits is not None  # bits None: float weights, float path
   if quantizes and integer:
     xq, sx, zx = quantize_input(one, x2, execution) if quantized is None else quantized
+    if layer is not None and one.act_scale is not None:
+      sx, zx = _per_layer(w.act_scale), _per_layer(w.act_zero)
     y = kernels.w4a8_matmul(xq, sx, zx, w.codes, _f32(w.scale), _f32(w.zero),
                             out_dtype=out_dtype, implementation=execution.matmul, layer=layer)
+    y = y[:x2.shape[0]]  # a static quantizer's padding rows
   elif integer:  # weight-only: codes read packed
     x = quantize_input(one, x2, execution) if quantized is None else quantized
     y = kernels.weight_only_matmul(x, w.codes, _f32(w.scale), _f32(w.zero), out_dtype=out_dtype,
@@ -301,15 +308,23 @@ def gated_mlp(w_gating: Any, w_linear: Any, x: jax.Array, execution: Execution =
           and l.quantizes(m) and 2 * l.in_features == g.out_features and g.in_features == d):
     return None
   xq, sx, zx = quantize_input(g, x.reshape(m, d), execution)
+  # Static scales go to the kernels whole, with the layer index (the kernels read them as
+  # scalars in place); the hidden codes keep xq's rows (padded to a multiple of 8) through
+  # both kernels, so nothing is padded or sliced between them.
+  if layer is None:
+    out_scale, out_zero = l.act_scale, l.act_zero
+    sh, zh = _per_tensor(l.act_scale), _per_tensor(l.act_zero)
+  else:
+    if g.act_scale is not None:
+      sx, zx = _per_layer(w_gating.act_scale), _per_layer(w_gating.act_zero)
+    out_scale, out_zero = w_linear.act_scale, w_linear.act_zero
+    sh, zh = _per_layer(w_linear.act_scale), _per_layer(w_linear.act_zero)
   impl = execution.matmul if execution.matmul in (None, "mosaic") else "xla"
   hq = kernels.gated_w4a8(xq, sx, zx, w_gating.codes, _f32(w_gating.scale), _f32(w_gating.zero),
-                          l.act_scale, l.act_zero, implementation=impl, layer=layer)
-  sh = jnp.broadcast_to(l.act_scale.reshape(1, 1).astype(jnp.float32), (m, 1))
-  zh = None if l.act_zero is None else jnp.broadcast_to(
-      l.act_zero.reshape(1, 1).astype(jnp.float32), (m, 1))
+                          _f32(out_scale), _f32(out_zero), implementation=impl, layer=layer)
   out_dtype = jnp.float32 if l.out_rot is not None else x.dtype
   y = kernels.w4a8_matmul(hq, sh, zh, w_linear.codes, _f32(w_linear.scale), _f32(w_linear.zero),
-                          out_dtype=out_dtype, implementation=execution.matmul, layer=layer)
+                          out_dtype=out_dtype, implementation=execution.matmul, layer=layer)[:m]
   if l.out_rot is not None:
     y = restore_output(y, l.out_rot)
   return y.astype(x.dtype).reshape(*x.shape[:-1], l.out_features)
@@ -321,6 +336,17 @@ def lookup(table: PackedEmbedding, tokens: jax.Array) -> jax.Array:
   rows = dequantize_rows(table.codes[tokens], table.scale[tokens],
                          None if table.zero is None else table.zero[tokens])
   return rows.astype(table.dtype)
+
+
+def _per_tensor(a: Optional[jax.Array]) -> Optional[jax.Array]:
+  """A static quantizer's (1,) scale or zero point as the matmuls take it, (1, 1) float32."""
+  return None if a is None else a.reshape(1, 1).astype(jnp.float32)
+
+
+def _per_layer(a: Optional[jax.Array]) -> Optional[jax.Array]:
+  """A stacked static quantizer's (L, 1) scales or zero points as the matmuls take them with a
+  layer index, (L, 1, 1) float32."""
+  return None if a is None else a.reshape(-1, 1, 1).astype(jnp.float32)
 
 
 def _f32(a: Optional[jax.Array]) -> Optional[jax.Array]:

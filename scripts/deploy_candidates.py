@@ -108,6 +108,12 @@ CANDIDATES = {
  "fasteafp": _fast("fast, expert attention float", eattn=LayerRule(pattern=EXPERT_ATTN, skip=True)),
  "fastsig8w": _fast("fast, SigLIP W8 weight-only", sig=dataclasses.replace(
      get_preset("fast").rules[-1], weight_bits=8)),
+ # Symmetric weights and activations: the kernels need no row sums of the token codes (zero
+ # points are what make them read the codes twice).
+ "fastsymw": _fast("fast, symmetric int4 weights", weight_symmetric=True),
+ "fastsyma": _fast("fast, symmetric activations", act_symmetric=True),
+ "fastsym": _fast("fast, symmetric weights and activations", weight_symmetric=True,
+                  act_symmetric=True),
  "fastg": _fast("fast, down projections' weights per group of 128",
                 down=dict(rotation="none", permutation="none", weight_granularity="group")),
  "fastw8down": _fast("fast, expert down projection W8", extra=LayerRule(

@@ -226,3 +226,35 @@ def test_in_place_kernels_equal_the_reference_on_hopper(m, k, n):
     # tanh-gelu and rounding may put a value on the other side of a .5 boundary: one code.
     d = jnp.abs(h.astype(jnp.int32) - h_ref.astype(jnp.int32))
     assert int(jnp.max(d)) <= 1 and float(jnp.mean(d > 0)) < 1e-5
+
+
+@pytest.mark.skipif(not _on_hopper(), reason="runs the Mosaic GPU kernels: Hopper only")
+@pytest.mark.parametrize("m,k,n", [(51, 1024, 4096), (51, 4096, 1024), (102, 1024, 4096),
+                                   (816, 16384, 2048), (816, 2048, 16384), (8, 2048, 2048)])
+@pytest.mark.parametrize("asym_w,asym_x", [(True, False), (True, True), (False, False)])
+def test_per_tensor_scales_equal_the_reference_on_hopper(m, k, n, asym_w, asym_x):
+  """Static (per-tensor, per-layer) activation scales: the kernel reads them as scalars and sums
+  the token rows itself; the numbers are the XLA path's."""
+  layers, i = 3, 1
+  kx, kq, ks, kz = jax.random.split(jax.random.key(m + k + n), 4)
+  scale = jnp.array([[[0.03]], [[0.02]], [[0.04]]])
+  zero = jnp.array([[[3.0]], [[-2.0]], [[1.0]]]) if asym_x else None
+  xq, _, _ = xla.quantize_static(jax.random.normal(kx, (m, k)), scale[i, 0],
+                                 None if zero is None else zero[i, 0])
+  q = jax.random.randint(kq, (layers, n, k), -8, 8).astype(jnp.int4)
+  sw = 0.01 + 0.01 * jax.random.uniform(ks, (layers, n, 1))
+  zw = jnp.round(4 * jax.random.uniform(kz, (layers, n, 1)) - 2) if asym_w else None
+  y = jax.jit(lambda l: mosaic_gpu.w4a8_matmul(xq, scale, zero, q, sw, zw, out_dtype=jnp.float32,
+                                               layer=l))(jnp.int32(i))
+  ref = xla.w4a8_matmul(xq, scale[i], None if zero is None else zero[i], q[i], sw[i],
+                        None if zw is None else zw[i])
+  tol = 0.0 if mosaic_gpu.choose_tiles(m, n, k).splits == 1 else 1e-6
+  assert float(jnp.max(jnp.abs(y - ref)) / jnp.max(jnp.abs(ref))) <= tol
+  if n % 128 == 0 and k <= 4096:
+    o_scale, o_zero = jnp.array([[0.05], [0.06], [0.07]]), jnp.array([[3.0], [0.0], [-1.0]])
+    h = jax.jit(lambda l: mosaic_gpu.gated_w4a8(xq, scale, zero, q, sw, zw, o_scale, o_zero,
+                                                layer=l))(jnp.int32(i))
+    h_ref = gated.reference(xq, scale[i], None if zero is None else zero[i], q[i], sw[i],
+                            None if zw is None else zw[i], o_scale[i], o_zero[i])
+    d = jnp.abs(h.astype(jnp.int32) - h_ref.astype(jnp.int32))
+    assert int(jnp.max(d)) <= 1 and float(jnp.mean(d > 0)) < 1e-5

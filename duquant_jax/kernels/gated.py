@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from duquant_jax.kernels import dispatch, mosaic_gpu, xla
 from duquant_jax.kernels.dispatch import HOPPER, PLATFORMS, Problem, Rule
-from duquant_jax.kernels.w4a8 import mosaic_in_place_preferred, mosaic_preferred
+from duquant_jax.kernels.w4a8 import act_at_layer, mosaic_in_place_preferred, mosaic_preferred
 
 IMPLEMENTATIONS = (None, "xla", "mosaic")
 
@@ -65,8 +65,8 @@ def gated_w4a8(xq: jax.Array, sx: jax.Array, zx: jax.Array | None, q: jax.Array,
   Args:
     xq, sx, zx, q, sw, zw: as `w4a8.w4a8_matmul` (one layer, per-channel weight scales), q (2F, K)
       gate rows then up rows.
-    out_scale, out_zero: the hidden activation's static quantizer, (1,) float32 (out_zero None:
-      symmetric).
+    out_scale, out_zero: the hidden activation's static quantizer, (1,) float32, or with `layer`
+      (L, 1), one per layer of the stack (out_zero None: symmetric).
     implementation: None (auto), "xla" (the reference ops) or "mosaic" (the kernel where it takes
       the shape, else the reference).
     layer: None, or a traced int32 scalar: q, sw, zw are the stacked (L, 2F, K) / (L, 2F, 1)
@@ -86,7 +86,11 @@ def gated_w4a8(xq: jax.Array, sx: jax.Array, zx: jax.Array | None, q: jax.Array,
     dispatch.check_stacked(q, sw)
   m, k = xq.shape
   n, g = sw.shape[-2:]
-  ref = lambda: reference(xq, sx, zx, *dispatch.at_layer(layer, q, sw, zw), out_scale, out_zero)
+  if out_scale.ndim == 2 and layer is None:
+    raise ValueError(f"per-layer output scales {out_scale.shape} need a layer index")
+  ref = lambda: reference(xq, *act_at_layer(layer, sx, zx), *dispatch.at_layer(layer, q, sw, zw),
+                          *dispatch.at_layer(layer if out_scale.ndim == 2 else None, out_scale,
+                                             out_zero))
   if implementation == "xla" or q.shape[-2:] != (n, k):
     return ref()
   choice = dispatch.choose(TABLES[implementation, layer is not None],

@@ -104,24 +104,39 @@ def supports(m: int, n: int, k: int, g: int, tiles: MosaicTiles | None = None) -
           and k % (tiles.tile_k * tiles.splits) == 0)
 
 
-def _operands(xq, sx, zx, sw, zw, tile_m: int):
-  """The kernel's operands: (xq padded to M8 rows, sw (L, N), zw (L, N), cols (4, Mp) float32).
+def per_tensor(sx: jax.Array) -> bool:
+  """Whether activation scales `sx` are one per tensor ((1, 1), or (L, 1, 1): one per stacked
+  layer) rather than one per token ((M, 1)); for M = 1 the two forms are the same numbers."""
+  return sx.shape[-2:] == (1, 1)
+
+
+def _operands(xq, sx, zx, sw, zw, tile_m: int, layer_given: bool):
+  """The kernel's operands: (xq padded to M8 rows, sw (L, N), zw (L, N), act).
 
   sw, zw: (L, N, 1) stacked or (N, 1) per-channel scales and zero points (L = 1).
-  cols holds per-token (sx, rx, zx, 0), rx the row sums of xq, zero-padded to Mp = M rounded up
-  to tile_m; a fourth zero row keeps every TMA copy of a column slice a multiple of 128 bytes.
+  act, per-token scales: cols (4, Mp) float32, per token (sx, rx, zx, 0), rx the row sums of xq,
+  zero-padded to Mp = M rounded up to tile_m (a fourth zero row keeps every TMA copy of a column
+  slice a multiple of 128 bytes). Per-tensor scales: (sx, zx), each (La,) float32 (La = L when
+  they are stacked, else 1); the kernel reads them as scalars and sums the token rows itself, so
+  nothing is computed outside it.
   """
   m, n = xq.shape[0], sw.shape[-2]
   stack = sw.shape[:-2] or (1,)
-  mp = -(-m // tile_m) * tile_m
   # Tokens are padded only to a multiple of 8 (TMA's row tiling); past that, the TMA copies
   # zero-fill the token tile and clip the output store.
   m8 = -(-m // 8) * 8
   xq8 = jnp.pad(xq, ((0, m8 - m), (0, 0))) if m8 != m else xq
   f32 = jnp.float32
-  zeros_m = jnp.zeros((mp,), f32)
   sw_n = sw.reshape(*stack, n).astype(f32)
   zw_n = sw_n if zw is None else zw.reshape(*stack, n).astype(f32)  # (unread when zw is None)
+  if per_tensor(sx):
+    if sx.ndim == 3 and not layer_given:
+      raise ValueError(f"per-layer activation scales {sx.shape} need a layer index")
+    sx_v = sx.reshape(-1).astype(f32)
+    zx_v = sx_v if zx is None else zx.reshape(-1).astype(f32)  # (unread when zx is None)
+    return xq8, sw_n, zw_n, (sx_v, zx_v)
+  mp = -(-m // tile_m) * tile_m
+  zeros_m = jnp.zeros((mp,), f32)
   pad = lambda v: jnp.pad(v.reshape(-1).astype(f32), (0, mp - m))
   rx = pad(jnp.sum(xq.astype(jnp.int32), axis=1)) if zw is not None else zeros_m
   cols = jnp.stack([pad(sx), rx, pad(zx) if zx is not None else zeros_m, zeros_m])
@@ -150,6 +165,7 @@ def w4a8_matmul(xq, sx, zx, q, sw, zw, *, out_dtype=jnp.bfloat16, tiles: MosaicT
   """
   m, k = xq.shape
   n, g = sw.shape[-2:]
+  layer_given = layer is not None
   q, sw, zw, layer = _stacked(q, sw, zw, layer)
   if q.shape[-2:] != (n, k):
     raise ValueError(f"weight codes {q.shape} do not match activations {xq.shape} and scales "
@@ -159,9 +175,10 @@ def w4a8_matmul(xq, sx, zx, q, sw, zw, *, out_dtype=jnp.bfloat16, tiles: MosaicT
     raise ValueError(f"the Mosaic W4A8 kernel does not take (M, K)={xq.shape} x (N, K)={q.shape} "
                      f"with {g} scale groups and {tiles} (needs G = 1, "
                      f"N % (tile_n * compute_wgs) == 0, K % (tile_k * splits) == 0)")
-  xq8, sw_n, zw_n, cols = _operands(xq, sx, zx, sw, zw, tiles.tile_m)
-  out = _kernel(xq8, q, sw_n, zw_n, cols, layer, tiles=tiles, out_dtype=jnp.dtype(out_dtype),
-                asym_w=zw is not None, asym_x=zx is not None)
+  xq8, sw_n, zw_n, act = _operands(xq, sx, zx, sw, zw, tiles.tile_m, layer_given)
+  out = _kernel(xq8, q, sw_n, zw_n, act, (), layer, tiles=tiles, out_dtype=jnp.dtype(out_dtype),
+                asym_w=zw is not None, asym_x=zx is not None,
+                act_stacked=per_tensor(sx) and sx.ndim == 3)
   y = jnp.sum(out, axis=0) if tiles.splits > 1 else out[0]
   return (y[:m] if y.shape[0] != m else y).astype(out_dtype)
 
@@ -221,6 +238,7 @@ def gated_w4a8(xq, sx, zx, q, sw, zw, out_scale, out_zero, *, tiles: MosaicTiles
   n, g = sw.shape[-2:]
   f = n // 2
   tiles = tiles or gated_tiles(m, f, k)
+  layer_given = layer is not None
   q, sw, zw, layer = _stacked(q, sw, zw, layer)
   if q.shape[-2:] != (n, k) or n % 2:
     raise ValueError(f"gate/up weight codes {q.shape} do not match activations {xq.shape} and "
@@ -230,39 +248,44 @@ def gated_w4a8(xq, sx, zx, q, sw, zw, out_scale, out_zero, *, tiles: MosaicTiles
     raise ValueError(f"the gated Mosaic kernel does not take (M, K)={xq.shape} x (2F, K)={q.shape} "
                      f"with {g} scale groups and {tiles} (needs G = 1, F % tile_n == 0, "
                      f"K % tile_k == 0, one warpgroup, no split-K)")
-  xq8, sw_n, zw_n, cols = _operands(xq, sx, zx, sw, zw, tiles.tile_m)
-  # The output quantizer's 1 / scale and zero point ride along as per-token rows 4 and 5 (eight
-  # rows keep every TMA copy of a column slice a multiple of 128 bytes).
-  f32, mp = jnp.float32, cols.shape[1]
-  inv = jnp.broadcast_to(1.0 / out_scale.reshape(()).astype(f32), (mp,))
-  zero = (jnp.zeros((mp,), f32) if out_zero is None
-          else jnp.broadcast_to(out_zero.reshape(()).astype(f32), (mp,)))
-  cols = jnp.concatenate([cols, jnp.stack([inv, zero]), jnp.zeros((2, mp), f32)])  # (8, Mp)
-  out = _kernel(xq8, q, sw_n, zw_n, cols, layer, tiles=tiles, out_dtype=jnp.dtype(jnp.int8),
-                asym_w=zw is not None, asym_x=zx is not None, gated=True,
-                out_symmetric=out_zero is None)
+  if out_scale.ndim == 2 and not layer_given:
+    raise ValueError(f"per-layer output scales {out_scale.shape} need a layer index")
+  xq8, sw_n, zw_n, act = _operands(xq, sx, zx, sw, zw, tiles.tile_m, layer_given)
+  # The output quantizer's scale and zero point are read in the kernel as scalars.
+  os_v = out_scale.reshape(-1).astype(jnp.float32)
+  oz_v = os_v if out_zero is None else out_zero.reshape(-1).astype(jnp.float32)
+  out = _kernel(xq8, q, sw_n, zw_n, act, (os_v, oz_v), layer, tiles=tiles,
+                out_dtype=jnp.dtype(jnp.int8), asym_w=zw is not None, asym_x=zx is not None,
+                gated=True, out_symmetric=out_zero is None,
+                act_stacked=per_tensor(sx) and sx.ndim == 3, out_stacked=out_scale.ndim == 2)
   y = out[0]
   return y[:m] if y.shape[0] != m else y
 
 
 @functools.partial(jax.jit, static_argnames=("tiles", "out_dtype", "asym_w", "asym_x", "gated",
-                                             "out_symmetric"))
-def _kernel(xq, q, sw, zw, cols, layer, *, tiles: MosaicTiles, out_dtype, asym_w: bool,
-            asym_x: bool, gated: bool = False, out_symmetric: bool = True):
+                                             "out_symmetric", "act_stacked", "out_stacked"))
+def _kernel(xq, q, sw, zw, act, out_q, layer, *, tiles: MosaicTiles, out_dtype, asym_w: bool,
+            asym_x: bool, gated: bool = False, out_symmetric: bool = True,
+            act_stacked: bool = False, out_stacked: bool = False):
   """The Pallas call.
 
   Args:
     xq: (M, K) int8 tokens, M a multiple of 8; q: (L, N, K) int4 weight codes of L stacked layers.
     sw, zw: (L, N) float32 per-channel scales and zero points (zw unread unless asym_w).
+    act: the activation quantizer, per token: cols (4, Mp) float32, (sx, rx, zx, 0) per token,
+      rx the row sums of xq, zero-padded to Mp = M rounded up to tile_m; or per tensor: (sx, zx),
+      (La,) float32 each, read as scalars at the layer (act_stacked) or at 0, with rx summed in
+      the kernel (a wgmma of 64 rows of ones against the token tile). (The weight's code sums, for
+      zx, come out of the kernel's MMA either way.)
+    out_q: gated only: the output quantizer's (scale, zero), (Lo,) float32 each, read as scalars at
+      the layer (out_stacked) or at 0.
     layer: (1,) int32, the layer of q, sw, zw to multiply (read by every CTA before its copies).
-    cols: (4, Mp) float32 per-token (sx, rx, zx, 0), rx the row sums of xq, zero-padded to
-      Mp = M rounded up to tile_m. (The weight's code sums, for zx, come out of the kernel's MMA.)
     tiles.splits: K is cut into slices run by separate CTAs (more CTAs for a small M x N); each
       writes its scaled float32 partial and the caller sums them.
 
     gated: q holds gate rows then up rows (2F, K); each CTA multiplies tile_n gate rows and the
-      same tile_n up rows and writes int8 codes of gelu(gate) * up (cols rows 4, 5: the output
-      quantizer's 1 / scale and zero point; out_symmetric: no zero point, codes in +-127).
+      same tile_n up rows and writes int8 codes of gelu(gate) * up (out_symmetric: no zero point,
+      codes in +-127).
 
   Returns:
     (splits, M, N) of out_dtype (float32 when splits > 1); gated: (1, M, F) int8.
@@ -275,10 +298,12 @@ def _kernel(xq, q, sw, zw, cols, layer, *, tiles: MosaicTiles, out_dtype, asym_w
   n = q.shape[1]
   n_out = n // 2 if gated else n
   tn, tm, tk = tiles.tile_n, tiles.tile_m, tiles.tile_k
-  mp, splits = cols.shape[1], tiles.splits
+  mp, splits = -(-m // tm) * tm, tiles.splits
   ks = k // splits
   if ks % tk:
     raise ValueError(f"K={k} in {splits} slices is not a multiple of tile_k={tk}")
+  tensor_scales = isinstance(act, tuple)
+  rx_in_kernel = tensor_scales and asym_w
   # 128-byte rows of int8 tokens; 64-byte rows of int4 weights.
   x_swz = plgpu.find_swizzle(tk * 8)
   w_swz = plgpu.find_swizzle(tk * 4)
@@ -288,8 +313,11 @@ def _kernel(xq, q, sw, zw, cols, layer, *, tiles: MosaicTiles, out_dtype, asym_w
   col_layout = plgpu.Layout.WGMMA.reduce(0)  # one value per accumulator column (token m)
   # Eight rows of ones as a second B operand: W @ ones^T gives the weight's code sums per row
   # (the asymmetric-activation correction) from the tile already in registers, where XLA would
-  # re-read the whole weight.
+  # re-read the whole weight. With per-tensor scales, 64 rows of ones as an A operand give the
+  # token rows' sums (the weight zero points' correction) from the token tile in shared memory,
+  # where XLA would run a reduction before the kernel.
   ones = jnp.ones((8, tk), jnp.int8)
+  ones_a = (jnp.ones((64, tk), jnp.int8),) if rx_in_kernel else ()
 
   wgs = tiles.compute_wgs
   cta_n = wgs * tn  # weight rows per CTA: tile_n per compute warpgroup
@@ -297,47 +325,57 @@ def _kernel(xq, q, sw, zw, cols, layer, *, tiles: MosaicTiles, out_dtype, asym_w
   in_specs = [w_spec] * (2 if gated else 1) + [
       plgpu.BlockSpec((tm, tk), lambda kk: (0, kk), transforms=x_tr)]
 
-  def mma(w_smems, x_smem, ones_smem, acc_refs, csum_refs):
+  def mma(w_smems, x_smem, ones_smem, ones_a_smem, acc_refs, csum_refs, rx_ref):
     for w_smem, acc_ref, csum_ref in zip(w_smems, acc_refs, csum_refs):
       w = plgpu.load(w_smem, (), layout=plgpu.Layout.WGMMA_8BIT).astype(jnp.int8)
       plgpu.wgmma(acc_ref, w, x_smem.T)
       if asym_x:
         plgpu.wgmma(csum_ref, w, ones_smem.T)
+    if rx_ref is not None:
+      plgpu.wgmma(rx_ref, ones_a_smem, x_smem.T)
     # The pipeline refills this step's buffers next, so the MMA must be done. Keeping one wgmma
     # in flight needs the register fragment of its weight tile kept live until it completes, not
     # only its shared-memory buffers (docs/kernels.md, "Mosaic W4A8 kernel").
     plgpu.wgmma_wait(0)
 
-  def scaled(acc, csum, row, col, r, first):
-    """int32 acc^T (tn, tm) -> float32 y^T, weight rows' scale / zero point in rows r, r + 1."""
+  def scaled(acc, csum, rx, row, sx, zx, r, first):
+    """int32 acc^T (tn, tm) -> float32 y^T, weight rows' scale / zero point in rows r, r + 1;
+    sx, rx, zx per-token column vectors or scalars broadcast over the tile."""
     acc = acc.astype(jnp.float32)
     if asym_w:
-      acc = acc - (row(r + 1) * first) * col(1)  # slice-independent terms are added once
+      acc = acc - (row(r + 1) * first) * rx  # slice-independent terms are added once
     if asym_x:
       cq = lax.broadcast_in_dim(jnp.max(csum.astype(jnp.float32), axis=1), (tn, tm), [0])
       if asym_w:
         cq = cq - float(ks) * row(r + 1)
-      acc = acc - col(2) * cq
-    return (acc * row(r)) * col(0)
+      acc = acc - zx * cq
+    return (acc * row(r)) * sx
 
-  def epilogue(accs, csums, rows_smem, cols_smem, o_smem, first):
+  def epilogue(accs, csums, rx_acc, rows_smem, cols_smem, scalars, o_smem, first):
     """int32 acc^T (tn, tm) -> the scaled y tile (gated: the int8 codes of gelu(gate) * up),
     stored in o_smem (tm, tn) through a transposed view."""
     row = lambda i: lax.broadcast_in_dim(
         plgpu.load(rows_smem.at[i], (), layout=row_layout), (tn, tm), [0])
     col = lambda i: lax.broadcast_in_dim(
         plgpu.load(cols_smem.at[i], (), layout=col_layout), (tn, tm), [1])
-    y = scaled(accs[0], csums[0], row, col, 0, first)
+    if tensor_scales:
+      sx, zx = scalars[0], scalars[1]
+      rx = None if rx_acc is None else lax.broadcast_in_dim(
+          jnp.max(rx_acc.astype(jnp.float32), axis=0), (tn, tm), [1])
+    else:
+      sx, rx, zx = col(0), col(1), col(2)
+    y = scaled(accs[0], csums[0], rx, row, sx, zx, 0, first)
     if gated:
       g = y
-      u = scaled(accs[1], csums[1], row, col, 2, first)
+      u = scaled(accs[1], csums[1], rx, row, sx, zx, 2, first)
+      inv, zero = 1.0 / scalars[2], scalars[3]  # as xla.quantize_static: x * (1 / scale)
       # jax.nn.gelu(approximate=True), in its operation order.
       cdf = 0.5 * (1.0 + jnp.tanh(_SQRT_2_OVER_PI * (g + 0.044715 * (g * g * g))))
-      h = jnp.round((g * cdf) * u * col(4))
+      h = jnp.round((g * cdf) * u * inv)
       if out_symmetric:
         h = jnp.clip(h, -127.0, 127.0)
       else:
-        h = jnp.clip(h + col(5), -128.0, 127.0)
+        h = jnp.clip(h + zero, -128.0, 127.0)
       # The transposed register layout exists for 32-bit values; the codes are narrowed after it.
       h = plgpu.layout_cast(h, plgpu.Layout.WGMMA_TRANSPOSED)
       o_smem.T[...] = h.astype(jnp.int32).astype(jnp.int8)
@@ -346,14 +384,34 @@ def _kernel(xq, q, sw, zw, cols, layer, *, tiles: MosaicTiles, out_dtype, asym_w
     o_smem.T[...] = plgpu.layout_cast(y.astype(o_smem.dtype), plgpu.Layout.WGMMA_TRANSPOSED)
     plgpu.commit_smem()
 
-  def body(x_gmem, w_gmem, sw_gmem, zw_gmem, cols_gmem, ones_gmem, layer_gmem, o_gmem, rows_smem,
-           cols_smem, ones_smem, o_smem, bar):
+  n_act = 2 if tensor_scales else 1
+  n_out_q = 2 if gated else 0
+
+  def body(x_gmem, w_gmem, sw_gmem, zw_gmem, *refs):
+    act_gmem, refs = refs[:n_act], refs[n_act:]
+    out_q_gmem, refs = refs[:n_out_q], refs[n_out_q:]
+    ones_gmem, refs = refs[0], refs[1:]
+    ones_a_gmem, refs = (refs[0], refs[1:]) if rx_in_kernel else (None, refs)
+    layer_gmem, o_gmem, rows_smem, refs = refs[0], refs[1], refs[2], refs[3:]
+    cols_smem, refs = (None, refs) if tensor_scales else (refs[0], refs[1:])
+    ones_smem, refs = refs[0], refs[1:]
+    ones_a_smem, refs = (refs[0], refs[1:]) if rx_in_kernel else (None, refs)
+    o_smem, bar = refs
+
     ni, mi, si = lax.axis_index("n"), lax.axis_index("m"), lax.axis_index("s")
     li = layer_gmem[0]
     w_gmem, sw_gmem, zw_gmem = w_gmem.at[li], sw_gmem.at[li], zw_gmem.at[li]
     n_sl, m_sl, k_sl = pl.ds(ni * cta_n, cta_n), pl.ds(mi * tm, tm), pl.ds(si * ks, ks)
     first = (si == 0).astype(jnp.float32)
     bar = bar.at[0] if bar.shape else bar  # one barrier: shape (1,) on jax 0.10, () on 0.11
+    # Per-tensor quantizer scalars, read from device memory by every thread.
+    scalars = ()
+    if tensor_scales:
+      ai = li if act_stacked else 0
+      scalars = (act_gmem[0][ai], act_gmem[1][ai])
+    if gated:
+      oi = li if out_stacked else 0
+      scalars = (scalars or (None, None)) + (out_q_gmem[0][oi], out_q_gmem[1][oi])
     # gated: this CTA's gate rows and the same rows of the up half.
     weights = lambda k_sl: ((w_gmem.at[n_sl, k_sl],
                              w_gmem.at[pl.ds(n_out + ni * cta_n, cta_n), k_sl])
@@ -366,26 +424,33 @@ def _kernel(xq, q, sw, zw, cols, layer, *, tiles: MosaicTiles, out_dtype, asym_w
         up_sl = pl.ds(n_out + ni * cta_n, cta_n)
         plgpu.copy_gmem_to_smem(sw_gmem.at[up_sl], rows_smem.at[2], bar)
         plgpu.copy_gmem_to_smem(zw_gmem.at[up_sl], rows_smem.at[3], bar)
-      plgpu.copy_gmem_to_smem(cols_gmem.at[:, m_sl], cols_smem, bar)
+      if not tensor_scales:
+        plgpu.copy_gmem_to_smem(act_gmem[0].at[:, m_sl], cols_smem, bar)
       plgpu.copy_gmem_to_smem(ones_gmem, ones_smem, bar)
+      if rx_in_kernel:
+        plgpu.copy_gmem_to_smem(ones_a_gmem, ones_a_smem, bar)
 
+    rx_acc_type = [plgpu.ACC((64, tm), jnp.int32)] if rx_in_kernel else []
     if wgs == 1:
       copy_vectors()
-      # The ones tile is read by the first MMA.
+      # The ones tiles are read by the first MMA.
       plgpu.barrier_wait(bar)
       n_acc = 2 if gated else 1
 
       def compute(*refs):
-        accs, csums = refs[:n_acc], refs[n_acc:]
+        accs, csums = refs[:n_acc], refs[n_acc:2 * n_acc]
+        rx_ref = refs[2 * n_acc] if rx_in_kernel else None
         plgpu.emit_pipeline(
-            lambda _, *smems: mma(smems[:-1], smems[-1], ones_smem, accs, csums),
+            lambda _, *smems: mma(smems[:-1], smems[-1], ones_smem, ones_a_smem, accs, csums,
+                                  rx_ref),
             grid=(ks // tk,), max_concurrent_steps=tiles.stages, in_specs=in_specs,
         )(*weights(k_sl), x_gmem.at[m_sl, k_sl])
-        return [r[...] for r in accs], [r[...] for r in csums]
+        return ([r[...] for r in accs], [r[...] for r in csums],
+                None if rx_ref is None else rx_ref[...])
 
-      accs, csums = pl.run_scoped(compute, *[plgpu.ACC((tn, tm), jnp.int32)] * n_acc,
-                                  *[plgpu.ACC((tn, 8), jnp.int32)] * n_acc)
-      epilogue(accs, csums, rows_smem, cols_smem, o_smem, first)
+      accs, csums, rx_acc = pl.run_scoped(compute, *[plgpu.ACC((tn, tm), jnp.int32)] * n_acc,
+                                          *[plgpu.ACC((tn, 8), jnp.int32)] * n_acc, *rx_acc_type)
+      epilogue(accs, csums, rx_acc, rows_smem, cols_smem, scalars, o_smem, first)
       plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[si, m_sl, n_sl])
       plgpu.wait_smem_to_gmem(0)
       return
@@ -397,17 +462,19 @@ def _kernel(xq, q, sw, zw, cols, layer, *, tiles: MosaicTiles, out_dtype, asym_w
     pl.when(wg == 0)(copy_vectors)
 
     def compute_context(eval_pipeline):
-      def scope(acc_ref, csum_ref):
+      def scope(acc_ref, csum_ref, *rx_ref):
         plgpu.barrier_wait(bar)
-        eval_pipeline((acc_ref, csum_ref))
-        epilogue([acc_ref[...]], [csum_ref[...]], rows_smem.at[:, wg_rows], cols_smem,
-                 o_smem.at[wg], first)
+        eval_pipeline((acc_ref, csum_ref) + rx_ref)
+        epilogue([acc_ref[...]], [csum_ref[...]], rx_ref[0][...] if rx_ref else None,
+                 rows_smem.at[:, wg_rows], cols_smem, scalars, o_smem.at[wg], first)
         plgpu.copy_smem_to_gmem(o_smem.at[wg], o_gmem.at[si, m_sl, pl.ds(ni * cta_n + wg * tn, tn)])
         plgpu.wait_smem_to_gmem(0)
-      pl.run_scoped(scope, plgpu.ACC((tn, tm), jnp.int32), plgpu.ACC((tn, 8), jnp.int32))
+      pl.run_scoped(scope, plgpu.ACC((tn, tm), jnp.int32), plgpu.ACC((tn, 8), jnp.int32),
+                    *rx_acc_type)
 
     def step(_, w_smem, x_smem, carry):
-      mma([w_smem.at[wg_rows]], x_smem, ones_smem, [carry[0]], [carry[1]])
+      mma([w_smem.at[wg_rows]], x_smem, ones_smem, ones_a_smem, [carry[0]], [carry[1]],
+          carry[2] if rx_in_kernel else None)
       return carry
 
     plgpu.emit_pipeline_warp_specialized(
@@ -420,11 +487,14 @@ def _kernel(xq, q, sw, zw, cols, layer, *, tiles: MosaicTiles, out_dtype, asym_w
   kw = dict(num_threads=wgs + 1, thread_name="wg") if wgs > 1 else {}
   dtype = jnp.float32 if splits > 1 else out_dtype
   o_tile = (tm, tn) if wgs == 1 else (wgs, tm, tn)
+  act = act if tensor_scales else (act,)
+  copies = (4 if gated else 2) + (0 if tensor_scales else 1) + 1 + (1 if rx_in_kernel else 0)
+  scratch = ([plgpu.SMEM((4 if gated else 2, cta_n), jnp.float32)]
+             + ([] if tensor_scales else [plgpu.SMEM((act[0].shape[0], tm), jnp.float32)])
+             + [plgpu.SMEM((8, tk), jnp.int8, transforms=x_tr)]
+             + ([plgpu.SMEM((64, tk), jnp.int8, transforms=x_tr)] if rx_in_kernel else [])
+             + [plgpu.SMEM(o_tile, dtype), plgpu.Barrier(num_arrivals=copies)])
   return plgpu.kernel(
       body, out_type=jax.ShapeDtypeStruct((splits, m, n_out), dtype),
       grid=(n_out // cta_n, mp // tm, splits), grid_names=("n", "m", "s"),
-      scratch_types=[plgpu.SMEM((4 if gated else 2, cta_n), jnp.float32),
-                     plgpu.SMEM((cols.shape[0], tm), jnp.float32),
-                     plgpu.SMEM((8, tk), jnp.int8, transforms=x_tr), plgpu.SMEM(o_tile, dtype),
-                     plgpu.Barrier(num_arrivals=6 if gated else 4)],
-      **kw)(xq, q, sw, zw, cols, ones, layer)
+      scratch_types=scratch, **kw)(xq, q, sw, zw, *act, *out_q, ones, *ones_a, layer)

@@ -55,24 +55,23 @@ def quantize_per_token(x: jax.Array, bits: int = 8, *, symmetric: bool = True,
 
 def quantize_static(x: jax.Array, scale: jax.Array, zero: jax.Array | None = None,
                     bits: int = 8):
-  """x (M, K) float -> (xq (M, K) int8, sx (M, 1), zx (M, 1) or None) with a calibrated scale.
+  """x (M, K) float -> (xq (M, K) int8, sx (1, 1), zx (1, 1) or None) with a calibrated scale.
 
   x ~ scale * (xq - zero) with one scale (and zero point) for the whole tensor, fixed at
   calibration: xq = clip(round(x / scale) + zero) is elementwise, with no reduction over x, so
   XLA fuses it into the op that produces x. Values beyond the calibrated range are clipped.
   `scale`, `zero`: (1,) float32 (zero None: symmetric, codes in [-(2^(b-1) - 1), 2^(b-1) - 1]).
-  The per-token (M, 1) scales and zero points the matmuls take are broadcasts of them.
+  The scales come back per tensor, (1, 1): the matmuls broadcast them over the tokens (the
+  Mosaic kernels read them as scalars).
   """
-  m = x.shape[0]
   inv = 1.0 / scale.astype(jnp.float32)
   if zero is None:
     qmax = 2 ** (bits - 1) - 1
     xq = jnp.clip(jnp.round(x.astype(jnp.float32) * inv), -qmax, qmax).astype(jnp.int8)
-    return xq, jnp.broadcast_to(scale.reshape(1, 1), (m, 1)), None
+    return xq, scale.reshape(1, 1), None
   qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
   xq = jnp.clip(jnp.round(x.astype(jnp.float32) * inv) + zero, qmin, qmax).astype(jnp.int8)
-  return (xq, jnp.broadcast_to(scale.reshape(1, 1), (m, 1)),
-          jnp.broadcast_to(zero.reshape(1, 1), (m, 1)))
+  return xq, scale.reshape(1, 1), zero.reshape(1, 1)
 
 
 def _min_max(x: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
@@ -177,8 +176,8 @@ def w4a8_matmul(xq: jax.Array, sx: jax.Array, zx: jax.Array | None, q: jax.Array
   """Integer W4A8 matmul, XLA path.
 
   Args:
-    xq: (M, K) int8 activation codes; sx (M, 1) float32 scales; zx (M, 1) float32 zero points
-      or None.
+    xq: (M, K) int8 activation codes; sx (M, 1) float32 scales per token, or (1, 1) per
+      tensor; zx the same form of zero points, or None.
     q: (N, K) int4 (or int8) weight codes; sw (N, G) float32 scales; zw (N, G) zero points or None.
       G groups of K // G consecutive input channels (G = 1: per output channel).
     out_dtype: dtype of the result.

@@ -108,12 +108,10 @@ CANDIDATES = {
  "fasteafp": _fast("fast, expert attention float", eattn=LayerRule(pattern=EXPERT_ATTN, skip=True)),
  "fastsig8w": _fast("fast, SigLIP W8 weight-only", sig=dataclasses.replace(
      get_preset("fast").rules[-1], weight_bits=8)),
- # Symmetric weights and activations: the kernels need no row sums of the token codes (zero
- # points are what make them read the codes twice).
+ # `fast` quantizes its activations symmetrically; asymmetric ones make the kernels sum the
+ # weight codes too. Symmetric weights would spare them the token rows' sums.
+ "fastasym": _fast("fast, asymmetric activations", act_symmetric=False),
  "fastsymw": _fast("fast, symmetric int4 weights", weight_symmetric=True),
- "fastsyma": _fast("fast, symmetric activations", act_symmetric=True),
- "fastsym": _fast("fast, symmetric weights and activations", weight_symmetric=True,
-                  act_symmetric=True),
  "fastg": _fast("fast, down projections' weights per group of 128",
                 down=dict(rotation="none", permutation="none", weight_granularity="group")),
  "fastw8down": _fast("fast, expert down projection W8", extra=LayerRule(

@@ -110,15 +110,24 @@ def per_tensor(sx: jax.Array) -> bool:
   return sx.shape[-2:] == (1, 1)
 
 
-def _operands(xq, sx, zx, sw, zw, tile_m: int, layer_given: bool):
+def scalar_scales(tiles: MosaicTiles) -> bool:
+  """Whether the kernel reads per-tensor activation scales as scalars and sums the token rows
+  itself, for these tiles: token tiles of up to 64 on one warpgroup (the flow steps, where each
+  op outside the kernel costs as much as the kernel). The row sums' accumulator needs 64 x tile_m
+  more registers, which the 128-token prefix tiles do not have to spare (measured slower)."""
+  return tiles.tile_m <= 64 and tiles.compute_wgs == 1
+
+
+def _operands(xq, sx, zx, sw, zw, tiles: MosaicTiles, layer, layer_given: bool):
   """The kernel's operands: (xq padded to M8 rows, sw (L, N), zw (L, N), act).
 
   sw, zw: (L, N, 1) stacked or (N, 1) per-channel scales and zero points (L = 1).
   act, per-token scales: cols (4, Mp) float32, per token (sx, rx, zx, 0), rx the row sums of xq,
   zero-padded to Mp = M rounded up to tile_m (a fourth zero row keeps every TMA copy of a column
-  slice a multiple of 128 bytes). Per-tensor scales: (sx, zx), each (La,) float32 (La = L when
-  they are stacked, else 1); the kernel reads them as scalars and sums the token rows itself, so
-  nothing is computed outside it.
+  slice a multiple of 128 bytes); per-tensor scales, (1, 1) or (L, 1, 1), are broadcast into it.
+  Per-tensor scales where `scalar_scales(tiles)`: (sx, zx), each (La,) float32 (La = L when they
+  are stacked, else 1); the kernel reads them as scalars and sums the token rows itself, so
+  nothing is computed outside it. layer: the (1,) int32 layer index.
   """
   m, n = xq.shape[0], sw.shape[-2]
   stack = sw.shape[:-2] or (1,)
@@ -129,13 +138,18 @@ def _operands(xq, sx, zx, sw, zw, tile_m: int, layer_given: bool):
   f32 = jnp.float32
   sw_n = sw.reshape(*stack, n).astype(f32)
   zw_n = sw_n if zw is None else zw.reshape(*stack, n).astype(f32)  # (unread when zw is None)
-  if per_tensor(sx):
-    if sx.ndim == 3 and not layer_given:
-      raise ValueError(f"per-layer activation scales {sx.shape} need a layer index")
+  if per_tensor(sx) and sx.ndim == 3 and not layer_given:
+    raise ValueError(f"per-layer activation scales {sx.shape} need a layer index")
+  if per_tensor(sx) and scalar_scales(tiles):
     sx_v = sx.reshape(-1).astype(f32)
     zx_v = sx_v if zx is None else zx.reshape(-1).astype(f32)  # (unread when zx is None)
     return xq8, sw_n, zw_n, (sx_v, zx_v)
-  mp = -(-m // tile_m) * tile_m
+  if per_tensor(sx):  # one scale per layer, (L, 1, 1), or per tensor: broadcast over the tokens
+    sx = sx if sx.ndim == 2 else sx[layer[0]]
+    zx = zx if zx is None or zx.ndim == 2 else zx[layer[0]]
+    sx = jnp.broadcast_to(sx, (m, 1))
+    zx = None if zx is None else jnp.broadcast_to(zx, (m, 1))
+  mp = -(-m // tiles.tile_m) * tiles.tile_m
   zeros_m = jnp.zeros((mp,), f32)
   pad = lambda v: jnp.pad(v.reshape(-1).astype(f32), (0, mp - m))
   rx = pad(jnp.sum(xq.astype(jnp.int32), axis=1)) if zw is not None else zeros_m
@@ -175,10 +189,10 @@ def w4a8_matmul(xq, sx, zx, q, sw, zw, *, out_dtype=jnp.bfloat16, tiles: MosaicT
     raise ValueError(f"the Mosaic W4A8 kernel does not take (M, K)={xq.shape} x (N, K)={q.shape} "
                      f"with {g} scale groups and {tiles} (needs G = 1, "
                      f"N % (tile_n * compute_wgs) == 0, K % (tile_k * splits) == 0)")
-  xq8, sw_n, zw_n, act = _operands(xq, sx, zx, sw, zw, tiles.tile_m, layer_given)
+  xq8, sw_n, zw_n, act = _operands(xq, sx, zx, sw, zw, tiles, layer, layer_given)
   out = _kernel(xq8, q, sw_n, zw_n, act, (), layer, tiles=tiles, out_dtype=jnp.dtype(out_dtype),
                 asym_w=zw is not None, asym_x=zx is not None,
-                act_stacked=per_tensor(sx) and sx.ndim == 3)
+                act_stacked=isinstance(act, tuple) and sx.ndim == 3)
   y = jnp.sum(out, axis=0) if tiles.splits > 1 else out[0]
   return (y[:m] if y.shape[0] != m else y).astype(out_dtype)
 
@@ -250,14 +264,15 @@ def gated_w4a8(xq, sx, zx, q, sw, zw, out_scale, out_zero, *, tiles: MosaicTiles
                      f"K % tile_k == 0, one warpgroup, no split-K)")
   if out_scale.ndim == 2 and not layer_given:
     raise ValueError(f"per-layer output scales {out_scale.shape} need a layer index")
-  xq8, sw_n, zw_n, act = _operands(xq, sx, zx, sw, zw, tiles.tile_m, layer_given)
+  xq8, sw_n, zw_n, act = _operands(xq, sx, zx, sw, zw, tiles, layer, layer_given)
   # The output quantizer's scale and zero point are read in the kernel as scalars.
   os_v = out_scale.reshape(-1).astype(jnp.float32)
   oz_v = os_v if out_zero is None else out_zero.reshape(-1).astype(jnp.float32)
   out = _kernel(xq8, q, sw_n, zw_n, act, (os_v, oz_v), layer, tiles=tiles,
                 out_dtype=jnp.dtype(jnp.int8), asym_w=zw is not None, asym_x=zx is not None,
                 gated=True, out_symmetric=out_zero is None,
-                act_stacked=per_tensor(sx) and sx.ndim == 3, out_stacked=out_scale.ndim == 2)
+                act_stacked=isinstance(act, tuple) and sx.ndim == 3,
+                out_stacked=out_scale.ndim == 2)
   y = out[0]
   return y[:m] if y.shape[0] != m else y
 
@@ -343,7 +358,9 @@ def _kernel(xq, q, sw, zw, act, out_q, layer, *, tiles: MosaicTiles, out_dtype, 
     sx, rx, zx per-token column vectors or scalars broadcast over the tile."""
     acc = acc.astype(jnp.float32)
     if asym_w:
-      acc = acc - (row(r + 1) * first) * rx  # slice-independent terms are added once
+      # rx summed outside the kernel is the whole row's, so it is taken once (first slice);
+      # summed in the kernel it is this K slice's own.
+      acc = acc - (row(r + 1) if rx_in_kernel else row(r + 1) * first) * rx
     if asym_x:
       cq = lax.broadcast_in_dim(jnp.max(csum.astype(jnp.float32), axis=1), (tn, tm), [0])
       if asym_w:

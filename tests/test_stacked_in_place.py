@@ -155,11 +155,13 @@ def test_in_place_fast_policy_hands_the_mosaic_kernels_the_whole_stack_on_cuda(f
   obs = make_observation(policy.cfg, jax.random.key(1), 1)
   triton = jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
 
+  texts = {}
+
   def mosaic_calls(flag):
-    text = jax.export.export(jax.jit(_in_place(policy, flag, "mosaic").sample_actions),
-                             platforms=["cuda"], disabled_checks=[triton])(
-                                 packed, obs, jax.random.key(2)).mlir_module()
-    return re.findall(r"custom_call @mosaic_gpu\w*\(.*", text)
+    texts[flag] = jax.export.export(jax.jit(_in_place(policy, flag, "mosaic").sample_actions),
+                                    platforms=["cuda"], disabled_checks=[triton])(
+                                        packed, obs, jax.random.key(2)).mlir_module()
+    return re.findall(r"custom_call @mosaic_gpu\w*\(.*", texts[flag])
 
   depth = policy.cfg.llm.depth
   stacked_codes = re.compile(rf"tensor<{depth}x\d+x\d+xi4>")
@@ -169,3 +171,13 @@ def test_in_place_fast_policy_hands_the_mosaic_kernels_the_whole_stack_on_cuda(f
   assert in_place and len(in_place) == len(sliced)
   assert all(stacked_codes.search(c) for c in in_place)
   assert not any(stacked_codes.search(c) for c in sliced)
+  # `fast`'s static scales (token tiles <= 64 here): each kernel gets the stack's per-layer
+  # scales, (L,) vectors it reads as scalars, and no per-token (4, Mp) vectors; the token codes'
+  # row sums are summed in the kernel, and int8 codes are never padded or reduced by XLA (the
+  # quantizer's fusion pads the rows; the gated kernel's rows go to the down kernel as they are).
+  assert all(re.search(rf"tensor<{depth}xf32>", c) for c in in_place)
+  assert not any(re.search(r"tensor<4x\d+xf32>", c) for c in in_place)
+  # (Token codes: tens of rows; the (1, T) integer positions are summed too, legitimately.)
+  ops_on_codes = re.findall(r"stablehlo\.(?:reduce|pad)\b.*: \(tensor<[1-9]\d+x\d+xi(?:8|32)>",
+                            texts[True])
+  assert not ops_on_codes, ops_on_codes

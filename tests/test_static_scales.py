@@ -9,6 +9,7 @@ import pytest
 
 from conftest import demo_params, demo_stats, fast_packed, held_out
 from duquant_jax import checkpoint as ck
+from duquant_jax import kernels
 from duquant_jax.config import LayerRule, QuantConfig, get_preset
 from duquant_jax.lab.demo import action_rel_err
 from duquant_jax.lab.evaluate import layer_output_errors
@@ -55,6 +56,31 @@ def test_static_quantizer_has_no_reduction_over_the_activation():
   per_token = prims(lambda v: quantize_per_token(v, symmetric=False))
   assert not {p for p in static if p.startswith("reduce")}, static
   assert {p for p in per_token if p.startswith("reduce")}, per_token
+
+
+@pytest.mark.parametrize("implementation", [None, "xla", "mosaic", "pallas_interpret"])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_per_layer_static_scales_equal_the_layer_slice(implementation, symmetric):
+  """A stack's (L, 1, 1) static scales with a layer index (what the runtime hands the kernels)
+  give what the layer's (1, 1) scales give on its slice, through every implementation."""
+  kx, kq, ks = jax.random.split(jax.random.key(7), 3)
+  layers, i, m, k, n = 3, 2, 51, 256, 128
+  scale = jnp.array([[0.02], [0.03], [0.05]])
+  zero = None if symmetric else jnp.array([[1.0], [-2.0], [3.0]])
+  xq, sx, zx = quantize_static(jax.random.normal(kx, (m, k)), scale[i],
+                               None if zero is None else zero[i])
+  assert sx.shape == (1, 1)
+  q = jax.random.randint(kq, (layers, n, k), -8, 8).astype(jnp.int4)
+  sw = 0.01 + 0.01 * jax.random.uniform(ks, (layers, n, 1))
+  zw = jnp.round(4 * jax.random.uniform(ks, (layers, n, 1)) - 2)
+  per_layer = lambda a: None if a is None else a.reshape(layers, 1, 1)
+  y = jax.jit(lambda l: kernels.w4a8_matmul(xq, per_layer(scale), per_layer(zero), q, sw, zw,
+                                            implementation=implementation, layer=l))(jnp.int32(i))
+  ref = kernels.w4a8_matmul(xq, sx, zx, q[i], sw[i], zw[i], implementation="xla")
+  np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=1e-6,
+                             atol=1e-6 * float(jnp.abs(ref).max()))
+  with pytest.raises(ValueError, match="need a layer index"):
+    kernels.w4a8_matmul(xq, per_layer(scale), None, q[i], sw[i], zw[i])
 
 
 @pytest.mark.parametrize("kw, match", [
@@ -117,6 +143,8 @@ def test_fast_preset_runs_nothing_online_and_bounds_the_error(model):
   linears = [v for v in jax.tree.leaves(packed, is_leaf=is_packed) if is_packed(v)]
   w4a8 = [v for v in linears if v.act_bits is not None]
   assert w4a8 and all(v.act_scale is not None and v.transform is None for v in w4a8)
+  # Symmetric activation codes (no zero point); the weights keep theirs (EVALUATION.md).
+  assert all(v.act_zero is None and v.zero is not None for v in w4a8)
   if model == "pi0":  # every Gemma linear of pi0 reads a rotated or folded input
     gemma = packed["PaliGemma"]["llm"]["layers"]
     assert all(v.transform is None for v in jax.tree.leaves(gemma, is_leaf=is_packed)

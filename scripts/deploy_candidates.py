@@ -117,6 +117,15 @@ CANDIDATES = {
  "fastw8down": _fast("fast, expert down projection W8", extra=LayerRule(
      pattern=pattern(("linear",), ("_1",)), weight_bits=8, act_scale="static",
      rotation="none", permutation="none")),
+ # Toward `fast` within 10% of `recommended` on pi0: SigLIP W8 weight-only, and the expert's down
+ # projections W8 too (GPTQ and symmetric static activations, as `fast`'s own rules).
+ "fastsig8wd8": _fast("fast, SigLIP W8 weight-only, expert down W8", sig=dataclasses.replace(
+     get_preset("fast").rules[-1], weight_bits=8), extra=LayerRule(
+     pattern=pattern(("linear",), ("_1",)), weight_bits=8, act_scale="static",
+     act_symmetric=True, rotation="none", permutation="none", rounding="gptq")),
+ "fastd8": _fast("fast, expert down W8", extra=LayerRule(
+     pattern=pattern(("linear",), ("_1",)), weight_bits=8, act_scale="static",
+     act_symmetric=True, rotation="none", permutation="none", rounding="gptq")),
  "fastw8exp": _fast("fast, expert MLP W8A8", extra=LayerRule(
      pattern=EXPERT_MLP, weight_bits=8, act_scale="static", rotation="none", permutation="none")),
  "fasta8": _fast("fast, expert attention W8A8 static", eattn=LayerRule(

@@ -162,7 +162,9 @@ def w4a8_matmul(xq, sx, zx, q, sw, zw, *, out_dtype=jnp.bfloat16, tiles: MosaicT
   """W4A8 matmul on Hopper; arguments as `xla.w4a8_matmul` (per-channel scales only, G = 1).
 
   Args:
-    xq: (M, K) int8 activation codes; sx (M, 1) float32 scales; zx (M, 1) zero points or None.
+    xq: (M, K) int8 activation codes; sx (M, 1) float32 scales per token, or (1, 1) per tensor,
+      or with `layer` (L, 1, 1) per layer of the stack (read in place); zx the same form of zero
+      points, or None. Per-tensor scales take `scalar_scales`' path where the tiles allow it.
     q: (N, K) int4 weight codes; sw (N, 1) float32 scales; zw (N, 1) zero points or None.
       With `layer`: the stacked (L, N, K) / (L, N, 1) arrays of an `nn.scan` layer stack.
     out_dtype: dtype of the (M, N) result.
@@ -233,10 +235,12 @@ def gated_w4a8(xq, sx, zx, q, sw, zw, out_scale, out_zero, *, tiles: MosaicTiles
   projection reads. gelu is the tanh approximation (flax's and Gemma's default).
 
   Args:
-    xq, sx, zx: (M, K) int8 token codes, (M, 1) float32 scales and zero points (zx None: symmetric).
+    xq, sx, zx: (M, K) int8 token codes and their scales and zero points (zx None: symmetric),
+      in any form `w4a8_matmul` takes.
     q: (2F, K) int4 weight codes, gate rows then up rows; sw, zw (2F, 1) float32 (zw None).
     out_scale, out_zero: (1,) float32 static scale and zero point of the hidden activation's
-      int8 quantizer (out_zero None: symmetric).
+      int8 quantizer, or with `layer` (L, 1), one per layer (out_zero None: symmetric); the
+      kernel reads them as scalars.
     tiles: a `MosaicTiles` (tile_n rows of gate and of up per CTA, compute_wgs = 1, splits = 1), or
       None for `gated_tiles`.
     layer: None, or an int32 scalar: q, sw, zw are stacked (L, 2F, K) / (L, 2F, 1) and the

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from duquant_jax.numerics import dequantize_weight, quantize_weight
-from duquant_jax.packed import tree_nbytes
+from duquant_jax.packed import PackedLinear, tree_nbytes
 
 # Rows quantized per step of `quantize_embedding` (bounds float32 work to ~rows x D x 4 bytes x a
 # few copies: 8192 x 2048 is 64 MiB per copy for the full table).
@@ -176,3 +176,9 @@ def _check_finite_rows(name: str, table) -> None:
     if not np.isfinite(block).all():
       bad = start + int(np.argwhere(~np.isfinite(block))[0, 0])
       raise ValueError(f"{name}: contains NaN or Inf (row {bad})")
+
+
+def is_packed(x) -> bool:
+  """Whether a tree node is a packed tensor (`PackedLinear` or `PackedEmbedding`): a leaf to the
+  tree walkers, which would otherwise descend into its arrays."""
+  return isinstance(x, (PackedLinear, PackedEmbedding))

@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 
 from duquant_jax import runtime
-from duquant_jax.embedding import PackedEmbedding
+from duquant_jax.embedding import PackedEmbedding, is_packed
 from duquant_jax.treepath import flat_items
 from duquant_jax.packed import PackedLinear
 from duquant_jax.runtime import AUTO, Execution
@@ -51,10 +51,6 @@ _EINSUM = ("w",)
 _GATED_MLP = ("gating_einsum", "linear")
 _EMBEDDER = ("input_embedding",)
 _GATING_EQN, _DOWN_EQN = "BTD,2DF->2BTF", "BTF,FD->BTD"  # openpi's `jnp.dot`s as einsums
-
-
-def _is_packed(x: Any) -> bool:
-  return isinstance(x, (PackedLinear, PackedEmbedding))
 
 
 class InputMemo:
@@ -86,7 +82,7 @@ def _packed_params(module: nn.Module) -> dict[str, Any]:
   for name in _EINSUM + _GATED_MLP + _EMBEDDER:
     if module.has_variable("params", name):
       value = module.get_variable("params", name)
-      if _is_packed(value):
+      if is_packed(value):
         out[name] = value
   return out
 
@@ -204,7 +200,7 @@ def _linen_prefixes(model: Any) -> list[tuple]:
 
 def _flat(tree: Any) -> dict[str, Any]:
   """{'/'-path: leaf} with each packed weight as one leaf."""
-  return dict(flat_items(tree, is_leaf=_is_packed))
+  return dict(flat_items(tree, is_leaf=is_packed))
 
 
 def load_into_openpi(config_or_model: Any, params: Any, *, remove_extra_params: bool = True):
@@ -244,7 +240,7 @@ def load_into_openpi(config_or_model: Any, params: Any, *, remove_extra_params: 
   got = _flat(params)
   linen = ["/".join(p) + "/" for p in _linen_prefixes(model)]
   for path in sorted(set(got) - set(expected)):
-    if _is_packed(got[path]) or not remove_extra_params:
+    if is_packed(got[path]) or not remove_extra_params:
       raise ValueError(f"{path}: not a param of the openpi model ({type(model).__name__})")
     del got[path]
   missing = sorted(set(expected) - set(got))
@@ -254,7 +250,7 @@ def load_into_openpi(config_or_model: Any, params: Any, *, remove_extra_params: 
     want, have = tuple(expected[path].shape), tuple(getattr(x, "shape", ()))
     if want != have:
       raise ValueError(f"{path}: shape {have} but the openpi model expects {want}")
-    if _is_packed(x) and not any(path.startswith(p) for p in linen):
+    if is_packed(x) and not any(path.startswith(p) for p in linen):
       raise ValueError(f"{path}: a packed weight in an NNX module; only the linen modules under "
                        f"{[p.rstrip('/') for p in linen]} run packed weights, keep it float")
   nested: dict = {}

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from duquant_jax import openpi_paths
-from duquant_jax.embedding import PackedEmbedding
+from duquant_jax.embedding import is_packed
 from duquant_jax.packed import PackedLinear, tree_nbytes
 from duquant_jax.treepath import flat_items
 
@@ -72,12 +72,8 @@ def summarize(packed: Params) -> PackSummary:
                      tree_bytes_bf16=fp + rest_bytes, tree_bytes_packed=pk + rest_bytes)
 
 
-def _is_packed(node: Any) -> bool:
-  return isinstance(node, (PackedLinear, PackedEmbedding))
-
-
 def packed_items(tree: Params) -> list[tuple[str, Any]]:
   """(path, PackedLinear | PackedEmbedding) for every packed tensor of a tree, in path order."""
-  return [(p, x) for p, x in flat_items(tree, is_leaf=_is_packed) if _is_packed(x)]
+  return [(p, x) for p, x in flat_items(tree, is_leaf=is_packed) if is_packed(x)]
 
 

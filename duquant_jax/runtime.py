@@ -157,7 +157,7 @@ def matmul(w: PackedLinear, x2: jax.Array, execution: Execution = AUTO, *, quant
   if quantizes and integer:
     xq, sx, zx = quantize_input(one, x2, execution) if quantized is None else quantized
     if layer is not None and one.act_scale is not None:
-      sx, zx = _per_layer(w.act_scale), _per_layer(w.act_zero)
+      sx, zx = _static_scales(w, layer)
     y = kernels.w4a8_matmul(xq, sx, zx, w.codes, _f32(w.scale), _f32(w.zero),
                             out_dtype=out_dtype, implementation=execution.matmul, layer=layer)
     y = y[:x2.shape[0]]  # a static quantizer's padding rows
@@ -311,17 +311,13 @@ def gated_mlp(w_gating: Any, w_linear: Any, x: jax.Array, execution: Execution =
   # Static scales go to the kernels whole, with the layer index (the kernels read them as
   # scalars in place); the hidden codes keep xq's rows (padded to a multiple of 8) through
   # both kernels, so nothing is padded or sliced between them.
-  if layer is None:
-    out_scale, out_zero = l.act_scale, l.act_zero
-    sh, zh = _per_tensor(l.act_scale), _per_tensor(l.act_zero)
-  else:
-    if g.act_scale is not None:
-      sx, zx = _per_layer(w_gating.act_scale), _per_layer(w_gating.act_zero)
-    out_scale, out_zero = w_linear.act_scale, w_linear.act_zero
-    sh, zh = _per_layer(w_linear.act_scale), _per_layer(w_linear.act_zero)
+  if g.act_scale is not None:
+    sx, zx = _static_scales(w_gating, layer)
+  sh, zh = _static_scales(w_linear, layer)
   impl = execution.matmul if execution.matmul in (None, "mosaic") else "xla"
   hq = kernels.gated_w4a8(xq, sx, zx, w_gating.codes, _f32(w_gating.scale), _f32(w_gating.zero),
-                          _f32(out_scale), _f32(out_zero), implementation=impl, layer=layer)
+                          _f32(w_linear.act_scale), _f32(w_linear.act_zero), implementation=impl,
+                          layer=layer)
   out_dtype = jnp.float32 if l.out_rot is not None else x.dtype
   y = kernels.w4a8_matmul(hq, sh, zh, w_linear.codes, _f32(w_linear.scale), _f32(w_linear.zero),
                           out_dtype=out_dtype, implementation=execution.matmul, layer=layer)[:m]
@@ -338,15 +334,12 @@ def lookup(table: PackedEmbedding, tokens: jax.Array) -> jax.Array:
   return rows.astype(table.dtype)
 
 
-def _per_tensor(a: Optional[jax.Array]) -> Optional[jax.Array]:
-  """A static quantizer's (1,) scale or zero point as the matmuls take it, (1, 1) float32."""
-  return None if a is None else a.reshape(1, 1).astype(jnp.float32)
-
-
-def _per_layer(a: Optional[jax.Array]) -> Optional[jax.Array]:
-  """A stacked static quantizer's (L, 1) scales or zero points as the matmuls take them with a
-  layer index, (L, 1, 1) float32."""
-  return None if a is None else a.reshape(-1, 1, 1).astype(jnp.float32)
+def _static_scales(w: PackedLinear, layer: Optional[jax.Array]):
+  """`w`'s static activation scale and zero point as the matmuls take them, float32: (1, 1) for
+  one layer, or the stack's (L, 1, 1) with a layer index (the kernels read them in place)."""
+  shape = (1, 1) if layer is None else (-1, 1, 1)
+  as_matmul = lambda a: None if a is None else a.reshape(shape).astype(jnp.float32)
+  return as_matmul(w.act_scale), as_matmul(w.act_zero)
 
 
 def _f32(a: Optional[jax.Array]) -> Optional[jax.Array]:

@@ -20,6 +20,7 @@ import dataclasses
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 
 CPU = "cpu"
 HOPPER = "cuda-hopper"
@@ -115,3 +116,24 @@ def at_layer(layer: jax.Array | None, *arrays):
   if layer is None:
     return arrays
   return tuple(None if a is None else a[layer] for a in arrays)
+
+
+def act_at_layer(layer: jax.Array | None, sx: jax.Array, zx: jax.Array | None):
+  """Activation scales / zero points at `layer` when they are per tensor and stacked, (L, 1, 1)
+  (one static quantizer per layer); every other form as it is.
+
+  Raises:
+    ValueError: stacked scales without a layer index.
+  """
+  if sx.ndim != 3:
+    return sx, zx
+  if layer is None:
+    raise ValueError(f"per-layer activation scales {sx.shape} need a layer index")
+  return sx[layer], None if zx is None else zx[layer]
+
+
+def per_token(layer: jax.Array | None, sx: jax.Array, zx: jax.Array | None, m: int):
+  """Activation scales / zero points of any form (`act_at_layer`) as (M, 1) per-token columns,
+  for the kernels that read one scale per token."""
+  sx, zx = act_at_layer(layer, sx, zx)
+  return jnp.broadcast_to(sx, (m, 1)), None if zx is None else jnp.broadcast_to(zx, (m, 1))

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from duquant_jax.kernels import dispatch, mosaic_gpu, xla
 from duquant_jax.kernels.dispatch import HOPPER, PLATFORMS, Problem, Rule
-from duquant_jax.kernels.w4a8 import act_at_layer, mosaic_in_place_preferred, mosaic_preferred
+from duquant_jax.kernels.w4a8 import mosaic_in_place_preferred, mosaic_preferred
 
 IMPLEMENTATIONS = (None, "xla", "mosaic")
 
@@ -88,7 +88,8 @@ def gated_w4a8(xq: jax.Array, sx: jax.Array, zx: jax.Array | None, q: jax.Array,
   n, g = sw.shape[-2:]
   if out_scale.ndim == 2 and layer is None:
     raise ValueError(f"per-layer output scales {out_scale.shape} need a layer index")
-  ref = lambda: reference(xq, *act_at_layer(layer, sx, zx), *dispatch.at_layer(layer, q, sw, zw),
+  ref = lambda: reference(xq, *dispatch.act_at_layer(layer, sx, zx),
+                          *dispatch.at_layer(layer, q, sw, zw),
                           *dispatch.at_layer(layer if out_scale.ndim == 2 else None, out_scale,
                                              out_zero))
   if implementation == "xla" or q.shape[-2:] != (n, k):

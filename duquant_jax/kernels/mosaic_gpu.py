@@ -33,6 +33,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from duquant_jax.kernels import dispatch
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MosaicTiles:
@@ -118,7 +120,7 @@ def scalar_scales(tiles: MosaicTiles) -> bool:
   return tiles.tile_m <= 64 and tiles.compute_wgs == 1
 
 
-def _operands(xq, sx, zx, sw, zw, tiles: MosaicTiles, layer, layer_given: bool):
+def _operands(xq, sx, zx, sw, zw, tiles: MosaicTiles, layer):
   """The kernel's operands: (xq padded to M8 rows, sw (L, N), zw (L, N), act).
 
   sw, zw: (L, N, 1) stacked or (N, 1) per-channel scales and zero points (L = 1).
@@ -127,7 +129,7 @@ def _operands(xq, sx, zx, sw, zw, tiles: MosaicTiles, layer, layer_given: bool):
   slice a multiple of 128 bytes); per-tensor scales, (1, 1) or (L, 1, 1), are broadcast into it.
   Per-tensor scales where `scalar_scales(tiles)`: (sx, zx), each (La,) float32 (La = L when they
   are stacked, else 1); the kernel reads them as scalars and sums the token rows itself, so
-  nothing is computed outside it. layer: the (1,) int32 layer index.
+  nothing is computed outside it. layer: None, or the layer index the caller was given.
   """
   m, n = xq.shape[0], sw.shape[-2]
   stack = sw.shape[:-2] or (1,)
@@ -138,17 +140,13 @@ def _operands(xq, sx, zx, sw, zw, tiles: MosaicTiles, layer, layer_given: bool):
   f32 = jnp.float32
   sw_n = sw.reshape(*stack, n).astype(f32)
   zw_n = sw_n if zw is None else zw.reshape(*stack, n).astype(f32)  # (unread when zw is None)
-  if per_tensor(sx) and sx.ndim == 3 and not layer_given:
-    raise ValueError(f"per-layer activation scales {sx.shape} need a layer index")
   if per_tensor(sx) and scalar_scales(tiles):
+    if layer is None:
+      dispatch.act_at_layer(None, sx, zx)  # refuses per-layer scales without a layer index
     sx_v = sx.reshape(-1).astype(f32)
     zx_v = sx_v if zx is None else zx.reshape(-1).astype(f32)  # (unread when zx is None)
     return xq8, sw_n, zw_n, (sx_v, zx_v)
-  if per_tensor(sx):  # one scale per layer, (L, 1, 1), or per tensor: broadcast over the tokens
-    sx = sx if sx.ndim == 2 else sx[layer[0]]
-    zx = zx if zx is None or zx.ndim == 2 else zx[layer[0]]
-    sx = jnp.broadcast_to(sx, (m, 1))
-    zx = None if zx is None else jnp.broadcast_to(zx, (m, 1))
+  sx, zx = dispatch.per_token(layer, sx, zx, m)
   mp = -(-m // tiles.tile_m) * tiles.tile_m
   zeros_m = jnp.zeros((mp,), f32)
   pad = lambda v: jnp.pad(v.reshape(-1).astype(f32), (0, mp - m))
@@ -181,7 +179,7 @@ def w4a8_matmul(xq, sx, zx, q, sw, zw, *, out_dtype=jnp.bfloat16, tiles: MosaicT
   """
   m, k = xq.shape
   n, g = sw.shape[-2:]
-  layer_given = layer is not None
+  given_layer = layer
   q, sw, zw, layer = _stacked(q, sw, zw, layer)
   if q.shape[-2:] != (n, k):
     raise ValueError(f"weight codes {q.shape} do not match activations {xq.shape} and scales "
@@ -191,7 +189,7 @@ def w4a8_matmul(xq, sx, zx, q, sw, zw, *, out_dtype=jnp.bfloat16, tiles: MosaicT
     raise ValueError(f"the Mosaic W4A8 kernel does not take (M, K)={xq.shape} x (N, K)={q.shape} "
                      f"with {g} scale groups and {tiles} (needs G = 1, "
                      f"N % (tile_n * compute_wgs) == 0, K % (tile_k * splits) == 0)")
-  xq8, sw_n, zw_n, act = _operands(xq, sx, zx, sw, zw, tiles, layer, layer_given)
+  xq8, sw_n, zw_n, act = _operands(xq, sx, zx, sw, zw, tiles, given_layer)
   out = _kernel(xq8, q, sw_n, zw_n, act, (), layer, tiles=tiles, out_dtype=jnp.dtype(out_dtype),
                 asym_w=zw is not None, asym_x=zx is not None,
                 act_stacked=isinstance(act, tuple) and sx.ndim == 3)
@@ -256,7 +254,7 @@ def gated_w4a8(xq, sx, zx, q, sw, zw, out_scale, out_zero, *, tiles: MosaicTiles
   n, g = sw.shape[-2:]
   f = n // 2
   tiles = tiles or gated_tiles(m, f, k)
-  layer_given = layer is not None
+  given_layer = layer
   q, sw, zw, layer = _stacked(q, sw, zw, layer)
   if q.shape[-2:] != (n, k) or n % 2:
     raise ValueError(f"gate/up weight codes {q.shape} do not match activations {xq.shape} and "
@@ -266,9 +264,9 @@ def gated_w4a8(xq, sx, zx, q, sw, zw, out_scale, out_zero, *, tiles: MosaicTiles
     raise ValueError(f"the gated Mosaic kernel does not take (M, K)={xq.shape} x (2F, K)={q.shape} "
                      f"with {g} scale groups and {tiles} (needs G = 1, F % tile_n == 0, "
                      f"K % tile_k == 0, one warpgroup, no split-K)")
-  if out_scale.ndim == 2 and not layer_given:
+  if out_scale.ndim == 2 and given_layer is None:
     raise ValueError(f"per-layer output scales {out_scale.shape} need a layer index")
-  xq8, sw_n, zw_n, act = _operands(xq, sx, zx, sw, zw, tiles, layer, layer_given)
+  xq8, sw_n, zw_n, act = _operands(xq, sx, zx, sw, zw, tiles, given_layer)
   # The output quantizer's scale and zero point are read in the kernel as scalars.
   os_v = out_scale.reshape(-1).astype(jnp.float32)
   oz_v = os_v if out_zero is None else out_zero.reshape(-1).astype(jnp.float32)

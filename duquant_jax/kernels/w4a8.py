@@ -51,18 +51,8 @@ def reference(xq: jax.Array, sx: jax.Array, zx: jax.Array | None, q: jax.Array, 
   """The W4A8 arithmetic every implementation reproduces: `xla.w4a8_matmul` (exact integer dots,
   float32 epilogue), on layer `layer` of stacked arrays when given."""
   q, sw, zw = dispatch.at_layer(layer, q, sw, zw)
-  sx, zx = act_at_layer(layer, sx, zx)
+  sx, zx = dispatch.act_at_layer(layer, sx, zx)
   return xla.w4a8_matmul(xq, sx, zx, q, sw, zw, out_dtype=out_dtype)
-
-
-def act_at_layer(layer: jax.Array | None, sx: jax.Array, zx: jax.Array | None):
-  """Activation scales / zero points at `layer` when they are per tensor and stacked, (L, 1, 1)
-  (one static quantizer per layer); every other form as it is."""
-  if sx.ndim != 3:
-    return sx, zx
-  if layer is None:
-    raise ValueError(f"per-layer activation scales {sx.shape} need a layer index")
-  return sx[layer], None if zx is None else zx[layer]
 
 
 def mosaic_applies(m: int, n: int, k: int, g: int, q_dtype) -> bool:
@@ -144,11 +134,7 @@ def _kernel(name: str, xq, sx, zx, q, sw, zw, out_dtype, layer, interpret: bool 
   """Runs backend kernel `name` ("mosaic" or "pallas")."""
   if name == "mosaic":
     return mosaic_gpu.w4a8_matmul(xq, sx, zx, q, sw, zw, out_dtype=out_dtype, layer=layer)
-  # The Triton kernel reads one scale per token.
-  sx, zx = act_at_layer(layer, sx, zx)
-  m = xq.shape[0]
-  sx = jnp.broadcast_to(sx, (m, 1))
-  zx = None if zx is None else jnp.broadcast_to(zx, (m, 1))
+  sx, zx = dispatch.per_token(layer, sx, zx, xq.shape[0])  # the Triton kernel's form
   return pallas_gpu.w4a8_matmul(xq, sx, zx, q, sw, zw, out_dtype=out_dtype, interpret=interpret,
                                 layer=layer)
 
@@ -180,7 +166,7 @@ def w4a8_matmul(xq: jax.Array, sx: jax.Array, zx: jax.Array | None, q: jax.Array
     raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
   if layer is not None:
     return _at_layer(xq, sx, zx, q, sw, zw, layer, out_dtype, implementation)
-  act_at_layer(None, sx, zx)  # per-layer scales without a layer: the error names them
+  dispatch.act_at_layer(None, sx, zx)  # per-layer scales without a layer: the error names them
   if implementation in ("xla", "xla_bf16"):
     return xla.w4a8_matmul(xq, sx, zx, q, sw, zw, out_dtype=out_dtype,
                            dot="bf16" if implementation == "xla_bf16" else "int8")
@@ -206,7 +192,7 @@ def _at_layer(xq, sx, zx, q, sw, zw, layer, out_dtype, implementation):
   if implementation in ("pallas", "pallas_interpret"):
     return _kernel("pallas", xq, sx, zx, q, sw, zw, out_dtype, layer,
                    interpret=implementation == "pallas_interpret")
-  sliced = lambda: w4a8_matmul(xq, *act_at_layer(layer, sx, zx),
+  sliced = lambda: w4a8_matmul(xq, *dispatch.act_at_layer(layer, sx, zx),
                                *dispatch.at_layer(layer, q, sw, zw), out_dtype=out_dtype,
                                implementation=implementation)
   if implementation not in IN_PLACE_TABLES:

@@ -2,7 +2,7 @@
 
 Usage (GPU): python scripts/bench_policy.py [--models pi0,pi05] [--batches 1,8] [--size full]
              [--preset recommended] [--all-linears] [--repeats 20] [--variants auto/auto,xla/xla]
-             [--breakdown]
+             [--unroll off,on] [--attention einsum,cudnn] [--breakdown]
 
 Random bf16 weights and synthetic stats (this measures speed and memory, not accuracy). Latency is
 the median over `repeats` calls of one jitted `sample_actions` (10 flow steps), after compilation.
@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from duquant_jax import runtime
-from duquant_jax.models import Policy, get_policy, make_observation
+from duquant_jax.models import ATTENTIONS, Policy, get_policy, make_observation
 from duquant_jax.quantize import quantize_params, summarize
 from duquant_jax.lab.synthetic_stats import synthetic_stats
 from duquant_jax.runtime import Execution, PackedRuntime
@@ -152,10 +152,13 @@ def _repack_activations(packs, cfg):
   return None
 
 
-def _unrolled(policy, unroll):
+def _configured(policy, unroll, attention):
+  """The policy with its layer scans unrolled or not and computing attention by `attention`
+  (`Pi0Config.attention`); the same params run either way."""
   if unroll not in ("off", "on"):
     raise SystemExit(f"--unroll takes off,on; got {unroll!r}")
-  return dataclasses.replace(policy, cfg=dataclasses.replace(policy.cfg, unroll_layers=unroll == "on"))
+  cfg = dataclasses.replace(policy.cfg, unroll_layers=unroll == "on", attention=attention)
+  return dataclasses.replace(policy, cfg=cfg)
 
 
 def _time_bf16(args, policy, params, obs):
@@ -178,11 +181,12 @@ def _unfused_mlps(on: bool):
 
 
 def _time_variants(args, variants, policy, bf16, params, packed, obs, cfg, s, pack_s, bound):
-  """Rows for one model x batch x unroll setting x preset: each packed dispatch variant against
-  the float policy's timing `bf16` (taken once per setting in the same process)."""
+  """Rows for one model x batch x unroll x attention setting x preset: each packed dispatch
+  variant against the float policy's timing `bf16` (taken once per setting in the same process)."""
   rows = []
   model, b = policy.cfg.name, obs.state.shape[0]
   unroll = "on" if policy.cfg.unroll_layers else "off"
+  attention = policy.cfg.attention
   c_fp, l_fp, l1_fp = bf16
   bounds = [("free", "free"), ("gemm-only", "none")] if args.bound and bound else []
   for matmul, transform, *share in variants + bounds:
@@ -208,6 +212,7 @@ def _time_variants(args, variants, policy, bf16, params, packed, obs, cfg, s, pa
       c_q, l_q = time_policy(policy_v, packed_v, obs, args.repeats)
     row = dict(model=model, batch=b, preset=cfg.name, all_linears=args.all_linears,
                matmul=matmul, transform=transform, permutation=args.permutation, unroll=unroll,
+               attention=attention,
                latency_bf16_ms=l_fp, latency_packed_ms=l_q, speedup=l_fp / l_q,
                compile_bf16_s=c_fp, compile_packed_s=c_q, pack_s=pack_s,
                weights_bf16_gib=tree_bytes(params) / 2**30,
@@ -248,6 +253,11 @@ def main():
   ap.add_argument("--unroll", default="off",
                   help="comma list of off,on: layer scans as while loops (openpi) or unrolled; both "
                        "bf16 and packed are timed under each (same params)")
+  ap.add_argument("--attention", default="einsum",
+                  help=f"comma list of {','.join(ATTENTIONS)} (Pi0Config.attention): openpi's "
+                       "einsum attention, or jax.nn.dot_product_attention through XLA or cuDNN "
+                       "flash attention (cudnn: NVIDIA GPU, bf16); both bf16 and packed are "
+                       "timed under each (same params)")
   ap.add_argument("--bound", action="store_true",
                   help="also time the packed tree with every packed linear made free (FreeLinear): "
                        "the floor any quantization of those layers could reach; and with only the "
@@ -268,6 +278,9 @@ def main():
          or not set(v[2:]) <= {"noshare", "inplace", "sliced", "unfused"} for v in variants):
     ap.error(f"--variants must be MATMUL/TRANSFORM[/noshare][/inplace|/sliced][/unfused] ({'|'.join(mm_ok)} / {'|'.join(tr_ok)}), "
              f"got {args.variants!r}")
+  attentions = args.attention.split(",")
+  if not set(attentions) <= set(ATTENTIONS):
+    ap.error(f"--attention takes a comma list of {','.join(ATTENTIONS)}, got {args.attention!r}")
   rows = []
   for model in args.models.split(","):
     policy = get_policy(model, args.size)
@@ -291,17 +304,18 @@ def main():
     for b in (int(v) for v in args.batches.split(",")):
       obs = make_observation(policy.cfg, jax.random.key(1), b)
       for unroll in args.unroll.split(","):
-        policy_u = _unrolled(policy, unroll)
-        bf16 = _time_bf16(args, policy_u, params, obs)
-        for i, (cfg, packed, s, pack_s) in enumerate(packs):
-          rows += _time_variants(args, variants, policy_u, bf16, params, packed, obs, cfg, s, pack_s,
-                                 bound=i == 0)
+        for attention in attentions:
+          policy_u = _configured(policy, unroll, attention)
+          bf16 = _time_bf16(args, policy_u, params, obs)
+          for i, (cfg, packed, s, pack_s) in enumerate(packs):
+            rows += _time_variants(args, variants, policy_u, bf16, params, packed, obs, cfg, s,
+                                   pack_s, bound=i == 0)
 
   print(f"\ndevice={jax.devices()[0].device_kind} jax={jax.__version__}")
-  print("| model | batch | unroll | preset | matmul / transform | bf16 ms | packed ms | speedup | compile bf16 / packed s | weights bf16 / packed GiB | all-weights ratio | quantized-layers ratio |")
-  print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+  print("| model | batch | unroll | attention | preset | matmul / transform | bf16 ms | packed ms | speedup | compile bf16 / packed s | weights bf16 / packed GiB | all-weights ratio | quantized-layers ratio |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
   for r in rows:
-    print(f"| {r['model']} | {r['batch']} | {r['unroll']} | {r['preset']} | {r['matmul']} / {r['transform']} | {r['latency_bf16_ms']:.1f} | {r['latency_packed_ms']:.1f} | "
+    print(f"| {r['model']} | {r['batch']} | {r['unroll']} | {r['attention']} | {r['preset']} | {r['matmul']} / {r['transform']} | {r['latency_bf16_ms']:.1f} | {r['latency_packed_ms']:.1f} | "
           f"{r['speedup']:.2f}x | {r['compile_bf16_s']:.0f} / {r['compile_packed_s']:.0f} | "
           f"{r['weights_bf16_gib']:.2f} / {r['weights_packed_gib']:.2f} | "
           f"{r['weights_packed_gib'] / r['weights_bf16_gib']:.3f} | {r['quantized_layers_ratio']:.3f} |")

@@ -10,6 +10,7 @@ which layer a fusion belongs to.
 
 Usage (GPU): cd scripts && PYTHONPATH=.. python profile_policy.py [--model pi0] [--batch 1,8] [--top 25]
              [--preset deploy] [--matmuls auto,xla] [--transform auto] [--no-bf16] [--by-op 40]
+             [--unroll] [--attention cudnn]
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import time
 import jax
 import numpy as np
 
-from duquant_jax.models import Policy, get_policy, make_observation
+from duquant_jax.models import ATTENTIONS, Policy, get_policy, make_observation
 from duquant_jax.quantize import quantize_params
 from duquant_jax.lab.synthetic_stats import synthetic_stats
 from duquant_jax.runtime import Execution, PackedRuntime
@@ -139,9 +140,13 @@ def main():
                        "(same program, other codes)")
   ap.add_argument("--unroll", action="store_true",
                   help="unrolled layers (Pi0Config(unroll_layers=True)) for bf16 and packed alike")
+  ap.add_argument("--attention", default="einsum", choices=ATTENTIONS,
+                  help="Pi0Config.attention for bf16 and packed alike: openpi's einsum attention, "
+                       "or jax.nn.dot_product_attention through XLA or cuDNN flash attention "
+                       "(cudnn: NVIDIA GPU, bf16)")
   ap.add_argument("--json", default=None)
   args = ap.parse_args()
-  policy = get_policy(args.model, args.size, unroll_layers=args.unroll)
+  policy = get_policy(args.model, args.size, unroll_layers=args.unroll, attention=args.attention)
   params = jax.block_until_ready(random_params(policy))
   cfg = bench_config(args.preset, False)
   if args.no_clip_search:

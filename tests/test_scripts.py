@@ -161,3 +161,16 @@ def test_bench_policy_derives_a_weight_only_candidate_from_an_earlier_pack():
   assert all(a is None for a, _ in filter(None, flat(derived)))
   for a, b in zip(jax.tree.leaves(derived), jax.tree.leaves(direct)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_bench_policy_configures_unroll_and_attention():
+  import bench_policy
+  import pytest
+  policy = get_policy("pi0", "full")
+  cfg = bench_policy._configured(policy, "on", "cudnn").cfg
+  assert (cfg.unroll_layers, cfg.attention) == (True, "cudnn")
+  assert cfg.llm == policy.cfg.llm and policy.cfg.attention == "einsum"
+  with pytest.raises(SystemExit, match="--unroll"):
+    bench_policy._configured(policy, "yes", "einsum")
+  with pytest.raises(ValueError, match="attention"):
+    bench_policy._configured(policy, "off", "flash")

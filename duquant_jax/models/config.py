@@ -21,6 +21,7 @@ SizeName = Literal["full", "dummy", "demo"]
 MODELS: tuple[str, ...] = ("pi0", "pi05")
 SIZES: tuple[str, ...] = ("full", "dummy", "demo")
 IMAGE_KEYS: tuple[str, ...] = ("base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb")
+ATTENTIONS: tuple[str, ...] = ("einsum", "xla", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -82,8 +83,18 @@ class Pi0Config:
   # (L, ...) layout either way; unrolled, each layer reads a static slice of the stack instead of a
   # dynamic slice inside a while loop (see BENCHMARKS.md for what that costs or saves).
   unroll_layers: bool = False
+  # How the Gemma and SigLIP attention is computed from q, k, v. "einsum" is openpi's own
+  # arithmetic (logits, mask, softmax, weighted sum as separate ops); "xla" and "cudnn" go through
+  # `jax.nn.dot_product_attention` with that implementation ("cudnn": cuDNN flash attention, which
+  # needs an NVIDIA GPU and a bfloat16 or float16 dtype). Calibration runs "einsum" regardless: it
+  # reads the attention logits (`models.gemma.Attention`).
+  attention: str = "einsum"
 
   def __post_init__(self):
+    if self.attention not in ATTENTIONS:
+      raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
+    if self.attention == "cudnn" and self.dtype not in ("bfloat16", "float16"):
+      raise ValueError(f"attention='cudnn' needs dtype bfloat16 or float16, got {self.dtype!r}")
     if self.llm.depth != self.expert.depth:
       raise ValueError(f"LLM and expert must have the same depth: {self.llm.depth=} {self.expert.depth=}")
     for field in ("num_heads", "num_kv_heads", "head_dim"):

@@ -111,10 +111,16 @@ def apply_rope(x: jax.Array, positions: jax.Array, max_wavelength: float = 10_00
 
 
 class Attention(nn.Module):
-  """Multi-query attention over the concatenated tokens of all experts, with an optional KV cache."""
+  """Multi-query attention over the concatenated tokens of all experts, with an optional KV cache.
+
+  `attention` (`Pi0Config.attention`): "einsum" computes it as openpi does; "xla" / "cudnn" with
+  `jax.nn.dot_product_attention` of that implementation, except while "intermediates" is mutable
+  (calibration reads the logits, which only the einsum form has).
+  """
 
   configs: Sequence[GemmaConfig]
   runtime: Runtime = _FLOAT
+  attention: str = "einsum"
 
   @nn.compact
   def __call__(self, xs, positions, attn_mask, kv_cache):
@@ -140,25 +146,17 @@ class Attention(nn.Module):
       cache_k, cache_v = kv_cache
       k = jnp.concatenate([cache_k.astype(k.dtype), k], axis=1)
       v = jnp.concatenate([cache_v.astype(v.dtype), v], axis=1)
-
-    q = q.reshape(*q.shape[:2], cfg0.num_kv_heads, cfg0.num_heads // cfg0.num_kv_heads, cfg0.head_dim)
-    logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32)
     if attn_mask.shape != (q.shape[0], q.shape[1], k.shape[1]):
       raise ValueError(f"attention mask {attn_mask.shape} does not match (B, T, S) = "
                        f"{(q.shape[0], q.shape[1], k.shape[1])}")
-    # Attention calibration (`duquant_jax.attention_balance`) reads each expert's logits
-    # (B, K, G, T_i, S) and mask (B, T_i, S) here (stored only when "intermediates" is mutable).
-    start = 0
-    for i, x in enumerate(xs):
-      if x is not None:
-        end = start + x.shape[1]
-        self.sow("intermediates", _name("logits", i), logits[:, :, :, start:end])
-        self.sow("intermediates", _name("logits_mask", i), attn_mask[:, start:end])
-        start = end
-    logits = jnp.where(attn_mask[:, None, None, :, :], logits, _BIG_NEG)
-    probs = jax.nn.softmax(logits, axis=-1).astype(k.dtype)
-    encoded = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
-    encoded = encoded.reshape(*encoded.shape[:2], cfg0.num_heads, cfg0.head_dim)
+
+    if self.attention == "einsum" or self.is_mutable_collection("intermediates"):
+      encoded = self._einsum_attention(xs, q, k, v, attn_mask)
+    else:
+      # q is already scaled, rounded to its dtype as the einsum form rounds it: scale 1 keeps the
+      # same logits (jax's "xla" form multiplies its float32 logits by the scale).
+      encoded = jax.nn.dot_product_attention(q, k, v, mask=attn_mask[:, None], scale=1.0,
+                                             implementation=self.attention)
 
     out, start = [], 0
     for i, (x, cfg) in enumerate(zip(xs, self.configs, strict=True)):
@@ -173,6 +171,25 @@ class Attention(nn.Module):
       out.append(y)
       start = end
     return out, (k, v)
+
+  def _einsum_attention(self, xs, q, k, v, attn_mask):
+    """openpi's form: q (B, T, N, H) pre-scaled, k, v (B, S, K, H), mask (B, T, S) -> (B, T, N, H)."""
+    cfg0 = self.configs[0]
+    q = q.reshape(*q.shape[:2], cfg0.num_kv_heads, cfg0.num_heads // cfg0.num_kv_heads, cfg0.head_dim)
+    logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32)
+    # Attention calibration (`duquant_jax.attention_balance`) reads each expert's logits
+    # (B, K, G, T_i, S) and mask (B, T_i, S) here (stored only when "intermediates" is mutable).
+    start = 0
+    for i, x in enumerate(xs):
+      if x is not None:
+        end = start + x.shape[1]
+        self.sow("intermediates", _name("logits", i), logits[:, :, :, start:end])
+        self.sow("intermediates", _name("logits_mask", i), attn_mask[:, start:end])
+        start = end
+    logits = jnp.where(attn_mask[:, None, None, :, :], logits, _BIG_NEG)
+    probs = jax.nn.softmax(logits, axis=-1).astype(k.dtype)
+    encoded = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
+    return encoded.reshape(*encoded.shape[:2], cfg0.num_heads, cfg0.head_dim)
 
 
 class FeedForward(nn.Module):
@@ -208,6 +225,7 @@ class Block(nn.Module):
 
   configs: Sequence[GemmaConfig]
   runtime: Runtime = _FLOAT
+  attention: str = "einsum"
 
   @nn.compact
   def __call__(self, xs, kv_cache, positions, attn_mask, adarms_cond):
@@ -217,7 +235,8 @@ class Block(nn.Module):
               else (None, None))
       normed.append(n)
       gates.append(g)
-    attn_out, kv_cache = Attention(self.configs, self.runtime, name="attn")(normed, positions, attn_mask, kv_cache)
+    attn_out, kv_cache = Attention(self.configs, self.runtime, self.attention, name="attn")(
+        normed, positions, attn_mask, kv_cache)
     xs = [_gated_residual(x, y, g) for x, y, g in zip(xs, attn_out, gates)]
 
     out = []
@@ -238,6 +257,7 @@ class Gemma(nn.Module):
   vocab_size: int
   unroll_layers: bool = False
   runtime: Runtime = _FLOAT
+  attention: str = "einsum"  # `Attention.attention`
 
   def setup(self):
     self.embedder = Embedder(self.vocab_size, self.configs[0].width, self.runtime, name="embedder")
@@ -249,7 +269,7 @@ class Gemma(nn.Module):
         in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
         length=self.configs[0].depth,
         unroll=self.configs[0].depth if self.unroll_layers else 1,
-    )(self.configs, self.runtime, name="layers")
+    )(self.configs, self.runtime, self.attention, name="layers")
     self.final_norms = [RMSNorm(name=_name("final_norm", i)) for i in range(len(self.configs))]
 
   def embed(self, tokens: jax.Array) -> jax.Array:

@@ -55,9 +55,10 @@ class PaliGemma(nn.Module):
   def setup(self):
     c = self.cfg
     self.llm = Gemma(configs=(c.llm, c.expert), vocab_size=c.vocab_size,
-                     unroll_layers=c.unroll_layers, runtime=self.runtime, name="llm")
+                     unroll_layers=c.unroll_layers, runtime=self.runtime, attention=c.attention,
+                     name="llm")
     self.img = SigLIP(c.vision, out_dim=c.llm.width, unroll_layers=c.unroll_layers,
-                      dtype_mm=c.dtype, name="img")
+                      dtype_mm=c.dtype, attention=c.attention, name="img")
 
 
 class Pi0(nn.Module):
@@ -271,6 +272,7 @@ class Policy:
 def get_policy(model: str = "pi0", size: str = "demo", *, runtime: Optional[Runtime] = None,
                **overrides) -> Policy:
   """`Policy(get_config(model, size, **overrides), runtime)`, e.g.
-  `get_policy("pi0", "full", unroll_layers=True)`; `runtime` None: float einsums."""
+  `get_policy("pi0", "full", unroll_layers=True, attention="cudnn")`; `runtime` None: float
+  einsums."""
   from duquant_jax.models.config import get_config
   return Policy(get_config(model, size, **overrides), runtime or FloatRuntime())

@@ -189,3 +189,36 @@ CANDIDATES.update({
                        temperature=False),
     "receaTO": balanced(CANDIDATES["recea"], "every Gemma linear W4A8, nearest + both"),
 })
+
+
+def _with(key: str, name: str, *rules: LayerRule) -> QuantConfig:
+  """Candidate `key` with `rules` first (they take precedence)."""
+  cfg = resolve(key)
+  return dataclasses.replace(cfg, name=name, rules=rules + cfg.rules)
+
+
+# pi0.5 toward `fast` within 10% of `recommended` at <= 0.30x: its adaptive-norm Dense layers
+# weight-only W8 (bf16 in `fast`; they make room for W8 elsewhere), its expert gate / up W8 (its
+# stream cannot be rotated offline, "Where `fast`'s error comes from").
+_W8 = dict(weight_bits=8, rotation="none", permutation="none", rounding="gptq")
+_ADARMS8 = LayerRule(pattern=ADARMS, act_bits=None, smooth_alpha=None, **_W8)
+_EXPERT_GU8 = LayerRule(pattern=pattern(("gating",), ("_1",)), act_scale="static",
+                        act_symmetric=True, **_W8)
+CANDIDATES.update({
+    "fastm8": _with("fast", "fast, adaRMS W8 weight-only", _ADARMS8),
+    "fastd8m8": _with("fastd8", "fast, expert down W8, adaRMS W8", _ADARMS8),
+    "fastsig8wd8m8": _with("fastsig8wd8", "fast, SigLIP W8 wo, expert down W8, adaRMS W8",
+                           _ADARMS8),
+    "fastmlp8m8": _with("fastd8", "fast, expert MLP W8, adaRMS W8", _ADARMS8, _EXPERT_GU8),
+    "fastsig8wmlp8m8": _with("fastsig8wd8", "fast, SigLIP W8 wo, expert MLP W8, adaRMS W8",
+                             _ADARMS8, _EXPERT_GU8),
+})
+# Only part of SigLIP at W8 (weight-only, GPTQ as `fast`'s SigLIP rule), to fit 0.30x with the
+# expert MLP at W8 on both models.
+_SIG_RULE = get_preset("fast").rules[-1]
+CANDIDATES.update({
+    "fastsa8mlp8m8": _with("fastmlp8m8", "fast, SigLIP attention W8 wo, expert MLP W8, adaRMS W8",
+                           dataclasses.replace(_SIG_RULE, pattern=SIG_ATT, weight_bits=8)),
+    "fastsf18mlp8m8": _with("fastmlp8m8", "fast, SigLIP fc1 W8 wo, expert MLP W8, adaRMS W8",
+                            dataclasses.replace(_SIG_RULE, pattern=SIG_FC1, weight_bits=8)),
+})

@@ -22,8 +22,10 @@ needs_gpu = pytest.mark.skipif(not ON_GPU, reason="cuDNN attention traces only w
 
 
 def _actions(policy, params, obs, num_steps=2):
-  run = jax.jit(policy.sample_actions, static_argnames="num_steps")
-  return np.asarray(run(params, obs, jax.random.key(5), num_steps=num_steps), np.float32)
+  # Full float32 dots: a GPU runs them in TF32 by default, and the two forms' dots differ in shape.
+  with jax.default_matmul_precision("highest"):
+    run = jax.jit(policy.sample_actions, static_argnames="num_steps")
+    return np.asarray(run(params, obs, jax.random.key(5), num_steps=num_steps), np.float32)
 
 
 def test_xla_attention_equals_einsum(demo, demo_obs):

@@ -222,3 +222,31 @@ CANDIDATES.update({
     "fastsf18mlp8m8": _with("fastmlp8m8", "fast, SigLIP fc1 W8 wo, expert MLP W8, adaRMS W8",
                             dataclasses.replace(_SIG_RULE, pattern=SIG_FC1, weight_bits=8)),
 })
+# The expert MLP at W4 with a scale per group of input channels (GPTQ), in place of W8.
+_EXPERT_MLP_G = lambda g: LayerRule(  # noqa: E731
+    pattern=EXPERT_MLP, weight_granularity="group", group_size=g, act_scale="static",
+    act_symmetric=True, rotation="none", permutation="none", rounding="gptq")
+CANDIDATES.update({
+    f"fastmlpg{g}m8": _with("fastm8", f"fast, expert MLP W4 groups of {g}, adaRMS W8",
+                            _EXPERT_MLP_G(g)) for g in (64, 128)})
+# pi0.5's expert stream cannot be rotated offline (adaptive norm): a block-64 Hadamard rotation
+# of the expert gate / up input, online.
+_H64 = dict(block_size=64, rotation="hadamard", permutation="none", act_scale="static",
+            act_symmetric=True, rounding="gptq")
+CANDIDATES.update({
+    "fastgu2hm8": _with("fastm8", "fast, expert gate/up Hadamard b64 online, adaRMS W8",
+                        LayerRule(pattern=pattern(("gating",), ("_1",)), **_H64)),
+    "fastmlp2hm8": _with("fastm8", "fast, expert MLP Hadamard b64 online, adaRMS W8",
+                         LayerRule(pattern=EXPERT_MLP, **_H64)),
+})
+_EXPERT_DOWN_H64 = LayerRule(pattern=pattern(("linear",), ("_1",)), **_H64)
+_SA8 = dataclasses.replace(_SIG_RULE, pattern=SIG_ATT, weight_bits=8)
+CANDIDATES.update({
+    "fastd2hm8": _with("fastm8", "fast, expert down Hadamard b64 online, adaRMS W8",
+                       _EXPERT_DOWN_H64),
+    "fastsa8d2hm8": _with("fastm8", "fast, SigLIP attention W8 wo, expert down Hadamard b64 "
+                          "online, adaRMS W8", _SA8, _EXPERT_DOWN_H64),
+    "fastsa8mlp8d2hm8": _with("fastsa8mlp8m8", "fast, SigLIP attention W8 wo, expert MLP W8, "
+                              "down Hadamard b64 online, adaRMS W8",
+                              dataclasses.replace(_EXPERT_DOWN_H64, weight_bits=8)),
+})

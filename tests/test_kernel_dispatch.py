@@ -299,6 +299,29 @@ EXPECTED_W4A8 = {
     ('mosaic', 'any', True, 'int4', 'channel', 1024, 2048): 'MMMMMMMMMMMM',
     ('mosaic', 'any', True, 'int4', 'channel', 1152, 1152): 'MMMMMMMMMMMM',
     ('mosaic', 'any', True, 'int4', 'channel', 512, 4096): 'MMMMMMMMMMMM',
+    # int8 weight codes (W8A8) take the Mosaic kernels on request only.
+    ('mosaic', 'any', False, 'int8', 'channel', 2048, 2048): 'mmmmmmmmmmmm',
+    ('mosaic', 'any', False, 'int8', 'channel', 256, 2048): 'mmmmmmmmmmmm',
+    ('mosaic', 'any', False, 'int8', 'channel', 16384, 2048): 'mmmmmmmmmmmm',
+    ('mosaic', 'any', False, 'int8', 'channel', 2048, 16384): 'mmmmmmmmmmmm',
+    ('mosaic', 'any', False, 'int8', 'channel', 2048, 1024): 'mmmmmmmmmmmm',
+    ('mosaic', 'any', False, 'int8', 'channel', 256, 1024): 'mmmmmmmmmmmm',
+    ('mosaic', 'any', False, 'int8', 'channel', 4096, 1024): 'mmmmmmmmmmmm',
+    ('mosaic', 'any', False, 'int8', 'channel', 1024, 4096): 'mmmmmmmmmmmm',
+    ('mosaic', 'any', False, 'int8', 'channel', 1024, 2048): 'mmmmmmmmmmmm',
+    ('mosaic', 'any', False, 'int8', 'channel', 1152, 1152): 'mmmmmmmmmmmm',
+    ('mosaic', 'any', False, 'int8', 'channel', 512, 4096): 'mmmmmmmmmmmm',
+    ('mosaic', 'any', True, 'int8', 'channel', 2048, 2048): 'MMMMMMMMMMMM',
+    ('mosaic', 'any', True, 'int8', 'channel', 256, 2048): 'MMMMMMMMMMMM',
+    ('mosaic', 'any', True, 'int8', 'channel', 16384, 2048): 'MMMMMMMMMMMM',
+    ('mosaic', 'any', True, 'int8', 'channel', 2048, 16384): 'MMMMMMMMMMMM',
+    ('mosaic', 'any', True, 'int8', 'channel', 2048, 1024): 'MMMMMMMMMMMM',
+    ('mosaic', 'any', True, 'int8', 'channel', 256, 1024): 'MMMMMMMMMMMM',
+    ('mosaic', 'any', True, 'int8', 'channel', 4096, 1024): 'MMMMMMMMMMMM',
+    ('mosaic', 'any', True, 'int8', 'channel', 1024, 4096): 'MMMMMMMMMMMM',
+    ('mosaic', 'any', True, 'int8', 'channel', 1024, 2048): 'MMMMMMMMMMMM',
+    ('mosaic', 'any', True, 'int8', 'channel', 1152, 1152): 'MMMMMMMMMMMM',
+    ('mosaic', 'any', True, 'int8', 'channel', 512, 4096): 'MMMMMMMMMMMM',
 }
 
 EXPECTED_GATED = {
@@ -310,6 +333,11 @@ EXPECTED_GATED = {
     ('mosaic', 'any', False, 'int4', 'channel', 8192, 1024): 'mmmmmmmmmmmm',
     ('mosaic', 'any', True, 'int4', 'channel', 32768, 2048): 'MMMMMMMMMMMM',
     ('mosaic', 'any', True, 'int4', 'channel', 8192, 1024): 'MMMMMMMMMMMM',
+    # int8 weight codes (W8A8) take the Mosaic kernels on request only.
+    ('mosaic', 'any', False, 'int8', 'channel', 32768, 2048): 'mmmmmmmmmmmm',
+    ('mosaic', 'any', False, 'int8', 'channel', 8192, 1024): 'mmmmmmmmmmmm',
+    ('mosaic', 'any', True, 'int8', 'channel', 32768, 2048): 'MMMMMMMMMMMM',
+    ('mosaic', 'any', True, 'int8', 'channel', 8192, 1024): 'MMMMMMMMMMMM',
 }
 
 # (entry point, x and transform of one layer or stacked, K) -> the form lowered for CUDA at each

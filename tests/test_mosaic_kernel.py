@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from duquant_jax import kernels
-from duquant_jax.kernels import gated, mosaic_gpu, xla
+from duquant_jax.kernels import gated, mosaic_gpu, w4a8, xla
 
 GEMMA_SHAPES = [(2048, 2048), (2048, 256), (2048, 16384), (16384, 2048), (1024, 4096), (4096, 1024)]
 
@@ -66,7 +66,10 @@ def test_unsupported_shapes_raise_a_clear_error():
   with pytest.raises(ValueError, match="do not match"):
     mosaic_gpu.w4a8_matmul(xq, sx, None, jnp.zeros((128, 128), jnp.int4), jnp.ones((128, 1)), None)
   assert not kernels.mosaic_applies(8, 1076, 256, 1, jnp.int4)
-  assert not kernels.mosaic_applies(8, 128, 256, 1, jnp.int8)
+  assert not kernels.mosaic_applies(8, 128, 256, 1, jnp.float32)
+  # int8 weights (W8A8) on request only: auto-dispatch keeps them on XLA until measured.
+  assert kernels.mosaic_applies(8, 128, 256, 1, jnp.int8)
+  assert not kernels.mosaic_applies(8, 128, 256, 1, jnp.int8, w4a8.MOSAIC_AUTO_CODES)
 
 
 @pytest.mark.parametrize("m,k,n,asym,tiles", [
@@ -81,6 +84,31 @@ def test_kernel_lowers_for_cuda(m, k, n, asym, tiles):
   text = _cuda_module(lambda *a: mosaic_gpu.w4a8_matmul(*a, out_dtype=jnp.bfloat16, tiles=tiles),
                       *_specs(m, k, n, asym=asym))
   assert len(re.findall(r"custom_call @mosaic_gpu\w*", text)) == 1
+
+
+def _int8_weights(specs):
+  return tuple(jax.ShapeDtypeStruct(a.shape, jnp.int8) if a is not None and a.dtype == jnp.int4
+               else a for a in specs)
+
+
+@pytest.mark.parametrize("m,k,n", [(51, 1024, 4096), (51, 16384, 2048), (816, 16384, 2048),
+                                   (816, 2048, 16384)])
+def test_int8_weights_lower_for_cuda_on_request_only(m, k, n):
+  """W8A8: the same kernel reads int8 codes (128-byte swizzled rows, no upcast) in every tiling
+  regime, one layer, in place and gated; auto-dispatch leaves int8 weights to XLA."""
+  specs = _int8_weights(_specs(m, k, n, asym=True))
+  mosaic = lambda *a: kernels.w4a8_matmul(*a, implementation="mosaic")
+  [call] = re.findall(r"custom_call @mosaic_gpu\w*\(.*", _cuda_module(mosaic, *specs))
+  assert re.search(rf"tensor<1x{n}x{k}xi8>", call)
+  auto = lambda *a: kernels.w4a8_matmul(*a)
+  assert not re.search(r"custom_call @mosaic_gpu", _cuda_module(auto, *specs))
+  stacked = _int8_weights(_stacked_specs(m, k, n, 18, asym=True))
+  in_place = lambda xq, sx, zx, q, sw, zw, i: mosaic_gpu.w4a8_matmul(xq, sx, zx, q, sw, zw, layer=i)
+  assert re.search(rf"tensor<18x{n}x{k}xi8>", _cuda_module(in_place, *stacked))
+  if n % 128 == 0 and k <= 4096:
+    fn = lambda *a: kernels.gated_w4a8(*a, implementation="mosaic")
+    gated_specs = _int8_weights(_gated_specs(m, k, n // 2, asym=True, out_asym=False))
+    assert len(re.findall(r"custom_call @mosaic_gpu\w*", _cuda_module(fn, *gated_specs))) == 1
 
 
 def test_mosaic_dispatch_lowers_to_the_kernel_for_cuda_and_xla_elsewhere():
@@ -256,5 +284,37 @@ def test_per_tensor_scales_equal_the_reference_on_hopper(m, k, n, asym_w, asym_x
                                                 layer=l))(jnp.int32(i))
     h_ref = gated.reference(xq, scale[i], None if zero is None else zero[i], q[i], sw[i],
                             None if zw is None else zw[i], o_scale[i], o_zero[i])
+    d = jnp.abs(h.astype(jnp.int32) - h_ref.astype(jnp.int32))
+    assert int(jnp.max(d)) <= 1 and float(jnp.mean(d > 0)) < 1e-5
+
+
+@pytest.mark.skipif(not _on_hopper(), reason="runs the Mosaic GPU kernels: Hopper only")
+@pytest.mark.parametrize("m,k,n", [(51, 1024, 4096), (816, 16384, 2048), (816, 2048, 16384)])
+@pytest.mark.parametrize("per_tensor", [False, True])
+def test_int8_weights_equal_the_reference_on_hopper(m, k, n, per_tensor):
+  """W8A8 through the same kernels (plain and gated, a layer read in place) equals the XLA path."""
+  layers, i = 3, 1
+  kx, kq, ks, kz = jax.random.split(jax.random.key(m + k + n + 8), 4)
+  x = jax.random.normal(kx, (m, k))
+  if per_tensor:
+    scale, zero = jnp.array([[[0.03]], [[0.02]], [[0.04]]]), None
+    xq, _, _ = xla.quantize_static(x, scale[i, 0], None)
+    sx, zx, sx_i, zx_i = scale, None, scale[i], None
+  else:
+    xq, sx, zx = xla.quantize_per_token(x, symmetric=False)
+    sx_i, zx_i = sx, zx
+  q = jax.random.randint(kq, (layers, n, k), -128, 128).astype(jnp.int8)
+  sw = 0.001 + 0.001 * jax.random.uniform(ks, (layers, n, 1))
+  zw = jnp.round(8 * jax.random.uniform(kz, (layers, n, 1)) - 4)
+  y = jax.jit(lambda l: mosaic_gpu.w4a8_matmul(xq, sx, zx, q, sw, zw, out_dtype=jnp.float32,
+                                               layer=l))(jnp.int32(i))
+  ref = xla.w4a8_matmul(xq, sx_i, zx_i, q[i], sw[i], zw[i])
+  tol = 0.0 if mosaic_gpu.choose_tiles(m, n, k).splits == 1 else 1e-6
+  assert float(jnp.max(jnp.abs(y - ref)) / jnp.max(jnp.abs(ref))) <= tol
+  if n % 128 == 0 and k <= 4096:
+    o_scale, o_zero = jnp.array([[0.05], [0.06], [0.07]]), None
+    h = jax.jit(lambda l: mosaic_gpu.gated_w4a8(xq, sx, zx, q, sw, zw, o_scale, o_zero,
+                                                layer=l))(jnp.int32(i))
+    h_ref = gated.reference(xq, sx_i, zx_i, q[i], sw[i], zw[i], o_scale[i], None)
     d = jnp.abs(h.astype(jnp.int32) - h_ref.astype(jnp.int32))
     assert int(jnp.max(d)) <= 1 and float(jnp.mean(d > 0)) < 1e-5

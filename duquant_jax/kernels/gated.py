@@ -19,7 +19,8 @@ import jax.numpy as jnp
 
 from duquant_jax.kernels import dispatch, mosaic_gpu, xla
 from duquant_jax.kernels.dispatch import HOPPER, PLATFORMS, Problem, Rule
-from duquant_jax.kernels.w4a8 import mosaic_in_place_preferred, mosaic_preferred
+from duquant_jax.kernels.w4a8 import (MOSAIC_AUTO_CODES, MOSAIC_CODES,
+                                      mosaic_in_place_preferred, mosaic_preferred)
 
 IMPLEMENTATIONS = (None, "xla", "mosaic")
 
@@ -35,15 +36,15 @@ def reference(xq, sx, zx, q, sw, zw, out_scale, out_zero) -> jax.Array:
   return xla.quantize_static(h, out_scale, out_zero)[0]
 
 
-def mosaic_applies(m: int, n: int, k: int, g: int, q_dtype) -> bool:
-  """Whether the gated Mosaic kernel takes (M, K) tokens against a (N = 2F, K) int4 gate/up weight
-  with G scale groups."""
-  return n % 2 == 0 and q_dtype == jnp.int4 and mosaic_gpu.supports_gated(m, n // 2, k, g)
+def mosaic_applies(m: int, n: int, k: int, g: int, q_dtype, codes=MOSAIC_CODES) -> bool:
+  """Whether the gated Mosaic kernel takes (M, K) tokens against a (N = 2F, K) gate/up weight of
+  `q_dtype` codes (one of `codes`) with G scale groups."""
+  return n % 2 == 0 and q_dtype in codes and mosaic_gpu.supports_gated(m, n // 2, k, g)
 
 
-def _rule(regime, platforms, preferred=None):
+def _rule(regime, platforms, preferred=None, codes=MOSAIC_AUTO_CODES):
   def when(p: Problem) -> bool:
-    return mosaic_applies(p.m, p.n, p.k, p.g, p.codes) and (
+    return mosaic_applies(p.m, p.n, p.k, p.g, p.codes, codes) and (
         preferred is None or preferred(p.m, p.n, p.k))
   return Rule(regime=regime, platforms=frozenset(platforms), when=when, implementation="mosaic")
 
@@ -52,7 +53,7 @@ def _rule(regime, platforms, preferred=None):
 # weight (one layer), or read it in place (a layer of a stack); the reference otherwise.
 AUTO = (_rule("Gated MLP on Hopper", {HOPPER}, mosaic_preferred),)
 AUTO_IN_PLACE = (_rule("Gated MLP in place on Hopper", {HOPPER}, mosaic_in_place_preferred),)
-MOSAIC = (_rule("Gated MLP where it applies", PLATFORMS),)
+MOSAIC = (_rule("Gated MLP where it applies", PLATFORMS, codes=MOSAIC_CODES),)
 TABLES = {(None, False): AUTO, (None, True): AUTO_IN_PLACE, ("mosaic", False): MOSAIC,
           ("mosaic", True): MOSAIC}
 

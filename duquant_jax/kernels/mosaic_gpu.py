@@ -163,7 +163,8 @@ def w4a8_matmul(xq, sx, zx, q, sw, zw, *, out_dtype=jnp.bfloat16, tiles: MosaicT
     xq: (M, K) int8 activation codes; sx (M, 1) float32 scales per token, or (1, 1) per tensor,
       or with `layer` (L, 1, 1) per layer of the stack (read in place); zx the same form of zero
       points, or None. Per-tensor scales take `scalar_scales`' path where the tiles allow it.
-    q: (N, K) int4 weight codes; sw (N, 1) float32 scales; zw (N, 1) zero points or None.
+    q: (N, K) int4 weight codes (int8: W8A8, the same kernel without the register upcast); sw
+      (N, 1) float32 scales; zw (N, 1) zero points or None.
       With `layer`: the stacked (L, N, K) / (L, N, 1) arrays of an `nn.scan` layer stack.
     out_dtype: dtype of the (M, N) result.
     tiles: a `MosaicTiles`, or None for `choose_tiles`.
@@ -235,7 +236,8 @@ def gated_w4a8(xq, sx, zx, q, sw, zw, out_scale, out_zero, *, tiles: MosaicTiles
   Args:
     xq, sx, zx: (M, K) int8 token codes and their scales and zero points (zx None: symmetric),
       in any form `w4a8_matmul` takes.
-    q: (2F, K) int4 weight codes, gate rows then up rows; sw, zw (2F, 1) float32 (zw None).
+    q: (2F, K) int4 (or int8) weight codes, gate rows then up rows; sw, zw (2F, 1) float32 (zw
+      None).
     out_scale, out_zero: (1,) float32 static scale and zero point of the hidden activation's
       int8 quantizer, or with `layer` (L, 1), one per layer (out_zero None: symmetric); the
       kernel reads them as scalars.
@@ -287,7 +289,8 @@ def _kernel(xq, q, sw, zw, act, out_q, layer, *, tiles: MosaicTiles, out_dtype, 
   """The Pallas call.
 
   Args:
-    xq: (M, K) int8 tokens, M a multiple of 8; q: (L, N, K) int4 weight codes of L stacked layers.
+    xq: (M, K) int8 tokens, M a multiple of 8; q: (L, N, K) int4 (or int8) weight codes of L
+      stacked layers; int4 codes widen to int8 in registers, int8 ones load as they are.
     sw, zw: (L, N) float32 per-channel scales and zero points (zw unread unless asym_w).
     act: the activation quantizer, per token: cols (4, Mp) float32, (sx, rx, zx, 0) per token,
       rx the row sums of xq, zero-padded to Mp = M rounded up to tile_m; or per tensor: (sx, zx),
@@ -321,11 +324,12 @@ def _kernel(xq, q, sw, zw, act, out_q, layer, *, tiles: MosaicTiles, out_dtype, 
     raise ValueError(f"K={k} in {splits} slices is not a multiple of tile_k={tk}")
   tensor_scales = isinstance(act, tuple)
   rx_in_kernel = tensor_scales and asym_w
-  # 128-byte rows of int8 tokens; 64-byte rows of int4 weights.
+  # 128-byte rows of int8 tokens; 64-byte rows of int4 weights (128-byte of int8 ones).
+  w_bits = jnp.iinfo(q.dtype).bits
   x_swz = plgpu.find_swizzle(tk * 8)
-  w_swz = plgpu.find_swizzle(tk * 4)
+  w_swz = plgpu.find_swizzle(tk * w_bits)
   x_tr = (plgpu.TilingTransform((8, x_swz)), plgpu.SwizzleTransform(x_swz))
-  w_tr = (plgpu.TilingTransform((8, w_swz * 2)), plgpu.SwizzleTransform(w_swz))
+  w_tr = (plgpu.TilingTransform((8, w_swz * 8 // w_bits)), plgpu.SwizzleTransform(w_swz))
   row_layout = plgpu.Layout.WGMMA.reduce(1)  # one value per accumulator row (weight row n)
   col_layout = plgpu.Layout.WGMMA.reduce(0)  # one value per accumulator column (token m)
   # Eight rows of ones as a second B operand: W @ ones^T gives the weight's code sums per row

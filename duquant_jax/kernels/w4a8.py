@@ -55,9 +55,17 @@ def reference(xq: jax.Array, sx: jax.Array, zx: jax.Array | None, q: jax.Array, 
   return xla.w4a8_matmul(xq, sx, zx, q, sw, zw, out_dtype=out_dtype)
 
 
-def mosaic_applies(m: int, n: int, k: int, g: int, q_dtype) -> bool:
-  """Whether the Mosaic GPU kernel takes an (M, K) x (N, K) int4 matmul with G scale groups."""
-  return q_dtype == jnp.int4 and mosaic_gpu.supports(m, n, k, g)
+# Weight codes the Mosaic kernels take, and those auto-dispatch gives them: int8 weights (W8A8)
+# run the same kernel without the int4 upcast, by request (`implementation="mosaic"`) until the
+# GPU has measured them.
+MOSAIC_CODES = (jnp.int4, jnp.int8)
+MOSAIC_AUTO_CODES = (jnp.int4,)
+
+
+def mosaic_applies(m: int, n: int, k: int, g: int, q_dtype, codes=MOSAIC_CODES) -> bool:
+  """Whether the Mosaic GPU kernel takes an (M, K) x (N, K) matmul of `q_dtype` codes (one of
+  `codes`) with G scale groups."""
+  return q_dtype in codes and mosaic_gpu.supports(m, n, k, g)
 
 
 def mosaic_preferred(m: int, n: int, k: int) -> bool:
@@ -103,10 +111,11 @@ def stacked_preferred(m: int, n: int, k: int, g: int, q_dtype) -> bool:
   return _pallas_takes(m, n, k, g)
 
 
-def _mosaic_rule(regime, platforms, preferred=None):
-  """A rule running the Mosaic kernel where it takes the shape (and `preferred(m, n, k)` holds)."""
+def _mosaic_rule(regime, platforms, preferred=None, codes=MOSAIC_AUTO_CODES):
+  """A rule running the Mosaic kernel where it takes the shape and codes (and
+  `preferred(m, n, k)` holds)."""
   def when(p: Problem) -> bool:
-    return mosaic_applies(p.m, p.n, p.k, p.g, p.codes) and (
+    return mosaic_applies(p.m, p.n, p.k, p.g, p.codes, codes) and (
         preferred is None or preferred(p.m, p.n, p.k))
   return Rule(regime=regime, platforms=frozenset(platforms), when=when, implementation="mosaic")
 
@@ -125,7 +134,7 @@ AUTO_IN_PLACE = (
          when=lambda p: stacked_preferred(p.m, p.n, p.k, p.g, p.codes), implementation="pallas"),
 )
 # implementation="mosaic": the kernel wherever it takes the shape (one layer or in place).
-MOSAIC = (_mosaic_rule("Mosaic where it applies", PLATFORMS),)
+MOSAIC = (_mosaic_rule("Mosaic where it applies", PLATFORMS, codes=MOSAIC_CODES),)
 TABLES = {None: AUTO, "mosaic": MOSAIC}
 IN_PLACE_TABLES = {None: AUTO_IN_PLACE, "mosaic": MOSAIC}
 

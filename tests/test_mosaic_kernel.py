@@ -230,6 +230,22 @@ def _on_hopper():
       getattr(jax.devices()[0], "compute_capability", "")).startswith("9")
 
 
+def _assert_layer_matmul(xq, sx, zx, q, sw, zw, i, ref):
+  """The kernel at layer i of the stack equals `ref`: exactly, but for split-K, whose float32
+  partials are summed in another order."""
+  m, k, n = xq.shape[0], xq.shape[1], q.shape[1]
+  y = jax.jit(lambda l: mosaic_gpu.w4a8_matmul(xq, sx, zx, q, sw, zw, out_dtype=jnp.float32,
+                                               layer=l))(jnp.int32(i))
+  tol = 0.0 if mosaic_gpu.choose_tiles(m, n, k).splits == 1 else 1e-6
+  assert float(jnp.max(jnp.abs(y - ref)) / jnp.max(jnp.abs(ref))) <= tol
+
+
+def _assert_within_one_code(h, h_ref):
+  """tanh-gelu and rounding may put a value on the other side of a .5 boundary: one code."""
+  d = jnp.abs(h.astype(jnp.int32) - h_ref.astype(jnp.int32))
+  assert int(jnp.max(d)) <= 1 and float(jnp.mean(d > 0)) < 1e-5
+
+
 @pytest.mark.skipif(not _on_hopper(), reason="runs the Mosaic GPU kernels: Hopper only")
 @pytest.mark.parametrize("m,k,n", [(51, 1024, 4096), (51, 4096, 1024), (408, 1024, 4096),
                                    (816, 16384, 2048), (816, 2048, 16384)])
@@ -240,20 +256,12 @@ def test_in_place_kernels_equal_the_reference_on_hopper(m, k, n):
   q = jax.random.randint(kq, (layers, n, k), -8, 8).astype(jnp.int4)
   sw = 0.01 + 0.01 * jax.random.uniform(ks, (layers, n, 1))
   zw = jnp.round(4 * jax.random.uniform(kz, (layers, n, 1)) - 2)
-  y = jax.jit(lambda l: mosaic_gpu.w4a8_matmul(xq, sx, zx, q, sw, zw, out_dtype=jnp.float32,
-                                               layer=l))(jnp.int32(i))
-  ref = xla.w4a8_matmul(xq, sx, zx, q[i], sw[i], zw[i])
-  # Exact but for split-K, whose float32 partials are summed in another order.
-  tol = 0.0 if mosaic_gpu.choose_tiles(m, n, k).splits == 1 else 1e-6
-  assert float(jnp.max(jnp.abs(y - ref)) / jnp.max(jnp.abs(ref))) <= tol
+  _assert_layer_matmul(xq, sx, zx, q, sw, zw, i, xla.w4a8_matmul(xq, sx, zx, q[i], sw[i], zw[i]))
   if n % 128 == 0:
     scale, zero = jnp.array([0.05]), jnp.array([3.0])
     h = jax.jit(lambda l: mosaic_gpu.gated_w4a8(xq, sx, zx, q, sw, zw, scale, zero, layer=l))(
         jnp.int32(i))
-    h_ref = gated.reference(xq, sx, zx, q[i], sw[i], zw[i], scale, zero)
-    # tanh-gelu and rounding may put a value on the other side of a .5 boundary: one code.
-    d = jnp.abs(h.astype(jnp.int32) - h_ref.astype(jnp.int32))
-    assert int(jnp.max(d)) <= 1 and float(jnp.mean(d > 0)) < 1e-5
+    _assert_within_one_code(h, gated.reference(xq, sx, zx, q[i], sw[i], zw[i], scale, zero))
 
 
 @pytest.mark.skipif(not _on_hopper(), reason="runs the Mosaic GPU kernels: Hopper only")
@@ -272,20 +280,15 @@ def test_per_tensor_scales_equal_the_reference_on_hopper(m, k, n, asym_w, asym_x
   q = jax.random.randint(kq, (layers, n, k), -8, 8).astype(jnp.int4)
   sw = 0.01 + 0.01 * jax.random.uniform(ks, (layers, n, 1))
   zw = jnp.round(4 * jax.random.uniform(kz, (layers, n, 1)) - 2) if asym_w else None
-  y = jax.jit(lambda l: mosaic_gpu.w4a8_matmul(xq, scale, zero, q, sw, zw, out_dtype=jnp.float32,
-                                               layer=l))(jnp.int32(i))
-  ref = xla.w4a8_matmul(xq, scale[i], None if zero is None else zero[i], q[i], sw[i],
-                        None if zw is None else zw[i])
-  tol = 0.0 if mosaic_gpu.choose_tiles(m, n, k).splits == 1 else 1e-6
-  assert float(jnp.max(jnp.abs(y - ref)) / jnp.max(jnp.abs(ref))) <= tol
+  _assert_layer_matmul(xq, scale, zero, q, sw, zw, i, xla.w4a8_matmul(
+      xq, scale[i], None if zero is None else zero[i], q[i], sw[i], None if zw is None else zw[i]))
   if n % 128 == 0 and k <= 4096:
     o_scale, o_zero = jnp.array([[0.05], [0.06], [0.07]]), jnp.array([[3.0], [0.0], [-1.0]])
     h = jax.jit(lambda l: mosaic_gpu.gated_w4a8(xq, scale, zero, q, sw, zw, o_scale, o_zero,
                                                 layer=l))(jnp.int32(i))
-    h_ref = gated.reference(xq, scale[i], None if zero is None else zero[i], q[i], sw[i],
-                            None if zw is None else zw[i], o_scale[i], o_zero[i])
-    d = jnp.abs(h.astype(jnp.int32) - h_ref.astype(jnp.int32))
-    assert int(jnp.max(d)) <= 1 and float(jnp.mean(d > 0)) < 1e-5
+    _assert_within_one_code(h, gated.reference(xq, scale[i], None if zero is None else zero[i],
+                                               q[i], sw[i], None if zw is None else zw[i],
+                                               o_scale[i], o_zero[i]))
 
 
 @pytest.mark.skipif(not _on_hopper(), reason="runs the Mosaic GPU kernels: Hopper only")
@@ -297,7 +300,7 @@ def test_int8_weights_equal_the_reference_on_hopper(m, k, n, per_tensor):
   kx, kq, ks, kz = jax.random.split(jax.random.key(m + k + n + 8), 4)
   x = jax.random.normal(kx, (m, k))
   if per_tensor:
-    scale, zero = jnp.array([[[0.03]], [[0.02]], [[0.04]]]), None
+    scale = jnp.array([[[0.03]], [[0.02]], [[0.04]]])
     xq, _, _ = xla.quantize_static(x, scale[i, 0], None)
     sx, zx, sx_i, zx_i = scale, None, scale[i], None
   else:
@@ -306,15 +309,10 @@ def test_int8_weights_equal_the_reference_on_hopper(m, k, n, per_tensor):
   q = jax.random.randint(kq, (layers, n, k), -128, 128).astype(jnp.int8)
   sw = 0.001 + 0.001 * jax.random.uniform(ks, (layers, n, 1))
   zw = jnp.round(8 * jax.random.uniform(kz, (layers, n, 1)) - 4)
-  y = jax.jit(lambda l: mosaic_gpu.w4a8_matmul(xq, sx, zx, q, sw, zw, out_dtype=jnp.float32,
-                                               layer=l))(jnp.int32(i))
-  ref = xla.w4a8_matmul(xq, sx_i, zx_i, q[i], sw[i], zw[i])
-  tol = 0.0 if mosaic_gpu.choose_tiles(m, n, k).splits == 1 else 1e-6
-  assert float(jnp.max(jnp.abs(y - ref)) / jnp.max(jnp.abs(ref))) <= tol
+  _assert_layer_matmul(xq, sx, zx, q, sw, zw, i, xla.w4a8_matmul(xq, sx_i, zx_i, q[i], sw[i], zw[i]))
   if n % 128 == 0 and k <= 4096:
     o_scale, o_zero = jnp.array([[0.05], [0.06], [0.07]]), None
     h = jax.jit(lambda l: mosaic_gpu.gated_w4a8(xq, sx, zx, q, sw, zw, o_scale, o_zero,
                                                 layer=l))(jnp.int32(i))
-    h_ref = gated.reference(xq, sx_i, zx_i, q[i], sw[i], zw[i], o_scale[i], None)
-    d = jnp.abs(h.astype(jnp.int32) - h_ref.astype(jnp.int32))
-    assert int(jnp.max(d)) <= 1 and float(jnp.mean(d > 0)) < 1e-5
+    _assert_within_one_code(h, gated.reference(xq, sx_i, zx_i, q[i], sw[i], zw[i], o_scale[i],
+                                               None))

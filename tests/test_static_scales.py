@@ -132,6 +132,29 @@ def test_down_projection_smoothing_folds_into_the_up_projection():
   assert min(wrong.values()) > 0.1, wrong
 
 
+def test_layer_error_of_an_adaptive_norm_dense_reads_its_fold_back():
+  """pi0.5's adaptive-norm Dense packed at W8 after the expert MLP's smoothing folded into it:
+  its per-layer error is W8 rounding against the folded weights, not the fold itself."""
+  from duquant_jax.calib_data import calibration_batches
+  from duquant_jax.calibrate import CalibConfig, calibrate, select_for
+  params, policy = demo_params("pi05"), get_policy("pi05", "demo")
+  plain = dict(rotation="none", permutation="none")
+  cfg = QuantConfig(rules=(
+      LayerRule(pattern=r"PaliGemma/llm/layers/pre_ffw_norm_1/Dense_0/kernel", weight_bits=8,
+                act_bits=None, smooth_alpha=None, **plain),
+      LayerRule(pattern=r"PaliGemma/llm/layers/mlp_1/gating_einsum", weight_bits=8,
+                act_bits=None, **plain)))
+  batches = calibration_batches(policy, params, jax.random.key(0), num_batches=1, batch_size=2,
+                                num_chunks=1)
+  stats = calibrate(policy, params, batches, CalibConfig(progress=False, chunk_size=1,
+                                                         select=select_for(cfg, params)),
+                    rng=jax.random.key(1))
+  packed = quantize_params(params, cfg, stats)
+  errs = layer_output_errors(params, packed, stats, cfg=cfg)
+  dense = {k: v for k, v in errs.items() if "pre_ffw_norm_1" in k}
+  assert dense and max(errs.values()) < 0.03, errs
+
+
 _fast_packed = fast_packed
 
 

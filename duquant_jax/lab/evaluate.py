@@ -46,9 +46,9 @@ from duquant_jax.models import Policy, get_policy
 from duquant_jax.models.rollout import ToyEnv, rollout
 from duquant_jax.packed import PackedLinear
 from duquant_jax import runtime
-from duquant_jax.openpi_paths import GEMMA_LAYERS
-from duquant_jax.quantize import (folded_smoothing, packed_items, producer_smoothing,
-                                  quantize_params, rotated_model, summarize)
+from duquant_jax.openpi_paths import ADARMS_DENSE, GEMMA_LAYERS
+from duquant_jax.quantize import (adarms_dense_folded, folded_smoothing, packed_items,
+                                  producer_smoothing, quantize_params, rotated_model, summarize)
 from duquant_jax.treepath import get_path
 
 HORIZONS = (1, 5, 10, 25, 50)
@@ -217,6 +217,8 @@ def layer_output_errors(params, packed, stats, *, max_rows: int = 64,
   layers = getattr(stats, "layers", stats)
   layouts = linear_layouts(params)
   consumers = {lay.producer: lay for lay in layouts.values() if lay.producer is not None}
+  adarms = {f"{lay.norm}/{ADARMS_DENSE}/kernel" for lay in layouts.values()
+            if lay.norm_kind == "adarms"}
   out = {}
   for path, p in packed_items(packed):
     if not isinstance(p, PackedLinear):
@@ -234,6 +236,8 @@ def layer_output_errors(params, packed, stats, *, max_rows: int = 64,
       lam_producer = producer_smoothing(params, packed, lay, cfg.rule_for(path), layers)
       lam = lam if lam_producer is None else lam_producer
     w = jnp.asarray(get_path(params, path))
+    if path in adarms:  # an adaptive norm's Dense, packed from its norm's smoothing fold
+      w = adarms_dense_folded(params, packed, path)
     if cfg is not None and path in consumers:  # the consumer's smoothing divides the up columns
       c = consumers[path]
       lam_c = producer_smoothing(params, packed, c, cfg.rule_for(c.path), layers)

@@ -36,8 +36,8 @@ from tqdm import tqdm
 
 from duquant_jax.config import QuantConfig
 from duquant_jax.model_rotation import rotated_readers
-from duquant_jax.quantize.fold import (Folded, fold_smoothing, folded_smoothing,
-                                       producer_smoothing)
+from duquant_jax.quantize.fold import (Folded, adarms_dense_folded, fold_smoothing,
+                                       folded_smoothing, producer_smoothing)
 from duquant_jax.quantize.pack import (PackJob, pack_embeddings, pack_group, pack_layers,
                                        prepare_pack)
 from duquant_jax.quantize.plan import (GroupPlan, check_rules, group_order, plan_group,
@@ -46,7 +46,8 @@ from duquant_jax.quantize.summary import PackSummary, packed_items, summarize
 from duquant_jax.quantize.transform import build_transform, weight_array
 from duquant_jax.treepath import copy_dicts, get_path, set_path
 
-__all__ = ["Folded", "GroupPlan", "PackJob", "PackSummary", "build_transform", "check_rules",
+__all__ = ["Folded", "GroupPlan", "PackJob", "PackSummary", "adarms_dense_folded",
+           "build_transform", "check_rules",
            "fold_smoothing", "folded_smoothing", "pack_group", "pack_layers", "packed_items", "plan_group",
            "prepare_pack", "producer_smoothing", "quantize_params", "rotated_model", "summarize"]
 

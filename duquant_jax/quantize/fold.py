@@ -186,6 +186,19 @@ def folded_smoothing(params: Params, packed: Params, layout: LinearLayout) -> ja
   raise AssertionError(layout.norm_kind)
 
 
+def adarms_dense_folded(params: Params, packed: Params, path: str) -> jax.Array:
+  """The float kernel (stack..., C, 3D) of an adaptive norm's modulation Dense at `path`, with the
+  smoothing that `fold_into_norm` put into its scale and shift columns: the weight its packed
+  form quantizes (the Dense is packed after the fold). lam is read back from the float bias,
+  which carries it: (1 + b) -> (1 + b) / lam; without a fold the kernel comes back as it is."""
+  bias = path.rsplit("/", 1)[0] + "/bias"
+  b0, b1 = (jnp.asarray(get_path(t, bias), jnp.float32) for t in (params, packed))
+  kernel = jnp.asarray(get_path(params, path), jnp.float32)
+  d = kernel.shape[-1] // 3
+  inv = (1.0 + b1[..., :d]) / (1.0 + b0[..., :d])
+  return kernel.at[..., :2 * d].multiply(jnp.concatenate([inv, inv], -1)[..., None, :])
+
+
 def producer_smoothing(params: Params, packed: Params, layout: LinearLayout, rule: LayerRule,
                        stats: Any) -> Optional[jax.Array]:
   """The smoothing lam (stack..., F) that `quantize_params` folded into this linear's producer

@@ -250,3 +250,6 @@ CANDIDATES.update({
                               "down Hadamard b64 online, adaRMS W8",
                               dataclasses.replace(_EXPERT_DOWN_H64, weight_bits=8)),
 })
+# What costs no flow-step time: SigLIP's attention W8 weight-only (prefix only) and pi0.5's
+# adaptive-norm Dense layers W8 weight-only (a GEMV per layer and flow step, half the bytes).
+CANDIDATES["fastsa8m8"] = _with("fastm8", "fast, SigLIP attention W8 wo, adaRMS W8", _SA8)

@@ -272,7 +272,7 @@ def gated_mlp(w_gating: Any, w_linear: Any, x: jax.Array, execution: Execution =
   """A Gemma MLP `linear(gelu(gate) * up)` ("BTD,2DF->2BTF", then "BTF,FD->BTD") on packed
   weights with its hidden activation never in float memory, or None where that form does not apply.
 
-  It applies when both weights are one layer of W4A8 integer weights, the gate/up weight has
+  It applies when both weights are one layer of W4A8 (or W8A8) integer weights, the gate/up weight has
   per-channel scales and no output rotation, and the down projection reads its input through a
   static 8-bit quantizer with no online transform (the `fast` preset): then one pass
   (`kernels.gated_w4a8`) writes the hidden activation as the down projection's int8 codes,
@@ -301,7 +301,7 @@ def gated_mlp(w_gating: Any, w_linear: Any, x: jax.Array, execution: Execution =
   g, l = (w_gating, w_linear) if layer is None else (w_gating.at_layer(layer),
                                                       w_linear.at_layer(layer))
   if not (g.w_spec == "2DF" and l.w_spec == "FD" and g.codes.ndim == 2 and l.codes.ndim == 2
-          and g.mode == "int" and l.mode == "int" and g.codes.dtype == jnp.int4
+          and g.mode == "int" and l.mode == "int" and g.codes.dtype in (jnp.int4, jnp.int8)
           and l.codes.dtype in (jnp.int4, jnp.int8)
           and g.out_rot is None and g.scale.shape[-1] == 1 and g.act_bits == 8 and g.quantizes(m)
           and l.act_scale is not None and l.act_bits == 8 and l.transform is None

@@ -230,3 +230,26 @@ def test_fast_mlps_run_fused_and_equal_the_unfused_form(model, monkeypatch):
   monkeypatch.setattr(runtime, "gated_mlp", lambda *a: None)
   unfused = np.asarray(_actions(model, packed))
   np.testing.assert_allclose(fused, unfused, rtol=1e-5, atol=1e-6)
+
+
+def test_w8_mlps_run_fused_and_equal_the_unfused_form(monkeypatch):
+  """The fused MLP takes int8 gate/up codes too (W8A8 expert MLP): the same arithmetic."""
+  from duquant_jax import runtime
+  w8 = LayerRule(pattern=r"PaliGemma/llm/layers/mlp_1/(gating_einsum|linear)", weight_bits=8,
+                 act_scale="static", act_symmetric=True, rotation="none", permutation="none")
+  cfg = dataclasses.replace(get_preset("fast"), rules=(w8, *get_preset("fast").rules))
+  packed = quantize_params(demo_params("pi0"), cfg, demo_stats("pi0"))
+  assert packed["PaliGemma"]["llm"]["layers"]["mlp_1"]["gating_einsum"].codes.dtype == jnp.int8
+  calls = []
+  real = runtime.gated_mlp
+
+  def recording(w_gating, *a):
+    y = real(w_gating, *a)
+    calls.append((w_gating.codes.dtype, y is not None))
+    return y
+
+  monkeypatch.setattr(runtime, "gated_mlp", recording)
+  fused = np.asarray(_actions("pi0", packed))
+  assert (jnp.int8, True) in calls and all(ok for _, ok in calls), calls
+  monkeypatch.setattr(runtime, "gated_mlp", lambda *a: None)
+  np.testing.assert_allclose(fused, np.asarray(_actions("pi0", packed)), rtol=1e-5, atol=1e-6)

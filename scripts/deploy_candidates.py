@@ -253,3 +253,9 @@ CANDIDATES.update({
 # What costs no flow-step time: SigLIP's attention W8 weight-only (prefix only) and pi0.5's
 # adaptive-norm Dense layers W8 weight-only (a GEMV per layer and flow step, half the bytes).
 CANDIDATES["fastsa8m8"] = _with("fastm8", "fast, SigLIP attention W8 wo, adaRMS W8", _SA8)
+# SigLIP W4A8 with a static symmetric int8 quantizer (int8 GEMMs in the prefix, where batch 8's
+# 6144 image tokens are compute-bound), without / with its attention at W8.
+_SIG_A8 = dataclasses.replace(_SIG_RULE, act_bits=8, act_scale="static", act_symmetric=True)
+CANDIDATES.update({
+    "fastsiga8m8": _with("fastm8", "fast, SigLIP W4A8 static, adaRMS W8", _SIG_A8),
+})

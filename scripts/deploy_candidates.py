@@ -259,3 +259,6 @@ _SIG_A8 = dataclasses.replace(_SIG_RULE, act_bits=8, act_scale="static", act_sym
 CANDIDATES.update({
     "fastsiga8m8": _with("fastm8", "fast, SigLIP W4A8 static, adaRMS W8", _SIG_A8),
 })
+CANDIDATES["fastsa8a8m8"] = _with(
+    "fastm8", "fast, SigLIP W4A8 static with its attention W8A8, adaRMS W8",
+    dataclasses.replace(_SIG_A8, pattern=SIG_ATT, weight_bits=8), _SIG_A8)

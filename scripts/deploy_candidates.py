@@ -262,3 +262,15 @@ CANDIDATES.update({
 CANDIDATES["fastsa8a8m8"] = _with(
     "fastm8", "fast, SigLIP W4A8 static with its attention W8A8, adaRMS W8",
     dataclasses.replace(_SIG_A8, pattern=SIG_ATT, weight_bits=8), _SIG_A8)
+# The smoothing strength of `fast`'s rules that smooth (0.5 in the preset; folded into norms and
+# the up projections, so no run-time cost), with `fastsa8m8`'s W8 parts.
+def _alpha(cfg: QuantConfig, a: float) -> tuple[LayerRule, ...]:
+  return tuple(dataclasses.replace(r, smooth_alpha=a) if r.smooth_alpha is not None else r
+               for r in cfg.rules)
+
+
+CANDIDATES.update({
+    f"fastsa8m8a{int(a * 100)}": dataclasses.replace(
+        CANDIDATES["fastsa8m8"], name=f"fast, SigLIP attention W8 wo, adaRMS W8, smooth_alpha {a}",
+        rules=_alpha(CANDIDATES["fastsa8m8"], a))
+    for a in (0.3, 0.7, 0.85)})

@@ -274,3 +274,10 @@ CANDIDATES.update({
         CANDIDATES["fastsa8m8"], name=f"fast, SigLIP attention W8 wo, adaRMS W8, smooth_alpha {a}",
         rules=_alpha(CANDIDATES["fastsa8m8"], a))
     for a in (0.3, 0.7, 0.85)})
+CANDIDATES["fastsig8wm8"] = _with("fastsig8w", "fast, SigLIP W8 weight-only, adaRMS W8", _ADARMS8)
+# pi0.5 is 7 MB over 0.30x with all of SigLIP at W8: its expert's q projection W4 weight-only
+# (W8 in `fast`) gives back 19 MB.
+CANDIDATES["fastsig8wm8q4"] = _with(
+    "fastsig8wm8", "fast, SigLIP W8 weight-only, adaRMS W8, expert q W4 weight-only",
+    LayerRule(pattern=pattern(("q",), ("_1",)), act_bits=None, smooth_alpha=None,
+              rotation="none", permutation="none", rounding="gptq"))

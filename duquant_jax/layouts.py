@@ -65,6 +65,12 @@ class LinearLayout:
     return split_eqn(self.eqn)[1]
 
   @property
+  def adarms_dense(self) -> str | None:
+    """The kernel path of the Dense giving this linear's adaptive norm its modulation (pi0.5),
+    where a smoothing fold lands; None for other norms."""
+    return f"{self.norm}/{openpi_paths.ADARMS_DENSE}/kernel" if self.norm_kind == "adarms" else None
+
+  @property
   def num_stack(self) -> int:
     return len(self.shape) - len(self.w_spec)
 

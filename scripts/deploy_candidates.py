@@ -21,10 +21,10 @@ best = dict(block_size=16)
 rtn = dict(rotation="none", permutation="none", smooth_alpha=None)
 base = (LayerRule(pattern=LLM, **best), LayerRule(pattern=EXPERT_MLP, **best))
 ea = (LayerRule(pattern=EXPERT_ATTN, **best),)
-def _fast(name, *, down=None, sig=None, eattn=None, extra=None, **rule_kw):
+def _fast(name, *, down=None, sig=None, eattn=None, **rule_kw):
   """`fast` with its W4A8 rules changed by `rule_kw`, an extra rule for the down projections
-  (LayerRule fields, taking precedence) or any `extra` first rule, or another SigLIP /
-  expert-attention rule."""
+  (LayerRule fields, taking precedence), or another SigLIP / expert-attention rule (`_with`
+  puts any other rule first)."""
   fast = get_preset("fast")
   rules = [dataclasses.replace(r, **rule_kw) if r.act_bits else r for r in fast.rules]
   if sig is not None:
@@ -34,8 +34,6 @@ def _fast(name, *, down=None, sig=None, eattn=None, extra=None, **rule_kw):
   if down is not None:
     rules.insert(0, LayerRule(pattern=pattern(("linear",), EXPERTS),
                               act_scale="static", **down))
-  if extra is not None:
-    rules.insert(0, extra)
   return dataclasses.replace(fast, name=name, rules=tuple(rules))
 
 
@@ -114,20 +112,6 @@ CANDIDATES = {
  "fastsymw": _fast("fast, symmetric int4 weights", weight_symmetric=True),
  "fastg": _fast("fast, down projections' weights per group of 128",
                 down=dict(rotation="none", permutation="none", weight_granularity="group")),
- "fastw8down": _fast("fast, expert down projection W8", extra=LayerRule(
-     pattern=pattern(("linear",), ("_1",)), weight_bits=8, act_scale="static",
-     rotation="none", permutation="none")),
- # Toward `fast` within 10% of `recommended` on pi0: SigLIP W8 weight-only, and the expert's down
- # projections W8 too (GPTQ and symmetric static activations, as `fast`'s own rules).
- "fastsig8wd8": _fast("fast, SigLIP W8 weight-only, expert down W8", sig=dataclasses.replace(
-     get_preset("fast").rules[-1], weight_bits=8), extra=LayerRule(
-     pattern=pattern(("linear",), ("_1",)), weight_bits=8, act_scale="static",
-     act_symmetric=True, rotation="none", permutation="none", rounding="gptq")),
- "fastd8": _fast("fast, expert down W8", extra=LayerRule(
-     pattern=pattern(("linear",), ("_1",)), weight_bits=8, act_scale="static",
-     act_symmetric=True, rotation="none", permutation="none", rounding="gptq")),
- "fastw8exp": _fast("fast, expert MLP W8A8", extra=LayerRule(
-     pattern=EXPERT_MLP, weight_bits=8, act_scale="static", rotation="none", permutation="none")),
  "fasta8": _fast("fast, expert attention W8A8 static", eattn=LayerRule(
      pattern=EXPERT_ATTN, weight_bits=8, act_scale="static", rotation="none", permutation="none",
      smooth_alpha=None)),
@@ -143,6 +127,31 @@ def resolve(name: str) -> QuantConfig:
   raise SystemExit(f"unknown preset / candidate {name!r}; presets: {', '.join(PRESETS)}; "
                    f"candidates: {', '.join(CANDIDATES)}")
 
+
+
+def _with(key: str, name: str, *rules: LayerRule) -> QuantConfig:
+  """Candidate `key` with `rules` first (they take precedence)."""
+  cfg = resolve(key)
+  return dataclasses.replace(cfg, name=name, rules=rules + cfg.rules)
+
+
+_W8 = dict(weight_bits=8, rotation="none", permutation="none", rounding="gptq")
+# The expert's down projection W8A8 (GPTQ and symmetric static activations, as `fast`'s rules).
+_EXPERT_DOWN8 = LayerRule(pattern=pattern(("linear",), ("_1",)), act_scale="static",
+                          act_symmetric=True, **_W8)
+CANDIDATES.update({
+    "fastw8down": _with("fast", "fast, expert down projection W8", LayerRule(
+        pattern=pattern(("linear",), ("_1",)), weight_bits=8, act_scale="static",
+        rotation="none", permutation="none")),
+    # Toward `fast` within 10% of `recommended` on pi0: SigLIP W8 weight-only, and the expert's
+    # down projections W8 too.
+    "fastsig8wd8": _with("fastsig8w", "fast, SigLIP W8 weight-only, expert down W8",
+                         _EXPERT_DOWN8),
+    "fastd8": _with("fast", "fast, expert down W8", _EXPERT_DOWN8),
+    "fastw8exp": _with("fast", "fast, expert MLP W8A8", LayerRule(
+        pattern=EXPERT_MLP, weight_bits=8, act_scale="static", rotation="none",
+        permutation="none")),
+})
 
 
 def rounded(cfg: QuantConfig, rounding: str, name: str | None = None) -> QuantConfig:
@@ -191,16 +200,9 @@ CANDIDATES.update({
 })
 
 
-def _with(key: str, name: str, *rules: LayerRule) -> QuantConfig:
-  """Candidate `key` with `rules` first (they take precedence)."""
-  cfg = resolve(key)
-  return dataclasses.replace(cfg, name=name, rules=rules + cfg.rules)
-
-
 # pi0.5 toward `fast` within 10% of `recommended` at <= 0.30x: its adaptive-norm Dense layers
 # weight-only W8 (bf16 in `fast`; they make room for W8 elsewhere), its expert gate / up W8 (its
 # stream cannot be rotated offline, "Where `fast`'s error comes from").
-_W8 = dict(weight_bits=8, rotation="none", permutation="none", rounding="gptq")
 _ADARMS8 = LayerRule(pattern=ADARMS, act_bits=None, smooth_alpha=None, **_W8)
 _EXPERT_GU8 = LayerRule(pattern=pattern(("gating",), ("_1",)), act_scale="static",
                         act_symmetric=True, **_W8)

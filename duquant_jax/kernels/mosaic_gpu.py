@@ -180,8 +180,7 @@ def w4a8_matmul(xq, sx, zx, q, sw, zw, *, out_dtype=jnp.bfloat16, tiles: MosaicT
   """
   m, k = xq.shape
   n, g = sw.shape[-2:]
-  given_layer = layer
-  q, sw, zw, layer = _stacked(q, sw, zw, layer)
+  q, sw, zw, index = _stacked(q, sw, zw, layer)
   if q.shape[-2:] != (n, k):
     raise ValueError(f"weight codes {q.shape} do not match activations {xq.shape} and scales "
                      f"{sw.shape}")
@@ -190,8 +189,8 @@ def w4a8_matmul(xq, sx, zx, q, sw, zw, *, out_dtype=jnp.bfloat16, tiles: MosaicT
     raise ValueError(f"the Mosaic W4A8 kernel does not take (M, K)={xq.shape} x (N, K)={q.shape} "
                      f"with {g} scale groups and {tiles} (needs G = 1, "
                      f"N % (tile_n * compute_wgs) == 0, K % (tile_k * splits) == 0)")
-  xq8, sw_n, zw_n, act = _operands(xq, sx, zx, sw, zw, tiles, given_layer)
-  out = _kernel(xq8, q, sw_n, zw_n, act, (), layer, tiles=tiles, out_dtype=jnp.dtype(out_dtype),
+  xq8, sw_n, zw_n, act = _operands(xq, sx, zx, sw, zw, tiles, layer)
+  out = _kernel(xq8, q, sw_n, zw_n, act, (), index, tiles=tiles, out_dtype=jnp.dtype(out_dtype),
                 asym_w=zw is not None, asym_x=zx is not None,
                 act_stacked=isinstance(act, tuple) and sx.ndim == 3)
   y = jnp.sum(out, axis=0) if tiles.splits > 1 else out[0]
@@ -256,8 +255,7 @@ def gated_w4a8(xq, sx, zx, q, sw, zw, out_scale, out_zero, *, tiles: MosaicTiles
   n, g = sw.shape[-2:]
   f = n // 2
   tiles = tiles or gated_tiles(m, f, k)
-  given_layer = layer
-  q, sw, zw, layer = _stacked(q, sw, zw, layer)
+  q, sw, zw, index = _stacked(q, sw, zw, layer)
   if q.shape[-2:] != (n, k) or n % 2:
     raise ValueError(f"gate/up weight codes {q.shape} do not match activations {xq.shape} and "
                      f"scales {sw.shape} (an even number of rows: gate then up)")
@@ -266,13 +264,13 @@ def gated_w4a8(xq, sx, zx, q, sw, zw, out_scale, out_zero, *, tiles: MosaicTiles
     raise ValueError(f"the gated Mosaic kernel does not take (M, K)={xq.shape} x (2F, K)={q.shape} "
                      f"with {g} scale groups and {tiles} (needs G = 1, F % tile_n == 0, "
                      f"K % tile_k == 0, one warpgroup, no split-K)")
-  if out_scale.ndim == 2 and given_layer is None:
+  if out_scale.ndim == 2 and layer is None:
     raise ValueError(f"per-layer output scales {out_scale.shape} need a layer index")
-  xq8, sw_n, zw_n, act = _operands(xq, sx, zx, sw, zw, tiles, given_layer)
+  xq8, sw_n, zw_n, act = _operands(xq, sx, zx, sw, zw, tiles, layer)
   # The output quantizer's scale and zero point are read in the kernel as scalars.
   os_v = out_scale.reshape(-1).astype(jnp.float32)
   oz_v = os_v if out_zero is None else out_zero.reshape(-1).astype(jnp.float32)
-  out = _kernel(xq8, q, sw_n, zw_n, act, (os_v, oz_v), layer, tiles=tiles,
+  out = _kernel(xq8, q, sw_n, zw_n, act, (os_v, oz_v), index, tiles=tiles,
                 out_dtype=jnp.dtype(jnp.int8), asym_w=zw is not None, asym_x=zx is not None,
                 gated=True, out_symmetric=out_zero is None,
                 act_stacked=isinstance(act, tuple) and sx.ndim == 3,

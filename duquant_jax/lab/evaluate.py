@@ -46,7 +46,7 @@ from duquant_jax.models import Policy, get_policy
 from duquant_jax.models.rollout import ToyEnv, rollout
 from duquant_jax.packed import PackedLinear
 from duquant_jax import runtime
-from duquant_jax.openpi_paths import ADARMS_DENSE, GEMMA_LAYERS
+from duquant_jax.openpi_paths import GEMMA_LAYERS
 from duquant_jax.quantize import (adarms_dense_folded, folded_smoothing, packed_items,
                                   producer_smoothing, quantize_params, rotated_model, summarize)
 from duquant_jax.treepath import get_path
@@ -217,8 +217,7 @@ def layer_output_errors(params, packed, stats, *, max_rows: int = 64,
   layers = getattr(stats, "layers", stats)
   layouts = linear_layouts(params)
   consumers = {lay.producer: lay for lay in layouts.values() if lay.producer is not None}
-  adarms = {f"{lay.norm}/{ADARMS_DENSE}/kernel" for lay in layouts.values()
-            if lay.norm_kind == "adarms"}
+  adarms = {lay.adarms_dense for lay in layouts.values() if lay.adarms_dense}
   out = {}
   for path, p in packed_items(packed):
     if not isinstance(p, PackedLinear):

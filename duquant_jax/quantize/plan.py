@@ -27,7 +27,6 @@ import numpy as np
 from duquant_jax.config import LayerRule, QuantConfig, match_rules
 from duquant_jax.layouts import LinearLayout, linear_layouts
 from duquant_jax.model_rotation import rotate_residual, rotate_stats
-from duquant_jax.openpi_paths import ADARMS_DENSE
 from duquant_jax.transforms import check_block_alignment
 from duquant_jax.treepath import flat_items
 
@@ -202,8 +201,7 @@ def check_rules(cfg: QuantConfig, layouts: Mapping[str, LinearLayout]) -> None:
 def receivers(layouts: Mapping[str, LinearLayout]) -> set[str]:
   """Linears that another group's smoothing folds into: pi0.5's adaptive norms (Dense layers a
   rule may pack) and the producers of down projections (`LinearLayout.producer`)."""
-  out = {f"{lay.norm}/{ADARMS_DENSE}/kernel" for lay in layouts.values()
-         if lay.norm_kind == "adarms"}
+  out = {lay.adarms_dense for lay in layouts.values() if lay.adarms_dense}
   return out | {lay.producer for lay in layouts.values() if lay.producer is not None}
 
 
@@ -225,7 +223,7 @@ def touches(members: list[LinearLayout]) -> set[str]:
   producers and their adaptive norms' Dense kernels."""
   paths = {m.path for m in members}
   paths |= {m.producer for m in members if m.producer is not None}
-  paths |= {f"{m.norm}/{ADARMS_DENSE}/kernel" for m in members if m.norm_kind == "adarms"}
+  paths |= {m.adarms_dense for m in members if m.adarms_dense}
   return paths
 
 

@@ -142,7 +142,8 @@ def main():
                   help="unrolled layers (Pi0Config(unroll_layers=True)) for bf16 and packed alike")
   ap.add_argument("--attention", default="einsum", choices=ATTENTIONS,
                   help="Pi0Config.attention for bf16 and packed alike: openpi's einsum attention, "
-                       "or jax.nn.dot_product_attention through XLA or cuDNN flash attention "
+                       "jax.nn.dot_product_attention through XLA or cuDNN flash attention, or the "
+                       "Pallas kernel (kernels.attention) "
                        "(cudnn: NVIDIA GPU, bf16)")
   ap.add_argument("--json", default=None)
   args = ap.parse_args()

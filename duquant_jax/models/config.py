@@ -21,7 +21,7 @@ SizeName = Literal["full", "dummy", "demo"]
 MODELS: tuple[str, ...] = ("pi0", "pi05")
 SIZES: tuple[str, ...] = ("full", "dummy", "demo")
 IMAGE_KEYS: tuple[str, ...] = ("base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb")
-ATTENTIONS: tuple[str, ...] = ("einsum", "xla", "cudnn")
+ATTENTIONS: tuple[str, ...] = ("einsum", "xla", "cudnn", "pallas")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -86,8 +86,10 @@ class Pi0Config:
   # How the Gemma and SigLIP attention is computed from q, k, v. "einsum" is openpi's own
   # arithmetic (logits, mask, softmax, weighted sum as separate ops); "xla" and "cudnn" go through
   # `jax.nn.dot_product_attention` with that implementation ("cudnn": cuDNN flash attention, which
-  # needs an NVIDIA GPU and a bfloat16 or float16 dtype). Calibration runs "einsum" regardless: it
-  # reads the attention logits (`models.gemma.Attention`).
+  # needs an NVIDIA GPU and a bfloat16 or float16 dtype). "pallas" computes the Gemma attention
+  # with one Pallas kernel (`kernels.attention`) where the program is lowered for CUDA and in the
+  # einsum form elsewhere; SigLIP keeps "einsum" under it. Calibration runs "einsum" regardless:
+  # it reads the attention logits (`models.gemma.Attention`).
   attention: str = "einsum"
 
   def __post_init__(self):

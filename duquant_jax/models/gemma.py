@@ -23,10 +23,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from duquant_jax.kernels import attention as attention_kernel
 from duquant_jax.models.config import GemmaConfig
 from duquant_jax.models.runtime import STACKED, FloatRuntime, Runtime
 
-_BIG_NEG = -2.3819763e38
+_BIG_NEG = attention_kernel.BIG_NEG
 _FLOAT = FloatRuntime()
 
 
@@ -114,8 +115,9 @@ class Attention(nn.Module):
   """Multi-query attention over the concatenated tokens of all experts, with an optional KV cache.
 
   `attention` (`Pi0Config.attention`): "einsum" computes it as openpi does; "xla" / "cudnn" with
-  `jax.nn.dot_product_attention` of that implementation, except while "intermediates" is mutable
-  (calibration reads the logits, which only the einsum form has).
+  `jax.nn.dot_product_attention` of that implementation; "pallas" with `kernels.attention`'s
+  kernel (the einsum form where not lowered for CUDA); the einsum form whenever "intermediates"
+  is mutable (calibration reads the logits, which only the einsum form has).
   """
 
   configs: Sequence[GemmaConfig]
@@ -152,6 +154,8 @@ class Attention(nn.Module):
 
     if self.attention == "einsum" or self.is_mutable_collection("intermediates"):
       encoded = self._einsum_attention(xs, q, k, v, attn_mask)
+    elif self.attention == "pallas":
+      encoded = attention_kernel.attention(q, k, v, attn_mask)
     else:
       # q is already scaled, rounded to its dtype as the einsum form rounds it: scale 1 keeps the
       # same logits (jax's "xla" form multiplies its float32 logits by the scale).

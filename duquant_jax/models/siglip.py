@@ -42,12 +42,14 @@ class Encoder1DBlock(nn.Module):
   mlp_dim: int
   num_heads: int
   dtype_mm: str = "float32"
-  attention: str = "einsum"  # `Pi0Config.attention`; flax's own attention while calibrating
+  # `Pi0Config.attention`; flax's own attention while calibrating and under "pallas" (a Gemma
+  # kernel: SigLIP's head dim, 72, is no power of two).
+  attention: str = "einsum"
 
   @nn.compact
   def __call__(self, x, _):
     fn = nn.dot_product_attention
-    if self.attention != "einsum" and not self.is_mutable_collection("intermediates"):
+    if self.attention not in ("einsum", "pallas") and not self.is_mutable_collection("intermediates"):
       fn = functools.partial(_fused_attention, implementation=self.attention)
     y = nn.LayerNorm(dtype=self.dtype_mm)(x)
     y = nn.MultiHeadDotProductAttention(num_heads=self.num_heads, dtype=self.dtype_mm,

@@ -1,0 +1,257 @@
+"""Masked multi-query attention as one Pallas GPU kernel (Triton backend), for the policy's
+Gemma attention: openpi's einsum form in fewer, fuller kernels.
+
+Axis legend (openpi's): B batch, T query tokens, S key tokens, N query heads, K kv heads,
+G = N / K query heads per kv head, H head dim.
+
+    attention(q, k, v, mask) = softmax(where(mask, q k^T, BIG_NEG)) v      per query head n,
+                               with kv head n // G; q arrives scaled (openpi scales it by H^-0.5)
+
+A flow step of pi0 is 51 query tokens against 867 keys (816 cached prefix tokens and its own 51),
+8 query heads sharing one kv head of H = 256. openpi's einsum form runs it as 6-7 XLA kernels of a
+few microseconds each (logits, mask + softmax, pads, probabilities x V, a transpose), which the
+flow steps pay 180 times per action chunk (BENCHMARKS.md, "Where the time goes"). This kernel is
+one program per (batch, query head, tile of T, slice of S): it walks its keys in blocks with the
+online softmax of flash attention, reading q, k, v and the mask in their own layouts, so nothing
+is transposed or padded around it. With a single slice of S it writes the output in q's dtype and
+layout; with several (`kv_splits`, to give a small batch enough programs to fill the GPU), each
+slice writes its float32 unnormalized output, running max and sum of exponentials, and one XLA
+fusion merges them (exactly: a row that may attend to nothing still averages every value).
+
+The masking follows the einsum form exactly: a masked logit becomes BIG_NEG (so a row that may
+attend to nothing averages every value, as the einsum form's softmax does), while keys past S
+(padding of the last block) get zero weight.
+
+`reference` is that einsum form in plain jnp at float32. The Triton backend runs the same kernel
+source in Pallas interpret mode on CPU (tests); `implementation="auto"` uses the kernel where the
+trace is lowered for CUDA and the einsum form elsewhere (`jax.lax.platform_dependent`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+BIG_NEG = -2.3819763e38  # openpi's masked logit
+IMPLEMENTATIONS: tuple[str, ...] = ("auto", "xla", "pallas", "pallas_interpret")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AttentionTiles:
+  """Static tuning parameters of the kernel (hashable: a static jit argument).
+
+  Attributes:
+    block_t: query tokens per program; a power of two >= 16 (the MMA's minimum).
+    block_s: keys per step of a program's loop; a power of two >= 16.
+    kv_splits: programs sharing one query tile along S, merged by their log-sum-exp.
+    num_warps: Triton warps per program.
+    num_stages: Triton software-pipelining depth of the key loop.
+  """
+  block_t: int = 64
+  block_s: int = 64
+  kv_splits: int = 1
+  num_warps: int = 4
+  num_stages: int = 2
+
+  def __post_init__(self):
+    for name in ("block_t", "block_s"):
+      v = getattr(self, name)
+      if v < 16 or v & (v - 1):
+        raise ValueError(f"AttentionTiles.{name}={v} must be a power of two >= 16")
+    if self.kv_splits < 1:
+      raise ValueError(f"AttentionTiles.kv_splits={self.kv_splits} must be >= 1")
+
+
+def choose_tiles(b: int, t: int, s: int, n: int, *, programs: int = 128) -> AttentionTiles:
+  """Tiles for (B, T, S, N): query tiles of up to 64 tokens, and enough slices of S that a small
+  batch still runs about `programs` programs (one H100 / H200 has 132 SMs)."""
+  block_t = min(64, max(16, 1 << (t - 1).bit_length()))
+  block_s = 64
+  tiles_t = -(-t // block_t)
+  splits = max(1, min(-(-s // block_s), programs // max(1, b * n * tiles_t)))
+  return AttentionTiles(block_t=block_t, block_s=block_s, kv_splits=splits)
+
+
+def reference(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+  """openpi's einsum attention at float32: q (B, T, N, H), k / v (B, S, K, H), mask (B, T, S)
+  -> (B, T, N, H) float32."""
+  b, t, n, h = q.shape
+  kh = k.shape[2]
+  qg = q.astype(jnp.float32).reshape(b, t, kh, n // kh, h)
+  logits = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k.astype(jnp.float32),
+                      precision=jax.lax.Precision.HIGHEST)
+  logits = jnp.where(mask[:, None, None], logits, BIG_NEG)
+  probs = jax.nn.softmax(logits, axis=-1)
+  out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v.astype(jnp.float32),
+                   precision=jax.lax.Precision.HIGHEST)
+  return out.reshape(b, t, n, h)
+
+
+def einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+  """openpi's einsum form in q's dtype (float32 logits and softmax, probabilities rounded to k's
+  dtype): the fallback of `attention`."""
+  b, t, n, h = q.shape
+  kh = k.shape[2]
+  qg = q.reshape(b, t, kh, n // kh, h)
+  logits = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k, preferred_element_type=jnp.float32)
+  logits = jnp.where(mask[:, None, None], logits, BIG_NEG)
+  probs = jax.nn.softmax(logits, axis=-1).astype(k.dtype)
+  out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
+  return out.reshape(b, t, n, h)
+
+
+def _check(q, k, v, mask):
+  if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
+    raise ValueError(f"attention needs q (B, T, N, H) and k, v (B, S, K, H); got q {q.shape}, "
+                     f"k {k.shape}, v {v.shape}")
+  b, t, n, h = q.shape
+  if k.shape[0] != b or k.shape[3] != h or n % k.shape[2]:
+    raise ValueError(f"k / v {k.shape} do not match q {q.shape}: same B and H, and K dividing N")
+  if mask.shape != (b, t, k.shape[1]):
+    raise ValueError(f"attention mask {mask.shape} does not match (B, T, S) = "
+                     f"{(b, t, k.shape[1])}")
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
+              implementation: str = "auto", tiles: AttentionTiles | None = None) -> jax.Array:
+  """Masked multi-query attention, openpi's einsum semantics.
+
+  Args:
+    q: (B, T, N, H) queries, already scaled.
+    k, v: (B, S, K, H) keys and values; query head n reads kv head n // (N / K).
+    mask: (B, T, S) bool (or integer, nonzero = may attend).
+    implementation: "auto" (the kernel lowered for CUDA, the einsum form elsewhere), "xla" (the
+      einsum form), "pallas" (the kernel), "pallas_interpret" (the kernel in Pallas' interpreter).
+    tiles: kernel tiles; `choose_tiles` by default.
+
+  Returns:
+    (B, T, N, H) in q's dtype.
+
+  Raises:
+    ValueError: shapes that do not fit together, or an unknown implementation.
+  """
+  _check(q, k, v, mask)
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"attention implementation must be one of {IMPLEMENTATIONS}, got "
+                     f"{implementation!r}")
+  if implementation == "xla":
+    return einsum_attention(q, k, v, mask.astype(bool))
+  if implementation == "auto":
+    kernel = functools.partial(_attention_kernel_call, tiles=tiles, interpret=False)
+    return jax.lax.platform_dependent(
+        q, k, v, mask, cuda=kernel,
+        default=lambda *a: einsum_attention(*a[:3], a[3].astype(bool)))
+  return _attention_kernel_call(q, k, v, mask, tiles=tiles,
+                                interpret=implementation == "pallas_interpret")
+
+
+def _triton_api():
+  from duquant_jax.kernels.pallas_gpu import _triton_api as api
+  return api()
+
+
+def _squeezed():
+  from jax.experimental import pallas as pl
+  return getattr(pl, "squeezed", None)
+
+
+def _kernel(q_ref, k_ref, v_ref, mask_ref, *o_refs, t, s, chunk, tiles, split_out):
+  """One (block_t, H) query tile of one head against keys [split * chunk, (split + 1) * chunk).
+
+  Refs: q_ref (bt, H); k_ref, v_ref (S, H) of the head's kv head; mask_ref (bt, S) int8 rows;
+  out: o_ref (bt, H) in q's dtype [one slice], or [split_out] acc_ref (bt, H) float32, the
+  unnormalized output, and m_ref, l_ref (bt,) float32, the running max and sum of exponentials.
+  """
+  from jax.experimental import pallas as pl
+  plgpu = _triton_api()
+  bt, bs = tiles.block_t, tiles.block_s
+  rows = pl.program_id(2) * bt + jax.lax.broadcasted_iota(jnp.int32, (bt,), 0)
+  row_ok = rows < t
+  h = q_ref.shape[-1]
+  q = plgpu.load(q_ref, mask=jnp.broadcast_to(row_ok[:, None], (bt, h)), other=0)
+  start = pl.program_id(3) * chunk
+
+  def step(j, carry):
+    m_i, l_i, acc = carry
+    s0 = pl.multiple_of(start + j * bs, bs)
+    cols = s0 + jax.lax.broadcasted_iota(jnp.int32, (bs,), 0)
+    key_ok = cols < s
+    kv_ok = jnp.broadcast_to(key_ok[:, None], (bs, h))
+    kb = plgpu.load(k_ref.at[pl.ds(s0, bs), :], mask=kv_ok, other=0)
+    vb = plgpu.load(v_ref.at[pl.ds(s0, bs), :], mask=kv_ok, other=0)
+    allowed = plgpu.load(mask_ref.at[:, pl.ds(s0, bs)], mask=row_ok[:, None] & key_ok[None, :],
+                         other=0)
+    logits = jax.lax.dot_general(q, kb, (((1,), (1,)), ((), ())),
+                                 preferred_element_type=jnp.float32)
+    logits = jnp.where(allowed != 0, logits, BIG_NEG)
+    m_new = jnp.maximum(m_i, jnp.max(logits, axis=1))
+    p = jnp.where(key_ok[None, :], jnp.exp(logits - m_new[:, None]), 0.0)
+    alpha = jnp.exp(m_i - m_new)
+    acc = acc * alpha[:, None] + jnp.dot(p.astype(vb.dtype), vb,
+                                         preferred_element_type=jnp.float32)
+    return m_new, l_i * alpha + jnp.sum(p, axis=1), acc
+
+  init = (jnp.full((bt,), BIG_NEG, jnp.float32), jnp.zeros((bt,), jnp.float32),
+          jnp.zeros((bt, h), jnp.float32))
+  m_i, l_i, acc = jax.lax.fori_loop(0, chunk // bs, step, init)
+  out_ok = jnp.broadcast_to(row_ok[:, None], (bt, h))
+  if split_out:
+    acc_ref, max_ref, sum_ref = o_refs
+    plgpu.store(acc_ref, acc, mask=out_ok)
+    plgpu.store(max_ref, m_i, mask=row_ok)
+    plgpu.store(sum_ref, l_i, mask=row_ok)
+  else:
+    (o_ref,) = o_refs
+    # Every slice holds a key in range, so l >= exp(0) for each row's largest logit.
+    plgpu.store(o_ref, (acc / l_i[:, None]).astype(o_ref.dtype), mask=out_ok)
+
+
+@functools.partial(jax.jit, static_argnames=("tiles", "interpret"))
+def _attention_kernel_call(q, k, v, mask, *, tiles, interpret):
+  from jax.experimental import pallas as pl
+  plgpu = _triton_api()
+  b, t, n, h = q.shape
+  s, kh = k.shape[1], k.shape[2]
+  g = n // kh
+  tiles = tiles or choose_tiles(b, t, s, n)
+  bt, bs = tiles.block_t, tiles.block_s
+  chunk = -(-(-(-s // tiles.kv_splits)) // bs) * bs  # keys per slice, whole blocks
+  splits = -(-s // chunk)
+  sq = _squeezed()
+  grid = (b, n, pl.cdiv(t, bt), splits)
+  in_specs = [
+      pl.BlockSpec((sq, bt, sq, h), lambda i, j, r, c: (i, r, j, 0)),
+      pl.BlockSpec((sq, s, sq, h), lambda i, j, r, c: (i, 0, j // g, 0)),
+      pl.BlockSpec((sq, s, sq, h), lambda i, j, r, c: (i, 0, j // g, 0)),
+      pl.BlockSpec((sq, bt, s), lambda i, j, r, c: (i, r, 0)),
+  ]
+  split_out = splits > 1
+  if split_out:
+    row_stat = jax.ShapeDtypeStruct((splits, b, n, t), jnp.float32)
+    row_spec = pl.BlockSpec((sq, sq, sq, bt), lambda i, j, r, c: (c, i, j, r))
+    out_shape = (jax.ShapeDtypeStruct((splits, b, t, n, h), jnp.float32), row_stat, row_stat)
+    out_specs = (pl.BlockSpec((sq, sq, bt, sq, h), lambda i, j, r, c: (c, i, r, j, 0)),
+                 row_spec, row_spec)
+  else:
+    out_shape = jax.ShapeDtypeStruct((b, t, n, h), q.dtype)
+    out_specs = pl.BlockSpec((sq, bt, sq, h), lambda i, j, r, c: (i, r, j, 0))
+  kernel = functools.partial(_kernel, t=t, s=s, chunk=chunk, tiles=tiles, split_out=split_out)
+  out = pl.pallas_call(
+      kernel, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs,
+      compiler_params=plgpu.CompilerParams(num_warps=tiles.num_warps,
+                                           num_stages=tiles.num_stages),
+      interpret=interpret, name="mq_attention",
+  )(q, k, v, mask.astype(jnp.int8))
+  if not split_out:
+    return out
+  acc, m, l = out  # (P, B, T, N, H), (P, B, N, T), (P, B, N, T)
+  m, l = (jnp.moveaxis(x, 3, 2)[..., None] for x in (m, l))  # (P, B, T, N, 1)
+  w = jnp.exp(m - jnp.max(m, axis=0))
+  return (jnp.sum(w * acc, axis=0) / jnp.sum(w * l, axis=0)).astype(q.dtype)
+
+
+__all__ = ["AttentionTiles", "BIG_NEG", "IMPLEMENTATIONS", "attention", "choose_tiles",
+           "einsum_attention", "reference"]

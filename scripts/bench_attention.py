@@ -1,0 +1,111 @@
+"""Time the policy's Gemma attention: openpi's einsum form against the Pallas kernel
+(`duquant_jax.kernels.attention`), at the shapes pi0 and pi0.5 run, side by side in one process.
+
+Each number is the median over repeats of ONE jitted `lax.fori_loop` that runs the attention many
+times, each call depending on the last (`bench_kernels.LoopTimer`), so it includes about 2.6 us of
+loop and dependency update per call on an H100 (`bench_kernels.loop_overhead`). Every tiling is
+checked against the float32 reference first: "err" is the largest absolute difference from it,
+beside the bf16 einsum form's own.
+
+Usage (GPU machine, from scripts/):
+  PYTHONPATH=.. python3 bench_attention.py                 # default tiles, every shape
+  PYTHONPATH=.. python3 bench_attention.py --sweep         # and a few other tilings per shape
+  PYTHONPATH=.. python3 bench_attention.py --shapes flow1 --iters 2   # CPU smoke test (interpret)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from bench_kernels import LoopTimer, compile_all  # noqa: E402
+from duquant_jax.kernels import attention as A  # noqa: E402
+
+# name: (B, T, S): gemma_300m's flow steps (pi0: 51 suffix tokens after 816 prefix tokens; pi0.5:
+# 50 after 968) and gemma_2b's prefix. Both have N 8 query heads, K 1 kv head, H 256.
+SHAPES = {
+    "flow1": (1, 51, 867), "flow2": (2, 51, 867), "flow4": (4, 51, 867), "flow8": (8, 51, 867),
+    "pi05flow1": (1, 50, 1018), "pi05flow8": (8, 50, 1018),
+    "prefix1": (1, 816, 816), "prefix8": (8, 816, 816),
+}
+HEADS, KV_HEADS, HEAD_DIM = 8, 1, 256
+
+
+def sweep_tiles(b, t, s):
+  """The default tiles and a few others for shape (B, T, S)."""
+  base = A.choose_tiles(b, t, s, HEADS)
+  out = [base]
+  for bt, bs, warps in ((64, 128, 8), (32, 64, 4), (64, 64, 8), (16, 64, 4)):
+    splits = max(1, min(-(-s // bs), 128 // (b * HEADS * -(-t // bt))))
+    for sk in sorted({splits, max(1, splits // 2)}):
+      tiles = A.AttentionTiles(block_t=bt, block_s=bs, kv_splits=sk, num_warps=warps)
+      if tiles not in out:
+        out.append(tiles)
+  return out
+
+
+def make_case(b, t, s, seed=0):
+  """bf16 q, k, v and pi0's kind of mask: every query sees the first 90% of the keys (valid prefix
+  tokens) and a block-causal tail."""
+  ks = jax.random.split(jax.random.key(seed), 3)
+  q = (0.06 * jax.random.normal(ks[0], (b, t, HEADS, HEAD_DIM))).astype(jnp.bfloat16)
+  k, v = (jax.random.normal(kk, (b, s, KV_HEADS, HEAD_DIM)).astype(jnp.bfloat16) for kk in ks[1:])
+  keys = jnp.arange(s)
+  mask = (keys[None, :] < int(0.9 * (s - t))) | (keys[None, :] - (s - t) <= jnp.arange(t)[:, None])
+  return q, k, v, jnp.broadcast_to(mask, (b, t, s))
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  ap.add_argument("--shapes", default=",".join(SHAPES), help=f"comma list of {', '.join(SHAPES)}")
+  ap.add_argument("--sweep", action="store_true", help="also time other tilings")
+  ap.add_argument("--iters", type=int, default=200, help="calls per timing loop")
+  ap.add_argument("--reps", type=int, default=5)
+  ap.add_argument("--json", default=None)
+  args = ap.parse_args()
+  on_gpu = jax.default_backend() == "gpu"
+  impl = "pallas" if on_gpu else "pallas_interpret"
+  rows = []
+  for name in args.shapes.split(","):
+    if name not in SHAPES:
+      raise SystemExit(f"unknown shape {name!r}; known: {', '.join(SHAPES)}")
+    b, t, s = SHAPES[name]
+    q, k, v, mask = make_case(b, t, s)
+    ref = np.asarray(jax.jit(A.reference)(q, k, v, mask))
+
+    def err(fn):
+      return float(np.abs(np.asarray(jax.jit(fn)(q, k, v, mask), np.float32) - ref).max())
+
+    forms = [("einsum", A.einsum_attention)]
+    for tiles in (sweep_tiles(b, t, s) if args.sweep else [A.choose_tiles(b, t, s, HEADS)]):
+      forms.append((str(tiles), lambda *a, tiles=tiles: A.attention(
+          *a, implementation=impl, tiles=tiles)))
+    timers = [LoopTimer(lambda c, w, fn=fn: fn(c[0], w[0], w[1], c[1]), (q, mask), [(k, v)],
+                        jnp.zeros_like(q), args.iters) for _, fn in forms]
+    compiled = compile_all(timers)
+    base = None
+    for (label, fn), timer in zip(forms, compiled):
+      if isinstance(timer, Exception):
+        print(f"{name} {label}: failed to compile: {str(timer).splitlines()[0][:200]}", flush=True)
+        continue
+      us = timer.time(args.reps) * 1e6
+      base = us if base is None else base
+      row = dict(shape=name, b=b, t=t, s=s, form=label, us=us, speedup=base / us, err=err(fn))
+      rows.append(row)
+      print(f"{name:9s} B{b} T{t} S{s}  {us:8.2f} us  {base / us:5.2f}x  err {row['err']:.4f}  "
+            f"{label}", flush=True)
+  print(f"device={jax.devices()[0].device_kind} jax={jax.__version__}")
+  if args.json:
+    Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+  main()

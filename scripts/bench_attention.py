@@ -1,5 +1,5 @@
 """Time the policy's Gemma attention: openpi's einsum form against the Pallas kernel
-(`duquant_jax.kernels.attention`), at the shapes pi0 and pi0.5 run, side by side in one process.
+(`duquant_jax.models.attention_kernel`), at the shapes pi0 and pi0.5 run, side by side in one process.
 
 Each number is the median over repeats of ONE jitted `lax.fori_loop` that runs the attention many
 times, each call depending on the last (`bench_kernels.LoopTimer`), so it includes about 2.6 us of
@@ -27,7 +27,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench_kernels import LoopTimer, compile_all  # noqa: E402
-from duquant_jax.kernels import attention as A  # noqa: E402
+from duquant_jax.models import attention_kernel as A  # noqa: E402
 
 # name: (B, T, S): gemma_300m's flow steps (pi0: 51 suffix tokens after 816 prefix tokens; pi0.5:
 # 50 after 968) and gemma_2b's prefix. Both have N 8 query heads, K 1 kv head, H 256.

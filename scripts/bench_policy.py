@@ -257,7 +257,7 @@ def main():
                   help=f"comma list of {','.join(ATTENTIONS)} (Pi0Config.attention): openpi's "
                        "einsum attention, jax.nn.dot_product_attention through XLA or cuDNN "
                        "flash attention (cudnn: NVIDIA GPU, bf16), or the Pallas kernel "
-                       "(kernels.attention); both bf16 and packed are timed under each (same "
+                       "(models.attention_kernel); both bf16 and packed are timed under each (same "
                        "params)")
   ap.add_argument("--bound", action="store_true",
                   help="also time the packed tree with every packed linear made free (FreeLinear): "

@@ -143,7 +143,7 @@ def main():
   ap.add_argument("--attention", default="einsum", choices=ATTENTIONS,
                   help="Pi0Config.attention for bf16 and packed alike: openpi's einsum attention, "
                        "jax.nn.dot_product_attention through XLA or cuDNN flash attention, or the "
-                       "Pallas kernel (kernels.attention) "
+                       "Pallas kernel (models.attention_kernel) "
                        "(cudnn: NVIDIA GPU, bf16)")
   ap.add_argument("--json", default=None)
   args = ap.parse_args()

@@ -1,4 +1,4 @@
-"""`kernels.attention`: the Pallas attention kernel equals openpi's einsum attention (interpret mode
+"""`models.attention_kernel`: the Pallas attention kernel equals openpi's einsum attention (interpret mode
 on CPU; the kernel itself on a GPU), merges its key slices exactly, lowers for CUDA, and names bad
 input."""
 
@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from duquant_jax.kernels import attention as A
+from duquant_jax.models import attention_kernel as A
 from duquant_jax.models import get_policy
 
 ON_GPU = jax.default_backend() == "gpu"

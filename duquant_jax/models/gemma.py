@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from duquant_jax.kernels import attention as attention_kernel
+from duquant_jax.models import attention_kernel
 from duquant_jax.models.config import GemmaConfig
 from duquant_jax.models.runtime import STACKED, FloatRuntime, Runtime
 
@@ -115,7 +115,7 @@ class Attention(nn.Module):
   """Multi-query attention over the concatenated tokens of all experts, with an optional KV cache.
 
   `attention` (`Pi0Config.attention`): "einsum" computes it as openpi does; "xla" / "cudnn" with
-  `jax.nn.dot_product_attention` of that implementation; "pallas" with `kernels.attention`'s
+  `jax.nn.dot_product_attention` of that implementation; "pallas" with `models.attention_kernel`'s
   kernel (the einsum form where not lowered for CUDA); the einsum form whenever "intermediates"
   is mutable (calibration reads the logits, which only the einsum form has).
   """

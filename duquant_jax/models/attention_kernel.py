@@ -149,8 +149,13 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
 
 
 def _triton_api():
-  from duquant_jax.kernels.pallas_gpu import _triton_api as api
-  return api()
+  """The Pallas Triton-backend module, imported when a kernel is first traced (this package
+  imports no GPU-only module)."""
+  try:
+    from jax.experimental.pallas import triton as plgpu
+  except ImportError as e:  # pragma: no cover - depends on the jax version
+    raise NotImplementedError(f"Pallas Triton backend unavailable in jax {jax.__version__}") from e
+  return plgpu
 
 
 def _squeezed():

@@ -27,23 +27,27 @@ def _case(b, t, s, n, kh, h, *, dtype=jnp.float32, seed=0, masked_row=True):
   return q, k, v, mask
 
 
-@pytest.mark.parametrize("shape,tiles", [
-    # (B, T, S, N, K, H): a flow step in miniature (MQA, T and S no multiple of the blocks).
-    ((1, 51, 100, 4, 1, 64), None),
-    ((2, 51, 100, 4, 1, 64), A.AttentionTiles(block_t=16, block_s=32, kv_splits=3)),
-    ((1, 51, 100, 4, 1, 64), A.AttentionTiles(block_t=64, block_s=64, kv_splits=1)),
-    # grouped (K = 2), slices that do not divide S
-    ((1, 20, 70, 4, 2, 32), A.AttentionTiles(block_t=16, block_s=16, kv_splits=3)),
+@pytest.mark.parametrize("shape,cache_len,tiles", [
+    # (B, T, S, N, K, H): a flow step in miniature (MQA, T and S no multiple of the blocks), its
+    # first S - T keys a KV cache.
+    ((1, 51, 100, 4, 1, 64), 49, None),
+    ((2, 51, 100, 4, 1, 64), 49, A.AttentionTiles(block_t=16, block_s=32, kv_splits=3)),
+    ((1, 51, 100, 4, 1, 64), 49, A.AttentionTiles(block_t=64, block_s=64, kv_splits=1)),
+    # the same keys without a cache; grouped (K = 2), slices that do not divide S
+    ((2, 51, 100, 4, 1, 64), 0, A.AttentionTiles(block_t=16, block_s=32, kv_splits=3)),
+    ((1, 20, 70, 4, 2, 32), 0, A.AttentionTiles(block_t=16, block_s=16, kv_splits=3)),
     # the prefix's form: T = S
-    ((1, 40, 40, 2, 1, 32), A.AttentionTiles(block_t=16, block_s=16, kv_splits=1)),
+    ((1, 40, 40, 2, 1, 32), 0, A.AttentionTiles(block_t=16, block_s=16, kv_splits=1)),
 ])
-def test_kernel_equals_the_reference(shape, tiles):
+def test_kernel_equals_the_reference(shape, cache_len, tiles):
   """float32, against the einsum form at HIGHEST precision: within 1e-5 of the output's largest
   magnitude (measured on the CPU: at most 2.3e-6). The row with every key masked averages every
   value, as the einsum form's softmax does."""
   q, k, v, mask = _case(*shape)
   ref = np.asarray(A.reference(q, k, v, mask))
-  got = np.asarray(A.attention(q, k, v, mask, implementation="pallas_interpret", tiles=tiles))
+  cache = (k[:, :cache_len], v[:, :cache_len]) if cache_len else None
+  got = np.asarray(A.attention(q, k[:, cache_len:], v[:, cache_len:], mask, cache=cache,
+                               implementation="pallas_interpret", tiles=tiles))
   np.testing.assert_allclose(got, ref, atol=1e-5 * np.abs(ref).max(), rtol=0)
   g = shape[3] // shape[4]
   mean_v = np.asarray(jnp.repeat(jnp.mean(v, axis=1), g, axis=1))  # (B, N, H)
@@ -66,8 +70,10 @@ def test_kernel_in_bf16_is_as_close_as_the_einsum_form():
 
 def test_auto_is_the_einsum_form_off_cuda():
   q, k, v, mask = _case(1, 9, 30, 2, 1, 16)
-  np.testing.assert_array_equal(np.asarray(A.attention(q, k, v, mask)),
-                                np.asarray(A.einsum_attention(q, k, v, mask)))
+  want = np.asarray(A.einsum_attention(q, k, v, mask))
+  np.testing.assert_array_equal(np.asarray(A.attention(q, k, v, mask)), want)
+  cached = A.attention(q, k[:, 20:], v[:, 20:], mask, cache=(k[:, :20], v[:, :20]))
+  np.testing.assert_array_equal(np.asarray(cached), want)
 
 
 def test_choose_tiles_fills_the_gpu_at_small_batches():
@@ -87,13 +93,15 @@ def _cuda_module(fn, *args) -> str:
 
 
 def test_lowers_for_cuda_at_the_flow_step_shape():
-  """gemma_300m on a pi0 flow step (bf16): one Triton kernel, and the slices' merge."""
-  b, t, s = 1, 51, 867
+  """gemma_300m on a pi0 flow step (bf16), its 816 prefix keys a cache: one Triton kernel, the
+  slices' merge, and no concatenation."""
+  b, t, s = 1, 51, 816
   q = jnp.zeros((b, t, 8, 256), jnp.bfloat16)
-  kv = jnp.zeros((b, s, 1, 256), jnp.bfloat16)
-  text = _cuda_module(lambda *a: A.attention(*a, implementation="auto"), q, kv, kv,
-                      jnp.ones((b, t, s), bool))
+  kv, cache = jnp.zeros((b, t, 1, 256), jnp.bfloat16), jnp.zeros((b, s, 1, 256), jnp.bfloat16)
+  text = _cuda_module(lambda q, k, v, m, ck, cv: A.attention(q, k, v, m, cache=(ck, cv)),
+                      q, kv, kv, jnp.ones((b, t, s + t), bool), cache, cache)
   assert text.count(TRITON) == 1
+  assert "concatenate" not in text
 
 
 def test_policy_runs_the_kernel_for_cuda():
@@ -114,6 +122,7 @@ def test_policy_runs_the_kernel_for_cuda():
     (dict(k=jnp.zeros((1, 30, 3, 16))), "K dividing N"),
     (dict(mask=jnp.ones((1, 9, 31), bool)), r"mask \(1, 9, 31\) does not match"),
     (dict(q=jnp.zeros((9, 2, 16))), r"q \(B, T, N, H\)"),
+    (dict(cache=(jnp.zeros((1, 5, 1, 8)),) * 2), r"cache k / v \(1, 5, 1, 8\)"),
 ])
 def test_bad_shapes_are_named(bad, match):
   q, k, v, mask = _case(1, 9, 30, 2, 1, 16)

@@ -11,9 +11,10 @@ A flow step of pi0 is 51 query tokens against 867 keys (816 cached prefix tokens
 8 query heads sharing one kv head of H = 256. openpi's einsum form runs it as 6-7 XLA kernels of a
 few microseconds each (logits, mask + softmax, pads, probabilities x V, a transpose), which the
 flow steps pay 180 times per action chunk (BENCHMARKS.md, "Where the time goes"). This kernel is
-one program per (batch, query head, tile of T, slice of S): it walks its keys in blocks with the
-online softmax of flash attention, reading q, k, v and the mask in their own layouts, so nothing
-is transposed or padded around it. With a single slice of S it writes the output in q's dtype and
+one program per (batch, query head, tile of T, slice of the keys): it walks its keys in blocks
+with the online softmax of flash attention, reading q, k, v and the mask in their own layouts, and
+a KV cache where it lies (the last slice also takes the step's own keys), so nothing is
+concatenated, transposed or padded around it. With a single slice of S it writes the output in q's dtype and
 layout; with several (`kv_splits`, to give a small batch enough programs to fill the GPU), each
 slice writes its float32 unnormalized output, running max and sum of exponentials, and one XLA
 fusion merges them (exactly: a row that may attend to nothing still averages every value).
@@ -65,14 +66,17 @@ class AttentionTiles:
       raise ValueError(f"AttentionTiles.kv_splits={self.kv_splits} must be >= 1")
 
 
-def choose_tiles(b: int, t: int, s: int, n: int, *, programs: int = 128) -> AttentionTiles:
-  """Tiles for (B, T, S, N): query tiles of up to 64 tokens, and enough slices of S that a small
-  batch still runs about `programs` programs (one H100 / H200 has 132 SMs)."""
+def choose_tiles(b: int, t: int, s: int, n: int, h: int = 256, *,
+                 programs: int = 128) -> AttentionTiles:
+  """Tiles for (B, T, S, N, H): query tiles of up to 64 tokens, enough slices of S that a small
+  batch still runs about `programs` programs (one H100 / H200 has 132 SMs), and 8 warps where
+  the (64, H) float32 accumulator would crowd 4 warps' registers (H >= 128)."""
   block_t = min(64, max(16, 1 << (t - 1).bit_length()))
   block_s = 64
   tiles_t = -(-t // block_t)
   splits = max(1, min(-(-s // block_s), programs // max(1, b * n * tiles_t)))
-  return AttentionTiles(block_t=block_t, block_s=block_s, kv_splits=splits)
+  return AttentionTiles(block_t=block_t, block_s=block_s, kv_splits=splits,
+                        num_warps=8 if h >= 128 else 4)
 
 
 def reference(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
@@ -103,26 +107,35 @@ def einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) 
   return out.reshape(b, t, n, h)
 
 
-def _check(q, k, v, mask):
+def _check(q, k, v, mask, cache):
   if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
     raise ValueError(f"attention needs q (B, T, N, H) and k, v (B, S, K, H); got q {q.shape}, "
                      f"k {k.shape}, v {v.shape}")
   b, t, n, h = q.shape
   if k.shape[0] != b or k.shape[3] != h or n % k.shape[2]:
     raise ValueError(f"k / v {k.shape} do not match q {q.shape}: same B and H, and K dividing N")
-  if mask.shape != (b, t, k.shape[1]):
-    raise ValueError(f"attention mask {mask.shape} does not match (B, T, S) = "
-                     f"{(b, t, k.shape[1])}")
+  s = k.shape[1]
+  if cache is not None:
+    ck, cv = cache
+    if ck.shape != cv.shape or ck.ndim != 4 or (ck.shape[0], *ck.shape[2:]) != (b, *k.shape[2:]):
+      raise ValueError(f"cache k / v {ck.shape} / {cv.shape} do not match k {k.shape}: (B, S0, "
+                       "K, H) with k's B, K and H")
+    s += ck.shape[1]
+  if mask.shape != (b, t, s):
+    raise ValueError(f"attention mask {mask.shape} does not match (B, T, S) = {(b, t, s)}")
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
-              implementation: str = "auto", tiles: AttentionTiles | None = None) -> jax.Array:
+              cache: tuple[jax.Array, jax.Array] | None = None, implementation: str = "auto",
+              tiles: AttentionTiles | None = None) -> jax.Array:
   """Masked multi-query attention, openpi's einsum semantics.
 
   Args:
     q: (B, T, N, H) queries, already scaled.
     k, v: (B, S, K, H) keys and values; query head n reads kv head n // (N / K).
-    mask: (B, T, S) bool (or integer, nonzero = may attend).
+    mask: (B, T, S0 + S) bool (or integer, nonzero = may attend).
+    cache: optional (k, v) of S0 earlier tokens, (B, S0, K, H) each: the keys are the cache's,
+      then k's (the kernel reads both where they are; no concatenation).
     implementation: "auto" (the kernel lowered for CUDA, the einsum form elsewhere), "xla" (the
       einsum form), "pallas" (the kernel), "pallas_interpret" (the kernel in Pallas' interpreter).
     tiles: kernel tiles; `choose_tiles` by default.
@@ -133,19 +146,24 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
   Raises:
     ValueError: shapes that do not fit together, or an unknown implementation.
   """
-  _check(q, k, v, mask)
+  _check(q, k, v, mask, cache)
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"attention implementation must be one of {IMPLEMENTATIONS}, got "
                      f"{implementation!r}")
-  if implementation == "xla":
+  cache = () if cache is None else tuple(x.astype(k.dtype) for x in cache)
+
+  def einsum_form(q, k, v, mask, *cache):
+    if cache:
+      k, v = (jnp.concatenate([c, x], axis=1) for c, x in zip(cache, (k, v)))
     return einsum_attention(q, k, v, mask.astype(bool))
+
+  if implementation == "xla":
+    return einsum_form(q, k, v, mask, *cache)
+  kernel = functools.partial(_attention_kernel_call, tiles=tiles,
+                             interpret=implementation == "pallas_interpret")
   if implementation == "auto":
-    kernel = functools.partial(_attention_kernel_call, tiles=tiles, interpret=False)
-    return jax.lax.platform_dependent(
-        q, k, v, mask, cuda=kernel,
-        default=lambda *a: einsum_attention(*a[:3], a[3].astype(bool)))
-  return _attention_kernel_call(q, k, v, mask, tiles=tiles,
-                                interpret=implementation == "pallas_interpret")
+    return jax.lax.platform_dependent(q, k, v, mask, *cache, cuda=kernel, default=einsum_form)
+  return kernel(q, k, v, mask, *cache)
 
 
 def _triton_api():
@@ -163,32 +181,43 @@ def _squeezed():
   return getattr(pl, "squeezed", None)
 
 
-def _kernel(q_ref, k_ref, v_ref, mask_ref, *o_refs, t, s, chunk, tiles, split_out):
-  """One (block_t, H) query tile of one head against keys [split * chunk, (split + 1) * chunk).
+def _kernel(*refs, t, s0, s1, chunk, tiles, split_out, has_cache):
+  """One (block_t, H) query tile of one head against its slice of the keys: cache keys
+  [split * chunk, (split + 1) * chunk), and, in the last slice, the S1 keys of k / v.
 
-  Refs: q_ref (bt, H); k_ref, v_ref (S, H) of the head's kv head; mask_ref (bt, S) int8 rows;
-  out: o_ref (bt, H) in q's dtype [one slice], or [split_out] acc_ref (bt, H) float32, the
-  unnormalized output, and m_ref, l_ref (bt,) float32, the running max and sum of exponentials.
+  Refs: q_ref (bt, H); [has_cache] kc_ref, vc_ref (S0, H) of the head's kv head; k_ref, v_ref
+  (S1, H); mask_ref (bt, S0 + S1) int8 rows; out: o_ref (bt, H) in q's dtype [one slice], or
+  [split_out] acc_ref (bt, H) float32, the unnormalized output, and max_ref, sum_ref (bt,) float32,
+  the running max and sum of exponentials.
+  Without a cache, k / v are the sliced keys (S0 = S, S1 = 0).
   """
   from jax.experimental import pallas as pl
   plgpu = _triton_api()
+  refs = list(refs)
+  q_ref = refs.pop(0)
+  if has_cache:
+    kc_ref, vc_ref, k_ref, v_ref, mask_ref = refs[:5]
+  else:
+    kc_ref, vc_ref, mask_ref = refs[:3]
+    k_ref = v_ref = None
+  o_refs = refs[5 if has_cache else 3:]
   bt, bs = tiles.block_t, tiles.block_s
+  h = q_ref.shape[-1]
   rows = pl.program_id(2) * bt + jax.lax.broadcasted_iota(jnp.int32, (bt,), 0)
   row_ok = rows < t
-  h = q_ref.shape[-1]
   q = plgpu.load(q_ref, mask=jnp.broadcast_to(row_ok[:, None], (bt, h)), other=0)
-  start = pl.program_id(3) * chunk
 
-  def step(j, carry):
+  def step(kr, vr, first, length, col0, j, carry):
+    """Keys [first + j * bs, + bs) of kr / vr (valid below `length`); mask columns + col0."""
     m_i, l_i, acc = carry
-    s0 = pl.multiple_of(start + j * bs, bs)
-    cols = s0 + jax.lax.broadcasted_iota(jnp.int32, (bs,), 0)
-    key_ok = cols < s
+    k0 = pl.multiple_of(first + j * bs, bs)
+    cols = k0 + jax.lax.broadcasted_iota(jnp.int32, (bs,), 0)
+    key_ok = cols < length
     kv_ok = jnp.broadcast_to(key_ok[:, None], (bs, h))
-    kb = plgpu.load(k_ref.at[pl.ds(s0, bs), :], mask=kv_ok, other=0)
-    vb = plgpu.load(v_ref.at[pl.ds(s0, bs), :], mask=kv_ok, other=0)
-    allowed = plgpu.load(mask_ref.at[:, pl.ds(s0, bs)], mask=row_ok[:, None] & key_ok[None, :],
-                         other=0)
+    kb = plgpu.load(kr.at[pl.ds(k0, bs), :], mask=kv_ok, other=0)
+    vb = plgpu.load(vr.at[pl.ds(k0, bs), :], mask=kv_ok, other=0)
+    allowed = plgpu.load(mask_ref.at[:, pl.ds(k0 + col0, bs)],
+                         mask=row_ok[:, None] & key_ok[None, :], other=0)
     logits = jax.lax.dot_general(q, kb, (((1,), (1,)), ((), ())),
                                  preferred_element_type=jnp.float32)
     logits = jnp.where(allowed != 0, logits, BIG_NEG)
@@ -201,7 +230,15 @@ def _kernel(q_ref, k_ref, v_ref, mask_ref, *o_refs, t, s, chunk, tiles, split_ou
 
   init = (jnp.full((bt,), BIG_NEG, jnp.float32), jnp.zeros((bt,), jnp.float32),
           jnp.zeros((bt, h), jnp.float32))
-  m_i, l_i, acc = jax.lax.fori_loop(0, chunk // bs, step, init)
+  split = pl.program_id(3)
+  carry = jax.lax.fori_loop(
+      0, chunk // bs, functools.partial(step, kc_ref, vc_ref, split * chunk, s0, 0), init)
+  if has_cache:
+    last = split == pl.num_programs(3) - 1
+    new_keys = functools.partial(step, k_ref, v_ref, 0, s1, s0)
+    carry = jax.lax.cond(last, lambda c: jax.lax.fori_loop(0, -(-s1 // bs), new_keys, c),
+                         lambda c: c, carry)
+  m_i, l_i, acc = carry
   out_ok = jnp.broadcast_to(row_ok[:, None], (bt, h))
   if split_out:
     acc_ref, max_ref, sum_ref = o_refs
@@ -215,24 +252,27 @@ def _kernel(q_ref, k_ref, v_ref, mask_ref, *o_refs, t, s, chunk, tiles, split_ou
 
 
 @functools.partial(jax.jit, static_argnames=("tiles", "interpret"))
-def _attention_kernel_call(q, k, v, mask, *, tiles, interpret):
+def _attention_kernel_call(q, k, v, mask, *cache, tiles, interpret):
   from jax.experimental import pallas as pl
   plgpu = _triton_api()
   b, t, n, h = q.shape
-  s, kh = k.shape[1], k.shape[2]
+  kh = k.shape[2]
   g = n // kh
-  tiles = tiles or choose_tiles(b, t, s, n)
+  has_cache = bool(cache)
+  # The sliced keys: the cache's when there is one (the new keys go to the last slice).
+  sliced = cache if has_cache else (k, v)
+  s0, s1 = sliced[0].shape[1], (k.shape[1] if has_cache else 0)
+  tiles = tiles or choose_tiles(b, t, s0 + s1, n, h)
   bt, bs = tiles.block_t, tiles.block_s
-  chunk = -(-(-(-s // tiles.kv_splits)) // bs) * bs  # keys per slice, whole blocks
-  splits = -(-s // chunk)
+  chunk = -(-(-(-s0 // tiles.kv_splits)) // bs) * bs  # keys per slice, whole blocks
+  splits = -(-s0 // chunk)
   sq = _squeezed()
   grid = (b, n, pl.cdiv(t, bt), splits)
-  in_specs = [
-      pl.BlockSpec((sq, bt, sq, h), lambda i, j, r, c: (i, r, j, 0)),
-      pl.BlockSpec((sq, s, sq, h), lambda i, j, r, c: (i, 0, j // g, 0)),
-      pl.BlockSpec((sq, s, sq, h), lambda i, j, r, c: (i, 0, j // g, 0)),
-      pl.BlockSpec((sq, bt, s), lambda i, j, r, c: (i, r, 0)),
-  ]
+  q_spec = pl.BlockSpec((sq, bt, sq, h), lambda i, j, r, c: (i, r, j, 0))
+  kv_spec = lambda length: pl.BlockSpec((sq, length, sq, h), lambda i, j, r, c: (i, 0, j // g, 0))
+  operands = [q, *sliced] + ([k, v] if has_cache else []) + [mask.astype(jnp.int8)]
+  in_specs = ([q_spec, kv_spec(s0), kv_spec(s0)] + ([kv_spec(s1)] * 2 if has_cache else [])
+              + [pl.BlockSpec((sq, bt, s0 + s1), lambda i, j, r, c: (i, r, 0))])
   split_out = splits > 1
   if split_out:
     row_stat = jax.ShapeDtypeStruct((splits, b, n, t), jnp.float32)
@@ -242,14 +282,15 @@ def _attention_kernel_call(q, k, v, mask, *, tiles, interpret):
                  row_spec, row_spec)
   else:
     out_shape = jax.ShapeDtypeStruct((b, t, n, h), q.dtype)
-    out_specs = pl.BlockSpec((sq, bt, sq, h), lambda i, j, r, c: (i, r, j, 0))
-  kernel = functools.partial(_kernel, t=t, s=s, chunk=chunk, tiles=tiles, split_out=split_out)
+    out_specs = q_spec
+  kernel = functools.partial(_kernel, t=t, s0=s0, s1=s1, chunk=chunk, tiles=tiles,
+                             split_out=split_out, has_cache=has_cache)
   out = pl.pallas_call(
       kernel, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs,
       compiler_params=plgpu.CompilerParams(num_warps=tiles.num_warps,
                                            num_stages=tiles.num_stages),
       interpret=interpret, name="mq_attention",
-  )(q, k, v, mask.astype(jnp.int8))
+  )(*operands)
   if not split_out:
     return out
   acc, m, l = out  # (P, B, T, N, H), (P, B, N, T), (P, B, N, T)

@@ -144,6 +144,7 @@ class Attention(nn.Module):
 
     q = apply_rope(q, positions) * cfg0.head_dim**-0.5
     k = apply_rope(k, positions)
+    new_k, new_v = k, v
     if kv_cache is not None:
       cache_k, cache_v = kv_cache
       k = jnp.concatenate([cache_k.astype(k.dtype), k], axis=1)
@@ -155,7 +156,9 @@ class Attention(nn.Module):
     if self.attention == "einsum" or self.is_mutable_collection("intermediates"):
       encoded = self._einsum_attention(xs, q, k, v, attn_mask)
     elif self.attention == "pallas":
-      encoded = attention_kernel.attention(q, k, v, attn_mask)
+      # The kernel reads the cache where it lies: the concatenation above is then only the
+      # returned cache, which a flow step drops.
+      encoded = attention_kernel.attention(q, new_k, new_v, attn_mask, cache=kv_cache)
     else:
       # q is already scaled, rounded to its dtype as the einsum form rounds it: scale 1 keeps the
       # same logits (jax's "xla" form multiplies its float32 logits by the scale).

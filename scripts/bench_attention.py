@@ -4,7 +4,7 @@
 Each number is the median over repeats of ONE jitted `lax.fori_loop` that runs the attention many
 times, each call depending on the last (`bench_kernels.LoopTimer`), so it includes about 2.6 us of
 loop and dependency update per call on an H100 (`bench_kernels.loop_overhead`). Every tiling is
-checked against the float32 reference first: "err" is the largest absolute difference from it,
+checked against the float32 reference: "err" is the largest absolute difference from it,
 beside the bf16 einsum form's own.
 
 Usage (GPU machine, from scripts/):
@@ -82,13 +82,22 @@ def main():
     ref = np.asarray(jax.jit(A.reference)(q, k, v, mask))
 
     def err(fn):
-      return float(np.abs(np.asarray(jax.jit(fn)(q, k, v, mask), np.float32) - ref).max())
+      return float(np.abs(np.asarray(jax.jit(fn)(q, mask, *kv), np.float32) - ref).max())
 
-    forms = [("einsum", A.einsum_attention)]
+    # A flow step's keys are the prefix's cache, then its own: the kernel reads both where they
+    # lie, the einsum form concatenates them, as openpi does.
+    c = s - t if s > t else 0
+    kv = (k[:, c:], v[:, c:], k[:, :c], v[:, :c]) if c else (k, v)
+
+    def form(impl, tiles=None):
+      def run(q, mask, k, v, *cache):
+        return A.attention(q, k, v, mask, cache=cache or None, implementation=impl, tiles=tiles)
+      return run
+
+    forms = [("einsum", form("xla"))]
     for tiles in (sweep_tiles(b, t, s) if args.sweep else [A.choose_tiles(b, t, s, HEADS)]):
-      forms.append((str(tiles), lambda *a, tiles=tiles: A.attention(
-          *a, implementation=impl, tiles=tiles)))
-    timers = [LoopTimer(lambda c, w, fn=fn: fn(c[0], w[0], w[1], c[1]), (q, mask), [(k, v)],
+      forms.append((str(tiles), form(impl, tiles)))
+    timers = [LoopTimer(lambda c, w, fn=fn: fn(c[0], c[1], *w), (q, mask), [kv],
                         jnp.zeros_like(q), args.iters) for _, fn in forms]
     compiled = compile_all(timers)
     base = None

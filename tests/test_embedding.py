@@ -16,6 +16,7 @@ from duquant_jax.lab.demo import action_rel_err
 from duquant_jax.embedding import PackedEmbedding, quantize_embedding
 from duquant_jax.models import get_policy
 from duquant_jax.models.gemma import Embedder
+from duquant_jax.models.pi0 import Pi0
 from duquant_jax.packed import PackedLinear
 from duquant_jax.quantize import quantize_params, summarize
 from duquant_jax.runtime import PackedRuntime
@@ -201,16 +202,11 @@ def test_shared_input_groups_quantize_their_input_once(deploy_pi05):
   assert per_quantizer > 0 and saved > 0 and saved % per_quantizer == 0
 
 
-def test_weight_only_group_transforms_its_input_once():
+def test_weight_only_group_transforms_its_input_once(deploy_pi05):
   """Weight-only linears behind a rotation (SigLIP's query / key / value in `deploy`)
   share the rotated input like W4A8 groups share their quantizer: one transform per group, the
-  same actions as one per linear."""
-  from duquant_jax.config import get_preset
-  from duquant_jax.quantize import quantize_params
-  from duquant_jax.lab.synthetic_stats import synthetic_stats
-  policy = get_policy("pi0", "demo", runtime=PackedRuntime())
-  params = policy.init(jax.random.key(0))
-  packed = quantize_params(params, get_preset("deploy"), synthetic_stats(params))
+  same prefix tokens as one per linear."""
+  policy, _, _, _, packed = deploy_pi05
   mha = packed["PaliGemma"]["img"]["Transformer"]["encoderblock"]["MultiHeadDotProductAttention_0"]
   keys = {runtime.share_key(mha[n]["kernel"]) for n in ("query", "key", "value")}
   assert len(keys) == 1 and None not in keys and mha["query"]["kernel"].act_bits is None
@@ -219,9 +215,13 @@ def test_weight_only_group_transforms_its_input_once():
       packed["PaliGemma"]["img"], is_leaf=lambda l: isinstance(l, PackedLinear))
   unshared = {**packed, "PaliGemma": {**packed["PaliGemma"], "img": img}}
   obs = policy.example_observation(jax.random.key(6), batch_size=1)
-  f = jax.jit(policy.sample_actions)
-  np.testing.assert_array_equal(np.asarray(f(packed, obs, jax.random.key(7))),
-                                np.asarray(f(unshared, obs, jax.random.key(7))))
+
+  @jax.jit
+  def prefix(tree):  # SigLIP's tokens and the prompt's: where the groups are
+    with policy.runtime.context():
+      return policy.module.apply(policy.runtime.variables(tree), obs,
+                                 method=Pi0.embed_prefix)[0]
+  np.testing.assert_array_equal(np.asarray(prefix(packed)), np.asarray(prefix(unshared)))
   # Two transforms fewer in the traced program (key and value reuse the query's): count gathers.
   gathers = lambda tree: _count_primitive(
       jax.make_jaxpr(policy.sample_actions)(tree, obs, jax.random.key(7)).jaxpr, "gather")

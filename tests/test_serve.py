@@ -256,15 +256,22 @@ def test_concurrent_clients_are_serialised(session):
   assert max(seen) == 1 and len(seen) >= 6  # never two model calls at once
 
 
+def test_unknown_attention_is_one_clear_error(demo_ckpt):
+  with pytest.raises(ValueError, match="attention must be one of"):
+    build_runner(str(demo_ckpt[1]), attention="flash")
+
+
 @needs_client
 def test_cli_serve_record_then_calibrate_on_recordings(demo_ckpt, tmp_path, capsys):
-  """`duquant-jax serve --record` as a process, an unchanged client, then `convert --calib-from`."""
+  """`duquant-jax serve --record` as a process, an unchanged client, then `convert --calib-from`
+  (with the attention kernel asked for: the einsum form off CUDA, so the same actions)."""
   root, path, policy, packed, stats, sample = demo_ckpt
   rec, cache = tmp_path / "rec", tmp_path / "xla_cache"
   log = open(tmp_path / "server.log", "w")
   proc = subprocess.Popen(
       [sys.executable, "-m", "duquant_jax.cli", "serve", str(path), "--port", "0", "--record",
-       str(rec), "--unroll-layers", "--compile-cache", str(cache)], stdout=subprocess.PIPE, stderr=log, text=True,
+       str(rec), "--unroll-layers", "--attention", "pallas", "--compile-cache", str(cache)],
+      stdout=subprocess.PIPE, stderr=log, text=True,
       env=dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1"))
   try:
     port, lines = None, []

@@ -26,7 +26,8 @@ def build_runner(ckpt: str, *, model: Optional[str] = None, size: Optional[str] 
                  tokenizer: Optional[str] = None, norm_stats: Optional[str] = None,
                  norm_mode: str = "auto", num_steps: int = 10, action_dims: Optional[int] = None,
                  record: Optional[str] = None, seed: int = 0,
-                 discrete_state: Optional[bool] = None, unroll_layers: bool = False):
+                 discrete_state: Optional[bool] = None, unroll_layers: bool = False,
+                 attention: str = "einsum"):
   """The `PolicyRunner` that `serve` runs, from a packed checkpoint and the command's flags.
 
   Args:
@@ -41,6 +42,8 @@ def build_runner(ckpt: str, *, model: Optional[str] = None, size: Optional[str] 
       `RequestAdapter`.
     unroll_layers: compile each layer on its own instead of scanning the layer stack
       (`Pi0Config.unroll_layers`): a longer compile for fewer, fuller kernels per call.
+    attention: how Gemma's attention is computed (`Pi0Config.attention`): "einsum" (openpi's
+      form) or "pallas" (one kernel per layer and call where the program runs on CUDA).
 
   Raises:
     ValueError, FileNotFoundError (CheckpointError is a ValueError) with one clear message.
@@ -53,7 +56,8 @@ def build_runner(ckpt: str, *, model: Optional[str] = None, size: Optional[str] 
   if model is None or size is None:
     raise ValueError(f"{ckpt}: its metadata does not name the model and size; "
                      "pass --model and --size")
-  policy = get_policy(model, size, unroll_layers=unroll_layers, runtime=PackedRuntime())
+  policy = get_policy(model, size, unroll_layers=unroll_layers, attention=attention,
+                      runtime=PackedRuntime())
   params, cfg, _, _ = ck.load_packed(ckpt)
   if norm_stats is None:  # the packed checkpoint's own, else those of the checkpoint it came from
     found = None
@@ -110,6 +114,9 @@ def serve(
         False, "--unroll-layers/--scan-layers",
         help="compile every layer on its own: a longer compile (pair it with --compile-cache), "
              "fewer, fuller kernels per call (BENCHMARKS.md)"),
+    attention: str = typer.Option(
+        "einsum", help="Gemma's attention: einsum (openpi's form) or pallas (one kernel per "
+                       "layer and call on CUDA GPUs; the einsum form elsewhere)"),
     compile_cache: Optional[str] = typer.Option(
         None, help="directory for jax's persistent compilation cache: a restarted server "
                    "loads the compiled policy instead of compiling it again")):
@@ -125,7 +132,8 @@ def serve(
     runner = build_runner(ckpt, model=model, size=size, tokenizer=tokenizer,
                           norm_stats=norm_stats, norm_mode=norm_mode, num_steps=num_steps,
                           action_dims=action_dims, record=record, seed=seed,
-                          discrete_state=discrete_state, unroll_layers=unroll_layers)
+                          discrete_state=discrete_state, unroll_layers=unroll_layers,
+                          attention=attention)
     typer.echo(f"compiling {runner.metadata['model']} ({runner.metadata['size']}) ...")
     seconds = runner.warmup()
   except (ValueError, FileNotFoundError, TypeError) as e:

@@ -8,20 +8,21 @@ G = N / K query heads per kv head, H head dim.
                                with kv head n // G; q arrives scaled (openpi scales it by H^-0.5)
 
 A flow step of pi0 is 51 query tokens against 867 keys (816 cached prefix tokens and its own 51),
-8 query heads sharing one kv head of H = 256. openpi's einsum form runs it as 6-7 XLA kernels of a
-few microseconds each (logits, mask + softmax, pads, probabilities x V, a transpose), which the
-flow steps pay 180 times per action chunk (BENCHMARKS.md, "Where the time goes"). This kernel is
+8 query heads sharing one kv head of H = 256. openpi's einsum form runs it on an H100 as 7 XLA
+kernels of 1.4-3.8 us each (the cache concatenation, logits, mask + softmax, two pads,
+probabilities x V, a reduction; about 18 us together), which the flow steps pay 180 times per
+action chunk (device profile, `results/h100_2026-12-06b/run2/profile_pi0.json`). This kernel is
 one program per (batch, query head, tile of T, slice of the keys): it walks its keys in blocks
 with the online softmax of flash attention, reading q, k, v and the mask in their own layouts, and
 a KV cache where it lies (the last slice also takes the step's own keys), so nothing is
-concatenated, transposed or padded around it. With a single slice of S it writes the output in q's dtype and
-layout; with several (`kv_splits`, to give a small batch enough programs to fill the GPU), each
-slice writes its float32 unnormalized output, running max and sum of exponentials, and one XLA
-fusion merges them (exactly: a row that may attend to nothing still averages every value).
+concatenated, transposed or padded around it. With one slice it writes the output in q's dtype
+and layout; with several (`kv_splits`, which give a small batch enough programs to fill the GPU)
+each slice writes its float32 unnormalized output, running max and sum of exponentials, and one
+XLA fusion merges them.
 
-The masking follows the einsum form exactly: a masked logit becomes BIG_NEG (so a row that may
-attend to nothing averages every value, as the einsum form's softmax does), while keys past S
-(padding of the last block) get zero weight.
+The masking follows the einsum form exactly: a masked logit becomes BIG_NEG, so a row that may
+attend to nothing averages every value, as the einsum form's softmax does (merged slices too);
+keys past S (padding of the last block) get zero weight.
 
 `reference` is that einsum form in plain jnp at float32. The Triton backend runs the same kernel
 source in Pallas interpret mode on CPU (tests); `implementation="auto"` uses the kernel where the
@@ -47,7 +48,7 @@ class AttentionTiles:
   Attributes:
     block_t: query tokens per program; a power of two >= 16 (the MMA's minimum).
     block_s: keys per step of a program's loop; a power of two >= 16.
-    kv_splits: programs sharing one query tile along S, merged by their log-sum-exp.
+    kv_splits: programs sharing one query tile along S, merged by their maxima and sums.
     num_warps: Triton warps per program.
     num_stages: Triton software-pipelining depth of the key loop.
   """

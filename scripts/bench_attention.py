@@ -1,5 +1,6 @@
 """Time the policy's Gemma attention: openpi's einsum form against the Pallas kernel
-(`duquant_jax.models.attention_kernel`), at the shapes pi0 and pi0.5 run, side by side in one process.
+(`duquant_jax.models.attention_kernel`), at the shapes pi0 and pi0.5 run, side by side in one
+process.
 
 Each number is the median over repeats of ONE jitted `lax.fori_loop` that runs the attention many
 times, each call depending on the last (`bench_kernels.LoopTimer`), so it includes about 2.6 us of

@@ -1,6 +1,6 @@
-"""`models.attention_kernel`: the Pallas attention kernel equals openpi's einsum attention (interpret mode
-on CPU; the kernel itself on a GPU), merges its key slices exactly, lowers for CUDA, and names bad
-input."""
+"""`models.attention_kernel`: the Pallas attention kernel equals openpi's einsum attention
+(interpret mode on CPU; the kernel itself on a GPU), merges its key slices exactly, lowers for
+CUDA, runs in the policy, and names bad input."""
 
 import functools
 import re

@@ -87,9 +87,9 @@ class Pi0Config:
   # arithmetic (logits, mask, softmax, weighted sum as separate ops); "xla" and "cudnn" go through
   # `jax.nn.dot_product_attention` with that implementation ("cudnn": cuDNN flash attention, which
   # needs an NVIDIA GPU and a bfloat16 or float16 dtype). "pallas" computes the Gemma attention
-  # with one Pallas kernel (`models.attention_kernel`) where the program is lowered for CUDA and in the
-  # einsum form elsewhere; SigLIP keeps "einsum" under it. Calibration runs "einsum" regardless:
-  # it reads the attention logits (`models.gemma.Attention`).
+  # with one Pallas kernel (`models.attention_kernel`) where the program is lowered for CUDA, and
+  # in the einsum form elsewhere; SigLIP keeps "einsum" under it. Calibration runs "einsum"
+  # regardless: it reads the attention logits (`models.gemma.Attention`).
   attention: str = "einsum"
 
   def __post_init__(self):

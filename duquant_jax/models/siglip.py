@@ -49,7 +49,8 @@ class Encoder1DBlock(nn.Module):
   @nn.compact
   def __call__(self, x, _):
     fn = nn.dot_product_attention
-    if self.attention not in ("einsum", "pallas") and not self.is_mutable_collection("intermediates"):
+    fused = self.attention not in ("einsum", "pallas")
+    if fused and not self.is_mutable_collection("intermediates"):
       fn = functools.partial(_fused_attention, implementation=self.attention)
     y = nn.LayerNorm(dtype=self.dtype_mm)(x)
     y = nn.MultiHeadDotProductAttention(num_heads=self.num_heads, dtype=self.dtype_mm,

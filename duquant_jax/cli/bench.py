@@ -12,7 +12,8 @@ from duquant_jax.cli.errors import fail
 
 BENCHMARKS = {"kernels": "bench_kernels.py", "transform": "bench_transform.py",
               "policy": "bench_policy.py", "pack": "bench_pack.py", "profile": "profile_policy.py",
-              "mosaic": "probe_mosaic_gpu.py", "mosaic-w4a8": "probe_mosaic_w4a8.py"}
+              "mosaic": "probe_mosaic_gpu.py", "mosaic-w4a8": "probe_mosaic_w4a8.py",
+              "attention": "bench_attention.py"}
 
 # Arguments after NAME are the script's own flags: typer passes them through untouched.
 CONTEXT_SETTINGS = {"allow_extra_args": True, "ignore_unknown_options": True}

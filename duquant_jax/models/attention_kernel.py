@@ -81,18 +81,10 @@ def choose_tiles(b: int, t: int, s: int, n: int, h: int = 256, *,
 
 
 def reference(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-  """openpi's einsum attention at float32: q (B, T, N, H), k / v (B, S, K, H), mask (B, T, S)
-  -> (B, T, N, H) float32."""
-  b, t, n, h = q.shape
-  kh = k.shape[2]
-  qg = q.astype(jnp.float32).reshape(b, t, kh, n // kh, h)
-  logits = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k.astype(jnp.float32),
-                      precision=jax.lax.Precision.HIGHEST)
-  logits = jnp.where(mask[:, None, None], logits, BIG_NEG)
-  probs = jax.nn.softmax(logits, axis=-1)
-  out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v.astype(jnp.float32),
-                   precision=jax.lax.Precision.HIGHEST)
-  return out.reshape(b, t, n, h)
+  """openpi's einsum attention at float32 and full dot precision: q (B, T, N, H), k / v
+  (B, S, K, H), mask (B, T, S) -> (B, T, N, H) float32."""
+  with jax.default_matmul_precision("highest"):
+    return einsum_attention(*(x.astype(jnp.float32) for x in (q, k, v)), mask)
 
 
 def einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:

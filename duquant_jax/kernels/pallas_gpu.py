@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 
 from duquant_jax.kernels import xla as _xla
+from duquant_jax.models.pallas_backend import triton_api as _triton_api
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -351,15 +352,6 @@ def _weight_only_kernel(*refs, m, n_groups, steps_per_group, group_size, scale_g
                   lambda: jnp.zeros((bm, bn), jnp.float32),
                   lambda g, acc: acc * column(sw_ref, g).reshape(1, bn), (bm, bn))
   _store(o_ref, y, row_ok, tiles, interpret)
-
-
-def _triton_api():
-  """The Pallas Triton-backend module (moved between jax versions)."""
-  try:
-    from jax.experimental.pallas import triton as plgpu
-  except ImportError as e:  # pragma: no cover - depends on the jax version
-    raise NotImplementedError(f"Pallas Triton backend unavailable in jax {jax.__version__}") from e
-  return plgpu
 
 
 def _check_inputs(xq, sx, zx, q, sw, zw, layer):

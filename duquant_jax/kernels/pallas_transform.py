@@ -33,7 +33,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from duquant_jax.kernels.pallas_gpu import _triton_api
+from duquant_jax.models.pallas_backend import triton_api as _triton_api
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

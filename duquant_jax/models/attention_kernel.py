@@ -37,6 +37,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from duquant_jax.models.pallas_backend import triton_api
+
 BIG_NEG = -2.3819763e38  # openpi's masked logit
 IMPLEMENTATIONS: tuple[str, ...] = ("auto", "xla", "pallas", "pallas_interpret")
 
@@ -159,16 +161,6 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
   return kernel(q, k, v, mask, *cache)
 
 
-def _triton_api():
-  """The Pallas Triton-backend module, imported when a kernel is first traced (this package
-  imports no GPU-only module)."""
-  try:
-    from jax.experimental.pallas import triton as plgpu
-  except ImportError as e:  # pragma: no cover - depends on the jax version
-    raise NotImplementedError(f"Pallas Triton backend unavailable in jax {jax.__version__}") from e
-  return plgpu
-
-
 def _squeezed():
   from jax.experimental import pallas as pl
   return getattr(pl, "squeezed", None)
@@ -185,7 +177,7 @@ def _kernel(*refs, t, s0, s1, chunk, tiles, split_out, has_cache):
   Without a cache, k / v are the sliced keys (S0 = S, S1 = 0).
   """
   from jax.experimental import pallas as pl
-  plgpu = _triton_api()
+  plgpu = triton_api()
   refs = list(refs)
   q_ref = refs.pop(0)
   if has_cache:
@@ -247,7 +239,7 @@ def _kernel(*refs, t, s0, s1, chunk, tiles, split_out, has_cache):
 @functools.partial(jax.jit, static_argnames=("tiles", "interpret"))
 def _attention_kernel_call(q, k, v, mask, *cache, tiles, interpret):
   from jax.experimental import pallas as pl
-  plgpu = _triton_api()
+  plgpu = triton_api()
   b, t, n, h = q.shape
   kh = k.shape[2]
   g = n // kh

@@ -70,6 +70,7 @@ def test_kernel_in_bf16_is_as_close_as_the_einsum_form():
   assert err <= 2 * np.abs(einsum - ref).max()
 
 
+@pytest.mark.skipif(ON_GPU, reason="auto runs the kernel where the program is lowered for CUDA")
 def test_auto_is_the_einsum_form_off_cuda():
   q, k, v, mask = _case(1, 9, 30, 2, 1, 16)
   want = np.asarray(A.einsum_attention(q, k, v, mask))

@@ -46,7 +46,8 @@ def sweep_tiles(b, t, s):
   out = [base]
   for bt, bs, warps in ((64, 128, 8), (32, 64, 4), (64, 64, 8), (16, 64, 4)):
     splits = max(1, min(-(-s // bs), 128 // (b * HEADS * -(-t // bt))))
-    for sk in sorted({splits, max(1, splits // 2)}):
+    # One slice writes the output itself, with no float32 slices and no merge after the kernel.
+    for sk in sorted({1, splits, max(1, splits // 2)}):
       tiles = A.AttentionTiles(block_t=bt, block_s=bs, kv_splits=sk, num_warps=warps)
       if tiles not in out:
         out.append(tiles)

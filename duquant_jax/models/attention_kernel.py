@@ -178,14 +178,10 @@ def _kernel(*refs, t, s0, s1, chunk, tiles, split_out, has_cache):
   """
   from jax.experimental import pallas as pl
   plgpu = triton_api()
-  refs = list(refs)
-  q_ref = refs.pop(0)
-  if has_cache:
-    kc_ref, vc_ref, k_ref, v_ref, mask_ref = refs[:5]
-  else:
-    kc_ref, vc_ref, mask_ref = refs[:3]
-    k_ref = v_ref = None
-  o_refs = refs[5 if has_cache else 3:]
+  n_in = 6 if has_cache else 4
+  q_ref, kc_ref, vc_ref, *new_kv, mask_ref = refs[:n_in]
+  k_ref, v_ref = new_kv or (None, None)
+  o_refs = refs[n_in:]
   bt, bs = tiles.block_t, tiles.block_s
   h = q_ref.shape[-1]
   rows = pl.program_id(2) * bt + jax.lax.broadcasted_iota(jnp.int32, (bt,), 0)

@@ -11,12 +11,14 @@ beside the bf16 einsum form's own.
 Usage (GPU machine, from scripts/):
   PYTHONPATH=.. python3 bench_attention.py                 # default tiles, every shape
   PYTHONPATH=.. python3 bench_attention.py --sweep         # and a few other tilings per shape
+  PYTHONPATH=.. python3 bench_attention.py --shapes flow1 --profile   # each form's GPU kernels
   PYTHONPATH=.. python3 bench_attention.py --shapes flow1 --iters 2   # CPU smoke test (interpret)
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import sys
 from pathlib import Path
@@ -65,12 +67,32 @@ def make_case(b, t, s, seed=0):
   return q, k, v, jnp.broadcast_to(mask, (b, t, s))
 
 
+def kernels_per_call(timer, iters):
+  """[(kernel name, launches per call, us per call)] of one traced run of a timing loop, the
+  loop's own dependency update included; printed as they are read."""
+  from profile_policy import profile
+  _, events = profile(timer.compiled, timer.args, 1)
+  per = collections.defaultdict(lambda: [0, 0.0])
+  for line, kname, ns in events:
+    if line.startswith("Stream"):
+      per[kname][0] += 1
+      per[kname][1] += ns / 1e3
+  rows = [(k, c / iters, us / iters) for k, (c, us) in sorted(per.items(), key=lambda kv: -kv[1][1])]
+  print(f"    GPU kernels per call: {sum(r[2] for r in rows):.2f} us in {sum(r[1] for r in rows):.1f}"
+        " launches", flush=True)
+  for k, c, us in rows[:10]:
+    print(f"      {us:7.2f} us  x{c:4.1f}  {k[:100]}", flush=True)
+  return rows
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   ap.add_argument("--shapes", default=",".join(SHAPES), help=f"comma list of {', '.join(SHAPES)}")
   ap.add_argument("--sweep", action="store_true", help="also time other tilings")
   ap.add_argument("--iters", type=int, default=200, help="calls per timing loop")
   ap.add_argument("--reps", type=int, default=5)
+  ap.add_argument("--profile", action="store_true",
+                  help="also trace each form's timing loop and list its GPU kernels per call")
   ap.add_argument("--json", default=None)
   args = ap.parse_args()
   on_gpu = jax.default_backend() == "gpu"
@@ -113,6 +135,8 @@ def main():
       rows.append(row)
       print(f"{name:9s} B{b} T{t} S{s}  {us:8.2f} us  {base / us:5.2f}x  err {row['err']:.4f}  "
             f"{label}", flush=True)
+      if args.profile:
+        row["kernels"] = kernels_per_call(timer, args.iters)
   print(f"device={jax.devices()[0].device_kind} jax={jax.__version__}")
   if args.json:
     Path(args.json).write_text(json.dumps(rows, indent=1))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -46,11 +47,15 @@ def sweep_tiles(b, t, s):
   """The default tiles and a few others for shape (B, T, S)."""
   base = A.choose_tiles(b, t, s, HEADS)
   out = [base]
-  for bt, bs, warps in ((64, 128, 8), (32, 64, 4), (64, 64, 8), (16, 64, 4)):
+  if base.kv_splits > 1:
+    out.append(dataclasses.replace(base, partial_dtype="bfloat16"))
+  for bt, bs, warps, stages in ((64, 128, 8, 1), (32, 64, 4, 2), (64, 32, 4, 3), (16, 64, 4, 2),
+                                (128, 64, 8, 2), (16, 128, 4, 2)):
     splits = max(1, min(-(-s // bs), 128 // (b * HEADS * -(-t // bt))))
-    # One slice writes the output itself, with no float32 slices and no merge after the kernel.
+    # One slice writes the output itself, with no partial outputs and no merge after the kernel.
     for sk in sorted({1, splits, max(1, splits // 2)}):
-      tiles = A.AttentionTiles(block_t=bt, block_s=bs, kv_splits=sk, num_warps=warps)
+      tiles = A.AttentionTiles(block_t=bt, block_s=bs, kv_splits=sk, num_warps=warps,
+                               num_stages=stages)
       if tiles not in out:
         out.append(tiles)
   return out

@@ -14,11 +14,12 @@ probabilities x V, a reduction; about 18 us together), which the flow steps pay 
 action chunk (device profile, `results/h100_2026-12-06b/run2/profile_pi0.json`). This kernel is
 one program per (batch, query head, tile of T, slice of the keys): it walks its keys in blocks
 with the online softmax of flash attention, reading q, k, v and the mask in their own layouts, and
-a KV cache where it lies (the last slice also takes the step's own keys), so nothing is
-concatenated, transposed or padded around it. With one slice it writes the output in q's dtype
-and layout; with several (`kv_splits`, which give a small batch enough programs to fill the GPU)
-each slice writes its float32 unnormalized output, running max and sum of exponentials, and one
-XLA fusion merges them.
+a KV cache where it lies, so nothing is concatenated, transposed or padded around it. With one
+slice it writes the output in q's dtype and layout. With several (`kv_splits`, which give a small
+batch enough programs to fill the GPU) the cache's keys are cut into slices and the step's own keys
+are a slice of their own, so that no program walks more blocks than another; each slice writes its
+normalized output (in `partial_dtype`) and its running max and sum of exponentials, in the output's
+(B, T, N) order, and one XLA reduction over the slices merges them.
 
 The masking follows the einsum form exactly: a masked logit becomes BIG_NEG, so a row that may
 attend to nothing averages every value, as the einsum form's softmax does (merged slices too);
@@ -53,12 +54,15 @@ class AttentionTiles:
     kv_splits: programs sharing one query tile along S, merged by their maxima and sums.
     num_warps: Triton warps per program.
     num_stages: Triton software-pipelining depth of the key loop.
+    partial_dtype: dtype of each slice's normalized output when there are several slices
+      ("float32" or "bfloat16": half the bytes written and merged, one more rounding).
   """
   block_t: int = 64
   block_s: int = 64
   kv_splits: int = 1
   num_warps: int = 4
   num_stages: int = 2
+  partial_dtype: str = "float32"
 
   def __post_init__(self):
     for name in ("block_t", "block_s"):
@@ -67,6 +71,9 @@ class AttentionTiles:
         raise ValueError(f"AttentionTiles.{name}={v} must be a power of two >= 16")
     if self.kv_splits < 1:
       raise ValueError(f"AttentionTiles.kv_splits={self.kv_splits} must be >= 1")
+    if self.partial_dtype not in ("float32", "bfloat16"):
+      raise ValueError(f"AttentionTiles.partial_dtype={self.partial_dtype!r} must be 'float32' "
+                       "or 'bfloat16'")
 
 
 def choose_tiles(b: int, t: int, s: int, n: int, h: int = 256, *,
@@ -167,13 +174,16 @@ def _squeezed():
 
 
 def _kernel(*refs, t, s0, s1, chunk, tiles, split_out, has_cache):
-  """One (block_t, H) query tile of one head against its slice of the keys: cache keys
-  [split * chunk, (split + 1) * chunk), and, in the last slice, the S1 keys of k / v.
+  """One (block_t, H) query tile of one head against one slice of its keys.
+
+  Slices: with one (`split_out` False), every cache key, then the S1 keys of k / v; with several,
+  slice c < the last covers cache keys [c * chunk, (c + 1) * chunk), and with a cache the last
+  slice covers the S1 keys of k / v.
 
   Refs: q_ref (bt, H); [has_cache] kc_ref, vc_ref (S0, H) of the head's kv head; k_ref, v_ref
   (S1, H); mask_ref (bt, S0 + S1) int8 rows; out: o_ref (bt, H) in q's dtype [one slice], or
-  [split_out] acc_ref (bt, H) float32, the unnormalized output, and max_ref, sum_ref (bt,) float32,
-  the running max and sum of exponentials.
+  [split_out] o_ref (bt, H) the slice's normalized output, and max_ref, sum_ref (bt,) float32, its
+  running max and sum of exponentials.
   Without a cache, k / v are the sliced keys (S0 = S, S1 = 0).
   """
   from jax.experimental import pallas as pl
@@ -211,25 +221,28 @@ def _kernel(*refs, t, s0, s1, chunk, tiles, split_out, has_cache):
 
   init = (jnp.full((bt,), BIG_NEG, jnp.float32), jnp.zeros((bt,), jnp.float32),
           jnp.zeros((bt, h), jnp.float32))
-  split = pl.program_id(3)
-  carry = jax.lax.fori_loop(
-      0, chunk // bs, functools.partial(step, kc_ref, vc_ref, split * chunk, s0, 0), init)
-  if has_cache:
-    last = split == pl.num_programs(3) - 1
-    new_keys = functools.partial(step, k_ref, v_ref, 0, s1, s0)
-    carry = jax.lax.cond(last, lambda c: jax.lax.fori_loop(0, -(-s1 // bs), new_keys, c),
-                         lambda c: c, carry)
+  cached = functools.partial(step, kc_ref, vc_ref)
+  new_keys = (lambda c: jax.lax.fori_loop(0, -(-s1 // bs), functools.partial(
+      step, k_ref, v_ref, 0, s1, s0), c)) if has_cache else None
+  if not split_out:
+    carry = jax.lax.fori_loop(0, -(-s0 // bs), functools.partial(cached, 0, s0, 0), init)
+    carry = new_keys(carry) if has_cache else carry
+  else:
+    split = pl.program_id(3)
+    walk = lambda c: jax.lax.fori_loop(0, chunk // bs, functools.partial(
+        cached, split * chunk, s0, 0), c)
+    carry = (jax.lax.cond(split == pl.num_programs(3) - 1, new_keys, walk, init) if has_cache
+             else walk(init))
   m_i, l_i, acc = carry
   out_ok = jnp.broadcast_to(row_ok[:, None], (bt, h))
+  # Every slice holds a key in range, so l >= exp(0) for each row's largest logit.
+  out = acc / l_i[:, None]
+  o_ref, *stat_refs = o_refs
+  plgpu.store(o_ref, out.astype(o_ref.dtype), mask=out_ok)
   if split_out:
-    acc_ref, max_ref, sum_ref = o_refs
-    plgpu.store(acc_ref, acc, mask=out_ok)
+    max_ref, sum_ref = stat_refs
     plgpu.store(max_ref, m_i, mask=row_ok)
     plgpu.store(sum_ref, l_i, mask=row_ok)
-  else:
-    (o_ref,) = o_refs
-    # Every slice holds a key in range, so l >= exp(0) for each row's largest logit.
-    plgpu.store(o_ref, (acc / l_i[:, None]).astype(o_ref.dtype), mask=out_ok)
 
 
 @functools.partial(jax.jit, static_argnames=("tiles", "interpret"))
@@ -240,13 +253,14 @@ def _attention_kernel_call(q, k, v, mask, *cache, tiles, interpret):
   kh = k.shape[2]
   g = n // kh
   has_cache = bool(cache)
-  # The sliced keys: the cache's when there is one (the new keys go to the last slice).
+  # The sliced keys: the cache's when there is one (its own slice for the new keys).
   sliced = cache if has_cache else (k, v)
   s0, s1 = sliced[0].shape[1], (k.shape[1] if has_cache else 0)
   tiles = tiles or choose_tiles(b, t, s0 + s1, n, h)
-  bt, bs = tiles.block_t, tiles.block_s
-  chunk = -(-(-(-s0 // tiles.kv_splits)) // bs) * bs  # keys per slice, whole blocks
-  splits = -(-s0 // chunk)
+  bt = tiles.block_t
+  chunk = -(-(-(-s0 // tiles.kv_splits)) // tiles.block_s) * tiles.block_s  # whole blocks
+  splits = -(-s0 // chunk) + (has_cache and tiles.kv_splits > 1)
+  split_out = splits > 1
   sq = _squeezed()
   grid = (b, n, pl.cdiv(t, bt), splits)
   q_spec = pl.BlockSpec((sq, bt, sq, h), lambda i, j, r, c: (i, r, j, 0))
@@ -254,11 +268,11 @@ def _attention_kernel_call(q, k, v, mask, *cache, tiles, interpret):
   operands = [q, *sliced] + ([k, v] if has_cache else []) + [mask.astype(jnp.int8)]
   in_specs = ([q_spec, kv_spec(s0), kv_spec(s0)] + ([kv_spec(s1)] * 2 if has_cache else [])
               + [pl.BlockSpec((sq, bt, s0 + s1), lambda i, j, r, c: (i, r, 0))])
-  split_out = splits > 1
   if split_out:
-    row_stat = jax.ShapeDtypeStruct((splits, b, n, t), jnp.float32)
-    row_spec = pl.BlockSpec((sq, sq, sq, bt), lambda i, j, r, c: (c, i, j, r))
-    out_shape = (jax.ShapeDtypeStruct((splits, b, t, n, h), jnp.float32), row_stat, row_stat)
+    row_stat = jax.ShapeDtypeStruct((splits, b, t, n), jnp.float32)
+    row_spec = pl.BlockSpec((sq, sq, bt, sq), lambda i, j, r, c: (c, i, r, j))
+    out_shape = (jax.ShapeDtypeStruct((splits, b, t, n, h), jnp.dtype(tiles.partial_dtype)),
+                 row_stat, row_stat)
     out_specs = (pl.BlockSpec((sq, sq, bt, sq, h), lambda i, j, r, c: (c, i, r, j, 0)),
                  row_spec, row_spec)
   else:
@@ -274,10 +288,9 @@ def _attention_kernel_call(q, k, v, mask, *cache, tiles, interpret):
   )(*operands)
   if not split_out:
     return out
-  acc, m, l = out  # (P, B, T, N, H), (P, B, N, T), (P, B, N, T)
-  m, l = (jnp.moveaxis(x, 3, 2)[..., None] for x in (m, l))  # (P, B, T, N, 1)
-  w = jnp.exp(m - jnp.max(m, axis=0))
-  return (jnp.sum(w * acc, axis=0) / jnp.sum(w * l, axis=0)).astype(q.dtype)
+  o, m, l = out  # (P, B, T, N, H), (P, B, T, N), (P, B, T, N)
+  w = (jnp.exp(m - jnp.max(m, axis=0)) * l)[..., None]
+  return (jnp.sum(w * o.astype(jnp.float32), axis=0) / jnp.sum(w, axis=0)).astype(q.dtype)
 
 
 __all__ = ["AttentionTiles", "BIG_NEG", "IMPLEMENTATIONS", "attention", "choose_tiles",

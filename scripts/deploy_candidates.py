@@ -283,3 +283,10 @@ CANDIDATES["fastsig8wm8q4"] = _with(
     "fastsig8wm8", "fast, SigLIP W8 weight-only, adaRMS W8, expert q W4 weight-only",
     LayerRule(pattern=pattern(("q",), ("_1",)), act_bits=None, smooth_alpha=None,
               rotation="none", permutation="none", rounding="gptq"))
+# The expert attention's W8 weight-only codes symmetric: no zero point, so the flow steps' q / kv
+# and o projections need no per-token input sum beside their GEMM (one reduction kernel fewer per
+# projection and flow step).
+CANDIDATES["fastea8s"] = _with(
+    "fast", "fast, expert attention W8 weight-only symmetric",
+    LayerRule(pattern=EXPERT_ATTN, weight_bits=8, act_bits=None, smooth_alpha=None,
+              rotation="none", permutation="none", rounding="gptq", weight_symmetric=True))

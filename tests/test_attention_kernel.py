@@ -85,9 +85,10 @@ def test_auto_is_the_einsum_form_off_cuda():
 
 def test_choose_tiles_fills_the_gpu_at_small_batches():
   flow1, flow8 = A.choose_tiles(1, 51, 867, 8), A.choose_tiles(8, 51, 867, 8)
-  assert (flow1.block_t, flow1.kv_splits) == (64, 14)  # 8 programs x 14 slices of 64 keys
-  assert flow8.kv_splits == 2
-  assert A.choose_tiles(1, 816, 816, 8).kv_splits == 1  # the prefix: 13 x 8 programs
+  assert (flow1.block_t, flow1.block_s, flow1.kv_splits) == (64, 64, 14)  # 8 x 14 programs
+  assert (flow8.block_s, flow8.kv_splits, flow8.num_stages) == (32, 2, 3)
+  prefix = A.choose_tiles(1, 816, 816, 8)
+  assert (prefix.block_t, prefix.kv_splits) == (64, 1)  # 13 x 8 programs
   assert A.choose_tiles(1, 5, 10, 1).block_t == 16
 
 

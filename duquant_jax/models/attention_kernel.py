@@ -78,15 +78,20 @@ class AttentionTiles:
 
 def choose_tiles(b: int, t: int, s: int, n: int, h: int = 256, *,
                  programs: int = 128) -> AttentionTiles:
-  """Tiles for (B, T, S, N, H): query tiles of up to 64 tokens, enough slices of S that a small
-  batch still runs about `programs` programs (one H100 / H200 has 132 SMs), and 8 warps where
-  the (64, H) float32 accumulator would crowd 4 warps' registers (H >= 128)."""
+  """Tiles for (B, T, S, N, H), as measured on an H100 (BENCHMARKS.md, "Opt-in paths"): query
+  tiles of up to 64 tokens, and enough slices of S that a small batch still runs about
+  `programs` programs (one H100 / H200 has 132 SMs). Where that takes 8 or more slices (a flow
+  step at batches 1-2: each program walks one or two blocks), blocks of 64 keys and 8 warps
+  (H >= 128); otherwise (larger batches, the prefix) blocks of 32 keys, 4 warps and a 3-deep
+  pipeline, which measured 1.2-1.4x faster there."""
   block_t = min(64, max(16, 1 << (t - 1).bit_length()))
-  block_s = 64
-  tiles_t = -(-t // block_t)
-  splits = max(1, min(-(-s // block_s), programs // max(1, b * n * tiles_t)))
-  return AttentionTiles(block_t=block_t, block_s=block_s, kv_splits=splits,
-                        num_warps=8 if h >= 128 else 4)
+  rows = b * n * -(-t // block_t)
+  slices = lambda block_s: max(1, min(-(-s // block_s), programs // max(1, rows)))
+  if slices(64) >= 8:
+    return AttentionTiles(block_t=block_t, block_s=64, kv_splits=slices(64),
+                          num_warps=8 if h >= 128 else 4)
+  return AttentionTiles(block_t=block_t, block_s=32, kv_splits=slices(32), num_warps=4,
+                        num_stages=3)
 
 
 def reference(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:

@@ -96,6 +96,25 @@ def top_ops(events, calls, n, types):
   return rows
 
 
+def duration_buckets(events, calls, name):
+  """Launches of the kernels named `name` (on the GPU streams) by duration, in buckets of 2x
+  width: [(low us, high us, launches per call, ms per call)]. Separates call sites that share
+  one kernel name (every Mosaic GPU kernel is `body_mosaic_gpu_kernel` in the trace)."""
+  per = collections.defaultdict(lambda: [0, 0.0])
+  for line, n, d in events:
+    if line.startswith("Stream") and n == name and d > 0:
+      low = 2.0 ** np.floor(np.log2(d / 1e3))
+      per[low][0] += 1
+      per[low][1] += d
+  rows = [(low, 2 * low, c / calls, ns / calls / 1e6) for low, (c, ns) in sorted(per.items())]
+  if rows:
+    print(f"  {name} by duration:")
+    print("  | us | launches/call | ms/call |")
+    for low, high, c, ms in rows:
+      print(f"  | {low:g}-{high:g} | {c:.0f} | {ms:.3f} |")
+  return rows
+
+
 def summarize(wall, events, calls, top, group):
   lines = collections.Counter(l for l, _, _ in events)
   kernels = [(n, d) for l, n, d in events if l.startswith("Stream")]
@@ -135,6 +154,9 @@ def main():
   ap.add_argument("--by-op", type=int, default=0,
                   help="also list this many single ops with their result shapes")
   ap.add_argument("--no-bf16", action="store_true", help="skip the bf16 profile")
+  ap.add_argument("--buckets", default="body_mosaic_gpu_kernel",
+                  help="comma list of kernel names to also list by duration (call sites that "
+                       "share a name); empty for none")
   ap.add_argument("--no-clip-search", action="store_true",
                   help="pack without the weight clip search, rounding to nearest in place of GPTQ "
                        "(same program, other codes)")
@@ -170,6 +192,8 @@ def main():
       wall, events = profile(compiled, fargs, args.calls)
       key = f"{name}, batch {batch}"
       out[key] = summarize(wall, events, args.calls, args.top, not args.no_group)
+      out[key]["buckets"] = {name: duration_buckets(events, args.calls, name)
+                             for name in filter(None, args.buckets.split(","))}
       if args.by_op:
         types = hlo_result_types(compiled.as_text())
         out[key]["top_ops"] = top_ops(events, args.calls, args.by_op, types)

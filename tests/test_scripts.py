@@ -99,6 +99,16 @@ def test_profile_reads_operand_and_result_types_from_compiled_hlo():
   assert len(rows) == 2 and rows[0][1] != "?" and rows[0][3] == 0.002
 
 
+def test_profile_separates_call_sites_of_one_kernel_name_by_duration():
+  import profile_policy
+  name = "body_mosaic_gpu_kernel"
+  events = [("Stream #1", name, ns) for ns in (12_000, 13_000, 12_500, 80_000)] * 2 + [
+      ("XLA Ops", name, 50_000), ("Stream #1", "fusion", 9_000)]
+  rows = profile_policy.duration_buckets(events, 2, name)
+  assert [(lo, hi, c) for lo, hi, c, _ in rows] == [(8, 16, 3), (64, 128, 1)]
+  assert abs(rows[0][3] - 0.0375) < 1e-12 and abs(rows[1][3] - 0.08) < 1e-12
+
+
 def test_gemm_only_linears_skip_the_activation_side_but_run_the_same_matmul():
   """The `--bound` gemm-only tree: no transform, int8 codes by a cast with unit scales, and the
   packed weight's own matmul; weight-only linears get x as is."""

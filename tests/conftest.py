@@ -66,6 +66,15 @@ def held_out(model: str = "pi0", batch: int = 4):
   return jax.tree.map(lambda x: x[0], obs)
 
 
+@functools.cache
+def packed_sample_actions(model: str = "pi0"):
+  """The demo policy's jitted `sample_actions` under `PackedRuntime` (it runs float and packed
+  trees alike), one per session: a tree structure it has run before runs without a new compile.
+  Not for tests that patch what the trace calls (a cached program would not see the patch)."""
+  from duquant_jax.runtime import PackedRuntime
+  return jax.jit(get_policy(model, "demo", runtime=PackedRuntime()).sample_actions)
+
+
 def run_cli(args, capsys):
   """`duquant-jax ARGS` in this process: (exit code, stdout, stderr)."""
   from duquant_jax.cli import main

@@ -29,7 +29,7 @@ def test_walsh_hadamard_refuses_a_length_that_is_not_a_power_of_two():
 
 def _actions(policy, params, obs):
   with jax.default_matmul_precision("highest"):
-    return policy.sample_actions(params, obs, jax.random.key(3))
+    return jax.jit(policy.sample_actions)(params, obs, jax.random.key(3))
 
 
 @pytest.mark.parametrize("model, experts", [("pi0", ["", "_1"]), ("pi05", [""])])

@@ -18,17 +18,16 @@ from duquant_jax.models import get_policy
 from duquant_jax.packed import PackedLinear
 from duquant_jax.numerics import quantize_weight
 from duquant_jax.quantize import quantize_params, summarize
-from duquant_jax.runtime import PackedRuntime, quantized_apply
+from duquant_jax.runtime import quantized_apply
 
-from conftest import demo_params, demo_stats, held_out
+from conftest import demo_params, demo_stats, held_out, packed_sample_actions
 
 ALL_GEMMA = r"PaliGemma/llm/layers/(attn/.*_einsum(_1)?/w|mlp(_1)?/(gating_einsum|linear))"
 
 
 def _actions(model, params, obs=None):
-  policy = get_policy(model, "demo", runtime=PackedRuntime())
   obs = held_out(model) if obs is None else obs
-  return jax.jit(policy.sample_actions)(params, obs, jax.random.key(5))
+  return packed_sample_actions(model)(params, obs, jax.random.key(5))
 
 
 # ---------------------------------------------------------------------------------------------

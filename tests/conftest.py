@@ -70,9 +70,14 @@ def held_out(model: str = "pi0", batch: int = 4):
 def packed_sample_actions(model: str = "pi0"):
   """The demo policy's jitted `sample_actions` under `PackedRuntime` (it runs float and packed
   trees alike), one per session: a tree structure it has run before runs without a new compile.
-  Not for tests that patch what the trace calls (a cached program would not see the patch)."""
+  Not for tests that patch what the trace calls (a cached program would not see the patch).
+
+  It jits a function of its own, not the bound method: jax keys its trace cache on the function
+  by equality, and a live entry for `policy.sample_actions` would serve the equal bound method of
+  another test's policy, traced before that test's patches."""
   from duquant_jax.runtime import PackedRuntime
-  return jax.jit(get_policy(model, "demo", runtime=PackedRuntime()).sample_actions)
+  policy = get_policy(model, "demo", runtime=PackedRuntime())
+  return jax.jit(lambda params, obs, rng: policy.sample_actions(params, obs, rng))
 
 
 def run_cli(args, capsys):

@@ -18,7 +18,6 @@ Usage (GPU machine, from scripts/):
 from __future__ import annotations
 
 import argparse
-import collections
 import dataclasses
 import json
 import sys
@@ -75,14 +74,10 @@ def make_case(b, t, s, seed=0):
 def kernels_per_call(timer, iters):
   """[(kernel name, launches per call, us per call)] of one traced run of a timing loop, the
   loop's own dependency update included; printed as they are read."""
-  from profile_policy import profile
+  from profile_policy import profile, tally
   _, events = profile(timer.compiled, timer.args, 1)
-  per = collections.defaultdict(lambda: [0, 0.0])
-  for line, kname, ns in events:
-    if line.startswith("Stream"):
-      per[kname][0] += 1
-      per[kname][1] += ns / 1e3
-  rows = [(k, c / iters, us / iters) for k, (c, us) in sorted(per.items(), key=lambda kv: -kv[1][1])]
+  per = tally((kname, ns / 1e3) for line, kname, ns in events if line.startswith("Stream"))
+  rows = [(k, c / iters, us / iters) for k, (c, us) in per.items()]
   print(f"    GPU kernels per call: {sum(r[2] for r in rows):.2f} us in {sum(r[1] for r in rows):.1f}"
         " launches", flush=True)
   for k, c, us in rows[:10]:

@@ -78,18 +78,22 @@ def hlo_result_types(compiled_text):
   return types
 
 
+def tally(pairs):
+  """{key: [launches, total duration]} of (key, duration) pairs, largest total first."""
+  per = collections.defaultdict(lambda: [0, 0.0])
+  for key, dur in pairs:
+    per[key][0] += 1
+    per[key][1] += dur
+  return dict(sorted(per.items(), key=lambda kv: -kv[1][1]))
+
+
 def top_ops(events, calls, n, types):
   """The n single ops with the most GPU time: [(name, result type, count/call, ms/call)]."""
-  per = collections.defaultdict(lambda: [0, 0.0])
-  ops = [(n, d) for l, n, d in events if l == "XLA Ops"] or [
-      (n, d) for l, n, d in events if l.startswith("Stream")]
-  for name, dur in ops:
-    per[name][0] += 1
-    per[name][1] += dur
+  per = tally([(n, d) for l, n, d in events if l == "XLA Ops"] or [
+      (n, d) for l, n, d in events if l.startswith("Stream")])
   # Kernel names spell the HLO name's `.N` suffix as `_N`.
   hlo_type = lambda k: types.get(k) or types.get(re.sub(r"_(\d+)$", r".\1", k), "?")
-  rows = [(k, hlo_type(k), v[0] / calls, v[1] / calls / 1e6)
-          for k, v in sorted(per.items(), key=lambda kv: -kv[1][1])[:n]]
+  rows = [(k, hlo_type(k), c / calls, ns / calls / 1e6) for k, (c, ns) in list(per.items())[:n]]
   print("  | single op | result | count/call | ms/call |")
   for k, t, c, ms in rows:
     print(f"  | {k[:60]} | {t[:160]} | {c:.0f} | {ms:.3f} |")
@@ -100,12 +104,8 @@ def duration_buckets(events, calls, name):
   """Launches of the kernels named `name` (on the GPU streams) by duration, in buckets of 2x
   width: [(low us, high us, launches per call, ms per call)]. Separates call sites that share
   one kernel name (every Mosaic GPU kernel is `body_mosaic_gpu_kernel` in the trace)."""
-  per = collections.defaultdict(lambda: [0, 0.0])
-  for line, n, d in events:
-    if line.startswith("Stream") and n == name and d > 0:
-      low = 2.0 ** np.floor(np.log2(d / 1e3))
-      per[low][0] += 1
-      per[low][1] += d
+  per = tally((2.0 ** np.floor(np.log2(d / 1e3)), d) for line, n, d in events
+              if line.startswith("Stream") and n == name and d > 0)
   rows = [(low, 2 * low, c / calls, ns / calls / 1e6) for low, (c, ns) in sorted(per.items())]
   if rows:
     print(f"  {name} by duration:")
@@ -119,15 +119,11 @@ def summarize(wall, events, calls, top, group):
   lines = collections.Counter(l for l, _, _ in events)
   kernels = [(n, d) for l, n, d in events if l.startswith("Stream")]
   ops = [(n, d) for l, n, d in events if l == "XLA Ops"] or kernels
-  per = collections.defaultdict(lambda: [0, 0.0])
-  for name, dur in ops:
-    key = re.sub(r"[.\d]+$", "", name) if group else name
-    per[key][0] += 1
-    per[key][1] += dur
+  per = tally((re.sub(r"[.\d]+$", "", name) if group else name, dur) for name, dur in ops)
   busy = sum(d for _, d in kernels) / calls / 1e6
   res = dict(wall_ms=1e3 * wall, gpu_kernel_ms=busy, kernels_per_call=len(kernels) / calls,
-             lines=dict(lines), top=[(k, v[0] / calls, v[1] / calls / 1e6) for k, v in
-                                      sorted(per.items(), key=lambda kv: -kv[1][1])[:top]])
+             lines=dict(lines),
+             top=[(k, c / calls, ns / calls / 1e6) for k, (c, ns) in list(per.items())[:top]])
   print(f"  wall {res['wall_ms']:.1f} ms/call, GPU kernels {busy:.1f} ms/call, "
         f"{res['kernels_per_call']:.0f} kernels/call; trace lines {dict(lines)}")
   print("  | op | count/call | ms/call |")

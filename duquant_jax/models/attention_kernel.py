@@ -227,17 +227,22 @@ def _kernel(*refs, t, s0, s1, chunk, tiles, split_out, has_cache):
   init = (jnp.full((bt,), BIG_NEG, jnp.float32), jnp.zeros((bt,), jnp.float32),
           jnp.zeros((bt, h), jnp.float32))
   cached = functools.partial(step, kc_ref, vc_ref)
-  new_keys = (lambda c: jax.lax.fori_loop(0, -(-s1 // bs), functools.partial(
-      step, k_ref, v_ref, 0, s1, s0), c)) if has_cache else None
+
+  def walk_new(c):  # the S1 keys of k / v (with a cache only)
+    return jax.lax.fori_loop(0, -(-s1 // bs), functools.partial(step, k_ref, v_ref, 0, s1, s0), c)
+
   if not split_out:
     carry = jax.lax.fori_loop(0, -(-s0 // bs), functools.partial(cached, 0, s0, 0), init)
-    carry = new_keys(carry) if has_cache else carry
+    if has_cache:
+      carry = walk_new(carry)
   else:
     split = pl.program_id(3)
-    walk = lambda c: jax.lax.fori_loop(0, chunk // bs, functools.partial(
-        cached, split * chunk, s0, 0), c)
-    carry = (jax.lax.cond(split == pl.num_programs(3) - 1, new_keys, walk, init) if has_cache
-             else walk(init))
+
+    def walk_slice(c):
+      return jax.lax.fori_loop(0, chunk // bs, functools.partial(cached, split * chunk, s0, 0), c)
+
+    last = split == pl.num_programs(3) - 1
+    carry = jax.lax.cond(last, walk_new, walk_slice, init) if has_cache else walk_slice(init)
   m_i, l_i, acc = carry
   out_ok = jnp.broadcast_to(row_ok[:, None], (bt, h))
   # Every slice holds a key in range, so l >= exp(0) for each row's largest logit.

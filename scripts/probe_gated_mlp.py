@@ -10,6 +10,7 @@ a value on a .5 boundary differently), then the time per call in one jitted loop
 - `fused`: the gated kernel, (M, F) int8 codes straight out of the MMA registers.
 
 Usage (Hopper GPU): python3 scripts/probe_gated_mlp.py [--ms 51,408,816,6528] [--json out.json]
+                    [--tiles auto,auto+s8]   (the fused kernel's tilings, `probe_mosaic_w4a8` specs)
 """
 
 from __future__ import annotations
@@ -27,13 +28,13 @@ import jax.numpy as jnp  # noqa: E402
 
 from bench_kernels import LoopTimer, n_copies  # noqa: E402
 from probe_mosaic_gpu import _err, record  # noqa: E402
-from probe_mosaic_w4a8 import operands  # noqa: E402
+from probe_mosaic_w4a8 import operands, parse_tiles, tile_tag  # noqa: E402
 from duquant_jax.kernels import gated, mosaic_gpu, xla  # noqa: E402
 
 SHAPES = {"2b_mlp": (2048, 16384), "300m_mlp": (1024, 4096)}  # (K = width, F = hidden)
 
 
-def probe(m, k, f, iters=20):
+def probe(m, k, f, tile_specs=("auto",), iters=20):
   n = 2 * f
   copies = n_copies(n * k // 2)
   x, xq, sx, zx, qs, sw, zw = operands(m, k, n, jax.random.key(m + k), copies)
@@ -80,8 +81,16 @@ def probe(m, k, f, iters=20):
     return xla.quantize_static(hh, scale, zero)[0]
 
   timed("unfused", unfused, (xq, sx, zx), qs, jnp.zeros((m, f), jnp.int8))
-  timed("fused", lambda c, w: mosaic_gpu.gated_w4a8(c[0], c[1], c[2], w, sw, zw, scale, zero),
-        (xq, sx, zx), qs, jnp.zeros((m, f), jnp.int8))
+  for spec in tile_specs:
+    t = parse_tiles(spec, m, f, k, choose=mosaic_gpu.gated_tiles)
+    name = "fused" if spec == "auto" else f"fused {tile_tag(t)}"
+    if spec != "auto":  # exact at these tiles too
+      got_t = mosaic_gpu.gated_w4a8(xq, sx, zx, qs[0], sw, zw, scale, zero, tiles=t)
+      row[f"max_code_diff {tile_tag(t)}"] = int(jnp.max(jnp.abs(
+          got_t.astype(jnp.int32) - ref.astype(jnp.int32))))
+    timed(name, lambda c, w, t=t: mosaic_gpu.gated_w4a8(c[0], c[1], c[2], w, sw, zw, scale, zero,
+                                                        tiles=t),
+          (xq, sx, zx), qs, jnp.zeros((m, f), jnp.int8))
   for a, b in (("bf16", "fused"), ("unfused", "fused")):
     if f"{a}_us" in row and f"{b}_us" in row:
       row[f"{a}/{b}"] = round(row[f"{a}_us"] / row[f"{b}_us"], 3)
@@ -93,12 +102,14 @@ def main():
   ap.add_argument("--ms", default="51,408,816,6528")
   ap.add_argument("--shapes", default=",".join(SHAPES))
   ap.add_argument("--json", default=None)
+  ap.add_argument("--tiles", default="auto", help="comma list of the fused kernel's tilings "
+                  "(probe_mosaic_w4a8.parse_tiles specs; auto: mosaic_gpu.gated_tiles)")
   a = ap.parse_args()
   rows = []
   for name in a.shapes.split(","):
     k, f = SHAPES[name]
     for m in (int(v) for v in a.ms.split(",")):
-      record(rows, dict(shape=name, **probe(m, k, f)), a.json)
+      record(rows, dict(shape=name, **probe(m, k, f, a.tiles.split(","))), a.json)
 
 
 if __name__ == "__main__":

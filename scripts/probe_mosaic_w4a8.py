@@ -115,13 +115,13 @@ def tile_tag(t):
 _SPEC_FIELDS = {"n": "tile_n", "m": "tile_m", "s": "stages", "k": "splits", "w": "compute_wgs"}
 
 
-def parse_tiles(spec, m, n, k):
-  """'auto', 'auto+s8+k2' (choose_tiles with fields replaced: n tile_n, m tile_m, s stages,
+def parse_tiles(spec, m, n, k, choose=mosaic_gpu.choose_tiles):
+  """'auto', 'auto+s8+k2' (`choose(m, n, k)` with fields replaced: n tile_n, m tile_m, s stages,
   k splits, w compute warpgroups) or 'NxM[sS][kK][wW]'."""
   import dataclasses
   import re
   if spec.startswith("auto"):
-    t = mosaic_gpu.choose_tiles(m, n, k)
+    t = choose(m, n, k)
     for mod in filter(None, spec[4:].split("+")):
       g = re.fullmatch(r"([nmskw])(\d+)", mod)
       if not g:

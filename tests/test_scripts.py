@@ -179,7 +179,7 @@ def test_bench_policy_configures_unroll_and_attention():
   policy = get_policy("pi0", "full")
   cfg = bench_policy._configured(policy, "on", "cudnn").cfg
   assert (cfg.unroll_layers, cfg.attention) == (True, "cudnn")
-  assert cfg.llm == policy.cfg.llm and policy.cfg.attention == "einsum"
+  assert cfg.llm == policy.cfg.llm and policy.cfg.attention == "pallas"
   with pytest.raises(SystemExit, match="--unroll"):
     bench_policy._configured(policy, "yes", "einsum")
   with pytest.raises(ValueError, match="attention"):

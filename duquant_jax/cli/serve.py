@@ -27,7 +27,7 @@ def build_runner(ckpt: str, *, model: Optional[str] = None, size: Optional[str] 
                  norm_mode: str = "auto", num_steps: int = 10, action_dims: Optional[int] = None,
                  record: Optional[str] = None, seed: int = 0,
                  discrete_state: Optional[bool] = None, unroll_layers: bool = False,
-                 attention: str = "einsum"):
+                 attention: str = "pallas"):
   """The `PolicyRunner` that `serve` runs, from a packed checkpoint and the command's flags.
 
   Args:
@@ -42,8 +42,9 @@ def build_runner(ckpt: str, *, model: Optional[str] = None, size: Optional[str] 
       `RequestAdapter`.
     unroll_layers: compile each layer on its own instead of scanning the layer stack
       (`Pi0Config.unroll_layers`): a longer compile for fewer, fuller kernels per call.
-    attention: how Gemma's attention is computed (`Pi0Config.attention`): "einsum" (openpi's
-      form) or "pallas" (one kernel per layer and call where the program runs on CUDA).
+    attention: how Gemma's attention is computed (`Pi0Config.attention`): "pallas" (one kernel
+      per layer and call where the program runs on CUDA, openpi's einsum form elsewhere) or
+      "einsum" (openpi's form everywhere).
 
   Raises:
     ValueError, FileNotFoundError (CheckpointError is a ValueError) with one clear message.
@@ -115,8 +116,8 @@ def serve(
         help="compile every layer on its own: a longer compile (pair it with --compile-cache), "
              "fewer, fuller kernels per call (BENCHMARKS.md)"),
     attention: str = typer.Option(
-        "einsum", help="Gemma's attention: einsum (openpi's form) or pallas (one kernel per "
-                       "layer and call on CUDA GPUs; the einsum form elsewhere)"),
+        "pallas", help="Gemma's attention: pallas (one kernel per layer and call on CUDA GPUs; "
+                       "openpi's einsum form elsewhere) or einsum (openpi's form everywhere)"),
     compile_cache: Optional[str] = typer.Option(
         None, help="directory for jax's persistent compilation cache: a restarted server "
                    "loads the compiled policy instead of compiling it again")):

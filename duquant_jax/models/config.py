@@ -83,14 +83,17 @@ class Pi0Config:
   # (L, ...) layout either way; unrolled, each layer reads a static slice of the stack instead of a
   # dynamic slice inside a while loop (see BENCHMARKS.md for what that costs or saves).
   unroll_layers: bool = False
-  # How the Gemma and SigLIP attention is computed from q, k, v. "einsum" is openpi's own
-  # arithmetic (logits, mask, softmax, weighted sum as separate ops); "xla" and "cudnn" go through
-  # `jax.nn.dot_product_attention` with that implementation ("cudnn": cuDNN flash attention, which
-  # needs an NVIDIA GPU and a bfloat16 or float16 dtype). "pallas" computes the Gemma attention
-  # with one Pallas kernel (`models.attention_kernel`) where the program is lowered for CUDA, and
-  # in the einsum form elsewhere; SigLIP keeps "einsum" under it. Calibration runs "einsum"
-  # regardless: it reads the attention logits (`models.gemma.Attention`).
-  attention: str = "einsum"
+  # How the Gemma and SigLIP attention is computed from q, k, v. "pallas" (the default) computes
+  # the Gemma attention with one Pallas kernel (`models.attention_kernel`) where the program is
+  # lowered for CUDA, and in openpi's einsum form elsewhere; SigLIP keeps the einsum form under it.
+  # "einsum" is openpi's own arithmetic everywhere (logits, mask, softmax, weighted sum as separate
+  # ops); "xla" and "cudnn" go through `jax.nn.dot_product_attention` with that implementation
+  # ("cudnn": cuDNN flash attention, which needs an NVIDIA GPU and a bfloat16 or float16 dtype).
+  # The kernel is openpi's arithmetic in another order, no further from float32 than the einsum
+  # form (tests/test_attention_kernel.py); on an H100 it made the pi0 policy 0.8-1.8 ms faster at
+  # batch 1 and 10 ms at batch 8 (BENCHMARKS.md, "Policy latency (H100)"). Calibration runs
+  # "einsum" regardless: it reads the attention logits (`models.gemma.Attention`).
+  attention: str = "pallas"
 
   def __post_init__(self):
     if self.attention not in ATTENTIONS:

@@ -101,13 +101,20 @@ def reference(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
     return einsum_attention(*(x.astype(jnp.float32) for x in (q, k, v)), mask)
 
 
-def einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+def einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
+                     logits_hook=None) -> jax.Array:
   """openpi's einsum form in q's dtype (float32 logits and softmax, probabilities rounded to k's
-  dtype): the fallback of `attention`."""
+  dtype): the fallback of `attention`, and Gemma's `attention="einsum"`.
+
+  `logits_hook`, if given, is called with the unmasked float32 logits (B, K, G, T, S) (query
+  head n = k * G + g), before the mask: calibration reads them there (`models.gemma.Attention`).
+  """
   b, t, n, h = q.shape
   kh = k.shape[2]
   qg = q.reshape(b, t, kh, n // kh, h)
   logits = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k, preferred_element_type=jnp.float32)
+  if logits_hook is not None:
+    logits_hook(logits)
   logits = jnp.where(mask[:, None, None], logits, BIG_NEG)
   probs = jax.nn.softmax(logits, axis=-1).astype(k.dtype)
   out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)

@@ -27,7 +27,6 @@ from duquant_jax.models import attention_kernel
 from duquant_jax.models.config import GemmaConfig
 from duquant_jax.models.runtime import STACKED, FloatRuntime, Runtime
 
-_BIG_NEG = attention_kernel.BIG_NEG
 _FLOAT = FloatRuntime()
 
 
@@ -181,22 +180,19 @@ class Attention(nn.Module):
 
   def _einsum_attention(self, xs, q, k, v, attn_mask):
     """openpi's form: q (B, T, N, H) pre-scaled, k, v (B, S, K, H), mask (B, T, S) -> (B, T, N, H)."""
-    cfg0 = self.configs[0]
-    q = q.reshape(*q.shape[:2], cfg0.num_kv_heads, cfg0.num_heads // cfg0.num_kv_heads, cfg0.head_dim)
-    logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32)
-    # Attention calibration (`duquant_jax.attention_balance`) reads each expert's logits
-    # (B, K, G, T_i, S) and mask (B, T_i, S) here (stored only when "intermediates" is mutable).
-    start = 0
-    for i, x in enumerate(xs):
-      if x is not None:
-        end = start + x.shape[1]
-        self.sow("intermediates", _name("logits", i), logits[:, :, :, start:end])
-        self.sow("intermediates", _name("logits_mask", i), attn_mask[:, start:end])
-        start = end
-    logits = jnp.where(attn_mask[:, None, None, :, :], logits, _BIG_NEG)
-    probs = jax.nn.softmax(logits, axis=-1).astype(k.dtype)
-    encoded = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
-    return encoded.reshape(*encoded.shape[:2], cfg0.num_heads, cfg0.head_dim)
+
+    def sow_logits(logits):
+      # Attention calibration (`duquant_jax.attention_balance`) reads each expert's logits
+      # (B, K, G, T_i, S) and mask (B, T_i, S) here (stored only when "intermediates" is mutable).
+      start = 0
+      for i, x in enumerate(xs):
+        if x is not None:
+          end = start + x.shape[1]
+          self.sow("intermediates", _name("logits", i), logits[:, :, :, start:end])
+          self.sow("intermediates", _name("logits_mask", i), attn_mask[:, start:end])
+          start = end
+
+    return attention_kernel.einsum_attention(q, k, v, attn_mask, logits_hook=sow_logits)
 
 
 class FeedForward(nn.Module):

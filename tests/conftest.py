@@ -1,10 +1,33 @@
 import functools
+import os
+import shutil
+import tempfile
 
 import jax
 import pytest
 
 from duquant_jax.models import get_policy
 from duquant_jax.lab.synthetic import realistic_params
+
+
+_OWN_CACHE = pytest.StashKey[str]()
+
+
+def pytest_configure(config):
+  """One persistent compilation cache for the whole run, shared by pytest-xdist's workers (they
+  inherit the controller's environment): the demo models' programs (calibration, packing,
+  sample_actions) compile once per run, not once per worker."""
+  if "DUQUANT_TEST_COMPILE_CACHE" not in os.environ:
+    os.environ["DUQUANT_TEST_COMPILE_CACHE"] = tempfile.mkdtemp(prefix="duquant-jax-tests-")
+    config.stash[_OWN_CACHE] = os.environ["DUQUANT_TEST_COMPILE_CACHE"]
+  jax.config.update("jax_compilation_cache_dir", os.environ["DUQUANT_TEST_COMPILE_CACHE"])
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+
+
+def pytest_unconfigure(config):
+  own = config.stash.get(_OWN_CACHE, None)
+  if own is not None:
+    shutil.rmtree(own, ignore_errors=True)
 
 
 @functools.cache

@@ -90,9 +90,10 @@ class Pi0Config:
   # ops); "xla" and "cudnn" go through `jax.nn.dot_product_attention` with that implementation
   # ("cudnn": cuDNN flash attention, which needs an NVIDIA GPU and a bfloat16 or float16 dtype).
   # The kernel is openpi's arithmetic in another order, no further from float32 than the einsum
-  # form (tests/test_attention_kernel.py); on an H100 it made the pi0 policy 0.8-1.8 ms faster at
-  # batch 1 and 10 ms at batch 8 (BENCHMARKS.md, "Policy latency (H100)"). Calibration runs
-  # "einsum" regardless: it reads the attention logits (`models.gemma.Attention`).
+  # form (tests/test_attention_kernel.py); on an H100 it made pi0 0.8 ms (`fast`) and 2.2 ms
+  # (bf16) faster at batch 1, unrolled, and about 10 ms at batch 8 (BENCHMARKS.md, "Policy latency
+  # (H100)"). Calibration runs "einsum" regardless: it reads the attention logits
+  # (`models.gemma.Attention`).
   attention: str = "pallas"
 
   def __post_init__(self):

@@ -80,8 +80,8 @@ def choose_tiles(b: int, t: int, s: int, n: int, h: int = 256, *,
                  programs: int = 128) -> AttentionTiles:
   """Tiles for (B, T, S, N, H), as measured on an H100 (BENCHMARKS.md, "Attention kernel
   (H100)"): query tiles of up to 64 tokens, and enough slices of S that a small batch still runs
-  about `programs` programs (one H100 / H200 has 132 SMs). Where that takes 8 or more slices (a flow
-  step at batches 1-2: each program walks one or two blocks), blocks of 64 keys and 8 warps
+  about `programs` programs (one H100 / H200 has 132 SMs). Where that takes 8 or more slices (a
+  flow step at batches 1-2: each program walks one or two blocks), blocks of 64 keys and 8 warps
   (H >= 128); otherwise (larger batches, the prefix) blocks of 32 keys, 4 warps and a 3-deep
   pipeline, which measured 1.2-1.4x faster there."""
   block_t = min(64, max(16, 1 << (t - 1).bit_length()))

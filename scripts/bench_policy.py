@@ -2,7 +2,7 @@
 
 Usage (GPU): python scripts/bench_policy.py [--models pi0,pi05] [--batches 1,8] [--size full]
              [--preset recommended] [--all-linears] [--repeats 20] [--variants auto/auto,xla/xla]
-             [--unroll off,on] [--attention einsum,cudnn] [--breakdown]
+             [--unroll off,on] [--attention einsum,cudnn] [--xla default,cmdbuf] [--breakdown]
 
 Random bf16 weights and synthetic stats (this measures speed and memory, not accuracy). Latency is
 the median over `repeats` calls of one jitted `sample_actions` (10 flow steps), after compilation.
@@ -117,8 +117,22 @@ def unshared_inputs(tree):
                       tree, is_leaf=lambda n: isinstance(n, PackedLinear))
 
 
-def time_policy(policy, params, obs, repeats, num_steps=10):
-  fn = jax.jit(functools.partial(policy.sample_actions, num_steps=num_steps))
+# Named XLA compiler option sets (`--xla`), passed to `jax.jit(compiler_options=...)` of both the
+# bf16 and the packed policy. Command buffers replay a run of kernels as one CUDA graph: fewer
+# host launches where the policy is launch-bound (thousands of kernels of a few us each).
+XLA_OPTIONS = {
+    "default": {},
+    "nocmdbuf": {"xla_gpu_enable_command_buffer": ""},
+    "cmdbuf": {"xla_gpu_enable_command_buffer":
+               "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL",
+               "xla_gpu_graph_min_graph_size": 1},
+    "dsfusion": {"xla_gpu_enable_dynamic_slice_fusion": True},
+}
+
+
+def time_policy(policy, params, obs, repeats, num_steps=10, xla="default"):
+  fn = jax.jit(functools.partial(policy.sample_actions, num_steps=num_steps),
+               compiler_options=XLA_OPTIONS[xla] or None)
   rng = jax.random.key(0)
   t = time.perf_counter()
   jax.block_until_ready(fn(params, obs, rng))
@@ -161,10 +175,11 @@ def _configured(policy, unroll, attention):
   return dataclasses.replace(policy, cfg=cfg)
 
 
-def _time_bf16(args, policy, params, obs):
+def _time_bf16(args, policy, params, obs, xla):
   """(compile s, latency ms, 1-step latency ms or None) of the float policy."""
-  c_fp, l_fp = time_policy(policy, params, obs, args.repeats)
-  l1_fp = time_policy(policy, params, obs, args.repeats, num_steps=1)[1] if args.breakdown else None
+  c_fp, l_fp = time_policy(policy, params, obs, args.repeats, xla=xla)
+  l1_fp = (time_policy(policy, params, obs, args.repeats, num_steps=1, xla=xla)[1]
+           if args.breakdown else None)
   return c_fp, l_fp, l1_fp
 
 
@@ -180,8 +195,8 @@ def _unfused_mlps(on: bool):
     runtime.gated_mlp = real
 
 
-def _time_variants(args, variants, policy, bf16, params, packed, obs, cfg, s, pack_s, bound):
-  """Rows for one model x batch x unroll x attention setting x preset: each packed dispatch
+def _time_variants(args, variants, policy, bf16, params, packed, obs, cfg, s, pack_s, bound, xla):
+  """Rows for one model x batch x unroll x attention x XLA options setting x preset: each packed dispatch
   variant against the float policy's timing `bf16` (taken once per setting in the same process)."""
   rows = []
   model, b = policy.cfg.name, obs.state.shape[0]
@@ -209,10 +224,10 @@ def _time_variants(args, variants, policy, bf16, params, packed, obs, cfg, s, pa
     if "unfused" in share:
       transform = f"{transform}/unfused"
     with _unfused_mlps("unfused" in share), bound_linears():
-      c_q, l_q = time_policy(policy_v, packed_v, obs, args.repeats)
+      c_q, l_q = time_policy(policy_v, packed_v, obs, args.repeats, xla=xla)
     row = dict(model=model, batch=b, preset=cfg.name, all_linears=args.all_linears,
                matmul=matmul, transform=transform, permutation=args.permutation, unroll=unroll,
-               attention=attention,
+               attention=attention, xla=xla,
                latency_bf16_ms=l_fp, latency_packed_ms=l_q, speedup=l_fp / l_q,
                compile_bf16_s=c_fp, compile_packed_s=c_q, pack_s=pack_s,
                weights_bf16_gib=tree_bytes(params) / 2**30,
@@ -220,7 +235,7 @@ def _time_variants(args, variants, policy, bf16, params, packed, obs, cfg, s, pa
                quantized_layers_ratio=s.weight_bytes_packed / max(s.weight_bytes_fp, 1))
     if args.breakdown:
       with _unfused_mlps("unfused" in share), bound_linears():
-        l1_q = time_policy(policy_v, packed_v, obs, args.repeats, num_steps=1)[1]
+        l1_q = time_policy(policy_v, packed_v, obs, args.repeats, num_steps=1, xla=xla)[1]
       for name, l10, l1 in (("bf16", l_fp, l1_fp), ("packed", l_q, l1_q)):
         step = (l10 - l1) / 9
         row[f"step_{name}_ms"], row[f"prefix_{name}_ms"] = step, l1 - step
@@ -259,6 +274,9 @@ def main():
                        "flash attention (cudnn: NVIDIA GPU, bf16), or the Pallas kernel "
                        "(models.attention_kernel); both bf16 and packed are timed under each (same "
                        "params)")
+  ap.add_argument("--xla", default="default",
+                  help=f"comma list of XLA compiler option sets ({','.join(XLA_OPTIONS)}; "
+                       "XLA_OPTIONS): both bf16 and packed are compiled with each")
   ap.add_argument("--bound", action="store_true",
                   help="also time the packed tree with every packed linear made free (FreeLinear): "
                        "the floor any quantization of those layers could reach; and with only the "
@@ -282,6 +300,9 @@ def main():
   attentions = args.attention.split(",")
   if not set(attentions) <= set(ATTENTIONS):
     ap.error(f"--attention takes a comma list of {','.join(ATTENTIONS)}, got {args.attention!r}")
+  xlas = args.xla.split(",")
+  if not set(xlas) <= set(XLA_OPTIONS):
+    ap.error(f"--xla takes a comma list of {','.join(XLA_OPTIONS)}, got {args.xla!r}")
   rows = []
   for model in args.models.split(","):
     policy = get_policy(model, args.size)
@@ -307,16 +328,17 @@ def main():
       for unroll in args.unroll.split(","):
         for attention in attentions:
           policy_u = _configured(policy, unroll, attention)
-          bf16 = _time_bf16(args, policy_u, params, obs)
-          for i, (cfg, packed, s, pack_s) in enumerate(packs):
-            rows += _time_variants(args, variants, policy_u, bf16, params, packed, obs, cfg, s,
-                                   pack_s, bound=i == 0)
+          for xla in xlas:
+            bf16 = _time_bf16(args, policy_u, params, obs, xla)
+            for i, (cfg, packed, s, pack_s) in enumerate(packs):
+              rows += _time_variants(args, variants, policy_u, bf16, params, packed, obs, cfg, s,
+                                     pack_s, bound=i == 0, xla=xla)
 
   print(f"\ndevice={jax.devices()[0].device_kind} jax={jax.__version__}")
-  print("| model | batch | unroll | attention | preset | matmul / transform | bf16 ms | packed ms | speedup | compile bf16 / packed s | weights bf16 / packed GiB | all-weights ratio | quantized-layers ratio |")
-  print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+  print("| model | batch | unroll | attention | xla | preset | matmul / transform | bf16 ms | packed ms | speedup | compile bf16 / packed s | weights bf16 / packed GiB | all-weights ratio | quantized-layers ratio |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
   for r in rows:
-    print(f"| {r['model']} | {r['batch']} | {r['unroll']} | {r['attention']} | {r['preset']} | {r['matmul']} / {r['transform']} | {r['latency_bf16_ms']:.1f} | {r['latency_packed_ms']:.1f} | "
+    print(f"| {r['model']} | {r['batch']} | {r['unroll']} | {r['attention']} | {r['xla']} | {r['preset']} | {r['matmul']} / {r['transform']} | {r['latency_bf16_ms']:.1f} | {r['latency_packed_ms']:.1f} | "
           f"{r['speedup']:.2f}x | {r['compile_bf16_s']:.0f} / {r['compile_packed_s']:.0f} | "
           f"{r['weights_bf16_gib']:.2f} / {r['weights_packed_gib']:.2f} | "
           f"{r['weights_packed_gib'] / r['weights_bf16_gib']:.3f} | {r['quantized_layers_ratio']:.3f} |")

@@ -109,21 +109,23 @@ def probe(m, k, n, tile_list, iters=20):
 
 def tile_tag(t):
   return (f"{t.tile_n}x{t.tile_m}s{t.stages}" + (f"k{t.splits}" if t.splits > 1 else "")
-          + (f"w{t.compute_wgs}" if t.compute_wgs > 1 else ""))
+          + (f"w{t.compute_wgs}" if t.compute_wgs > 1 else "")
+          + (f"t{t.tile_k}" if t.tile_k != 128 else ""))
 
 
-_SPEC_FIELDS = {"n": "tile_n", "m": "tile_m", "s": "stages", "k": "splits", "w": "compute_wgs"}
+_SPEC_FIELDS = {"n": "tile_n", "m": "tile_m", "s": "stages", "k": "splits", "w": "compute_wgs",
+                "t": "tile_k"}
 
 
 def parse_tiles(spec, m, n, k, choose=mosaic_gpu.choose_tiles):
   """'auto', 'auto+s8+k2' (`choose(m, n, k)` with fields replaced: n tile_n, m tile_m, s stages,
-  k splits, w compute warpgroups) or 'NxM[sS][kK][wW]'."""
+  k splits, w compute warpgroups, t tile_k) or 'NxM[sS][kK][wW]'."""
   import dataclasses
   import re
   if spec.startswith("auto"):
     t = choose(m, n, k)
     for mod in filter(None, spec[4:].split("+")):
-      g = re.fullmatch(r"([nmskw])(\d+)", mod)
+      g = re.fullmatch(r"([nmskwt])(\d+)", mod)
       if not g:
         raise SystemExit(f"bad tile spec {spec!r}")
       t = dataclasses.replace(t, **{_SPEC_FIELDS[g[1]]: int(g[2])})

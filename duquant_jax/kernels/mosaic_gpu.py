@@ -43,7 +43,8 @@ class MosaicTiles:
   Attributes:
     tile_n: weight rows (output channels) per CTA; a multiple of 64 (wgmma's M).
     tile_m: tokens per CTA (wgmma's N); a multiple of 8 up to 32, then of 16, up to 256.
-    tile_k: input channels per pipeline step; 128 (one 128-byte swizzled int8 row).
+    tile_k: input channels per pipeline step: 128 (one 128-byte swizzled int8 row) or 256 (two,
+      half the pipeline steps).
     stages: TMA pipeline depth (shared-memory buffers in flight).
     splits: K slices run by separate CTAs (split-K, for a small M x N with a long K); float32
       partials summed by XLA.
@@ -64,8 +65,8 @@ class MosaicTiles:
     if not 8 <= self.tile_m <= 256 or self.tile_m % (8 if self.tile_m <= 32 else 16):
       raise ValueError(f"MosaicTiles.tile_m={self.tile_m} must be a multiple of 8 up to 32, "
                        "then of 16, up to 256 (int8 wgmma's N)")
-    if self.tile_k != 128:
-      raise ValueError(f"MosaicTiles.tile_k={self.tile_k} must be 128")
+    if self.tile_k not in (128, 256):
+      raise ValueError(f"MosaicTiles.tile_k={self.tile_k} must be 128 or 256")
     if self.compute_wgs not in (1, 2):
       raise ValueError(f"MosaicTiles.compute_wgs={self.compute_wgs} must be 1 or 2")
     if self.stages < 1 or self.splits < 1:

@@ -64,7 +64,18 @@ def check(m, k, n, tiles):
   return out
 
 
-def probe(m, k, n, tile_list, iters=20):
+def unpacked_matmul(xq, sx, q, sw, zw):
+  """W4A8 as int4 codes unpacked to an int8 copy in device memory, then XLA's bare int8 dot
+  (symmetric activations, weight zero points through the token rows' sums): the design where
+  the GEMM library, not an upcast in the kernel, does the integer multiply."""
+  q8 = jax.lax.optimization_barrier(q.astype(jnp.int8))
+  acc = jax.lax.dot_general(xq, q8, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
+  rx = jnp.sum(xq.astype(jnp.int32), axis=1, keepdims=True)
+  y = (acc - rx * zw.T.astype(jnp.int32)).astype(jnp.float32) * sx * sw.T
+  return y.astype(jnp.bfloat16)
+
+
+def probe(m, k, n, tile_list, iters=20, unpacked=False):
   copies = n_copies(n * k // 2)
   x, xq, sx, zx, qs, sw, zw = operands(m, k, n, jax.random.key(1), copies)
   out, errors = {}, {}
@@ -81,6 +92,12 @@ def probe(m, k, n, tile_list, iters=20):
         [q.T.astype(jnp.bfloat16) for q in qs], jnp.zeros((m, n), jnp.bfloat16))
   timed("xla_int8", lambda c, w: xla.w4a8_matmul(c[0], c[1], c[2], w, sw, zw, out_dtype=jnp.bfloat16),
         (xq, sx, zx), qs, jnp.zeros((m, n), jnp.bfloat16))
+  if unpacked:
+    timed("int8_bare", lambda c, w: jax.lax.dot_general(
+        c[0], w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32),
+        (xq,), [q.astype(jnp.int8) for q in qs], jnp.zeros((m, n), jnp.int32))
+    timed("unpacked", lambda c, w: unpacked_matmul(c[0], c[1], w, sw, zw), (xq, sx), qs,
+          jnp.zeros((m, n), jnp.bfloat16))
   for t in tile_list:
     tag = tile_tag(t)
     try:
@@ -146,6 +163,9 @@ def main():
                        "K splits, compute warpgroups) or auto[+s8+k2...] (choose_tiles, fields "
                        "replaced)")
   ap.add_argument("--json", default=None)
+  ap.add_argument("--unpacked", action="store_true",
+                  help="also time XLA's bare int8 dot on int8 weights (int8_bare) and the same "
+                       "after unpacking the int4 codes to an int8 copy per call (unpacked)")
   args = ap.parse_args()
   print(f"# device {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
   rows = []
@@ -157,7 +177,7 @@ def main():
         t = parse_tiles(spec, m, n, k)
         if t not in tiles and (spec.startswith("auto") or m > 64 or t.tile_m <= 64):
           tiles.append(t)
-      us, errors = probe(m, k, n, tiles)
+      us, errors = probe(m, k, n, tiles, unpacked=args.unpacked)
       record(rows, dict(shape=name, m=m, k=k, n=n, us=us, errors=errors), args.json)
   print("\n| shape | M | path | us | vs bf16 |\n|---|---|---|---|---|")
   for r in rows:

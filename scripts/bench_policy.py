@@ -277,6 +277,10 @@ def main():
   ap.add_argument("--xla", default="default",
                   help=f"comma list of XLA compiler option sets ({','.join(XLA_OPTIONS)}; "
                        "XLA_OPTIONS): both bf16 and packed are compiled with each")
+  ap.add_argument("--openpi-baseline", action="store_true",
+                  help="also time openpi's own form once per model and batch (bf16, scanned "
+                       "layers, einsum attention, default XLA options), and give every packed "
+                       "row's speedup against it (the speed issue's target ratio)")
   ap.add_argument("--bound", action="store_true",
                   help="also time the packed tree with every packed linear made free (FreeLinear): "
                        "the floor any quantization of those layers could reach; and with only the "
@@ -325,14 +329,25 @@ def main():
     del stats
     for b in (int(v) for v in args.batches.split(",")):
       obs = make_observation(policy.cfg, jax.random.key(1), b)
+      openpi_ms = None
+      if args.openpi_baseline:  # openpi's own form: scanned layers, einsum attention, bf16
+        openpi_ms = time_policy(_configured(policy, "off", "einsum"), params, obs, args.repeats)[1]
       for unroll in args.unroll.split(","):
         for attention in attentions:
           policy_u = _configured(policy, unroll, attention)
           for xla in xlas:
             bf16 = _time_bf16(args, policy_u, params, obs, xla)
             for i, (cfg, packed, s, pack_s) in enumerate(packs):
-              rows += _time_variants(args, variants, policy_u, bf16, params, packed, obs, cfg, s,
-                                     pack_s, bound=i == 0, xla=xla)
+              new = _time_variants(args, variants, policy_u, bf16, params, packed, obs, cfg, s,
+                                   pack_s, bound=i == 0, xla=xla)
+              for r in new:
+                r.update(latency_openpi_ms=openpi_ms,
+                         speedup_vs_openpi=openpi_ms and openpi_ms / r["latency_packed_ms"])
+                if openpi_ms:
+                  print(json.dumps({k: r[k] for k in ("unroll", "attention", "xla", "preset",
+                                                      "latency_openpi_ms", "speedup_vs_openpi")}),
+                        flush=True)
+              rows += new
 
   print(f"\ndevice={jax.devices()[0].device_kind} jax={jax.__version__}")
   print("| model | batch | unroll | attention | xla | preset | matmul / transform | bf16 ms | packed ms | speedup | compile bf16 / packed s | weights bf16 / packed GiB | all-weights ratio | quantized-layers ratio |")
@@ -342,6 +357,13 @@ def main():
           f"{r['speedup']:.2f}x | {r['compile_bf16_s']:.0f} / {r['compile_packed_s']:.0f} | "
           f"{r['weights_bf16_gib']:.2f} / {r['weights_packed_gib']:.2f} | "
           f"{r['weights_packed_gib'] / r['weights_bf16_gib']:.3f} | {r['quantized_layers_ratio']:.3f} |")
+  if args.openpi_baseline:
+    print("\n| model | batch | unroll | attention | xla | preset | openpi bf16 ms | packed ms | "
+          "speedup vs openpi |\n|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+      print(f"| {r['model']} | {r['batch']} | {r['unroll']} | {r['attention']} | {r['xla']} | "
+            f"{r['preset']} | {r['latency_openpi_ms']:.1f} | {r['latency_packed_ms']:.1f} | "
+            f"{r['speedup_vs_openpi']:.2f}x |")
   if args.breakdown:
     print("\n| model | batch | preset | matmul / transform | prefix bf16 / packed ms | one step bf16 / packed ms |")
     print("|---|---|---|---|---|---|")

@@ -1,7 +1,10 @@
+import fcntl
 import functools
 import os
+import pickle
 import shutil
 import tempfile
+from pathlib import Path
 
 import jax
 import pytest
@@ -30,6 +33,31 @@ def pytest_unconfigure(config):
     shutil.rmtree(own, ignore_errors=True)
 
 
+def across_workers(build):
+  """`functools.cache`, and one build per run across pytest-xdist's workers: the first worker to
+  ask builds the value under a file lock and pickles it into the run's shared cache directory;
+  the others wait for it and load it. For the slow demo fixtures (calibration, GPTQ packing) that
+  several test files read, so two workers do not both spend the CPU on the same value."""
+  @functools.cache
+  @functools.wraps(build)
+  def shared(*args):
+    root = os.environ.get("DUQUANT_TEST_COMPILE_CACHE")
+    if root is None:
+      return build(*args)
+    path = Path(root, "fixtures", "-".join([build.__name__, *map(str, args)]) + ".pkl")
+    path.parent.mkdir(exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
+      fcntl.flock(lock, fcntl.LOCK_EX)
+      if path.exists():
+        return pickle.loads(path.read_bytes())
+      value = build(*args)
+      tmp = path.with_suffix(".tmp")
+      tmp.write_bytes(pickle.dumps(value))
+      tmp.rename(path)
+      return value
+  return shared
+
+
 @functools.cache
 def demo_params(model: str = "pi0", seed: int = 0):
   """Realistic demo params, built once per test session."""
@@ -53,7 +81,7 @@ def demo_obs(demo):
   return policy.example_observation(jax.random.key(1), batch_size=2)
 
 
-@functools.cache
+@across_workers
 def demo_stats(model: str = "pi0", num_batches: int = 4):
   """Calibration stats of the demo model from a few rollout batches, built once per session.
 
@@ -72,7 +100,7 @@ def demo_stats(model: str = "pi0", num_batches: int = 4):
   return calibrate(policy, params, batches, cfg, rng=jax.random.key(1))
 
 
-@functools.cache
+@across_workers
 def fast_packed(model: str = "pi0"):
   """The demo model packed with the `fast` preset (GPTQ: a few seconds), once per session."""
   from duquant_jax.config import get_preset

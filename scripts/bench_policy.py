@@ -196,8 +196,9 @@ def _unfused_mlps(on: bool):
 
 
 def _time_variants(args, variants, policy, bf16, params, packed, obs, cfg, s, pack_s, bound, xla):
-  """Rows for one model x batch x unroll x attention x XLA options setting x preset: each packed dispatch
-  variant against the float policy's timing `bf16` (taken once per setting in the same process)."""
+  """Rows for one model x batch x unroll x attention x XLA options setting x preset: each packed
+  dispatch variant against the float policy's timing `bf16` (taken once per setting in the same
+  process)."""
   rows = []
   model, b = policy.cfg.name, obs.state.shape[0]
   unroll = "on" if policy.cfg.unroll_layers else "off"

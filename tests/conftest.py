@@ -13,35 +13,39 @@ from duquant_jax.models import get_policy
 from duquant_jax.lab.synthetic import realistic_params
 
 
-_OWN_CACHE = pytest.StashKey[str]()
+_OWN_DIRS = pytest.StashKey[list]()
 
 
 def pytest_configure(config):
   """One persistent compilation cache for the whole run, shared by pytest-xdist's workers (they
   inherit the controller's environment): the demo models' programs (calibration, packing,
-  sample_actions) compile once per run, not once per worker."""
-  if "DUQUANT_TEST_COMPILE_CACHE" not in os.environ:
-    os.environ["DUQUANT_TEST_COMPILE_CACHE"] = tempfile.mkdtemp(prefix="duquant-jax-tests-")
-    config.stash[_OWN_CACHE] = os.environ["DUQUANT_TEST_COMPILE_CACHE"]
+  sample_actions) compile once per run, not once per worker. And one directory per run for
+  `across_workers` fixtures, always fresh: a pickled fixture never outlives the code that built
+  it, even where DUQUANT_TEST_COMPILE_CACHE names a lasting cache."""
+  own = config.stash[_OWN_DIRS] = []
+  worker = hasattr(config, "workerinput")  # an xdist worker: the controller made both
+  for var in ("DUQUANT_TEST_COMPILE_CACHE", "DUQUANT_TEST_RUN_DIR"):
+    if var not in os.environ or (var == "DUQUANT_TEST_RUN_DIR" and not worker):
+      os.environ[var] = tempfile.mkdtemp(prefix="duquant-jax-tests-")
+      own.append(os.environ[var])
   jax.config.update("jax_compilation_cache_dir", os.environ["DUQUANT_TEST_COMPILE_CACHE"])
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 
 def pytest_unconfigure(config):
-  own = config.stash.get(_OWN_CACHE, None)
-  if own is not None:
+  for own in config.stash.get(_OWN_DIRS, []):
     shutil.rmtree(own, ignore_errors=True)
 
 
 def across_workers(build):
   """`functools.cache`, and one build per run across pytest-xdist's workers: the first worker to
-  ask builds the value under a file lock and pickles it into the run's shared cache directory;
-  the others wait for it and load it. For the slow demo fixtures (calibration, GPTQ packing) that
-  several test files read, so two workers do not both spend the CPU on the same value."""
+  ask builds the value under a file lock and pickles it into the run's directory; the others wait
+  for it and load it. For the slow demo fixtures (calibration, GPTQ packing) that several test
+  files read, so two workers do not both spend the CPU on the same value."""
   @functools.cache
   @functools.wraps(build)
   def shared(*args):
-    root = os.environ.get("DUQUANT_TEST_COMPILE_CACHE")
+    root = os.environ.get("DUQUANT_TEST_RUN_DIR")
     if root is None:
       return build(*args)
     path = Path(root, "fixtures", "-".join([build.__name__, *map(str, args)]) + ".pkl")

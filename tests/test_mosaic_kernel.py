@@ -9,6 +9,7 @@ yet run a pipelined wgmma kernel on the CPU (jax 0.10.2).
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import jax
@@ -172,6 +173,18 @@ def test_gated_kernel_with_k_halves_lowers_for_cuda(asym):
     mosaic_gpu.gated_w4a8(jnp.zeros((8, 384), jnp.int8), jnp.ones((8, 1)), None,
                           jnp.zeros((128, 384), jnp.int4), jnp.ones((128, 1)), None,
                           jnp.ones((1,)), None, tiles=tiles)
+
+
+def test_two_row_pipeline_steps_lower_for_cuda():
+  """tile_k = 256: two 128-byte rows of tokens (and of int4 weights) per pipeline step."""
+  tiles = mosaic_gpu.MosaicTiles(tile_n=64, tile_m=64, tile_k=256, stages=4, splits=4)
+  plain = lambda *a: mosaic_gpu.w4a8_matmul(*a, out_dtype=jnp.bfloat16, tiles=tiles)
+  text = _cuda_module(plain, *_specs(51, 4096, 1024, asym=True))
+  assert len(re.findall(r"custom_call @mosaic_gpu\w*", text)) == 1
+  gated_tiles = dataclasses.replace(tiles, splits=1)
+  fn = lambda *a: mosaic_gpu.gated_w4a8(*a, tiles=gated_tiles)
+  text = _cuda_module(fn, *_gated_specs(51, 1024, 4096, asym=False, out_asym=False))
+  assert len(re.findall(r"custom_call @mosaic_gpu\w*", text)) == 1
 
 
 def test_gated_kernel_refuses_what_it_cannot_run():

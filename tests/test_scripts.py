@@ -6,6 +6,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from conftest import demo_params
 from duquant_jax.config import get_preset
@@ -72,6 +73,8 @@ def test_mosaic_w4a8_probe_parses_tile_specs():
   t = probe_mosaic_w4a8.parse_tiles("auto+s8+k2", 16, 16384, 2048)
   assert (t.tile_n, t.tile_m, t.stages, t.splits) == (auto.tile_n, auto.tile_m, 8, 2)
   assert probe_mosaic_w4a8.tile_tag(t).endswith("s8k2")
+  t = probe_mosaic_w4a8.parse_tiles("auto+t256+w2", 51, 4096, 1024, choose=mosaic_gpu.gated_tiles)
+  assert (t.tile_k, t.compute_wgs) == (256, 2) and probe_mosaic_w4a8.tile_tag(t).endswith("w2t256")
   with pytest.raises(SystemExit, match="bad tile spec"):
     probe_mosaic_w4a8.parse_tiles("auto+q3", 16, 16384, 2048)
   with pytest.raises(SystemExit):
@@ -184,3 +187,17 @@ def test_bench_policy_configures_unroll_and_attention():
     bench_policy._configured(policy, "yes", "einsum")
   with pytest.raises(ValueError, match="attention"):
     bench_policy._configured(policy, "off", "flash")
+
+
+def test_bench_policy_xla_option_sets_are_valid_compile_options():
+  """Every `--xla` set names options and values this jax's XLA accepts (XLA rejects an unknown
+  name or enum value at compile time, on any backend)."""
+  import bench_policy
+  assert bench_policy.XLA_OPTIONS["default"] == {}
+  for name, options in bench_policy.XLA_OPTIONS.items():
+    y = jax.jit(lambda x: x * 2, compiler_options=options or None)(jnp.ones(3))
+    np.testing.assert_array_equal(y, 2 * np.ones(3), err_msg=name)
+  with pytest.raises(Exception, match="enum value"):
+    jax.jit(lambda x: x, compiler_options={"xla_gpu_enable_command_buffer": "FUSION,GRAPHS"})(
+        jnp.ones(3))
+

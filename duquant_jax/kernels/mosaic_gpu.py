@@ -344,6 +344,8 @@ def _kernel(xq, q, sw, zw, act, out_q, layer, *, tiles: MosaicTiles, out_dtype, 
   # Gated with two compute warpgroups: both take the same tile_n rows, each half of K.
   k_halves = gated and wgs == 2
   cta_n = tn if k_halves else wgs * tn  # weight rows per CTA
+  # The K-halves accumulators: gate, up, their weight code sums, the token row sums.
+  acc_shapes = [(tn, tm)] * 2 + [(tn, 8)] * 2 + ([(64, tm)] if rx_in_kernel else [])
   w_spec = plgpu.BlockSpec((cta_n, tk), lambda kk: (0, kk), transforms=w_tr)
   in_specs = [w_spec] * (2 if gated else 1) + [
       plgpu.BlockSpec((tm, tk), lambda kk: (0, kk), transforms=x_tr)]
@@ -488,8 +490,8 @@ def _kernel(xq, q, sw, zw, act, out_q, layer, *, tiles: MosaicTiles, out_dtype, 
     if k_halves:
       # Compute warpgroup h multiplies the h-th tile_k half of every pipeline step into its own
       # accumulators; warpgroup 1 hands its int32 sums to warpgroup 0 through shared memory
-      # (`refs_x`: one buffer per sum the epilogue reads, then a barrier), which adds them and
-      # runs the epilogue.
+      # (`refs_x`: one buffer per accumulator, then a barrier), which adds them and runs the
+      # epilogue.
       exch, xbar = refs_x[:-1], refs_x[-1]
       xbar = xbar.at[0] if xbar.shape else xbar
       half = lambda h: lambda kk: (0, 2 * kk + h)
@@ -509,11 +511,10 @@ def _kernel(xq, q, sw, zw, act, out_q, layer, *, tiles: MosaicTiles, out_dtype, 
         def scope(*acc_refs):
           plgpu.barrier_wait(bar)
           eval_pipeline(acc_refs)
-          used = [r for i, r in enumerate(acc_refs) if i < 2 or (i < 4 and asym_x) or i == 4]
 
           @pl.when(wg == 1)
           def _():
-            for buf, r in zip(exch, used):
+            for buf, r in zip(exch, acc_refs):
               buf[...] = r[...]
             plgpu.barrier_arrive(xbar)
 
@@ -521,14 +522,12 @@ def _kernel(xq, q, sw, zw, act, out_q, layer, *, tiles: MosaicTiles, out_dtype, 
           def _():
             plgpu.barrier_wait(xbar)
             total = [r[...] + plgpu.load(buf, (), layout=plgpu.Layout.WGMMA, optimized=False)
-                     for buf, r in zip(exch, used)]
-            csums = total[2:4] if asym_x else [None, None]
-            epilogue(total[:2], csums, total[-1] if rx_in_kernel else None, rows_smem,
+                     for buf, r in zip(exch, acc_refs)]
+            epilogue(total[:2], total[2:4], total[4] if rx_in_kernel else None, rows_smem,
                      cols_smem, scalars, o_smem, first)
             plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[si, m_sl, n_sl])
             plgpu.wait_smem_to_gmem(0)
-        pl.run_scoped(scope, *[plgpu.ACC((tn, tm), jnp.int32)] * 2,
-                      *[plgpu.ACC((tn, 8), jnp.int32)] * 2, *rx_acc_type)
+        pl.run_scoped(scope, *[plgpu.ACC(shape, jnp.int32) for shape in acc_shapes])
 
       gate, up = weights(k_sl)
       x_ref = x_gmem.at[m_sl, k_sl]
@@ -572,10 +571,8 @@ def _kernel(xq, q, sw, zw, act, out_q, layer, *, tiles: MosaicTiles, out_dtype, 
   kw = dict(num_threads=wgs + 1, thread_name="wg") if wgs > 1 else {}
   dtype = jnp.float32 if splits > 1 else out_dtype
   o_tile = (tm, tn) if wgs == 1 or k_halves else (wgs, tm, tn)
-  # K halves: warpgroup 1's sums for warpgroup 0 (gate, up, code sums, token row sums), a barrier.
-  exch_shapes = ([(tn, tm)] * 2 + ([(tn, 8)] * 2 if asym_x else [])
-                 + ([(64, tm)] if rx_in_kernel else [])) if k_halves else []
-  exch = ([plgpu.SMEM(shape, jnp.int32) for shape in exch_shapes]
+  # K halves: warpgroup 1's accumulators for warpgroup 0, and a barrier.
+  exch = ([plgpu.SMEM(shape, jnp.int32) for shape in acc_shapes]
           + [plgpu.Barrier(num_arrivals=1)]) if k_halves else []
   act = act if tensor_scales else (act,)
   copies = (4 if gated else 2) + (0 if tensor_scales else 1) + 1 + (1 if rx_in_kernel else 0)

@@ -26,6 +26,7 @@ from duquant_jax import runtime
 from duquant_jax.models import ATTENTIONS, Policy, get_policy, make_observation
 from duquant_jax.quantize import quantize_params, summarize
 from duquant_jax.lab.synthetic_stats import synthetic_stats
+from duquant_jax.kernels import w4a8
 from duquant_jax.runtime import Execution, PackedRuntime
 
 from bench_pack import bench_config, random_params
@@ -195,6 +196,19 @@ def _unfused_mlps(on: bool):
     runtime.gated_mlp = real
 
 
+@contextlib.contextmanager
+def _no_unpacked(on: bool):
+  """Auto-dispatch never runs the unpacked int8 GEMM (`kernels.w4a8.UNPACKED_MIN_TOKENS`): long
+  prefixes take the Mosaic kernel as shorter ones do."""
+  real = w4a8.UNPACKED_MIN_TOKENS
+  if on:
+    w4a8.UNPACKED_MIN_TOKENS = 2**62
+  try:
+    yield
+  finally:
+    w4a8.UNPACKED_MIN_TOKENS = real
+
+
 def _time_variants(args, variants, policy, bf16, params, packed, obs, cfg, s, pack_s, bound, xla):
   """Rows for one model x batch x unroll x attention x XLA options setting x preset: each packed
   dispatch variant against the float policy's timing `bf16` (taken once per setting in the same
@@ -222,9 +236,11 @@ def _time_variants(args, variants, policy, bf16, params, packed, obs, cfg, s, pa
         execution["stacked_in_place"] = flag
         transform = f"{transform}/{name}"
     policy_v = Policy(policy.cfg, PackedRuntime(Execution(**execution)))
-    if "unfused" in share:
-      transform = f"{transform}/unfused"
-    with _unfused_mlps("unfused" in share), bound_linears():
+    for name in ("unfused", "kernelprefix"):
+      if name in share:
+        transform = f"{transform}/{name}"
+    with _unfused_mlps("unfused" in share), _no_unpacked("kernelprefix" in share), \
+        bound_linears():
       c_q, l_q = time_policy(policy_v, packed_v, obs, args.repeats, xla=xla)
     row = dict(model=model, batch=b, preset=cfg.name, all_linears=args.all_linears,
                matmul=matmul, transform=transform, permutation=args.permutation, unroll=unroll,
@@ -235,7 +251,8 @@ def _time_variants(args, variants, policy, bf16, params, packed, obs, cfg, s, pa
                weights_packed_gib=tree_bytes(packed) / 2**30,
                quantized_layers_ratio=s.weight_bytes_packed / max(s.weight_bytes_fp, 1))
     if args.breakdown:
-      with _unfused_mlps("unfused" in share), bound_linears():
+      with _unfused_mlps("unfused" in share), _no_unpacked("kernelprefix" in share), \
+          bound_linears():
         l1_q = time_policy(policy_v, packed_v, obs, args.repeats, num_steps=1, xla=xla)[1]
       for name, l10, l1 in (("bf16", l_fp, l1_fp), ("packed", l_q, l1_q)):
         step = (l10 - l1) / 9
@@ -257,13 +274,14 @@ def main():
   ap.add_argument("--repeats", type=int, default=20)
   ap.add_argument("--json", default=None)
   ap.add_argument("--variants", default="auto/auto",
-                  help="comma list of MATMUL/TRANSFORM[/noshare][/inplace|/sliced][/unfused] "
+                  help="comma list of MATMUL/TRANSFORM[/noshare][/inplace|/sliced][/unfused][/kernelprefix] "
                        "dispatch choices for the packed policy (kernels.IMPLEMENTATIONS / "
                        "kernels.TRANSFORM_IMPLEMENTATIONS, or auto for the library's choice; "
                        "noshare: every linear quantizes its input alone; inplace / sliced: "
                        "Execution(stacked_in_place=True / False), stacked layer weights read in "
                        "place at a layer index (the default) or sliced per layer; unfused: Gemma "
-                       "MLPs as two linears, not the fused gated_mlp), "
+                       "MLPs as two linears, not the fused gated_mlp; kernelprefix: long prefixes "
+                       "on the Mosaic kernel, not the unpacked int8 GEMM), "
                        "e.g. auto/auto,auto/auto/sliced,auto/auto/unfused")
   ap.add_argument("--permutation", default=None, help="override the rules' permutation (e.g. none)")
   ap.add_argument("--unroll", default="off",
@@ -299,8 +317,9 @@ def main():
   mm_ok = ["auto"] + [i for i in kernels.IMPLEMENTATIONS if i]
   tr_ok = ["auto"] + [i for i in kernels.TRANSFORM_IMPLEMENTATIONS if i]
   if any(len(v) < 2 or v[0] not in mm_ok or v[1] not in tr_ok
-         or not set(v[2:]) <= {"noshare", "inplace", "sliced", "unfused"} for v in variants):
-    ap.error(f"--variants must be MATMUL/TRANSFORM[/noshare][/inplace|/sliced][/unfused] ({'|'.join(mm_ok)} / {'|'.join(tr_ok)}), "
+         or not set(v[2:]) <= {"noshare", "inplace", "sliced", "unfused",
+                                  "kernelprefix"} for v in variants):
+    ap.error(f"--variants must be MATMUL/TRANSFORM[/noshare][/inplace|/sliced][/unfused][/kernelprefix] ({'|'.join(mm_ok)} / {'|'.join(tr_ok)}), "
              f"got {args.variants!r}")
   attentions = args.attention.split(",")
   if not set(attentions) <= set(ATTENTIONS):

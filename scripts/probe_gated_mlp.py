@@ -7,7 +7,10 @@ a value on a .5 boundary differently), then the time per call in one jitted loop
 - `bf16`: bf16 `jnp.dot` to (M, 2F), gelu(gate) * up in bf16 (the float model's MLP up half);
 - `unfused`: the plain Mosaic W4A8 kernel to bf16 (M, 2F), then gelu * up and the down
   projection's static int8 quantizer as XLA ops (`fast` with `--variants .../unfused`);
-- `fused`: the gated kernel, (M, F) int8 codes straight out of the MMA registers.
+- `fused`: the gated kernel, (M, F) int8 codes straight out of the MMA registers;
+- `unpacked`: `gated.reference` on an unpacked int8 copy of the weight (XLA's int8 GEMM, the
+  float32 (M, 2F) product through memory); `unpacked_split`: gate and up as two such GEMMs to
+  bf16, then gelu * up and the quantizer.
 
 Usage (Hopper GPU): python3 scripts/probe_gated_mlp.py [--ms 51,408,816,6528] [--json out.json]
                     [--tiles auto,auto+s8]   (the fused kernel's tilings, `probe_mosaic_w4a8` specs)
@@ -81,6 +84,17 @@ def probe(m, k, f, tile_specs=("auto",), iters=20):
     return xla.quantize_static(hh, scale, zero)[0]
 
   timed("unfused", unfused, (xq, sx, zx), qs, jnp.zeros((m, f), jnp.int8))
+  timed("unpacked", lambda c, w: gated.reference(c[0], c[1], c[2], w, sw, zw, scale, zero,
+                                                  dot="int8_unpacked"),
+        (xq, sx, zx), qs, jnp.zeros((m, f), jnp.int8))
+
+  def unpacked_split(c, w):
+    gate, up = (xla.w4a8_matmul(c[0], c[1], c[2], w[i * f:(i + 1) * f], sw[i * f:(i + 1) * f],
+                                zw[i * f:(i + 1) * f], out_dtype=jnp.bfloat16,
+                                dot="int8_unpacked") for i in (0, 1))
+    return xla.quantize_static(jax.nn.gelu(gate, approximate=True) * up, scale, zero)[0]
+
+  timed("unpacked_split", unpacked_split, (xq, sx, zx), qs, jnp.zeros((m, f), jnp.int8))
   for spec in tile_specs:
     t = parse_tiles(spec, m, f, k, choose=mosaic_gpu.gated_tiles)
     name = "fused" if spec == "auto" else f"fused {tile_tag(t)}"

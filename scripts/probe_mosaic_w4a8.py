@@ -98,6 +98,14 @@ def probe(m, k, n, tile_list, iters=20, unpacked=False):
         (xq,), [q.astype(jnp.int8) for q in qs], jnp.zeros((m, n), jnp.int32))
     timed("unpacked", lambda c, w: unpacked_matmul(c[0], c[1], w, sw, zw), (xq, sx), qs,
           jnp.zeros((m, n), jnp.bfloat16))
+    timed("xla_unpacked", lambda c, w: xla.w4a8_matmul(c[0], c[1], c[2], w, sw, zw,
+                                                       out_dtype=jnp.bfloat16,
+                                                       dot="int8_unpacked"),
+          (xq, sx, zx), qs, jnp.zeros((m, n), jnp.bfloat16))
+    timed("xla_unpacked_sym", lambda c, w: xla.w4a8_matmul(c[0], c[1], None, w, sw, zw,
+                                                           out_dtype=jnp.bfloat16,
+                                                           dot="int8_unpacked"),
+          (xq, sx), qs, jnp.zeros((m, n), jnp.bfloat16))
   for t in tile_list:
     tag = tile_tag(t)
     try:
@@ -118,9 +126,11 @@ def probe(m, k, n, tile_list, iters=20, unpacked=False):
           (xq, sx, zx), qs, jnp.zeros((m, n), jnp.bfloat16))
     vec_n, cols = jnp.ones((n,), jnp.float32), jnp.ones((4, mp), jnp.float32)
     out_dtype = jnp.dtype(jnp.float32 if t.splits > 1 else jnp.bfloat16)
+    layer0 = jnp.zeros((1,), jnp.int32)
     timed(f"mosaic_core {tag}", lambda c, w, t=t: mosaic_gpu._kernel(
-        c[0], w, c[1], c[1], c[2], tiles=t, out_dtype=jnp.dtype(jnp.bfloat16), asym_w=True,
-        asym_x=True)[0], (xq_p, vec_n, cols), qs, jnp.zeros((mp, n), out_dtype))
+        c[0], w[None], c[1][None], c[1][None], c[2], (), layer0, tiles=t,
+        out_dtype=jnp.dtype(jnp.bfloat16), asym_w=True, asym_x=True)[0],
+        (xq_p, vec_n, cols), qs, jnp.zeros((mp, n), out_dtype))
   return out, errors
 
 

@@ -11,9 +11,11 @@ Both are patched here. A decision is the kernel that the traced function calls: 
 
 The EXPECTED tables were generated from the dispatch code as it stood before the kernels package
 was split into one module per op (the hard-coded `_auto` / `_at_layer` / `_mosaic_or_xla` of
-`kernels/__init__.py`), by `python tests/test_kernel_dispatch.py`, and pasted here unchanged: the
+`kernels/__init__.py`), by `python tests/test_kernel_dispatch.py`, and pasted here: the
 dispatch tables of `kernels/w4a8.py`, `gated.py` and `online_transform.py` must reproduce them
-exactly. Rerun that command to regenerate the data only when a threshold changes on purpose (and
+exactly. Since then they changed once on purpose: the W4A8 table's last column (M = 4096) for
+the unpacked int8 GEMM on Hopper (docs/kernels.md, "Unpacked int8 GEMM for long prefixes on
+Hopper"). Rerun that command to regenerate the data only when a threshold changes on purpose (and
 say which measurement moved it in docs/kernels.md).
 """
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import itertools
 
 import jax
@@ -45,9 +48,10 @@ CODES = (("int4", "channel"), ("int4", "g128"), ("int8", "channel"))
 PLATFORMS = {"cpu": ("cpu", None), "cuda-hopper": ("gpu", "9.0"), "cuda-other": ("gpu", "8.9")}
 LOWERINGS = ("cuda", "other")
 # One letter per M: x XLA (with a layer index: on a slice), m / p the Mosaic / Pallas kernel on
-# one layer's arrays, M / P the kernel reading the stacked arrays in place.
+# one layer's arrays, M / P the kernel reading the stacked arrays in place, u XLA's int8 GEMM on
+# an unpacked copy of the weight (with a layer index: of the layer's slice).
 LETTERS = {("mosaic", False): "m", ("mosaic", True): "M", ("pallas", False): "p",
-           ("pallas", True): "P"}
+           ("pallas", True): "P", ("unpacked", False): "u"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +94,14 @@ def _patched(monkeypatch, platform, lowering, calls):
       calls.append(("xla_reduce", False))
       return jnp.zeros(x.shape, jnp.float32)
 
+    real_xla_matmul = xla.w4a8_matmul
+
+    def xla_matmul(*args, dot="int8", **kw):
+      if dot == "int8_unpacked":
+        calls.append(("unpacked", False))
+      return real_xla_matmul(*args, dot=dot, **kw)
+
+    mp.setattr(xla, "w4a8_matmul", xla_matmul)
     mp.setattr(mosaic_gpu, "w4a8_matmul", matmul("mosaic"))
     mp.setattr(mosaic_gpu, "gated_w4a8", gated)
     mp.setattr(pallas_gpu, "w4a8_matmul", matmul("pallas"))
@@ -101,7 +113,7 @@ def _patched(monkeypatch, platform, lowering, calls):
 
 def _letter(calls) -> str:
   """The letter of one traced call: the one kernel it ran, or x."""
-  kernel_calls = [c for c in calls if c[0] in ("mosaic", "pallas")]
+  kernel_calls = [c for c in calls if c[0] in ("mosaic", "pallas", "unpacked")]
   assert len(kernel_calls) <= 1, calls
   return LETTERS[kernel_calls[0]] if kernel_calls else "x"
 
@@ -114,10 +126,10 @@ def _weight_specs(m, n, k, group, dtype, layered):
           s(lead + (n, g), f32), s(lead + (n, g), f32))
 
 
-def w4a8_row(monkeypatch, platform, lowering, impl, layered, dtype, group, n, k) -> str:
-  """Decisions of `kernels.w4a8_matmul` over MS for one grid row."""
+def w4a8_row(monkeypatch, platform, lowering, impl, layered, dtype, group, n, k, ms=MS) -> str:
+  """Decisions of `kernels.w4a8_matmul` over `ms` for one grid row."""
   out = ""
-  for m in MS:
+  for m in ms:
     calls = []
     specs = _weight_specs(m, n, k, group, dtype, layered)
     layer = (jax.ShapeDtypeStruct((), jnp.int32),) if layered else ()
@@ -186,17 +198,17 @@ TRANSFORM_KS = (1024, 8192, 16384)
 # Generated from the dispatch code before the split (see the module docstring). Rows not listed
 # are XLA at every M. Columns: MS.
 EXPECTED_W4A8 = {
-    (None, 'cuda-hopper', False, 'int4', 'channel', 2048, 2048): 'xxxxmmmmmmmm',
+    (None, 'cuda-hopper', False, 'int4', 'channel', 2048, 2048): 'xxxxmmmmmmmu',
     (None, 'cuda-other', False, 'int4', 'channel', 2048, 2048): 'xxpppxxxxxxx',
-    (None, 'cuda-hopper', False, 'int4', 'channel', 16384, 2048): 'mmmmmmmmmmmm',
+    (None, 'cuda-hopper', False, 'int4', 'channel', 16384, 2048): 'mmmmmmmmmmmu',
     (None, 'cuda-other', False, 'int4', 'channel', 16384, 2048): 'pppppxxxxxxx',
-    (None, 'cuda-hopper', False, 'int4', 'channel', 2048, 16384): 'mmmmmmmmmmmm',
-    (None, 'cuda-hopper', False, 'int4', 'channel', 2048, 1024): 'xxxxmmmmmmmm',
+    (None, 'cuda-hopper', False, 'int4', 'channel', 2048, 16384): 'mmmmmmmmmmmu',
+    (None, 'cuda-hopper', False, 'int4', 'channel', 2048, 1024): 'xxxxmmmmmmmu',
     (None, 'cuda-other', False, 'int4', 'channel', 2048, 1024): 'xxpppxxxxxxx',
-    (None, 'cuda-hopper', False, 'int4', 'channel', 4096, 1024): 'xxxxmmmmmmmm',
+    (None, 'cuda-hopper', False, 'int4', 'channel', 4096, 1024): 'xxxxmmmmmmmu',
     (None, 'cuda-other', False, 'int4', 'channel', 4096, 1024): 'xxpppxxxxxxx',
-    (None, 'cuda-hopper', False, 'int4', 'channel', 1024, 4096): 'xxxxmmmmmmmm',
-    (None, 'cuda-hopper', False, 'int4', 'channel', 1024, 2048): 'xxxxmmmmmmmm',
+    (None, 'cuda-hopper', False, 'int4', 'channel', 1024, 4096): 'xxxxmmmmmmmu',
+    (None, 'cuda-hopper', False, 'int4', 'channel', 1024, 2048): 'xxxxmmmmmmmu',
     (None, 'cuda-other', False, 'int4', 'channel', 1152, 1152): 'xxpppxxxxxxx',
     (None, 'cuda-other', False, 'int4', 'channel', 4304, 1152): 'xxpppxxxxxxx',
     (None, 'cuda-other', False, 'int4', 'g128', 2048, 2048): 'xxpppxxxxxxx',
@@ -206,40 +218,40 @@ EXPECTED_W4A8 = {
     (None, 'cuda-other', False, 'int4', 'g128', 1152, 1152): 'xxpppxxxxxxx',
     (None, 'cuda-other', False, 'int4', 'g128', 4304, 1152): 'xxpppxxxxxxx',
     (None, 'cpu', True, 'int4', 'channel', 2048, 2048): 'PPPPPxxxxxxx',
-    (None, 'cuda-hopper', True, 'int4', 'channel', 2048, 2048): 'MMMMMMMMMMMM',
+    (None, 'cuda-hopper', True, 'int4', 'channel', 2048, 2048): 'MMMMMMMMMMMu',
     (None, 'cuda-other', True, 'int4', 'channel', 2048, 2048): 'PPPPPxxxxxxx',
     (None, 'cpu', True, 'int4', 'channel', 256, 2048): 'PPPPPxxxxxxx',
-    (None, 'cuda-hopper', True, 'int4', 'channel', 256, 2048): 'PPPPPxxxxxxx',
+    (None, 'cuda-hopper', True, 'int4', 'channel', 256, 2048): 'PPPPPxxxxxxu',
     (None, 'cuda-other', True, 'int4', 'channel', 256, 2048): 'PPPPPxxxxxxx',
     (None, 'cpu', True, 'int4', 'channel', 16384, 2048): 'PPPPPxxxxxxx',
-    (None, 'cuda-hopper', True, 'int4', 'channel', 16384, 2048): 'MMMMMMMMMMMM',
+    (None, 'cuda-hopper', True, 'int4', 'channel', 16384, 2048): 'MMMMMMMMMMMu',
     (None, 'cuda-other', True, 'int4', 'channel', 16384, 2048): 'PPPPPxxxxxxx',
     (None, 'cpu', True, 'int4', 'channel', 2048, 16384): 'PPPPPxxxxxxx',
-    (None, 'cuda-hopper', True, 'int4', 'channel', 2048, 16384): 'MMMMMMMMMMMM',
+    (None, 'cuda-hopper', True, 'int4', 'channel', 2048, 16384): 'MMMMMMMMMMMu',
     (None, 'cuda-other', True, 'int4', 'channel', 2048, 16384): 'PPPPPxxxxxxx',
     (None, 'cpu', True, 'int4', 'channel', 2048, 1024): 'PPPPPxxxxxxx',
-    (None, 'cuda-hopper', True, 'int4', 'channel', 2048, 1024): 'MMMMMMMMMMMM',
+    (None, 'cuda-hopper', True, 'int4', 'channel', 2048, 1024): 'MMMMMMMMMMMu',
     (None, 'cuda-other', True, 'int4', 'channel', 2048, 1024): 'PPPPPxxxxxxx',
     (None, 'cpu', True, 'int4', 'channel', 256, 1024): 'PPPPPxxxxxxx',
-    (None, 'cuda-hopper', True, 'int4', 'channel', 256, 1024): 'PPPPPxxxxxxx',
+    (None, 'cuda-hopper', True, 'int4', 'channel', 256, 1024): 'PPPPPxxxxxxu',
     (None, 'cuda-other', True, 'int4', 'channel', 256, 1024): 'PPPPPxxxxxxx',
     (None, 'cpu', True, 'int4', 'channel', 4096, 1024): 'PPPPPxxxxxxx',
-    (None, 'cuda-hopper', True, 'int4', 'channel', 4096, 1024): 'MMMMMMMMMMMM',
+    (None, 'cuda-hopper', True, 'int4', 'channel', 4096, 1024): 'MMMMMMMMMMMu',
     (None, 'cuda-other', True, 'int4', 'channel', 4096, 1024): 'PPPPPxxxxxxx',
     (None, 'cpu', True, 'int4', 'channel', 1024, 4096): 'PPPPPxxxxxxx',
-    (None, 'cuda-hopper', True, 'int4', 'channel', 1024, 4096): 'MMMMMMMMMMMM',
+    (None, 'cuda-hopper', True, 'int4', 'channel', 1024, 4096): 'MMMMMMMMMMMu',
     (None, 'cuda-other', True, 'int4', 'channel', 1024, 4096): 'PPPPPxxxxxxx',
     (None, 'cpu', True, 'int4', 'channel', 1024, 2048): 'PPPPPxxxxxxx',
-    (None, 'cuda-hopper', True, 'int4', 'channel', 1024, 2048): 'MMMMMMMMMMMM',
+    (None, 'cuda-hopper', True, 'int4', 'channel', 1024, 2048): 'MMMMMMMMMMMu',
     (None, 'cuda-other', True, 'int4', 'channel', 1024, 2048): 'PPPPPxxxxxxx',
     (None, 'cpu', True, 'int4', 'channel', 1152, 1152): 'PPPPPxxxxxxx',
-    (None, 'cuda-hopper', True, 'int4', 'channel', 1152, 1152): 'PPPPPxxxxxxx',
+    (None, 'cuda-hopper', True, 'int4', 'channel', 1152, 1152): 'PPPPPxxxxxxu',
     (None, 'cuda-other', True, 'int4', 'channel', 1152, 1152): 'PPPPPxxxxxxx',
     (None, 'cpu', True, 'int4', 'channel', 4304, 1152): 'PPPPPxxxxxxx',
-    (None, 'cuda-hopper', True, 'int4', 'channel', 4304, 1152): 'PPPPPxxxxxxx',
+    (None, 'cuda-hopper', True, 'int4', 'channel', 4304, 1152): 'PPPPPxxxxxxu',
     (None, 'cuda-other', True, 'int4', 'channel', 4304, 1152): 'PPPPPxxxxxxx',
     (None, 'cpu', True, 'int4', 'channel', 512, 4096): 'PPPPPxxxxxxx',
-    (None, 'cuda-hopper', True, 'int4', 'channel', 512, 4096): 'MMMMMMMMMMMM',
+    (None, 'cuda-hopper', True, 'int4', 'channel', 512, 4096): 'MMMMMMMMMMMu',
     (None, 'cuda-other', True, 'int4', 'channel', 512, 4096): 'PPPPPxxxxxxx',
     (None, 'cpu', True, 'int4', 'g128', 2048, 2048): 'PPPPPxxxxxxx',
     (None, 'cuda-hopper', True, 'int4', 'g128', 2048, 2048): 'PPPPPxxxxxxx',
@@ -277,6 +289,14 @@ EXPECTED_W4A8 = {
     (None, 'cpu', True, 'int4', 'g128', 512, 4096): 'PPPPPxxxxxxx',
     (None, 'cuda-hopper', True, 'int4', 'g128', 512, 4096): 'PPPPPxxxxxxx',
     (None, 'cuda-other', True, 'int4', 'g128', 512, 4096): 'PPPPPxxxxxxx',
+    # Long prefixes on Hopper: the unpacked int8 GEMM, where the table had XLA's int8 dot.
+    (None, 'cuda-hopper', False, 'int4', 'channel', 256, 2048): 'xxxxxxxxxxxu',
+    (None, 'cuda-hopper', False, 'int4', 'channel', 256, 1024): 'xxxxxxxxxxxu',
+    (None, 'cuda-hopper', False, 'int4', 'channel', 1152, 1152): 'xxxxxxxxxxxu',
+    (None, 'cuda-hopper', False, 'int4', 'channel', 4304, 1152): 'xxxxxxxxxxxu',
+    (None, 'cuda-hopper', False, 'int4', 'channel', 1152, 4304): 'xxxxxxxxxxxu',
+    (None, 'cuda-hopper', False, 'int4', 'channel', 512, 4096): 'xxxxxxxxxxxu',
+    (None, 'cuda-hopper', True, 'int4', 'channel', 1152, 4304): 'xxxxxxxxxxxu',
     ('mosaic', 'any', False, 'int4', 'channel', 2048, 2048): 'mmmmmmmmmmmm',
     ('mosaic', 'any', False, 'int4', 'channel', 256, 2048): 'mmmmmmmmmmmm',
     ('mosaic', 'any', False, 'int4', 'channel', 16384, 2048): 'mmmmmmmmmmmm',
@@ -323,6 +343,7 @@ EXPECTED_W4A8 = {
     ('mosaic', 'any', True, 'int8', 'channel', 1152, 1152): 'MMMMMMMMMMMM',
     ('mosaic', 'any', True, 'int8', 'channel', 512, 4096): 'MMMMMMMMMMMM',
 }
+
 
 EXPECTED_GATED = {
     (None, 'cuda-hopper', False, 'int4', 'channel', 32768, 2048): 'mmmmmmmmmmmm',
@@ -448,6 +469,20 @@ def test_platform_classes(monkeypatch):
     monkeypatch.setattr(jax, "default_backend", lambda b=backend: b)
     monkeypatch.setattr(jax, "devices", lambda *a, c=cc: [_FakeDevice(c or "")])
     assert dispatch.platform() == name
+
+
+@pytest.mark.parametrize("platform,codes,group,want", [
+    ("cuda-hopper", "int4", "channel", "mu"), ("cuda-hopper", "int4", "g128", "xx"),
+    ("cuda-hopper", "int8", "channel", "xx"), ("cuda-other", "int4", "channel", "xx")])
+def test_unpacked_gemm_from_its_threshold(monkeypatch, platform, codes, group, want):
+  """The unpacked int8 GEMM takes int4 per-channel matmuls on Hopper from exactly
+  `UNPACKED_MIN_TOKENS` tokens; the rows below it keep their kernel."""
+  from duquant_jax.kernels import w4a8
+  ms = (w4a8.UNPACKED_MIN_TOKENS - 8, w4a8.UNPACKED_MIN_TOKENS)
+  row = functools.partial(w4a8_row, monkeypatch, platform, impl=None, layered=False,
+                          dtype=jnp.dtype(codes), group=group, n=2048, k=16384, ms=ms)
+  assert row(lowering="cuda") == want
+  assert row(lowering="other") == "xx"  # lowered elsewhere: XLA's reference dot
 
 
 def test_every_regime_is_explained_in_the_docs():

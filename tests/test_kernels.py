@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from duquant_jax import kernels
-from duquant_jax.kernels import pallas_gpu, xla
+from duquant_jax.kernels import gated, pallas_gpu, xla
 
 
 def _case(m, n, k, g, sym_x, sym_w, seed=0, layers=None):
@@ -147,6 +147,34 @@ def test_bf16_tensor_core_dot_is_bit_identical(m, n, k, g, sym_x, sym_w):
   assert _rel(y, xla.w4a8_matmul_reference_f64(*args)) <= 1e-6
   with pytest.raises(ValueError, match="dot"):
     xla.w4a8_matmul(*args, dot="fp8")
+
+
+@pytest.mark.parametrize("m,n,k,g,sym_x,sym_w", [(50, 64, 256, 1, True, True),
+                                                 (50, 64, 256, 1, False, False),
+                                                 (17, 32, 256, 4, False, False)])
+def test_unpacked_dot_is_bit_identical(m, n, k, g, sym_x, sym_w):
+  """dot="int8_unpacked" (an int8 copy of the codes, column sums reduced from it) gives the
+  bits of the plain int8 dot, one layer and a layer of a stack."""
+  args = _case(m, n, k, g, sym_x, sym_w, seed=5)
+  want = np.asarray(xla.w4a8_matmul(*args))
+  np.testing.assert_array_equal(np.asarray(xla.w4a8_matmul(*args, dot="int8_unpacked")), want)
+  np.testing.assert_array_equal(
+      np.asarray(kernels.w4a8_matmul(*args, implementation="xla_unpacked")), want)
+  assert _rel(want, xla.w4a8_matmul_reference_f64(*args)) <= 1e-6
+  xq, sx, zx, q, sw, zw = _case(m, n, k, g, sym_x, sym_w, seed=6, layers=3)
+  got = kernels.w4a8_matmul(xq, sx, zx, q, sw, zw, implementation="xla_unpacked",
+                            layer=jnp.int32(2))
+  np.testing.assert_array_equal(
+      np.asarray(got), np.asarray(xla.w4a8_matmul(xq, sx, zx, q[2], sw[2],
+                                                  None if zw is None else zw[2])))
+
+
+def test_unpacked_gated_reference_is_bit_identical():
+  xq, sx, zx, q, sw, zw = _case(24, 64, 128, 1, False, False, seed=7)
+  scale, zero = jnp.array([0.02], jnp.float32), jnp.array([3.0], jnp.float32)
+  np.testing.assert_array_equal(
+      np.asarray(gated.reference(xq, sx, zx, q, sw, zw, scale, zero, dot="int8_unpacked")),
+      np.asarray(gated.reference(xq, sx, zx, q, sw, zw, scale, zero)))
 
 
 def test_bf16_dot_refuses_inexact_group_length():

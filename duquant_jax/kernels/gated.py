@@ -25,13 +25,13 @@ from duquant_jax.kernels.w4a8 import (MOSAIC_AUTO_CODES, MOSAIC_CODES,
 IMPLEMENTATIONS = (None, "xla", "mosaic")
 
 
-def reference(xq, sx, zx, q, sw, zw, out_scale, out_zero) -> jax.Array:
+def reference(xq, sx, zx, q, sw, zw, out_scale, out_zero, *, dot: str = "int8") -> jax.Array:
   """`mosaic_gpu.gated_w4a8` in plain XLA ops (the same float32 arithmetic, unfused): (M, F) int8.
 
-  gelu is the tanh approximation (flax's and Gemma's default).
+  gelu is the tanh approximation (flax's and Gemma's default); `dot` is `xla.w4a8_matmul`'s.
   """
   f = q.shape[0] // 2
-  y = xla.w4a8_matmul(xq, sx, zx, q, sw, zw, out_dtype=jnp.float32)
+  y = xla.w4a8_matmul(xq, sx, zx, q, sw, zw, out_dtype=jnp.float32, dot=dot)
   h = jax.nn.gelu(y[:, :f], approximate=True) * y[:, f:]
   return xla.quantize_static(h, out_scale, out_zero)[0]
 

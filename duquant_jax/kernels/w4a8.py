@@ -6,6 +6,8 @@ Implementations (`implementation=` of `w4a8_matmul`):
   "xla"               `xla.w4a8_matmul`, the reference: int4 cast to int8 in the jitted function,
                       a TN int8 dot, a float32 epilogue;
   "xla_bf16"          the same integer dot on bf16 tensor cores (bit-identical);
+  "xla_unpacked"      the same integer dot on an int8 copy of the weight codes made first, so that
+                      the GEMM library's int8 kernel runs (bit-identical; long prefixes on Hopper);
   "mosaic"            the Hopper kernel (`mosaic_gpu`) where it takes the shape and the trace is
                       lowered for CUDA, else XLA (so that one choice can be forced on a whole tree);
   "pallas"            the Triton kernel (`pallas_gpu`, CUDA GPUs);
@@ -25,9 +27,13 @@ import jax.numpy as jnp
 from duquant_jax.kernels import dispatch, mosaic_gpu, pallas_gpu, xla
 from duquant_jax.kernels.dispatch import HOPPER, OTHER_GPU, PLATFORMS, Problem, Rule
 
-IMPLEMENTATIONS = (None, "xla", "xla_bf16", "mosaic", "pallas", "pallas_interpret")
+IMPLEMENTATIONS = (None, "xla", "xla_bf16", "xla_unpacked", "mosaic", "pallas", "pallas_interpret")
+_XLA_DOTS = {"xla": "int8", "xla_bf16": "bf16", "xla_unpacked": "int8_unpacked"}
 
 # Thresholds of the regimes (docs/kernels.md, "W4A8 matmul").
+# Hopper: from this many tokens the GEMM library's int8 kernel on an unpacked int8 copy of the
+# weight beats the Mosaic kernel (the copy's bytes are small against the GEMM's work).
+UNPACKED_MIN_TOKENS = 4096
 # Mosaic (Hopper): weights of at least this many codes at every M ...
 MOSAIC_ANY_TOKENS_MIN_CODES = 2**24
 # ... smaller ones from this many tokens, with at least this many output channels and codes.
@@ -120,8 +126,19 @@ def _mosaic_rule(regime, platforms, preferred=None, codes=MOSAIC_AUTO_CODES):
   return Rule(regime=regime, platforms=frozenset(platforms), when=when, implementation="mosaic")
 
 
+def unpacked_preferred(p: Problem) -> bool:
+  """Whether auto-dispatch on a Hopper GPU runs an int4 matmul with per-channel scales as XLA's
+  int8 GEMM on an unpacked copy of the weight: from `UNPACKED_MIN_TOKENS` tokens (the prefix of
+  a large batch). Grouped scales keep their batched dot (not measured unpacked)."""
+  return p.codes == jnp.int4 and p.g == 1 and p.m >= UNPACKED_MIN_TOKENS
+
+
+UNPACKED = Rule(regime="Unpacked int8 GEMM for long prefixes on Hopper",
+                platforms=frozenset({HOPPER}), when=unpacked_preferred,
+                implementation="xla_unpacked")
 # Auto-dispatch of one layer's matmul; first match wins, XLA otherwise.
 AUTO = (
+    UNPACKED,
     _mosaic_rule("Mosaic on Hopper", {HOPPER}, mosaic_preferred),
     Rule(regime="Pallas on other CUDA GPUs", platforms=frozenset({OTHER_GPU}),
          when=lambda p: p.codes == jnp.int4 and kernel_preferred(p.m, p.n, p.k, p.g),
@@ -129,6 +146,7 @@ AUTO = (
 )
 # Auto-dispatch of a layer of a stacked weight: a kernel reading it in place, or XLA on a slice.
 AUTO_IN_PLACE = (
+    UNPACKED,
     _mosaic_rule("Mosaic in place on Hopper", {HOPPER}, mosaic_in_place_preferred),
     Rule(regime="Pallas in place", platforms=PLATFORMS,
          when=lambda p: stacked_preferred(p.m, p.n, p.k, p.g, p.codes), implementation="pallas"),
@@ -176,9 +194,9 @@ def w4a8_matmul(xq: jax.Array, sx: jax.Array, zx: jax.Array | None, q: jax.Array
   if layer is not None:
     return _at_layer(xq, sx, zx, q, sw, zw, layer, out_dtype, implementation)
   dispatch.act_at_layer(None, sx, zx)  # per-layer scales without a layer: the error names them
-  if implementation in ("xla", "xla_bf16"):
+  if implementation in _XLA_DOTS:
     return xla.w4a8_matmul(xq, sx, zx, q, sw, zw, out_dtype=out_dtype,
-                           dot="bf16" if implementation == "xla_bf16" else "int8")
+                           dot=_XLA_DOTS[implementation])
   if implementation in ("pallas", "pallas_interpret"):
     return _kernel("pallas", xq, sx, zx, q, sw, zw, out_dtype, None,
                    interpret=implementation == "pallas_interpret")
@@ -190,6 +208,9 @@ def w4a8_matmul(xq: jax.Array, sx: jax.Array, zx: jax.Array | None, q: jax.Array
   choice = dispatch.choose(TABLES[implementation], Problem(m=m, k=k, n=n, g=g, codes=q.dtype))
   if choice == "xla":
     return fallback()
+  if choice in _XLA_DOTS:
+    return dispatch.on_cuda(lambda: w4a8_matmul(xq, sx, zx, q, sw, zw, out_dtype=out_dtype,
+                                                implementation=choice), fallback)
   return dispatch.on_cuda(lambda: _kernel(choice, xq, sx, zx, q, sw, zw, out_dtype, None),
                           fallback)
 
@@ -201,9 +222,9 @@ def _at_layer(xq, sx, zx, q, sw, zw, layer, out_dtype, implementation):
   if implementation in ("pallas", "pallas_interpret"):
     return _kernel("pallas", xq, sx, zx, q, sw, zw, out_dtype, layer,
                    interpret=implementation == "pallas_interpret")
-  sliced = lambda: w4a8_matmul(xq, *dispatch.act_at_layer(layer, sx, zx),
-                               *dispatch.at_layer(layer, q, sw, zw), out_dtype=out_dtype,
-                               implementation=implementation)
+  sliced = lambda impl=implementation: w4a8_matmul(
+      xq, *dispatch.act_at_layer(layer, sx, zx), *dispatch.at_layer(layer, q, sw, zw),
+      out_dtype=out_dtype, implementation=impl)
   if implementation not in IN_PLACE_TABLES:
     return sliced()
   m, k = xq.shape
@@ -212,4 +233,6 @@ def _at_layer(xq, sx, zx, q, sw, zw, layer, out_dtype, implementation):
                            Problem(m=m, k=k, n=n, g=g, codes=q.dtype))
   if choice == "xla":
     return sliced()
+  if choice in _XLA_DOTS:
+    return dispatch.on_cuda(lambda: sliced(choice), sliced)
   return dispatch.on_cuda(lambda: _kernel(choice, xq, sx, zx, q, sw, zw, out_dtype, layer), sliced)

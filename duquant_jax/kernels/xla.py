@@ -169,6 +169,7 @@ def dequantize_per_token(xq, sx, zx=None):
 
 # Largest |sum| of int8 x int4 products that float32 holds exactly: 2^24 = 16384 * 128 * 8.
 _BF16_DOT_MAX_K = 16384
+DOTS = ("int8", "int8_unpacked", "bf16")
 
 
 def w4a8_matmul(xq: jax.Array, sx: jax.Array, zx: jax.Array | None, q: jax.Array, sw: jax.Array,
@@ -181,7 +182,11 @@ def w4a8_matmul(xq: jax.Array, sx: jax.Array, zx: jax.Array | None, q: jax.Array
     q: (N, K) int4 (or int8) weight codes; sw (N, G) float32 scales; zw (N, G) zero points or None.
       G groups of K // G consecutive input channels (G = 1: per output channel).
     out_dtype: dtype of the result.
-    dot: "int8": int8 x int8 -> int32 dot. "bf16": the same integer codes as bf16 operands with
+    dot: "int8": int8 x int8 -> int32 dot, the int4 codes cast to int8 inside it (XLA fuses the
+      cast into its GEMM's operand). "int8_unpacked": the same dot on an int8 copy of the codes
+      made first (an `optimization_barrier` keeps the cast out of the GEMM, so that the GEMM
+      library's int8 kernel runs; on Hopper faster than the Mosaic kernel from a few thousand
+      tokens, docs/kernels.md, "W4A8 matmul"). "bf16": the same integer codes as bf16 operands with
       float32 accumulation, on bf16 tensor cores: every code is exact in bf16, every product
       (|xq q| <= 1024) and every partial sum (|sum| <= 2^24 for K / G <= 16384) exact in float32,
       so the result equals the int8 dot bit for bit (docs/kernels.md, "W4A8 matmul").
@@ -193,34 +198,50 @@ def w4a8_matmul(xq: jax.Array, sx: jax.Array, zx: jax.Array | None, q: jax.Array
     ValueError: shapes that do not agree, an unknown `dot`, or dot="bf16" with K / G > 16384.
   """
   m, n, g, gs = _grouped_shapes(xq, q, sw)
-  if dot not in ("int8", "bf16"):
-    raise ValueError(f"dot must be 'int8' or 'bf16', got {dot!r}")
+  if dot not in DOTS:
+    raise ValueError(f"dot must be one of {DOTS}, got {dot!r}")
   if dot == "bf16" and gs > _BF16_DOT_MAX_K:
     raise ValueError(f"dot='bf16' is exact only for K / G <= {_BF16_DOT_MAX_K}, got {gs}")
   xg = xq.reshape(m, g, gs)
-  if zx is not None:
-    # The weight's column sums ride along as one extra row of ones: the dot reads the weight
-    # once, where a separate reduction would read all of it a second time.
+  # The weight's column sums (for zx) ride along as one extra row of ones: the dot reads the
+  # weight once, where a separate reduction would read all of it a second time. The unpacked
+  # form reduces its int8 copy instead: the odd row count slows the GEMM library's kernel more.
+  ones_row = zx is not None and dot != "int8_unpacked"
+  if ones_row:
     xg = jnp.concatenate([xg, jnp.ones((1, g, gs), xg.dtype)], axis=0)
-  # (G, M[+1], N): one TN dot per group, batched over G.
-  dims = (((2,), (2,)), ((1,), (1,)))
-  if dot == "int8":
-    acc = jax.lax.dot_general(xg, q.astype(jnp.int8).reshape(n, g, gs), dims,
-                              preferred_element_type=jnp.int32).astype(jnp.float32)
+  # (G, M[+1], N): one TN dot per group, batched over G (a plain 2-D dot for one group, the form
+  # the GEMM libraries take without a layout change).
+  if dot in ("int8", "int8_unpacked"):
+    wq = q.astype(jnp.int8)
+    if dot == "int8_unpacked" and q.dtype != jnp.int8:
+      wq = jax.lax.optimization_barrier(wq)
+    lhs, acc_type = xg, jnp.int32
   else:
-    acc = jax.lax.dot_general(xg.astype(jnp.bfloat16), q.astype(jnp.bfloat16).reshape(n, g, gs),
-                              dims, preferred_element_type=jnp.float32)
-  if zx is not None:
+    wq, lhs, acc_type = q.astype(jnp.bfloat16), xg.astype(jnp.bfloat16), jnp.float32
+  if g == 1:
+    acc = jax.lax.dot_general(lhs[:, 0], wq, (((1,), (1,)), ((), ())),
+                              preferred_element_type=acc_type)[None]
+  else:
+    acc = jax.lax.dot_general(lhs, wq.reshape(n, g, gs), (((2,), (2,)), ((1,), (1,))),
+                              preferred_element_type=acc_type)
+  acc = acc.astype(jnp.float32)
+  if ones_row:
     acc, colsum = acc[:, :m], acc[:, m:]  # (G, M, N), (G, 1, N): sum_k q per group
     xg = xg[:m]
+  elif zx is not None:
+    colsum = jnp.sum(wq.reshape(n, g, gs).astype(jnp.int32), axis=-1).T[:, None, :].astype(
+        jnp.float32)
   acc = _minus_weight_zero(acc, xg, zw)
   if zx is not None:
     corr = colsum
     if zw is not None:
       corr = corr - gs * zw.T[:, None, :]
     acc = acc - zx[None, :, :] * corr
-  y = jnp.einsum("gmn,ng->mn", acc, sw) * sx
-  return y.astype(out_dtype)
+  if g == 1:  # elementwise, so that XLA fuses the epilogue into one pass over the product
+    y = acc[0] * sw.T
+  else:  # exact float32 sums over the groups (not TF32)
+    y = jnp.einsum("gmn,ng->mn", acc, sw, precision=jax.lax.Precision.HIGHEST)
+  return (y * sx).astype(out_dtype)
 
 
 # Weight-only matmuls of int8 codes with at least this many tokens fold the zero points into the

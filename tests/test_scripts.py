@@ -201,3 +201,29 @@ def test_bench_policy_xla_option_sets_are_valid_compile_options():
     jax.jit(lambda x: x, compiler_options={"xla_gpu_enable_command_buffer": "FUSION,GRAPHS"})(
         jnp.ones(3))
 
+
+
+def test_bench_policy_kernelprefix_turns_the_unpacked_gemm_off_and_back_on():
+  import bench_policy
+  from duquant_jax.kernels import w4a8
+  threshold = w4a8.UNPACKED_MIN_TOKENS
+  with bench_policy._no_unpacked(True):
+    assert w4a8.UNPACKED_MIN_TOKENS > 10**9
+  with bench_policy._no_unpacked(False):
+    assert w4a8.UNPACKED_MIN_TOKENS == threshold
+  assert w4a8.UNPACKED_MIN_TOKENS == threshold
+
+
+def test_weight_only_probe_forms_equal_the_library():
+  """The probe's 2-D forms compute `xla.weight_only_matmul` (int4 and int8 codes, float32 x)."""
+  import probe_weight_only
+  from duquant_jax.kernels import xla
+  r = np.random.default_rng(0)
+  x = jnp.asarray(r.normal(size=(5, 64)), jnp.float32)
+  sw = jnp.asarray(r.uniform(0.01, 0.02, size=(24, 1)), jnp.float32)
+  for dtype, lo, hi in ((jnp.int4, -8, 8), (jnp.int8, -128, 128)):
+    q = jnp.asarray(r.integers(lo, hi, size=(24, 64)), dtype)
+    zw = jnp.asarray(r.integers(-3, 4, size=(24, 1)), jnp.float32)
+    want = np.asarray(xla.weight_only_matmul(x, q, sw, zw, fold_zero=False))
+    for form in (probe_weight_only.plain_2d, probe_weight_only.copied_2d):
+      np.testing.assert_allclose(np.asarray(form(x, q, sw, zw)), want, rtol=1e-5, atol=1e-5)

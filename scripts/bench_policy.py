@@ -209,6 +209,14 @@ def _no_unpacked(on: bool):
     w4a8.UNPACKED_MIN_TOKENS = real
 
 
+@contextlib.contextmanager
+def _dispatch_overrides(share):
+  """The variant's dispatch overrides (`unfused`, `kernelprefix`) around one timing."""
+  with _unfused_mlps("unfused" in share), _no_unpacked("kernelprefix" in share), \
+      bound_linears():
+    yield
+
+
 def _time_variants(args, variants, policy, bf16, params, packed, obs, cfg, s, pack_s, bound, xla):
   """Rows for one model x batch x unroll x attention x XLA options setting x preset: each packed
   dispatch variant against the float policy's timing `bf16` (taken once per setting in the same
@@ -239,8 +247,7 @@ def _time_variants(args, variants, policy, bf16, params, packed, obs, cfg, s, pa
     for name in ("unfused", "kernelprefix"):
       if name in share:
         transform = f"{transform}/{name}"
-    with _unfused_mlps("unfused" in share), _no_unpacked("kernelprefix" in share), \
-        bound_linears():
+    with _dispatch_overrides(share):
       c_q, l_q = time_policy(policy_v, packed_v, obs, args.repeats, xla=xla)
     row = dict(model=model, batch=b, preset=cfg.name, all_linears=args.all_linears,
                matmul=matmul, transform=transform, permutation=args.permutation, unroll=unroll,
@@ -251,8 +258,7 @@ def _time_variants(args, variants, policy, bf16, params, packed, obs, cfg, s, pa
                weights_packed_gib=tree_bytes(packed) / 2**30,
                quantized_layers_ratio=s.weight_bytes_packed / max(s.weight_bytes_fp, 1))
     if args.breakdown:
-      with _unfused_mlps("unfused" in share), _no_unpacked("kernelprefix" in share), \
-          bound_linears():
+      with _dispatch_overrides(share):
         l1_q = time_policy(policy_v, packed_v, obs, args.repeats, num_steps=1, xla=xla)[1]
       for name, l10, l1 in (("bf16", l_fp, l1_fp), ("packed", l_q, l1_q)):
         step = (l10 - l1) / 9

@@ -26,7 +26,7 @@ from duquant_jax import runtime
 from duquant_jax.models import ATTENTIONS, Policy, get_policy, make_observation
 from duquant_jax.quantize import quantize_params, summarize
 from duquant_jax.lab.synthetic_stats import synthetic_stats
-from duquant_jax.kernels import gated, w4a8
+from duquant_jax.kernels import w4a8
 from duquant_jax.runtime import Execution, PackedRuntime
 
 from bench_pack import bench_config, random_params
@@ -197,26 +197,23 @@ def _unfused_mlps(on: bool):
 
 
 @contextlib.contextmanager
-def _threshold(module, name: str, value: int, on: bool):
-  """`module.name` set to `value` (a dispatch threshold read at trace time) while `on`."""
-  real = getattr(module, name)
+def _no_unpacked(on: bool):
+  """Auto-dispatch never runs the unpacked int8 GEMM (`kernels.w4a8.UNPACKED_MIN_TOKENS`): long
+  prefixes take the Mosaic kernel as shorter ones do."""
+  real = w4a8.UNPACKED_MIN_TOKENS
   if on:
-    setattr(module, name, value)
+    w4a8.UNPACKED_MIN_TOKENS = 2**62
   try:
     yield
   finally:
-    setattr(module, name, real)
+    w4a8.UNPACKED_MIN_TOKENS = real
 
 
 @contextlib.contextmanager
 def _dispatch_overrides(share):
-  """The variant's dispatch overrides around one timing: `unfused` (Gemma MLPs as two linears),
-  `kernelprefix` (long prefixes on the Mosaic kernel, never the unpacked int8 GEMM,
-  `kernels.w4a8.UNPACKED_MIN_TOKENS`), `fusedgated` (the fused gated kernel at flow-step token
-  counts too, `kernels.gated.SPLIT_MAX_TOKENS`)."""
-  with _unfused_mlps("unfused" in share), \
-      _threshold(w4a8, "UNPACKED_MIN_TOKENS", 2**62, "kernelprefix" in share), \
-      _threshold(gated, "SPLIT_MAX_TOKENS", 0, "fusedgated" in share), bound_linears():
+  """The variant's dispatch overrides (`unfused`, `kernelprefix`) around one timing."""
+  with _unfused_mlps("unfused" in share), _no_unpacked("kernelprefix" in share), \
+      bound_linears():
     yield
 
 
@@ -247,7 +244,7 @@ def _time_variants(args, variants, policy, bf16, params, packed, obs, cfg, s, pa
         execution["stacked_in_place"] = flag
         transform = f"{transform}/{name}"
     policy_v = Policy(policy.cfg, PackedRuntime(Execution(**execution)))
-    for name in ("unfused", "kernelprefix", "fusedgated"):
+    for name in ("unfused", "kernelprefix"):
       if name in share:
         transform = f"{transform}/{name}"
     with _dispatch_overrides(share):
@@ -283,15 +280,14 @@ def main():
   ap.add_argument("--repeats", type=int, default=20)
   ap.add_argument("--json", default=None)
   ap.add_argument("--variants", default="auto/auto",
-                  help="comma list of MATMUL/TRANSFORM[/noshare][/inplace|/sliced][/unfused][/kernelprefix][/fusedgated] "
+                  help="comma list of MATMUL/TRANSFORM[/noshare][/inplace|/sliced][/unfused][/kernelprefix] "
                        "dispatch choices for the packed policy (kernels.IMPLEMENTATIONS / "
                        "kernels.TRANSFORM_IMPLEMENTATIONS, or auto for the library's choice; "
                        "noshare: every linear quantizes its input alone; inplace / sliced: "
                        "Execution(stacked_in_place=True / False), stacked layer weights read in "
                        "place at a layer index (the default) or sliced per layer; unfused: Gemma "
                        "MLPs as two linears, not the fused gated_mlp; kernelprefix: long prefixes "
-                       "on the Mosaic kernel, not the unpacked int8 GEMM; fusedgated: the fused "
-                       "gated MLP kernel at flow-step token counts too, not split), "
+                       "on the Mosaic kernel, not the unpacked int8 GEMM), "
                        "e.g. auto/auto,auto/auto/sliced,auto/auto/unfused")
   ap.add_argument("--permutation", default=None, help="override the rules' permutation (e.g. none)")
   ap.add_argument("--unroll", default="off",
@@ -328,9 +324,8 @@ def main():
   tr_ok = ["auto"] + [i for i in kernels.TRANSFORM_IMPLEMENTATIONS if i]
   if any(len(v) < 2 or v[0] not in mm_ok or v[1] not in tr_ok
          or not set(v[2:]) <= {"noshare", "inplace", "sliced", "unfused",
-                                  "kernelprefix", "fusedgated"} for v in variants):
-    ap.error(f"--variants must be MATMUL/TRANSFORM[/noshare][/inplace|/sliced][/unfused]"
-             f"[/kernelprefix][/fusedgated] ({'|'.join(mm_ok)} / {'|'.join(tr_ok)}), "
+                                  "kernelprefix"} for v in variants):
+    ap.error(f"--variants must be MATMUL/TRANSFORM[/noshare][/inplace|/sliced][/unfused][/kernelprefix] ({'|'.join(mm_ok)} / {'|'.join(tr_ok)}), "
              f"got {args.variants!r}")
   attentions = args.attention.split(",")
   if not set(attentions) <= set(ATTENTIONS):

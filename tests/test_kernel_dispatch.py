@@ -13,10 +13,9 @@ The EXPECTED tables were generated from the dispatch code as it stood before the
 was split into one module per op (the hard-coded `_auto` / `_at_layer` / `_mosaic_or_xla` of
 `kernels/__init__.py`), by `python tests/test_kernel_dispatch.py`, and pasted here: the
 dispatch tables of `kernels/w4a8.py`, `gated.py` and `online_transform.py` must reproduce them
-exactly. Since then they changed twice on purpose: the W4A8 table's last column (M = 4096) for
+exactly. Since then they changed once on purpose: the W4A8 table's last column (M = 4096) for
 the unpacked int8 GEMM on Hopper (docs/kernels.md, "Unpacked int8 GEMM for long prefixes on
-Hopper"), and the gated table's columns up to M = 64, where the fused kernel's rows split into
-the plain kernel and XLA's epilogue (docs/kernels.md, "Gated MLP"). Rerun that command to regenerate the data only when a threshold changes on purpose (and
+Hopper"). Rerun that command to regenerate the data only when a threshold changes on purpose (and
 say which measurement moved it in docs/kernels.md).
 """
 
@@ -50,12 +49,9 @@ PLATFORMS = {"cpu": ("cpu", None), "cuda-hopper": ("gpu", "9.0"), "cuda-other": 
 LOWERINGS = ("cuda", "other")
 # One letter per M: x XLA (with a layer index: on a slice), m / p the Mosaic / Pallas kernel on
 # one layer's arrays, M / P the kernel reading the stacked arrays in place, u XLA's int8 GEMM on
-# an unpacked copy of the weight (with a layer index: of the layer's slice). A gated MLP's row: m / M
-# the fused gated kernel, s / S split into the plain Mosaic kernel (one layer / in place) and XLA's
-# epilogue.
+# an unpacked copy of the weight (with a layer index: of the layer's slice).
 LETTERS = {("mosaic", False): "m", ("mosaic", True): "M", ("pallas", False): "p",
-           ("pallas", True): "P", ("unpacked", False): "u", ("gated", False): "m",
-           ("gated", True): "M", ("split", False): "s", ("split", True): "S"}
+           ("pallas", True): "P", ("unpacked", False): "u"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +77,7 @@ def _patched(monkeypatch, platform, lowering, calls):
       return stub
 
     def gated(xq, sx, zx, q, sw, zw, out_scale, out_zero, *, layer=None, **kw):
-      calls.append(("gated", layer is not None))
+      calls.append(("mosaic", layer is not None))
       return jnp.zeros((xq.shape[0], sw.shape[-2] // 2), jnp.int8)
 
     def cm_quantize(x, transform, bits=8, *, symmetric=True, clip_ratio=1.0, reduce=False):
@@ -117,7 +113,7 @@ def _patched(monkeypatch, platform, lowering, calls):
 
 def _letter(calls) -> str:
   """The letter of one traced call: the one kernel it ran, or x."""
-  kernel_calls = [c for c in calls if c[0] in ("mosaic", "pallas", "unpacked", "gated", "split")]
+  kernel_calls = [c for c in calls if c[0] in ("mosaic", "pallas", "unpacked")]
   assert len(kernel_calls) <= 1, calls
   return LETTERS[kernel_calls[0]] if kernel_calls else "x"
 
@@ -157,8 +153,7 @@ def gated_row(monkeypatch, platform, lowering, impl, layered, dtype, group, n, k
                                        layer=a[8] if layered else None)
     with _patched(monkeypatch, platform, lowering, calls):
       jax.eval_shape(fn, *specs, *layer)
-    # The plain Mosaic kernel in a gated MLP's row is the split form's.
-    out += _letter([("split", c[1]) if c[0] == "mosaic" else c for c in calls])
+    out += _letter(calls)
   return out
 
 
@@ -351,10 +346,10 @@ EXPECTED_W4A8 = {
 
 
 EXPECTED_GATED = {
-    (None, 'cuda-hopper', False, 'int4', 'channel', 32768, 2048): 'sssssmmmmmmm',
-    (None, 'cuda-hopper', False, 'int4', 'channel', 8192, 1024): 'xxxxsmmmmmmm',
-    (None, 'cuda-hopper', True, 'int4', 'channel', 32768, 2048): 'SSSSSMMMMMMM',
-    (None, 'cuda-hopper', True, 'int4', 'channel', 8192, 1024): 'SSSSSMMMMMMM',
+    (None, 'cuda-hopper', False, 'int4', 'channel', 32768, 2048): 'mmmmmmmmmmmm',
+    (None, 'cuda-hopper', False, 'int4', 'channel', 8192, 1024): 'xxxxmmmmmmmm',
+    (None, 'cuda-hopper', True, 'int4', 'channel', 32768, 2048): 'MMMMMMMMMMMM',
+    (None, 'cuda-hopper', True, 'int4', 'channel', 8192, 1024): 'MMMMMMMMMMMM',
     ('mosaic', 'any', False, 'int4', 'channel', 32768, 2048): 'mmmmmmmmmmmm',
     ('mosaic', 'any', False, 'int4', 'channel', 8192, 1024): 'mmmmmmmmmmmm',
     ('mosaic', 'any', True, 'int4', 'channel', 32768, 2048): 'MMMMMMMMMMMM',

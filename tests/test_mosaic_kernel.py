@@ -219,51 +219,6 @@ def test_gated_dispatch_on_cpu_is_the_unfused_arithmetic(out_asym):
   assert hq.dtype == jnp.int8 and 10 < len(np.unique(np.asarray(hq)))  # not a degenerate range
 
 
-def _split_inputs(m, k, f, layers=3, seed=6):
-  """A stacked gate/up weight (int4) with per-layer static activation and hidden scales."""
-  kx, kq, ks, kz = jax.random.split(jax.random.key(seed), 4)
-  scale, zero = jnp.array([[[0.03]], [[0.02]], [[0.04]]]), jnp.array([[[3.0]], [[-2.0]], [[1.0]]])
-  xq, _, _ = xla.quantize_static(jax.random.normal(kx, (m, k)), scale[1, 0], zero[1, 0])
-  q = jax.random.randint(kq, (layers, 2 * f, k), -8, 8).astype(jnp.int4)
-  sw = 0.01 + 0.01 * jax.random.uniform(ks, (layers, 2 * f, 1))
-  zw = jnp.round(4 * jax.random.uniform(kz, (layers, 2 * f, 1)) - 2)
-  o_scale, o_zero = jnp.array([[0.05], [0.06], [0.07]]), jnp.array([[3.0], [0.0], [-1.0]])
-  return xq, scale, zero, q, sw, zw, o_scale, o_zero
-
-
-def _split_reference(xq, scale, zero, q, sw, zw, o_scale, o_zero, i):
-  return gated.reference(xq, scale[i], zero[i], q[i], sw[i], zw[i], o_scale[i], o_zero[i])
-
-
-def test_split_gated_mlp_is_the_reference_arithmetic():
-  """implementation="split": the plain matmul's float32 product, then the reference's epilogue:
-  bit-identical to the reference where the matmul runs XLA's path (here, the CPU)."""
-  args = _split_inputs(56, 256, 128)
-  h = jax.jit(lambda l: kernels.gated_w4a8(*args, implementation="split", layer=l))(jnp.int32(1))
-  ref = _split_reference(*args, 1)
-  np.testing.assert_array_equal(np.asarray(h), np.asarray(ref))
-  assert h.dtype == jnp.int8 and 10 < len(np.unique(np.asarray(h)))  # not a degenerate range
-
-
-def test_split_gated_mlp_lowers_to_the_plain_kernel_in_place(monkeypatch):
-  """On Hopper a flow step's gated MLP (M <= gated.SPLIT_MAX_TOKENS) runs the plain kernel on the
-  stack in place, writing the float32 (M, 2F) product, then XLA's epilogue; above it, the fused
-  kernel, whose only output is the (M, F) codes."""
-  from duquant_jax.kernels import dispatch
-  monkeypatch.setattr(dispatch, "platform", lambda: dispatch.HOPPER)
-  m, k, f = 56, 1024, 4096
-  assert m <= gated.SPLIT_MAX_TOKENS
-  fn = lambda *a: kernels.gated_w4a8(*a[:8], layer=a[8])
-  args = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype)
-               for a in _split_inputs(m, k, f)) + (jax.ShapeDtypeStruct((), jnp.int32),)
-  [call] = re.findall(r"custom_call @mosaic_gpu\w*\(.*", _cuda_module(fn, *args))
-  assert re.search(rf"tensor<3x{2 * f}x{k}xi4>", call)
-  assert re.search(rf"-> tensor<(1x)?{m}x{2 * f}xf32>", call)
-  big = (jax.ShapeDtypeStruct((128, k), jnp.int8),) + args[1:]
-  [call] = re.findall(r"custom_call @mosaic_gpu\w*\(.*", _cuda_module(fn, *big))
-  assert re.search(rf"-> tensor<(1x)?128x{f}xi8>", call)
-
-
 def _stacked_specs(m, k, n, layers, *, asym):
   s, f32 = jax.ShapeDtypeStruct, jnp.float32
   return _specs(m, k, n, asym=asym)[:3] + (
@@ -333,15 +288,6 @@ def test_in_place_kernels_equal_the_reference_on_hopper(m, k, n):
     h = jax.jit(lambda l: mosaic_gpu.gated_w4a8(xq, sx, zx, q, sw, zw, scale, zero, layer=l))(
         jnp.int32(i))
     _assert_within_one_code(h, gated.reference(xq, sx, zx, q[i], sw[i], zw[i], scale, zero))
-
-
-@pytest.mark.skipif(not _on_hopper(), reason="runs the Mosaic GPU kernels: Hopper only")
-@pytest.mark.parametrize("m,k,f", [(56, 1024, 4096), (8, 2048, 16384)])
-def test_split_gated_mlp_equals_the_reference_on_hopper(m, k, f):
-  """Auto-dispatch at flow-step token counts (the split form, in place) on the GPU."""
-  args = _split_inputs(m, k, f)
-  h = jax.jit(lambda l: kernels.gated_w4a8(*args, layer=l))(jnp.int32(1))
-  _assert_within_one_code(h, _split_reference(*args, 1))
 
 
 @pytest.mark.skipif(not _on_hopper(), reason="runs the Mosaic GPU kernels: Hopper only")

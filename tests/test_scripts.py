@@ -203,16 +203,15 @@ def test_bench_policy_xla_option_sets_are_valid_compile_options():
 
 
 
-def test_bench_policy_dispatch_overrides_turn_thresholds_off_and_back_on():
-  """kernelprefix: no unpacked int8 GEMM; fusedgated: no split gated MLP; both restored after."""
+def test_bench_policy_kernelprefix_turns_the_unpacked_gemm_off_and_back_on():
   import bench_policy
-  from duquant_jax.kernels import gated, w4a8
-  unpacked, split = w4a8.UNPACKED_MIN_TOKENS, gated.SPLIT_MAX_TOKENS
-  with bench_policy._dispatch_overrides(("kernelprefix", "fusedgated")):
-    assert w4a8.UNPACKED_MIN_TOKENS > 10**9 and gated.SPLIT_MAX_TOKENS == 0
-  with bench_policy._dispatch_overrides(()):
-    assert (w4a8.UNPACKED_MIN_TOKENS, gated.SPLIT_MAX_TOKENS) == (unpacked, split)
-  assert (w4a8.UNPACKED_MIN_TOKENS, gated.SPLIT_MAX_TOKENS) == (unpacked, split)
+  from duquant_jax.kernels import w4a8
+  threshold = w4a8.UNPACKED_MIN_TOKENS
+  with bench_policy._no_unpacked(True):
+    assert w4a8.UNPACKED_MIN_TOKENS > 10**9
+  with bench_policy._no_unpacked(False):
+    assert w4a8.UNPACKED_MIN_TOKENS == threshold
+  assert w4a8.UNPACKED_MIN_TOKENS == threshold
 
 
 def test_weight_only_probe_forms_equal_the_library():

@@ -8,10 +8,8 @@ Mosaic kernel (`mosaic_gpu.gated_w4a8`) computes it in one pass, the (M, 2F) pro
 registers; everywhere else `reference` runs the same arithmetic as XLA ops.
 
 Implementations: None (auto: the first matching rule of `AUTO` / `AUTO_IN_PLACE`, else the
-reference), "xla" (the reference), "mosaic" (the kernel where it takes the shape and the trace
-is lowered for CUDA, else the reference) and "split" (the float32 product by `w4a8.w4a8_matmul`'s
-own auto-dispatch, then the reference's epilogue as XLA ops). The regimes: docs/kernels.md,
-"Gated MLP".
+reference), "xla" (the reference) and "mosaic" (the kernel where it takes the shape and the trace
+is lowered for CUDA, else the reference). The regimes: docs/kernels.md, "Gated MLP".
 """
 
 from __future__ import annotations
@@ -19,16 +17,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from duquant_jax.kernels import dispatch, mosaic_gpu, w4a8, xla
+from duquant_jax.kernels import dispatch, mosaic_gpu, xla
 from duquant_jax.kernels.dispatch import HOPPER, PLATFORMS, Problem, Rule
 from duquant_jax.kernels.w4a8 import (MOSAIC_AUTO_CODES, MOSAIC_CODES,
                                       mosaic_in_place_preferred, mosaic_preferred)
 
-IMPLEMENTATIONS = (None, "xla", "mosaic", "split")
-# Up to this many tokens (a flow step's token tile) auto-dispatch splits the MLP: the plain W4A8
-# kernel's float32 product, then gelu * up and the quantizer as one XLA fusion, which beat the
-# fused kernel there (docs/kernels.md, "Gated MLP").
-SPLIT_MAX_TOKENS = 64
+IMPLEMENTATIONS = (None, "xla", "mosaic")
 
 
 def reference(xq, sx, zx, q, sw, zw, out_scale, out_zero, *, dot: str = "int8") -> jax.Array:
@@ -36,14 +30,8 @@ def reference(xq, sx, zx, q, sw, zw, out_scale, out_zero, *, dot: str = "int8") 
 
   gelu is the tanh approximation (flax's and Gemma's default); `dot` is `xla.w4a8_matmul`'s.
   """
+  f = q.shape[0] // 2
   y = xla.w4a8_matmul(xq, sx, zx, q, sw, zw, out_dtype=jnp.float32, dot=dot)
-  return epilogue(y, out_scale, out_zero)
-
-
-def epilogue(y: jax.Array, out_scale: jax.Array, out_zero: jax.Array | None) -> jax.Array:
-  """The gate/up product y (M, 2F) float32, gate columns then up -> quantize_static(gelu(gate) *
-  up) (M, F) int8."""
-  f = y.shape[-1] // 2
   h = jax.nn.gelu(y[:, :f], approximate=True) * y[:, f:]
   return xla.quantize_static(h, out_scale, out_zero)[0]
 
@@ -61,20 +49,10 @@ def _rule(regime, platforms, preferred=None, codes=MOSAIC_AUTO_CODES):
   return Rule(regime=regime, platforms=frozenset(platforms), when=when, implementation="mosaic")
 
 
-def _split_below(fused: Rule) -> Rule:
-  """Where `fused` would run the fused kernel on at most SPLIT_MAX_TOKENS tokens: split."""
-  return Rule(regime=f"{fused.regime}, split at flow-step token counts",
-              platforms=fused.platforms,
-              when=lambda p: p.m <= SPLIT_MAX_TOKENS and fused.when(p), implementation="split")
-
-
 # Auto-dispatch: the fused kernel where the plain W4A8 kernel would run on the whole (2F, K)
-# weight (one layer), or read it in place (a layer of a stack), split up to SPLIT_MAX_TOKENS
-# tokens; the reference otherwise.
-_FUSED = _rule("Gated MLP on Hopper", {HOPPER}, mosaic_preferred)
-_FUSED_IN_PLACE = _rule("Gated MLP in place on Hopper", {HOPPER}, mosaic_in_place_preferred)
-AUTO = (_split_below(_FUSED), _FUSED)
-AUTO_IN_PLACE = (_split_below(_FUSED_IN_PLACE), _FUSED_IN_PLACE)
+# weight (one layer), or read it in place (a layer of a stack); the reference otherwise.
+AUTO = (_rule("Gated MLP on Hopper", {HOPPER}, mosaic_preferred),)
+AUTO_IN_PLACE = (_rule("Gated MLP in place on Hopper", {HOPPER}, mosaic_in_place_preferred),)
 MOSAIC = (_rule("Gated MLP where it applies", PLATFORMS, codes=MOSAIC_CODES),)
 TABLES = {(None, False): AUTO, (None, True): AUTO_IN_PLACE, ("mosaic", False): MOSAIC,
           ("mosaic", True): MOSAIC}
@@ -90,9 +68,8 @@ def gated_w4a8(xq: jax.Array, sx: jax.Array, zx: jax.Array | None, q: jax.Array,
       gate rows then up rows.
     out_scale, out_zero: the hidden activation's static quantizer, (1,) float32, or with `layer`
       (L, 1), one per layer of the stack (out_zero None: symmetric).
-    implementation: None (auto), "xla" (the reference ops), "mosaic" (the kernel where it takes
-      the shape, else the reference) or "split" (`w4a8.w4a8_matmul`, auto-dispatched, to float32,
-      then `epilogue`).
+    implementation: None (auto), "xla" (the reference ops) or "mosaic" (the kernel where it takes
+      the shape, else the reference).
     layer: None, or a traced int32 scalar: q, sw, zw are the stacked (L, 2F, K) / (L, 2F, 1)
       arrays of an `nn.scan` layer stack, and the kernel reads this layer in place; the reference
       takes a slice.
@@ -104,7 +81,7 @@ def gated_w4a8(xq: jax.Array, sx: jax.Array, zx: jax.Array | None, q: jax.Array,
     ValueError: an unknown implementation, or a layer index without stacked arrays.
   """
   if implementation not in IMPLEMENTATIONS:
-    raise ValueError(f"gated_w4a8 implementation must be one of {IMPLEMENTATIONS}, got "
+    raise ValueError(f"gated_w4a8 implementation must be None, 'xla' or 'mosaic', got "
                      f"{implementation!r}")
   if layer is not None:
     dispatch.check_stacked(q, sw)
@@ -118,13 +95,9 @@ def gated_w4a8(xq: jax.Array, sx: jax.Array, zx: jax.Array | None, q: jax.Array,
                                              out_zero))
   if implementation == "xla" or q.shape[-2:] != (n, k):
     return ref()
-  choice = implementation if implementation == "split" else dispatch.choose(
-      TABLES[implementation, layer is not None], Problem(m=m, k=k, n=n, g=g, codes=q.dtype))
+  choice = dispatch.choose(TABLES[implementation, layer is not None],
+                           Problem(m=m, k=k, n=n, g=g, codes=q.dtype))
   if choice == "xla":
     return ref()
-  if choice == "split":
-    y = w4a8.w4a8_matmul(xq, sx, zx, q, sw, zw, out_dtype=jnp.float32, layer=layer)
-    return epilogue(y, *dispatch.at_layer(layer if out_scale.ndim == 2 else None, out_scale,
-                                          out_zero))
   return dispatch.on_cuda(
       lambda: mosaic_gpu.gated_w4a8(xq, sx, zx, q, sw, zw, out_scale, out_zero, layer=layer), ref)

@@ -1,11 +1,15 @@
 """Full-size pi0 / pi0.5 `sample_actions`, bf16 vs packed W4A8: latency, compile time, weight memory.
 
 Usage (GPU): python scripts/bench_policy.py [--models pi0,pi05] [--batches 1,8] [--size full]
-             [--preset recommended] [--all-linears] [--repeats 20] [--variants auto/auto,xla/xla]
-             [--unroll off,on] [--attention einsum,cudnn] [--xla default,cmdbuf] [--breakdown]
+             [--preset recommended] [--all-linears] [--repeats 10] [--rounds 3]
+             [--variants auto/auto,xla/xla] [--unroll off,on] [--attention einsum,cudnn]
+             [--xla default,cmdbuf] [--breakdown]
 
-Random bf16 weights and synthetic stats (this measures speed and memory, not accuracy). Latency is
-the median over `repeats` calls of one jitted `sample_actions` (10 flow steps), after compilation.
+Random bf16 weights and synthetic stats (this measures speed and memory, not accuracy). Every
+function of one setting (bf16, openpi's form, each packed variant) is compiled ahead of time, then
+timed interleaved: `rounds` rounds, each `repeats` calls of every function in turn. Latency is the
+median over all calls of one compiled `sample_actions` (10 flow steps); spread is the range of
+its round medians, the run-to-run noise the ratios have to clear.
 Weight memory: bytes of every param leaf on the device (int4 counts half a byte), all params and the
 quantized layers alone.
 """
@@ -131,19 +135,41 @@ XLA_OPTIONS = {
 }
 
 
-def time_policy(policy, params, obs, repeats, num_steps=10, xla="default"):
+def compile_policy(policy, params, obs, num_steps=10, xla="default"):
+  """`policy.sample_actions` with `num_steps` flow steps, compiled ahead of time for these
+  arguments: (compiled, compile s). The compiled function cannot trace again, so a variant's
+  dispatch overrides need only surround this call."""
   fn = jax.jit(functools.partial(policy.sample_actions, num_steps=num_steps),
                compiler_options=XLA_OPTIONS[xla] or None)
-  rng = jax.random.key(0)
   t = time.perf_counter()
-  jax.block_until_ready(fn(params, obs, rng))
-  compile_s = time.perf_counter() - t
-  times = []
-  for i in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(params, obs, jax.random.fold_in(rng, i)))
-    times.append(time.perf_counter() - t)
-  return compile_s, 1e3 * float(np.median(times))
+  compiled = fn.lower(params, obs, jax.random.key(0)).compile()
+  return compiled, time.perf_counter() - t
+
+
+def time_interleaved(calls, obs, repeats: int, rounds: int) -> list[tuple[float, float]]:
+  """Latency of each (compiled, params) of `calls`, timed in turn: each round times `repeats`
+  calls of every entry before the next round starts, so a drift of the machine during the process
+  (clocks, allocator) reaches all entries alike.
+
+  Returns:
+    per entry, (median ms over all its calls, spread ms: its largest minus its smallest round
+    median).
+  """
+  rng = jax.random.key(0)
+  for compiled, params in calls:  # first run: allocations, autotuning caches
+    jax.block_until_ready(compiled(params, obs, rng))
+  times = [[] for _ in calls]
+  medians = [[] for _ in calls]
+  for r in range(rounds):
+    for j, (compiled, params) in enumerate(calls):
+      ts = []
+      for i in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(compiled(params, obs, jax.random.fold_in(rng, r * repeats + i)))
+        ts.append(1e3 * (time.perf_counter() - t))
+      times[j] += ts
+      medians[j].append(float(np.median(ts)))
+  return [(float(np.median(t)), max(m) - min(m)) for t, m in zip(times, medians)]
 
 
 def _rules_but_act_bits(cfg):
@@ -174,14 +200,6 @@ def _configured(policy, unroll, attention):
     raise SystemExit(f"--unroll takes off,on; got {unroll!r}")
   cfg = dataclasses.replace(policy.cfg, unroll_layers=unroll == "on", attention=attention)
   return dataclasses.replace(policy, cfg=cfg)
-
-
-def _time_bf16(args, policy, params, obs, xla):
-  """(compile s, latency ms, 1-step latency ms or None) of the float policy."""
-  c_fp, l_fp = time_policy(policy, params, obs, args.repeats, xla=xla)
-  l1_fp = (time_policy(policy, params, obs, args.repeats, num_steps=1, xla=xla)[1]
-           if args.breakdown else None)
-  return c_fp, l_fp, l1_fp
 
 
 @contextlib.contextmanager
@@ -217,15 +235,10 @@ def _dispatch_overrides(share):
     yield
 
 
-def _time_variants(args, variants, policy, bf16, params, packed, obs, cfg, s, pack_s, bound, xla):
-  """Rows for one model x batch x unroll x attention x XLA options setting x preset: each packed
-  dispatch variant against the float policy's timing `bf16` (taken once per setting in the same
-  process)."""
-  rows = []
-  model, b = policy.cfg.name, obs.state.shape[0]
-  unroll = "on" if policy.cfg.unroll_layers else "off"
-  attention = policy.cfg.attention
-  c_fp, l_fp, l1_fp = bf16
+def _variants_of(args, variants, packed, bound):
+  """(matmul, transform label, share flags, Execution fields, packed tree) of each dispatch
+  variant of one pack, and with `bound` the floors of --bound."""
+  out = []
   bounds = [("free", "free"), ("gemm-only", "none")] if args.bound and bound else []
   for matmul, transform, *share in variants + bounds:
     execution = {}
@@ -243,24 +256,58 @@ def _time_variants(args, variants, policy, bf16, params, packed, obs, cfg, s, pa
       if name in share:  # stacked layer weights read in place or sliced (Execution.stacked_in_place)
         execution["stacked_in_place"] = flag
         transform = f"{transform}/{name}"
-    policy_v = Policy(policy.cfg, PackedRuntime(Execution(**execution)))
     for name in ("unfused", "kernelprefix"):
       if name in share:
         transform = f"{transform}/{name}"
-    with _dispatch_overrides(share):
-      c_q, l_q = time_policy(policy_v, packed_v, obs, args.repeats, xla=xla)
+    out.append((matmul, transform, share, execution, packed_v))
+  return out
+
+
+def _time_setting(args, variants, policy, params, packs, obs, xla, openpi):
+  """Rows for one model x batch x unroll x attention x XLA options setting: each pack's dispatch
+  variants against the float policy (and, with `openpi` = (compiled, compile s) of openpi's own
+  form, against that), all compiled first, then timed interleaved (`time_interleaved`) in this
+  process."""
+  model, b = policy.cfg.name, obs.state.shape[0]
+  steps = (10, 1) if args.breakdown else (10,)
+  entries = {}  # key -> (compiled, params, compile s)
+  for n in steps:
+    entries["bf16", n] = (*compile_policy(policy, params, obs, n, xla), params)
+  if openpi is not None:
+    entries["openpi", 10] = (*openpi, params)
+  runs = []
+  for i, (cfg, packed, s, pack_s) in enumerate(packs):
+    for v, (matmul, transform, share, execution, packed_v) in enumerate(
+        _variants_of(args, variants, packed, bound=i == 0)):
+      policy_v = Policy(policy.cfg, PackedRuntime(Execution(**execution)))
+      with _dispatch_overrides(share):
+        for n in steps:
+          entries[(i, v), n] = (*compile_policy(policy_v, packed_v, obs, n, xla), packed_v)
+      runs.append(((i, v), cfg, packed, s, pack_s, matmul, transform))
+  keys = list(entries)
+  timed = dict(zip(keys, time_interleaved([(entries[k][0], entries[k][2]) for k in keys], obs,
+                                          args.repeats, args.rounds)))
+  (l_fp, spread_fp), c_fp = timed["bf16", 10], entries["bf16", 10][1]
+  rows = []
+  for key, cfg, packed, s, pack_s, matmul, transform in runs:
+    (l_q, spread_q), c_q = timed[key, 10], entries[key, 10][1]
     row = dict(model=model, batch=b, preset=cfg.name, all_linears=args.all_linears,
-               matmul=matmul, transform=transform, permutation=args.permutation, unroll=unroll,
-               attention=attention, xla=xla,
+               matmul=matmul, transform=transform, permutation=args.permutation,
+               unroll="on" if policy.cfg.unroll_layers else "off",
+               attention=policy.cfg.attention, xla=xla, rounds=args.rounds,
                latency_bf16_ms=l_fp, latency_packed_ms=l_q, speedup=l_fp / l_q,
+               spread_bf16_ms=spread_fp, spread_packed_ms=spread_q,
                compile_bf16_s=c_fp, compile_packed_s=c_q, pack_s=pack_s,
                weights_bf16_gib=tree_bytes(params) / 2**30,
                weights_packed_gib=tree_bytes(packed) / 2**30,
-               quantized_layers_ratio=s.weight_bytes_packed / max(s.weight_bytes_fp, 1))
+               quantized_layers_ratio=s.weight_bytes_packed / max(s.weight_bytes_fp, 1),
+               latency_openpi_ms=None, speedup_vs_openpi=None)
+    if openpi is not None:
+      l_op = timed["openpi", 10][0]
+      row.update(latency_openpi_ms=l_op, speedup_vs_openpi=l_op / l_q)
     if args.breakdown:
-      with _dispatch_overrides(share):
-        l1_q = time_policy(policy_v, packed_v, obs, args.repeats, num_steps=1, xla=xla)[1]
-      for name, l10, l1 in (("bf16", l_fp, l1_fp), ("packed", l_q, l1_q)):
+      for name, k in (("bf16", "bf16"), ("packed", key)):
+        l10, l1 = timed[k, 10][0], timed[k, 1][0]
         step = (l10 - l1) / 9
         row[f"step_{name}_ms"], row[f"prefix_{name}_ms"] = step, l1 - step
     rows.append(row)
@@ -277,7 +324,12 @@ def main():
                   help="comma list of presets or scripts/deploy_candidates.py keys, each packed "
                        "and timed against the same bf16 timing")
   ap.add_argument("--all-linears", action="store_true")
-  ap.add_argument("--repeats", type=int, default=20)
+  ap.add_argument("--repeats", type=int, default=10,
+                  help="timed calls of each entry per round")
+  ap.add_argument("--rounds", type=int, default=3,
+                  help="rounds of timing: each round times every entry of a setting (bf16, "
+                       "openpi's form, each variant) in turn; a row's latency is the median of "
+                       "all its calls, its spread the range of its round medians")
   ap.add_argument("--json", default=None)
   ap.add_argument("--variants", default="auto/auto",
                   help="comma list of MATMUL/TRANSFORM[/noshare][/inplace|/sliced][/unfused][/kernelprefix] "
@@ -303,9 +355,10 @@ def main():
                   help=f"comma list of XLA compiler option sets ({','.join(XLA_OPTIONS)}; "
                        "XLA_OPTIONS): both bf16 and packed are compiled with each")
   ap.add_argument("--openpi-baseline", action="store_true",
-                  help="also time openpi's own form once per model and batch (bf16, scanned "
-                       "layers, einsum attention, default XLA options), and give every packed "
-                       "row's speedup against it (the speed issue's target ratio)")
+                  help="also time openpi's own form (bf16, scanned layers, einsum attention, "
+                       "default XLA options; compiled once per model and batch, timed "
+                       "interleaved with every setting), and give every packed row's speedup "
+                       "against it (the speed issue's target ratio)")
   ap.add_argument("--bound", action="store_true",
                   help="also time the packed tree with every packed linear made free (FreeLinear): "
                        "the floor any quantization of those layers could reach; and with only the "
@@ -355,32 +408,22 @@ def main():
     del stats
     for b in (int(v) for v in args.batches.split(",")):
       obs = make_observation(policy.cfg, jax.random.key(1), b)
-      openpi_ms = None
-      if args.openpi_baseline:  # openpi's own form: scanned layers, einsum attention, bf16
-        openpi_ms = time_policy(_configured(policy, "off", "einsum"), params, obs, args.repeats)[1]
+      # openpi's own form: scanned layers, einsum attention, bf16, default XLA options
+      openpi = (compile_policy(_configured(policy, "off", "einsum"), params, obs)
+                if args.openpi_baseline else None)
       for unroll in args.unroll.split(","):
         for attention in attentions:
           policy_u = _configured(policy, unroll, attention)
           for xla in xlas:
-            bf16 = _time_bf16(args, policy_u, params, obs, xla)
-            for i, (cfg, packed, s, pack_s) in enumerate(packs):
-              new = _time_variants(args, variants, policy_u, bf16, params, packed, obs, cfg, s,
-                                   pack_s, bound=i == 0, xla=xla)
-              for r in new:
-                r.update(latency_openpi_ms=openpi_ms,
-                         speedup_vs_openpi=openpi_ms and openpi_ms / r["latency_packed_ms"])
-                if openpi_ms:
-                  print(json.dumps({k: r[k] for k in ("unroll", "attention", "xla", "preset",
-                                                      "latency_openpi_ms", "speedup_vs_openpi")}),
-                        flush=True)
-              rows += new
+            rows += _time_setting(args, variants, policy_u, params, packs, obs, xla, openpi)
 
   print(f"\ndevice={jax.devices()[0].device_kind} jax={jax.__version__}")
-  print("| model | batch | unroll | attention | xla | preset | matmul / transform | bf16 ms | packed ms | speedup | compile bf16 / packed s | weights bf16 / packed GiB | all-weights ratio | quantized-layers ratio |")
-  print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+  print("| model | batch | unroll | attention | xla | preset | matmul / transform | bf16 ms | packed ms | speedup | spread bf16 / packed ms | compile bf16 / packed s | weights bf16 / packed GiB | all-weights ratio | quantized-layers ratio |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
   for r in rows:
     print(f"| {r['model']} | {r['batch']} | {r['unroll']} | {r['attention']} | {r['xla']} | {r['preset']} | {r['matmul']} / {r['transform']} | {r['latency_bf16_ms']:.1f} | {r['latency_packed_ms']:.1f} | "
-          f"{r['speedup']:.2f}x | {r['compile_bf16_s']:.0f} / {r['compile_packed_s']:.0f} | "
+          f"{r['speedup']:.2f}x | {r['spread_bf16_ms']:.1f} / {r['spread_packed_ms']:.1f} | "
+          f"{r['compile_bf16_s']:.0f} / {r['compile_packed_s']:.0f} | "
           f"{r['weights_bf16_gib']:.2f} / {r['weights_packed_gib']:.2f} | "
           f"{r['weights_packed_gib'] / r['weights_bf16_gib']:.3f} | {r['quantized_layers_ratio']:.3f} |")
   if args.openpi_baseline:

@@ -1,6 +1,7 @@
 """CPU smoke tests of the benchmark scripts' own logic (their numbers come from the H100)."""
 
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -212,6 +213,41 @@ def test_bench_policy_kernelprefix_turns_the_unpacked_gemm_off_and_back_on():
   with bench_policy._no_unpacked(False):
     assert w4a8.UNPACKED_MIN_TOKENS == threshold
   assert w4a8.UNPACKED_MIN_TOKENS == threshold
+
+
+def test_bench_policy_times_its_entries_interleaved_round_by_round():
+  """Each round runs `repeats` calls of every entry in turn (after one first run each), so a
+  drift of the machine reaches every entry alike; the spread is the range of round medians."""
+  import bench_policy
+  order = []
+
+  def entry(name, seconds):
+    def call(params, obs, rng):
+      order.append(name)
+      time.sleep(seconds)
+      return jnp.zeros(())
+    return call, None
+
+  timed = bench_policy.time_interleaved([entry("a", 0.0), entry("b", 0.02)], None, repeats=2,
+                                        rounds=3)
+  assert order == ["a", "b"] + ["a", "a", "b", "b"] * 3
+  (ms_a, spread_a), (ms_b, spread_b) = timed
+  assert 20 <= ms_b and ms_a < ms_b and 0 <= spread_a and 0 <= spread_b < ms_b
+
+
+def test_bench_policy_compiles_a_policy_ahead_of_time():
+  """The compiled function runs without tracing again: a variant's dispatch overrides need only
+  surround the compilation."""
+  import bench_policy
+  from duquant_jax.models import get_policy, make_observation
+  policy = get_policy("pi0", "demo")
+  params = policy.init(jax.random.key(0))
+  obs = make_observation(policy.cfg, jax.random.key(1), 1)
+  compiled, seconds = bench_policy.compile_policy(policy, params, obs, num_steps=1)
+  assert seconds > 0 and isinstance(compiled, jax.stages.Compiled)
+  actions = compiled(params, obs, jax.random.key(2))
+  assert actions.shape == (1, policy.cfg.action_horizon, policy.cfg.action_dim)
+  assert bool(jnp.all(jnp.isfinite(actions)))
 
 
 def test_weight_only_probe_forms_equal_the_library():

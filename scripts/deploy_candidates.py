@@ -290,3 +290,10 @@ CANDIDATES["fastea8s"] = _with(
     "fast", "fast, expert attention W8 weight-only symmetric",
     LayerRule(pattern=EXPERT_ATTN, weight_bits=8, act_bits=None, smooth_alpha=None,
               rotation="none", permutation="none", rounding="gptq", weight_symmetric=True))
+# The expert attention (q, kv, o) W4A8 with static symmetric scales, as the LLM's linears in
+# `fast`: its stacked int4 weights then take the Mosaic kernel in place in the flow steps, where
+# `fast`'s W8 weight-only codes are sliced out of their stacks for XLA's GEMM at every step.
+CANDIDATES["fastea4"] = _fast(
+    "fast, expert attention W4A8 static",
+    eattn=LayerRule(pattern=EXPERT_ATTN, act_scale="static", act_symmetric=True,
+                    smooth_alpha=None, rotation="none", permutation="none", rounding="gptq"))

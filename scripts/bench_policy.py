@@ -30,7 +30,7 @@ from duquant_jax import runtime
 from duquant_jax.models import ATTENTIONS, Policy, get_policy, make_observation
 from duquant_jax.quantize import quantize_params, summarize
 from duquant_jax.lab.synthetic_stats import synthetic_stats
-from duquant_jax.kernels import w4a8
+from duquant_jax.kernels import dispatch, w4a8, weight_only
 from duquant_jax.runtime import Execution, PackedRuntime
 
 from bench_pack import bench_config, random_params
@@ -215,23 +215,35 @@ def _unfused_mlps(on: bool):
 
 
 @contextlib.contextmanager
-def _no_unpacked(on: bool):
-  """Auto-dispatch never runs the unpacked int8 GEMM (`kernels.w4a8.UNPACKED_MIN_TOKENS`): long
-  prefixes take the Mosaic kernel as shorter ones do."""
-  real = w4a8.UNPACKED_MIN_TOKENS
+def _threshold(module, name: str, value, on: bool):
+  """`module.name` (a dispatch threshold or table read at trace time) set to `value` while `on`."""
+  real = getattr(module, name)
   if on:
-    w4a8.UNPACKED_MIN_TOKENS = 2**62
+    setattr(module, name, value)
   try:
     yield
   finally:
-    w4a8.UNPACKED_MIN_TOKENS = real
+    setattr(module, name, real)
+
+
+# `wopallas`: weight-only matmuls of flow-step size (the W8 expert attention at batch 1) on the
+# Pallas kernel, which reads a stacked weight in place, instead of XLA's GEMM on a slice.
+WEIGHT_ONLY_PALLAS = (dispatch.Rule(
+    regime="bench_policy: Pallas weight-only kernel up to 64 tokens",
+    platforms=frozenset({dispatch.HOPPER, dispatch.OTHER_GPU}),
+    when=lambda p: p.m <= 64 and w4a8._pallas_takes(p.m, p.n, p.k, p.g),
+    implementation="pallas"),)
 
 
 @contextlib.contextmanager
 def _dispatch_overrides(share):
-  """The variant's dispatch overrides (`unfused`, `kernelprefix`) around one timing."""
-  with _unfused_mlps("unfused" in share), _no_unpacked("kernelprefix" in share), \
-      bound_linears():
+  """The variant's dispatch overrides around its compilation: `unfused` (Gemma MLPs as two
+  linears), `kernelprefix` (long prefixes on the Mosaic kernel, never the unpacked int8 GEMM,
+  `kernels.w4a8.UNPACKED_MIN_TOKENS`), `wopallas` (`WEIGHT_ONLY_PALLAS` as
+  `kernels.weight_only.AUTO`)."""
+  with _unfused_mlps("unfused" in share), \
+      _threshold(w4a8, "UNPACKED_MIN_TOKENS", 2**62, "kernelprefix" in share), \
+      _threshold(weight_only, "AUTO", WEIGHT_ONLY_PALLAS, "wopallas" in share), bound_linears():
     yield
 
 
@@ -256,7 +268,7 @@ def _variants_of(args, variants, packed, bound):
       if name in share:  # stacked layer weights read in place or sliced (Execution.stacked_in_place)
         execution["stacked_in_place"] = flag
         transform = f"{transform}/{name}"
-    for name in ("unfused", "kernelprefix"):
+    for name in ("unfused", "kernelprefix", "wopallas"):
       if name in share:
         transform = f"{transform}/{name}"
     out.append((matmul, transform, share, execution, packed_v))
@@ -332,14 +344,16 @@ def main():
                        "all its calls, its spread the range of its round medians")
   ap.add_argument("--json", default=None)
   ap.add_argument("--variants", default="auto/auto",
-                  help="comma list of MATMUL/TRANSFORM[/noshare][/inplace|/sliced][/unfused][/kernelprefix] "
+                  help="comma list of MATMUL/TRANSFORM[/noshare][/inplace|/sliced][/unfused][/kernelprefix][/wopallas] "
                        "dispatch choices for the packed policy (kernels.IMPLEMENTATIONS / "
                        "kernels.TRANSFORM_IMPLEMENTATIONS, or auto for the library's choice; "
                        "noshare: every linear quantizes its input alone; inplace / sliced: "
                        "Execution(stacked_in_place=True / False), stacked layer weights read in "
                        "place at a layer index (the default) or sliced per layer; unfused: Gemma "
                        "MLPs as two linears, not the fused gated_mlp; kernelprefix: long prefixes "
-                       "on the Mosaic kernel, not the unpacked int8 GEMM), "
+                       "on the Mosaic kernel, not the unpacked int8 GEMM; wopallas: weight-only "
+                       "matmuls of up to 64 tokens on the Pallas kernel, reading stacked weights "
+                       "in place), "
                        "e.g. auto/auto,auto/auto/sliced,auto/auto/unfused")
   ap.add_argument("--permutation", default=None, help="override the rules' permutation (e.g. none)")
   ap.add_argument("--unroll", default="off",
@@ -377,8 +391,9 @@ def main():
   tr_ok = ["auto"] + [i for i in kernels.TRANSFORM_IMPLEMENTATIONS if i]
   if any(len(v) < 2 or v[0] not in mm_ok or v[1] not in tr_ok
          or not set(v[2:]) <= {"noshare", "inplace", "sliced", "unfused",
-                                  "kernelprefix"} for v in variants):
-    ap.error(f"--variants must be MATMUL/TRANSFORM[/noshare][/inplace|/sliced][/unfused][/kernelprefix] ({'|'.join(mm_ok)} / {'|'.join(tr_ok)}), "
+                                  "kernelprefix", "wopallas"} for v in variants):
+    ap.error(f"--variants must be MATMUL/TRANSFORM[/noshare][/inplace|/sliced][/unfused]"
+             f"[/kernelprefix][/wopallas] ({'|'.join(mm_ok)} / {'|'.join(tr_ok)}), "
              f"got {args.variants!r}")
   attentions = args.attention.split(",")
   if not set(attentions) <= set(ATTENTIONS):

@@ -204,15 +204,23 @@ def test_bench_policy_xla_option_sets_are_valid_compile_options():
 
 
 
-def test_bench_policy_kernelprefix_turns_the_unpacked_gemm_off_and_back_on():
+def test_bench_policy_dispatch_overrides_apply_and_restore():
+  """kernelprefix: no unpacked int8 GEMM; wopallas: the Pallas weight-only kernel at flow-step
+  sizes on a GPU (never on the CPU); both restored afterwards."""
   import bench_policy
-  from duquant_jax.kernels import w4a8
-  threshold = w4a8.UNPACKED_MIN_TOKENS
-  with bench_policy._no_unpacked(True):
+  from duquant_jax.kernels import dispatch, w4a8, weight_only
+  from duquant_jax.kernels.dispatch import Problem
+  unpacked, table = w4a8.UNPACKED_MIN_TOKENS, weight_only.AUTO
+  step, prefix = (Problem(m=51, k=1024, n=2048, codes=jnp.int8),
+                  Problem(m=816, k=1024, n=2048, codes=jnp.int8))
+  with bench_policy._dispatch_overrides(("kernelprefix", "wopallas")):
     assert w4a8.UNPACKED_MIN_TOKENS > 10**9
-  with bench_policy._no_unpacked(False):
-    assert w4a8.UNPACKED_MIN_TOKENS == threshold
-  assert w4a8.UNPACKED_MIN_TOKENS == threshold
+    assert dispatch.choose(weight_only.AUTO, step, on=dispatch.HOPPER) == "pallas"
+    assert dispatch.choose(weight_only.AUTO, prefix, on=dispatch.HOPPER) == "xla"
+    assert dispatch.choose(weight_only.AUTO, step, on=dispatch.CPU) == "xla"
+  with bench_policy._dispatch_overrides(()):
+    assert (w4a8.UNPACKED_MIN_TOKENS, weight_only.AUTO) == (unpacked, table)
+  assert (w4a8.UNPACKED_MIN_TOKENS, weight_only.AUTO) == (unpacked, table)
 
 
 def test_bench_policy_times_its_entries_interleaved_round_by_round():

@@ -203,20 +203,9 @@ def _configured(policy, unroll, attention):
 
 
 @contextlib.contextmanager
-def _unfused_mlps(on: bool):
-  """Gemma MLPs run as two packed linears (gate/up, then down) instead of `runtime.gated_mlp`."""
-  real = runtime.gated_mlp
-  if on:
-    runtime.gated_mlp = lambda *a: None
-  try:
-    yield
-  finally:
-    runtime.gated_mlp = real
-
-
-@contextlib.contextmanager
-def _threshold(module, name: str, value, on: bool):
-  """`module.name` (a dispatch threshold or table read at trace time) set to `value` while `on`."""
+def _patched_attr(module, name: str, value, on: bool):
+  """`module.name` (a function, threshold or table the library reads at trace time) set to
+  `value` while `on`."""
   real = getattr(module, name)
   if on:
     setattr(module, name, value)
@@ -235,15 +224,21 @@ WEIGHT_ONLY_PALLAS = (dispatch.Rule(
     implementation="pallas"),)
 
 
+# The variants' dispatch flags (`--variants MATMUL/TRANSFORM/FLAG...`), each a `_dispatch_overrides`
+# case.
+DISPATCH_FLAGS = ("unfused", "kernelprefix", "wopallas")
+
+
 @contextlib.contextmanager
 def _dispatch_overrides(share):
   """The variant's dispatch overrides around its compilation: `unfused` (Gemma MLPs as two
-  linears), `kernelprefix` (long prefixes on the Mosaic kernel, never the unpacked int8 GEMM,
-  `kernels.w4a8.UNPACKED_MIN_TOKENS`), `wopallas` (`WEIGHT_ONLY_PALLAS` as
-  `kernels.weight_only.AUTO`)."""
-  with _unfused_mlps("unfused" in share), \
-      _threshold(w4a8, "UNPACKED_MIN_TOKENS", 2**62, "kernelprefix" in share), \
-      _threshold(weight_only, "AUTO", WEIGHT_ONLY_PALLAS, "wopallas" in share), bound_linears():
+  linears, `runtime.gated_mlp` declining), `kernelprefix` (long prefixes on the Mosaic kernel,
+  never the unpacked int8 GEMM, `kernels.w4a8.UNPACKED_MIN_TOKENS`), `wopallas`
+  (`WEIGHT_ONLY_PALLAS` as `kernels.weight_only.AUTO`)."""
+  with _patched_attr(runtime, "gated_mlp", lambda *a: None, "unfused" in share), \
+      _patched_attr(w4a8, "UNPACKED_MIN_TOKENS", 2**62, "kernelprefix" in share), \
+      _patched_attr(weight_only, "AUTO", WEIGHT_ONLY_PALLAS, "wopallas" in share), \
+      bound_linears():
     yield
 
 
@@ -268,7 +263,7 @@ def _variants_of(args, variants, packed, bound):
       if name in share:  # stacked layer weights read in place or sliced (Execution.stacked_in_place)
         execution["stacked_in_place"] = flag
         transform = f"{transform}/{name}"
-    for name in ("unfused", "kernelprefix", "wopallas"):
+    for name in DISPATCH_FLAGS:
       if name in share:
         transform = f"{transform}/{name}"
     out.append((matmul, transform, share, execution, packed_v))
@@ -390,8 +385,8 @@ def main():
   mm_ok = ["auto"] + [i for i in kernels.IMPLEMENTATIONS if i]
   tr_ok = ["auto"] + [i for i in kernels.TRANSFORM_IMPLEMENTATIONS if i]
   if any(len(v) < 2 or v[0] not in mm_ok or v[1] not in tr_ok
-         or not set(v[2:]) <= {"noshare", "inplace", "sliced", "unfused",
-                                  "kernelprefix", "wopallas"} for v in variants):
+         or not set(v[2:]) <= {"noshare", "inplace", "sliced", *DISPATCH_FLAGS}
+         for v in variants):
     ap.error(f"--variants must be MATMUL/TRANSFORM[/noshare][/inplace|/sliced][/unfused]"
              f"[/kernelprefix][/wopallas] ({'|'.join(mm_ok)} / {'|'.join(tr_ok)}), "
              f"got {args.variants!r}")

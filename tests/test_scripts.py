@@ -205,22 +205,26 @@ def test_bench_policy_xla_option_sets_are_valid_compile_options():
 
 
 def test_bench_policy_dispatch_overrides_apply_and_restore():
-  """kernelprefix: no unpacked int8 GEMM; wopallas: the Pallas weight-only kernel at flow-step
-  sizes on a GPU (never on the CPU); both restored afterwards."""
+  """unfused: no fused gated MLP; kernelprefix: no unpacked int8 GEMM; wopallas: the Pallas
+  weight-only kernel at flow-step sizes on a GPU (never on the CPU); all restored afterwards."""
   import bench_policy
+  from duquant_jax import runtime
   from duquant_jax.kernels import dispatch, w4a8, weight_only
   from duquant_jax.kernels.dispatch import Problem
-  unpacked, table = w4a8.UNPACKED_MIN_TOKENS, weight_only.AUTO
+  unpacked, table, gated_mlp = w4a8.UNPACKED_MIN_TOKENS, weight_only.AUTO, runtime.gated_mlp
   step, prefix = (Problem(m=51, k=1024, n=2048, codes=jnp.int8),
                   Problem(m=816, k=1024, n=2048, codes=jnp.int8))
-  with bench_policy._dispatch_overrides(("kernelprefix", "wopallas")):
+  with bench_policy._dispatch_overrides(bench_policy.DISPATCH_FLAGS):
+    assert runtime.gated_mlp(None, None, jnp.ones((2, 4))) is None
     assert w4a8.UNPACKED_MIN_TOKENS > 10**9
     assert dispatch.choose(weight_only.AUTO, step, on=dispatch.HOPPER) == "pallas"
     assert dispatch.choose(weight_only.AUTO, prefix, on=dispatch.HOPPER) == "xla"
     assert dispatch.choose(weight_only.AUTO, step, on=dispatch.CPU) == "xla"
   with bench_policy._dispatch_overrides(()):
     assert (w4a8.UNPACKED_MIN_TOKENS, weight_only.AUTO) == (unpacked, table)
-  assert (w4a8.UNPACKED_MIN_TOKENS, weight_only.AUTO) == (unpacked, table)
+    assert runtime.gated_mlp is gated_mlp
+  assert (w4a8.UNPACKED_MIN_TOKENS, weight_only.AUTO, runtime.gated_mlp) == (unpacked, table,
+                                                                             gated_mlp)
 
 
 def test_bench_policy_times_its_entries_interleaved_round_by_round():

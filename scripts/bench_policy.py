@@ -158,6 +158,8 @@ def time_interleaved(calls, obs, repeats: int, rounds: int) -> list[tuple[float,
   rng = jax.random.key(0)
   for compiled, params in calls:  # first run: allocations, autotuning caches
     jax.block_until_ready(compiled(params, obs, rng))
+  # Every timed call's key, made before any timing: no key derivation inside a timed call.
+  keys = jax.block_until_ready([jax.random.fold_in(rng, i) for i in range(rounds * repeats)])
   times = [[] for _ in calls]
   medians = [[] for _ in calls]
   for r in range(rounds):
@@ -165,7 +167,7 @@ def time_interleaved(calls, obs, repeats: int, rounds: int) -> list[tuple[float,
       ts = []
       for i in range(repeats):
         t = time.perf_counter()
-        jax.block_until_ready(compiled(params, obs, jax.random.fold_in(rng, r * repeats + i)))
+        jax.block_until_ready(compiled(params, obs, keys[r * repeats + i]))
         ts.append(1e3 * (time.perf_counter() - t))
       times[j] += ts
       medians[j].append(float(np.median(ts)))

@@ -50,9 +50,7 @@ class MosaicTiles:
       partials summed by XLA.
     compute_wgs: 1: one warpgroup per CTA loads, upcasts and multiplies in turn (plain pipeline);
       2: warp-specialised, two compute warpgroups (tile_n weight rows each, so a CTA covers
-      2 * tile_n rows) and one that issues the TMA copies. In the gated kernel the two compute
-      warpgroups take the same rows and split K instead (each pipeline step's two tile_k halves),
-      and meet in shared memory before the gelu: half the serial steps per CTA.
+      2 * tile_n rows) and one that issues the TMA copies (the plain kernel only).
   """
   tile_n: int = 128
   tile_m: int = 64
@@ -243,8 +241,8 @@ def gated_w4a8(xq, sx, zx, q, sw, zw, out_scale, out_zero, *, tiles: MosaicTiles
     out_scale, out_zero: (1,) float32 static scale and zero point of the hidden activation's
       int8 quantizer, or with `layer` (L, 1), one per layer (out_zero None: symmetric); the
       kernel reads them as scalars.
-    tiles: a `MosaicTiles` (tile_n rows of gate and of up per CTA, splits = 1; compute_wgs = 2:
-      two warpgroups split K), or None for `gated_tiles`.
+    tiles: a `MosaicTiles` (tile_n rows of gate and of up per CTA, splits = 1, compute_wgs = 1),
+      or None for `gated_tiles`.
     layer: None, or an int32 scalar: q, sw, zw are stacked (L, 2F, K) / (L, 2F, 1) and the
       kernel reads this layer in place.
 
@@ -262,10 +260,11 @@ def gated_w4a8(xq, sx, zx, q, sw, zw, out_scale, out_zero, *, tiles: MosaicTiles
   if q.shape[-2:] != (n, k) or n % 2:
     raise ValueError(f"gate/up weight codes {q.shape} do not match activations {xq.shape} and "
                      f"scales {sw.shape} (an even number of rows: gate then up)")
-  if (g != 1 or f % tiles.tile_n or k % (tiles.tile_k * tiles.compute_wgs) or tiles.splits != 1):
+  if (g != 1 or f % tiles.tile_n or k % tiles.tile_k or tiles.splits != 1
+      or tiles.compute_wgs != 1):
     raise ValueError(f"the gated Mosaic kernel does not take (M, K)={xq.shape} x (2F, K)={q.shape} "
                      f"with {g} scale groups and {tiles} (needs G = 1, F % tile_n == 0, "
-                     f"K % (tile_k * compute_wgs) == 0, no split-K)")
+                     f"K % tile_k == 0, no split-K, compute_wgs = 1)")
   if out_scale.ndim == 2 and layer is None:
     raise ValueError(f"per-layer output scales {out_scale.shape} need a layer index")
   xq8, sw_n, zw_n, act = _operands(xq, sx, zx, sw, zw, tiles, layer)
@@ -341,11 +340,7 @@ def _kernel(xq, q, sw, zw, act, out_q, layer, *, tiles: MosaicTiles, out_dtype, 
   ones_a = (jnp.ones((64, tk), jnp.int8),) if rx_in_kernel else ()
 
   wgs = tiles.compute_wgs
-  # Gated with two compute warpgroups: both take the same tile_n rows, each half of K.
-  k_halves = gated and wgs == 2
-  cta_n = tn if k_halves else wgs * tn  # weight rows per CTA
-  # The K-halves accumulators: gate, up, their weight code sums, the token row sums.
-  acc_shapes = [(tn, tm)] * 2 + [(tn, 8)] * 2 + ([(64, tm)] if rx_in_kernel else [])
+  cta_n = wgs * tn  # weight rows per CTA
   w_spec = plgpu.BlockSpec((cta_n, tk), lambda kk: (0, kk), transforms=w_tr)
   in_specs = [w_spec] * (2 if gated else 1) + [
       plgpu.BlockSpec((tm, tk), lambda kk: (0, kk), transforms=x_tr)]
@@ -423,11 +418,7 @@ def _kernel(xq, q, sw, zw, act, out_q, layer, *, tiles: MosaicTiles, out_dtype, 
     cols_smem, refs = (None, refs) if tensor_scales else (refs[0], refs[1:])
     ones_smem, refs = refs[0], refs[1:]
     ones_a_smem, refs = (refs[0], refs[1:]) if rx_in_kernel else (None, refs)
-    if k_halves:
-      o_smem, bar, refs_x = refs[0], refs[1], refs[2:]
-    else:
-      o_smem, bar = refs
-      refs_x = ()
+    o_smem, bar = refs
 
     ni, mi, si = lax.axis_index("n"), lax.axis_index("m"), lax.axis_index("s")
     li = layer_gmem[0]
@@ -487,58 +478,6 @@ def _kernel(xq, q, sw, zw, act, out_q, layer, *, tiles: MosaicTiles, out_dtype, 
       return
 
     wg = lax.axis_index("wg")
-    if k_halves:
-      # Compute warpgroup h multiplies the h-th tile_k half of every pipeline step into its own
-      # accumulators; warpgroup 1 hands its int32 sums to warpgroup 0 through shared memory
-      # (`refs_x`: one buffer per accumulator, then a barrier), which adds them and runs the
-      # epilogue.
-      exch, xbar = refs_x[:-1], refs_x[-1]
-      xbar = xbar.at[0] if xbar.shape else xbar
-      half = lambda h: lambda kk: (0, 2 * kk + h)
-      w_half = lambda h: plgpu.BlockSpec((tn, tk), half(h), transforms=w_tr)
-      x_half = lambda h: plgpu.BlockSpec((tm, tk), half(h), transforms=x_tr)
-      pl.when(wg == 0)(copy_vectors)
-
-      def step(_, g0, g1, u0, u1, x0, x1, carry):
-        accs, csums = carry[:2], carry[2:4]
-        rx = carry[4] if rx_in_kernel else None
-        for h, (g, u, x) in enumerate(((g0, u0, x0), (g1, u1, x1))):
-          pl.when(wg == h)(lambda g=g, u=u, x=x: mma([g, u], x, ones_smem, ones_a_smem, accs,
-                                                    csums, rx))
-        return carry
-
-      def halves_context(eval_pipeline):
-        def scope(*acc_refs):
-          plgpu.barrier_wait(bar)
-          eval_pipeline(acc_refs)
-
-          @pl.when(wg == 1)
-          def _():
-            for buf, r in zip(exch, acc_refs):
-              buf[...] = r[...]
-            plgpu.barrier_arrive(xbar)
-
-          @pl.when(wg == 0)
-          def _():
-            plgpu.barrier_wait(xbar)
-            total = [r[...] + plgpu.load(buf, (), layout=plgpu.Layout.WGMMA, optimized=False)
-                     for buf, r in zip(exch, acc_refs)]
-            epilogue(total[:2], total[2:4], total[4] if rx_in_kernel else None, rows_smem,
-                     cols_smem, scalars, o_smem, first)
-            plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[si, m_sl, n_sl])
-            plgpu.wait_smem_to_gmem(0)
-        pl.run_scoped(scope, *[plgpu.ACC(shape, jnp.int32) for shape in acc_shapes])
-
-      gate, up = weights(k_sl)
-      x_ref = x_gmem.at[m_sl, k_sl]
-      plgpu.emit_pipeline_warp_specialized(
-          step, grid=(ks // (2 * tk),), memory_registers=40,
-          in_specs=[w_half(0), w_half(1), w_half(0), w_half(1), x_half(0), x_half(1)],
-          wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=tiles.stages,
-          compute_context=halves_context,
-      )(gate, gate, up, up, x_ref, x_ref)
-      return
-
     # Warp-specialised: warpgroups 0..wgs-1 upcast and multiply their tile_n rows of the weight
     # tile, warpgroup `wgs` only issues the TMA copies, so loads run ahead of the MMAs.
     wg_rows = pl.ds(wg * tn, tn)
@@ -565,22 +504,18 @@ def _kernel(xq, q, sw, zw, act, out_q, layer, *, tiles: MosaicTiles, out_dtype, 
         num_compute_wgs=wgs, max_concurrent_steps=tiles.stages, compute_context=compute_context,
     )(w_gmem.at[n_sl, k_sl], x_gmem.at[m_sl, k_sl])
 
-  if gated and (splits != 1 or (wgs == 2 and ks % (2 * tk))):
-    raise ValueError(f"the gated kernel runs without split-K, and with two warpgroups on K in "
-                     f"whole steps of 2 * tile_k, got {tiles} for K={k}")
+  if gated and (splits != 1 or wgs != 1):
+    raise ValueError(f"the gated kernel runs on one warpgroup without split-K, got {tiles}")
   kw = dict(num_threads=wgs + 1, thread_name="wg") if wgs > 1 else {}
   dtype = jnp.float32 if splits > 1 else out_dtype
-  o_tile = (tm, tn) if wgs == 1 or k_halves else (wgs, tm, tn)
-  # K halves: warpgroup 1's accumulators for warpgroup 0, and a barrier.
-  exch = ([plgpu.SMEM(shape, jnp.int32) for shape in acc_shapes]
-          + [plgpu.Barrier(num_arrivals=1)]) if k_halves else []
+  o_tile = (tm, tn) if wgs == 1 else (wgs, tm, tn)
   act = act if tensor_scales else (act,)
   copies = (4 if gated else 2) + (0 if tensor_scales else 1) + 1 + (1 if rx_in_kernel else 0)
   scratch = ([plgpu.SMEM((4 if gated else 2, cta_n), jnp.float32)]
              + ([] if tensor_scales else [plgpu.SMEM((act[0].shape[0], tm), jnp.float32)])
              + [plgpu.SMEM((8, tk), jnp.int8, transforms=x_tr)]
              + ([plgpu.SMEM((64, tk), jnp.int8, transforms=x_tr)] if rx_in_kernel else [])
-             + [plgpu.SMEM(o_tile, dtype), plgpu.Barrier(num_arrivals=copies)] + exch)
+             + [plgpu.SMEM(o_tile, dtype), plgpu.Barrier(num_arrivals=copies)])
   return plgpu.kernel(
       body, out_type=jax.ShapeDtypeStruct((splits, m, n_out), dtype),
       grid=(n_out // cta_n, mp // tm, splits), grid_names=("n", "m", "s"),

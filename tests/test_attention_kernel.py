@@ -80,18 +80,16 @@ def test_kernel_in_bf16_is_as_close_as_the_einsum_form(partial_dtype):
   assert err <= 2 * np.abs(einsum - ref).max()
 
 
-@pytest.mark.parametrize("block_r", [None, 16])
-def test_merge_kernel_equals_the_xla_merge(block_r):
-  """`merge_slices` against the XLA merge's formula, over rows that do not fill the last block
-  (78 rows: one per program by default, or blocks of 16), with one slice whose rows are all far
-  below the others' maxima (weights that underflow)."""
+def test_merge_kernel_equals_the_xla_merge():
+  """`merge_slices` against the XLA merge's formula, over rows that do not fill the last block,
+  with one slice whose rows are all far below the others' maxima (weights that underflow)."""
   ks = jax.random.split(jax.random.key(7), 3)
   o = jax.random.normal(ks[0], (5, 2, 13, 3, 32))
   m = 4.0 * jax.random.normal(ks[1], (5, 2, 13, 3)).at[2].set(-200.0)
   l = jax.random.uniform(ks[2], (5, 2, 13, 3), minval=1.0, maxval=9.0)
   w = (jnp.exp(m - jnp.max(m, axis=0)) * l)[..., None]
   want = np.asarray(jnp.sum(w * o, axis=0) / jnp.sum(w, axis=0))
-  got = np.asarray(A.merge_slices(o, m, l, jnp.float32, block_r=block_r, interpret=True))
+  got = np.asarray(A.merge_slices(o, m, l, jnp.float32, interpret=True))
   assert got.shape == (2, 13, 3, 32)
   np.testing.assert_allclose(got, want, atol=1e-6, rtol=1e-5)
   with pytest.raises(ValueError, match="slice stats"):

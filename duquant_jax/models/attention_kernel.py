@@ -320,9 +320,6 @@ def _attention_kernel_call(q, k, v, mask, *cache, tiles, interpret):
   return (jnp.sum(w * o.astype(jnp.float32), axis=0) / jnp.sum(w, axis=0)).astype(q.dtype)
 
 
-_MERGE_PROGRAMS = 132  # SMs of an H100 / H200
-
-
 def _merge_kernel(o_ref, m_ref, l_ref, out_ref, *, rows, block_r):
   """Rows [i * block_r, + block_r) of P slices: o_ref (P, block_r, H), m_ref / l_ref
   (P, block_r), out_ref (block_r, H)."""
@@ -343,7 +340,7 @@ def _merge_kernel(o_ref, m_ref, l_ref, out_ref, *, rows, block_r):
   plgpu.store(out_ref, (num / den[:, None]).astype(out_ref.dtype), mask=ok_h)
 
 
-def merge_slices(o: jax.Array, m: jax.Array, l: jax.Array, dtype, *, block_r: int | None = None,
+def merge_slices(o: jax.Array, m: jax.Array, l: jax.Array, dtype, *, block_r: int = 16,
                  interpret: bool = False) -> jax.Array:
   """Merge P key slices' attention outputs in one Pallas kernel.
 
@@ -353,9 +350,7 @@ def merge_slices(o: jax.Array, m: jax.Array, l: jax.Array, dtype, *, block_r: in
     o: (P, ..., H) each slice's normalized output; m, l: (P, ...) float32, its running max and
       sum of exponentials.
     dtype: the output's dtype.
-    block_r: rows per program, a power of two; by default the largest up to 16 that still runs
-      `programs` or more programs (the merge reads P float32 rows per output row: at a flow step
-      of batch 1, 14 x 408 rows of 1 KiB, which needs every SM streaming).
+    block_r: rows per program, a power of two.
 
   Returns:
     (..., H) in `dtype`.
@@ -367,8 +362,6 @@ def merge_slices(o: jax.Array, m: jax.Array, l: jax.Array, dtype, *, block_r: in
     raise ValueError(f"slice stats {m.shape} / {l.shape} do not match outputs {o.shape}: "
                      "(P, ...) with o's leading axes")
   rows = int(math.prod(lead))
-  if block_r is None:
-    block_r = 1 << max(0, min(4, (rows // _MERGE_PROGRAMS).bit_length() - 1))
   kernel = functools.partial(_merge_kernel, rows=rows, block_r=block_r)
   out = pl.pallas_call(
       kernel, out_shape=jax.ShapeDtypeStruct((rows, h), dtype), grid=(pl.cdiv(rows, block_r),),

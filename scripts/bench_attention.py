@@ -11,7 +11,6 @@ beside the bf16 einsum form's own.
 Usage (GPU machine, from scripts/):
   PYTHONPATH=.. python3 bench_attention.py                 # default tiles, every shape
   PYTHONPATH=.. python3 bench_attention.py --sweep         # and a few other tilings per shape
-  PYTHONPATH=.. python3 bench_attention.py --merge-kernel  # and the default tiles' Pallas merge
   PYTHONPATH=.. python3 bench_attention.py --shapes flow1 --profile   # each form's GPU kernels
   PYTHONPATH=.. python3 bench_attention.py --shapes flow1 --iters 2   # CPU smoke test (interpret)
 """
@@ -49,7 +48,6 @@ def sweep_tiles(b, t, s):
   out = [base]
   if base.kv_splits > 1:
     out.append(dataclasses.replace(base, partial_dtype="bfloat16"))
-    out.append(dataclasses.replace(base, merge="pallas"))
   for bt, bs, warps, stages in ((64, 128, 8, 1), (32, 64, 4, 2), (64, 32, 4, 3), (16, 64, 4, 2),
                                 (128, 64, 8, 2), (16, 128, 4, 2)):
     splits = max(1, min(-(-s // bs), 128 // (b * HEADS * -(-t // bt))))
@@ -91,8 +89,6 @@ def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   ap.add_argument("--shapes", default=",".join(SHAPES), help=f"comma list of {', '.join(SHAPES)}")
   ap.add_argument("--sweep", action="store_true", help="also time other tilings")
-  ap.add_argument("--merge-kernel", action="store_true",
-                  help="also time the default tiles with the slices merged by a Pallas kernel")
   ap.add_argument("--iters", type=int, default=200, help="calls per timing loop")
   ap.add_argument("--reps", type=int, default=5)
   ap.add_argument("--profile", action="store_true",
@@ -123,11 +119,7 @@ def main():
       return run
 
     forms = [("einsum", form("xla"))]
-    default = A.choose_tiles(b, t, s, HEADS)
-    tilings = sweep_tiles(b, t, s) if args.sweep else [default]
-    if args.merge_kernel and default.kv_splits > 1 and not args.sweep:
-      tilings.append(dataclasses.replace(default, merge="pallas"))
-    for tiles in tilings:
+    for tiles in (sweep_tiles(b, t, s) if args.sweep else [A.choose_tiles(b, t, s, HEADS)]):
       forms.append((str(tiles), form(impl, tiles)))
     timers = [LoopTimer(lambda c, w, fn=fn: fn(c[0], c[1], *w), (q, mask), [kv],
                         jnp.zeros_like(q), args.iters) for _, fn in forms]

@@ -19,9 +19,7 @@ slice it writes the output in q's dtype and layout. With several (`kv_splits`, w
 batch enough programs to fill the GPU) the cache's keys are cut into slices and the step's own keys
 are a slice of their own, so that no program walks more blocks than another; each slice writes its
 normalized output (in `partial_dtype`) and its running max and sum of exponentials, in the output's
-(B, T, N) order, and a merge over the slices follows: XLA's reduction (`merge="xla"`: the slices'
-largest max, then the weighted sum, two fusions) or a second Pallas kernel that does both in one
-pass over the partials (`merge="pallas"`).
+(B, T, N) order, and one XLA reduction over the slices merges them.
 
 The masking follows the einsum form exactly: a masked logit becomes BIG_NEG, so a row that may
 attend to nothing averages every value, as the einsum form's softmax does (merged slices too);
@@ -36,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -59,8 +56,6 @@ class AttentionTiles:
     num_stages: Triton software-pipelining depth of the key loop.
     partial_dtype: dtype of each slice's normalized output when there are several slices
       ("float32" or "bfloat16": half the bytes written and merged, one more rounding).
-    merge: how several slices are merged: "xla" (XLA's reductions) or "pallas" (`merge_slices`,
-      one kernel).
   """
   block_t: int = 64
   block_s: int = 64
@@ -68,7 +63,6 @@ class AttentionTiles:
   num_warps: int = 4
   num_stages: int = 2
   partial_dtype: str = "float32"
-  merge: str = "xla"
 
   def __post_init__(self):
     for name in ("block_t", "block_s"):
@@ -80,8 +74,6 @@ class AttentionTiles:
     if self.partial_dtype not in ("float32", "bfloat16"):
       raise ValueError(f"AttentionTiles.partial_dtype={self.partial_dtype!r} must be 'float32' "
                        "or 'bfloat16'")
-    if self.merge not in ("xla", "pallas"):
-      raise ValueError(f"AttentionTiles.merge={self.merge!r} must be 'xla' or 'pallas'")
 
 
 def choose_tiles(b: int, t: int, s: int, n: int, h: int = 256, *,
@@ -314,66 +306,9 @@ def _attention_kernel_call(q, k, v, mask, *cache, tiles, interpret):
   if not split_out:
     return out
   o, m, l = out  # (P, B, T, N, H), (P, B, T, N), (P, B, T, N)
-  if tiles.merge == "pallas":
-    return merge_slices(o, m, l, q.dtype, interpret=interpret)
   w = (jnp.exp(m - jnp.max(m, axis=0)) * l)[..., None]
   return (jnp.sum(w * o.astype(jnp.float32), axis=0) / jnp.sum(w, axis=0)).astype(q.dtype)
 
 
-def _merge_kernel(o_ref, m_ref, l_ref, out_ref, *, rows, block_r):
-  """Rows [i * block_r, + block_r) of P slices: o_ref (P, block_r, H), m_ref / l_ref
-  (P, block_r), out_ref (block_r, H)."""
-  from jax.experimental import pallas as pl
-  plgpu = triton_api()
-  slices, _, h = o_ref.shape
-  r = pl.program_id(0) * block_r + jax.lax.broadcasted_iota(jnp.int32, (block_r,), 0)
-  ok = r < rows
-  ok_h = jnp.broadcast_to(ok[:, None], (block_r, h))
-  at = lambda ref, p: ref.at[jnp.int32(p)]  # an int32 index: Pallas' load wants a shaped one
-  ms = [plgpu.load(at(m_ref, p), mask=ok, other=0.0) for p in range(slices)]
-  top = functools.reduce(jnp.maximum, ms)
-  num, den = jnp.zeros((block_r, h), jnp.float32), jnp.zeros((block_r,), jnp.float32)
-  for p in range(slices):
-    w = jnp.exp(ms[p] - top) * plgpu.load(at(l_ref, p), mask=ok, other=1.0)
-    num = num + w[:, None] * plgpu.load(at(o_ref, p), mask=ok_h, other=0.0).astype(jnp.float32)
-    den = den + w
-  plgpu.store(out_ref, (num / den[:, None]).astype(out_ref.dtype), mask=ok_h)
-
-
-def merge_slices(o: jax.Array, m: jax.Array, l: jax.Array, dtype, *, block_r: int = 16,
-                 interpret: bool = False) -> jax.Array:
-  """Merge P key slices' attention outputs in one Pallas kernel.
-
-  out = sum_p w_p o_p / sum_p w_p, w_p = exp(m_p - max_p m_p) l_p, per row (as the XLA merge).
-
-  Args:
-    o: (P, ..., H) each slice's normalized output; m, l: (P, ...) float32, its running max and
-      sum of exponentials.
-    dtype: the output's dtype.
-    block_r: rows per program, a power of two.
-
-  Returns:
-    (..., H) in `dtype`.
-  """
-  from jax.experimental import pallas as pl
-  plgpu = triton_api()
-  slices, *lead, h = o.shape
-  if m.shape != (slices, *lead) or l.shape != m.shape:
-    raise ValueError(f"slice stats {m.shape} / {l.shape} do not match outputs {o.shape}: "
-                     "(P, ...) with o's leading axes")
-  rows = int(math.prod(lead))
-  kernel = functools.partial(_merge_kernel, rows=rows, block_r=block_r)
-  out = pl.pallas_call(
-      kernel, out_shape=jax.ShapeDtypeStruct((rows, h), dtype), grid=(pl.cdiv(rows, block_r),),
-      in_specs=[pl.BlockSpec((slices, block_r, h), lambda i: (0, i, 0)),
-                pl.BlockSpec((slices, block_r), lambda i: (0, i)),
-                pl.BlockSpec((slices, block_r), lambda i: (0, i))],
-      out_specs=pl.BlockSpec((block_r, h), lambda i: (i, 0)),
-      compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
-      interpret=interpret, name="mq_attention_merge",
-  )(o.reshape(slices, rows, h), m.reshape(slices, rows), l.reshape(slices, rows))
-  return out.reshape(*lead, h)
-
-
 __all__ = ["AttentionTiles", "BIG_NEG", "IMPLEMENTATIONS", "attention", "choose_tiles",
-           "einsum_attention", "merge_slices", "reference"]
+           "einsum_attention", "reference"]

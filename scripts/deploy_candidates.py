@@ -297,3 +297,16 @@ CANDIDATES["fastea4"] = _fast(
     "fast, expert attention W4A8 static",
     eattn=LayerRule(pattern=EXPERT_ATTN, act_scale="static", act_symmetric=True,
                     smooth_alpha=None, rotation="none", permutation="none", rounding="gptq"))
+# SigLIP's W4 weight-only codes with a scale and zero point per group of input channels (GPTQ as
+# `fast`'s SigLIP rule): SigLIP's attention projections are `fast`'s worst layers on the demo, and
+# weight-only groups cost no activation work, only the dequantization XLA fuses into the prefix's
+# GEMMs. fc2's input (4304 wide at full size, 16 x 269) only divides into groups of 16.
+_SIG_G = lambda pat, g: dataclasses.replace(  # noqa: E731
+    _SIG_RULE, pattern=pat, weight_granularity="group", group_size=g)
+SIG_FC2 = pattern(("fc2",))
+CANDIDATES.update({
+    "fastsag16": _with("fast", "fast, SigLIP attention W4 groups of 16", _SIG_G(SIG_ATT, 16)),
+    "fastsigg16": _with("fast", "fast, SigLIP W4 groups of 16", _SIG_G(SIG, 16)),
+    "fastsigg32": _with("fast", "fast, SigLIP W4 groups of 32 (fc2 of 16)",
+                        _SIG_G(SIG_FC2, 16), _SIG_G(SIG, 32)),
+})

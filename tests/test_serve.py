@@ -336,3 +336,20 @@ def test_cli_serve_refusals(demo_ckpt, tmp_path, capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith("error: ") and msg in err, (args, err)
     assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("flags,unrolled", [([], True), (["--scan-layers"], False)])
+def test_cli_serve_unrolls_the_layers_unless_asked_to_scan(monkeypatch, tmp_path, flags, unrolled):
+  """`serve` builds an unrolled policy by default (its latency, BENCHMARKS.md), a scanned one on
+  `--scan-layers`."""
+  from duquant_jax.cli import serve as serve_cli
+  seen = {}
+
+  def fake_build_runner(ckpt, **kwargs):
+    seen.update(kwargs)
+    raise ValueError("stop before compiling")
+
+  monkeypatch.setattr(serve_cli, "build_runner", fake_build_runner)
+  with pytest.raises(SystemExit) as e:
+    main(["serve", str(tmp_path), "--port", "0", *flags])
+  assert e.value.code == 2 and seen["unroll_layers"] is unrolled

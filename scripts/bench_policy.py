@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import functools
 import json
+import math
 import time
 
 import flax.struct
@@ -228,16 +229,31 @@ WEIGHT_ONLY_PALLAS = (dispatch.Rule(
 
 # The variants' dispatch flags (`--variants MATMUL/TRANSFORM/FLAG...`), each a `_dispatch_overrides`
 # case.
-DISPATCH_FLAGS = ("unfused", "kernelprefix", "wopallas")
+DISPATCH_FLAGS = ("unfused", "flowunfused", "kernelprefix", "wopallas")
+# `flowunfused`: the flow steps' MLPs (up to this many tokens) as two linears, the prefix's fused.
+FLOW_TOKENS = 64
+_FLAG_SYNTAX = "".join(f"[/{f}]" for f in DISPATCH_FLAGS)
+
+
+def _gated_mlp_above(tokens: int):
+  """`runtime.gated_mlp` declining MLPs of up to `tokens` tokens (two linears run there)."""
+  fused = runtime.gated_mlp
+
+  def gated_mlp(w_gating, w_linear, x, *rest):
+    return None if math.prod(x.shape[:-1]) <= tokens else fused(w_gating, w_linear, x, *rest)
+  return gated_mlp
 
 
 @contextlib.contextmanager
 def _dispatch_overrides(share):
   """The variant's dispatch overrides around its compilation: `unfused` (Gemma MLPs as two
-  linears, `runtime.gated_mlp` declining), `kernelprefix` (long prefixes on the Mosaic kernel,
-  never the unpacked int8 GEMM, `kernels.w4a8.UNPACKED_MIN_TOKENS`), `wopallas`
-  (`WEIGHT_ONLY_PALLAS` as `kernels.weight_only.AUTO`)."""
-  with _patched_attr(runtime, "gated_mlp", lambda *a: None, "unfused" in share), \
+  linears, `runtime.gated_mlp` declining), `flowunfused` (the same up to `FLOW_TOKENS` tokens),
+  `kernelprefix` (long prefixes on the Mosaic kernel, never the unpacked int8 GEMM,
+  `kernels.w4a8.UNPACKED_MIN_TOKENS`), `wopallas` (`WEIGHT_ONLY_PALLAS` as
+  `kernels.weight_only.AUTO`)."""
+  declining = (lambda *a: None) if "unfused" in share else _gated_mlp_above(FLOW_TOKENS)
+  with _patched_attr(runtime, "gated_mlp", declining,
+                     "unfused" in share or "flowunfused" in share), \
       _patched_attr(w4a8, "UNPACKED_MIN_TOKENS", 2**62, "kernelprefix" in share), \
       _patched_attr(weight_only, "AUTO", WEIGHT_ONLY_PALLAS, "wopallas" in share), \
       bound_linears():
@@ -341,13 +357,15 @@ def main():
                        "all its calls, its spread the range of its round medians")
   ap.add_argument("--json", default=None)
   ap.add_argument("--variants", default="auto/auto",
-                  help="comma list of MATMUL/TRANSFORM[/noshare][/inplace|/sliced][/unfused][/kernelprefix][/wopallas] "
+                  help=f"comma list of MATMUL/TRANSFORM[/noshare][/inplace|/sliced]{_FLAG_SYNTAX} "
                        "dispatch choices for the packed policy (kernels.IMPLEMENTATIONS / "
                        "kernels.TRANSFORM_IMPLEMENTATIONS, or auto for the library's choice; "
                        "noshare: every linear quantizes its input alone; inplace / sliced: "
                        "Execution(stacked_in_place=True / False), stacked layer weights read in "
                        "place at a layer index (the default) or sliced per layer; unfused: Gemma "
-                       "MLPs as two linears, not the fused gated_mlp; kernelprefix: long prefixes "
+                       "MLPs as two linears, not the fused gated_mlp; flowunfused: the same for "
+                       f"MLPs of up to {FLOW_TOKENS} tokens (the flow steps at batch 1); "
+                       "kernelprefix: long prefixes "
                        "on the Mosaic kernel, not the unpacked int8 GEMM; wopallas: weight-only "
                        "matmuls of up to 64 tokens on the Pallas kernel, reading stacked weights "
                        "in place), "
@@ -389,8 +407,8 @@ def main():
   if any(len(v) < 2 or v[0] not in mm_ok or v[1] not in tr_ok
          or not set(v[2:]) <= {"noshare", "inplace", "sliced", *DISPATCH_FLAGS}
          for v in variants):
-    ap.error(f"--variants must be MATMUL/TRANSFORM[/noshare][/inplace|/sliced][/unfused]"
-             f"[/kernelprefix][/wopallas] ({'|'.join(mm_ok)} / {'|'.join(tr_ok)}), "
+    ap.error(f"--variants must be MATMUL/TRANSFORM[/noshare][/inplace|/sliced]{_FLAG_SYNTAX} "
+             f"({'|'.join(mm_ok)} / {'|'.join(tr_ok)}), "
              f"got {args.variants!r}")
   attentions = args.attention.split(",")
   if not set(attentions) <= set(ATTENTIONS):

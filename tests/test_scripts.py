@@ -227,6 +227,21 @@ def test_bench_policy_dispatch_overrides_apply_and_restore():
                                                                              gated_mlp)
 
 
+def test_bench_policy_flowunfused_declines_only_flow_step_mlps(monkeypatch):
+  """flowunfused: MLPs of up to FLOW_TOKENS tokens as two linears, longer ones (the prefix) fused;
+  with unfused too, every MLP as two linears."""
+  import bench_policy
+  from duquant_jax import runtime
+  monkeypatch.setattr(runtime, "gated_mlp", lambda w_gating, w_linear, x, *rest: "fused")
+  flow, prefix = jnp.ones((1, 51, 8)), jnp.ones((1, 816, 8))
+  with bench_policy._dispatch_overrides(("flowunfused",)):
+    assert runtime.gated_mlp(None, None, flow) is None
+    assert runtime.gated_mlp(None, None, prefix, 3) == "fused"
+  with bench_policy._dispatch_overrides(("flowunfused", "unfused")):
+    assert runtime.gated_mlp(None, None, prefix) is None
+  assert runtime.gated_mlp(None, None, flow) == "fused"
+
+
 def test_bench_policy_times_its_entries_interleaved_round_by_round():
   """Each round runs `repeats` calls of every entry in turn (after one first run each), so a
   drift of the machine reaches every entry alike; the spread is the range of round medians."""

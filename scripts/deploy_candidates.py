@@ -16,6 +16,7 @@ SIG_MLP = pattern(("fc1", "fc2"))
 SIG_OUT = pattern(("out",))
 HEAD = r"PaliGemma/img/head/kernel"
 SIG_FC1 = pattern(("fc1",))
+SIG_FC2 = pattern(("fc2",))
 ADARMS = r"PaliGemma/llm/(layers/)?(pre_attention_norm_1|pre_ffw_norm_1|final_norm_1)/Dense_0/kernel"
 best = dict(block_size=16)
 rtn = dict(rotation="none", permutation="none", smooth_alpha=None)
@@ -303,7 +304,6 @@ CANDIDATES["fastea4"] = _fast(
 # GEMMs. fc2's input (4304 wide at full size, 16 x 269) only divides into groups of 16.
 _SIG_G = lambda pat, g: dataclasses.replace(  # noqa: E731
     _SIG_RULE, pattern=pat, weight_granularity="group", group_size=g)
-SIG_FC2 = pattern(("fc2",))
 CANDIDATES.update({
     "fastsag16": _with("fast", "fast, SigLIP attention W4 groups of 16", _SIG_G(SIG_ATT, 16)),
     "fastsigg16": _with("fast", "fast, SigLIP W4 groups of 16", _SIG_G(SIG, 16)),

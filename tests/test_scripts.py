@@ -290,3 +290,16 @@ def test_weight_only_probe_forms_equal_the_library():
     want = np.asarray(xla.weight_only_matmul(x, q, sw, zw, fold_zero=False))
     for form in (probe_weight_only.plain_2d, probe_weight_only.copied_2d):
       np.testing.assert_allclose(np.asarray(form(x, q, sw, zw)), want, rtol=1e-5, atol=1e-5)
+
+
+def test_lower_policy_lowers_for_cuda_on_the_cpu(monkeypatch):
+  """Policies lowered for CUDA from this CPU machine: the demo's attention kernels' Triton calls,
+  and with Hopper dispatch forced, the full-size `fast` pi0's Mosaic kernels too (the demo's
+  widths are below the kernels' shapes)."""
+  import lower_policy
+  from duquant_jax.kernels import dispatch
+  bf16 = lower_policy.lower_for_cuda("pi0", "demo", "bf16", 1, False)
+  assert bf16["triton_kernels"] >= 1 and bf16["mosaic_kernels"] == 0
+  monkeypatch.setattr(dispatch, "platform", lambda: dispatch.HOPPER)
+  fast = lower_policy.lower_for_cuda("pi0", "full", "fast", 1, False)
+  assert fast["mosaic_kernels"] >= 1 and fast["trace_s"] > 0 and fast["lower_s"] > 0

@@ -95,6 +95,10 @@ class LayerRule:
   gptq_damp: float = 0.01
   # GPTQ's lazy-batch width (columns rounded before one matmul updates the rest).
   gptq_block: int = 128
+  # GPTQ's act-order: round the input channels by descending Hessian diagonal instead of in
+  # channel order (`gptq.act_order`); the codes are stored in channel order, so it costs nothing
+  # at run time.
+  gptq_act_order: bool = False
 
   def __post_init__(self):
     try:
@@ -143,6 +147,9 @@ class LayerRule:
                        f"{ROUNDINGS}")
     if not 0.0 < self.gptq_damp <= 1.0:
       raise ValueError(f"rule {self.pattern!r}: gptq_damp must be in (0, 1], got {self.gptq_damp!r}")
+    if not isinstance(self.gptq_act_order, bool):
+      raise ValueError(f"rule {self.pattern!r}: gptq_act_order must be a bool, got "
+                       f"{self.gptq_act_order!r}")
     if not isinstance(self.gptq_block, int) or self.gptq_block < 1:
       raise ValueError(f"rule {self.pattern!r}: gptq_block must be an int >= 1, got "
                        f"{self.gptq_block!r}")

@@ -143,8 +143,16 @@ def gptq_codes_dense(w: jax.Array, u: jax.Array, scale: jax.Array, zero: Optiona
   return codes
 
 
+def act_order(h: jax.Array) -> jax.Array:
+  """GPTQ's act-order of one Hessian block h (HB, HB): its columns by descending diagonal (the
+  input channels with the most energy rounded first, while the most columns remain to absorb
+  their error), ties in channel order -> (HB,) int32 permutation."""
+  return jnp.argsort(-jnp.diag(h), stable=True).astype(jnp.int32)
+
+
 def gptq_codes(w: jax.Array, h: jax.Array, scale: jax.Array, zero: Optional[jax.Array], *,
-               qmin: int, qmax: int, damp: float = 0.01, block: int = 128) -> jax.Array:
+               qmin: int, qmax: int, damp: float = 0.01, block: int = 128,
+               ordered: bool = False) -> jax.Array:
   """GPTQ codes of w (N, K) for fixed scales (N, G) / zero points (N, G) or None.
 
   Args:
@@ -154,6 +162,8 @@ def gptq_codes(w: jax.Array, h: jax.Array, scale: jax.Array, zero: Optional[jax.
     scale, zero: (N, G) as from `numerics.quantize_weight`; group g covers columns
       [g K/G, (g+1) K/G).
     qmin, qmax: the integer range; damp: GPTQ's percdamp; block: lazy-batch width.
+    ordered: round each Hessian block's columns in `act_order` (the codes come back in channel
+      order, so storage and the matmul are unchanged; the scales stay fixed per channel).
 
   Returns:
     (N, K) float32 integer-valued codes, dequantized as scale * (codes - zero) per group.
@@ -165,8 +175,17 @@ def gptq_codes(w: jax.Array, h: jax.Array, scale: jax.Array, zero: Optional[jax.
   g = scale.shape[-1]
   per_col = lambda a: None if a is None else jnp.repeat(a.astype(jnp.float32), k // g, axis=1)
   s, z = per_col(scale), per_col(zero)
-  u = jax.vmap(lambda hh: inverse_cholesky(hh, damp))(h)
   cols = lambda a: None if a is None else a.reshape(n, nb, hb).transpose(1, 0, 2)
-  run = lambda wb, ub, sb, zb: gptq_codes_dense(wb, ub, sb, zb, qmin=qmin, qmax=qmax, block=block)
-  codes = jax.vmap(run, in_axes=(0, 0, 0, None if z is None else 0))(cols(w), u, cols(s), cols(z))
+
+  def run(hh, wb, sb, zb):
+    if not ordered:
+      return gptq_codes_dense(wb, inverse_cholesky(hh, damp), sb, zb, qmin=qmin, qmax=qmax,
+                              block=block)
+    p = act_order(hh)
+    take = lambda a: None if a is None else a[:, p]
+    codes = gptq_codes_dense(take(wb), inverse_cholesky(hh[p][:, p], damp), take(sb), take(zb),
+                             qmin=qmin, qmax=qmax, block=block)
+    return codes[:, jnp.argsort(p)]
+
+  codes = jax.vmap(run, in_axes=(0, 0, 0, None if z is None else 0))(h, cols(w), cols(s), cols(z))
   return codes.transpose(1, 0, 2).reshape(n, k)

@@ -71,6 +71,7 @@ _OVERRIDES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "wsym": ("weight_symmetric", lambda v: {"on": True, "off": False}[v.lower()]),
     "asym": ("act_symmetric", lambda v: {"on": True, "off": False}[v.lower()]),
     "round": ("rounding", lambda v: {"nearest": "nearest", "gptq": "gptq"}[v.lower()]),
+    "actorder": ("gptq_act_order", lambda v: {"on": True, "off": False}[v.lower()]),
 }
 # Overrides of the whole config: attention balancing (`duquant_jax.attention_balance`).
 _ATTN_LEVERS = {"temp": dict(temperature=True, output=False),

@@ -218,7 +218,7 @@ def _pack_one(w_l, t_l, r_l, x_l, h_l, *, layout, rule, rows, cols):
       h_l = transform_hessian(h_l, apply, h_l.shape[0])
     qmin, qmax = qrange(rule.weight_bits, rule.weight_symmetric)
     codes = gptq_codes(w2.T, h_l, scale, zero, qmin=qmin, qmax=qmax, damp=rule.gptq_damp,
-                       block=rule.gptq_block)
+                       block=rule.gptq_block, ordered=rule.gptq_act_order)
   return codes.astype(codes_dtype(rule.weight_bits)), scale, zero
 
 

@@ -310,3 +310,16 @@ CANDIDATES.update({
     "fastsigg32": _with("fast", "fast, SigLIP W4 groups of 32 (fc2 of 16)",
                         _SIG_G(SIG_FC2, 16), _SIG_G(SIG, 32)),
 })
+# GPTQ's act-order on every rule that rounds with GPTQ (the codes stored in channel order: no
+# run-time cost): the massive input channels (the down projections' hidden unit) rounded first.
+def _act_order(key: str, name: str) -> QuantConfig:
+  cfg = resolve(key)
+  return dataclasses.replace(cfg, name=name, rules=tuple(
+      dataclasses.replace(r, gptq_act_order=True) if r.rounding == "gptq" else r
+      for r in cfg.rules))
+
+
+CANDIDATES.update({
+    "fastao": _act_order("fast", "fast, GPTQ act-order"),
+    "recao": _act_order("recommended", "recommended, GPTQ act-order"),
+})

@@ -60,11 +60,30 @@ def bench_config(preset: str, all_linears: bool):
   return cfg
 
 
+def speed_only(cfg):
+  """`cfg` without the weight clip search and with round-to-nearest in place of GPTQ: the same
+  program and bytes, other codes, packed in a fraction of the time (the speed scripts'
+  `--no-clip-search`)."""
+  return dataclasses.replace(cfg, rules=tuple(
+      dataclasses.replace(r, clip_search=False, rounding="nearest") for r in cfg.rules))
+
+
+def bf16_shapes(policy):
+  """The policy's params as bf16 shape structs (nothing allocated)."""
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.bfloat16), policy.param_shapes())
+
+
+def abstract_pack(shapes, cfg):
+  """The packed tree's shape structs, by jax.eval_shape of `quantize_params` on synthetic stats
+  of the param shapes `shapes`: nothing allocated, nothing packed."""
+  return jax.eval_shape(lambda p: quantize_params(p, cfg, synthetic_stats(p)), shapes)
+
+
 def abstract_summary(policy, cfg):
   """(summarize(), device bytes) of the packed tree of bf16 params, by jax.eval_shape (nothing
   allocated). Device bytes count every leaf in its real dtype (int4 as half a byte)."""
-  shapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.bfloat16), policy.param_shapes())
-  packed = jax.eval_shape(lambda p: quantize_params(p, cfg, synthetic_stats(p)), shapes)
+  shapes = bf16_shapes(policy)
+  packed = abstract_pack(shapes, cfg)
   return summarize(packed), tree_nbytes(packed), tree_nbytes(shapes)
 
 

@@ -34,7 +34,7 @@ from duquant_jax.lab.synthetic_stats import synthetic_stats
 from duquant_jax.kernels import dispatch, w4a8, weight_only
 from duquant_jax.runtime import Execution, PackedRuntime
 
-from bench_pack import bench_config, random_params
+from bench_pack import bench_config, random_params, speed_only
 from duquant_jax.packed import PackedLinear
 from duquant_jax.packed import tree_nbytes as tree_bytes
 
@@ -218,20 +218,21 @@ def _patched_attr(module, name: str, value, on: bool):
     setattr(module, name, real)
 
 
+# Tokens of a flow step's matmuls at batch 1 (the suffix's 50-51 tokens), up to which `flowunfused`
+# runs the MLPs as two linears and `wopallas` the weight-only matmuls on the Pallas kernel.
+FLOW_TOKENS = 64
 # `wopallas`: weight-only matmuls of flow-step size (the W8 expert attention at batch 1) on the
 # Pallas kernel, which reads a stacked weight in place, instead of XLA's GEMM on a slice.
 WEIGHT_ONLY_PALLAS = (dispatch.Rule(
-    regime="bench_policy: Pallas weight-only kernel up to 64 tokens",
+    regime=f"bench_policy: Pallas weight-only kernel up to {FLOW_TOKENS} tokens",
     platforms=frozenset({dispatch.HOPPER, dispatch.OTHER_GPU}),
-    when=lambda p: p.m <= 64 and w4a8._pallas_takes(p.m, p.n, p.k, p.g),
+    when=lambda p: p.m <= FLOW_TOKENS and w4a8._pallas_takes(p.m, p.n, p.k, p.g),
     implementation="pallas"),)
 
 
 # The variants' dispatch flags (`--variants MATMUL/TRANSFORM/FLAG...`), each a `_dispatch_overrides`
 # case.
 DISPATCH_FLAGS = ("unfused", "flowunfused", "kernelprefix", "wopallas")
-# `flowunfused`: the flow steps' MLPs (up to this many tokens) as two linears, the prefix's fused.
-FLOW_TOKENS = 64
 _FLAG_SYNTAX = "".join(f"[/{f}]" for f in DISPATCH_FLAGS)
 
 
@@ -367,8 +368,8 @@ def main():
                        f"MLPs of up to {FLOW_TOKENS} tokens (the flow steps at batch 1); "
                        "kernelprefix: long prefixes "
                        "on the Mosaic kernel, not the unpacked int8 GEMM; wopallas: weight-only "
-                       "matmuls of up to 64 tokens on the Pallas kernel, reading stacked weights "
-                       "in place), "
+                       f"matmuls of up to {FLOW_TOKENS} tokens on the Pallas kernel, reading "
+                       "stacked weights in place), "
                        "e.g. auto/auto,auto/auto/sliced,auto/auto/unfused")
   ap.add_argument("--permutation", default=None, help="override the rules' permutation (e.g. none)")
   ap.add_argument("--unroll", default="off",
@@ -425,8 +426,7 @@ def main():
     for preset in args.preset.split(","):
       cfg = bench_config(preset, args.all_linears)
       if args.no_clip_search:
-        cfg = dataclasses.replace(cfg, rules=tuple(
-            dataclasses.replace(r, clip_search=False, rounding="nearest") for r in cfg.rules))
+        cfg = speed_only(cfg)
       if args.permutation is not None:
         cfg = dataclasses.replace(cfg, rules=tuple(
             dataclasses.replace(r, permutation=args.permutation) for r in cfg.rules))

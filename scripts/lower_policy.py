@@ -13,7 +13,6 @@ Usage: PYTHONPATH=.. python3 lower_policy.py [--model pi0] [--size full] [--pres
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import re
 import sys
 import time
@@ -22,13 +21,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 
-from bench_pack import bench_config  # noqa: E402
+from bench_pack import abstract_pack, bench_config, bf16_shapes, speed_only  # noqa: E402
 from duquant_jax.kernels import dispatch  # noqa: E402
-from duquant_jax.lab.synthetic_stats import synthetic_stats  # noqa: E402
 from duquant_jax.models import Policy, get_policy, make_observation  # noqa: E402
-from duquant_jax.quantize import quantize_params  # noqa: E402
 from duquant_jax.runtime import PackedRuntime  # noqa: E402
 
 TRITON = "__gpu$xla.gpu.triton"
@@ -39,13 +35,9 @@ def lower_for_cuda(model: str, size: str, preset: str, batch: int, unroll: bool)
   and the kernel custom calls in its text (a nested jit is emitted once, however often it is
   called)."""
   policy = get_policy(model, size, unroll_layers=unroll, attention="pallas")
-  params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.bfloat16),
-                        policy.param_shapes())
+  params = bf16_shapes(policy)
   if preset != "bf16":
-    cfg = bench_config(preset, False)
-    cfg = dataclasses.replace(cfg, rules=tuple(
-        dataclasses.replace(r, clip_search=False, rounding="nearest") for r in cfg.rules))
-    params = jax.eval_shape(lambda p: quantize_params(p, cfg, synthetic_stats(p)), params)
+    params = abstract_pack(params, speed_only(bench_config(preset, False)))
     policy = Policy(policy.cfg, PackedRuntime())
   obs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
                      make_observation(policy.cfg, jax.random.key(1), batch))

@@ -16,7 +16,6 @@ Usage (GPU): cd scripts && PYTHONPATH=.. python profile_policy.py [--model pi0] 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import collections
 import glob
 import json
@@ -32,7 +31,7 @@ from duquant_jax.quantize import quantize_params
 from duquant_jax.lab.synthetic_stats import synthetic_stats
 from duquant_jax.runtime import Execution, PackedRuntime
 
-from bench_pack import bench_config, random_params
+from bench_pack import bench_config, random_params, speed_only
 
 
 def device_events(path):
@@ -169,8 +168,7 @@ def main():
   params = jax.block_until_ready(random_params(policy))
   cfg = bench_config(args.preset, False)
   if args.no_clip_search:
-    cfg = dataclasses.replace(cfg, rules=tuple(
-        dataclasses.replace(r, clip_search=False, rounding="nearest") for r in cfg.rules))
+    cfg = speed_only(cfg)
   packed = jax.block_until_ready(quantize_params(params, cfg, synthetic_stats(params)))
   out = {}
   trees = [] if args.no_bf16 else [("bf16", jax.jit(policy.sample_actions), params)]

@@ -57,12 +57,6 @@ def sweep_tiles(b, t, s):
                                num_stages=stages)
       if tiles not in out:
         out.append(tiles)
-  # The heads of the kv head folded into the rows of a tile (block_t rows of T * N).
-  for bt, bs, warps, stages in ((64, 32, 4, 3), (128, 32, 8, 2), (128, 64, 8, 2)):
-    splits = max(1, min(-(-s // bs), 128 // (b * KV_HEADS * -(-t * HEADS // bt))))
-    for sk in sorted({splits, max(1, splits // 2), min(-(-s // bs), 2 * splits)}):
-      out.append(A.AttentionTiles(block_t=bt, block_s=bs, kv_splits=sk, num_warps=warps,
-                                  num_stages=stages, fold_heads=True))
   return out
 
 

@@ -14,9 +14,7 @@ probabilities x V, a reduction; about 18 us together), which the flow steps pay 
 action chunk (device profile, `results/h100_2026-12-06b/run2/profile_pi0.json`). This kernel is
 one program per (batch, query head, tile of T, slice of the keys): it walks its keys in blocks
 with the online softmax of flash attention, reading q, k, v and the mask in their own layouts, and
-a KV cache where it lies, so nothing is concatenated, transposed or padded around it
-(`AttentionTiles.fold_heads` makes the rows of a tile the (token, head) pairs of one kv head
-instead, so that the G heads sharing it read each key block once). With one
+a KV cache where it lies, so nothing is concatenated, transposed or padded around it. With one
 slice it writes the output in q's dtype and layout. With several (`kv_splits`, which give a small
 batch enough programs to fill the GPU) the cache's keys are cut into slices and the step's own keys
 are a slice of their own, so that no program walks more blocks than another; each slice writes its
@@ -58,9 +56,6 @@ class AttentionTiles:
     num_stages: Triton software-pipelining depth of the key loop.
     partial_dtype: dtype of each slice's normalized output when there are several slices
       ("float32" or "bfloat16": half the bytes written and merged, one more rounding).
-    fold_heads: the G query heads of a kv head as rows of one query tile (rows t * G + g): a
-      program then reads each key block once for block_t (token, head) rows, where one program per
-      head reads it G times; block_t then counts rows, not tokens.
   """
   block_t: int = 64
   block_s: int = 64
@@ -68,7 +63,6 @@ class AttentionTiles:
   num_warps: int = 4
   num_stages: int = 2
   partial_dtype: str = "float32"
-  fold_heads: bool = False
 
   def __post_init__(self):
     for name in ("block_t", "block_s"):
@@ -270,23 +264,6 @@ def _kernel(*refs, t, s0, s1, chunk, tiles, split_out, has_cache):
 
 @functools.partial(jax.jit, static_argnames=("tiles", "interpret"))
 def _attention_kernel_call(q, k, v, mask, *cache, tiles, interpret):
-  b, t, n, h = q.shape
-  kh = k.shape[2]
-  g = n // kh
-  s = k.shape[1] + (cache[0].shape[1] if cache else 0)
-  tiles = tiles or choose_tiles(b, t, s, n, h)
-  if not (tiles.fold_heads and g > 1):
-    return _pallas_attention(q, k, v, mask, *cache, tiles=tiles, interpret=interpret)
-  # Query head n = k * G + g; rows t * G + g of kv head k, each with its token's mask row. The
-  # reshapes fuse into the ops that produce q and consume the output.
-  qf = q.reshape(b, t, kh, g, h).swapaxes(2, 3).reshape(b, t * g, kh, h)
-  mf = jnp.broadcast_to(mask[:, :, None], (b, t, g, s)).reshape(b, t * g, s)
-  out = _pallas_attention(qf, k, v, mf, *cache, tiles=tiles, interpret=interpret)
-  return out.reshape(b, t, g, kh, h).swapaxes(2, 3).reshape(b, t, n, h)
-
-
-def _pallas_attention(q, k, v, mask, *cache, tiles, interpret):
-  """The kernel on q (B, T, N, H) as given: one program per (batch, head, tile of T, slice)."""
   from jax.experimental import pallas as pl
   plgpu = triton_api()
   b, t, n, h = q.shape
@@ -296,6 +273,7 @@ def _pallas_attention(q, k, v, mask, *cache, tiles, interpret):
   # The sliced keys: the cache's when there is one (its own slice for the new keys).
   sliced = cache if has_cache else (k, v)
   s0, s1 = sliced[0].shape[1], (k.shape[1] if has_cache else 0)
+  tiles = tiles or choose_tiles(b, t, s0 + s1, n, h)
   bt = tiles.block_t
   chunk = -(-(-(-s0 // tiles.kv_splits)) // tiles.block_s) * tiles.block_s  # whole blocks
   splits = -(-s0 // chunk) + (has_cache and tiles.kv_splits > 1)

@@ -10,7 +10,9 @@ a value on a .5 boundary differently), then the time per call in one jitted loop
 - `fused`: the gated kernel, (M, F) int8 codes straight out of the MMA registers;
 - `unpacked`: `gated.reference` on an unpacked int8 copy of the weight (XLA's int8 GEMM, the
   float32 (M, 2F) product through memory); `unpacked_split`: gate and up as two such GEMMs to
-  bf16, then gelu * up and the quantizer.
+  bf16, then gelu * up and the quantizer;
+- `fused_w8`: the gated kernel on an int8 copy of the codes (W8A8, no register upcast), the copy
+  made once; `fused_w8_unpack`: the copy made in every call.
 
 Usage (Hopper GPU): python3 scripts/probe_gated_mlp.py [--ms 51,408,816,6528] [--json out.json]
                     [--tiles auto,auto+s8]   (the fused kernel's tilings, `probe_mosaic_w4a8` specs)
@@ -109,8 +111,7 @@ def probe(m, k, f, tile_specs=("auto",), iters=20):
     timed(name, lambda c, w, t=t: mosaic_gpu.gated_w4a8(c[0], c[1], c[2], w, sw, zw, scale, zero,
                                                         tiles=t),
           (xq, sx, zx), qs, jnp.zeros((m, f), jnp.int8))
-  # The same kernel on int8 weight codes: an int8 copy made outside the loop (the kernel's own
-  # speed without the in-kernel int4 upcast), and made inside it (the cost of the copy included).
+  # Whether the in-register int4 upcast is what limits the kernel.
   q8 = [q.astype(jnp.int8) for q in qs]
   try:
     got8 = mosaic_gpu.gated_w4a8(xq, sx, zx, q8[0], sw, zw, scale, zero)

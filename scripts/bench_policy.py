@@ -31,7 +31,7 @@ from duquant_jax import runtime
 from duquant_jax.models import ATTENTIONS, Policy, get_policy, make_observation
 from duquant_jax.quantize import quantize_params, summarize
 from duquant_jax.lab.synthetic_stats import synthetic_stats
-from duquant_jax.kernels import dispatch, w4a8, weight_only
+from duquant_jax.kernels import dispatch, mosaic_gpu, w4a8, weight_only
 from duquant_jax.runtime import Execution, PackedRuntime
 
 from bench_pack import bench_config, random_params, speed_only
@@ -230,9 +230,29 @@ WEIGHT_ONLY_PALLAS = (dispatch.Rule(
     implementation="pallas"),)
 
 
+# Tokens of a flow step's matmuls at batch 8 (408), up to which `tiles64` gives the Mosaic kernels
+# token tiles of 64: then they read static scales as scalars and sum the token rows themselves,
+# where 128-token tiles leave XLA to compute each call's per-token columns (2.0 ms per call at
+# batch 8, BENCHMARKS.md "Where the time goes at batch 8").
+FLOW8_TOKENS = 512
+
+
+def _mosaic_tiles_64(tokens: int):
+  """`mosaic_gpu.choose_tiles` with token tiles of at most 64 for one-warpgroup tilings of up to
+  `tokens` tokens (the gated kernel's `gated_tiles` reads it too)."""
+  choose = mosaic_gpu.choose_tiles
+
+  def choose_tiles(m, n, k):
+    t = choose(m, n, k)
+    if m <= tokens and t.tile_m > 64 and t.compute_wgs == 1:
+      return dataclasses.replace(t, tile_m=64, stages=4)
+    return t
+  return choose_tiles
+
+
 # The variants' dispatch flags (`--variants MATMUL/TRANSFORM/FLAG...`), each a `_dispatch_overrides`
 # case.
-DISPATCH_FLAGS = ("unfused", "flowunfused", "kernelprefix", "wopallas")
+DISPATCH_FLAGS = ("unfused", "flowunfused", "kernelprefix", "wopallas", "tiles64")
 _FLAG_SYNTAX = "".join(f"[/{f}]" for f in DISPATCH_FLAGS)
 
 
@@ -251,12 +271,15 @@ def _dispatch_overrides(share):
   linears, `runtime.gated_mlp` declining), `flowunfused` (the same up to `FLOW_TOKENS` tokens),
   `kernelprefix` (long prefixes on the Mosaic kernel, never the unpacked int8 GEMM,
   `kernels.w4a8.UNPACKED_MIN_TOKENS`), `wopallas` (`WEIGHT_ONLY_PALLAS` as
-  `kernels.weight_only.AUTO`)."""
+  `kernels.weight_only.AUTO`), `tiles64` (the Mosaic kernels' token tiles at most 64 up to
+  `FLOW8_TOKENS` tokens)."""
   declining = (lambda *a: None) if "unfused" in share else _gated_mlp_above(FLOW_TOKENS)
   with _patched_attr(runtime, "gated_mlp", declining,
                      "unfused" in share or "flowunfused" in share), \
       _patched_attr(w4a8, "UNPACKED_MIN_TOKENS", 2**62, "kernelprefix" in share), \
       _patched_attr(weight_only, "AUTO", WEIGHT_ONLY_PALLAS, "wopallas" in share), \
+      _patched_attr(mosaic_gpu, "choose_tiles", _mosaic_tiles_64(FLOW8_TOKENS),
+                    "tiles64" in share), \
       bound_linears():
     yield
 
@@ -369,7 +392,8 @@ def main():
                        "kernelprefix: long prefixes "
                        "on the Mosaic kernel, not the unpacked int8 GEMM; wopallas: weight-only "
                        f"matmuls of up to {FLOW_TOKENS} tokens on the Pallas kernel, reading "
-                       "stacked weights in place), "
+                       "stacked weights in place; tiles64: the Mosaic kernels' token tiles at "
+                       f"most 64 up to {FLOW8_TOKENS} tokens, the flow steps at batch 8), "
                        "e.g. auto/auto,auto/auto/sliced,auto/auto/unfused")
   ap.add_argument("--permutation", default=None, help="override the rules' permutation (e.g. none)")
   ap.add_argument("--unroll", default="off",

@@ -206,12 +206,16 @@ def test_bench_policy_xla_option_sets_are_valid_compile_options():
 
 def test_bench_policy_dispatch_overrides_apply_and_restore():
   """unfused: no fused gated MLP; kernelprefix: no unpacked int8 GEMM; wopallas: the Pallas
-  weight-only kernel at flow-step sizes on a GPU (never on the CPU); all restored afterwards."""
+  weight-only kernel at flow-step sizes on a GPU (never on the CPU); tiles64: 64-token Mosaic
+  tiles for the batch-8 flow steps (the gated kernel's too), the prefix's tiles unchanged; all
+  restored afterwards."""
   import bench_policy
   from duquant_jax import runtime
-  from duquant_jax.kernels import dispatch, w4a8, weight_only
+  from duquant_jax.kernels import dispatch, mosaic_gpu, w4a8, weight_only
   from duquant_jax.kernels.dispatch import Problem
   unpacked, table, gated_mlp = w4a8.UNPACKED_MIN_TOKENS, weight_only.AUTO, runtime.gated_mlp
+  choose = mosaic_gpu.choose_tiles
+  assert choose(408, 1024, 4096).tile_m == 128
   step, prefix = (Problem(m=51, k=1024, n=2048, codes=jnp.int8),
                   Problem(m=816, k=1024, n=2048, codes=jnp.int8))
   with bench_policy._dispatch_overrides(bench_policy.DISPATCH_FLAGS):
@@ -220,6 +224,10 @@ def test_bench_policy_dispatch_overrides_apply_and_restore():
     assert dispatch.choose(weight_only.AUTO, step, on=dispatch.HOPPER) == "pallas"
     assert dispatch.choose(weight_only.AUTO, prefix, on=dispatch.HOPPER) == "xla"
     assert dispatch.choose(weight_only.AUTO, step, on=dispatch.CPU) == "xla"
+    assert mosaic_gpu.choose_tiles(408, 1024, 4096).tile_m == 64
+    assert mosaic_gpu.gated_tiles(408, 4096, 1024).tile_m == 64
+    assert mosaic_gpu.choose_tiles(6528, 2048, 2048) == choose(6528, 2048, 2048)
+  assert mosaic_gpu.choose_tiles is choose
   with bench_policy._dispatch_overrides(()):
     assert (w4a8.UNPACKED_MIN_TOKENS, weight_only.AUTO) == (unpacked, table)
     assert runtime.gated_mlp is gated_mlp

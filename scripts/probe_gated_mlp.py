@@ -12,7 +12,9 @@ a value on a .5 boundary differently), then the time per call in one jitted loop
   float32 (M, 2F) product through memory); `unpacked_split`: gate and up as two such GEMMs to
   bf16, then gelu * up and the quantizer;
 - `fused_w8`: the gated kernel on an int8 copy of the codes (W8A8, no register upcast), the copy
-  made once; `fused_w8_unpack`: the copy made in every call.
+  made once; `fused_w8_unpack`: the copy made in every call; `fused_w8_inflight[_unpack]`: the
+  same with `MosaicTiles(inflight=True)` (the MMA reads the int8 tile from shared memory, one
+  step's MMAs in flight).
 
 Usage (Hopper GPU): python3 scripts/probe_gated_mlp.py [--ms 51,408,816,6528] [--json out.json]
                     [--tiles auto,auto+s8]   (the fused kernel's tilings, `probe_mosaic_w4a8` specs)
@@ -21,6 +23,7 @@ Usage (Hopper GPU): python3 scripts/probe_gated_mlp.py [--ms 51,408,816,6528] [-
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import traceback
 from pathlib import Path
@@ -121,11 +124,23 @@ def probe(m, k, f, tile_specs=("auto",), iters=20):
     timed("fused_w8_unpack", lambda c, w: mosaic_gpu.gated_w4a8(
         c[0], c[1], c[2], w.astype(jnp.int8), sw, zw, scale, zero),
           (xq, sx, zx), qs, jnp.zeros((m, f), jnp.int8))
+    # The MMA reading the int8 tile from shared memory, one step's MMAs in flight.
+    fly = dataclasses.replace(mosaic_gpu.gated_tiles(m, f, k), inflight=True)
+    got_fly = mosaic_gpu.gated_w4a8(xq, sx, zx, q8[0], sw, zw, scale, zero, tiles=fly)
+    row["max_code_diff_w8_inflight"] = int(jnp.max(jnp.abs(
+        got_fly.astype(jnp.int32) - ref.astype(jnp.int32))))
+    timed("fused_w8_inflight", lambda c, w: mosaic_gpu.gated_w4a8(
+        c[0], c[1], c[2], w, sw, zw, scale, zero, tiles=fly),
+          (xq, sx, zx), q8, jnp.zeros((m, f), jnp.int8))
+    timed("fused_w8_inflight_unpack", lambda c, w: mosaic_gpu.gated_w4a8(
+        c[0], c[1], c[2], w.astype(jnp.int8), sw, zw, scale, zero, tiles=fly),
+          (xq, sx, zx), qs, jnp.zeros((m, f), jnp.int8))
   except Exception as e:  # recorded, the probe goes on
     row["fused_w8_error"] = _err(e)
     traceback.print_exc()
   for a, b in (("bf16", "fused"), ("unfused", "fused"), ("fused", "fused_w8"),
-               ("fused", "fused_w8_unpack")):
+               ("fused", "fused_w8_unpack"), ("fused", "fused_w8_inflight"),
+               ("fused", "fused_w8_inflight_unpack"), ("bf16", "fused_w8_inflight_unpack")):
     if f"{a}_us" in row and f"{b}_us" in row:
       row[f"{a}/{b}"] = round(row[f"{a}_us"] / row[f"{b}_us"], 3)
   return row

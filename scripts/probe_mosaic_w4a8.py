@@ -49,6 +49,8 @@ def check(m, k, n, tiles):
   against the reference rounded to bf16 (`bf16_sym`, `bf16_asym`: 0.0 when every element agrees).
   """
   x, xq, sx, zx, qs, sw, zw = operands(m, k, n, jax.random.key(m + k), 1)
+  if tiles.inflight:  # int8 copies of the same codes (the tiling reads int8 weights only)
+    qs = [q.astype(jnp.int8) for q in qs]
   out = {}
   for name, (zx_, zw_) in {"sym": (None, None), "asym": (zx, zw)}.items():
     ref = xla.w4a8_matmul(xq, sx, zx_, qs[0], sw, zw_)
@@ -114,9 +116,12 @@ def probe(m, k, n, tile_list, iters=20, unpacked=False):
       errors[f"exact {tag}"] = _err(e)
       traceback.print_exc()
       continue
+    ws = [q.astype(jnp.int8) for q in qs] if t.inflight else qs
     timed(f"mosaic {tag}", lambda c, w, t=t: mosaic_gpu.w4a8_matmul(
         c[0], c[1], c[2], w, sw, zw, out_dtype=jnp.bfloat16, tiles=t),
-        (xq, sx, zx), qs, jnp.zeros((m, n), jnp.bfloat16))
+        (xq, sx, zx), ws, jnp.zeros((m, n), jnp.bfloat16))
+    if t.inflight:
+      continue  # (the rows below time int4 codes)
     mp = -(-m // t.tile_m) * t.tile_m
     xq_p = jnp.pad(xq, ((0, mp - m), (0, 0)))
     if mp != m:  # the same call with M padded to whole token tiles, the pad and slice included
@@ -137,25 +142,27 @@ def probe(m, k, n, tile_list, iters=20, unpacked=False):
 def tile_tag(t):
   return (f"{t.tile_n}x{t.tile_m}s{t.stages}" + (f"k{t.splits}" if t.splits > 1 else "")
           + (f"w{t.compute_wgs}" if t.compute_wgs > 1 else "")
-          + (f"t{t.tile_k}" if t.tile_k != 128 else ""))
+          + (f"t{t.tile_k}" if t.tile_k != 128 else "") + ("f" if t.inflight else ""))
 
 
 _SPEC_FIELDS = {"n": "tile_n", "m": "tile_m", "s": "stages", "k": "splits", "w": "compute_wgs",
-                "t": "tile_k"}
+                "t": "tile_k", "f": "inflight"}
 
 
 def parse_tiles(spec, m, n, k, choose=mosaic_gpu.choose_tiles):
   """'auto', 'auto+s8+k2' (`choose(m, n, k)` with fields replaced: n tile_n, m tile_m, s stages,
-  k splits, w compute warpgroups, t tile_k) or 'NxM[sS][kK][wW]'."""
+  k splits, w compute warpgroups, t tile_k, f1 inflight: int8 copies of the codes, MMAs in
+  flight) or 'NxM[sS][kK][wW]'."""
   import dataclasses
   import re
   if spec.startswith("auto"):
     t = choose(m, n, k)
     for mod in filter(None, spec[4:].split("+")):
-      g = re.fullmatch(r"([nmskwt])(\d+)", mod)
+      g = re.fullmatch(r"([nmskwtf])(\d+)", mod)
       if not g:
         raise SystemExit(f"bad tile spec {spec!r}")
-      t = dataclasses.replace(t, **{_SPEC_FIELDS[g[1]]: int(g[2])})
+      field = _SPEC_FIELDS[g[1]]
+      t = dataclasses.replace(t, **{field: bool(int(g[2])) if field == "inflight" else int(g[2])})
     return t
   g = re.fullmatch(r"(\d+)x(\d+)(?:s(\d+))?(?:k(\d+))?(?:w(\d+))?", spec)
   if not g:

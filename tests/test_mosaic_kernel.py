@@ -112,6 +112,28 @@ def test_int8_weights_lower_for_cuda_on_request_only(m, k, n):
     assert len(re.findall(r"custom_call @mosaic_gpu\w*", _cuda_module(fn, *gated_specs))) == 1
 
 
+@pytest.mark.parametrize("asym,tensor_scales", [(True, False), (False, False), (True, True)])
+def test_int8_weights_with_mmas_in_flight_lower_for_cuda(asym, tensor_scales):
+  """`MosaicTiles(inflight=True)`: int8 weights read by the MMA from shared memory, buffers held
+  a step; the plain and the gated kernel, per-token and per-tensor scales (the token row sums'
+  MMA in flight too). int4 weights refuse it: their register fragment must outlive the step."""
+  m, k, n = 816, 2048, 16384
+  specs = list(_int8_weights(_specs(m, k, n, asym=asym)))
+  if tensor_scales:
+    specs[1:3] = [jax.ShapeDtypeStruct((1, 1), jnp.float32)] * 2
+  tiles = mosaic_gpu.MosaicTiles(tile_n=128, tile_m=128, stages=3, inflight=True)
+  plain = lambda *a: mosaic_gpu.w4a8_matmul(*a, tiles=tiles)
+  assert len(re.findall(r"custom_call @mosaic_gpu", _cuda_module(plain, *specs))) == 1
+  gated_tiles = dataclasses.replace(tiles, tile_n=64, stages=4)
+  out = (jax.ShapeDtypeStruct((1,), jnp.float32),) * 2
+  gated = lambda *a: mosaic_gpu.gated_w4a8(*a, tiles=gated_tiles)
+  assert len(re.findall(r"custom_call @mosaic_gpu", _cuda_module(gated, *specs, *out))) == 1
+  with pytest.raises(ValueError, match="inflight reads int8"):
+    _cuda_module(plain, *_specs(m, k, n, asym=asym))
+  with pytest.raises(ValueError, match="inflight needs"):
+    mosaic_gpu.MosaicTiles(inflight=True, compute_wgs=2)
+
+
 def test_mosaic_dispatch_lowers_to_the_kernel_for_cuda_and_xla_elsewhere():
   fn = lambda *a: kernels.w4a8_matmul(*a, out_dtype=jnp.bfloat16, implementation="mosaic")
   assert re.search(r"custom_call @mosaic_gpu", _cuda_module(fn, *_specs(51, 1024, 4096, asym=True)))

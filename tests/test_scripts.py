@@ -76,6 +76,8 @@ def test_mosaic_w4a8_probe_parses_tile_specs():
   assert probe_mosaic_w4a8.tile_tag(t).endswith("s8k2")
   t = probe_mosaic_w4a8.parse_tiles("auto+t256+w2", 51, 4096, 1024, choose=mosaic_gpu.gated_tiles)
   assert (t.tile_k, t.compute_wgs) == (256, 2) and probe_mosaic_w4a8.tile_tag(t).endswith("w2t256")
+  t = probe_mosaic_w4a8.parse_tiles("auto+f1", 6528, 32768, 2048)
+  assert t.inflight and probe_mosaic_w4a8.tile_tag(t).endswith("f")
   with pytest.raises(SystemExit, match="bad tile spec"):
     probe_mosaic_w4a8.parse_tiles("auto+q3", 16, 16384, 2048)
   with pytest.raises(SystemExit):

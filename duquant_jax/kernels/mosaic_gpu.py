@@ -51,6 +51,10 @@ class MosaicTiles:
     compute_wgs: 1: one warpgroup per CTA loads, upcasts and multiplies in turn (plain pipeline);
       2: warp-specialised, two compute warpgroups (tile_n weight rows each, so a CTA covers
       2 * tile_n rows) and one that issues the TMA copies (the plain kernel only).
+    inflight: int8 weight codes only, one warpgroup: the MMA reads the weight tile from shared
+      memory (no register fragment) and each step's MMAs stay in flight while the next step's
+      are issued, their buffers released one step later; otherwise every step waits for its
+      MMAs, as a register fragment must live until its MMA completes.
   """
   tile_n: int = 128
   tile_m: int = 64
@@ -58,6 +62,7 @@ class MosaicTiles:
   stages: int = 4
   splits: int = 1
   compute_wgs: int = 1
+  inflight: bool = False
 
   def __post_init__(self):
     if self.tile_n % 64 or self.tile_n < 64:
@@ -71,6 +76,10 @@ class MosaicTiles:
       raise ValueError(f"MosaicTiles.compute_wgs={self.compute_wgs} must be 1 or 2")
     if self.stages < 1 or self.splits < 1:
       raise ValueError(f"MosaicTiles.stages={self.stages} and splits={self.splits} must be >= 1")
+    if self.inflight and (self.compute_wgs != 1 or self.stages < 2):
+      raise ValueError("MosaicTiles.inflight needs compute_wgs=1 and stages >= 2 (a buffer held "
+                       f"one step longer), got compute_wgs={self.compute_wgs}, "
+                       f"stages={self.stages}")
 
 
 # Streaming multiprocessors to fill (H100 SXM).
@@ -325,6 +334,9 @@ def _kernel(xq, q, sw, zw, act, out_q, layer, *, tiles: MosaicTiles, out_dtype, 
   rx_in_kernel = tensor_scales and asym_w
   # 128-byte rows of int8 tokens; 64-byte rows of int4 weights (128-byte of int8 ones).
   w_bits = jnp.iinfo(q.dtype).bits
+  if tiles.inflight and w_bits != 8:
+    raise ValueError(f"MosaicTiles.inflight reads int8 weight codes from shared memory; got "
+                     f"{q.dtype} codes")
   x_swz = plgpu.find_swizzle(tk * 8)
   w_swz = plgpu.find_swizzle(tk * w_bits)
   x_tr = (plgpu.TilingTransform((8, x_swz)), plgpu.SwizzleTransform(x_swz))
@@ -341,22 +353,28 @@ def _kernel(xq, q, sw, zw, act, out_q, layer, *, tiles: MosaicTiles, out_dtype, 
 
   wgs = tiles.compute_wgs
   cta_n = wgs * tn  # weight rows per CTA
-  w_spec = plgpu.BlockSpec((cta_n, tk), lambda kk: (0, kk), transforms=w_tr)
+  # inflight: a step's buffers are refilled one step later, after the next step's wait.
+  hold = dict(delay_release=1) if tiles.inflight else {}
+  w_spec = plgpu.BlockSpec((cta_n, tk), lambda kk: (0, kk), transforms=w_tr, **hold)
   in_specs = [w_spec] * (2 if gated else 1) + [
-      plgpu.BlockSpec((tm, tk), lambda kk: (0, kk), transforms=x_tr)]
+      plgpu.BlockSpec((tm, tk), lambda kk: (0, kk), transforms=x_tr, **hold)]
+  # MMAs issued per pipeline step (each its own wgmma group).
+  step_mmas = (2 if gated else 1) * (2 if asym_x else 1) + rx_in_kernel
 
   def mma(w_smems, x_smem, ones_smem, ones_a_smem, acc_refs, csum_refs, rx_ref):
     for w_smem, acc_ref, csum_ref in zip(w_smems, acc_refs, csum_refs):
-      w = plgpu.load(w_smem, (), layout=plgpu.Layout.WGMMA_8BIT).astype(jnp.int8)
+      w = w_smem if tiles.inflight else plgpu.load(
+          w_smem, (), layout=plgpu.Layout.WGMMA_8BIT).astype(jnp.int8)
       plgpu.wgmma(acc_ref, w, x_smem.T)
       if asym_x:
         plgpu.wgmma(csum_ref, w, ones_smem.T)
     if rx_ref is not None:
       plgpu.wgmma(rx_ref, ones_a_smem, x_smem.T)
-    # The pipeline refills this step's buffers next, so the MMA must be done. Keeping one wgmma
-    # in flight needs the register fragment of its weight tile kept live until it completes, not
-    # only its shared-memory buffers (docs/kernels.md, "Mosaic W4A8 kernel").
-    plgpu.wgmma_wait(0)
+    # Without `inflight` the pipeline refills this step's buffers next, so the MMA must be done:
+    # keeping one in flight would need the register fragment of its weight tile kept live until
+    # it completes, not only its shared-memory buffers (docs/kernels.md, "Mosaic W4A8 kernel").
+    # With it, this step's MMAs stay in flight and the previous step's are complete.
+    plgpu.wgmma_wait(step_mmas if tiles.inflight else 0)
 
   def scaled(acc, csum, rx, row, sx, zx, r, first):
     """int32 acc^T (tn, tm) -> float32 y^T, weight rows' scale / zero point in rows r, r + 1;
@@ -467,6 +485,7 @@ def _kernel(xq, q, sw, zw, act, out_q, layer, *, tiles: MosaicTiles, out_dtype, 
                                   rx_ref),
             grid=(ks // tk,), max_concurrent_steps=tiles.stages, in_specs=in_specs,
         )(*weights(k_sl), x_gmem.at[m_sl, k_sl])
+        plgpu.wgmma_wait(0)  # (inflight: the last step's MMAs)
         return ([r[...] for r in accs], [r[...] for r in csums],
                 None if rx_ref is None else rx_ref[...])
 

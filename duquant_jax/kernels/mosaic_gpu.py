@@ -485,7 +485,8 @@ def _kernel(xq, q, sw, zw, act, out_q, layer, *, tiles: MosaicTiles, out_dtype, 
                                   rx_ref),
             grid=(ks // tk,), max_concurrent_steps=tiles.stages, in_specs=in_specs,
         )(*weights(k_sl), x_gmem.at[m_sl, k_sl])
-        plgpu.wgmma_wait(0)  # (inflight: the last step's MMAs)
+        if tiles.inflight:
+          plgpu.wgmma_wait(0)  # the last step's MMAs
         return ([r[...] for r in accs], [r[...] for r in csums],
                 None if rx_ref is None else rx_ref[...])
 

@@ -27,11 +27,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from duquant_jax import runtime
+from duquant_jax import kernels, runtime
 from duquant_jax.models import ATTENTIONS, Policy, get_policy, make_observation
 from duquant_jax.quantize import quantize_params, summarize
 from duquant_jax.lab.synthetic_stats import synthetic_stats
-from duquant_jax.kernels import dispatch, mosaic_gpu, w4a8, weight_only
+from duquant_jax.kernels import dispatch, gated, mosaic_gpu, w4a8, weight_only
 from duquant_jax.runtime import Execution, PackedRuntime
 
 from bench_pack import bench_config, random_params, speed_only
@@ -250,9 +250,33 @@ def _mosaic_tiles_64(tokens: int):
   return choose_tiles
 
 
+def _gated_on_int8_copy(tokens: int):
+  """`kernels.gated_w4a8` that, from `tokens` tokens on int4 codes (the long prefixes), slices the
+  layer, makes an int8 copy of its codes (one XLA op) and runs the gated Mosaic kernel on it with
+  its MMAs in flight (`MosaicTiles(inflight=True)`); the same arithmetic as XLA ops where the
+  trace is not lowered for CUDA. Below `tokens`, the library's dispatch."""
+  real = kernels.gated_w4a8
+
+  def gated_w4a8(xq, sx, zx, q, sw, zw, out_scale, out_zero, *, implementation=None, layer=None):
+    m, k = xq.shape
+    if m < tokens or q.dtype != jnp.int4 or implementation == "xla":
+      return real(xq, sx, zx, q, sw, zw, out_scale, out_zero, implementation=implementation,
+                  layer=layer)
+    sx, zx = dispatch.act_at_layer(layer, sx, zx)
+    q, sw, zw = dispatch.at_layer(layer, q, sw, zw)
+    out_scale, out_zero = dispatch.at_layer(layer if out_scale.ndim == 2 else None, out_scale,
+                                            out_zero)
+    q8 = q.astype(jnp.int8)
+    args = (xq, sx, zx, q8, sw, zw, out_scale, out_zero)
+    tiles = dataclasses.replace(mosaic_gpu.gated_tiles(m, q.shape[0] // 2, k), inflight=True)
+    return dispatch.on_cuda(lambda: mosaic_gpu.gated_w4a8(*args, tiles=tiles),
+                            lambda: gated.reference(*args))
+  return gated_w4a8
+
+
 # The variants' dispatch flags (`--variants MATMUL/TRANSFORM/FLAG...`), each a `_dispatch_overrides`
 # case.
-DISPATCH_FLAGS = ("unfused", "flowunfused", "kernelprefix", "wopallas", "tiles64")
+DISPATCH_FLAGS = ("unfused", "flowunfused", "kernelprefix", "wopallas", "tiles64", "w8copy")
 _FLAG_SYNTAX = "".join(f"[/{f}]" for f in DISPATCH_FLAGS)
 
 
@@ -272,7 +296,8 @@ def _dispatch_overrides(share):
   `kernelprefix` (long prefixes on the Mosaic kernel, never the unpacked int8 GEMM,
   `kernels.w4a8.UNPACKED_MIN_TOKENS`), `wopallas` (`WEIGHT_ONLY_PALLAS` as
   `kernels.weight_only.AUTO`), `tiles64` (the Mosaic kernels' token tiles at most 64 up to
-  `FLOW8_TOKENS` tokens)."""
+  `FLOW8_TOKENS` tokens), `w8copy` (gated MLPs of long prefixes on an int8 copy of the layer's
+  codes, MMAs in flight, `_gated_on_int8_copy`)."""
   declining = (lambda *a: None) if "unfused" in share else _gated_mlp_above(FLOW_TOKENS)
   with _patched_attr(runtime, "gated_mlp", declining,
                      "unfused" in share or "flowunfused" in share), \
@@ -280,6 +305,8 @@ def _dispatch_overrides(share):
       _patched_attr(weight_only, "AUTO", WEIGHT_ONLY_PALLAS, "wopallas" in share), \
       _patched_attr(mosaic_gpu, "choose_tiles", _mosaic_tiles_64(FLOW8_TOKENS),
                     "tiles64" in share), \
+      _patched_attr(kernels, "gated_w4a8", _gated_on_int8_copy(w4a8.UNPACKED_MIN_TOKENS),
+                    "w8copy" in share), \
       bound_linears():
     yield
 
@@ -393,7 +420,9 @@ def main():
                        "on the Mosaic kernel, not the unpacked int8 GEMM; wopallas: weight-only "
                        f"matmuls of up to {FLOW_TOKENS} tokens on the Pallas kernel, reading "
                        "stacked weights in place; tiles64: the Mosaic kernels' token tiles at "
-                       f"most 64 up to {FLOW8_TOKENS} tokens, the flow steps at batch 8), "
+                       f"most 64 up to {FLOW8_TOKENS} tokens, the flow steps at batch 8; w8copy: "
+                       "gated MLPs of long prefixes on an int8 copy of the layer's codes, the "
+                       "Mosaic kernel's MMAs in flight), "
                        "e.g. auto/auto,auto/auto/sliced,auto/auto/unfused")
   ap.add_argument("--permutation", default=None, help="override the rules' permutation (e.g. none)")
   ap.add_argument("--unroll", default="off",
@@ -426,7 +455,6 @@ def main():
                   help="also time 1-step calls: prefix ~ t(1) - step, step = (t(10) - t(1)) / 9")
   args = ap.parse_args()
   variants = [tuple(v.split("/")) for v in args.variants.split(",")]
-  from duquant_jax import kernels
   mm_ok = ["auto"] + [i for i in kernels.IMPLEMENTATIONS if i]
   tr_ok = ["auto"] + [i for i in kernels.TRANSFORM_IMPLEMENTATIONS if i]
   if any(len(v) < 2 or v[0] not in mm_ok or v[1] not in tr_ok

@@ -237,6 +237,39 @@ def test_bench_policy_dispatch_overrides_apply_and_restore():
                                                                              gated_mlp)
 
 
+def test_bench_policy_w8copy_runs_a_layers_int8_copy_with_the_same_numbers():
+  """w8copy: from its token count, the gated MLP of a stacked layer on an int8 copy of that
+  layer's codes: the library's numbers on the CPU, and for CUDA one Mosaic call reading a (2F, K)
+  int8 copy (the inflight tiles); below the count, the library's dispatch."""
+  import re
+  import bench_policy
+  from duquant_jax import kernels
+  from duquant_jax.kernels import xla
+  layers, m, k, f = 3, 32, 256, 128
+  ks = jax.random.split(jax.random.key(0), 4)
+  xq, _, _ = xla.quantize_per_token(jax.random.normal(ks[0], (m, k)))
+  q = jax.random.randint(ks[1], (layers, 2 * f, k), -8, 8).astype(jnp.int4)
+  sw = 0.01 + 0.01 * jax.random.uniform(ks[2], (layers, 2 * f, 1))
+  zw = jnp.round(jax.random.uniform(ks[3], (layers, 2 * f, 1)) * 4 - 2)
+  sx = jnp.full((layers, 1, 1), 0.02)
+  out_scale = jnp.full((layers, 1), 0.05)
+  wrapped = bench_policy._gated_on_int8_copy(16)
+  for i in range(layers):
+    layer = jnp.int32(i)
+    want = kernels.gated_w4a8(xq, sx, None, q, sw, zw, out_scale, None, layer=layer)
+    got = wrapped(xq, sx, None, q, sw, zw, out_scale, None, layer=layer)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  short = bench_policy._gated_on_int8_copy(m + 1)
+  np.testing.assert_array_equal(
+      np.asarray(short(xq, sx, None, q, sw, zw, out_scale, None, layer=jnp.int32(1))),
+      np.asarray(kernels.gated_w4a8(xq, sx, None, q, sw, zw, out_scale, None, layer=jnp.int32(1))))
+  fn = lambda *a: wrapped(*a[:3], *a[3:6], a[6], None, layer=a[7])
+  text = jax.export.export(jax.jit(fn), platforms=["cuda"])(
+      xq, sx, None, q, sw, zw, out_scale, jnp.int32(0)).mlir_module()
+  [call] = re.findall(r"custom_call @mosaic_gpu\w*\(.*", text)
+  assert re.search(rf"tensor<1x{2 * f}x{k}xi8>", call)
+
+
 def test_bench_policy_flowunfused_declines_only_flow_step_mlps(monkeypatch):
   """flowunfused: MLPs of up to FLOW_TOKENS tokens as two linears, longer ones (the prefix) fused;
   with unfused too, every MLP as two linears."""

@@ -42,7 +42,7 @@ from duquant_jax.kernels import gated, mosaic_gpu, xla  # noqa: E402
 SHAPES = {"2b_mlp": (2048, 16384), "300m_mlp": (1024, 4096)}  # (K = width, F = hidden)
 
 
-def probe(m, k, f, tile_specs=("auto",), iters=20):
+def probe(m, k, f, tile_specs=("auto",), iters=20, inflight_specs=("auto",)):
   n = 2 * f
   copies = n_copies(n * k // 2)
   x, xq, sx, zx, qs, sw, zw = operands(m, k, n, jax.random.key(m + k), copies)
@@ -124,20 +124,34 @@ def probe(m, k, f, tile_specs=("auto",), iters=20):
     timed("fused_w8_unpack", lambda c, w: mosaic_gpu.gated_w4a8(
         c[0], c[1], c[2], w.astype(jnp.int8), sw, zw, scale, zero),
           (xq, sx, zx), qs, jnp.zeros((m, f), jnp.int8))
-    # The MMA reading the int8 tile from shared memory, one step's MMAs in flight.
-    fly = dataclasses.replace(mosaic_gpu.gated_tiles(m, f, k), inflight=True)
-    got_fly = mosaic_gpu.gated_w4a8(xq, sx, zx, q8[0], sw, zw, scale, zero, tiles=fly)
-    row["max_code_diff_w8_inflight"] = int(jnp.max(jnp.abs(
-        got_fly.astype(jnp.int32) - ref.astype(jnp.int32))))
-    timed("fused_w8_inflight", lambda c, w: mosaic_gpu.gated_w4a8(
-        c[0], c[1], c[2], w, sw, zw, scale, zero, tiles=fly),
-          (xq, sx, zx), q8, jnp.zeros((m, f), jnp.int8))
-    timed("fused_w8_inflight_unpack", lambda c, w: mosaic_gpu.gated_w4a8(
-        c[0], c[1], c[2], w.astype(jnp.int8), sw, zw, scale, zero, tiles=fly),
-          (xq, sx, zx), qs, jnp.zeros((m, f), jnp.int8))
   except Exception as e:  # recorded, the probe goes on
     row["fused_w8_error"] = _err(e)
     traceback.print_exc()
+  # The MMA reading the int8 tile from shared memory, one step's MMAs in flight.
+  for spec in inflight_specs:
+    fly = dataclasses.replace(parse_tiles(spec, m, f, k, choose=mosaic_gpu.gated_tiles),
+                              inflight=True)
+    tag = "" if spec == "auto" else f" {tile_tag(fly)}"
+    name = f"fused_w8_inflight{tag}"
+    try:
+      got_fly = mosaic_gpu.gated_w4a8(xq, sx, zx, q8[0], sw, zw, scale, zero, tiles=fly)
+      row[f"max_code_diff {name}"] = int(jnp.max(jnp.abs(
+          got_fly.astype(jnp.int32) - ref.astype(jnp.int32))))
+      # Symmetric: fewer MMAs per step in flight (no code sums, no row sums).
+      got_fly_s = mosaic_gpu.gated_w4a8(xq, sx, None, q8[0], sw, None, scale, None, tiles=fly)
+      ref_s = gated.reference(xq, sx, None, qs[0], sw, None, scale, None)
+      row[f"max_code_diff_sym {name}"] = int(jnp.max(jnp.abs(
+          got_fly_s.astype(jnp.int32) - ref_s.astype(jnp.int32))))
+    except Exception as e:  # recorded, the other tilings go on
+      row[f"{name}_error"] = _err(e)
+      traceback.print_exc()
+      continue
+    timed(name, lambda c, w, t=fly: mosaic_gpu.gated_w4a8(
+        c[0], c[1], c[2], w, sw, zw, scale, zero, tiles=t),
+          (xq, sx, zx), q8, jnp.zeros((m, f), jnp.int8))
+    timed(f"fused_w8_inflight_unpack{tag}", lambda c, w, t=fly: mosaic_gpu.gated_w4a8(
+              c[0], c[1], c[2], w.astype(jnp.int8), sw, zw, scale, zero, tiles=t),
+          (xq, sx, zx), qs, jnp.zeros((m, f), jnp.int8))
   for a, b in (("bf16", "fused"), ("unfused", "fused"), ("fused", "fused_w8"),
                ("fused", "fused_w8_unpack"), ("fused", "fused_w8_inflight"),
                ("fused", "fused_w8_inflight_unpack"), ("bf16", "fused_w8_inflight_unpack")):
@@ -153,12 +167,15 @@ def main():
   ap.add_argument("--json", default=None)
   ap.add_argument("--tiles", default="auto", help="comma list of the fused kernel's tilings "
                   "(probe_mosaic_w4a8.parse_tiles specs; auto: mosaic_gpu.gated_tiles)")
+  ap.add_argument("--inflight-tiles", default="auto",
+                  help="the same for the int8-weight rows with MMAs in flight (inflight is set)")
   a = ap.parse_args()
   rows = []
   for name in a.shapes.split(","):
     k, f = SHAPES[name]
     for m in (int(v) for v in a.ms.split(",")):
-      record(rows, dict(shape=name, **probe(m, k, f, a.tiles.split(","))), a.json)
+      record(rows, dict(shape=name, **probe(m, k, f, a.tiles.split(","),
+                                            inflight_specs=a.inflight_tiles.split(","))), a.json)
 
 
 if __name__ == "__main__":

@@ -178,14 +178,12 @@ def gptq_codes(w: jax.Array, h: jax.Array, scale: jax.Array, zero: Optional[jax.
   cols = lambda a: None if a is None else a.reshape(n, nb, hb).transpose(1, 0, 2)
 
   def run(hh, wb, sb, zb):
-    if not ordered:
-      return gptq_codes_dense(wb, inverse_cholesky(hh, damp), sb, zb, qmin=qmin, qmax=qmax,
-                              block=block)
-    p = act_order(hh)
-    take = lambda a: None if a is None else a[:, p]
-    codes = gptq_codes_dense(take(wb), inverse_cholesky(hh[p][:, p], damp), take(sb), take(zb),
+    p = act_order(hh) if ordered else None
+    take = lambda a: a if a is None or p is None else a[:, p]
+    hh = hh if p is None else hh[p][:, p]
+    codes = gptq_codes_dense(take(wb), inverse_cholesky(hh, damp), take(sb), take(zb),
                              qmin=qmin, qmax=qmax, block=block)
-    return codes[:, jnp.argsort(p)]
+    return codes if p is None else codes[:, jnp.argsort(p)]
 
   codes = jax.vmap(run, in_axes=(0, 0, 0, None if z is None else 0))(h, cols(w), cols(s), cols(z))
   return codes.transpose(1, 0, 2).reshape(n, k)

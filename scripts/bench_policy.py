@@ -262,12 +262,9 @@ def _gated_on_int8_copy(tokens: int):
     if m < tokens or q.dtype != jnp.int4 or implementation == "xla":
       return real(xq, sx, zx, q, sw, zw, out_scale, out_zero, implementation=implementation,
                   layer=layer)
-    sx, zx = dispatch.act_at_layer(layer, sx, zx)
-    q, sw, zw = dispatch.at_layer(layer, q, sw, zw)
-    out_scale, out_zero = dispatch.at_layer(layer if out_scale.ndim == 2 else None, out_scale,
-                                            out_zero)
-    q8 = q.astype(jnp.int8)
-    args = (xq, sx, zx, q8, sw, zw, out_scale, out_zero)
+    xq, sx, zx, q, sw, zw, out_scale, out_zero = gated.one_layer(
+        layer, xq, sx, zx, q, sw, zw, out_scale, out_zero)
+    args = (xq, sx, zx, q.astype(jnp.int8), sw, zw, out_scale, out_zero)
     tiles = dataclasses.replace(mosaic_gpu.gated_tiles(m, q.shape[0] // 2, k), inflight=True)
     return dispatch.on_cuda(lambda: mosaic_gpu.gated_w4a8(*args, tiles=tiles),
                             lambda: gated.reference(*args))

@@ -36,6 +36,13 @@ def reference(xq, sx, zx, q, sw, zw, out_scale, out_zero, *, dot: str = "int8") 
   return xla.quantize_static(h, out_scale, out_zero)[0]
 
 
+def one_layer(layer: jax.Array | None, xq, sx, zx, q, sw, zw, out_scale, out_zero) -> tuple:
+  """`gated_w4a8`'s operands with everything stacked read at `layer` (per-layer activation and
+  output scales included): the operands of one layer, as `reference` takes them."""
+  return (xq, *dispatch.act_at_layer(layer, sx, zx), *dispatch.at_layer(layer, q, sw, zw),
+          *dispatch.at_layer(layer if out_scale.ndim == 2 else None, out_scale, out_zero))
+
+
 def mosaic_applies(m: int, n: int, k: int, g: int, q_dtype, codes=MOSAIC_CODES) -> bool:
   """Whether the gated Mosaic kernel takes (M, K) tokens against a (N = 2F, K) gate/up weight of
   `q_dtype` codes (one of `codes`) with G scale groups."""
@@ -89,10 +96,7 @@ def gated_w4a8(xq: jax.Array, sx: jax.Array, zx: jax.Array | None, q: jax.Array,
   n, g = sw.shape[-2:]
   if out_scale.ndim == 2 and layer is None:
     raise ValueError(f"per-layer output scales {out_scale.shape} need a layer index")
-  ref = lambda: reference(xq, *dispatch.act_at_layer(layer, sx, zx),
-                          *dispatch.at_layer(layer, q, sw, zw),
-                          *dispatch.at_layer(layer if out_scale.ndim == 2 else None, out_scale,
-                                             out_zero))
+  ref = lambda: reference(*one_layer(layer, xq, sx, zx, q, sw, zw, out_scale, out_zero))
   if implementation == "xla" or q.shape[-2:] != (n, k):
     return ref()
   choice = dispatch.choose(TABLES[implementation, layer is not None],

@@ -265,15 +265,30 @@ def _gated_on_int8_copy(tokens: int):
     xq, sx, zx, q, sw, zw, out_scale, out_zero = gated.one_layer(
         layer, xq, sx, zx, q, sw, zw, out_scale, out_zero)
     args = (xq, sx, zx, q.astype(jnp.int8), sw, zw, out_scale, out_zero)
-    tiles = dataclasses.replace(mosaic_gpu.gated_tiles(m, q.shape[0] // 2, k), inflight=True)
+    # Three stages: 909 us against four's 1156 at M = 6528 on int8 codes (H100, probe_gated_mlp
+    # --inflight-tiles, results/h100_2026-12-07h).
+    tiles = dataclasses.replace(mosaic_gpu.gated_tiles(m, q.shape[0] // 2, k), inflight=True,
+                                stages=3)
     return dispatch.on_cuda(lambda: mosaic_gpu.gated_w4a8(*args, tiles=tiles),
                             lambda: gated.reference(*args))
   return gated_w4a8
 
 
+def _gated_tiles_inflight(tokens: int):
+  """`mosaic_gpu.gated_tiles` with the MMAs in flight (`MosaicTiles(inflight=True)`, the int4
+  codes widened in shared memory, three stages) from `tokens` tokens (the long prefixes)."""
+  choose = mosaic_gpu.gated_tiles
+
+  def gated_tiles(m, f, k):
+    t = choose(m, f, k)
+    return dataclasses.replace(t, inflight=True, stages=3) if m >= tokens else t
+  return gated_tiles
+
+
 # The variants' dispatch flags (`--variants MATMUL/TRANSFORM/FLAG...`), each a `_dispatch_overrides`
 # case.
-DISPATCH_FLAGS = ("unfused", "flowunfused", "kernelprefix", "wopallas", "tiles64", "w8copy")
+DISPATCH_FLAGS = ("unfused", "flowunfused", "kernelprefix", "wopallas", "tiles64", "w8copy",
+                  "inflight")
 _FLAG_SYNTAX = "".join(f"[/{f}]" for f in DISPATCH_FLAGS)
 
 
@@ -294,7 +309,8 @@ def _dispatch_overrides(share):
   `kernels.w4a8.UNPACKED_MIN_TOKENS`), `wopallas` (`WEIGHT_ONLY_PALLAS` as
   `kernels.weight_only.AUTO`), `tiles64` (the Mosaic kernels' token tiles at most 64 up to
   `FLOW8_TOKENS` tokens), `w8copy` (gated MLPs of long prefixes on an int8 copy of the layer's
-  codes, MMAs in flight, `_gated_on_int8_copy`)."""
+  codes, MMAs in flight, `_gated_on_int8_copy`), `inflight` (the same on the int4 codes, widened
+  in the kernel's shared memory, `_gated_tiles_inflight`)."""
   declining = (lambda *a: None) if "unfused" in share else _gated_mlp_above(FLOW_TOKENS)
   with _patched_attr(runtime, "gated_mlp", declining,
                      "unfused" in share or "flowunfused" in share), \
@@ -304,6 +320,8 @@ def _dispatch_overrides(share):
                     "tiles64" in share), \
       _patched_attr(kernels, "gated_w4a8", _gated_on_int8_copy(w4a8.UNPACKED_MIN_TOKENS),
                     "w8copy" in share), \
+      _patched_attr(mosaic_gpu, "gated_tiles", _gated_tiles_inflight(w4a8.UNPACKED_MIN_TOKENS),
+                    "inflight" in share), \
       bound_linears():
     yield
 
@@ -419,7 +437,8 @@ def main():
                        "stacked weights in place; tiles64: the Mosaic kernels' token tiles at "
                        f"most 64 up to {FLOW8_TOKENS} tokens, the flow steps at batch 8; w8copy: "
                        "gated MLPs of long prefixes on an int8 copy of the layer's codes, the "
-                       "Mosaic kernel's MMAs in flight), "
+                       "Mosaic kernel's MMAs in flight; inflight: the same on the int4 codes, "
+                       "widened in the kernel's shared memory), "
                        "e.g. auto/auto,auto/auto/sliced,auto/auto/unfused")
   ap.add_argument("--permutation", default=None, help="override the rules' permutation (e.g. none)")
   ap.add_argument("--unroll", default="off",

@@ -14,7 +14,8 @@ a value on a .5 boundary differently), then the time per call in one jitted loop
 - `fused_w8`: the gated kernel on an int8 copy of the codes (W8A8, no register upcast), the copy
   made once; `fused_w8_unpack`: the copy made in every call; `fused_w8_inflight[_unpack]`: the
   same with `MosaicTiles(inflight=True)` (the MMA reads the int8 tile from shared memory, one
-  step's MMAs in flight).
+  step's MMAs in flight); `fused_inflight`: the int4 codes with `inflight=True` (widened into
+  shared memory by the kernel).
 
 Usage (Hopper GPU): python3 scripts/probe_gated_mlp.py [--ms 51,408,816,6528] [--json out.json]
                     [--tiles auto,auto+s8]   (the fused kernel's tilings, `probe_mosaic_w4a8` specs)
@@ -127,34 +128,36 @@ def probe(m, k, f, tile_specs=("auto",), iters=20, inflight_specs=("auto",)):
   except Exception as e:  # recorded, the probe goes on
     row["fused_w8_error"] = _err(e)
     traceback.print_exc()
-  # The MMA reading the int8 tile from shared memory, one step's MMAs in flight.
+  # The MMA reading the weight tile from shared memory, one step's MMAs in flight: int8 codes as
+  # loaded, int4 codes widened into shared memory by the kernel.
   for spec in inflight_specs:
     fly = dataclasses.replace(parse_tiles(spec, m, f, k, choose=mosaic_gpu.gated_tiles),
                               inflight=True)
     tag = "" if spec == "auto" else f" {tile_tag(fly)}"
-    name = f"fused_w8_inflight{tag}"
-    try:
-      got_fly = mosaic_gpu.gated_w4a8(xq, sx, zx, q8[0], sw, zw, scale, zero, tiles=fly)
-      row[f"max_code_diff {name}"] = int(jnp.max(jnp.abs(
-          got_fly.astype(jnp.int32) - ref.astype(jnp.int32))))
-      # Symmetric: fewer MMAs per step in flight (no code sums, no row sums).
-      got_fly_s = mosaic_gpu.gated_w4a8(xq, sx, None, q8[0], sw, None, scale, None, tiles=fly)
-      ref_s = gated.reference(xq, sx, None, qs[0], sw, None, scale, None)
-      row[f"max_code_diff_sym {name}"] = int(jnp.max(jnp.abs(
-          got_fly_s.astype(jnp.int32) - ref_s.astype(jnp.int32))))
-    except Exception as e:  # recorded, the other tilings go on
-      row[f"{name}_error"] = _err(e)
-      traceback.print_exc()
-      continue
-    timed(name, lambda c, w, t=fly: mosaic_gpu.gated_w4a8(
-        c[0], c[1], c[2], w, sw, zw, scale, zero, tiles=t),
-          (xq, sx, zx), q8, jnp.zeros((m, f), jnp.int8))
+    for name, ws in ((f"fused_w8_inflight{tag}", q8), (f"fused_inflight{tag}", qs)):
+      try:
+        got_fly = mosaic_gpu.gated_w4a8(xq, sx, zx, ws[0], sw, zw, scale, zero, tiles=fly)
+        row[f"max_code_diff {name}"] = int(jnp.max(jnp.abs(
+            got_fly.astype(jnp.int32) - ref.astype(jnp.int32))))
+        # Symmetric: fewer MMAs per step in flight (no code sums, no row sums).
+        got_fly_s = mosaic_gpu.gated_w4a8(xq, sx, None, ws[0], sw, None, scale, None, tiles=fly)
+        ref_s = gated.reference(xq, sx, None, qs[0], sw, None, scale, None)
+        row[f"max_code_diff_sym {name}"] = int(jnp.max(jnp.abs(
+            got_fly_s.astype(jnp.int32) - ref_s.astype(jnp.int32))))
+      except Exception as e:  # recorded, the other rows go on
+        row[f"{name}_error"] = _err(e)
+        traceback.print_exc()
+        continue
+      timed(name, lambda c, w, t=fly: mosaic_gpu.gated_w4a8(
+          c[0], c[1], c[2], w, sw, zw, scale, zero, tiles=t),
+            (xq, sx, zx), ws, jnp.zeros((m, f), jnp.int8))
     timed(f"fused_w8_inflight_unpack{tag}", lambda c, w, t=fly: mosaic_gpu.gated_w4a8(
               c[0], c[1], c[2], w.astype(jnp.int8), sw, zw, scale, zero, tiles=t),
           (xq, sx, zx), qs, jnp.zeros((m, f), jnp.int8))
   for a, b in (("bf16", "fused"), ("unfused", "fused"), ("fused", "fused_w8"),
                ("fused", "fused_w8_unpack"), ("fused", "fused_w8_inflight"),
-               ("fused", "fused_w8_inflight_unpack"), ("bf16", "fused_w8_inflight_unpack")):
+               ("fused", "fused_w8_inflight_unpack"), ("bf16", "fused_w8_inflight_unpack"),
+               ("fused", "fused_inflight")):
     if f"{a}_us" in row and f"{b}_us" in row:
       row[f"{a}/{b}"] = round(row[f"{a}_us"] / row[f"{b}_us"], 3)
   return row
@@ -168,7 +171,7 @@ def main():
   ap.add_argument("--tiles", default="auto", help="comma list of the fused kernel's tilings "
                   "(probe_mosaic_w4a8.parse_tiles specs; auto: mosaic_gpu.gated_tiles)")
   ap.add_argument("--inflight-tiles", default="auto",
-                  help="the same for the int8-weight rows with MMAs in flight (inflight is set)")
+                  help="the same for the rows with MMAs in flight (inflight is set)")
   a = ap.parse_args()
   rows = []
   for name in a.shapes.split(","):

@@ -113,12 +113,14 @@ def test_int8_weights_lower_for_cuda_on_request_only(m, k, n):
 
 
 @pytest.mark.parametrize("asym,tensor_scales", [(True, False), (False, False), (True, True)])
-def test_int8_weights_with_mmas_in_flight_lower_for_cuda(asym, tensor_scales):
-  """`MosaicTiles(inflight=True)`: int8 weights read by the MMA from shared memory, buffers held
-  a step; the plain and the gated kernel, per-token and per-tensor scales (the token row sums'
-  MMA in flight too). int4 weights refuse it: their register fragment must outlive the step."""
+@pytest.mark.parametrize("bits", [8, 4])
+def test_kernels_with_mmas_in_flight_lower_for_cuda(asym, tensor_scales, bits):
+  """`MosaicTiles(inflight=True)`: the MMA reads the weight tile from shared memory (int8 codes
+  as loaded, int4 ones widened there), buffers held a step; the plain and the gated kernel,
+  per-token and per-tensor scales (the token row sums' MMA in flight too)."""
   m, k, n = 816, 2048, 16384
-  specs = list(_int8_weights(_specs(m, k, n, asym=asym)))
+  specs = list(_specs(m, k, n, asym=asym))
+  specs = list(_int8_weights(specs)) if bits == 8 else specs
   if tensor_scales:
     specs[1:3] = [jax.ShapeDtypeStruct((1, 1), jnp.float32)] * 2
   tiles = mosaic_gpu.MosaicTiles(tile_n=128, tile_m=128, stages=3, inflight=True)
@@ -128,8 +130,6 @@ def test_int8_weights_with_mmas_in_flight_lower_for_cuda(asym, tensor_scales):
   out = (jax.ShapeDtypeStruct((1,), jnp.float32),) * 2
   gated = lambda *a: mosaic_gpu.gated_w4a8(*a, tiles=gated_tiles)
   assert len(re.findall(r"custom_call @mosaic_gpu", _cuda_module(gated, *specs, *out))) == 1
-  with pytest.raises(ValueError, match="inflight reads int8"):
-    _cuda_module(plain, *_specs(m, k, n, asym=asym))
   with pytest.raises(ValueError, match="inflight needs"):
     mosaic_gpu.MosaicTiles(inflight=True, compute_wgs=2)
 
@@ -359,3 +359,26 @@ def test_int8_weights_equal_the_reference_on_hopper(m, k, n, per_tensor):
                                                 layer=l))(jnp.int32(i))
     _assert_within_one_code(h, gated.reference(xq, sx_i, zx_i, q[i], sw[i], zw[i], o_scale[i],
                                                None))
+
+
+@pytest.mark.skipif(not _on_hopper(), reason="runs the Mosaic GPU kernels: Hopper only")
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("asym", [True, False])
+def test_kernels_with_mmas_in_flight_equal_the_reference_on_hopper(bits, asym):
+  """`MosaicTiles(inflight=True)`, a long prefix's gated MLP and down projection: the plain kernel
+  equals XLA exactly, the gated one its reference within one code."""
+  m, k, f = 1024, 2048, 2048
+  kx, kq, ks, kz = jax.random.split(jax.random.key(bits + asym), 4)
+  xq, sx, zx = xla.quantize_per_token(jax.random.normal(kx, (m, k)), symmetric=not asym)
+  lo = -8 if bits == 4 else -128
+  q = jax.random.randint(kq, (2 * f, k), lo, -lo).astype(jnp.int4 if bits == 4 else jnp.int8)
+  sw = 0.01 + 0.01 * jax.random.uniform(ks, (2 * f, 1))
+  zw = jnp.round(jax.random.uniform(kz, (2 * f, 1)) * 4 - 2) if asym else None
+  fly = mosaic_gpu.MosaicTiles(tile_n=128, tile_m=128, stages=3, inflight=True)
+  y = mosaic_gpu.w4a8_matmul(xq, sx, zx, q, sw, zw, out_dtype=jnp.float32, tiles=fly)
+  ref = xla.w4a8_matmul(xq, sx, zx, q, sw, zw)
+  assert float(jnp.max(jnp.abs(y - ref)) / jnp.max(jnp.abs(ref))) == 0.0
+  o_scale = jnp.array([0.05])
+  h = mosaic_gpu.gated_w4a8(xq, sx, zx, q, sw, zw, o_scale, None,
+                            tiles=dataclasses.replace(fly, tile_n=64))
+  _assert_within_one_code(h, gated.reference(xq, sx, zx, q, sw, zw, o_scale, None))

@@ -346,3 +346,16 @@ def test_lower_policy_lowers_for_cuda_on_the_cpu(monkeypatch):
   monkeypatch.setattr(dispatch, "platform", lambda: dispatch.HOPPER)
   fast = lower_policy.lower_for_cuda("pi0", "full", "fast", 1, False)
   assert fast["mosaic_kernels"] >= 1 and fast["trace_s"] > 0 and fast["lower_s"] > 0
+
+
+def test_bench_policy_inflight_tiles_only_for_long_prefixes():
+  """inflight: the gated kernel's tiles keep their MMAs in flight from the token count on (three
+  stages), the library's tiles below it."""
+  import dataclasses
+  import bench_policy
+  from duquant_jax.kernels import mosaic_gpu
+  choose = bench_policy._gated_tiles_inflight(4096)
+  assert choose(816, 8192, 2048) == mosaic_gpu.gated_tiles(816, 8192, 2048)
+  t = choose(6528, 8192, 2048)
+  assert t.inflight and t.stages == 3
+  assert dataclasses.replace(t, inflight=False, stages=4) == mosaic_gpu.gated_tiles(6528, 8192, 2048)

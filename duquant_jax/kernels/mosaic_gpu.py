@@ -51,10 +51,12 @@ class MosaicTiles:
     compute_wgs: 1: one warpgroup per CTA loads, upcasts and multiplies in turn (plain pipeline);
       2: warp-specialised, two compute warpgroups (tile_n weight rows each, so a CTA covers
       2 * tile_n rows) and one that issues the TMA copies (the plain kernel only).
-    inflight: int8 weight codes only, one warpgroup: the MMA reads the weight tile from shared
-      memory (no register fragment) and each step's MMAs stay in flight while the next step's
-      are issued, their buffers released one step later; otherwise every step waits for its
-      MMAs, as a register fragment must live until its MMA completes.
+    inflight: one warpgroup: the MMA reads the weight tile from shared memory (no register
+      fragment) and each step's MMAs stay in flight while the next step's are issued, their
+      buffers released one step later; otherwise every step waits for its MMAs, as a register
+      fragment must live until its MMA completes. int8 codes are read as loaded; int4 codes are
+      widened in registers into one of two int8 shared-memory tiles (the other is read by the
+      step in flight).
   """
   tile_n: int = 128
   tile_m: int = 64
@@ -334,9 +336,6 @@ def _kernel(xq, q, sw, zw, act, out_q, layer, *, tiles: MosaicTiles, out_dtype, 
   rx_in_kernel = tensor_scales and asym_w
   # 128-byte rows of int8 tokens; 64-byte rows of int4 weights (128-byte of int8 ones).
   w_bits = jnp.iinfo(q.dtype).bits
-  if tiles.inflight and w_bits != 8:
-    raise ValueError(f"MosaicTiles.inflight reads int8 weight codes from shared memory; got "
-                     f"{q.dtype} codes")
   x_swz = plgpu.find_swizzle(tk * 8)
   w_swz = plgpu.find_swizzle(tk * w_bits)
   x_tr = (plgpu.TilingTransform((8, x_swz)), plgpu.SwizzleTransform(x_swz))
@@ -360,11 +359,23 @@ def _kernel(xq, q, sw, zw, act, out_q, layer, *, tiles: MosaicTiles, out_dtype, 
       plgpu.BlockSpec((tm, tk), lambda kk: (0, kk), transforms=x_tr, **hold)]
   # MMAs issued per pipeline step (each its own wgmma group).
   step_mmas = (2 if gated else 1) * (2 if asym_x else 1) + rx_in_kernel
+  # inflight int4: the widened tiles of a step, two slots (steps alternate between them).
+  widen_smem = tiles.inflight and w_bits != 8
+  n_w = 2 if gated else 1
 
-  def mma(w_smems, x_smem, ones_smem, ones_a_smem, acc_refs, csum_refs, rx_ref):
-    for w_smem, acc_ref, csum_ref in zip(w_smems, acc_refs, csum_refs):
-      w = w_smem if tiles.inflight else plgpu.load(
-          w_smem, (), layout=plgpu.Layout.WGMMA_8BIT).astype(jnp.int8)
+  def mma(step, w_smems, x_smem, ones_smem, ones_a_smem, wide_smem, acc_refs, csum_refs, rx_ref):
+    for j, (w_smem, acc_ref, csum_ref) in enumerate(zip(w_smems, acc_refs, csum_refs)):
+      if tiles.inflight and not widen_smem:
+        w = w_smem
+      else:
+        w = plgpu.load(w_smem, (), layout=plgpu.Layout.WGMMA_8BIT).astype(jnp.int8)
+      if widen_smem:
+        # The slot written here was last read by the MMAs of two steps ago, which are complete
+        # (each step leaves only its own in flight).
+        wide = wide_smem.at[lax.rem(step, 2), j]
+        wide[...] = w
+        plgpu.commit_smem()
+        w = wide
       plgpu.wgmma(acc_ref, w, x_smem.T)
       if asym_x:
         plgpu.wgmma(csum_ref, w, ones_smem.T)
@@ -436,6 +447,7 @@ def _kernel(xq, q, sw, zw, act, out_q, layer, *, tiles: MosaicTiles, out_dtype, 
     cols_smem, refs = (None, refs) if tensor_scales else (refs[0], refs[1:])
     ones_smem, refs = refs[0], refs[1:]
     ones_a_smem, refs = (refs[0], refs[1:]) if rx_in_kernel else (None, refs)
+    wide_smem, refs = (refs[0], refs[1:]) if widen_smem else (None, refs)
     o_smem, bar = refs
 
     ni, mi, si = lax.axis_index("n"), lax.axis_index("m"), lax.axis_index("s")
@@ -481,8 +493,8 @@ def _kernel(xq, q, sw, zw, act, out_q, layer, *, tiles: MosaicTiles, out_dtype, 
         accs, csums = refs[:n_acc], refs[n_acc:2 * n_acc]
         rx_ref = refs[2 * n_acc] if rx_in_kernel else None
         plgpu.emit_pipeline(
-            lambda _, *smems: mma(smems[:-1], smems[-1], ones_smem, ones_a_smem, accs, csums,
-                                  rx_ref),
+            lambda idx, *smems: mma(idx[0], smems[:-1], smems[-1], ones_smem, ones_a_smem,
+                                    wide_smem, accs, csums, rx_ref),
             grid=(ks // tk,), max_concurrent_steps=tiles.stages, in_specs=in_specs,
         )(*weights(k_sl), x_gmem.at[m_sl, k_sl])
         if tiles.inflight:
@@ -515,8 +527,8 @@ def _kernel(xq, q, sw, zw, act, out_q, layer, *, tiles: MosaicTiles, out_dtype, 
                     *rx_acc_type)
 
     def step(_, w_smem, x_smem, carry):
-      mma([w_smem.at[wg_rows]], x_smem, ones_smem, ones_a_smem, [carry[0]], [carry[1]],
-          carry[2] if rx_in_kernel else None)
+      mma(None, [w_smem.at[wg_rows]], x_smem, ones_smem, ones_a_smem, None, [carry[0]],
+          [carry[1]], carry[2] if rx_in_kernel else None)
       return carry
 
     plgpu.emit_pipeline_warp_specialized(
@@ -535,6 +547,8 @@ def _kernel(xq, q, sw, zw, act, out_q, layer, *, tiles: MosaicTiles, out_dtype, 
              + ([] if tensor_scales else [plgpu.SMEM((act[0].shape[0], tm), jnp.float32)])
              + [plgpu.SMEM((8, tk), jnp.int8, transforms=x_tr)]
              + ([plgpu.SMEM((64, tk), jnp.int8, transforms=x_tr)] if rx_in_kernel else [])
+             + ([plgpu.SMEM((2, n_w, cta_n, tk), jnp.int8, transforms=x_tr)] if widen_smem
+                else [])
              + [plgpu.SMEM(o_tile, dtype), plgpu.Barrier(num_arrivals=copies)])
   return plgpu.kernel(
       body, out_type=jax.ShapeDtypeStruct((splits, m, n_out), dtype),

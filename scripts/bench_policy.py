@@ -230,65 +230,9 @@ WEIGHT_ONLY_PALLAS = (dispatch.Rule(
     implementation="pallas"),)
 
 
-# Tokens of a flow step's matmuls at batch 8 (408), up to which `tiles64` gives the Mosaic kernels
-# token tiles of 64: then they read static scales as scalars and sum the token rows themselves,
-# where 128-token tiles leave XLA to compute each call's per-token columns (2.0 ms per call at
-# batch 8, BENCHMARKS.md "Where the time goes at batch 8").
-FLOW8_TOKENS = 512
-
-
-def _mosaic_tiles_64(tokens: int):
-  """`mosaic_gpu.choose_tiles` with token tiles of at most 64 for one-warpgroup tilings of up to
-  `tokens` tokens (the gated kernel's `gated_tiles` reads it too)."""
-  choose = mosaic_gpu.choose_tiles
-
-  def choose_tiles(m, n, k):
-    t = choose(m, n, k)
-    if m <= tokens and t.tile_m > 64 and t.compute_wgs == 1:
-      return dataclasses.replace(t, tile_m=64, stages=4)
-    return t
-  return choose_tiles
-
-
-def _gated_on_int8_copy(tokens: int):
-  """`kernels.gated_w4a8` that, from `tokens` tokens on int4 codes (the long prefixes), slices the
-  layer, makes an int8 copy of its codes (one XLA op) and runs the gated Mosaic kernel on it with
-  its MMAs in flight (`MosaicTiles(inflight=True)`); the same arithmetic as XLA ops where the
-  trace is not lowered for CUDA. Below `tokens`, the library's dispatch."""
-  real = kernels.gated_w4a8
-
-  def gated_w4a8(xq, sx, zx, q, sw, zw, out_scale, out_zero, *, implementation=None, layer=None):
-    m, k = xq.shape
-    if m < tokens or q.dtype != jnp.int4 or implementation == "xla":
-      return real(xq, sx, zx, q, sw, zw, out_scale, out_zero, implementation=implementation,
-                  layer=layer)
-    xq, sx, zx, q, sw, zw, out_scale, out_zero = gated.one_layer(
-        layer, xq, sx, zx, q, sw, zw, out_scale, out_zero)
-    args = (xq, sx, zx, q.astype(jnp.int8), sw, zw, out_scale, out_zero)
-    # Three stages: 909 us against four's 1156 at M = 6528 on int8 codes (H100, probe_gated_mlp
-    # --inflight-tiles, results/h100_2026-12-07h).
-    tiles = dataclasses.replace(mosaic_gpu.gated_tiles(m, q.shape[0] // 2, k), inflight=True,
-                                stages=3)
-    return dispatch.on_cuda(lambda: mosaic_gpu.gated_w4a8(*args, tiles=tiles),
-                            lambda: gated.reference(*args))
-  return gated_w4a8
-
-
-def _gated_tiles_inflight(tokens: int):
-  """`mosaic_gpu.gated_tiles` with the MMAs in flight (`MosaicTiles(inflight=True)`, the int4
-  codes widened in shared memory, three stages) from `tokens` tokens (the long prefixes)."""
-  choose = mosaic_gpu.gated_tiles
-
-  def gated_tiles(m, f, k):
-    t = choose(m, f, k)
-    return dataclasses.replace(t, inflight=True, stages=3) if m >= tokens else t
-  return gated_tiles
-
-
 # The variants' dispatch flags (`--variants MATMUL/TRANSFORM/FLAG...`), each a `_dispatch_overrides`
 # case.
-DISPATCH_FLAGS = ("unfused", "flowunfused", "kernelprefix", "wopallas", "tiles64", "w8copy",
-                  "inflight")
+DISPATCH_FLAGS = ("unfused", "flowunfused", "kernelprefix", "wopallas", "tiles128", "gatedint4")
 _FLAG_SYNTAX = "".join(f"[/{f}]" for f in DISPATCH_FLAGS)
 
 
@@ -307,21 +251,16 @@ def _dispatch_overrides(share):
   linears, `runtime.gated_mlp` declining), `flowunfused` (the same up to `FLOW_TOKENS` tokens),
   `kernelprefix` (long prefixes on the Mosaic kernel, never the unpacked int8 GEMM,
   `kernels.w4a8.UNPACKED_MIN_TOKENS`), `wopallas` (`WEIGHT_ONLY_PALLAS` as
-  `kernels.weight_only.AUTO`), `tiles64` (the Mosaic kernels' token tiles at most 64 up to
-  `FLOW8_TOKENS` tokens), `w8copy` (gated MLPs of long prefixes on an int8 copy of the layer's
-  codes, MMAs in flight, `_gated_on_int8_copy`), `inflight` (the same on the int4 codes, widened
-  in the kernel's shared memory, `_gated_tiles_inflight`)."""
+  `kernels.weight_only.AUTO`), `tiles128` (the Mosaic kernels' 128-token tiles from 257 tokens,
+  `mosaic_gpu.TILE64_MAX_TOKENS` off), `gatedint4` (gated MLPs of long prefixes on the int4
+  codes, no per-call int8 copy, `gated.UNPACKED_MIN_TOKENS` off)."""
   declining = (lambda *a: None) if "unfused" in share else _gated_mlp_above(FLOW_TOKENS)
   with _patched_attr(runtime, "gated_mlp", declining,
                      "unfused" in share or "flowunfused" in share), \
       _patched_attr(w4a8, "UNPACKED_MIN_TOKENS", 2**62, "kernelprefix" in share), \
       _patched_attr(weight_only, "AUTO", WEIGHT_ONLY_PALLAS, "wopallas" in share), \
-      _patched_attr(mosaic_gpu, "choose_tiles", _mosaic_tiles_64(FLOW8_TOKENS),
-                    "tiles64" in share), \
-      _patched_attr(kernels, "gated_w4a8", _gated_on_int8_copy(w4a8.UNPACKED_MIN_TOKENS),
-                    "w8copy" in share), \
-      _patched_attr(mosaic_gpu, "gated_tiles", _gated_tiles_inflight(w4a8.UNPACKED_MIN_TOKENS),
-                    "inflight" in share), \
+      _patched_attr(mosaic_gpu, "TILE64_MAX_TOKENS", 256, "tiles128" in share), \
+      _patched_attr(gated, "UNPACKED_MIN_TOKENS", 2**62, "gatedint4" in share), \
       bound_linears():
     yield
 
@@ -434,11 +373,9 @@ def main():
                        "kernelprefix: long prefixes "
                        "on the Mosaic kernel, not the unpacked int8 GEMM; wopallas: weight-only "
                        f"matmuls of up to {FLOW_TOKENS} tokens on the Pallas kernel, reading "
-                       "stacked weights in place; tiles64: the Mosaic kernels' token tiles at "
-                       f"most 64 up to {FLOW8_TOKENS} tokens, the flow steps at batch 8; w8copy: "
-                       "gated MLPs of long prefixes on an int8 copy of the layer's codes, the "
-                       "Mosaic kernel's MMAs in flight; inflight: the same on the int4 codes, "
-                       "widened in the kernel's shared memory), "
+                       "stacked weights in place; tiles128: the Mosaic kernels' 128-token tiles from 257 "
+                       "tokens (the library: 64 up to 512); gatedint4: gated MLPs of long "
+                       "prefixes on the int4 codes (the library: on a per-call int8 copy)), "
                        "e.g. auto/auto,auto/auto/sliced,auto/auto/unfused")
   ap.add_argument("--permutation", default=None, help="override the rules' permutation (e.g. none)")
   ap.add_argument("--unroll", default="off",

@@ -11,8 +11,8 @@ a value on a .5 boundary differently), then the time per call in one jitted loop
 - `unpacked`: `gated.reference` on an unpacked int8 copy of the weight (XLA's int8 GEMM, the
   float32 (M, 2F) product through memory); `unpacked_split`: gate and up as two such GEMMs to
   bf16, then gelu * up and the quantizer;
-- `fused_w8`: the gated kernel on an int8 copy of the codes (W8A8, no register upcast), the copy
-  made once; `fused_w8_unpack`: the copy made in every call; `fused_w8_inflight[_unpack]`: the
+- `fused_w8`: the gated kernel on an int8 copy of the codes (W8A8, no register upcast) at the int4
+  codes' tiles, the copy made once; `fused_w8_unpack`: the copy made in every call; `fused_w8_inflight[_unpack]`: the
   same with `MosaicTiles(inflight=True)` (the MMA reads the int8 tile from shared memory, one
   step's MMAs in flight); `fused_inflight`: the int4 codes with `inflight=True` (widened into
   shared memory by the kernel).
@@ -117,13 +117,15 @@ def probe(m, k, f, tile_specs=("auto",), iters=20, inflight_specs=("auto",)):
           (xq, sx, zx), qs, jnp.zeros((m, f), jnp.int8))
   # Whether the in-register int4 upcast is what limits the kernel.
   q8 = [q.astype(jnp.int8) for q in qs]
+  t4 = mosaic_gpu.gated_tiles(m, f, k)  # int4 codes' tiles: every step waits for its MMAs
   try:
-    got8 = mosaic_gpu.gated_w4a8(xq, sx, zx, q8[0], sw, zw, scale, zero)
+    got8 = mosaic_gpu.gated_w4a8(xq, sx, zx, q8[0], sw, zw, scale, zero, tiles=t4)
     row["max_code_diff_w8"] = int(jnp.max(jnp.abs(got8.astype(jnp.int32) - ref.astype(jnp.int32))))
-    timed("fused_w8", lambda c, w: mosaic_gpu.gated_w4a8(c[0], c[1], c[2], w, sw, zw, scale, zero),
+    timed("fused_w8", lambda c, w: mosaic_gpu.gated_w4a8(c[0], c[1], c[2], w, sw, zw, scale, zero,
+                                                         tiles=t4),
           (xq, sx, zx), q8, jnp.zeros((m, f), jnp.int8))
     timed("fused_w8_unpack", lambda c, w: mosaic_gpu.gated_w4a8(
-        c[0], c[1], c[2], w.astype(jnp.int8), sw, zw, scale, zero),
+        c[0], c[1], c[2], w.astype(jnp.int8), sw, zw, scale, zero, tiles=t4),
           (xq, sx, zx), qs, jnp.zeros((m, f), jnp.int8))
   except Exception as e:  # recorded, the probe goes on
     row["fused_w8_error"] = _err(e)

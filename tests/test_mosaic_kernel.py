@@ -43,6 +43,48 @@ def test_choose_tiles_takes_every_gemma_shape(m, k, n):
   assert k // t.splits >= 1024  # split-K never cuts K below 8 pipeline steps
 
 
+def test_batch8_flow_steps_take_64_token_tiles_read_scales_as_scalars():
+  """257-512 tokens (408: a flow step at batch 8): 64-token tiles, so per-tensor scales are read
+  in the kernel; the prefix's 128-token tiles and batch 1-4's tiles unchanged."""
+  for m in (257, 408, 512):
+    t = mosaic_gpu.choose_tiles(m, 4096, 1024)
+    assert (t.tile_m, t.stages) == (64, 4) and mosaic_gpu.scalar_scales(t)
+    assert mosaic_gpu.gated_tiles(m, 4096, 1024).tile_m == 64
+  assert mosaic_gpu.choose_tiles(513, 4096, 1024).tile_m == 128
+  assert mosaic_gpu.choose_tiles(204, 4096, 1024).tile_m == 208
+  assert mosaic_gpu.choose_tiles(408, 2048, 16384).compute_wgs == 2  # warp-specialised: as it was
+
+
+def test_gated_int8_codes_keep_their_mmas_in_flight():
+  t8, t4 = mosaic_gpu.gated_tiles(6528, 16384, 2048, 8), mosaic_gpu.gated_tiles(6528, 16384, 2048)
+  assert t8.inflight and t8.stages == 3 and not t4.inflight
+  assert dataclasses.replace(t8, inflight=False, stages=4) == t4
+
+
+def test_gated_mlp_on_an_int8_copy_equals_the_library_and_lowers_to_one_kernel():
+  """implementation="mosaic_unpacked": a layer of a stack on a per-call int8 copy of its codes;
+  the reference's numbers where the trace is not lowered for CUDA, and for CUDA one Mosaic call
+  reading a (2F, K) int8 copy."""
+  layers, m, k, f = 3, 32, 256, 128
+  ks = jax.random.split(jax.random.key(0), 4)
+  xq, _, _ = xla.quantize_per_token(jax.random.normal(ks[0], (m, k)))
+  q = jax.random.randint(ks[1], (layers, 2 * f, k), -8, 8).astype(jnp.int4)
+  sw = 0.01 + 0.01 * jax.random.uniform(ks[2], (layers, 2 * f, 1))
+  zw = jnp.round(jax.random.uniform(ks[3], (layers, 2 * f, 1)) * 4 - 2)
+  sx, out_scale = jnp.full((layers, 1, 1), 0.02), jnp.full((layers, 1), 0.05)
+  for i in range(layers):
+    got = kernels.gated_w4a8(xq, sx, None, q, sw, zw, out_scale, None, layer=jnp.int32(i),
+                             implementation="mosaic_unpacked")
+    want = gated.reference(*gated.one_layer(jnp.int32(i), xq, sx, None, q, sw, zw, out_scale,
+                                            None))
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  fn = lambda xq, sx, q, sw, zw, o, i: kernels.gated_w4a8(
+      xq, sx, None, q, sw, zw, o, None, layer=i, implementation="mosaic_unpacked")
+  text = _cuda_module(fn, xq, sx, q, sw, zw, out_scale, jnp.int32(0))
+  [call] = re.findall(r"custom_call @mosaic_gpu\w*\(.*", text)
+  assert re.search(rf"tensor<1x{2 * f}x{k}xi8>", call)
+
+
 def test_tile_config_rejects_what_wgmma_cannot_run():
   with pytest.raises(ValueError, match="tile_n"):
     mosaic_gpu.MosaicTiles(tile_n=96)

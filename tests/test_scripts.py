@@ -208,16 +208,18 @@ def test_bench_policy_xla_option_sets_are_valid_compile_options():
 
 def test_bench_policy_dispatch_overrides_apply_and_restore():
   """unfused: no fused gated MLP; kernelprefix: no unpacked int8 GEMM; wopallas: the Pallas
-  weight-only kernel at flow-step sizes on a GPU (never on the CPU); tiles64: 64-token Mosaic
-  tiles for the batch-8 flow steps (the gated kernel's too), the prefix's tiles unchanged; all
-  restored afterwards."""
+  weight-only kernel at flow-step sizes on a GPU (never on the CPU); tiles128: 128-token Mosaic
+  tiles for the batch-8 flow steps (the gated kernel's too); gatedint4: no int8 copy for the
+  prefix's gated MLP; all restored afterwards."""
   import bench_policy
   from duquant_jax import runtime
-  from duquant_jax.kernels import dispatch, mosaic_gpu, w4a8, weight_only
+  from duquant_jax.kernels import dispatch, gated, mosaic_gpu, w4a8, weight_only
   from duquant_jax.kernels.dispatch import Problem
   unpacked, table, gated_mlp = w4a8.UNPACKED_MIN_TOKENS, weight_only.AUTO, runtime.gated_mlp
   choose = mosaic_gpu.choose_tiles
-  assert choose(408, 1024, 4096).tile_m == 128
+  assert choose(408, 1024, 4096).tile_m == 64
+  prefix8 = Problem(m=6528, k=2048, n=32768, codes=jnp.int4)
+  assert dispatch.choose(gated.AUTO_IN_PLACE, prefix8, on=dispatch.HOPPER) == "mosaic_unpacked"
   step, prefix = (Problem(m=51, k=1024, n=2048, codes=jnp.int8),
                   Problem(m=816, k=1024, n=2048, codes=jnp.int8))
   with bench_policy._dispatch_overrides(bench_policy.DISPATCH_FLAGS):
@@ -226,48 +228,17 @@ def test_bench_policy_dispatch_overrides_apply_and_restore():
     assert dispatch.choose(weight_only.AUTO, step, on=dispatch.HOPPER) == "pallas"
     assert dispatch.choose(weight_only.AUTO, prefix, on=dispatch.HOPPER) == "xla"
     assert dispatch.choose(weight_only.AUTO, step, on=dispatch.CPU) == "xla"
-    assert mosaic_gpu.choose_tiles(408, 1024, 4096).tile_m == 64
-    assert mosaic_gpu.gated_tiles(408, 4096, 1024).tile_m == 64
+    assert mosaic_gpu.choose_tiles(408, 1024, 4096).tile_m == 128
+    assert mosaic_gpu.gated_tiles(408, 4096, 1024).tile_m == 128
     assert mosaic_gpu.choose_tiles(6528, 2048, 2048) == choose(6528, 2048, 2048)
-  assert mosaic_gpu.choose_tiles is choose
+    assert dispatch.choose(gated.AUTO_IN_PLACE, prefix8, on=dispatch.HOPPER) == "mosaic"
+  assert mosaic_gpu.choose_tiles(408, 1024, 4096).tile_m == 64
+  assert dispatch.choose(gated.AUTO_IN_PLACE, prefix8, on=dispatch.HOPPER) == "mosaic_unpacked"
   with bench_policy._dispatch_overrides(()):
     assert (w4a8.UNPACKED_MIN_TOKENS, weight_only.AUTO) == (unpacked, table)
     assert runtime.gated_mlp is gated_mlp
   assert (w4a8.UNPACKED_MIN_TOKENS, weight_only.AUTO, runtime.gated_mlp) == (unpacked, table,
                                                                              gated_mlp)
-
-
-def test_bench_policy_w8copy_runs_a_layers_int8_copy_with_the_same_numbers():
-  """w8copy: from its token count, the gated MLP of a stacked layer on an int8 copy of that
-  layer's codes: the library's numbers on the CPU, and for CUDA one Mosaic call reading a (2F, K)
-  int8 copy (the inflight tiles); below the count, the library's dispatch."""
-  import re
-  import bench_policy
-  from duquant_jax import kernels
-  from duquant_jax.kernels import xla
-  layers, m, k, f = 3, 32, 256, 128
-  ks = jax.random.split(jax.random.key(0), 4)
-  xq, _, _ = xla.quantize_per_token(jax.random.normal(ks[0], (m, k)))
-  q = jax.random.randint(ks[1], (layers, 2 * f, k), -8, 8).astype(jnp.int4)
-  sw = 0.01 + 0.01 * jax.random.uniform(ks[2], (layers, 2 * f, 1))
-  zw = jnp.round(jax.random.uniform(ks[3], (layers, 2 * f, 1)) * 4 - 2)
-  sx = jnp.full((layers, 1, 1), 0.02)
-  out_scale = jnp.full((layers, 1), 0.05)
-  wrapped = bench_policy._gated_on_int8_copy(16)
-  for i in range(layers):
-    layer = jnp.int32(i)
-    want = kernels.gated_w4a8(xq, sx, None, q, sw, zw, out_scale, None, layer=layer)
-    got = wrapped(xq, sx, None, q, sw, zw, out_scale, None, layer=layer)
-    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-  short = bench_policy._gated_on_int8_copy(m + 1)
-  np.testing.assert_array_equal(
-      np.asarray(short(xq, sx, None, q, sw, zw, out_scale, None, layer=jnp.int32(1))),
-      np.asarray(kernels.gated_w4a8(xq, sx, None, q, sw, zw, out_scale, None, layer=jnp.int32(1))))
-  fn = lambda *a: wrapped(*a[:3], *a[3:6], a[6], None, layer=a[7])
-  text = jax.export.export(jax.jit(fn), platforms=["cuda"])(
-      xq, sx, None, q, sw, zw, out_scale, jnp.int32(0)).mlir_module()
-  [call] = re.findall(r"custom_call @mosaic_gpu\w*\(.*", text)
-  assert re.search(rf"tensor<1x{2 * f}x{k}xi8>", call)
 
 
 def test_bench_policy_flowunfused_declines_only_flow_step_mlps(monkeypatch):
@@ -347,15 +318,3 @@ def test_lower_policy_lowers_for_cuda_on_the_cpu(monkeypatch):
   fast = lower_policy.lower_for_cuda("pi0", "full", "fast", 1, False)
   assert fast["mosaic_kernels"] >= 1 and fast["trace_s"] > 0 and fast["lower_s"] > 0
 
-
-def test_bench_policy_inflight_tiles_only_for_long_prefixes():
-  """inflight: the gated kernel's tiles keep their MMAs in flight from the token count on (three
-  stages), the library's tiles below it."""
-  import dataclasses
-  import bench_policy
-  from duquant_jax.kernels import mosaic_gpu
-  choose = bench_policy._gated_tiles_inflight(4096)
-  assert choose(816, 8192, 2048) == mosaic_gpu.gated_tiles(816, 8192, 2048)
-  t = choose(6528, 8192, 2048)
-  assert t.inflight and t.stages == 3
-  assert dataclasses.replace(t, inflight=False, stages=4) == mosaic_gpu.gated_tiles(6528, 8192, 2048)

@@ -8,8 +8,10 @@ Mosaic kernel (`mosaic_gpu.gated_w4a8`) computes it in one pass, the (M, 2F) pro
 registers; everywhere else `reference` runs the same arithmetic as XLA ops.
 
 Implementations: None (auto: the first matching rule of `AUTO` / `AUTO_IN_PLACE`, else the
-reference), "xla" (the reference) and "mosaic" (the kernel where it takes the shape and the trace
-is lowered for CUDA, else the reference). The regimes: docs/kernels.md, "Gated MLP".
+reference), "xla" (the reference), "mosaic" (the kernel where it takes the shape and the trace
+is lowered for CUDA, else the reference) and "mosaic_unpacked" (the same on an int8 copy of the
+layer's codes made in the call, which the kernel reads with its MMAs in flight). The regimes:
+docs/kernels.md, "Gated MLP".
 """
 
 from __future__ import annotations
@@ -22,7 +24,12 @@ from duquant_jax.kernels.dispatch import HOPPER, PLATFORMS, Problem, Rule
 from duquant_jax.kernels.w4a8 import (MOSAIC_AUTO_CODES, MOSAIC_CODES,
                                       mosaic_in_place_preferred, mosaic_preferred)
 
-IMPLEMENTATIONS = (None, "xla", "mosaic")
+IMPLEMENTATIONS = (None, "xla", "mosaic", "mosaic_unpacked")
+# Hopper: from this many tokens an int4 gate/up weight runs on an int8 copy made per call (one
+# layer, 64 MiB for gemma_2b), which the kernel reads with its MMAs in flight: 985 against 1054
+# us for gemma_2b's MLP at 6528 tokens, the copy included; pi0 at batch 8 70.2 against 72.4 ms
+# (H100, BENCHMARKS.md, "Policy latency (H100)").
+UNPACKED_MIN_TOKENS = 4096
 
 
 def reference(xq, sx, zx, q, sw, zw, out_scale, out_zero, *, dot: str = "int8") -> jax.Array:
@@ -56,13 +63,28 @@ def _rule(regime, platforms, preferred=None, codes=MOSAIC_AUTO_CODES):
   return Rule(regime=regime, platforms=frozenset(platforms), when=when, implementation="mosaic")
 
 
+def unpacked_preferred(p: Problem) -> bool:
+  """Whether auto-dispatch on a Hopper GPU runs an int4 gate/up weight on a per-call int8 copy:
+  from `UNPACKED_MIN_TOKENS` tokens (the prefix of a large batch), where the kernel takes it."""
+  return (p.codes == jnp.int4 and p.m >= UNPACKED_MIN_TOKENS
+          and mosaic_applies(p.m, p.n, p.k, p.g, jnp.int8))
+
+
+UNPACKED = Rule(regime="Gated MLP on an int8 copy for long prefixes on Hopper",
+                platforms=frozenset({HOPPER}), when=unpacked_preferred,
+                implementation="mosaic_unpacked")
 # Auto-dispatch: the fused kernel where the plain W4A8 kernel would run on the whole (2F, K)
 # weight (one layer), or read it in place (a layer of a stack); the reference otherwise.
-AUTO = (_rule("Gated MLP on Hopper", {HOPPER}, mosaic_preferred),)
-AUTO_IN_PLACE = (_rule("Gated MLP in place on Hopper", {HOPPER}, mosaic_in_place_preferred),)
+AUTO = (UNPACKED, _rule("Gated MLP on Hopper", {HOPPER}, mosaic_preferred))
+AUTO_IN_PLACE = (UNPACKED,
+                 _rule("Gated MLP in place on Hopper", {HOPPER}, mosaic_in_place_preferred))
 MOSAIC = (_rule("Gated MLP where it applies", PLATFORMS, codes=MOSAIC_CODES),)
+UNPACKED_TABLE = (Rule(regime="Gated MLP on an int8 copy where it applies",
+                       platforms=PLATFORMS, implementation="mosaic_unpacked",
+                       when=lambda p: mosaic_applies(p.m, p.n, p.k, p.g, jnp.int8)),)
 TABLES = {(None, False): AUTO, (None, True): AUTO_IN_PLACE, ("mosaic", False): MOSAIC,
-          ("mosaic", True): MOSAIC}
+          ("mosaic", True): MOSAIC, ("mosaic_unpacked", False): UNPACKED_TABLE,
+          ("mosaic_unpacked", True): UNPACKED_TABLE}
 
 
 def gated_w4a8(xq: jax.Array, sx: jax.Array, zx: jax.Array | None, q: jax.Array, sw: jax.Array,
@@ -75,8 +97,9 @@ def gated_w4a8(xq: jax.Array, sx: jax.Array, zx: jax.Array | None, q: jax.Array,
       gate rows then up rows.
     out_scale, out_zero: the hidden activation's static quantizer, (1,) float32, or with `layer`
       (L, 1), one per layer of the stack (out_zero None: symmetric).
-    implementation: None (auto), "xla" (the reference ops) or "mosaic" (the kernel where it takes
-      the shape, else the reference).
+    implementation: None (auto), "xla" (the reference ops), "mosaic" (the kernel where it takes
+      the shape, else the reference) or "mosaic_unpacked" (the same on a per-call int8 copy of
+      the layer's codes).
     layer: None, or a traced int32 scalar: q, sw, zw are the stacked (L, 2F, K) / (L, 2F, 1)
       arrays of an `nn.scan` layer stack, and the kernel reads this layer in place; the reference
       takes a slice.
@@ -88,7 +111,7 @@ def gated_w4a8(xq: jax.Array, sx: jax.Array, zx: jax.Array | None, q: jax.Array,
     ValueError: an unknown implementation, or a layer index without stacked arrays.
   """
   if implementation not in IMPLEMENTATIONS:
-    raise ValueError(f"gated_w4a8 implementation must be None, 'xla' or 'mosaic', got "
+    raise ValueError(f"gated_w4a8 implementation must be one of {IMPLEMENTATIONS}, got "
                      f"{implementation!r}")
   if layer is not None:
     dispatch.check_stacked(q, sw)
@@ -103,5 +126,9 @@ def gated_w4a8(xq: jax.Array, sx: jax.Array, zx: jax.Array | None, q: jax.Array,
                            Problem(m=m, k=k, n=n, g=g, codes=q.dtype))
   if choice == "xla":
     return ref()
+  if choice == "mosaic_unpacked":
+    xq1, sx1, zx1, q1, *rest = one_layer(layer, xq, sx, zx, q, sw, zw, out_scale, out_zero)
+    return dispatch.on_cuda(
+        lambda: mosaic_gpu.gated_w4a8(xq1, sx1, zx1, q1.astype(jnp.int8), *rest), ref)
   return dispatch.on_cuda(
       lambda: mosaic_gpu.gated_w4a8(xq, sx, zx, q, sw, zw, out_scale, out_zero, layer=layer), ref)

@@ -86,6 +86,11 @@ class MosaicTiles:
 
 # Streaming multiprocessors to fill (H100 SXM).
 _SMS = 132
+# Calls of more than 256 and up to this many tokens (the flow steps at batch 8: 408) take token
+# tiles of 64, so per-tensor activation scales are read as scalars and the token rows summed in
+# the kernel (`scalar_scales`); 128-token tiles leave XLA a per-token column block to compute in
+# every call (2.0 ms of a batch-8 pi0 call). BENCHMARKS.md, "Policy latency (H100)".
+TILE64_MAX_TOKENS = 512
 _SQRT_2_OVER_PI = 0.7978845608028654  # float32(sqrt(2 / pi)), as jax.nn.gelu
 
 
@@ -108,6 +113,8 @@ def choose_tiles(m: int, n: int, k: int) -> MosaicTiles:
   splits = 1
   while ctas * splits * 2 <= 2 * _SMS and k % (2 * splits * 128) == 0 and k // (2 * splits) >= 1024:
     splits *= 2
+  if 256 < m <= TILE64_MAX_TOKENS:
+    tile_m, stages = 64, 4
   return MosaicTiles(tile_n=tile_n, tile_m=tile_m, stages=stages, splits=splits)
 
 
@@ -222,10 +229,14 @@ def _stacked(q, sw, zw, layer):
   return q, sw, zw, jnp.asarray(layer, jnp.int32).reshape(1)
 
 
-def gated_tiles(m: int, f: int, k: int) -> MosaicTiles:
+def gated_tiles(m: int, f: int, k: int, w_bits: int = 4) -> MosaicTiles:
   """Tiles of `gated_w4a8`: 64 gate rows and the same 64 up rows per CTA (two int32 accumulators
-  in one warpgroup's registers), token tiles as `choose_tiles`."""
+  in one warpgroup's registers), token tiles as `choose_tiles`. int8 codes (w_bits 8) keep each
+  step's MMAs in flight over three stages: 921 against 1403 us at 6528 tokens, 154 against 220 at
+  816 for gemma_2b's MLP (H100, BENCHMARKS.md, "The fused gated MLP kernel")."""
   t = choose_tiles(m, 2 * f, k)
+  if w_bits == 8:
+    return MosaicTiles(tile_n=64, tile_m=t.tile_m, stages=3, inflight=True)
   return MosaicTiles(tile_n=64, tile_m=t.tile_m, stages=4)
 
 
@@ -266,7 +277,7 @@ def gated_w4a8(xq, sx, zx, q, sw, zw, out_scale, out_zero, *, tiles: MosaicTiles
   m, k = xq.shape
   n, g = sw.shape[-2:]
   f = n // 2
-  tiles = tiles or gated_tiles(m, f, k)
+  tiles = tiles or gated_tiles(m, f, k, jnp.iinfo(q.dtype).bits)
   q, sw, zw, index = _stacked(q, sw, zw, layer)
   if q.shape[-2:] != (n, k) or n % 2:
     raise ValueError(f"gate/up weight codes {q.shape} do not match activations {xq.shape} and "

@@ -322,3 +322,16 @@ CANDIDATES.update({
     "fastco": _channel_order("fast", "fast, GPTQ in channel order"),
     "recco": _channel_order("recommended", "recommended, GPTQ in channel order"),
 })
+
+
+# The static activation scales' calibration percentile (99.9 in `fast`: the percentile of the
+# calibration rows' per-token ranges that maps to the int8 range); 100 is the largest range seen.
+def _percentile(key: str, p: float) -> QuantConfig:
+  cfg = resolve(key)
+  return dataclasses.replace(cfg, name=f"{cfg.name}, static scales at percentile {p}", rules=tuple(
+      dataclasses.replace(r, act_percentile=p) if r.act_scale == "static" else r
+      for r in cfg.rules))
+
+
+CANDIDATES.update({key: _percentile("fast", p)
+                   for key, p in (("fastp99", 99.0), ("fastp9999", 99.99), ("fastp100", 100.0))})

@@ -56,7 +56,8 @@ class MosaicTiles:
       buffers released one step later; otherwise every step waits for its MMAs, as a register
       fragment must live until its MMA completes. int8 codes are read as loaded; int4 codes are
       widened in registers into one of two int8 shared-memory tiles (the other is read by the
-      step in flight).
+      step in flight): exact, and slower than the int4 default (BENCHMARKS.md, "The fused gated
+      MLP kernel"), so only int8 codes take it by default (`gated_tiles`).
   """
   tile_n: int = 128
   tile_m: int = 64

@@ -18,7 +18,9 @@ a value on a .5 boundary differently), then the time per call in one jitted loop
   shared memory by the kernel).
 
 Usage (Hopper GPU): python3 scripts/probe_gated_mlp.py [--ms 51,408,816,6528] [--json out.json]
-                    [--tiles auto,auto+s8]   (the fused kernel's tilings, `probe_mosaic_w4a8` specs)
+                    [--tiles auto,auto+s8]   (the fused kernel's tilings, `probe_mosaic_w4a8` specs;
+                    each but auto also timed on the int8 copy made in the call, `..._w8_unpack`;
+                    auto+w2: two MMA warpgroups and a TMA one)
 """
 
 from __future__ import annotations
@@ -115,6 +117,10 @@ def probe(m, k, f, tile_specs=("auto",), iters=20, inflight_specs=("auto",)):
     timed(name, lambda c, w, t=t: mosaic_gpu.gated_w4a8(c[0], c[1], c[2], w, sw, zw, scale, zero,
                                                         tiles=t),
           (xq, sx, zx), qs, jnp.zeros((m, f), jnp.int8))
+    if spec != "auto":  # the same tiles on the int8 copy made in the call
+      timed(f"{name}_w8_unpack", lambda c, w, t=t: mosaic_gpu.gated_w4a8(
+          c[0], c[1], c[2], w.astype(jnp.int8), sw, zw, scale, zero, tiles=t),
+            (xq, sx, zx), qs, jnp.zeros((m, f), jnp.int8))
   # Whether the in-register int4 upcast is what limits the kernel.
   q8 = [q.astype(jnp.int8) for q in qs]
   t4 = mosaic_gpu.gated_tiles(m, f, k)  # int4 codes' tiles: every step waits for its MMAs

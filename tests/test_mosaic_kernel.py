@@ -226,11 +226,22 @@ def test_gated_kernel_lowers_for_cuda(m, k, f, asym, out_asym):
   assert out.shape == (m, f) and out.dtype == jnp.int8
 
 
-def test_gated_kernel_runs_on_one_warpgroup():
-  tiles = mosaic_gpu.MosaicTiles(tile_n=64, tile_m=64, stages=4, compute_wgs=2)
-  with pytest.raises(ValueError, match="compute_wgs = 1"):
+@pytest.mark.parametrize("bits,asym,tensor_scales", [(4, True, False), (8, False, True),
+                                                    (4, False, True)])
+def test_warp_specialised_gated_kernel_lowers_for_cuda(bits, asym, tensor_scales):
+  """compute_wgs=2: two MMA warpgroups of tile_n gate and tile_n up rows each, one TMA warpgroup;
+  F must hold whole CTAs of 2 * tile_n rows."""
+  m, k, f = 6528, 2048, 16384
+  specs = list(_gated_specs(m, k, f, asym=asym, out_asym=False))
+  specs = list(_int8_weights(specs)) if bits == 8 else specs
+  if tensor_scales:
+    specs[1:3] = [jax.ShapeDtypeStruct((1, 1), jnp.float32), None]
+  tiles = mosaic_gpu.MosaicTiles(tile_n=64, tile_m=128, stages=4, compute_wgs=2)
+  fn = lambda *a: mosaic_gpu.gated_w4a8(*a, tiles=tiles)
+  assert len(re.findall(r"custom_call @mosaic_gpu", _cuda_module(fn, *specs))) == 1
+  with pytest.raises(ValueError, match="F % \\(tile_n \\* compute_wgs\\)"):
     mosaic_gpu.gated_w4a8(jnp.zeros((8, 256), jnp.int8), jnp.ones((8, 1)), None,
-                          jnp.zeros((256, 256), jnp.int4), jnp.ones((256, 1)), None,
+                          jnp.zeros((192, 256), jnp.int4), jnp.ones((192, 1)), None,
                           jnp.ones((1,)), None, tiles=tiles)
 
 
@@ -424,3 +435,25 @@ def test_kernels_with_mmas_in_flight_equal_the_reference_on_hopper(bits, asym):
   h = mosaic_gpu.gated_w4a8(xq, sx, zx, q, sw, zw, o_scale, None,
                             tiles=dataclasses.replace(fly, tile_n=64))
   _assert_within_one_code(h, gated.reference(xq, sx, zx, q, sw, zw, o_scale, None))
+
+
+@pytest.mark.skipif(not _on_hopper(), reason="runs the Mosaic GPU kernels: Hopper only")
+@pytest.mark.parametrize("bits", [4, 8])
+def test_warp_specialised_gated_kernel_equals_the_reference_on_hopper(bits):
+  """compute_wgs=2 gated: within one code of the reference, per-token and per-tensor scales."""
+  m, k, f = 1024, 2048, 2048
+  kx, kq, ks, kz = jax.random.split(jax.random.key(bits), 4)
+  x = jax.random.normal(kx, (m, k))
+  lo = -8 if bits == 4 else -128
+  q = jax.random.randint(kq, (2 * f, k), lo, -lo).astype(jnp.int4 if bits == 4 else jnp.int8)
+  sw = 0.01 + 0.01 * jax.random.uniform(ks, (2 * f, 1))
+  zw = jnp.round(jax.random.uniform(kz, (2 * f, 1)) * 4 - 2)
+  tiles = mosaic_gpu.MosaicTiles(tile_n=64, tile_m=128, stages=4, compute_wgs=2)
+  o_scale = jnp.array([0.05])
+  xq, sx, zx = xla.quantize_per_token(x, symmetric=False)
+  h = mosaic_gpu.gated_w4a8(xq, sx, zx, q, sw, zw, o_scale, None, tiles=tiles)
+  _assert_within_one_code(h, gated.reference(xq, sx, zx, q, sw, zw, o_scale, None))
+  st = jnp.array([[0.03]])
+  xs, _, _ = xla.quantize_static(x, st, None)
+  h = mosaic_gpu.gated_w4a8(xs, st, None, q, sw, zw, o_scale, None, tiles=tiles)
+  _assert_within_one_code(h, gated.reference(xs, st, None, q, sw, zw, o_scale, None))

@@ -283,11 +283,11 @@ def gated_w4a8(xq, sx, zx, q, sw, zw, out_scale, out_zero, *, tiles: MosaicTiles
   if q.shape[-2:] != (n, k) or n % 2:
     raise ValueError(f"gate/up weight codes {q.shape} do not match activations {xq.shape} and "
                      f"scales {sw.shape} (an even number of rows: gate then up)")
-  if (g != 1 or f % tiles.tile_n or k % tiles.tile_k or tiles.splits != 1
-      or tiles.compute_wgs != 1):
+  if (g != 1 or f % (tiles.tile_n * tiles.compute_wgs) or k % tiles.tile_k
+      or tiles.splits != 1):
     raise ValueError(f"the gated Mosaic kernel does not take (M, K)={xq.shape} x (2F, K)={q.shape} "
-                     f"with {g} scale groups and {tiles} (needs G = 1, F % tile_n == 0, "
-                     f"K % tile_k == 0, no split-K, compute_wgs = 1)")
+                     f"with {g} scale groups and {tiles} (needs G = 1, "
+                     f"F % (tile_n * compute_wgs) == 0, K % tile_k == 0, no split-K)")
   if out_scale.ndim == 2 and layer is None:
     raise ValueError(f"per-layer output scales {out_scale.shape} need a layer index")
   xq8, sw_n, zw_n, act = _operands(xq, sx, zx, sw, zw, tiles, layer)
@@ -523,33 +523,39 @@ def _kernel(xq, q, sw, zw, act, out_q, layer, *, tiles: MosaicTiles, out_dtype, 
 
     wg = lax.axis_index("wg")
     # Warp-specialised: warpgroups 0..wgs-1 upcast and multiply their tile_n rows of the weight
-    # tile, warpgroup `wgs` only issues the TMA copies, so loads run ahead of the MMAs.
+    # tile (gated: of the gate and of the up tile), warpgroup `wgs` only issues the TMA copies,
+    # so loads run ahead of the MMAs.
     wg_rows = pl.ds(wg * tn, tn)
     pl.when(wg == 0)(copy_vectors)
+    n_acc = 2 if gated else 1
 
     def compute_context(eval_pipeline):
-      def scope(acc_ref, csum_ref, *rx_ref):
+      def scope(*refs):
+        accs, csums, rx_ref = refs[:n_acc], refs[n_acc:2 * n_acc], refs[2 * n_acc:]
         plgpu.barrier_wait(bar)
-        eval_pipeline((acc_ref, csum_ref) + rx_ref)
-        epilogue([acc_ref[...]], [csum_ref[...]], rx_ref[0][...] if rx_ref else None,
-                 rows_smem.at[:, wg_rows], cols_smem, scalars, o_smem.at[wg], first)
+        eval_pipeline(refs)
+        epilogue([r[...] for r in accs], [r[...] for r in csums],
+                 rx_ref[0][...] if rx_ref else None, rows_smem.at[:, wg_rows], cols_smem,
+                 scalars, o_smem.at[wg], first)
         plgpu.copy_smem_to_gmem(o_smem.at[wg], o_gmem.at[si, m_sl, pl.ds(ni * cta_n + wg * tn, tn)])
         plgpu.wait_smem_to_gmem(0)
-      pl.run_scoped(scope, plgpu.ACC((tn, tm), jnp.int32), plgpu.ACC((tn, 8), jnp.int32),
-                    *rx_acc_type)
+      pl.run_scoped(scope, *[plgpu.ACC((tn, tm), jnp.int32)] * n_acc,
+                    *[plgpu.ACC((tn, 8), jnp.int32)] * n_acc, *rx_acc_type)
 
-    def step(_, w_smem, x_smem, carry):
-      mma(None, [w_smem.at[wg_rows]], x_smem, ones_smem, ones_a_smem, None, [carry[0]],
-          [carry[1]], carry[2] if rx_in_kernel else None)
+    def step(_, *refs):
+      w_smems, x_smem, carry = refs[:-2], refs[-2], refs[-1]
+      mma(None, [w.at[wg_rows] for w in w_smems], x_smem, ones_smem, ones_a_smem, None,
+          list(carry[:n_acc]), list(carry[n_acc:2 * n_acc]),
+          carry[2 * n_acc] if rx_in_kernel else None)
       return carry
 
     plgpu.emit_pipeline_warp_specialized(
         step, grid=(ks // tk,), memory_registers=40, in_specs=in_specs, wg_axis="wg",
         num_compute_wgs=wgs, max_concurrent_steps=tiles.stages, compute_context=compute_context,
-    )(w_gmem.at[n_sl, k_sl], x_gmem.at[m_sl, k_sl])
+    )(*weights(k_sl), x_gmem.at[m_sl, k_sl])
 
-  if gated and (splits != 1 or wgs != 1):
-    raise ValueError(f"the gated kernel runs on one warpgroup without split-K, got {tiles}")
+  if gated and splits != 1:
+    raise ValueError(f"the gated kernel runs without split-K, got {tiles}")
   kw = dict(num_threads=wgs + 1, thread_name="wg") if wgs > 1 else {}
   dtype = jnp.float32 if splits > 1 else out_dtype
   o_tile = (tm, tn) if wgs == 1 else (wgs, tm, tn)

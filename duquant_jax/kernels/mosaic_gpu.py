@@ -50,7 +50,7 @@ class MosaicTiles:
       partials summed by XLA.
     compute_wgs: 1: one warpgroup per CTA loads, upcasts and multiplies in turn (plain pipeline);
       2: warp-specialised, two compute warpgroups (tile_n weight rows each, so a CTA covers
-      2 * tile_n rows) and one that issues the TMA copies (the plain kernel only).
+      2 * tile_n rows; gated: of gate and of up) and one that issues the TMA copies.
     inflight: one warpgroup: the MMA reads the weight tile from shared memory (no register
       fragment) and each step's MMAs stay in flight while the next step's are issued, their
       buffers released one step later; otherwise every step waits for its MMAs, as a register
@@ -373,7 +373,7 @@ def _kernel(xq, q, sw, zw, act, out_q, layer, *, tiles: MosaicTiles, out_dtype, 
   step_mmas = (2 if gated else 1) * (2 if asym_x else 1) + rx_in_kernel
   # inflight int4: the widened tiles of a step, two slots (steps alternate between them).
   widen_smem = tiles.inflight and w_bits != 8
-  n_w = 2 if gated else 1
+  n_acc = 2 if gated else 1  # weight tiles and accumulators per step: gate and up, or one
 
   def mma(step, w_smems, x_smem, ones_smem, ones_a_smem, wide_smem, acc_refs, csum_refs, rx_ref):
     for j, (w_smem, acc_ref, csum_ref) in enumerate(zip(w_smems, acc_refs, csum_refs)):
@@ -499,7 +499,6 @@ def _kernel(xq, q, sw, zw, act, out_q, layer, *, tiles: MosaicTiles, out_dtype, 
       copy_vectors()
       # The ones tiles are read by the first MMA.
       plgpu.barrier_wait(bar)
-      n_acc = 2 if gated else 1
 
       def compute(*refs):
         accs, csums = refs[:n_acc], refs[n_acc:2 * n_acc]
@@ -527,7 +526,6 @@ def _kernel(xq, q, sw, zw, act, out_q, layer, *, tiles: MosaicTiles, out_dtype, 
     # so loads run ahead of the MMAs.
     wg_rows = pl.ds(wg * tn, tn)
     pl.when(wg == 0)(copy_vectors)
-    n_acc = 2 if gated else 1
 
     def compute_context(eval_pipeline):
       def scope(*refs):
@@ -565,7 +563,7 @@ def _kernel(xq, q, sw, zw, act, out_q, layer, *, tiles: MosaicTiles, out_dtype, 
              + ([] if tensor_scales else [plgpu.SMEM((act[0].shape[0], tm), jnp.float32)])
              + [plgpu.SMEM((8, tk), jnp.int8, transforms=x_tr)]
              + ([plgpu.SMEM((64, tk), jnp.int8, transforms=x_tr)] if rx_in_kernel else [])
-             + ([plgpu.SMEM((2, n_w, cta_n, tk), jnp.int8, transforms=x_tr)] if widen_smem
+             + ([plgpu.SMEM((2, n_acc, cta_n, tk), jnp.int8, transforms=x_tr)] if widen_smem
                 else [])
              + [plgpu.SMEM(o_tile, dtype), plgpu.Barrier(num_arrivals=copies)])
   return plgpu.kernel(

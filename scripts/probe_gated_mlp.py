@@ -12,10 +12,10 @@ a value on a .5 boundary differently), then the time per call in one jitted loop
   float32 (M, 2F) product through memory); `unpacked_split`: gate and up as two such GEMMs to
   bf16, then gelu * up and the quantizer;
 - `fused_w8`: the gated kernel on an int8 copy of the codes (W8A8, no register upcast) at the int4
-  codes' tiles, the copy made once; `fused_w8_unpack`: the copy made in every call; `fused_w8_inflight[_unpack]`: the
-  same with `MosaicTiles(inflight=True)` (the MMA reads the int8 tile from shared memory, one
-  step's MMAs in flight); `fused_inflight`: the int4 codes with `inflight=True` (widened into
-  shared memory by the kernel).
+  codes' tiles, the copy made once; `fused_w8_unpack`: the copy made in every call;
+  `fused_w8_inflight[_unpack]`: the same with `MosaicTiles(inflight=True)` (the MMA reads the
+  int8 tile from shared memory, one step's MMAs in flight); `fused_inflight`: the int4 codes with
+  `inflight=True` (widened into shared memory by the kernel).
 
 Usage (Hopper GPU): python3 scripts/probe_gated_mlp.py [--ms 51,408,816,6528] [--json out.json]
                     [--tiles auto,auto+s8]   (the fused kernel's tilings, `probe_mosaic_w4a8` specs;
@@ -56,6 +56,7 @@ def probe(m, k, f, tile_specs=("auto",), iters=20, inflight_specs=("auto",)):
   scale = jnp.array([(hi - lo) / 255.0], jnp.float32)
   zero = jnp.array([round(-128 - lo / float(scale[0]))], jnp.float32)
   row = dict(m=m, k=k, f=f)
+  code_diff = lambda a, b: int(jnp.max(jnp.abs(a.astype(jnp.int32) - b.astype(jnp.int32))))
   try:
     got = mosaic_gpu.gated_w4a8(xq, sx, zx, qs[0], sw, zw, scale, zero)
     ref = gated.reference(xq, sx, zx, qs[0], sw, zw, scale, zero)
@@ -64,7 +65,7 @@ def probe(m, k, f, tile_specs=("auto",), iters=20, inflight_specs=("auto",)):
                codes_used=int(jnp.unique(ref).size))
     got_s = mosaic_gpu.gated_w4a8(xq, sx, None, qs[0], sw, None, scale, None)
     ref_s = gated.reference(xq, sx, None, qs[0], sw, None, scale, None)
-    row["max_code_diff_sym"] = int(jnp.max(jnp.abs(got_s.astype(jnp.int32) - ref_s)))
+    row["max_code_diff_sym"] = code_diff(got_s, ref_s)
   except Exception as e:  # recorded, the probe goes on
     row["error"] = _err(e)
     traceback.print_exc()
@@ -76,6 +77,13 @@ def probe(m, k, f, tile_specs=("auto",), iters=20, inflight_specs=("auto",)):
     except Exception as e:
       row[f"{name}_error"] = _err(e)
       traceback.print_exc()
+
+  def time_fused(name, tiles, ws, widen=False):
+    """The gated kernel at `tiles` on codes `ws` (widen: on an int8 copy made in every call)."""
+    cast = (lambda w: w.astype(jnp.int8)) if widen else (lambda w: w)
+    timed(name, lambda c, w: mosaic_gpu.gated_w4a8(c[0], c[1], c[2], cast(w), sw, zw, scale, zero,
+                                                   tiles=tiles),
+          (xq, sx, zx), ws, jnp.zeros((m, f), jnp.int8))
 
   xb = x.astype(jnp.bfloat16)
 
@@ -112,27 +120,18 @@ def probe(m, k, f, tile_specs=("auto",), iters=20, inflight_specs=("auto",)):
       except Exception as e:  # recorded, the other tilings go on
         row[f"{name}_error"] = _err(e)
         continue
-      row[f"max_code_diff {tile_tag(t)}"] = int(jnp.max(jnp.abs(
-          got_t.astype(jnp.int32) - ref.astype(jnp.int32))))
-    timed(name, lambda c, w, t=t: mosaic_gpu.gated_w4a8(c[0], c[1], c[2], w, sw, zw, scale, zero,
-                                                        tiles=t),
-          (xq, sx, zx), qs, jnp.zeros((m, f), jnp.int8))
+      row[f"max_code_diff {tile_tag(t)}"] = code_diff(got_t, ref)
+    time_fused(name, t, qs)
     if spec != "auto":  # the same tiles on the int8 copy made in the call
-      timed(f"{name}_w8_unpack", lambda c, w, t=t: mosaic_gpu.gated_w4a8(
-          c[0], c[1], c[2], w.astype(jnp.int8), sw, zw, scale, zero, tiles=t),
-            (xq, sx, zx), qs, jnp.zeros((m, f), jnp.int8))
+      time_fused(f"{name}_w8_unpack", t, qs, widen=True)
   # Whether the in-register int4 upcast is what limits the kernel.
   q8 = [q.astype(jnp.int8) for q in qs]
   t4 = mosaic_gpu.gated_tiles(m, f, k)  # int4 codes' tiles: every step waits for its MMAs
   try:
     got8 = mosaic_gpu.gated_w4a8(xq, sx, zx, q8[0], sw, zw, scale, zero, tiles=t4)
-    row["max_code_diff_w8"] = int(jnp.max(jnp.abs(got8.astype(jnp.int32) - ref.astype(jnp.int32))))
-    timed("fused_w8", lambda c, w: mosaic_gpu.gated_w4a8(c[0], c[1], c[2], w, sw, zw, scale, zero,
-                                                         tiles=t4),
-          (xq, sx, zx), q8, jnp.zeros((m, f), jnp.int8))
-    timed("fused_w8_unpack", lambda c, w: mosaic_gpu.gated_w4a8(
-        c[0], c[1], c[2], w.astype(jnp.int8), sw, zw, scale, zero, tiles=t4),
-          (xq, sx, zx), qs, jnp.zeros((m, f), jnp.int8))
+    row["max_code_diff_w8"] = code_diff(got8, ref)
+    time_fused("fused_w8", t4, q8)
+    time_fused("fused_w8_unpack", t4, qs, widen=True)
   except Exception as e:  # recorded, the probe goes on
     row["fused_w8_error"] = _err(e)
     traceback.print_exc()
@@ -145,23 +144,17 @@ def probe(m, k, f, tile_specs=("auto",), iters=20, inflight_specs=("auto",)):
     for name, ws in ((f"fused_w8_inflight{tag}", q8), (f"fused_inflight{tag}", qs)):
       try:
         got_fly = mosaic_gpu.gated_w4a8(xq, sx, zx, ws[0], sw, zw, scale, zero, tiles=fly)
-        row[f"max_code_diff {name}"] = int(jnp.max(jnp.abs(
-            got_fly.astype(jnp.int32) - ref.astype(jnp.int32))))
+        row[f"max_code_diff {name}"] = code_diff(got_fly, ref)
         # Symmetric: fewer MMAs per step in flight (no code sums, no row sums).
         got_fly_s = mosaic_gpu.gated_w4a8(xq, sx, None, ws[0], sw, None, scale, None, tiles=fly)
         ref_s = gated.reference(xq, sx, None, qs[0], sw, None, scale, None)
-        row[f"max_code_diff_sym {name}"] = int(jnp.max(jnp.abs(
-            got_fly_s.astype(jnp.int32) - ref_s.astype(jnp.int32))))
+        row[f"max_code_diff_sym {name}"] = code_diff(got_fly_s, ref_s)
       except Exception as e:  # recorded, the other rows go on
         row[f"{name}_error"] = _err(e)
         traceback.print_exc()
         continue
-      timed(name, lambda c, w, t=fly: mosaic_gpu.gated_w4a8(
-          c[0], c[1], c[2], w, sw, zw, scale, zero, tiles=t),
-            (xq, sx, zx), ws, jnp.zeros((m, f), jnp.int8))
-    timed(f"fused_w8_inflight_unpack{tag}", lambda c, w, t=fly: mosaic_gpu.gated_w4a8(
-              c[0], c[1], c[2], w.astype(jnp.int8), sw, zw, scale, zero, tiles=t),
-          (xq, sx, zx), qs, jnp.zeros((m, f), jnp.int8))
+      time_fused(name, fly, ws)
+    time_fused(f"fused_w8_inflight_unpack{tag}", fly, qs, widen=True)
   for a, b in (("bf16", "fused"), ("unfused", "fused"), ("fused", "fused_w8"),
                ("fused", "fused_w8_unpack"), ("fused", "fused_w8_inflight"),
                ("fused", "fused_w8_inflight_unpack"), ("bf16", "fused_w8_inflight_unpack"),

@@ -377,17 +377,17 @@ def _kernel(xq, q, sw, zw, act, out_q, layer, *, tiles: MosaicTiles, out_dtype, 
 
   def mma(step, w_smems, x_smem, ones_smem, ones_a_smem, wide_smem, acc_refs, csum_refs, rx_ref):
     for j, (w_smem, acc_ref, csum_ref) in enumerate(zip(w_smems, acc_refs, csum_refs)):
-      if tiles.inflight and not widen_smem:
-        w = w_smem
+      if tiles.inflight and w_bits == 8:
+        w = w_smem  # read by the MMA as loaded
       else:
         w = plgpu.load(w_smem, (), layout=plgpu.Layout.WGMMA_8BIT).astype(jnp.int8)
-      if widen_smem:
-        # The slot written here was last read by the MMAs of two steps ago, which are complete
-        # (each step leaves only its own in flight).
-        wide = wide_smem.at[lax.rem(step, 2), j]
-        wide[...] = w
-        plgpu.commit_smem()
-        w = wide
+        if widen_smem:
+          # The slot written here was last read by the MMAs of two steps ago, which are complete
+          # (each step leaves only its own in flight).
+          w_wide = wide_smem.at[lax.rem(step, 2), j]
+          w_wide[...] = w
+          plgpu.commit_smem()
+          w = w_wide
       plgpu.wgmma(acc_ref, w, x_smem.T)
       if asym_x:
         plgpu.wgmma(csum_ref, w, ones_smem.T)

@@ -232,7 +232,8 @@ WEIGHT_ONLY_PALLAS = (dispatch.Rule(
 
 # The variants' dispatch flags (`--variants MATMUL/TRANSFORM/FLAG...`), each a `_dispatch_overrides`
 # case.
-DISPATCH_FLAGS = ("unfused", "flowunfused", "kernelprefix", "wopallas", "tiles128", "gatedint4")
+DISPATCH_FLAGS = ("unfused", "flowunfused", "kernelprefix", "wopallas", "tiles128", "gatedint4",
+                  "gatedws")
 _FLAG_SYNTAX = "".join(f"[/{f}]" for f in DISPATCH_FLAGS)
 
 
@@ -245,6 +246,17 @@ def _gated_mlp_above(tokens: int):
   return gated_mlp
 
 
+def _gated_tiles_ws(m, f, k, w_bits=4):
+  """`mosaic_gpu.gated_tiles` with the warp-specialised kernel (two MMA warpgroups of 64 gate
+  and 64 up rows, 128-token tiles, 4 stages) from 4096 tokens (the prefix at batch 8)."""
+  if m >= 4096:
+    return mosaic_gpu.MosaicTiles(tile_n=64, tile_m=128, stages=4, compute_wgs=2)
+  return _GATED_TILES(m, f, k, w_bits)
+
+
+_GATED_TILES = mosaic_gpu.gated_tiles
+
+
 @contextlib.contextmanager
 def _dispatch_overrides(share):
   """The variant's dispatch overrides around its compilation: `unfused` (Gemma MLPs as two
@@ -253,13 +265,16 @@ def _dispatch_overrides(share):
   `kernels.w4a8.UNPACKED_MIN_TOKENS`), `wopallas` (`WEIGHT_ONLY_PALLAS` as
   `kernels.weight_only.AUTO`), `tiles128` (the Mosaic kernels' 128-token tiles from 257 tokens,
   `mosaic_gpu.TILE64_MAX_TOKENS` off), `gatedint4` (gated MLPs of long prefixes on the int4
-  codes, no per-call int8 copy, `gated.UNPACKED_MIN_TOKENS` off)."""
+  codes, no per-call int8 copy, `gated.UNPACKED_MIN_TOKENS` off), `gatedws` (gated MLPs of long
+  prefixes on the warp-specialised kernel, `_gated_tiles_ws`; with `gatedint4`, on the int4
+  codes)."""
   declining = (lambda *a: None) if "unfused" in share else _gated_mlp_above(FLOW_TOKENS)
   with _patched_attr(runtime, "gated_mlp", declining,
                      "unfused" in share or "flowunfused" in share), \
       _patched_attr(w4a8, "UNPACKED_MIN_TOKENS", 2**62, "kernelprefix" in share), \
       _patched_attr(weight_only, "AUTO", WEIGHT_ONLY_PALLAS, "wopallas" in share), \
       _patched_attr(mosaic_gpu, "TILE64_MAX_TOKENS", 256, "tiles128" in share), \
+      _patched_attr(mosaic_gpu, "gated_tiles", _gated_tiles_ws, "gatedws" in share), \
       _patched_attr(gated, "UNPACKED_MIN_TOKENS", 2**62, "gatedint4" in share), \
       bound_linears():
     yield
@@ -375,7 +390,8 @@ def main():
                        f"matmuls of up to {FLOW_TOKENS} tokens on the Pallas kernel, reading "
                        "stacked weights in place; tiles128: the Mosaic kernels' 128-token tiles from 257 "
                        "tokens (the library: 64 up to 512); gatedint4: gated MLPs of long "
-                       "prefixes on the int4 codes (the library: on a per-call int8 copy)), "
+                       "prefixes on the int4 codes (the library: on a per-call int8 copy); gatedws: "
+                       "the same on the warp-specialised gated kernel), "
                        "e.g. auto/auto,auto/auto/sliced,auto/auto/unfused")
   ap.add_argument("--permutation", default=None, help="override the rules' permutation (e.g. none)")
   ap.add_argument("--unroll", default="off",

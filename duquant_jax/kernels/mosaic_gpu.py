@@ -50,7 +50,8 @@ class MosaicTiles:
       partials summed by XLA.
     compute_wgs: 1: one warpgroup per CTA loads, upcasts and multiplies in turn (plain pipeline);
       2: warp-specialised, two compute warpgroups (tile_n weight rows each, so a CTA covers
-      2 * tile_n rows; gated: of gate and of up) and one that issues the TMA copies.
+      2 * tile_n rows; gated: of gate and of up) and one that issues the TMA copies; int8
+      codes are read by the MMA from shared memory, int4 codes upcast in registers.
     inflight: one warpgroup: the MMA reads the weight tile from shared memory (no register
       fragment) and each step's MMAs stay in flight while the next step's are issued, their
       buffers released one step later; otherwise every step waits for its MMAs, as a register
@@ -377,8 +378,10 @@ def _kernel(xq, q, sw, zw, act, out_q, layer, *, tiles: MosaicTiles, out_dtype, 
 
   def mma(step, w_smems, x_smem, ones_smem, ones_a_smem, wide_smem, acc_refs, csum_refs, rx_ref):
     for j, (w_smem, acc_ref, csum_ref) in enumerate(zip(w_smems, acc_refs, csum_refs)):
-      if tiles.inflight and w_bits == 8:
-        w = w_smem  # read by the MMA as loaded
+      if w_bits == 8 and (tiles.inflight or wgs > 1):
+        # Read by the MMA as loaded. Warp-specialised, each step still waits for its MMAs, and
+        # the other compute warpgroup's MMAs run meanwhile.
+        w = w_smem
       else:
         w = plgpu.load(w_smem, (), layout=plgpu.Layout.WGMMA_8BIT).astype(jnp.int8)
         if widen_smem:

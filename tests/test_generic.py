@@ -33,6 +33,15 @@ def test_a_rule_matching_nothing_warns_with_its_pattern():
   assert isinstance(packed["up"]["kernel"], PackedLinear)
 
 
+def test_a_rule_shadowed_by_earlier_rules_warns_so():
+  cfg = QuantConfig(rules=(LayerRule(pattern=r"up/kernel", **_PLAIN),
+                           LayerRule(pattern=r"(up|out)/kernel", **_PLAIN),
+                           LayerRule(pattern=r"up/.*", **_PLAIN)))
+  with pytest.warns(UserWarning, match=r"rule 'up/\.\*' quantizes nothing: the 1 linear\\(s\\) it "
+                    r"matches \(e\.g\. up/kernel\) all match an earlier rule"):
+    quantize_params(_mlp_params(), cfg)
+
+
 def test_a_config_quantizing_nothing_is_an_error():
   with pytest.warns(UserWarning), pytest.raises(ValueError, match="quantizes nothing"):
     quantize_params(_mlp_params(), get_preset("recommended"))

@@ -294,6 +294,12 @@ CANDIDATES.update({
                               "W8, adaRMS W8", _SF28),
     "fastsa8f28mlp8q4m8": _with("fastsa8mlp8m8", "fast, SigLIP attention and fc2 W8 wo, expert "
                                 "MLP W8, expert q W4 wo, adaRMS W8", _Q4, _SF28),
+    "fastsa8f18mlp8q4m8": _with("fastsa8mlp8m8", "fast, SigLIP attention and fc1 W8 wo, expert "
+                                "MLP W8, expert q W4 wo, adaRMS W8", _Q4,
+                                dataclasses.replace(_SIG_RULE, pattern=SIG_FC1, weight_bits=8)),
+    "fastsm8mlp8q4m8": _with("fastmlp8m8", "fast, SigLIP MLP W8 wo, expert MLP W8, expert q W4 "
+                             "wo, adaRMS W8", _Q4,
+                             dataclasses.replace(_SIG_RULE, pattern=SIG_MLP, weight_bits=8)),
 })
 # The expert attention's W8 weight-only codes symmetric: no zero point, so the flow steps' q / kv
 # and o projections need no per-token input sum beside their GEMM (one reduction kernel fewer per

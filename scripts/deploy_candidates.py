@@ -301,6 +301,19 @@ CANDIDATES.update({
                              "wo, adaRMS W8", _Q4,
                              dataclasses.replace(_SIG_RULE, pattern=SIG_MLP, weight_bits=8)),
 })
+# Accuracy probe: SigLIP's W4 weight-only error against incoherence. A block-64 Hadamard rotation
+# of the inputs of SigLIP's q / k / v / fc1 (the residual stream's readers), block 8 for out
+# (inside its heads of 72), computed online; fc2's 4304-wide input has no power-of-two block
+# beyond 16, so fc2 stays as `fast`'s. If it recovers most of what W8 does, the same rotation
+# folded offline into SigLIP's residual stream would cost nothing at run time.
+_SIG_H64 = (dataclasses.replace(_SIG_RULE, pattern=pattern(("query", "key", "value", "fc1")),
+                                rotation="hadamard", block_size=64),
+            dataclasses.replace(_SIG_RULE, pattern=SIG_OUT, rotation="hadamard", block_size=8))
+CANDIDATES["fastsigh64"] = _with("fast", "fast, SigLIP (not fc2) W4 wo behind an online Hadamard "
+                                 "b64 (out b8)", *_SIG_H64)
+CANDIDATES["fastsigh64mlp8m8"] = _with("fastmlp8m8", "fast, SigLIP (not fc2) W4 wo behind an "
+                                       "online Hadamard b64 (out b8), expert MLP W8, adaRMS W8",
+                                       *_SIG_H64)
 # The expert attention's W8 weight-only codes symmetric: no zero point, so the flow steps' q / kv
 # and o projections need no per-token input sum beside their GEMM (one reduction kernel fewer per
 # projection and flow step).

@@ -145,7 +145,7 @@ def test_packing_an_adaptive_norm_keeps_the_smoothing_folded_into_it():
   adarms = LayerRule(pattern=r"PaliGemma/llm/(layers/)?\w+_norm_1/Dense_0/kernel", weight_bits=8,
                      act_bits=None, rotation="none", permutation="none", smooth_alpha=None,
                      clip_search=False)
-  base = _transform_rule()
+  base = _transform_rule(rotation="none", permutation="none")  # the smoothing is what folds
   packed = quantize_params(params, dataclasses.replace(base, rules=(adarms,) + base.rules), stats)
   dense = packed["PaliGemma"]["llm"]["layers"]["pre_ffw_norm_1"]["Dense_0"]["kernel"]
   assert isinstance(dense, PackedLinear)
@@ -156,6 +156,7 @@ def test_packing_an_adaptive_norm_keeps_the_smoothing_folded_into_it():
   lam_packed = folded_smoothing(params, packed, lay)
   lam_float = folded_smoothing(params, quantize_params(params, base, stats), lay)
   np.testing.assert_allclose(np.asarray(lam_packed), np.asarray(lam_float), rtol=1e-4)
+  assert float(jnp.max(jnp.abs(jnp.log(lam_float)))) > 0.1  # a smoothing was folded at all
 
 
 def test_packed_tree_structure_and_bytes():

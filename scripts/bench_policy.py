@@ -246,15 +246,15 @@ def _gated_mlp_above(tokens: int):
   return gated_mlp
 
 
+_GATED_TILES = mosaic_gpu.gated_tiles
+
+
 def _gated_tiles_ws(m, f, k, w_bits=4):
   """`mosaic_gpu.gated_tiles` with the warp-specialised kernel (two MMA warpgroups of 64 gate
   and 64 up rows, 128-token tiles, 4 stages) from 4096 tokens (the prefix at batch 8)."""
   if m >= 4096:
     return mosaic_gpu.MosaicTiles(tile_n=64, tile_m=128, stages=4, compute_wgs=2)
   return _GATED_TILES(m, f, k, w_bits)
-
-
-_GATED_TILES = mosaic_gpu.gated_tiles
 
 
 @contextlib.contextmanager

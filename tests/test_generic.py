@@ -37,7 +37,7 @@ def test_a_rule_shadowed_by_earlier_rules_warns_so():
   cfg = QuantConfig(rules=(LayerRule(pattern=r"up/kernel", **_PLAIN),
                            LayerRule(pattern=r"(up|out)/kernel", **_PLAIN),
                            LayerRule(pattern=r"up/.*", **_PLAIN)))
-  with pytest.warns(UserWarning, match=r"rule 'up/\.\*' quantizes nothing: the 1 linear\(s\) it "
+  with pytest.warns(UserWarning, match=r"rule 'up/\.\*' takes no layer: the 1 linear\(s\) it "
                     r"matches \(e\.g\. up/kernel\) all match an earlier rule"):
     quantize_params(_mlp_params(), cfg)
 

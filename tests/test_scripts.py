@@ -214,7 +214,8 @@ def test_bench_policy_dispatch_overrides_apply_and_restore():
   """unfused: no fused gated MLP; kernelprefix: no unpacked int8 GEMM; wopallas: the Pallas
   weight-only kernel at flow-step sizes on a GPU (never on the CPU); tiles128: 128-token Mosaic
   tiles for the batch-8 flow steps (the gated kernel's too); gatedint4: no int8 copy for the
-  prefix's gated MLP; all restored afterwards."""
+  prefix's gated MLP; gatedws: the warp-specialised gated kernel for long prefixes; all restored
+  afterwards."""
   import bench_policy
   from duquant_jax import runtime
   from duquant_jax.kernels import dispatch, gated, mosaic_gpu, w4a8, weight_only
@@ -236,6 +237,8 @@ def test_bench_policy_dispatch_overrides_apply_and_restore():
     assert mosaic_gpu.gated_tiles(408, 4096, 1024).tile_m == 128
     assert mosaic_gpu.choose_tiles(6528, 2048, 2048) == choose(6528, 2048, 2048)
     assert dispatch.choose(gated.AUTO_IN_PLACE, prefix8, on=dispatch.HOPPER) == "mosaic"
+    assert mosaic_gpu.gated_tiles(6528, 16384, 2048).compute_wgs == 2
+  assert mosaic_gpu.gated_tiles(6528, 16384, 2048).compute_wgs == 1
   assert mosaic_gpu.choose_tiles(408, 1024, 4096).tile_m == 64
   assert dispatch.choose(gated.AUTO_IN_PLACE, prefix8, on=dispatch.HOPPER) == "mosaic_unpacked"
   with bench_policy._dispatch_overrides(()):

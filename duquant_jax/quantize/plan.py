@@ -191,7 +191,7 @@ def check_rules(cfg: QuantConfig, layouts: Mapping[str, LinearLayout]) -> None:
     rule = next(r for r in cfg.rules if r.pattern == pattern)
     taken = [p for p in layouts if rule.matches(p)]
     if taken:  # every layer it matches goes to an earlier rule (the first match wins)
-      warnings.warn(f"rule {pattern!r} quantizes nothing: the {len(taken)} linear(s) it matches "
+      warnings.warn(f"rule {pattern!r} takes no layer: the {len(taken)} linear(s) it matches "
                     f"(e.g. {taken[0]}) all match an earlier rule, and the first match wins",
                     UserWarning, stacklevel=3)
       continue

@@ -359,18 +359,31 @@ class RuleReport:
   """Which linear layers each rule took, which rules took nothing, which layers no rule took."""
 
   matched: dict[str, list[str]]  # rule pattern -> layer paths (first match)
-  unused_rules: list[str]
+  unused_rules: list[str]  # rules that took no layer
   unmatched_layers: list[str]
+  # Of `unused_rules`, those that match layers all taken by earlier rules -> the layers they match.
+  shadowed_rules: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+
+  def unused_lines(self) -> list[str]:
+    """One line each for the rules that match nothing and those shadowed by earlier rules."""
+    lines = []
+    nothing = [p for p in self.unused_rules if p not in self.shadowed_rules]
+    if nothing:
+      lines.append(f"rules that matched nothing: {nothing}")
+    if self.shadowed_rules:
+      lines.append("rules whose layers all match an earlier rule (the first match wins): "
+                   f"{list(self.shadowed_rules)}")
+    return lines
 
   def summary(self) -> str:
     lines = [f"{len(v):4d} layers  {k}" for k, v in self.matched.items()]
-    if self.unused_rules:
-      lines.append(f"rules that matched nothing: {self.unused_rules}")
+    lines += self.unused_lines()
     lines.append(f"{len(self.unmatched_layers)} linear layers matched no rule (kept in float)")
     return "\n".join(lines)
 
 
 def match_rules(cfg: QuantConfig, linear_paths: Iterable[str]) -> RuleReport:
+  linear_paths = list(linear_paths)
   matched: dict[str, list[str]] = {r.pattern: [] for r in cfg.rules}
   unmatched = []
   for path in linear_paths:
@@ -381,7 +394,14 @@ def match_rules(cfg: QuantConfig, linear_paths: Iterable[str]) -> RuleReport:
     else:
       unmatched.append(path)
   unused = [p for p, v in matched.items() if not v]
-  return RuleReport(matched=matched, unused_rules=unused, unmatched_layers=unmatched)
+  shadowed = {}
+  for r in cfg.rules:
+    if r.pattern in unused and r.pattern not in shadowed:
+      hits = [p for p in linear_paths if r.matches(p)]
+      if hits:
+        shadowed[r.pattern] = hits
+  return RuleReport(matched=matched, unused_rules=unused, unmatched_layers=unmatched,
+                    shadowed_rules=shadowed)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -246,13 +246,15 @@ def _gated_mlp_above(tokens: int):
   return gated_mlp
 
 
-_GATED_TILES = mosaic_gpu.gated_tiles
+# The library's, taken before any flag patches them (`gatedint4` turns the threshold off).
+_GATED_TILES, _LONG_PREFIX_TOKENS = mosaic_gpu.gated_tiles, gated.UNPACKED_MIN_TOKENS
 
 
 def _gated_tiles_ws(m, f, k, w_bits=4):
   """`mosaic_gpu.gated_tiles` with the warp-specialised kernel (two MMA warpgroups of 64 gate
-  and 64 up rows, 128-token tiles, 4 stages) from 4096 tokens (the prefix at batch 8)."""
-  if m >= 4096:
+  and 64 up rows, 128-token tiles, 4 stages) for the long prefixes (the library's
+  `gated.UNPACKED_MIN_TOKENS`: the prefix at batch 8)."""
+  if m >= _LONG_PREFIX_TOKENS:
     return mosaic_gpu.MosaicTiles(tile_n=64, tile_m=128, stages=4, compute_wgs=2)
   return _GATED_TILES(m, f, k, w_bits)
 

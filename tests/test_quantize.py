@@ -37,11 +37,16 @@ def _actions(model, params, obs=None):
 def test_rules_first_match_wins_and_reports():
   layouts = linear_layouts(get_policy("pi0", "demo").param_shapes())
   cfg = QuantConfig(rules=(LayerRule(pattern=r".*/q_einsum_1/w", weight_bits=6),
-                           LayerRule(pattern=ALL_GEMMA), LayerRule(pattern=r"nothing/.*")))
+                           LayerRule(pattern=ALL_GEMMA), LayerRule(pattern=r"nothing/.*"),
+                           LayerRule(pattern=r".*/q_einsum/w", weight_bits=8)))
   assert cfg.rule_for("PaliGemma/llm/layers/attn/q_einsum_1/w").weight_bits == 6
   assert cfg.rule_for("PaliGemma/llm/layers/attn/q_einsum/w").weight_bits == 4
   report = match_rules(cfg, layouts)
-  assert report.unused_rules == ["nothing/.*"]
+  assert report.unused_rules == ["nothing/.*", ".*/q_einsum/w"]
+  assert report.shadowed_rules == {".*/q_einsum/w": ["PaliGemma/llm/layers/attn/q_einsum/w"]}
+  assert report.unused_lines() == [
+      "rules that matched nothing: ['nothing/.*']",
+      "rules whose layers all match an earlier rule (the first match wins): ['.*/q_einsum/w']"]
   assert len(report.matched[ALL_GEMMA]) == 9
   assert "action_in_proj/kernel" in report.unmatched_layers
 

@@ -101,8 +101,7 @@ def _summary_lines(packed, cfg, params_fp) -> list[str]:
     if rule.act_bits is not None and rule.act_scale == "static" and not rule.skip:
       tag += " static"
     lines.append(f"  {len(paths):4d} weights  {tag:10s}  {rule.pattern}")
-  if report.unused_rules:
-    lines.append(f"  rules that matched nothing: {report.unused_rules}")
+  lines += [f"  {line}" for line in report.unused_lines()]
   lines.append(f"  {len(report.unmatched_layers):4d} linear weights matched no rule "
                "(kept in float)")
   tables = [p for p, leaf in packed_items(packed) if isinstance(leaf, PackedEmbedding)]

@@ -188,9 +188,8 @@ def check_rules(cfg: QuantConfig, layouts: Mapping[str, LinearLayout]) -> None:
   report = match_rules(cfg, layouts)
   some = ", ".join(sorted(layouts)[:4]) + (", ..." if len(layouts) > 4 else "") or "none"
   for pattern in report.unused_rules:
-    rule = next(r for r in cfg.rules if r.pattern == pattern)
-    taken = [p for p in layouts if rule.matches(p)]
-    if taken:  # every layer it matches goes to an earlier rule (the first match wins)
+    taken = report.shadowed_rules.get(pattern)
+    if taken:
       warnings.warn(f"rule {pattern!r} takes no layer: the {len(taken)} linear(s) it matches "
                     f"(e.g. {taken[0]}) all match an earlier rule, and the first match wins",
                     UserWarning, stacklevel=3)

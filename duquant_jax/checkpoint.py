@@ -59,8 +59,8 @@ __all__ = ["CheckpointError", "FORMAT", "FORMAT_VERSION", "load_packed", "read_i
 FORMAT = "duquant-jax/packed"
 # The newest version this library reads; 2 added PackedEmbedding entries, 3 compact storage (int8
 # rotations with row scales, generated Hadamard blocks, float16 scales / int8 zero points) and
-# float (transforms-only, bits None) weights.
-FORMAT_VERSION = 3
+# float (transforms-only, bits None) weights, 4 2-bit embedding codes stored four to a uint8 byte.
+FORMAT_VERSION = 4
 INFO_FILE = "duquant.json"
 _PL_STATIC = ("w_shape", "w_spec", "bits", "act_bits", "act_symmetric", "act_clip", "mode")
 _PL_OPTIONAL = ("zero", "out_rot", "act_scale", "act_zero")
@@ -429,7 +429,12 @@ def save_packed(path: Union[str, os.PathLike], packed: Params, cfg: QuantConfig,
 
 
 def _format_version(packed: Params, structure: Mapping[str, dict]) -> int:
-  """3 with compact storage or float (transforms-only) weights, 2 with packed embeddings, else 1."""
+  """4 with 2-bit embedding codes four to a byte, 3 with compact storage or float
+  (transforms-only) weights, 2 with packed embeddings, else 1."""
+  tables = [leaf for leaf in jax.tree.leaves(packed, is_leaf=lambda n: isinstance(n, PackedEmbedding))
+            if isinstance(leaf, PackedEmbedding)]
+  if any(t.codes.dtype == jnp.uint8 for t in tables):
+    return 4
   linears = [leaf for leaf in jax.tree.leaves(packed, is_leaf=lambda n: isinstance(n, PackedLinear))
              if isinstance(leaf, PackedLinear)]
   def compact(w):

@@ -1,4 +1,4 @@
-"""`PackedEmbedding`: a weight-only int4 / int8 token embedding table, gathered then dequantized.
+"""`PackedEmbedding`: a weight-only 2 / 4 / 8-bit token embedding table, gathered then dequantized.
 
 The token embedding (V, D) of pi0's LLM (`PaliGemma/llm/embedder/input_embedding`, 257152 x 2048,
 about 1 GiB in bf16) is the largest single param and is only ever read by a gather
@@ -6,6 +6,9 @@ about 1 GiB in bf16) is the largest single param and is only ever read by a gath
 quantized on its own (per row, or per group of `group_size` channels along D) and only the gathered
 rows are dequantized at run time (`duquant_jax.runtime.lookup`), so the float table never exists
 on the device.
+
+2-bit codes are stored four to a uint8 byte (`pack_2bit`): no device dtype holds them that
+densely everywhere, and a gathered row unpacks with two shifts and a mask.
 
 Follows qwix's QArray style (arrays as pytree leaves, the format as static fields). Axis letters:
 V vocabulary rows, D width, G scale groups per row (D // group), B batch, T tokens.
@@ -25,6 +28,9 @@ from duquant_jax.packed import PackedLinear, tree_nbytes
 # Rows quantized per step of `quantize_embedding` (bounds float32 work to ~rows x D x 4 bytes x a
 # few copies: 8192 x 2048 is 64 MiB per copy for the full table).
 _ROW_CHUNK = 8192
+# 2-bit codes per stored uint8 byte, and the bias that makes the codes (-2..1) unsigned.
+_CODES_PER_BYTE = 4
+_BIAS_2BIT = 2
 
 
 @flax.struct.dataclass
@@ -36,7 +42,8 @@ class PackedEmbedding:
   requested rows and dequantizes only those.
 
   Attributes:
-    codes: (V, D) int4 (bits <= 4) or int8 codes.
+    codes: (V, D) int4 (3-4 bits) or int8 (5-8 bits) codes; for 2 bits (V, D // 4) uint8, four
+      codes to a byte (`pack_2bit`).
     scale: (V, G) float16 or float32 scales.
     zero: (V, G) zero points (integer-valued, in the scale dtype), or None (symmetric).
     bits: static, code bits (2..8).
@@ -53,27 +60,30 @@ class PackedEmbedding:
   @property
   def shape(self) -> tuple[int, ...]:
     """The float table's shape (V, D)."""
-    return tuple(self.codes.shape)
+    v, stored = self.codes.shape
+    return (v, stored * _CODES_PER_BYTE if self.codes.dtype == jnp.uint8 else stored)
 
   @property
   def group_size(self) -> int:
-    return self.codes.shape[-1] // self.scale.shape[-1]
+    return self.shape[-1] // self.scale.shape[-1]
 
   def nbytes(self) -> int:
-    """Bytes as stored on the device (int4 codes count half a byte)."""
+    """Bytes as stored on the device (int4 codes count half a byte, 2-bit codes a quarter)."""
     return tree_nbytes(self)
 
   def validate(self) -> None:
     """Checks shapes and dtypes agree; raises ValueError naming the field."""
     if self.codes.ndim != 2:
       raise ValueError(f"PackedEmbedding.codes must be (V, D), got shape {self.codes.shape}")
-    if self.codes.dtype not in (jnp.int4, jnp.int8):
-      raise ValueError(f"PackedEmbedding.codes must be int4 or int8, got {self.codes.dtype}")
     if not 2 <= self.bits <= 8:
       raise ValueError(f"PackedEmbedding.bits must be in 2..8, got {self.bits}")
-    if self.bits <= 4 and self.codes.dtype != jnp.int4:
-      raise ValueError(f"{self.bits}-bit codes must be stored as int4, got {self.codes.dtype}")
-    v, d = self.codes.shape
+    # 2-bit codes as int4: tables packed before the four-to-a-byte storage.
+    stored = ((jnp.uint8, jnp.int4) if self.bits == 2 else (jnp.int4,) if self.bits <= 4
+              else (jnp.int8,))
+    if self.codes.dtype not in stored:
+      raise ValueError(f"PackedEmbedding: {self.bits}-bit codes must be stored as "
+                       f"{' or '.join(jnp.dtype(t).name for t in stored)}, got {self.codes.dtype}")
+    v, d = self.shape
     if self.scale.ndim != 2 or self.scale.shape[0] != v or d % self.scale.shape[1]:
       raise ValueError(f"PackedEmbedding.scale {self.scale.shape} does not match codes {(v, d)} "
                        "(expected (V, G) with G dividing D)")
@@ -91,8 +101,26 @@ class PackedEmbedding:
     return dequantize_rows(self.codes, self.scale, self.zero)
 
 
+def pack_2bit(codes: jax.Array) -> jax.Array:
+  """2-bit codes (..., D) int8 in [-2, 1] -> (..., D // 4) uint8; code d sits in bits 2 (d % 4)
+  to 2 (d % 4) + 1 of byte d // 4."""
+  u = (codes.astype(jnp.int32) + _BIAS_2BIT).reshape(*codes.shape[:-1], -1, _CODES_PER_BYTE)
+  shifts = 2 * jnp.arange(_CODES_PER_BYTE, dtype=jnp.int32)
+  return jnp.sum(u << shifts, axis=-1).astype(jnp.uint8)
+
+
+def unpack_2bit(packed: jax.Array) -> jax.Array:
+  """Inverse of `pack_2bit`: (..., D // 4) uint8 -> (..., D) int8 codes in [-2, 1]."""
+  shifts = 2 * jnp.arange(_CODES_PER_BYTE, dtype=jnp.uint8)
+  u = (packed[..., None] >> shifts) & jnp.uint8(3)
+  return (u.astype(jnp.int8) - _BIAS_2BIT).reshape(*packed.shape[:-1], -1)
+
+
 def dequantize_rows(codes: jax.Array, scale: jax.Array, zero: Optional[jax.Array]) -> jax.Array:
-  """codes (..., D), scale / zero (..., G) of some rows -> (..., D) float32."""
+  """codes (..., D) (or 2-bit codes packed (..., D // 4) uint8), scale / zero (..., G) of some
+  rows -> (..., D) float32."""
+  if codes.dtype == jnp.uint8:
+    codes = unpack_2bit(codes)
   return dequantize_weight(codes, scale.astype(jnp.float32),
                            None if zero is None else zero.astype(jnp.float32))
 
@@ -105,7 +133,7 @@ def quantize_embedding(table: jax.Array, *, bits: int = 4, group_size: Optional[
 
   Args:
     table: (V, D) float embedding table.
-    bits: code bits, 2..8 (int4 storage up to 4 bits, else int8).
+    bits: code bits, 2..8 (2: four to a uint8 byte; 3-4: int4; else int8).
     group_size: channels along D sharing one scale (must divide D), or None for one scale per row.
     symmetric: no zero point (codes in [-(2^(b-1) - 1), 2^(b-1) - 1]) instead of asymmetric.
     scale_dtype: "float16" or "float32" storage of scales and zero points. The scales are rounded
@@ -133,6 +161,9 @@ def quantize_embedding(table: jax.Array, *, bits: int = 4, group_size: Optional[
   if cols < 1 or d % cols:
     raise ValueError(f"{name}: group_size {group_size} does not divide the width D={d} "
                      f"(table {table.shape})")
+  if bits == 2 and d % _CODES_PER_BYTE:
+    raise ValueError(f"{name}: 2-bit codes are stored four to a byte, so the width D={d} must be "
+                     f"a multiple of {_CODES_PER_BYTE} (table {table.shape})")
   if not isinstance(table, jax.core.Tracer):
     _check_finite_rows(name, table)
   sdt = jnp.dtype(scale_dtype)
@@ -158,7 +189,9 @@ def quantize_embedding(table: jax.Array, *, bits: int = 4, group_size: Optional[
     table = jnp.concatenate([table, jnp.zeros((rows - v % rows, d), table.dtype)])
   codes, scale, zero = jax.lax.map(chunk, table.reshape(-1, rows, d))
   flat = lambda a: None if a is None else a.reshape(-1, a.shape[-1])[:v]
-  packed = PackedEmbedding(codes=flat(codes).astype(jnp.int4 if bits <= 4 else jnp.int8),
+  codes = flat(codes)
+  codes = pack_2bit(codes) if bits == 2 else codes.astype(jnp.int4 if bits <= 4 else jnp.int8)
+  packed = PackedEmbedding(codes=codes,
                            scale=flat(scale), zero=flat(zero), bits=bits,
                            dtype=jnp.dtype(table.dtype).name)
   packed.validate()

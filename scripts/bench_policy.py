@@ -233,7 +233,7 @@ WEIGHT_ONLY_PALLAS = (dispatch.Rule(
 # The variants' dispatch flags (`--variants MATMUL/TRANSFORM/FLAG...`), each a `_dispatch_overrides`
 # case.
 DISPATCH_FLAGS = ("unfused", "flowunfused", "kernelprefix", "wopallas", "tiles128", "gatedint4",
-                  "gatedws")
+                  "gatedws", "int8mosaic")
 _FLAG_SYNTAX = "".join(f"[/{f}]" for f in DISPATCH_FLAGS)
 
 
@@ -259,6 +259,22 @@ def _gated_tiles_ws(m, f, k, w_bits=4):
   return _GATED_TILES(m, f, k, w_bits)
 
 
+def _int8_mosaic_tables():
+  """(w4a8.TABLES, w4a8.IN_PLACE_TABLES, gated.TABLES) with auto-dispatch's Mosaic rules taking
+  int8 codes too (W8A8 layers, e.g. an expert MLP at W8, on the Mosaic kernels where int4 codes
+  of the same shape would run there; the library keeps them on XLA's int8 GEMM)."""
+  hopper, codes = {dispatch.HOPPER}, w4a8.MOSAIC_CODES
+  mm = lambda preferred: w4a8._mosaic_rule("Mosaic on Hopper, int8 too", hopper, preferred,  # noqa: E731
+                                           codes=codes)
+  gm = lambda preferred: gated._rule("Gated MLP on Hopper, int8 too", hopper, preferred,  # noqa: E731
+                                     codes=codes)
+  return ({**w4a8.TABLES, None: (w4a8.UNPACKED, mm(w4a8.mosaic_preferred), *w4a8.AUTO[2:])},
+          {**w4a8.IN_PLACE_TABLES,
+           None: (w4a8.UNPACKED, mm(w4a8.mosaic_in_place_preferred), *w4a8.AUTO_IN_PLACE[2:])},
+          {**gated.TABLES, (None, False): (gated.UNPACKED, gm(w4a8.mosaic_preferred)),
+           (None, True): (gated.UNPACKED, gm(w4a8.mosaic_in_place_preferred))})
+
+
 @contextlib.contextmanager
 def _dispatch_overrides(share):
   """The variant's dispatch overrides around its compilation: `unfused` (Gemma MLPs as two
@@ -269,7 +285,10 @@ def _dispatch_overrides(share):
   `mosaic_gpu.TILE64_MAX_TOKENS` off), `gatedint4` (gated MLPs of long prefixes on the int4
   codes, no per-call int8 copy, `gated.UNPACKED_MIN_TOKENS` off), `gatedws` (gated MLPs of long
   prefixes on the warp-specialised kernel, `_gated_tiles_ws`; with `gatedint4`, on the int4
-  codes)."""
+  codes), `int8mosaic` (int8 weight codes on the Mosaic kernels where auto-dispatch runs int4
+  codes there, `_int8_mosaic_tables`)."""
+  int8 = "int8mosaic" in share
+  mm_tables, mm_in_place, gated_tables = _int8_mosaic_tables() if int8 else (None, None, None)
   declining = (lambda *a: None) if "unfused" in share else _gated_mlp_above(FLOW_TOKENS)
   with _patched_attr(runtime, "gated_mlp", declining,
                      "unfused" in share or "flowunfused" in share), \
@@ -278,6 +297,9 @@ def _dispatch_overrides(share):
       _patched_attr(mosaic_gpu, "TILE64_MAX_TOKENS", 256, "tiles128" in share), \
       _patched_attr(mosaic_gpu, "gated_tiles", _gated_tiles_ws, "gatedws" in share), \
       _patched_attr(gated, "UNPACKED_MIN_TOKENS", 2**62, "gatedint4" in share), \
+      _patched_attr(w4a8, "TABLES", mm_tables, int8), \
+      _patched_attr(w4a8, "IN_PLACE_TABLES", mm_in_place, int8), \
+      _patched_attr(gated, "TABLES", gated_tables, int8), \
       bound_linears():
     yield
 
@@ -393,7 +415,8 @@ def main():
                        "stacked weights in place; tiles128: the Mosaic kernels' 128-token tiles from 257 "
                        "tokens (the library: 64 up to 512); gatedint4: gated MLPs of long "
                        "prefixes on the int4 codes (the library: on a per-call int8 copy); gatedws: "
-                       "the same on the warp-specialised gated kernel), "
+                       "the same on the warp-specialised gated kernel; int8mosaic: int8 weight "
+                       "codes on the Mosaic kernels where int4 codes would run there), "
                        "e.g. auto/auto,auto/auto/sliced,auto/auto/unfused")
   ap.add_argument("--permutation", default=None, help="override the rules' permutation (e.g. none)")
   ap.add_argument("--unroll", default="off",

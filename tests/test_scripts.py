@@ -214,8 +214,8 @@ def test_bench_policy_dispatch_overrides_apply_and_restore():
   """unfused: no fused gated MLP; kernelprefix: no unpacked int8 GEMM; wopallas: the Pallas
   weight-only kernel at flow-step sizes on a GPU (never on the CPU); tiles128: 128-token Mosaic
   tiles for the batch-8 flow steps (the gated kernel's too); gatedint4: no int8 copy for the
-  prefix's gated MLP; gatedws: the warp-specialised gated kernel for long prefixes; all restored
-  afterwards."""
+  prefix's gated MLP; gatedws: the warp-specialised gated kernel for long prefixes; int8mosaic:
+  an int8 expert MLP (batch-8 flow steps) on the Mosaic kernels; all restored afterwards."""
   import bench_policy
   from duquant_jax import runtime
   from duquant_jax.kernels import dispatch, gated, mosaic_gpu, w4a8, weight_only
@@ -227,6 +227,11 @@ def test_bench_policy_dispatch_overrides_apply_and_restore():
   assert dispatch.choose(gated.AUTO_IN_PLACE, prefix8, on=dispatch.HOPPER) == "mosaic_unpacked"
   step, prefix = (Problem(m=51, k=1024, n=2048, codes=jnp.int8),
                   Problem(m=816, k=1024, n=2048, codes=jnp.int8))
+  up8, down8 = (Problem(m=408, k=1024, n=8192, codes=jnp.int8),
+                Problem(m=408, k=4096, n=1024, codes=jnp.int8))
+  int8_choices = lambda: (dispatch.choose(gated.TABLES[None, True], up8, on=dispatch.HOPPER),  # noqa: E731
+                          dispatch.choose(w4a8.IN_PLACE_TABLES[None], down8, on=dispatch.HOPPER))
+  assert int8_choices() == ("xla", "xla")
   with bench_policy._dispatch_overrides(bench_policy.DISPATCH_FLAGS):
     assert runtime.gated_mlp(None, None, jnp.ones((2, 4))) is None
     assert w4a8.UNPACKED_MIN_TOKENS > 10**9
@@ -238,7 +243,9 @@ def test_bench_policy_dispatch_overrides_apply_and_restore():
     assert mosaic_gpu.choose_tiles(6528, 2048, 2048) == choose(6528, 2048, 2048)
     assert dispatch.choose(gated.AUTO_IN_PLACE, prefix8, on=dispatch.HOPPER) == "mosaic"
     assert mosaic_gpu.gated_tiles(6528, 16384, 2048).compute_wgs == 2
+    assert int8_choices() == ("mosaic", "mosaic")
   assert mosaic_gpu.gated_tiles(6528, 16384, 2048).compute_wgs == 1
+  assert int8_choices() == ("xla", "xla")
   assert mosaic_gpu.choose_tiles(408, 1024, 4096).tile_m == 64
   assert dispatch.choose(gated.AUTO_IN_PLACE, prefix8, on=dispatch.HOPPER) == "mosaic_unpacked"
   with bench_policy._dispatch_overrides(()):

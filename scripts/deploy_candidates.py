@@ -4,8 +4,8 @@
 """
 import dataclasses
 
-from duquant_jax.config import (EMBEDDING, EXPERT_ATTN, EXPERT_MLP, LLM, SIGLIP, AttentionBalance,
-                                EmbeddingRule, LayerRule, QuantConfig,
+from duquant_jax.config import (ADARMS, EMBEDDING, EXPERT_ATTN, EXPERT_MLP, LLM, SIGLIP,
+                                AttentionBalance, EmbeddingRule, LayerRule, QuantConfig,
                                 get_preset, PRESETS)
 from duquant_jax.openpi_paths import EXPERTS, pattern
 
@@ -17,7 +17,6 @@ SIG_OUT = pattern(("out",))
 HEAD = r"PaliGemma/img/head/kernel"
 SIG_FC1 = pattern(("fc1",))
 SIG_FC2 = pattern(("fc2",))
-ADARMS = r"PaliGemma/llm/(layers/)?(pre_attention_norm_1|pre_ffw_norm_1|final_norm_1)/Dense_0/kernel"
 best = dict(block_size=16)
 rtn = dict(rotation="none", permutation="none", smooth_alpha=None)
 base = (LayerRule(pattern=LLM, **best), LayerRule(pattern=EXPERT_MLP, **best))

@@ -1,6 +1,8 @@
 """Quantizing models other than openpi's: rule reports, generic rules, shared inputs, calibration
 by interception, transforms-only packs, packed linears on raw arrays, storage, a BERT-style encoder."""
 
+import warnings
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -31,6 +33,15 @@ def test_a_rule_matching_nothing_warns_with_its_pattern():
   with pytest.warns(UserWarning, match=r"rule 'nowhere/\.\*' matches no linear"):
     packed = quantize_params(_mlp_params(), cfg)
   assert isinstance(packed["up"]["kernel"], PackedLinear)
+  # ...unless the rule says that some models lack its layers
+  optional = QuantConfig(rules=(LayerRule(pattern=r"nowhere/.*", optional=True, **_PLAIN),
+                                LayerRule(pattern=r"up/kernel", **_PLAIN)))
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    packed = quantize_params(_mlp_params(), optional)
+  assert isinstance(packed["up"]["kernel"], PackedLinear)
+  with pytest.raises(ValueError, match="optional must be a bool"):
+    LayerRule(pattern=r"up/kernel", optional="yes")
 
 
 def test_a_rule_shadowed_by_earlier_rules_warns_so():

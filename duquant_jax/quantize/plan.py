@@ -176,7 +176,8 @@ def plan_layouts(params: Params, cfg: QuantConfig, stats: Any) -> dict[str, Line
 
 
 def check_rules(cfg: QuantConfig, layouts: Mapping[str, LinearLayout]) -> None:
-  """Warns once per rule that matches no linear layer, naming its pattern; raises where the config
+  """Warns once per rule that matches no linear layer (unless `LayerRule.optional`), naming its
+  pattern, or whose layers all match earlier rules; raises where the config
   asks to quantize but no linear matches any of its (non-skip) rules.
 
   Presets name openpi's paths: on another model they match nothing, which would otherwise give a
@@ -186,6 +187,7 @@ def check_rules(cfg: QuantConfig, layouts: Mapping[str, LinearLayout]) -> None:
     ValueError: the config has quantizing rules and none of them matches a linear of `layouts`.
   """
   report = match_rules(cfg, layouts)
+  optional = {r.pattern for r in cfg.rules if r.optional}
   some = ", ".join(sorted(layouts)[:4]) + (", ..." if len(layouts) > 4 else "") or "none"
   for pattern in report.unused_rules:
     taken = report.shadowed_rules.get(pattern)
@@ -193,6 +195,8 @@ def check_rules(cfg: QuantConfig, layouts: Mapping[str, LinearLayout]) -> None:
       warnings.warn(f"rule {pattern!r} takes no layer: the {len(taken)} linear(s) it matches "
                     f"(e.g. {taken[0]}) all match an earlier rule, and the first match wins",
                     UserWarning, stacklevel=3)
+      continue
+    if pattern in optional:
       continue
     warnings.warn(f"rule {pattern!r} matches no linear layer of these params (linears: {some}); "
                   "patterns are matched with re.fullmatch on '/'-joined param paths",

@@ -7,8 +7,8 @@ quantized on its own (per row, or per group of `group_size` channels along D) an
 rows are dequantized at run time (`duquant_jax.runtime.lookup`), so the float table never exists
 on the device.
 
-2-bit codes are stored four to a uint8 byte (`pack_2bit`): no device dtype holds them that
-densely everywhere, and a gathered row unpacks with two shifts and a mask.
+2-bit codes are stored four to a uint8 byte (`pack_2bit`): a layout every backend and orbax
+store as is, and a gathered row unpacks with a shift and a mask per code.
 
 Follows qwix's QArray style (arrays as pytree leaves, the format as static fields). Axis letters:
 V vocabulary rows, D width, G scale groups per row (D // group), B batch, T tokens.
@@ -77,7 +77,7 @@ class PackedEmbedding:
       raise ValueError(f"PackedEmbedding.codes must be (V, D), got shape {self.codes.shape}")
     if not 2 <= self.bits <= 8:
       raise ValueError(f"PackedEmbedding.bits must be in 2..8, got {self.bits}")
-    # 2-bit codes as int4: tables packed before the four-to-a-byte storage.
+    # int4 also holds 2-bit codes: the storage of checkpoint formats 2-3.
     stored = ((jnp.uint8, jnp.int4) if self.bits == 2 else (jnp.int4,) if self.bits <= 4
               else (jnp.int8,))
     if self.codes.dtype not in stored:

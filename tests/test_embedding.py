@@ -64,6 +64,13 @@ def test_2bit_codes_pack_four_to_a_byte_and_back():
   np.testing.assert_array_equal(np.asarray(pack_2bit(unpack_2bit(every))), np.asarray(every))
   # code d in bits 2 (d % 4) .. 2 (d % 4) + 1 of byte d // 4 (the stored format)
   assert int(pack_2bit(jnp.array([[-2, -1, 0, 1]], jnp.int8))[0, 0]) == 0 | 1 << 2 | 2 << 4 | 3 << 6
+  # checkpoint formats 2-3 held 2-bit codes as int4: the same table either way
+  scale = jnp.full((5, 1), 0.5, jnp.float16)
+  four, nibbles = (PackedEmbedding(codes=c, scale=scale, zero=None, bits=2)
+                   for c in (packed, codes.astype(jnp.int4)))
+  four.validate(), nibbles.validate()
+  assert four.shape == nibbles.shape == (5, 64)
+  np.testing.assert_array_equal(np.asarray(four.dequantize()), np.asarray(nibbles.dequantize()))
 
 
 @pytest.mark.parametrize("bits", [2, 4])

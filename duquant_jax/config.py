@@ -368,13 +368,18 @@ class RuleReport:
   unmatched_layers: list[str]
   # Of `unused_rules`, those that match layers all taken by earlier rules -> the layers they match.
   shadowed_rules: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+  # Rules marked `LayerRule.optional` (for layers only some models have).
+  optional_rules: frozenset[str] = frozenset()
 
   def unused_lines(self) -> list[str]:
-    """One line each for the rules that match nothing and those shadowed by earlier rules."""
+    """One line each for the rules that match nothing (optional ones apart) and those shadowed by
+    earlier rules."""
     lines = []
     nothing = [p for p in self.unused_rules if p not in self.shadowed_rules]
-    if nothing:
-      lines.append(f"rules that matched nothing: {nothing}")
+    if required := [p for p in nothing if p not in self.optional_rules]:
+      lines.append(f"rules that matched nothing: {required}")
+    if optional := [p for p in nothing if p in self.optional_rules]:
+      lines.append(f"optional rules that matched nothing (layers these params lack): {optional}")
     if self.shadowed_rules:
       lines.append("rules whose layers all match an earlier rule (the first match wins): "
                    f"{list(self.shadowed_rules)}")
@@ -406,7 +411,8 @@ def match_rules(cfg: QuantConfig, linear_paths: Iterable[str]) -> RuleReport:
       if hits:
         shadowed[r.pattern] = hits
   return RuleReport(matched=matched, unused_rules=unused, unmatched_layers=unmatched,
-                    shadowed_rules=shadowed)
+                    shadowed_rules=shadowed,
+                    optional_rules=frozenset(r.pattern for r in cfg.rules if r.optional))
 
 
 # ----------------------------------------------------------------------------------------------

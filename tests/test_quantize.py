@@ -48,6 +48,10 @@ def test_rules_first_match_wins_and_reports():
       "rules that matched nothing: ['nothing/.*']",
       "rules whose layers all match an earlier rule (the first match wins): ['.*/q_einsum/w']"]
   assert len(report.matched[ALL_GEMMA]) == 9
+  with_optional = dataclasses.replace(cfg, rules=cfg.rules + (
+      LayerRule(pattern=r"other_model/.*", optional=True),))
+  assert match_rules(with_optional, layouts).unused_lines()[1] == (
+      "optional rules that matched nothing (layers these params lack): ['other_model/.*']")
   assert "action_in_proj/kernel" in report.unmatched_layers
 
 

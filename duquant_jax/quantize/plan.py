@@ -187,7 +187,6 @@ def check_rules(cfg: QuantConfig, layouts: Mapping[str, LinearLayout]) -> None:
     ValueError: the config has quantizing rules and none of them matches a linear of `layouts`.
   """
   report = match_rules(cfg, layouts)
-  optional = {r.pattern for r in cfg.rules if r.optional}
   some = ", ".join(sorted(layouts)[:4]) + (", ..." if len(layouts) > 4 else "") or "none"
   for pattern in report.unused_rules:
     taken = report.shadowed_rules.get(pattern)
@@ -196,7 +195,7 @@ def check_rules(cfg: QuantConfig, layouts: Mapping[str, LinearLayout]) -> None:
                     f"(e.g. {taken[0]}) all match an earlier rule, and the first match wins",
                     UserWarning, stacklevel=3)
       continue
-    if pattern in optional:
+    if pattern in report.optional_rules:
       continue
     warnings.warn(f"rule {pattern!r} matches no linear layer of these params (linears: {some}); "
                   "patterns are matched with re.fullmatch on '/'-joined param paths",

@@ -516,6 +516,11 @@ def _presets() -> dict[str, QuantConfig]:
   # Static symmetric int8 activations: the demo's action error is that of asymmetric ones within
   # its noise (EVALUATION.md, "The `fast` preset"), and the kernels skip the weight code sums.
   static = dict(act_scale="static", act_symmetric=True)
+  weight_only = dict(act_bits=None, smooth_alpha=None)
+  # `fast`'s LLM and expert-attention rules, shared with `fast-accurate`.
+  fast_llm = (LayerRule(pattern=ATTN_OUT, smooth_alpha=None, **static, **plain, **gptq),
+              LayerRule(pattern=LLM, **static, **plain, **gptq))
+  fast_expert_attn = LayerRule(pattern=EXPERT_ATTN, weight_bits=8, **weight_only, **plain, **gptq)
   return {
       "fp": QuantConfig(name="fp", rules=()),
       "w4a8-b16-c32": _documents(16, 32, "w4a8-b16-c32"),
@@ -561,12 +566,8 @@ def _presets() -> dict[str, QuantConfig]:
       # fused into its producer. The expert attention W8 weight-only and the token table int4 as
       # `deploy`; SigLIP W4 weight-only with no transform.
       "fast": QuantConfig(name="fast", calib_batches=128, rotate_residual=True, rules=(
-          LayerRule(pattern=ATTN_OUT, smooth_alpha=None, **static, **plain, **gptq),
-          LayerRule(pattern=LLM, **static, **plain, **gptq),
-          LayerRule(pattern=EXPERT_MLP, **static, **plain, **gptq),
-          LayerRule(pattern=EXPERT_ATTN, weight_bits=8, act_bits=None, smooth_alpha=None, **plain,
-                    **gptq),
-          LayerRule(pattern=SIGLIP, act_bits=None, smooth_alpha=None, **plain, **gptq)),
+          *fast_llm, LayerRule(pattern=EXPERT_MLP, **static, **plain, **gptq), fast_expert_attn,
+          LayerRule(pattern=SIGLIP, **weight_only, **plain, **gptq)),
           embeddings=(EmbeddingRule(pattern=EMBEDDING, bits=4, group_size=128),)),
       # `fast` with W8 weights where its demo error comes from, inside 0.30x of the bf16 weights
       # (EVALUATION.md, "The token embedding at 2 bits"): SigLIP weight-only W8 and the expert MLP
@@ -575,15 +576,11 @@ def _presets() -> dict[str, QuantConfig]:
       # (only its 48 prompt rows per call are read). Nothing online, as `fast`.
       "fast-accurate": QuantConfig(
           name="fast-accurate", calib_batches=128, rotate_residual=True, rules=(
-              LayerRule(pattern=ADARMS, weight_bits=8, act_bits=None, smooth_alpha=None,
-                        optional=True, **plain, rounding="gptq"),
+              LayerRule(pattern=ADARMS, weight_bits=8, **weight_only, optional=True, **plain,
+                        rounding="gptq"),
               LayerRule(pattern=EXPERT_MLP, weight_bits=8, **static, **plain, rounding="gptq"),
-              LayerRule(pattern=ATTN_OUT, smooth_alpha=None, **static, **plain, **gptq),
-              LayerRule(pattern=LLM, **static, **plain, **gptq),
-              LayerRule(pattern=EXPERT_ATTN, weight_bits=8, act_bits=None, smooth_alpha=None,
-                        **plain, **gptq),
-              LayerRule(pattern=SIGLIP, weight_bits=8, act_bits=None, smooth_alpha=None, **plain,
-                        **gptq)),
+              *fast_llm, fast_expert_attn,
+              LayerRule(pattern=SIGLIP, weight_bits=8, **weight_only, **plain, **gptq)),
           embeddings=(EmbeddingRule(pattern=EMBEDDING, bits=2, group_size=128,
                                     clip_grid=(1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)),)),
       # Any flax model: every Dense / DenseGeneral / Einsum kernel at `recommended`'s settings,

@@ -259,20 +259,23 @@ def _gated_tiles_ws(m, f, k, w_bits=4):
   return _GATED_TILES(m, f, k, w_bits)
 
 
+def _int8_too(table):
+  """A dispatch table whose Mosaic rules take int8 codes wherever they take int4 codes of the
+  same shape."""
+  def widened(rule):
+    when = lambda p, real=rule.when: real(  # noqa: E731
+        dataclasses.replace(p, codes=jnp.int4) if p.codes == jnp.int8 else p)
+    return dataclasses.replace(rule, when=when) if rule.implementation == "mosaic" else rule
+  return tuple(widened(r) for r in table)
+
+
 def _int8_mosaic_tables():
   """(w4a8.TABLES, w4a8.IN_PLACE_TABLES, gated.TABLES) with auto-dispatch's Mosaic rules taking
   int8 codes too (W8A8 layers, e.g. an expert MLP at W8, on the Mosaic kernels where int4 codes
   of the same shape would run there; the library keeps them on XLA's int8 GEMM)."""
-  hopper, codes = {dispatch.HOPPER}, w4a8.MOSAIC_CODES
-  mm = lambda preferred: w4a8._mosaic_rule("Mosaic on Hopper, int8 too", hopper, preferred,  # noqa: E731
-                                           codes=codes)
-  gm = lambda preferred: gated._rule("Gated MLP on Hopper, int8 too", hopper, preferred,  # noqa: E731
-                                     codes=codes)
-  return ({**w4a8.TABLES, None: (w4a8.UNPACKED, mm(w4a8.mosaic_preferred), *w4a8.AUTO[2:])},
-          {**w4a8.IN_PLACE_TABLES,
-           None: (w4a8.UNPACKED, mm(w4a8.mosaic_in_place_preferred), *w4a8.AUTO_IN_PLACE[2:])},
-          {**gated.TABLES, (None, False): (gated.UNPACKED, gm(w4a8.mosaic_preferred)),
-           (None, True): (gated.UNPACKED, gm(w4a8.mosaic_in_place_preferred))})
+  auto = lambda tables, keys: {**tables, **{k: _int8_too(tables[k]) for k in keys}}  # noqa: E731
+  return (auto(w4a8.TABLES, [None]), auto(w4a8.IN_PLACE_TABLES, [None]),
+          auto(gated.TABLES, [(None, False), (None, True)]))
 
 
 @contextlib.contextmanager

@@ -368,16 +368,16 @@ CANDIDATES.update({key: _percentile("fast", p)
 
 # The token embedding below 4 bits, to make room for SigLIP and the expert MLP at W8 on pi0
 # (the embedding is only gathered: 48 prompt rows per call, no GEMM reads it).
-def _embedding(key: str, name: str, bits: int, group_size: int = 128,
-               clip_grid=(1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)) -> QuantConfig:
+def _embedding(key: str, name: str, bits: int, group_size: int = 128) -> QuantConfig:
+  """Candidate `key` with `fast-accurate`'s token-table rule at `bits` and `group_size`."""
   cfg = resolve(key)
-  return dataclasses.replace(cfg, name=f"{cfg.name}, {name}", embeddings=(
-      EmbeddingRule(pattern=EMBEDDING, bits=bits, group_size=group_size, clip_grid=clip_grid),))
+  rule = dataclasses.replace(get_preset("fast-accurate").embeddings[0], bits=bits,
+                             group_size=group_size)
+  return dataclasses.replace(cfg, name=f"{cfg.name}, {name}", embeddings=(rule,))
 
 
 CANDIDATES.update({
     "fastsig8wmlp8m8e2": _embedding("fastsig8wmlp8m8", "embedding W2 g128", 2),
     "fastsig8wmlp8m8e2g64": _embedding("fastsig8wmlp8m8", "embedding W2 g64", 2, 64),
     "fastsig8wmlp8m8e3": _embedding("fastsig8wmlp8m8", "embedding W3 g128", 3),
-    "faste2": _embedding("fast", "embedding W2 g128", 2),
 })

@@ -381,3 +381,13 @@ CANDIDATES.update({
     "fastsig8wmlp8m8e2g64": _embedding("fastsig8wmlp8m8", "embedding W2 g64", 2, 64),
     "fastsig8wmlp8m8e3": _embedding("fastsig8wmlp8m8", "embedding W3 g128", 3),
 })
+
+
+# The expert attention left in bf16 (its projections on the GEMM library's bf16 kernels, as in
+# the float policy): at batch 8 the flow steps' W8 weight-only projections took about as long as
+# the expert MLP's kernels (BENCHMARKS.md, "Where the time goes at batch 8").
+_EA16 = LayerRule(pattern=EXPERT_ATTN, skip=True)
+CANDIDATES.update({
+    "fastea16": _with("fast", "fast, expert attention bf16", _EA16),
+    "fastaccea16": _with("fast-accurate", "fast-accurate, expert attention bf16", _EA16),
+})

@@ -431,12 +431,12 @@ def save_packed(path: Union[str, os.PathLike], packed: Params, cfg: QuantConfig,
 def _format_version(packed: Params, structure: Mapping[str, dict]) -> int:
   """4 with 2-bit embedding codes four to a byte, 3 with compact storage or float
   (transforms-only) weights, 2 with packed embeddings, else 1."""
-  tables = [leaf for leaf in jax.tree.leaves(packed, is_leaf=lambda n: isinstance(n, PackedEmbedding))
-            if isinstance(leaf, PackedEmbedding)]
+  packed_leaf = lambda n: isinstance(n, (PackedEmbedding, PackedLinear))
+  leaves = [leaf for leaf in jax.tree.leaves(packed, is_leaf=packed_leaf) if packed_leaf(leaf)]
+  tables = [leaf for leaf in leaves if isinstance(leaf, PackedEmbedding)]
   if any(t.codes.dtype == jnp.uint8 for t in tables):
     return 4
-  linears = [leaf for leaf in jax.tree.leaves(packed, is_leaf=lambda n: isinstance(n, PackedLinear))
-             if isinstance(leaf, PackedLinear)]
+  linears = [leaf for leaf in leaves if isinstance(leaf, PackedLinear)]
   def compact(w):
     t = w.transform
     return w.bits is None or w.scale.dtype != jnp.float32 or (w.zero is not None and (

@@ -20,6 +20,7 @@ import dataclasses
 import functools
 import json
 import math
+import sys
 import time
 
 import flax.struct
@@ -352,9 +353,16 @@ def _time_setting(args, variants, policy, params, packs, obs, xla, openpi):
     for v, (matmul, transform, share, execution, packed_v) in enumerate(
         _variants_of(args, variants, packed, bound=i == 0)):
       policy_v = Policy(policy.cfg, PackedRuntime(Execution(**execution)))
-      with _dispatch_overrides(share):
-        for n in steps:
-          entries[(i, v), n] = (*compile_policy(policy_v, packed_v, obs, n, xla), packed_v)
+      try:
+        with _dispatch_overrides(share):
+          compiled = {n: compile_policy(policy_v, packed_v, obs, n, xla) for n in steps}
+      except Exception as e:  # one variant's kernel failing to build must not lose the others
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        print(f"# {model} batch {b} {cfg.name} {matmul}/{transform}: not timed, compiling "
+              f"failed: {type(e).__name__}: {first}", file=sys.stderr, flush=True)
+        continue
+      for n in steps:
+        entries[(i, v), n] = (*compiled[n], packed_v)
       runs.append(((i, v), cfg, packed, s, pack_s, matmul, transform))
   keys = list(entries)
   timed = dict(zip(keys, time_interleaved([(entries[k][0], entries[k][2]) for k in keys], obs,

@@ -1,6 +1,7 @@
 """CPU smoke tests of the benchmark scripts' own logic (their numbers come from the H100)."""
 
 import dataclasses
+import json
 import sys
 import time
 from pathlib import Path
@@ -332,3 +333,28 @@ def test_lower_policy_lowers_for_cuda_on_the_cpu(monkeypatch):
   fast = lower_policy.lower_for_cuda("pi0", "full", "fast", 1, False)
   assert fast["mosaic_kernels"] >= 1 and fast["trace_s"] > 0 and fast["lower_s"] > 0
 
+
+
+def test_bench_policy_times_the_other_variants_when_one_fails_to_compile(monkeypatch, capsys):
+  """A variant whose kernels fail to build is reported by name and left out; the bf16 policy and
+  the other variants are still timed."""
+  import bench_policy
+  real = bench_policy.compile_policy
+
+  def compile_policy(policy, params, *a, **kw):
+    if bench_policy.mosaic_gpu.gated_tiles is bench_policy._gated_tiles_ws:
+      raise RuntimeError("Mosaic GPU lowering failed\nmore detail")
+    return real(policy, params, *a, **kw)
+
+  monkeypatch.setattr(bench_policy, "compile_policy", compile_policy)
+  monkeypatch.setattr("sys.argv", [
+      "bench_policy.py", "--models", "pi0", "--batches", "1", "--size", "demo", "--preset", "w4a8-rtn",
+      "--no-clip-search", "--variants", "auto/auto,auto/auto/gatedws", "--repeats", "1",
+      "--rounds", "1"])
+  bench_policy.main()
+  out, err = capsys.readouterr()
+  rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+  assert [r["transform"] for r in rows] == ["auto"]
+  assert rows[0]["latency_bf16_ms"] > 0 and rows[0]["latency_packed_ms"] > 0
+  assert ("pi0 batch 1 w4a8-rtn auto/auto/gatedws: not timed, compiling failed: RuntimeError: Mosaic "
+          "GPU lowering failed") in err

@@ -1,20 +1,27 @@
 """Digests of packed trees and calibration stats: a by-hand check that a refactor packs bit for bit.
 
 `tests/data/quantize_golden.json` holds the digests of `quantize_params` on the demo models for a
-few presets (and of the demo calibration stats they were packed with).
+few presets (and of the demo calibration stats they were packed with), with the host they were
+computed on.
 
-    python tests/golden.py --check   # compare today's packs with the recorded digests
-    python tests/golden.py           # record them again (a change of numerics, said in the commit)
+    python tests/golden.py --check [FILE]    # compare today's packs with the recorded digests
+    python tests/golden.py [--record FILE]   # record them (a change of numerics, said in the commit)
 
-The digests are of this project's 2-core CPU machine (jax 0.10.2): XLA's CPU code is compiled for
-the host's instruction set and may round differently on another CPU, so the test suite does not
-run this check (the suite pins determinism within one machine instead); run it by hand before and
-after a change that must not move any bit.
+XLA's CPU code is compiled for the host's instruction set (AVX-512, AMX) and its linear algebra may
+round differently on another CPU or with other library versions, so the recorded digests hold only on a host like the one that
+recorded them, and the test suite does not run this check (it pins determinism within one machine
+instead). `--check` says when the host differs. On another host, record the digests of the code
+before the change to a file of your own and check against that:
+
+    git stash && python tests/golden.py --record /tmp/base.json && git stash pop
+    python tests/golden.py --check /tmp/base.json
 """
 
 import hashlib
 import json
 import pathlib
+import platform
+import sys
 
 import jax
 import numpy as np
@@ -68,20 +75,56 @@ def compute():
   return out
 
 
-def check() -> list[str]:
-  """The '<case>: <leaf path>' entries whose digest differs from the recorded one."""
-  want, got = json.loads(GOLDEN.read_text()), compute()
-  return [f"{case}: {key}" for case in sorted(set(want) | set(got))
-          for key in sorted(set(want.get(case, {})) | set(got.get(case, {})))
-          if want.get(case, {}).get(key) != got.get(case, {}).get(key)]
+def host() -> str:
+  """What digests depend on besides the code: the CPU (machine, model name, vector and matrix
+  instruction sets) and the numerical libraries' versions."""
+  import jaxlib
+  model, flags = platform.processor() or "", set()
+  try:
+    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+      key, _, value = line.partition(":")
+      if key.strip() == "model name":
+        model = value.strip()
+      elif key.strip() == "flags":
+        flags = {f for f in value.split() if f.startswith(("avx", "amx", "fma"))}
+        break
+  except OSError:
+    pass
+  return (f"{platform.machine()} {model} [{' '.join(sorted(flags))}] "
+          f"jax {jax.__version__} jaxlib {jaxlib.__version__} numpy {np.__version__}")
+
+
+def check(path: pathlib.Path = GOLDEN) -> tuple[list[str], str | None]:
+  """The '<case>: <leaf path>' entries whose digest differs from those recorded in `path`, and
+  the recording host when it is not this one (None when it is)."""
+  recorded = json.loads(path.read_text())
+  want, got = recorded["cases"], compute()
+  bad = [f"{case}: {key}" for case in sorted(set(want) | set(got))
+         for key in sorted(set(want.get(case, {})) | set(got.get(case, {})))
+         if want.get(case, {}).get(key) != got.get(case, {}).get(key)]
+  return bad, (None if recorded["host"] == host() else recorded["host"])
+
+
+def main(argv: list[str]) -> int:
+  if argv[:1] == ["--check"] and len(argv) <= 2:
+    path = pathlib.Path(argv[1]) if len(argv) == 2 else GOLDEN
+    bad, other = check(path)
+    print("\n".join(bad[:50]) or f"{path.name}: every digest matches")
+    if bad and other is not None:
+      print(f"{path.name} was recorded on another host ({other}); this is {host()}. Its CPU "
+            "code may round differently: record the base commit's digests here and check "
+            "against those (tests/golden.py's docstring).")
+    return 1 if bad else 0
+  if argv and (argv[0] != "--record" or len(argv) != 2):
+    print("usage: golden.py [--check [FILE] | --record FILE]", file=sys.stderr)
+    return 2
+  path = pathlib.Path(argv[1]) if argv else GOLDEN
+  path.write_text(json.dumps({"host": host(), "cases": compute()}, indent=0, sort_keys=True)
+                  + "\n")
+  print(path, path.stat().st_size)
+  return 0
 
 
 if __name__ == "__main__":
-  import sys
   sys.path.insert(0, str(pathlib.Path(__file__).parent))
-  if sys.argv[1:] == ["--check"]:
-    bad = check()
-    print("\n".join(bad[:50]) or f"{GOLDEN.name}: every digest matches")
-    sys.exit(1 if bad else 0)
-  GOLDEN.write_text(json.dumps(compute(), indent=0, sort_keys=True) + "\n")
-  print(GOLDEN, GOLDEN.stat().st_size)
+  sys.exit(main(sys.argv[1:]))

@@ -5,9 +5,10 @@ The packed tree is built abstractly (`jax.eval_shape` of `quantize_params` on bf
 round to nearest, no clip search: the program of the preset, no codes), so full-size models lower
 in seconds on a CPU. `--hopper` makes dispatch choose as on a Hopper GPU (the Mosaic kernels), as
 the GPU machine would at trace time; without it a CPU machine traces its own choices.
+`--flags` applies `bench_policy.py`'s dispatch flags (e.g. `int8mosaic`) around the lowering.
 
 Usage: PYTHONPATH=.. python3 lower_policy.py [--model pi0] [--size full] [--preset fast|bf16]
-                                             [--batch 1] [--unroll] [--hopper]
+                                             [--batch 1] [--unroll] [--hopper] [--flags F,...]
 """
 
 from __future__ import annotations
@@ -26,14 +27,16 @@ from bench_pack import abstract_pack, bench_config, bf16_shapes, speed_only  # n
 from duquant_jax.kernels import dispatch  # noqa: E402
 from duquant_jax.models import Policy, get_policy, make_observation  # noqa: E402
 from duquant_jax.runtime import PackedRuntime  # noqa: E402
+import bench_policy  # noqa: E402
 
 TRITON = "__gpu$xla.gpu.triton"
 
 
-def lower_for_cuda(model: str, size: str, preset: str, batch: int, unroll: bool) -> dict:
-  """Seconds to trace and to lower `sample_actions` (10 flow steps) for CUDA, the module's size
-  and the kernel custom calls in its text (a nested jit is emitted once, however often it is
-  called)."""
+def lower_for_cuda(model: str, size: str, preset: str, batch: int, unroll: bool,
+                   flags: tuple[str, ...] = ()) -> dict:
+  """Seconds to trace and to lower `sample_actions` (10 flow steps) for CUDA under
+  `bench_policy`'s dispatch `flags`, the module's size, and the kernel custom calls and int8
+  dot_generals in its text (a nested jit is emitted once, however often it is called)."""
   policy = get_policy(model, size, unroll_layers=unroll, attention="pallas")
   params = bf16_shapes(policy)
   if preset != "bf16":
@@ -43,15 +46,17 @@ def lower_for_cuda(model: str, size: str, preset: str, batch: int, unroll: bool)
                      make_observation(policy.cfg, jax.random.key(1), batch))
   rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
   fn = jax.jit(lambda p, o, r: policy.sample_actions(p, o, r, num_steps=10))
-  t0 = time.perf_counter()
-  traced = fn.trace(params, obs, rng)
-  t1 = time.perf_counter()
-  text = traced.lower(lowering_platforms=("cuda",)).as_text()
-  t2 = time.perf_counter()
+  with bench_policy._dispatch_overrides(flags):
+    t0 = time.perf_counter()
+    traced = fn.trace(params, obs, rng)
+    t1 = time.perf_counter()
+    text = traced.lower(lowering_platforms=("cuda",)).as_text()
+    t2 = time.perf_counter()
   return dict(model=model, size=size, preset=preset, batch=batch, unroll=unroll,
               trace_s=t1 - t0, lower_s=t2 - t1, module_mb=len(text) / 1e6,
               mosaic_kernels=len(re.findall(r"custom_call @mosaic_gpu", text)),
-              triton_kernels=text.count(TRITON))
+              triton_kernels=text.count(TRITON),
+              int8_dots=len(re.findall(r"stablehlo\.dot_general[^\n]*tensor<[0-9x]*xi8>", text)))
 
 
 def main():
@@ -63,14 +68,22 @@ def main():
   ap.add_argument("--unroll", action="store_true", help="Pi0Config(unroll_layers=True)")
   ap.add_argument("--hopper", action="store_true",
                   help="dispatch as on a Hopper GPU (trace-time device class forced)")
+  ap.add_argument("--flags", default="",
+                  help=f"comma list of bench_policy.py dispatch flags: "
+                       f"{', '.join(bench_policy.DISPATCH_FLAGS)}")
   args = ap.parse_args()
+  flags = tuple(filter(None, args.flags.split(",")))
+  if unknown := set(flags) - set(bench_policy.DISPATCH_FLAGS):
+    ap.error(f"--flags: unknown {', '.join(sorted(unknown))}; known: "
+             f"{', '.join(bench_policy.DISPATCH_FLAGS)}")
   if args.hopper:  # a script's edge: the library reads the device class at trace time
     dispatch.platform = lambda: dispatch.HOPPER
-  r = lower_for_cuda(args.model, args.size, args.preset, args.batch, args.unroll)
+  r = lower_for_cuda(args.model, args.size, args.preset, args.batch, args.unroll, flags)
   print(f"{r['model']} ({r['size']}) {r['preset']} batch {r['batch']} "
-        f"{'unrolled' if r['unroll'] else 'scanned'}: trace {r['trace_s']:.1f} s, lower for "
+        f"{'unrolled' if r['unroll'] else 'scanned'}{' ' + ','.join(flags) if flags else ''}: trace {r['trace_s']:.1f} s, lower for "
         f"CUDA {r['lower_s']:.1f} s, module {r['module_mb']:.1f} MB, custom calls: "
-        f"{r['mosaic_kernels']} Mosaic, {r['triton_kernels']} Triton")
+        f"{r['mosaic_kernels']} Mosaic, {r['triton_kernels']} Triton; int8 dot_generals "
+        f"{r['int8_dots']}")
   print(f"host={jax.default_backend()} jax={jax.__version__}")
 
 

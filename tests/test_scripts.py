@@ -332,6 +332,13 @@ def test_lower_policy_lowers_for_cuda_on_the_cpu(monkeypatch):
   monkeypatch.setattr(dispatch, "platform", lambda: dispatch.HOPPER)
   fast = lower_policy.lower_for_cuda("pi0", "full", "fast", 1, False)
   assert fast["mosaic_kernels"] >= 1 and fast["trace_s"] > 0 and fast["lower_s"] > 0
+  # `fast-accurate`'s W8A8 expert MLP: XLA's int8 dots by default, the Mosaic kernels (as
+  # `fast`'s W4A8 one) under bench_policy's `int8mosaic`.
+  acc = lower_policy.lower_for_cuda("pi0", "full", "fast-accurate", 1, False)
+  acc_mosaic = lower_policy.lower_for_cuda("pi0", "full", "fast-accurate", 1, False,
+                                           ("int8mosaic",))
+  assert acc["int8_dots"] > acc_mosaic["int8_dots"] == fast["int8_dots"]
+  assert acc["mosaic_kernels"] < acc_mosaic["mosaic_kernels"] == fast["mosaic_kernels"]
 
 
 

@@ -231,7 +231,7 @@ WEIGHT_ONLY_PALLAS = (dispatch.Rule(
     implementation="pallas"),)
 
 
-# The variants' dispatch flags (`--variants MATMUL/TRANSFORM/FLAG...`), each a `_dispatch_overrides`
+# The variants' dispatch flags (`--variants MATMUL/TRANSFORM/FLAG...`), each a `dispatch_overrides`
 # case.
 DISPATCH_FLAGS = ("unfused", "flowunfused", "kernelprefix", "wopallas", "tiles128", "gatedint4",
                   "gatedws", "int8mosaic")
@@ -280,7 +280,7 @@ def _int8_mosaic_tables():
 
 
 @contextlib.contextmanager
-def _dispatch_overrides(share):
+def dispatch_overrides(share):
   """The variant's dispatch overrides around its compilation: `unfused` (Gemma MLPs as two
   linears, `runtime.gated_mlp` declining), `flowunfused` (the same up to `FLOW_TOKENS` tokens),
   `kernelprefix` (long prefixes on the Mosaic kernel, never the unpacked int8 GEMM,
@@ -354,7 +354,7 @@ def _time_setting(args, variants, policy, params, packs, obs, xla, openpi):
         _variants_of(args, variants, packed, bound=i == 0)):
       policy_v = Policy(policy.cfg, PackedRuntime(Execution(**execution)))
       try:
-        with _dispatch_overrides(share):
+        with dispatch_overrides(share):
           compiled = {n: compile_policy(policy_v, packed_v, obs, n, xla) for n in steps}
       except Exception as e:  # one variant's kernel failing to build must not lose the others
         first = (str(e).strip().splitlines() or [""])[0][:300]

@@ -46,7 +46,7 @@ def lower_for_cuda(model: str, size: str, preset: str, batch: int, unroll: bool,
                      make_observation(policy.cfg, jax.random.key(1), batch))
   rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
   fn = jax.jit(lambda p, o, r: policy.sample_actions(p, o, r, num_steps=10))
-  with bench_policy._dispatch_overrides(flags):
+  with bench_policy.dispatch_overrides(flags):
     t0 = time.perf_counter()
     traced = fn.trace(params, obs, rng)
     t1 = time.perf_counter()
@@ -79,11 +79,11 @@ def main():
   if args.hopper:  # a script's edge: the library reads the device class at trace time
     dispatch.platform = lambda: dispatch.HOPPER
   r = lower_for_cuda(args.model, args.size, args.preset, args.batch, args.unroll, flags)
-  print(f"{r['model']} ({r['size']}) {r['preset']} batch {r['batch']} "
-        f"{'unrolled' if r['unroll'] else 'scanned'}{' ' + ','.join(flags) if flags else ''}: trace {r['trace_s']:.1f} s, lower for "
-        f"CUDA {r['lower_s']:.1f} s, module {r['module_mb']:.1f} MB, custom calls: "
-        f"{r['mosaic_kernels']} Mosaic, {r['triton_kernels']} Triton; int8 dot_generals "
-        f"{r['int8_dots']}")
+  form = ("unrolled" if r["unroll"] else "scanned") + (" " + ",".join(flags) if flags else "")
+  print(f"{r['model']} ({r['size']}) {r['preset']} batch {r['batch']} {form}: trace "
+        f"{r['trace_s']:.1f} s, lower for CUDA {r['lower_s']:.1f} s, module "
+        f"{r['module_mb']:.1f} MB, custom calls: {r['mosaic_kernels']} Mosaic, "
+        f"{r['triton_kernels']} Triton; int8 dot_generals {r['int8_dots']}")
   print(f"host={jax.default_backend()} jax={jax.__version__}")
 
 

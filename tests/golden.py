@@ -5,13 +5,14 @@ few presets (and of the demo calibration stats they were packed with), with the 
 computed on.
 
     python tests/golden.py --check [FILE]    # compare today's packs with the recorded digests
-    python tests/golden.py [--record FILE]   # record them (a change of numerics, said in the commit)
+    python tests/golden.py [--record FILE]   # record them (a numerics change, said in the commit)
 
 XLA's CPU code is compiled for the host's instruction set (AVX-512, AMX) and its linear algebra may
-round differently on another CPU or with other library versions, so the recorded digests hold only on a host like the one that
-recorded them, and the test suite does not run this check (it pins determinism within one machine
-instead). `--check` says when the host differs. On another host, record the digests of the code
-before the change to a file of your own and check against that:
+round differently on another CPU or with other library versions, so the recorded digests hold
+only on a host like the one that recorded them, and the test suite does not run this check (it
+pins determinism within one machine instead). `--check` says when the host differs. On another
+host, record the digests of the code before the change to a file of your own and check against
+that:
 
     git stash && python tests/golden.py --record /tmp/base.json && git stash pop
     python tests/golden.py --check /tmp/base.json

@@ -233,7 +233,7 @@ def test_bench_policy_dispatch_overrides_apply_and_restore():
   int8_choices = lambda: (dispatch.choose(gated.TABLES[None, True], up8, on=dispatch.HOPPER),  # noqa: E731
                           dispatch.choose(w4a8.IN_PLACE_TABLES[None], down8, on=dispatch.HOPPER))
   assert int8_choices() == ("xla", "xla")
-  with bench_policy._dispatch_overrides(bench_policy.DISPATCH_FLAGS):
+  with bench_policy.dispatch_overrides(bench_policy.DISPATCH_FLAGS):
     assert runtime.gated_mlp(None, None, jnp.ones((2, 4))) is None
     assert w4a8.UNPACKED_MIN_TOKENS > 10**9
     assert dispatch.choose(weight_only.AUTO, step, on=dispatch.HOPPER) == "pallas"
@@ -249,7 +249,7 @@ def test_bench_policy_dispatch_overrides_apply_and_restore():
   assert int8_choices() == ("xla", "xla")
   assert mosaic_gpu.choose_tiles(408, 1024, 4096).tile_m == 64
   assert dispatch.choose(gated.AUTO_IN_PLACE, prefix8, on=dispatch.HOPPER) == "mosaic_unpacked"
-  with bench_policy._dispatch_overrides(()):
+  with bench_policy.dispatch_overrides(()):
     assert (w4a8.UNPACKED_MIN_TOKENS, weight_only.AUTO) == (unpacked, table)
     assert runtime.gated_mlp is gated_mlp
   assert (w4a8.UNPACKED_MIN_TOKENS, weight_only.AUTO, runtime.gated_mlp) == (unpacked, table,
@@ -263,10 +263,10 @@ def test_bench_policy_flowunfused_declines_only_flow_step_mlps(monkeypatch):
   from duquant_jax import runtime
   monkeypatch.setattr(runtime, "gated_mlp", lambda w_gating, w_linear, x, *rest: "fused")
   flow, prefix = jnp.ones((1, 51, 8)), jnp.ones((1, 816, 8))
-  with bench_policy._dispatch_overrides(("flowunfused",)):
+  with bench_policy.dispatch_overrides(("flowunfused",)):
     assert runtime.gated_mlp(None, None, flow) is None
     assert runtime.gated_mlp(None, None, prefix, 3) == "fused"
-  with bench_policy._dispatch_overrides(("flowunfused", "unfused")):
+  with bench_policy.dispatch_overrides(("flowunfused", "unfused")):
     assert runtime.gated_mlp(None, None, prefix) is None
   assert runtime.gated_mlp(None, None, flow) == "fused"
 
@@ -341,7 +341,6 @@ def test_lower_policy_lowers_for_cuda_on_the_cpu(monkeypatch):
   assert acc["mosaic_kernels"] < acc_mosaic["mosaic_kernels"] == fast["mosaic_kernels"]
 
 
-
 def test_bench_policy_times_the_other_variants_when_one_fails_to_compile(monkeypatch, capsys):
   """A variant whose kernels fail to build is reported by name and left out; the bf16 policy and
   the other variants are still timed."""
@@ -355,13 +354,13 @@ def test_bench_policy_times_the_other_variants_when_one_fails_to_compile(monkeyp
 
   monkeypatch.setattr(bench_policy, "compile_policy", compile_policy)
   monkeypatch.setattr("sys.argv", [
-      "bench_policy.py", "--models", "pi0", "--batches", "1", "--size", "demo", "--preset", "w4a8-rtn",
-      "--no-clip-search", "--variants", "auto/auto,auto/auto/gatedws", "--repeats", "1",
-      "--rounds", "1"])
+      "bench_policy.py", "--models", "pi0", "--batches", "1", "--size", "demo", "--preset",
+      "w4a8-rtn", "--no-clip-search", "--variants", "auto/auto,auto/auto/gatedws", "--repeats",
+      "1", "--rounds", "1"])
   bench_policy.main()
   out, err = capsys.readouterr()
   rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
   assert [r["transform"] for r in rows] == ["auto"]
   assert rows[0]["latency_bf16_ms"] > 0 and rows[0]["latency_packed_ms"] > 0
-  assert ("pi0 batch 1 w4a8-rtn auto/auto/gatedws: not timed, compiling failed: RuntimeError: Mosaic "
-          "GPU lowering failed") in err
+  assert ("pi0 batch 1 w4a8-rtn auto/auto/gatedws: not timed, compiling failed: RuntimeError: "
+          "Mosaic GPU lowering failed") in err

@@ -386,8 +386,5 @@ CANDIDATES.update({
 # The expert attention left in bf16 (its projections on the GEMM library's bf16 kernels, as in
 # the float policy): at batch 8 the flow steps' W8 weight-only projections took about as long as
 # the expert MLP's kernels (BENCHMARKS.md, "Where the time goes at batch 8").
-_EA16 = LayerRule(pattern=EXPERT_ATTN, skip=True)
-CANDIDATES.update({
-    "fastea16": _with("fast", "fast, expert attention bf16", _EA16),
-    "fastaccea16": _with("fast-accurate", "fast-accurate, expert attention bf16", _EA16),
-})
+CANDIDATES["fastea16"] = _with("fast", "fast, expert attention bf16",
+                               LayerRule(pattern=EXPERT_ATTN, skip=True))

@@ -573,7 +573,8 @@ def _presets() -> dict[str, QuantConfig]:
       # (EVALUATION.md, "The token embedding at 2 bits"): SigLIP weight-only W8 and the expert MLP
       # W8A8 (static symmetric int8 activations), pi0.5's adaptive-norm Dense layers weight-only
       # W8, and the token table at 2 bits, four codes to a byte, with a clip search per group
-      # (only its 48 prompt rows per call are read). Nothing online, as `fast`.
+      # (only its 48 prompt rows per call are read). Nothing online, as `fast`. The W8 adaptive-norm
+      # and expert-MLP rules round with GPTQ in channel order: the rules that were measured.
       "fast-accurate": QuantConfig(
           name="fast-accurate", calib_batches=128, rotate_residual=True, rules=(
               LayerRule(pattern=ADARMS, weight_bits=8, **weight_only, optional=True, **plain,
